@@ -1,0 +1,5 @@
+import sys
+
+from cscvision.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""Flags shared by the commands that read slides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cscvision.batch import SlideJob, collect_slides, make_jobs, parse_shard, shard_jobs
+from cscvision.slide import load_mpp_overrides
+
+
+def add_slide_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "slides",
+        nargs="+",
+        metavar="SLIDE_OR_DIR",
+        help="slide files, folders of slides, or CSV manifests (column slide_path)",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (one subfolder per slide)"
+    )
+    parser.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help="level-0 µm/px to use for every slide given (for slides whose metadata lacks it)",
+    )
+    parser.add_argument(
+        "--mpp-override",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="CSV with columns slide,mpp giving level-0 µm/px per slide file name",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/N",
+        help="process only shard i of N (0 ≤ i < N), e.g. $SLURM_ARRAY_TASK_ID/N",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo slides whose outputs are complete"
+    )
+
+
+def jobs_from_args(args: argparse.Namespace) -> tuple[list[SlideJob], tuple[int, int] | None]:
+    overrides = load_mpp_overrides(args.mpp_override) if args.mpp_override else None
+    jobs = make_jobs(collect_slides(args.slides), overrides, args.slide_mpp)
+    shard = parse_shard(args.shard) if args.shard else None
+    if shard is not None:
+        jobs = shard_jobs(jobs, *shard)
+    return jobs, shard

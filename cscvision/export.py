@@ -1,0 +1,122 @@
+"""Exported models: ``model.safetensors`` + ``model.json`` in one folder.
+
+Loading never unpickles: weights come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cscvision import __version__
+from cscvision.io import atomic_path, write_json
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(Exception):
+    """A model folder is missing, malformed, or does not match what is asked of it."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything inference needs to use a model, and what a reader needs to trust it."""
+
+    name: str
+    backbone: str
+    targets: tuple[str, ...] = ("stemness", "immunosuppressive")
+    colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    tile_px: int = 224
+    mpp: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    cscvision_version: str = __version__
+    trained_on: str = ""  # a human summary of the training cohort
+    training: dict[str, Any] = field(default_factory=dict)  # cohort counts, seed, config
+    metrics: dict[str, Any] = field(default_factory=dict)  # validation / held-out metrics
+    intended_use: str = "Research use only; not for diagnosis."
+
+    def threshold(self, target: str) -> float:
+        return float(self.thresholds.get(target, 0.5))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "model.json") -> ModelCard:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"name", "backbone"} - set(data)
+        if missing:
+            raise ModelError(f"{source}: missing fields {sorted(missing)}")
+        known = {k: v for k, v in data.items() if k in names}
+        for key in ("targets", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        if "colors" in known:
+            known["colors"] = {k: tuple(v) for k, v in known["colors"].items()}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    net: torch.nn.Module
+    card: ModelCard
+    path: Path
+
+
+def export_model(net: torch.nn.Module, card: ModelCard, out_dir: str | Path) -> Path:
+    """Write ``net``'s weights and ``card`` into ``out_dir`` (each file atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"backbone": card.backbone, "name": card.name})
+    write_json(out_dir / CARD_FILE, card.to_json())
+    return out_dir
+
+
+def read_card(model_dir: str | Path) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(
+            f"{path}: no model card; is {model_dir} an exported cscvision model?"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    return ModelCard.from_json(data, source=str(path))
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the card's backbone and load its safetensors weights; eval mode, on ``device``."""
+    from cscvision.model import get_model
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.exists():
+        raise ModelError(f"{weights}: weights file missing")
+    net = get_model(card.backbone, num_outputs=len(card.targets))
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModelError(f"{weights}: cannot read safetensors weights ({e})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(
+            f"{weights}: weights do not match backbone {card.backbone!r} with "
+            f"{len(card.targets)} outputs ({str(e).splitlines()[0]})"
+        ) from None
+    return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)

@@ -1,0 +1,100 @@
+"""Tile networks: torchvision backbones by name, with one output (a logit) per target."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+
+def small_cnn(num_outputs: int) -> nn.Module:
+    """A ~0.4 M-parameter CNN for CPU runs and the demo."""
+
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+
+    return nn.Sequential(
+        nn.Conv2d(3, 24, 5, stride=2, padding=2, bias=False),
+        nn.BatchNorm2d(24),
+        nn.ReLU(inplace=True),
+        block(24, 32),
+        block(32, 64),
+        block(64, 96),
+        block(96, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(128, num_outputs),
+    )
+
+
+def _torchvision(name: str, head: Callable[[nn.Module, int], None]) -> Callable[[int], nn.Module]:
+    def build(num_outputs: int) -> nn.Module:
+        net = getattr(models, name)(weights=None)
+        head(net, num_outputs)
+        return net
+
+    return build
+
+
+def _fc_head(net: nn.Module, n: int) -> None:
+    net.fc = nn.Linear(net.fc.in_features, n)
+
+
+def _classifier_head(net: nn.Module, n: int) -> None:
+    last = net.classifier[-1]
+    net.classifier[-1] = nn.Linear(last.in_features, n)
+
+
+BACKBONES: dict[str, Callable[[int], nn.Module]] = {
+    "small_cnn": small_cnn,
+    "resnet18": _torchvision("resnet18", _fc_head),
+    "resnet34": _torchvision("resnet34", _fc_head),
+    "resnet50": _torchvision("resnet50", _fc_head),
+    "efficientnet_b0": _torchvision("efficientnet_b0", _classifier_head),
+    "convnext_tiny": _torchvision("convnext_tiny", _classifier_head),
+    "mobilenet_v3_large": _torchvision("mobilenet_v3_large", _classifier_head),
+}
+
+
+def get_model(name: str, num_outputs: int) -> nn.Module:
+    """A backbone by name with a fresh head of ``num_outputs`` logits (no weights downloaded)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](num_outputs)
+
+
+def load_pretrained(net: nn.Module, weights_path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a local backbone checkpoint (safetensors or a plain state dict) except the head.
+
+    Returns (missing, unexpected) keys. Never unpickles arbitrary objects.
+    """
+    path = Path(weights_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    own = net.state_dict()
+    # Drop the pretrained head: its shape is that of the source task's classes.
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: no tensor in this file matches the backbone's layers")
+    result = net.load_state_dict(usable, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)

@@ -1,0 +1,116 @@
+"""`cscvision tile` end to end: real slide, bad inputs in a batch, overrides, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import tissue_like
+
+from cscvision.cli import main
+from cscvision.io import read_csv
+from cscvision.testing import write_pyramid
+
+
+def test_tile_real_slide_keeps_tissue_not_ink(cmu_svs, tmp_path):
+    assert main(["tile", str(cmu_svs), "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "cmu_small_region"
+    meta = json.loads((folder / "tiles.json").read_text())
+    rows = read_csv(folder / "tiles.csv")
+    assert meta["mpp"] == 0.5 and meta["slide_mpp"] == pytest.approx(0.499)
+    assert meta["mpp_source"] == "openslide" and meta["level"] == 0 and meta["read_px"] == 224
+    assert meta["n_tiles"] == len(rows)
+    # 10 x 14 = 140 grid cells; checked on tissue.png: tissue covers ~40 % of them.
+    assert 35 <= len(rows) <= 60
+    assert all(float(r["tissue"]) >= 0.5 for r in rows)
+    assert (folder / "tissue.png").stat().st_size > 10_000
+    # Ink per grid cell, measured on a 2 µm/px view: the cells the teal flecks cover most
+    # are dropped; kept tiles carry at most a light sprinkle.
+    from cscvision.grid import grid_coords
+    from cscvision.slide import open_slide
+    from cscvision.tissue import ink_mask
+
+    with open_slide(cmu_svs) as slide:
+        ink = ink_mask(slide.thumbnail(2.0))
+    scale = 0.499 / 2.0
+
+    def ink_of(x, y):
+        return ink[
+            int(y * scale) : int((y + 224) * scale), int(x * scale) : int((x + 224) * scale)
+        ].mean()
+
+    kept = {(int(r["x"]), int(r["y"])) for r in rows}
+    inky = [tuple(xy) for xy in grid_coords((2220, 2967), 224, 224) if ink_of(*xy) > 0.1]
+    assert inky and not kept & set(inky)
+    assert max(ink_of(x, y) for x, y in kept) < 0.1
+
+
+def test_batch_with_bad_slides_finishes_the_others(tmp_path, capsys):
+    good = write_pyramid(tmp_path / "good.tif", tissue_like(1024, 1024), mpp=0.5, levels=2)
+    (tmp_path / "corrupt.svs").write_bytes(b"II*\x00" + os.urandom(2000))
+    (tmp_path / "notes.tif").write_text("not a slide")
+    empty = write_pyramid(
+        tmp_path / "empty.tif", np.full((512, 512, 3), 244, np.uint8), mpp=0.5, levels=1
+    )
+    nompp = write_pyramid(tmp_path / "nompp.tif", tissue_like(512, 512), mpp=None, levels=1)
+    out = tmp_path / "out"
+    args = [str(good), str(tmp_path / "corrupt.svs"), str(tmp_path / "notes.tif")]
+    status = main(
+        ["tile", *args, str(empty), str(nompp), str(tmp_path / "gone.svs"), "--out", str(out)]
+    )
+    assert status == 1
+    errors = {r["slide_id"]: r["error"] for r in read_csv(out / "errors.csv")}
+    assert set(errors) == {"corrupt", "notes", "empty", "nompp", "gone"}
+    assert "no µm/px" in errors["nompp"] and "--slide-mpp" in errors["nompp"]
+    assert "no tissue" in errors["empty"]
+    assert "file not found" in errors["gone"]
+    assert (out / "good" / "tiles.json").exists()
+    assert not (out / "corrupt").exists()
+    assert "1 done" in capsys.readouterr().out
+
+
+def test_override_csv_and_slide_mpp(tmp_path):
+    nompp = write_pyramid(tmp_path / "nompp.tif", tissue_like(1024, 1024), mpp=None, levels=1)
+    csv_path = tmp_path / "mpp.csv"
+    csv_path.write_text("slide,mpp\nnompp.tif,0.25\n")
+    out = tmp_path / "out"
+    assert main(["tile", str(nompp), "--out", str(out), "--mpp-override", str(csv_path)]) == 0
+    meta = json.loads((out / "nompp" / "tiles.json").read_text())
+    assert meta["slide_mpp"] == 0.25 and meta["mpp_source"] == "override"
+    assert meta["read_px"] == 448  # 224 px at 0.5 from a 0.25 µm/px level
+    out2 = tmp_path / "out2"
+    assert main(["tile", str(nompp), "--out", str(out2), "--slide-mpp", "0.5"]) == 0
+    assert json.loads((out2 / "nompp" / "tiles.json").read_text())["read_px"] == 224
+
+
+def test_rerun_skips_complete_and_overwrite_redoes(tmp_path, capsys):
+    slide = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=2)
+    out = tmp_path / "out"
+    assert main(["tile", str(slide), "--out", str(out)]) == 0
+    first = (out / "s" / "tiles.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["tile", str(slide), "--out", str(out)]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+    # An interrupted slide (sidecar missing) is redone.
+    (out / "s" / "tiles.json").unlink()
+    assert main(["tile", str(slide), "--out", str(out)]) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert (out / "s" / "tiles.csv").read_bytes() == first
+    assert main(["tile", str(slide), "--out", str(out), "--overwrite"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert not [p for p in (out / "s").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_export_tiles_and_shards(tmp_path):
+    for name in ("a", "b", "c"):
+        write_pyramid(tmp_path / f"{name}.tif", tissue_like(512, 512), mpp=0.5, levels=1)
+    out = tmp_path / "out"
+    assert main(["tile", str(tmp_path), "--out", str(out), "--shard", "1/2", "--export-tiles"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["b"]
+    pngs = list((out / "b" / "tiles").glob("*.png"))
+    assert len(pngs) == len(read_csv(out / "b" / "tiles.csv")) > 0
+    assert main(["tile", str(tmp_path), "--out", str(out), "--shard", "2/2"]) == 2
+    shutil.rmtree(out)
