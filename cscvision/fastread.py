@@ -11,10 +11,11 @@ path cannot reproduce exactly returns ``None`` and the caller falls back to Open
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import imagecodecs
@@ -27,9 +28,10 @@ if TYPE_CHECKING:
 # OpenSlide drivers whose levels are plain TIFF pages read tile by tile.
 FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
 
-# Decoded stored tiles kept per reader: enough for a few rows of 256 px tiles read in
-# raster order, about 12 MB.
-CACHE_TILES = 64
+# Decoded stored tiles kept per reader, in bytes: 256 tiles of 256 px. A grid read in
+# raster order reuses a stored tile across grid rows only while a whole row of stored
+# tiles fits (80 tiles for a 20k px wide level); within a grid row, 4 tiles suffice.
+CACHE_BYTES = 48 * 2**20
 
 _COMPRESSION_JPEG = 7
 _PHOTOMETRIC_COLORSPACE = {2: "RGB", 6: "YCBCR"}
@@ -64,6 +66,7 @@ class StoredLevel:
     bytecounts: np.ndarray  # int64, 0 = tile missing (transparent)
     header: bytes  # prepended to each stream minus its SOI; b"" = streams are complete
     colorspace: str  # "RGB" or "YCBCR": what the stored components are
+    resampled: frozenset[int] = frozenset()  # tiles OpenSlide paints from the finer level
 
     @property
     def tiles_across(self) -> int:
@@ -134,6 +137,37 @@ def map_levels(
     return levels
 
 
+def mark_aperio_missing(levels: list[StoredLevel | None]) -> list[StoredLevel | None]:
+    """Mark the tiles OpenSlide's Aperio driver does not decode but paints by resampling.
+
+    It takes zero-length tiles as missing, marks the coarser tile concatenating a missing
+    one as missing too, level by level, and paints a missing tile of level k > 0 by
+    scaling level k - 1 (level 0's are transparent). Regions touching those go to
+    OpenSlide. A level we cannot follow hides what is missing above it: those go too.
+    """
+    out: list[StoredLevel | None] = []
+    missing: frozenset[int] = frozenset()
+    prev: StoredLevel | None = None
+    for lvl in levels:
+        if lvl is None or (prev is None and missing):
+            out.append(None)
+            prev = None
+            missing = missing or frozenset({-1})  # unknown from here on
+            continue
+        own = frozenset(np.flatnonzero(lvl.bytecounts == 0).tolist())
+        inherited: set[int] = set()
+        if prev is not None and missing:
+            concat_x = max(1, math.floor(prev.tiles_across / lvl.tiles_across + 0.5))
+            concat_y = max(1, math.floor(prev.tiles_down / lvl.tiles_down + 0.5))
+            for tile in missing:
+                row, col = divmod(tile, prev.tiles_across)
+                inherited.add(row // concat_y * lvl.tiles_across + col // concat_x)
+        missing = own | inherited
+        out.append(replace(lvl, resampled=missing) if prev is not None else lvl)
+        prev = lvl
+    return out
+
+
 def level_rect(
     xy_l0: tuple[int, int], downsample: float, size: tuple[int, int]
 ) -> tuple[int, int, int, int] | None:
@@ -160,12 +194,13 @@ class StoredTileReader:
         levels: list[StoredLevel | None],
         downsamples: tuple[float, ...],
         *,
-        cache_tiles: int = CACHE_TILES,
+        cache_bytes: int = CACHE_BYTES,
     ):
         self.path = path
         self.levels = levels
         self.downsamples = downsamples
-        self.cache_tiles = cache_tiles
+        largest = max(lvl.tile_w * lvl.tile_h * 3 for lvl in levels if lvl is not None)
+        self.cache_tiles = max(8, cache_bytes // largest)
         self._pid = -1
         self._fd = -1
         self._lock = threading.Lock()
@@ -182,6 +217,8 @@ class StoredTileReader:
 
             with tifffile.TiffFile(path) as tif:
                 levels = map_levels(info.level_dimensions, list(tif.pages))
+                if info.vendor == "aperio":
+                    levels = mark_aperio_missing(levels)
                 levels = [
                     lvl if lvl and _decodes_like_openslide(tif, lvl) else None for lvl in levels
                 ]
@@ -226,8 +263,10 @@ class StoredTileReader:
         rect = level_rect(xy_l0, self.downsamples[level], size) if lvl else None
         if lvl is None or rect is None:
             return None
-        self._ensure_process()
         x, y, w, h = rect
+        if lvl.resampled and _touched_tiles(lvl, x, y, w, h) & lvl.resampled:
+            return None
+        self._ensure_process()
         if x % lvl.tile_w == 0 and y % lvl.tile_h == 0 and (w, h) == (lvl.tile_w, lvl.tile_h):
             if x + w <= lvl.width and y + h <= lvl.height:
                 return self._whole_tile(level, lvl, x // w, y // h)
@@ -242,7 +281,7 @@ class StoredTileReader:
             return cached.copy()
         return self._decode(lvl, index)
 
-    def _assemble(self, level: int, lvl: StoredLevel, x: int, y: int, w: int, h: int):
+    def _assemble(self, level: int, lvl: StoredLevel, x: int, y: int, w: int, h: int) -> np.ndarray:
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, lvl.width), min(y + h, lvl.height)
         inside = (x0, y0, x1, y1) == (x, y, x + w, y + h)
@@ -281,6 +320,16 @@ class StoredTileReader:
             return np.full((lvl.tile_h, lvl.tile_w, 3), 255, np.uint8)
         stream = os.pread(self._fd, count, int(lvl.offsets[index]))
         return decode_stream(stream, lvl.header)
+
+
+def _touched_tiles(lvl: StoredLevel, x: int, y: int, w: int, h: int) -> set[int]:
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, lvl.width), min(y + h, lvl.height)
+    if x0 >= x1 or y0 >= y1:
+        return set()
+    cols = range(x0 // lvl.tile_w, (x1 - 1) // lvl.tile_w + 1)
+    rows = range(y0 // lvl.tile_h, (y1 - 1) // lvl.tile_h + 1)
+    return {row * lvl.tiles_across + col for row in rows for col in cols}
 
 
 def _decodes_like_openslide(tif: object, lvl: StoredLevel) -> bool:

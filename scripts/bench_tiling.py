@@ -1,0 +1,186 @@
+"""Benchmark tile reading on one core: cscvision's fast path vs OpenSlide vs the decode limit.
+
+Writes a 20k x 20k synthetic JPEG-tiled pyramidal TIFF (256 px tiles, q85, levels 1, 4,
+16 at 0.25 µm/px) to a temporary folder, or reuses ``--slide PATH`` (written there first
+if missing), then times two grids read in raster order:
+
+1. aligned: 256 px tiles at 0.25 µm/px (level 0, one stored tile each);
+2. resized: 224 px tiles at 0.5 µm/px (448 px read at level 0 and resized to 224).
+
+For each: (a) ``Slide.read_tile`` with a ``plan_read`` plan (the fast path), (b) the same
+call with ``fast=False`` (OpenSlide ``read_region``, RGBA on white, same resize), (b0)
+bare ``OpenSlide.read_region`` (PIL RGBA, no conversion or resize), and (c) the limit:
+libjpeg-turbo decoding, from memory, every stored tile the grid touches, once.
+
+    .venv/bin/python scripts/bench_tiling.py [--slide PATH] [--tiles 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+import simplejpeg
+import tifffile
+
+from cscvision.slide import open_slide, plan_read
+from cscvision.testing import texture_tile_fn, write_pyramid
+
+SLIDE_PX = 20_480
+SLIDE_MPP = 0.25
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    mpp: float
+    tile_px: int
+
+
+CASES = (Case("aligned 256 px @ 0.25 µm/px", 0.25, 256), Case("224 px @ 0.5 µm/px", 0.5, 224))
+
+
+def write_bench_slide(path: Path) -> None:
+    start = time.perf_counter()
+    write_pyramid(
+        path,
+        texture_tile_fn(seed=0),
+        size=(SLIDE_PX, SLIDE_PX),
+        mpp=SLIDE_MPP,
+        tile_px=256,
+        levels=3,
+        downsample=4,
+        quality=85,
+    )
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size_mb:.0f} MB) in {time.perf_counter() - start:.1f} s")
+
+
+def grid_xy(path: Path, case: Case, n_tiles: int) -> tuple[np.ndarray, object]:
+    """The first ``n_tiles`` tiles of a non-overlapping grid, in raster order."""
+    with open_slide(path) as slide:
+        plan = plan_read(slide.info, mpp=case.mpp, tile_px=case.tile_px)
+        width, height = slide.info.dimensions
+    step = round(plan.tile_l0)
+    ys, xs = np.mgrid[0 : height - step + 1 : step, 0 : width - step + 1 : step]
+    xy = np.stack([xs.ravel(), ys.ravel()], axis=1)[:n_tiles]
+    return xy, plan
+
+
+def rate(n_tiles: int, fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return n_tiles / (time.perf_counter() - start)
+
+
+def time_read_tile(path: Path, xy: np.ndarray, plan, *, fast: bool) -> float:
+    with open_slide(path, fast=fast) as slide:
+        if slide.uses_fast_path != fast:
+            raise SystemExit(f"{path}: fast path expected {fast}, got {slide.uses_fast_path}")
+
+        def run() -> None:
+            for x, y in xy:
+                slide.read_tile((int(x), int(y)), plan)
+
+        return rate(len(xy), run)
+
+
+def time_openslide_raw(path: Path, xy: np.ndarray, plan) -> float:
+    osr = openslide.OpenSlide(str(path))
+    size = (plan.read_px, plan.read_px)
+
+    def run() -> None:
+        for x, y in xy:
+            osr.read_region((int(x), int(y)), plan.level, size)
+
+    try:
+        return rate(len(xy), run)
+    finally:
+        osr.close()
+
+
+def time_decode_limit(path: Path, xy: np.ndarray, plan) -> float:
+    """Decode once, from memory, every stored tile the grid touches; tiles/s of the grid."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[plan.level]
+        tile_w, tile_h = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tile_w)
+        side = plan.read_px  # level pixels; the bench slide's levels are whole-number
+        touched: set[int] = set()
+        for x, y in (xy / plan.downsample).astype(int):
+            for row in range(y // tile_h, (y + side - 1) // tile_h + 1):
+                for col in range(x // tile_w, (x + side - 1) // tile_w + 1):
+                    touched.add(row * across + col)
+        streams = []
+        for index in sorted(touched):
+            tif.filehandle.seek(page.dataoffsets[index])
+            streams.append(tif.filehandle.read(page.databytecounts[index]))
+
+    def run() -> None:
+        for stream in streams:
+            simplejpeg.decode_jpeg(stream)
+
+    return rate(len(xy), run)
+
+
+def bench_case(path: Path, case: Case, n_tiles: int) -> dict[str, float]:
+    xy, plan = grid_xy(path, case, n_tiles)
+    print(
+        f"\n{case.name}: {len(xy)} tiles, level {plan.level}, read {plan.read_px} px"
+        f" -> {plan.tile_px} px",
+        flush=True,
+    )
+    rates = {"c": time_decode_limit(path, xy, plan)}
+    rates["a"] = time_read_tile(path, xy, plan, fast=True)
+    rates["b"] = time_read_tile(path, xy, plan, fast=False)
+    rates["b0"] = time_openslide_raw(path, xy, plan)
+    return rates
+
+
+def print_table(rows: list[tuple[Case, dict[str, float]]]) -> None:
+    labels = {
+        "a": "(a) cscvision Slide.read_tile, fast path",
+        "b": "(b) Slide.read_tile via OpenSlide read_region",
+        "b0": "(b0) bare OpenSlide read_region (RGBA)",
+        "c": "(c) limit: decode touched stored tiles once",
+    }
+    print(f"\n{'case':<30} {'path':<48} {'tiles/s':>9} {'of (c)':>7}")
+    for case, rates in rows:
+        for key in ("a", "b", "b0", "c"):
+            share = rates[key] / rates["c"]
+            print(f"{case.name:<30} {labels[key]:<48} {rates[key]:>9,.0f} {share:>7.0%}")
+        print(
+            f"{'':<30} ratios: a/c = {rates['a'] / rates['c']:.2f}, a/b = "
+            f"{rates['a'] / rates['b']:.1f}, a/b0 = {rates['a'] / rates['b0']:.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slide", type=Path, help="reuse (or write once to) this TIFF")
+    parser.add_argument("--tiles", type=int, default=3000, help="tiles per case (raster order)")
+    parser.add_argument("--all-cores", action="store_true", help="do not pin to one core")
+    args = parser.parse_args(argv)
+    if not args.all_cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    with tempfile.TemporaryDirectory(prefix="cscvision-bench-") as tmp:
+        path = args.slide or Path(tmp) / "bench_20k.tif"
+        if not path.exists():
+            write_bench_slide(path)
+        path.read_bytes()  # into the page cache, so no path pays for the disk
+        rows = [(case, bench_case(path, case, args.tiles)) for case in CASES]
+    print_table(rows)
+    print(f"\nopenslide {openslide.__library_version__}, simplejpeg {simplejpeg.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The fast JPEG path must give OpenSlide's pixels exactly, or step aside (return None).
+
+Both decode with libjpeg-turbo using the same settings, so the bound on differences is
+zero: every comparison here is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cscvision.fastread import StoredTileReader, jpeg_header, level_rect
+from cscvision.slide import ReadPlan, open_slide
+from cscvision.testing import texture_tile_fn, write_pyramid
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+CMU_SVS = DATA / "cmu_small_region.svs"
+needs_cmu = pytest.mark.skipif(
+    not CMU_SVS.exists(), reason=f"real test data not found at {DATA} (see shared/data)"
+)
+
+WIDTH, HEIGHT, TILE = 1100, 900, 256  # 5 x 4 stored tiles, edge tiles 76 and 132 px
+
+
+def textured(width: int, height: int) -> np.ndarray:
+    """H&E-like texture plus ramps, so a region read from the wrong place cannot match."""
+    rgb = texture_tile_fn(seed=3)(0, 0, 0, width, height).astype(np.int16)
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb[..., 0] -= (xx // 9).astype(np.int16) % 40
+    rgb[..., 2] -= (yy // 7).astype(np.int16) % 40
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fastread")
+    rgb = textured(WIDTH, HEIGHT)
+    return {
+        "generic": write_pyramid(root / "generic.tif", rgb),
+        "aperio": write_pyramid(root / "aperio.svs", rgb, aperio=True),
+        "holey": write_pyramid(root / "holey.svs", rgb, aperio=True, missing_tiles=[(0, 3, 1)]),
+        "fractional": write_pyramid(root / "fractional.tif", textured(WIDTH + 1, HEIGHT - 1)),
+        "deflate": write_pyramid(root / "deflate.tif", rgb, compression="deflate"),
+        "uncompressed": write_pyramid(root / "none.tif", rgb, compression="none"),
+    }
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("png") / "image.png"
+    Image.fromarray(textured(300, 200)).save(path)
+    return path
+
+
+def assert_matches_openslide(path: Path, regions: list[tuple[tuple[int, int], int, tuple]]):
+    """Every region read by the fast reader equals OpenSlide's, composited on white."""
+    with open_slide(path) as slide:
+        reader = StoredTileReader.open(str(path), slide.info)
+        assert reader is not None
+        try:
+            for xy_l0, level, size in regions:
+                fast = reader.read_region(xy_l0, level, size)
+                assert fast is not None, f"fast path declined {xy_l0} level {level} {size}"
+                assert fast.shape == (size[1], size[0], 3) and fast.dtype == np.uint8
+                ref = slide.read_region_openslide(xy_l0, level, size)
+                np.testing.assert_array_equal(fast, ref, err_msg=f"{xy_l0} L{level} {size}")
+        finally:
+            reader.close()
+
+
+# --- when the fast path is used -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["generic", "aperio", "fractional"])
+def test_fast_path_is_used_for_jpeg_tiled_tiffs(slides, name):
+    with open_slide(slides[name]) as slide:
+        assert slide.info.vendor == ("aperio" if name == "aperio" else "generic-tiff")
+        assert slide.uses_fast_path
+
+
+@pytest.mark.parametrize("name", ["deflate", "uncompressed"])
+def test_fast_path_is_not_used_without_jpeg(slides, name):
+    with open_slide(slides[name]) as slide:
+        assert not slide.uses_fast_path
+        assert slide.read_region((0, 0), 0, (64, 64)).shape == (64, 64, 3)
+
+
+def test_fast_path_is_not_used_for_a_png(png):
+    with open_slide(png, mpp=0.5) as slide:
+        assert not slide.uses_fast_path
+
+
+@needs_cmu
+def test_fast_path_is_used_for_the_real_svs():
+    with open_slide(CMU_SVS) as slide:
+        assert slide.info.vendor == "aperio"
+        assert slide.uses_fast_path
+
+
+# --- same pixels as OpenSlide -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["generic", "aperio"])
+def test_aligned_tiles_match_openslide(slides, name):
+    full = [
+        (x, y) for y in range(0, HEIGHT - TILE + 1, TILE) for x in range(0, WIDTH - TILE + 1, TILE)
+    ]
+    assert len(full) == 12
+    assert_matches_openslide(slides[name], [(xy, 0, (TILE, TILE)) for xy in full])
+
+
+@pytest.mark.parametrize("name", ["generic", "aperio"])
+def test_unaligned_regions_spanning_four_tiles_match_openslide(slides, name):
+    regions = [((200, 180), 0, (224, 224)), ((500, 300), 0, (300, 400)), ((1, 255), 0, (256, 2))]
+    regions += [((130, 130), 0, (448, 448)), ((0, 0), 0, (1100, 900))]
+    assert_matches_openslide(slides[name], regions)
+
+
+@pytest.mark.parametrize("name", ["generic", "aperio"])
+def test_edge_and_outside_regions_match_openslide(slides, name):
+    regions = [
+        ((1024, 768), 0, (76, 132)),  # the corner stored tile, cropped to the image
+        ((1000, 700), 0, (256, 256)),  # across the right and bottom edges
+        ((-50, -70), 0, (200, 200)),  # before the top-left corner
+        ((5000, 10), 0, (64, 64)),  # wholly outside
+        ((512, 256), 2, (100, 100)),  # a level 2 region past its 275 x 225 edge
+    ]
+    assert_matches_openslide(slides[name], regions)
+    with open_slide(slides[name]) as slide:
+        assert (slide.read_region((1000, 700), 0, (256, 256))[200:, 200:] == 255).all()
+
+
+@pytest.mark.parametrize("name", ["generic", "aperio"])
+def test_levels_above_zero_match_openslide(slides, name):
+    rng = np.random.default_rng(7)
+    regions = []
+    for level, downsample in ((1, 2), (2, 4)):
+        for _ in range(12):
+            x, y = rng.integers(-20, 300, size=2)
+            w, h = rng.integers(1, 300, size=2)
+            regions.append(((int(x) * downsample, int(y) * downsample), level, (int(w), int(h))))
+    assert_matches_openslide(slides[name], regions)
+
+
+def test_aperio_fixture_has_shared_tables_and_rgb_jpeg(slides):
+    with tifffile.TiffFile(slides["aperio"]) as tif:
+        page = tif.pages[0]
+        assert page.jpegtables is not None and page.photometric == 2  # RGB, not YCbCr
+    with tifffile.TiffFile(slides["holey"]) as tif:
+        assert tif.pages[0].databytecounts[1 * 5 + 3] == 0  # the missing tile
+
+
+def test_missing_level0_tile_reads_white_as_in_openslide(slides):
+    assert_matches_openslide(slides["holey"], [((700, 200), 0, (400, 150))])
+    with open_slide(slides["holey"]) as slide:
+        assert (slide.read_region((3 * TILE, TILE), 0, (TILE, TILE)) == 255).all()
+
+
+def test_aperio_tiles_over_a_missing_tile_go_to_openslide(slides):
+    # OpenSlide paints the coarser tiles covering a missing tile by scaling the finer level
+    path = slides["holey"]
+    with open_slide(path) as slide:
+        reader = StoredTileReader.open(str(path), slide.info)
+        assert reader.read_region((2 * TILE, 0), 1, (TILE, TILE)) is None  # covers (3, 1)
+        assert reader.read_region((0, 0), 2, (100, 100)) is None
+        reader.close()
+        for xy_l0, level in (((2 * TILE, 0), 1), ((0, 0), 2)):
+            ref = slide.read_region_openslide(xy_l0, level, (TILE, TILE))
+            np.testing.assert_array_equal(slide.read_region(xy_l0, level, (TILE, TILE)), ref)
+    assert_matches_openslide(path, [((0, 0), 1, (TILE, TILE)), ((0, 2 * TILE), 1, (300, 200))])
+
+
+@needs_cmu
+def test_real_svs_matches_openslide():
+    stored = 240  # the CMU region's tile size; 2220 x 2967 px
+    regions = [((x, y), 0, (stored, stored)) for x, y in ((0, 0), (480, 720), (1920, 2640))]
+    regions += [((x, y), 0, (256, 256)) for x, y in ((100, 100), (1000, 1500), (2000, 2800))]
+    regions += [((2100, 2900), 0, (300, 300)), ((0, 0), 0, (2220, 2967))]
+    assert_matches_openslide(CMU_SVS, regions)
+
+
+def test_fractional_level_coordinates_fall_back_to_openslide(slides):
+    with open_slide(slides["fractional"]) as slide:
+        downsample = slide.info.level_downsamples[1]
+        assert not float(downsample).is_integer()
+        reader = StoredTileReader.open(str(slides["fractional"]), slide.info)
+        xy_l0 = (round(100 * downsample), 0)
+        assert reader.read_region(xy_l0, 1, (64, 64)) is None
+        assert reader.read_region((64, 32), 0, (64, 64)) is not None  # level 0 is exact
+        reader.close()
+        ref = slide.read_region_openslide(xy_l0, 1, (64, 64))
+        np.testing.assert_array_equal(slide.read_region(xy_l0, 1, (64, 64)), ref)
+
+
+# --- memory, threads, processes -----------------------------------------------------------
+
+
+def test_returned_arrays_are_the_callers_own(slides):
+    with open_slide(slides["generic"]) as slide:
+        ref = slide.read_region_openslide((0, 0), 0, (TILE, TILE))
+        for xy, size in (((100, 100), (300, 300)), ((0, 0), (TILE, TILE))):
+            slide.read_region(xy, 0, size)[:] = 0  # fills the cache, then scribbles
+            np.testing.assert_array_equal(slide.read_region((0, 0), 0, (TILE, TILE)), ref)
+
+
+def test_decoded_tile_cache_is_bounded(slides):
+    with open_slide(slides["generic"]) as slide:
+        reader = StoredTileReader.open(str(slides["generic"]), slide.info)
+        reader.cache_tiles = 3
+        reader.read_region((0, 0), 0, (WIDTH, HEIGHT))
+        assert len(reader._cache) == 3
+        reader.close()
+
+
+def regions_and_refs(path: Path, n: int):
+    rng = np.random.default_rng(11)
+    regions = [((int(x), int(y)), 0, (224, 224)) for x, y in rng.integers(0, 800, (n, 2))]
+    with open_slide(path, fast=False) as slide:
+        refs = [slide.read_region(*r) for r in regions]
+    return regions, refs
+
+
+def test_two_threads_share_one_slide(slides):
+    regions, refs = regions_and_refs(slides["aperio"], 40)
+    errors: list[str] = []
+    with open_slide(slides["aperio"]) as slide:
+
+        def work(order: list[int]) -> None:
+            for _ in range(3):
+                for i in order:
+                    if not np.array_equal(slide.read_region(*regions[i]), refs[i]):
+                        errors.append(f"region {regions[i]}")
+
+        order = list(range(len(regions)))
+        threads = [threading.Thread(target=work, args=(o,)) for o in (order, order[::-1])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_reading_after_fork(slides):
+    regions, refs = regions_and_refs(slides["generic"], 6)
+    want = hashlib.sha256(b"".join(r.tobytes() for r in refs)).hexdigest()
+    with open_slide(slides["generic"]) as slide:
+        slide.read_region(*regions[0])  # the parent has used it: fd open, cache filled
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: read, report a digest, leave without running pytest's exit
+            try:
+                got = b"".join(slide.read_region(*r).tobytes() for r in regions)
+                os.write(write_fd, hashlib.sha256(got).hexdigest().encode())
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        child_digest = os.read(read_fd, 64).decode()
+        os.waitpid(pid, 0)
+        os.close(read_fd)
+        assert child_digest == want
+        np.testing.assert_array_equal(slide.read_region(*regions[1]), refs[1])  # parent too
+
+
+# --- pure parts and the writer ------------------------------------------------------------
+
+
+def test_level_rect_accepts_only_whole_level_pixels():
+    assert level_rect((512, 256), 2.0, (10, 20)) == (256, 128, 10, 20)
+    assert level_rect((513, 256), 2.0, (10, 20)) is None
+    assert level_rect((400, 0), 1.99823, (10, 20)) is None
+    assert level_rect((0, 0), 1.0, (0, 20)) is None
+
+
+def test_jpeg_header_merges_tables_and_marks_rgb():
+    tables = b"\xff\xd8" + b"\xff\xdb\x00\x03\x00" + b"\xff\xd9"
+    assert jpeg_header(None, "YCBCR") == b""
+    assert jpeg_header(tables, "YCBCR") == b"\xff\xd8\xff\xdb\x00\x03\x00"
+    rgb = jpeg_header(tables, "RGB")
+    assert rgb.startswith(b"\xff\xd8\xff\xeeAdobe"[:4]) and b"Adobe" in rgb
+    assert rgb.endswith(b"\xff\xdb\x00\x03\x00")
+
+
+@pytest.mark.parametrize(("aperio", "mpp"), [(False, 0.5), (True, 0.25), (False, None)])
+def test_write_pyramid_is_read_by_openslide(tmp_path, aperio, mpp):
+    import openslide
+
+    path = write_pyramid(tmp_path / "p.tif", textured(600, 500), mpp=mpp, aperio=aperio, levels=2)
+    with openslide.OpenSlide(str(path)) as osr:
+        assert osr.properties["openslide.vendor"] == ("aperio" if aperio else "generic-tiff")
+        assert osr.level_dimensions == ((600, 500), (300, 250))
+        reported = osr.properties.get("openslide.mpp-x")
+        assert (float(reported) if reported else None) == mpp
+
+
+def test_read_tile_box_averages_whole_number_factors(slides):
+    with open_slide(slides["generic"]) as slide:
+        # 1 µm/px from level 0 (0.5 µm/px), although level 1 would serve it as is
+        plan = ReadPlan(mpp=1.0, tile_px=100, level=0, downsample=1.0, read_px=200, tile_l0=200)
+        tile = slide.read_tile((300, 200), plan)
+        region = slide.read_region((300, 200), 0, (200, 200)).astype(np.float64)
+        box = region.reshape(100, 2, 100, 2, 3).mean(axis=(1, 3))
+        assert tile.shape == (100, 100, 3)
+        assert np.abs(tile - box).max() <= 1  # rounding only
