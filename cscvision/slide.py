@@ -80,11 +80,14 @@ class ReadPlan:
 def plan_read(info: SlideInfo, *, mpp: float, tile_px: int) -> ReadPlan:
     """Choose the level and read size for tiles of ``tile_px`` pixels at ``mpp`` µm/px."""
     level = info.best_level_for_mpp(mpp)
-    level_mpp = info.level_mpp(level)
-    if abs(level_mpp / mpp - 1) <= MPP_TOLERANCE:
-        read_px = tile_px
+    factor = mpp / info.level_mpp(level)
+    whole = max(1, round(factor))
+    if abs(factor / whole - 1) <= MPP_TOLERANCE:
+        # Within tolerance of a whole factor (0.2527 µm/px x 2 for 0.5): read exactly that
+        # many pixels, so resizing is a box reduction, the way pyramid levels are made.
+        read_px = tile_px * whole
     else:
-        read_px = max(1, round(tile_px * mpp / level_mpp))
+        read_px = max(1, round(tile_px * factor))
     downsample = info.level_downsamples[level]
     return ReadPlan(
         mpp=mpp,

@@ -161,3 +161,34 @@ def test_corrupt_and_non_slide_files(tmp_path, content):
 def test_missing_file(tmp_path):
     with pytest.raises(SlideError, match="file not found"):
         open_slide(tmp_path / "nope.svs")
+
+
+def test_override_csv_from_excel_with_bom_and_short_rows(tmp_path):
+    csv_path = tmp_path / "mpp.csv"
+    csv_path.write_text("slide,mpp\nA.svs,0.25\n", encoding="utf-8-sig")  # Excel "CSV UTF-8"
+    assert load_mpp_overrides(csv_path) == {"A.svs": 0.25}
+    csv_path.write_text("slide,mpp\nA.svs\n")
+    with pytest.raises(SlideError, match="not a number"):
+        load_mpp_overrides(csv_path)
+
+
+@pytest.mark.parametrize("dpi", [300, 600])
+def test_image_editor_dpi_is_not_a_microscope_mpp(tmp_path, dpi):
+    # 300 dpi is 84.7 µm/px: taken as the slide's µm/px, every tile would be one pixel.
+    import tifffile
+
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, tissue_like(300, 200), resolution=(dpi, dpi), resolutionunit="INCH")
+    with pytest.raises(SlideError, match="no µm/px"):
+        open_slide(path)
+
+
+def test_near_whole_factor_snaps_to_exact_reduction(pyramid):
+    import dataclasses
+
+    with open_slide(pyramid) as slide:
+        info = dataclasses.replace(  # a 40x scanner's µm/px, one level
+            slide.info, mpp=0.2527, level_dimensions=((2048, 1536),), level_downsamples=(1.0,)
+        )
+    plan = plan_read(info, mpp=0.5, tile_px=224)
+    assert plan.level == 0 and plan.read_px == 448  # not round(224 * 1.9786) = 443
