@@ -104,15 +104,18 @@ def make_jobs(
     from cscvision.slide import override_for
 
     jobs = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, Path] = {}  # by case-folded id: one folder on macOS and Windows
     for path in slides:
         slide_id = slide_id_of(path)
-        if slide_id in seen and seen[slide_id] != path:
+        key = slide_id.casefold()
+        if key in seen:
+            if seen[key].resolve() == Path(path).resolve():
+                continue  # the same file named twice (folder and manifest, say)
             raise BatchError(
-                f"two slides share the id {slide_id!r}: {seen[slide_id]} and {path}; "
+                f"two slides share the id {slide_id!r}: {seen[key]} and {path}; "
                 "rename one (outputs are named by slide id)"
             )
-        seen[slide_id] = path
+        seen[key] = path
         mpp = slide_mpp if slide_mpp is not None else override_for(path, overrides or {})
         jobs.append(SlideJob(slide_path=path, slide_id=slide_id, mpp=mpp))
     return jobs

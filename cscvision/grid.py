@@ -17,7 +17,7 @@ import numpy as np
 
 from cscvision import __version__
 from cscvision.io import read_csv, write_csv, write_json
-from cscvision.slide import ReadPlan, Slide, SlideError, plan_read
+from cscvision.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, SlideError, plan_read
 from cscvision.tissue import DEFAULT_MASK_MPP, TissueParams, tissue_fraction, tissue_mask
 
 GRID_TABLE = "tiles.csv"
@@ -39,6 +39,10 @@ class GridSpec:
             raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
         if self.tile_px < 8 or self.mpp <= 0:
             raise ValueError(f"tile_px ≥ 8 and mpp > 0 required, got {self.tile_px}, {self.mpp}")
+        if not self.mask_mpp > 0:
+            raise ValueError(f"mask_mpp must be positive, got {self.mask_mpp}")
+        if not 0 <= self.min_tissue <= 1:
+            raise ValueError(f"min_tissue is a fraction in [0, 1], got {self.min_tissue}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ def grid_metadata(grid: TileGrid) -> dict:
 def save_grid(grid: TileGrid, folder: str | Path) -> tuple[Path, Path]:
     """Write ``tiles.csv`` (x, y, tissue) and its ``tiles.json`` sidecar into ``folder``."""
     folder = Path(folder)
+    # An older sidecar must not vouch for a table this call fails to finish.
+    (folder / GRID_SIDECAR).unlink(missing_ok=True)
     rows = ((int(x), int(y), f"{t:.4f}") for (x, y), t in zip(grid.xy_l0, grid.tissue, strict=True))
     table = write_csv(folder / GRID_TABLE, ["x", "y", "tissue"], rows)
     # The sidecar goes last: its presence marks the grid complete.
@@ -230,8 +236,11 @@ def load_grid(folder: str | Path) -> TileGrid:
     )
 
 
-def grid_is_current(folder: str | Path, slide_path: str | Path, spec: GridSpec) -> bool:
-    """True if ``folder`` holds a complete grid of this slide file with this spec."""
+def grid_is_current(
+    folder: str | Path, slide_path: str | Path, spec: GridSpec, mpp_override: float | None = None
+) -> bool:
+    """True if ``folder`` holds a complete grid of this slide file with this spec, made with
+    the same level-0 µm/px override (or none)."""
     try:
         meta = json.loads((Path(folder) / GRID_SIDECAR).read_text())
         stat = os.stat(slide_path)
@@ -240,8 +249,15 @@ def grid_is_current(folder: str | Path, slide_path: str | Path, spec: GridSpec) 
     same_spec = dataclasses.asdict(spec) == {
         k: meta.get(k) for k in ("mpp", "tile_px", "overlap", "min_tissue", "mask_mpp")
     }
+    if mpp_override is None:
+        same_mpp = meta.get("mpp_source") != MPP_FROM_OVERRIDE
+    else:
+        same_mpp = meta.get("mpp_source") == MPP_FROM_OVERRIDE and meta.get("slide_mpp") == float(
+            mpp_override
+        )
     return (
         same_spec
+        and same_mpp
         and meta.get("slide_size_bytes") == stat.st_size
         and meta.get("slide_mtime") == stat.st_mtime
         and (Path(folder) / GRID_TABLE).exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -163,15 +164,7 @@ def _mpp_from_tiff_tags(path: str) -> float | None:
         return None
 
 
-def resolve_mpp(path: str, properties: dict[str, str], override: float | None) -> tuple[float, str]:
-    """µm/px of level 0: an explicit override, else OpenSlide metadata, else TIFF tags.
-
-    Anything else is an error naming the slide and both fixes: never a silent default.
-    """
-    if override is not None:
-        if not override > 0:
-            raise SlideError(f"{path}: µm/px override must be positive, got {override}")
-        return float(override), MPP_FROM_OVERRIDE
+def _mpp_from_metadata(path: str, properties: dict[str, str]) -> tuple[float, str] | None:
     mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
     mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_Y)
     if mpp_x:
@@ -184,6 +177,29 @@ def resolve_mpp(path: str, properties: dict[str, str], override: float | None) -
     # microscope. Even 1.25x scans are finer than 10 µm/px.
     if tiff_mpp is not None and 0.05 <= tiff_mpp <= 10:
         return tiff_mpp, MPP_FROM_TIFF
+    return None
+
+
+def resolve_mpp(path: str, properties: dict[str, str], override: float | None) -> tuple[float, str]:
+    """µm/px of level 0: OpenSlide metadata, else TIFF tags, else the override.
+
+    The override fills in what the slide does not say, so one ``--slide-mpp`` over a mixed
+    batch cannot replace a scanner's own value; a disagreeing override is warned about.
+    Nothing at all is an error naming the slide and both fixes: never a silent default.
+    """
+    if override is not None and not override > 0:
+        raise SlideError(f"{path}: µm/px override must be positive, got {override}")
+    found = _mpp_from_metadata(path, properties)
+    if found is not None:
+        if override is not None and abs(override / found[0] - 1) > MPP_TOLERANCE:
+            warnings.warn(
+                f"{path}: the slide says {found[0]:.4f} µm/px ({found[1]}); "
+                f"the override {override} is not used",
+                stacklevel=2,
+            )
+        return found
+    if override is not None:
+        return float(override), MPP_FROM_OVERRIDE
     raise SlideError(
         f"{path}: no µm/px in the slide metadata or TIFF resolution tags; pass --slide-mpp "
         "VALUE for this slide, or --mpp-override CSV (columns slide,mpp) for a batch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,18 @@ def draw_tissue_preview(
 
 
 def export_tile_images(slide: Slide, grid: TileGrid, folder: Path) -> int:
-    """Write each tile as ``<slide_id>_x<X>_y<Y>.png`` (level-0 corner) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write each tile as ``<slide_id>_x<X>_y<Y>.png`` (level-0 corner) into ``folder``.
+
+    Written into a partial folder that then replaces ``folder``: no tiles of an older grid stay.
+    """
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for x, y in tqdm(grid.xy_l0, desc=f"{grid.slide_id} tiles", unit="tile", leave=False):
         rgb = slide.read_tile((int(x), int(y)), grid.plan)
-        write_png(folder / f"{grid.slide_id}_x{x}_y{y}.png", rgb)
+        write_png(partial / f"{grid.slide_id}_x{x}_y{y}.png", rgb)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
     return len(grid)
 
 
@@ -67,6 +75,8 @@ def tile_slide(
 ) -> TileGrid:
     """Detect tissue, cut the grid and write the slide's folder; raises SlideError if no tissue."""
     folder = Path(out_dir) / job.slide_id
+    # The sidecar marks the folder complete: drop an older one before changing anything.
+    (folder / GRID_SIDECAR).unlink(missing_ok=True)
     with open_slide(job.slide_path, mpp=job.mpp) as slide:
         _, mask = detect_tissue(slide, spec.mask_mpp)
         grid = make_grid(slide, spec, mask=mask)
@@ -81,13 +91,15 @@ def tile_slide(
             )
         if export_tiles:
             export_tile_images(slide, grid, folder / TILES_DIR)
+        else:  # tiles of an older grid would pass for this one's on an --export-tiles re-run
+            shutil.rmtree(folder / TILES_DIR, ignore_errors=True)
     save_grid(grid, folder)
     return grid
 
 
 def tiling_complete(job: SlideJob, out_dir: str | Path, spec: GridSpec, export_tiles: bool) -> bool:
     folder = Path(out_dir) / job.slide_id
-    if not grid_is_current(folder, job.slide_path, spec):
+    if not grid_is_current(folder, job.slide_path, spec, job.mpp):
         return False
     if export_tiles and not (folder / TILES_DIR).is_dir():
         return False

@@ -69,7 +69,8 @@ def tissue_mask(rgb: np.ndarray, mask_mpp: float, params: TissueParams | None = 
         radius = max(1, round(params.ink_dilate_um / mask_mpp))
         ink = ndimage.binary_dilation(ink, morphology.disk(radius)) if ink.any() else ink
         mask &= ~ink
-    mask = ndimage.binary_closing(mask, morphology.disk(1))
+    # Pad so that closing does not erode the border (scipy treats outside as background).
+    mask = ndimage.binary_closing(np.pad(mask, 1, mode="edge"), morphology.disk(1))[1:-1, 1:-1]
     mask = morphology.remove_small_holes(mask, max_size=_area_px(params.max_hole_mm2, mask_mpp))
     mask &= ~ink  # filling holes must not bring ink back
     mask = morphology.remove_small_objects(mask, max_size=_area_px(params.min_object_mm2, mask_mpp))

@@ -99,3 +99,43 @@ def test_spec_validation():
 def test_slide_id():
     assert slide_id_of("/a/b/case-01.svs") == "case-01"
     assert slide_id_of("x.ome.tiff") == "x"
+
+
+def test_spec_rejects_bad_mask_mpp_and_min_tissue():
+    with pytest.raises(ValueError, match="mask_mpp"):
+        GridSpec(mask_mpp=0)
+    with pytest.raises(ValueError, match="min_tissue"):
+        GridSpec(min_tissue=50)
+
+
+def test_save_grid_failure_leaves_no_sidecar_of_an_older_grid(tmp_path, monkeypatch):
+    import cscvision.grid
+
+    path = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=2)
+    with open_slide(path) as slide:
+        grid = make_grid(slide, GridSpec(tile_px=128))
+    save_grid(grid, tmp_path / "out")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cscvision.grid, "write_csv", crash)
+    with pytest.raises(OSError):
+        save_grid(grid, tmp_path / "out")
+    assert not (tmp_path / "out" / "tiles.json").exists()  # the old one no longer vouches
+
+
+def test_saved_files_are_readable_by_group_as_umask_allows(tmp_path):
+    import os
+    import stat
+
+    path = write_pyramid(tmp_path / "s.tif", tissue_like(512, 512), mpp=0.5, levels=1)
+    with open_slide(path) as slide:
+        grid = make_grid(slide, GridSpec(tile_px=128))
+    old = os.umask(0o022)
+    try:
+        table, sidecar = save_grid(grid, tmp_path / "out")
+    finally:
+        os.umask(old)
+    for p in (table, sidecar):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p  # not mkstemp's 0o600

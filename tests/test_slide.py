@@ -147,7 +147,9 @@ def test_override_csv(tmp_path):
 def test_resolve_mpp_order():
     props = {openslide.PROPERTY_NAME_MPP_X: "0.25", openslide.PROPERTY_NAME_MPP_Y: "0.25"}
     assert resolve_mpp("s.svs", props, None) == (0.25, MPP_FROM_OPENSLIDE)
-    assert resolve_mpp("s.svs", props, 0.5) == (0.5, MPP_FROM_OVERRIDE)
+    with pytest.warns(UserWarning, match="not used"):
+        assert resolve_mpp("s.svs", props, 0.5) == (0.25, MPP_FROM_OPENSLIDE)
+    assert resolve_mpp("s.svs", {}, 0.5) == (0.5, MPP_FROM_OVERRIDE)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a slide at all", b"II*\x00garbage" * 10])

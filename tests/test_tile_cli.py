@@ -114,3 +114,78 @@ def test_export_tiles_and_shards(tmp_path):
     assert len(pngs) == len(read_csv(out / "b" / "tiles.csv")) > 0
     assert main(["tile", str(tmp_path), "--out", str(out), "--shard", "2/2"]) == 2
     shutil.rmtree(out)
+
+
+def test_rerun_with_a_changed_mpp_override_redoes_the_slide(tmp_path, capsys):
+    slide = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=None, levels=1)
+    out = tmp_path / "out"
+    assert main(["tile", str(slide), "--out", str(out), "--slide-mpp", "0.5"]) == 0
+    capsys.readouterr()
+    # The first override was wrong: the grid made with it must not count as complete.
+    assert main(["tile", str(slide), "--out", str(out), "--slide-mpp", "0.25"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert json.loads((out / "s" / "tiles.json").read_text())["slide_mpp"] == 0.25
+    assert main(["tile", str(slide), "--out", str(out), "--slide-mpp", "0.25"]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+
+
+def test_interrupted_tile_export_is_redone(tmp_path, monkeypatch, capsys):
+    import cscvision.tiling
+
+    slide = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=1)
+    out = tmp_path / "out"
+    assert main(["tile", str(slide), "--out", str(out)]) == 0  # a complete grid, no tiles
+    real_write_png, calls = cscvision.tiling.write_png, []
+
+    def write_png_then_die(path, rgb):
+        calls.append(path)
+        if len(calls) == 3:  # tissue.png, two tiles, then the machine goes down
+            raise KeyboardInterrupt
+        return real_write_png(path, rgb)
+
+    monkeypatch.setattr(cscvision.tiling, "write_png", write_png_then_die)
+    assert main(["tile", str(slide), "--out", str(out), "--export-tiles"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["tile", str(slide), "--out", str(out), "--export-tiles"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    rows = read_csv(out / "s" / "tiles.csv")
+    assert len(list((out / "s" / "tiles").glob("*.png"))) == len(rows)
+
+
+def test_tile_export_with_a_new_spec_leaves_no_stale_tiles(tmp_path):
+    slide = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=1)
+    out = tmp_path / "out"
+    assert main(["tile", str(slide), "--out", str(out), "--export-tiles"]) == 0
+    assert main(["tile", str(slide), "--out", str(out), "--export-tiles", "--tile-px", "200"]) == 0
+    names = {p.name for p in (out / "s" / "tiles").glob("*.png")}
+    rows = read_csv(out / "s" / "tiles.csv")
+    assert names == {f"s_x{r['x']}_y{r['y']}.png" for r in rows}
+
+
+def test_same_slide_twice_is_one_job_and_case_only_ids_clash(tmp_path):
+    from cscvision.batch import BatchError, make_jobs
+
+    slide = write_pyramid(tmp_path / "s.tif", tissue_like(256, 256), mpp=0.5, levels=1)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_path\ns.tif\n")
+    relative = os.path.relpath(slide)
+    status = main(["tile", relative, str(manifest), str(tmp_path), "--out", str(tmp_path / "o")])
+    assert status == 0
+    (tmp_path / "x").mkdir()
+    other = write_pyramid(tmp_path / "x" / "S.tif", tissue_like(256, 256), mpp=0.5, levels=1)
+    with pytest.raises(BatchError, match="share the id"):
+        make_jobs([slide, other])  # one output folder on macOS and Windows file systems
+
+
+def test_tiles_of_an_older_grid_never_pass_for_the_current_one(tmp_path, capsys):
+    slide = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=1)
+    out = tmp_path / "out"
+    assert main(["tile", str(slide), "--out", str(out), "--export-tiles"]) == 0
+    assert main(["tile", str(slide), "--out", str(out), "--tile-px", "200"]) == 0  # no export
+    capsys.readouterr()
+    assert main(["tile", str(slide), "--out", str(out), "--tile-px", "200", "--export-tiles"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    names = {p.name for p in (out / "s" / "tiles").glob("*.png")}
+    rows = read_csv(out / "s" / "tiles.csv")
+    assert names == {f"s_x{r['x']}_y{r['y']}.png" for r in rows}

@@ -66,3 +66,12 @@ def test_tissue_fraction_integral_image():
     xy = np.array([[0, 0], [40, 0], [20, 20], [90, 90]])  # level-0 px, mask scale 0.1
     frac = tissue_fraction(mask, 0.1, xy, tile_l0=50)
     assert frac.tolist() == pytest.approx([1.0, 0.2, 0.36, 0.0])
+
+
+def test_tissue_reaching_the_thumbnail_edge_keeps_its_edge_pixels():
+    # Morphological closing must not erode the image border: slides (and crops such as
+    # cmu_small_region) often have tissue up to the edge, and edge tiles would lose it.
+    rgb = tissue_like(400, 400, box=(0, 0, 200, 400))
+    mask = tissue_mask(rgb, 8.0)
+    assert mask[:, :200].all()
+    assert not mask[:, 210:].any()

@@ -24,14 +24,16 @@ def add_slide_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="UM_PER_PX",
-        help="level-0 µm/px to use for every slide given (for slides whose metadata lacks it)",
+        help="level-0 µm/px for slides whose metadata and TIFF tags give none "
+        "(a slide that states its own µm/px keeps it, with a warning if they differ)",
     )
     parser.add_argument(
         "--mpp-override",
         type=Path,
         default=None,
         metavar="CSV",
-        help="CSV with columns slide,mpp giving level-0 µm/px per slide file name",
+        help="CSV with columns slide,mpp giving level-0 µm/px per slide file name, "
+        "for slides whose metadata gives none",
     )
     parser.add_argument(
         "--shard",
