@@ -14,6 +14,15 @@ from typing import Any
 import numpy as np
 
 
+def _umask_file_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_file_mode()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -25,6 +34,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = _create_temp(path)
     try:
         yield tmp_path
+        # Some writers (safetensors) replace the file with a 0600 one of their own.
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

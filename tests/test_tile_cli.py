@@ -189,3 +189,19 @@ def test_tiles_of_an_older_grid_never_pass_for_the_current_one(tmp_path, capsys)
     names = {p.name for p in (out / "s" / "tiles").glob("*.png")}
     rows = read_csv(out / "s" / "tiles.csv")
     assert names == {f"s_x{r['x']}_y{r['y']}.png" for r in rows}
+
+
+def test_atomic_path_gives_umask_mode_even_when_the_writer_replaces_the_file(tmp_path):
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cscvision.io import atomic_path
+
+    target = tmp_path / "w.safetensors"
+    with atomic_path(target) as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
