@@ -232,3 +232,74 @@ def _texture_block(rng: np.random.Generator, side_px: int, noise: float = 5.0) -
     rgb = stroma * (1 - nuclei) + np.array([95, 55, 150]) * nuclei
     rgb += rng.normal(scale=noise, size=rgb.shape)
     return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+# --- a toy annotated cohort (training tests and benchmarks) -------------------------------------
+
+TOY_COLORS = {  # RGB of the toy "tissue" kinds: plain, stemness-rich, immunosuppressive
+    "tissue": (215, 150, 190),
+    "stemness": (120, 70, 160),
+    "immunosuppressive": (200, 110, 90),
+}
+
+
+def _toy_slide(rng: np.random.Generator, size_px: int) -> tuple[np.ndarray, dict[str, list]]:
+    """Glass with a textured tissue square holding one stemness and one immuno rectangle."""
+    rgb = np.full((size_px, size_px, 3), 242, np.float32)
+    margin = size_px // 16
+    rgb[margin:-margin, margin:-margin] = TOY_COLORS["tissue"]
+    boxes: dict[str, list] = {}
+    for name in ("stemness", "immunosuppressive"):
+        w, h = (int(v) for v in rng.integers(size_px // 5, size_px // 2.5, 2))
+        x, y = (int(v) for v in rng.integers(margin, size_px - margin - max(w, h), 2))
+        rgb[y : y + h, x : x + w] = TOY_COLORS[name]
+        boxes[name] = [x, y, w, h]
+    tissue = np.zeros(rgb.shape[:2], bool)
+    tissue[margin:-margin, margin:-margin] = True
+    rgb[tissue] += rng.normal(0, 12, (int(tissue.sum()), 1))
+    return np.clip(rgb, 0, 255).astype(np.uint8), boxes
+
+
+def _qupath_box(name: str, box: list) -> dict:
+    x, y, w, h = box
+    ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation", "classification": {"name": name}},
+    }
+
+
+def write_toy_cohort(
+    out_dir: str | Path,
+    *,
+    n_slides: int = 6,
+    n_patients: int = 3,
+    size_px: int = 768,
+    seed: int = 0,
+) -> Path:
+    """A tiny annotated cohort: pyramidal TIFFs (0.5 µm/px), QuPath GeoJSON, ``cohort.csv``.
+
+    Each slide shows a tissue square with one "Stemness-rich" and one "Immunosuppressive"
+    rectangle of distinct colour (they may overlap), annotated as QuPath would export them.
+    Returns the path of ``cohort.csv`` (columns slide_id, patient_id, slide_path,
+    annotation_path; paths relative to it).
+    """
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = ["slide_id,patient_id,slide_path,annotation_path"]
+    for i in range(n_slides):
+        rgb, boxes = _toy_slide(rng, size_px)
+        slide_id = f"toy_{i:02d}"
+        write_pyramid(out_dir / f"{slide_id}.tif", rgb, mpp=0.5, tile_px=256, levels=3)
+        features = [_qupath_box("Stemness-rich", boxes["stemness"])]
+        features.append(_qupath_box("Immunosuppressive", boxes["immunosuppressive"]))
+        doc = {"type": "FeatureCollection", "features": features}
+        (out_dir / f"{slide_id}.geojson").write_text(json.dumps(doc))
+        rows.append(f"{slide_id},P{i % n_patients},{slide_id}.tif,{slide_id}.geojson")
+    csv_path = out_dir / "cohort.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path

@@ -1,0 +1,150 @@
+"""``cscvision train``: train a tile model from a YAML config plus overrides, then export it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+HELP = """\
+Train a tile classifier on a cohort (cohort CSV + annotations), validate, test on held-out
+patients, and export the model.
+
+Configuration: --config FILE (see configs/default.yaml for every key), then overrides,
+either as positional KEY=VALUE or after --set, values parsed as YAML:
+  cscvision train --config configs/cpu_demo.yaml trainer.max_epochs=3 data.batch_size=32
+  cscvision train --config configs/default.yaml --set model.backbone=resnet34 cohort.csv=c.csv
+
+The run folder (runs/<name>/ or --run-dir) receives config.yaml, versions.json,
+splits.csv, logs/ (CSV + TensorBoard), checkpoints/ (last.ckpt + best) and metrics.json.
+A run folder that holds checkpoints/last.ckpt resumes from it unless --no-resume.
+The best checkpoint is exported to models/<name>/ (or --export): model.safetensors,
+model.json (targets, thresholds chosen on validation, tile px, µm/px, normalisation,
+metrics) and README.md, the human model card.
+"""
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets positional KEY=VALUE overrides sit anywhere among the options."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inside:  # parse_known_intermixed_args calls back here (Python ≤ 3.12)
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a tile model on annotated slides and export it",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="set_overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides (same as positional ones)",
+    )
+    parser.add_argument("--run-dir", type=Path, default=None, help="run folder (run_dir)")
+    parser.add_argument("--export", type=Path, default=None, help="model folder (export_dir)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", default=None, help="require resuming from last.ckpt"
+    )
+    resume.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="start afresh in the run folder"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+    parser.__class__ = _IntermixedParser
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cscvision.config import ConfigError, config_to_dict, load_config
+
+    overrides = list(args.overrides) + list(args.set_overrides)
+    if args.run_dir is not None:
+        overrides.append(f"run_dir={args.run_dir}")
+    if args.export is not None:
+        overrides.append(f"export_dir={args.export}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        return 0
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_log = logging.getLogger("cscvision")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    return _train(cfg, args)
+
+
+def _train(cfg: object, args: argparse.Namespace) -> int:
+    from cscvision.annotations import AnnotationError
+    from cscvision.cohort import CohortError
+    from cscvision.config import ConfigError
+    from cscvision.data import DataError
+    from cscvision.lit import CheckpointMismatch
+    from cscvision.slide import SlideError
+    from cscvision.train import TrainError, train
+
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.quiet)
+    except (
+        AnnotationError,
+        CheckpointMismatch,
+        CohortError,
+        ConfigError,
+        DataError,
+        SlideError,
+        TrainError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(result))
+    return 0
+
+
+def _summary(result: object) -> str:
+    lines = [f"run folder: {result.run_dir}", f"best checkpoint: {result.best_checkpoint}"]
+    if result.model_dir is not None:
+        lines.append(f"model: {result.model_dir} (model.safetensors, model.json, README.md)")
+    for split, counts in result.summary.items():
+        lines.append(
+            f"{split}: {counts['slides']} slides, {counts['patients']} patients, "
+            f"{counts['tiles']} tiles"
+        )
+    for stage in ("val", "test"):
+        metrics = result.metrics.get(stage, {})
+        parts = [
+            f"{t} AUROC {metrics[f'auroc_{t}']:.3f}"
+            for t in result.thresholds
+            if f"auroc_{t}" in metrics
+        ]
+        if parts:
+            lines.append(f"{stage}: " + ", ".join(parts))
+    return "\n".join(lines)

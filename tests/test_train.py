@@ -1,0 +1,240 @@
+"""Training: config, metrics, the whole train() path on a toy cohort, resume, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cscvision.config import ConfigError, load_config
+from cscvision.export import load_model
+from cscvision.lit import CheckpointMismatch, TileClassifier, best_f1_threshold, evaluate
+from cscvision.testing import write_toy_cohort
+from cscvision.train import TrainError, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def cohort_csv(tmp_path_factory) -> Path:
+    return write_toy_cohort(tmp_path_factory.mktemp("toy"), n_slides=6, n_patients=6, seed=1)
+
+
+def toy_overrides(csv: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        f"cohort.csv={csv}",
+        "cohort.split_fractions=[0.5, 0.25, 0.25]",
+        "name=toy",
+        f"run_dir={run / 'run'}",
+        f"export_dir={run / 'model'}",
+        "grid.mpp=2.0",
+        "grid.tile_px=32",
+        "grid.mask_mpp=4.0",
+        "model.backbone=small_cnn",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.log_every_n_steps=1",
+        "card.synthetic=true",
+        *extra,
+    ]
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_default_yaml_documents_the_code_defaults():
+    assert load_config(CONFIGS / "default.yaml") == load_config(None)
+    text = (CONFIGS / "default.yaml").read_text()
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and ":" in line:
+            assert "#" in line or line.rstrip().endswith(":") or line.startswith("classes"), line
+
+
+@pytest.mark.parametrize("name", ["cpu_demo.yaml", "gpu.yaml", "multi_gpu.yaml"])
+def test_shipped_configs_load(name):
+    if not (CONFIGS / name).exists():
+        pytest.skip(f"{name} not shipped")
+    cfg = load_config(CONFIGS / name)
+    assert cfg.grid.tile_px >= 32
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(
+        None,
+        [
+            "trainer.max_epochs=3",
+            "data.max_tiles_per_slide=null",
+            "optim.lr=1e-4",
+            "cohort.split_fractions=[0.6,0.2,0.2]",
+        ],
+    )
+    assert cfg.trainer.max_epochs == 3 and cfg.data.max_tiles_per_slide is None
+    assert cfg.optim.lr == 1e-4 and cfg.cohort.split_fractions == (0.6, 0.2, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epoch=3", r"unknown key\(s\) \['max_epoch'\].*valid keys:.*max_epochs"),
+        ("colour=red", r"unknown key\(s\) \['colour'\] at top level"),
+        ("model.backbone=resnet1000", r"model.backbone: 'resnet1000' is not one of.*resnet18"),
+        ("data.batch_size=lots", r"data.batch_size: expected int"),
+        ("grid.overlap=1.5", r"overlap must lie in"),
+        ("trainer.max_epochs", r"write KEY=VALUE"),
+        ("classes={targets: [a], mapping: {X: b}}", r"classes: .*unknown target"),
+        ("threads=0", r"threads: 0 must be"),
+    ],
+)
+def test_bad_config_is_an_error_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*batchsize.*valid keys"):
+        load_config(bad)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_evaluate_tile_and_slide_metrics():
+    probs = torch.tensor([[0.9, 0.2], [0.8, 0.1], [0.3, 0.4], [0.1, 0.3]])
+    targets = torch.tensor([[1.0, 0.0], [0.7, 0.0], [0.0, 0.0], [0.2, 0.0]])
+    slide_idx = torch.tensor([0, 0, 1, 1])
+    m = evaluate(probs, targets, slide_idx, ["a", "b"], slide_cutoff=0.3)
+    assert m["auroc_a"] == 1.0 and m["ap_a"] == 1.0 and m["f1_a"] == 1.0
+    assert m["threshold_a"] == pytest.approx(0.8)  # lowest positive score: F1 = 1
+    assert "auroc_b" not in m and "ap_b" not in m  # one class only: undefined, left out
+    assert m["slide_auroc_a"] == 1.0  # slide 0 mean target 0.85 > 0.3, slide 1: 0.1
+    assert m["auroc_mean"] == 1.0 and m["n_tiles"] == 4 and m["n_slides"] == 2
+    fixed = evaluate(probs, targets, slide_idx, ["a", "b"], thresholds=[0.95, 0.5])
+    assert fixed["f1_a"] == 0.0 and fixed["threshold_a"] == 0.95
+
+
+def test_best_f1_threshold():
+    t, f1 = best_f1_threshold(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    assert t == pytest.approx(0.35) and f1 == pytest.approx(0.8)
+
+
+# --- the whole path ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(cohort_csv, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, toy_overrides(cohort_csv, run))
+    return train(cfg, progress=False), run
+
+
+def test_train_writes_the_run_folder_and_exports(trained):
+    result, run = trained
+    run_dir = run / "run"
+    for name in ("config.yaml", "versions.json", "splits.csv", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert result.best_checkpoint.is_file() and result.best_checkpoint.name.startswith("best")
+    assert (run_dir / "logs" / "csv" / "version_0" / "metrics.csv").is_file()
+    assert list((run_dir / "logs" / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.model.backbone == "small_cnn" and Path(saved.cohort.csv).is_absolute()
+    versions = json.loads((run_dir / "versions.json").read_text())
+    assert versions["seed"] == 0 and versions["torch"] == torch.__version__
+    splits = (run_dir / "splits.csv").read_text().splitlines()
+    assert splits[0] == "slide_id,patient_id,split" and len(splits) == 7
+    assert result.summary["test"]["slides"] >= 1 and result.summary["train"]["tiles"] > 0
+    for stage in ("val", "test"):
+        assert result.metrics[stage]["n_tiles"] == result.summary[stage]["tiles"]
+
+
+def test_export_loads_and_predicts_like_the_module(trained):
+    result, _ = trained
+    loaded = load_model(result.model_dir)
+    card = loaded.card
+    assert card.targets == ("stemness", "immunosuppressive") and card.backbone == "small_cnn"
+    assert card.tile_px == 32 and card.mpp == 2.0
+    assert card.thresholds == pytest.approx(result.thresholds)
+    assert set(card.metrics) == {"val", "test"} and card.training["cohort"]["train"]["slides"] >= 1
+    readme = (result.model_dir / "README.md").read_text()
+    assert "Trained on synthetic data only" in readme and "SOX2" in readme
+    module = TileClassifier.load_from_checkpoint(result.best_checkpoint, weights_only=True)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor(card.mean).view(1, 3, 1, 1)
+    std = torch.tensor(card.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        from_export = loaded.net((x / 255 - mean) / std)
+        torch.testing.assert_close(from_export, module.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_resume_continues_from_last_checkpoint(trained, cohort_csv):
+    result, run = trained
+    last_path = result.run_dir / "checkpoints" / "last.ckpt"
+    first = torch.load(last_path, weights_only=True)
+    cfg = load_config(None, toy_overrides(cohort_csv, run, "trainer.max_epochs=2"))
+    again = train(cfg, progress=False)
+    last = torch.load(last_path, weights_only=True)
+    assert last["global_step"] == 2 * first["global_step"]
+    epochs = {}
+    for version in ("version_0", "version_1"):  # the first start's log is kept
+        rows = (again.run_dir / "logs" / "csv" / version / "metrics.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        cells = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+        epochs[version] = {c["epoch"] for c in cells if c["train/loss"]}
+    assert epochs == {"version_0": {"0"}, "version_1": {"1"}}  # resumed: epoch 0 not redone
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(trained, cohort_csv):
+    _, run = trained
+    cfg = load_config(None, toy_overrides(cohort_csv, run, "model.backbone=resnet18"))
+    with pytest.raises(CheckpointMismatch, match=r"last\.ckpt.*small_cnn.*resnet18"):
+        train(cfg, progress=False)
+
+
+def test_resume_without_checkpoint_is_an_error(cohort_csv, tmp_path):
+    cfg = load_config(None, toy_overrides(cohort_csv, tmp_path))
+    with pytest.raises(TrainError, match="no checkpoint to resume"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_cli_trains_and_reports(cohort_csv, tmp_path, capsys):
+    from cscvision.cli import main
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"model": {"backbone": "small_cnn"}}))
+    args = [a for a in toy_overrides(cohort_csv, tmp_path) if not a.startswith("model.")]
+    code = main(["train", "--config", str(config), "--quiet", "--set", *args])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "run folder:" in out and "model:" in out and "test:" in out
+    assert (tmp_path / "model" / "model.json").is_file()
+    assert main(["train", "--config", str(config), "trainer.epochs=2"]) == 2
+    assert "unknown key(s) ['epochs']" in capsys.readouterr().err
+
+
+def test_empty_cohort_is_an_error(tmp_path):
+    from cscvision.cohort import CohortError
+
+    csv = tmp_path / "cohort.csv"
+    csv.write_text("slide_path,patient_id\n")
+    cfg = load_config(None, [f"cohort.csv={csv}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(CohortError, match="cohort is empty"):
+        train(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(cohort_csv, tmp_path):
+    extra = ("trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1")
+    cfg = load_config(None, toy_overrides(cohort_csv, tmp_path, *extra))
+    result = train(cfg, progress=False)
+    # predictions are gathered from both ranks before the metrics are computed
+    assert result.metrics["val"]["n_tiles"] >= result.summary["val"]["tiles"]
+    assert np.isfinite(result.metrics["val"]["loss"])
+    assert load_model(result.model_dir).card.backbone == "small_cnn"
