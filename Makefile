@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo demo-model test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/cscvision demo --out demo_out
+
+# Rebuilds the committed demo model in models/demo-synthetic (synthetic data only).
+demo-model: $(STAMP)
+	$(BIN)/cscvision demo --out demo_out name=demo-synthetic export_dir=models/demo-synthetic
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -124,8 +124,12 @@ DEFAULT_CLASS_MAP = ClassMap(
         "Immunosuppressive TME": "immunosuppressive",
     },
     ignore=("Tumor", "Tumour", "Necrosis", "Stroma", "Immune cells", "Other", "Region*"),
-    exclude=("Artefact", "Artifact", "Pen", "Ignore*"),
-)
+    # QC artefacts (the names QuPath users and `cscvision synth` give them): tiles dropped.
+    exclude=(
+        "Artefact", "Artifact", "Pen", "Pen mark", "Fold", "Bubble", "Out of focus", "Blur",
+        "Ignore*",
+    ),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

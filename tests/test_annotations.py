@@ -390,3 +390,12 @@ def test_targets_on_a_real_slide_grid(tmp_path):
     np.testing.assert_allclose(out.targets[left, 0], 1.0)
     np.testing.assert_allclose(out.targets[right, 0], 0.0)
     assert (out.targets[:, 1] == 0).all() and not out.excluded.any()
+
+
+def test_default_class_map_knows_every_class_synth_writes():
+    from cscvision.synth import CLASS_COLORS
+    from cscvision.targets import DEFAULT_CLASS_MAP
+
+    unknown = [name for name in CLASS_COLORS if not DEFAULT_CLASS_MAP.is_known(name)]
+    assert unknown == []
+    assert DEFAULT_CLASS_MAP.is_excluded("Pen mark") and DEFAULT_CLASS_MAP.is_excluded("Fold")
