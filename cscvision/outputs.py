@@ -51,18 +51,26 @@ MAPS = "maps.npz"
 # --- model identity and completion -------------------------------------------------------
 
 
+# Card fields the outputs depend on: editing one (re-tuned thresholds) makes old outputs stale.
+_CARD_OUTPUT_FIELDS = ("targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std")
+
+
 def model_identity(model: LoadedModel) -> dict[str, str]:
-    """Name, version and a weights digest: a re-trained model under the same name differs."""
+    """Name, version, a weights digest and a digest of the card fields the outputs use:
+    a re-trained model under the same name, or one with re-tuned thresholds, differs."""
     digest = hashlib.sha256()
     with (Path(model.path) / WEIGHTS_FILE).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     card = model.card
+    used = {k: v for k, v in card.to_json().items() if k in _CARD_OUTPUT_FIELDS}
+    card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
     return {
         "name": card.name,
         "version": card.cscvision_version,
         "backbone": card.backbone,
         "weights_sha256": digest.hexdigest()[:16],
+        "card_sha256": card_digest[:16],
     }
 
 

@@ -1,8 +1,9 @@
 """Labelled tiles per slide: grid + soft targets, computed once and cached on disk.
 
 The cache folder of a slide is keyed by the slide file (path, size, mtime), the annotation
-file (same), the grid spec and the class map; ``key.json`` is written last and marks the
-entry complete, so an interrupted run recomputes only what it had not finished.
+file (same, plus a digest of its content), the grid spec and the class map; ``key.json`` is
+written last and marks the entry complete, so an interrupted run recomputes only what it had
+not finished.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from cscvision import __version__
 from cscvision.annotations import (
+    GEOJSON_SUFFIXES,
     ClassMap,
     check_within,
     read_annotations,
@@ -70,6 +72,15 @@ def _stat_key(path: str | Path | None) -> dict[str, Any] | None:
     return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
 
 
+def _content_key(path: str | Path | None) -> dict[str, Any] | None:
+    """Stat plus a digest of the content: annotation files are small, and an edit copied
+    back with its old mtime (``cp -p``, ``rsync -t``, an unzipped archive) must not hit."""
+    key = _stat_key(path)
+    if key is not None:
+        key["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return key
+
+
 def cache_key(
     slide_path: str | Path,
     annotation_path: str | Path | None,
@@ -80,7 +91,8 @@ def cache_key(
     """Hex digest of everything the tiles and targets of a slide depend on."""
     record = {
         "slide": _stat_key(slide_path),
-        "annotations": _stat_key(annotation_path),
+        "annotations": _content_key(annotation_path),
+        "labels": 2,  # how regions become targets; 2: bounds offset for QuPath GeoJSON only
         "spec": dataclasses.asdict(spec),
         "class_map": class_map.to_dict(),
         "mpp_override": mpp_override,
@@ -94,7 +106,7 @@ def label_slide(
 ) -> tuple[TileGrid, np.ndarray, np.ndarray, list[str]]:
     """Grid of ``slide`` and its soft targets: (grid, float32[N, T], excluded bool[N], unmapped).
 
-    Annotations are QuPath GeoJSON / ASAP XML regions (QuPath's bounds offset applied), or a
+    Annotations are QuPath GeoJSON (bounds offset added) / ASAP XML (level-0) regions, or a
     tile-label CSV (``x,y,<target>…``) whose rows must match grid tiles (others are excluded).
     """
     _, mask = detect_tissue(slide, spec.mask_mpp)
@@ -104,7 +116,10 @@ def label_slide(
         return grid, np.zeros((n, len(class_map.targets)), np.float32), np.zeros(n, bool), []
     if Path(annotation_path).suffix.lower() == ".csv":
         return (grid, *_csv_targets(grid, annotation_path, class_map.targets), [])
-    regions = read_annotations(annotation_path, offset_xy=slide.info.bounds[:2])
+    # QuPath GeoJSON is relative to the bounds corner; ASAP XML is in level-0 pixels.
+    qupath = Path(annotation_path).suffix.lower() in GEOJSON_SUFFIXES
+    offset = slide.info.bounds[:2] if qupath else (0, 0)
+    regions = read_annotations(annotation_path, offset_xy=offset)
     check_within(regions, slide.info.dimensions, annotation_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unmapped classes: reported once per cohort, by file

@@ -121,6 +121,7 @@ def _splits(
         splits = read_splits(path)
         missing = [e.slide_id for e in entries if e.slide_id not in splits]
         if not missing:
+            _check_kept_splits(path, entries, splits)
             return splits
         raise TrainError(
             f"{path}: the run's split lacks slide(s) {missing[:5]} of the cohort; the cohort "
@@ -130,6 +131,28 @@ def _splits(
     return split_by_patient(
         entries, fractions=cfg.cohort.split_fractions, seed=cfg.cohort.split_seed, strata=strata
     )
+
+
+def _check_kept_splits(
+    path: Path, entries: Sequence[CohortEntry], splits: Mapping[str, str]
+) -> None:
+    """A kept split must still put each patient of the manifest in one split and agree with
+    the splits the manifest fixes: else a test patient's slide could be trained on."""
+    seen: dict[str, str] = {}
+    for e in entries:
+        split = splits[e.slide_id]
+        if e.split is not None and e.split != split:
+            raise TrainError(
+                f"{path}: slide {e.slide_id!r} is in {split!r} here but the manifest fixes it "
+                f"to {e.split!r}; the cohort changed since this run began: use a new run "
+                "folder (--run-dir)"
+            )
+        if seen.setdefault(e.patient_id, split) != split:
+            raise TrainError(
+                f"{path}: patient {e.patient_id!r} now has slides in {seen[e.patient_id]!r} "
+                f"and {split!r}; the cohort changed since this run began: use a new run "
+                "folder (--run-dir)"
+            )
 
 
 def package_versions() -> dict[str, str]:
@@ -305,8 +328,9 @@ def _export(
         thresholds=dict(thresholds),
         tile_px=cfg.grid.tile_px,
         mpp=cfg.grid.mpp,
-        mean=tuple(cfg.model.mean),
-        std=tuple(cfg.model.std),
+        # what the weights were trained with (a resumed run keeps the checkpoint's buffers)
+        mean=tuple(round(v, 7) for v in module.mean.tolist()),  # float32 → decimal
+        std=tuple(round(v, 7) for v in module.std.tolist()),
         trained_on=cfg.card.trained_on or ("synthetic data only" if cfg.card.synthetic else ""),
         training={
             "cohort": dm.summary(),

@@ -281,3 +281,50 @@ def test_dataset_rejects_mixed_tile_sizes(tiles):
     sources = [SlideSource(a.slide_path, a.plan, None), SlideSource(a.slide_path, big, None)]
     with pytest.raises(ValueError, match="one size"):
         TileBatchDataset(sources, np.zeros(1, np.int64), np.zeros((1, 2)), np.zeros((1, 2)))
+
+
+def test_bounds_offset_is_added_to_qupath_geojson_only(tmp_path):
+    """QuPath writes coordinates relative to the bounds corner; ASAP writes level-0 ones."""
+    from conftest import ArraySlide, tissue_like
+
+    from cscvision.data import label_slide
+
+    bx, by = 256, 128
+    rgb = tissue_like(1024, 768, box=(0, 0, 1024, 768))
+    slide = ArraySlide.make(rgb, bounds=(bx, by, 768, 640))
+    spec = GridSpec(mpp=0.5, tile_px=128, mask_mpp=4.0)
+    x0, y0, x1, y1 = 512, 384, 768, 640  # level-0 square of 2 x 2 tiles
+    xml = tmp_path / "a.xml"
+    coords = "".join(
+        f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>'
+        for i, (x, y) in enumerate([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+    )
+    xml.write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="a" Type="Polygon" '
+        f'PartOfGroup="CSC"><Coordinates>{coords}</Coordinates></Annotation></Annotations>'
+        "</ASAP_Annotations>"
+    )
+    geojson = tmp_path / "a.geojson"
+    ring = [[x0 - bx, y0 - by], [x1 - bx, y0 - by], [x1 - bx, y1 - by], [x0 - bx, y0 - by]]
+    ring.insert(3, [x0 - bx, y1 - by])
+    doc = {"type": "FeatureCollection", "features": [_feature("CSC", ring)]}
+    geojson.write_text(json.dumps(doc))
+    for path in (xml, geojson):
+        grid, targets, _, _ = label_slide(slide, path, spec, DEFAULT_CLASS_MAP)
+        inside = (grid.xy_l0[:, 0] >= x0) & (grid.xy_l0[:, 0] < x1)
+        inside &= (grid.xy_l0[:, 1] >= y0) & (grid.xy_l0[:, 1] < y1)
+        assert inside.sum() == 4, path
+        np.testing.assert_allclose(targets[:, 0], inside.astype(np.float32), err_msg=str(path))
+
+
+def test_cache_key_follows_annotation_content_even_with_size_and_mtime_kept(tmp_path):
+    """An edit restored with the old mtime (cp -p, rsync -t, unzip) must not hit the cache."""
+    slide = tmp_path / "s.tif"
+    slide.write_bytes(b"x")
+    ann = tmp_path / "a.geojson"
+    ann.write_text('{"type": "FeatureCollection", "features": [], "v": 1}')
+    stat = os.stat(ann)
+    key = cache_key(slide, ann, SPEC, DEFAULT_CLASS_MAP)
+    ann.write_text('{"type": "FeatureCollection", "features": [], "v": 2}')
+    os.utime(ann, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache_key(slide, ann, SPEC, DEFAULT_CLASS_MAP) != key

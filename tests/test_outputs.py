@@ -271,3 +271,23 @@ def test_region_statistics_weight_by_tissue():
     assert stats["targets"]["stemness"]["area_mm2"] == pytest.approx(3.0)
     assert stats["targets"]["stemness"]["fraction_of_tissue"] == pytest.approx(0.6)
     assert stats["niche"]["area_mm2"] == pytest.approx(2.0)
+
+
+def test_model_identity_changes_with_the_card_thresholds(tmp_path):
+    """Re-tuned thresholds (or µm/px) in model.json change the outputs: no stale skip."""
+    import dataclasses
+
+    from cscvision.export import export_model, load_model
+    from cscvision.model import get_model
+    from cscvision.outputs import model_identity
+
+    card = dataclasses.replace(CARD, backbone="small_cnn")
+    export_model(get_model("small_cnn", 2), card, tmp_path)
+    before = model_identity(load_model(tmp_path))
+    card = json.loads((tmp_path / "model.json").read_text())
+    card["metrics"] = {"val": {"auroc_stemness": 0.9}}  # does not change any output
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    assert model_identity(load_model(tmp_path)) == before
+    card["thresholds"]["stemness"] = 0.7
+    (tmp_path / "model.json").write_text(json.dumps(card))
+    assert model_identity(load_model(tmp_path)) != before
