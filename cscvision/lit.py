@@ -4,7 +4,8 @@ Loss: BCE-with-logits on soft targets (fractions of each tile's tissue per targe
 optional ``pos_weight``. Metrics per target, at tile and slide level, on validation and test:
 AUROC, average precision, and F1 at the threshold that maximises F1 on validation. Soft
 targets are binarised at 0.5 for metrics; a slide is positive when its mean target fraction
-exceeds ``slide_cutoff``. Predictions are gathered across DDP ranks by a torchmetrics state.
+exceeds ``slide_cutoff``. Predictions are gathered across DDP ranks by a torchmetrics state
+(each tile once, whatever the world size), and the evaluation loss is computed from them.
 """
 
 from __future__ import annotations
@@ -38,27 +39,47 @@ LABEL_CUTOFF = 0.5  # soft target ≥ this counts as positive for metrics
 
 
 class TilePredictions(Metric):
-    """Every tile's probabilities, binary labels and slide index, gathered across ranks."""
+    """Every tile's logits, soft targets, slide index and level-0 ``xy``, gathered across ranks.
+
+    Under DDP, Lightning's ``DistributedSampler`` pads the evaluation tiles so that every rank
+    gets as many (up to ``world_size - 1`` tiles are seen twice). :meth:`compute` keeps one
+    row per tile (a tile is its slide and ``xy``) and sorts the rows by (slide, y, x), so the
+    metrics are those of every tile once, whatever the world size and batch order.
+    """
 
     full_state_update = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
         self.add_state("slide_idx", default=[], dist_reduce_fx="cat")
+        self.add_state("xy", default=[], dist_reduce_fx="cat")
 
-    def update(self, probs: torch.Tensor, targets: torch.Tensor, slide_idx: torch.Tensor) -> None:
-        self.probs.append(probs.detach().float())
+    def update(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        slide_idx: torch.Tensor,
+        xy: torch.Tensor,
+    ) -> None:
+        self.logits.append(logits.detach().float())
         self.targets.append(targets.detach().float())
         self.slide_idx.append(slide_idx.detach().long())
+        self.xy.append(xy.detach().long().reshape(-1, 2))
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            dim_zero_cat(self.probs),
-            dim_zero_cat(self.targets),
-            dim_zero_cat(self.slide_idx),
-        )
+        """``(logits [N, T], soft targets [N, T], slide_idx [N])``, one row per tile."""
+        logits, targets = dim_zero_cat(self.logits), dim_zero_cat(self.targets)
+        slide_idx, xy = dim_zero_cat(self.slide_idx), dim_zero_cat(self.xy).reshape(-1, 2)
+        if len(logits) == 0:
+            return logits, targets, slide_idx
+        keys = torch.stack([slide_idx, xy[:, 1], xy[:, 0]], dim=1)
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)  # sorted by (slide, y, x)
+        rows = torch.arange(len(keys), device=keys.device)
+        first = torch.full((int(inverse.max()) + 1,), len(keys), device=keys.device)
+        first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+        return logits[first], targets[first], slide_idx[first]
 
 
 def best_f1_threshold(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -239,10 +260,9 @@ class TileClassifier(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, preds: Metric) -> None:
-        logits = self(batch["image"])
-        loss = self._loss(logits, batch["target"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
-        preds.update(torch.sigmoid(logits.float()), batch["target"], batch["slide_idx"])
+        # The loss, like every evaluation metric, is computed at the epoch's end from the
+        # predictions of all ranks (each tile once): see TilePredictions.
+        preds.update(self(batch["image"]), batch["target"], batch["slide_idx"], batch["xy"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_preds)
@@ -256,10 +276,11 @@ class TileClassifier(L.LightningModule):
 
     # --- epoch ends: metrics ---------------------------------------------------------------
     def _epoch_metrics(self, stage: str, preds: TilePredictions, choose: bool) -> None:
-        probs, targets, slide_idx = preds.compute()
+        logits, targets, slide_idx = preds.compute()
         preds.reset()
-        if len(probs) == 0:
+        if len(logits) == 0:
             return
+        probs = torch.sigmoid(logits)
         thresholds = None if choose else self.thresholds.tolist()
         metrics = evaluate(
             probs,
@@ -269,17 +290,21 @@ class TileClassifier(L.LightningModule):
             thresholds=thresholds,
             slide_cutoff=self.hparams.slide_cutoff,
         )
+        metrics["loss"] = float(self._loss(logits, targets))
         if choose and not self.trainer.sanity_checking:
             chosen = [metrics[f"threshold_{n}"] for n in self.target_names]
             self.thresholds.copy_(torch.tensor(chosen, device=self.thresholds.device))
         self.last_metrics[stage] = metrics
         finite = {
-            f"{stage}/{k}": v for k, v in metrics.items() if math.isfinite(v) and k != "auroc_mean"
+            f"{stage}/{k}": v
+            for k, v in metrics.items()
+            if math.isfinite(v) and k not in ("auroc_mean", "loss")
         }
         # Identical on every rank (computed from gathered predictions): the mean over ranks
         # changes nothing, and every rank has the value its checkpoint callback monitors.
         self.log_dict(finite, sync_dist=True)
         self.log(f"{stage}/auroc_mean", metrics["auroc_mean"], prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val", self.val_preds, choose=True)

@@ -178,10 +178,15 @@ def test_resume_continues_from_last_checkpoint(trained, cohort_csv):
     result, run = trained
     last_path = result.run_dir / "checkpoints" / "last.ckpt"
     first = torch.load(last_path, weights_only=True)
-    cfg = load_config(None, toy_overrides(cohort_csv, run, "trainer.max_epochs=2"))
+    # a changed normalisation in the config does not reach the resumed weights (their
+    # buffers come from the checkpoint), so the exported card must keep the trained one
+    extra = ("trainer.max_epochs=2", "model.mean=[0.5, 0.5, 0.5]")
+    cfg = load_config(None, toy_overrides(cohort_csv, run, *extra))
     again = train(cfg, progress=False)
     last = torch.load(last_path, weights_only=True)
     assert last["global_step"] == 2 * first["global_step"]
+    trained_mean = last["state_dict"]["mean"].tolist()
+    assert load_model(again.model_dir).card.mean == pytest.approx(trained_mean)
     epochs = {}
     for version in ("version_0", "version_1"):  # the first start's log is kept
         rows = (again.run_dir / "logs" / "csv" / version / "metrics.csv").read_text().splitlines()
@@ -231,10 +236,42 @@ def test_empty_cohort_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(cohort_csv, tmp_path):
-    extra = ("trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1")
+    # 25 tiles per evaluation slide: the one test slide gives an odd number, so the
+    # DistributedSampler pads one rank with a repeated tile.
+    odd = ("data.eval_max_tiles_per_slide=25", "data.eval_batch_size=8")
+    extra = ("trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1", *odd)
     cfg = load_config(None, toy_overrides(cohort_csv, tmp_path, *extra))
     result = train(cfg, progress=False)
-    # predictions are gathered from both ranks before the metrics are computed
-    assert result.metrics["val"]["n_tiles"] >= result.summary["val"]["tiles"]
+    # predictions are gathered from both ranks, each tile once, before metrics are computed
+    assert result.summary["test"]["tiles"] % 2 == 1
+    assert result.metrics["val"]["n_tiles"] == result.summary["val"]["tiles"]
+    assert result.metrics["test"]["n_tiles"] == result.summary["test"]["tiles"]
     assert np.isfinite(result.metrics["val"]["loss"])
     assert load_model(result.model_dir).card.backbone == "small_cnn"
+    # The same checkpoint evaluated by one process gives the same metrics (the run is
+    # resumed at its end: nothing is trained, the best checkpoint is validated and tested).
+    single = load_config(None, toy_overrides(cohort_csv, tmp_path, "trainer.max_epochs=1", *odd))
+    again = train(single, resume=True, progress=False)
+    assert again.best_checkpoint == result.best_checkpoint
+    for stage in ("val", "test"):
+        assert again.metrics[stage].keys() == result.metrics[stage].keys()
+        for name, value in result.metrics[stage].items():
+            assert again.metrics[stage][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_a_kept_split_that_now_mixes_a_patient_is_refused(tmp_path):
+    """Resuming after the manifest changed must not put one patient in two splits."""
+    from cscvision.cohort import CohortEntry, write_splits
+    from cscvision.config import TrainConfig
+    from cscvision.targets import DEFAULT_CLASS_MAP
+    from cscvision.train import _splits
+
+    old = [CohortEntry(s, p, tmp_path / f"{s}.tif") for s, p in [("a", "P1"), ("b", "P2")]]
+    path = write_splits(tmp_path / "splits.csv", old, {"a": "train", "b": "test"})
+    assert _splits(path, old, TrainConfig(), DEFAULT_CLASS_MAP) == {"a": "train", "b": "test"}
+    merged = [CohortEntry("a", "P1", old[0].slide_path), CohortEntry("b", "P1", old[1].slide_path)]
+    with pytest.raises(TrainError, match="P1"):
+        _splits(path, merged, TrainConfig(), DEFAULT_CLASS_MAP)
+    fixed = [old[0], CohortEntry("b", "P2", old[1].slide_path, split="train")]
+    with pytest.raises(TrainError, match="'b'"):
+        _splits(path, fixed, TrainConfig(), DEFAULT_CLASS_MAP)

@@ -1,9 +1,13 @@
-"""``cscvision infer``: score every tissue tile of a batch of slides and write maps."""
+"""``cscvision infer``: score every tissue tile of a batch of slides and write maps.
+
+Locally (one slide after another) or, with ``--ray``, on the workers of a Ray cluster;
+both run :func:`cscvision.infer_batch.infer_job` on each slide.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,19 +21,20 @@ from cscvision.batch import (
 )
 from cscvision.cli.common import add_slide_args, jobs_from_args
 from cscvision.export import LoadedModel, ModelError, load_model
-from cscvision.infer import READERS, predict_slide, resolve_device
-from cscvision.io import write_csv
-from cscvision.outputs import (
-    SUMMARY,
-    model_identity,
-    outputs_complete,
-    run_settings,
-    write_slide_outputs,
+from cscvision.infer import READERS, resolve_device
+from cscvision.infer_batch import (
+    MAX_OVERLAP,
+    InferSettings,
+    infer_job,
+    job_complete,
+    shard_suffix,
+    write_results,
 )
+from cscvision.outputs import model_identity
 from cscvision.slide import SlideError
-from cscvision.writers.summary import result_columns, result_row
 
-MAX_OVERLAP = 0.75
+__all__ = ["add_parser", "run", "shard_suffix", "write_results"]
+
 PER_SLIDE = (
     "tiles.csv, maps.npz, overlay_<target>.png, <id>_likelihood_map_<target>.tif, "
     "<id>.geojson, summary.json"
@@ -83,89 +88,138 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
     )
+    _add_ray_args(p)
     p.set_defaults(func=run)
 
 
-def shard_suffix(shard: tuple[int, int] | None) -> str:
-    return "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        'Ray cluster (optional extra: pip install "cscvision[ray]")',
+        "Slides are spread over Ray workers, each holding the model once. On a cluster, "
+        "--out and the slides must be on a filesystem every node sees at the same path "
+        "(workers write OUT/<slide_id>/ themselves); the driver skips complete slides and "
+        "writes results.csv and errors.csv.",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: no ADDRESS (or local) starts Ray on this machine; 'auto' joins "
+        "the cluster of this node; ray://HEAD:10001 (Ray Client) or HEAD:6379 joins that one. "
+        "Put a bare --ray after the slides (else it takes the next word as ADDRESS)",
+    )
+    g.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray workers (default: one per GPU of the cluster, else cluster CPUs / --ray-cpus)",
+    )
+    g.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs each worker reserves and gives the model as threads (default 1); "
+        "--workers reader threads come on top",
+    )
 
 
-def _check(args: argparse.Namespace) -> None:
-    if not 0 <= args.overlap <= MAX_OVERLAP:
-        raise ValueError(f"--overlap {args.overlap}: choose a value from 0 to {MAX_OVERLAP}")
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
+def _settings(args: argparse.Namespace) -> InferSettings:
+    settings = InferSettings(
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        reader=args.reader,
+        amp=args.amp,
+        min_tissue=args.min_tissue,
+        mask_mpp=args.mask_mpp,
+    )
+    settings.check()
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        _check(args)
+        settings = _settings(args)
         jobs, shard = jobs_from_args(args)
-        device = resolve_device(args.device)
+        # With --ray the workers pick their own device; the driver only reads the card.
+        device = resolve_device("cpu" if args.ray else args.device)
         model = load_model(args.model, device)
     except (BatchError, SlideError, ModelError, ValueError, RuntimeError) as e:
         print(f"cscvision infer: {e}", file=sys.stderr)
         return 2
-    model_info = model_identity(model)
     out: Path = args.out
-
-    def settings(job: SlideJob) -> dict:
-        return run_settings(
-            overlap=args.overlap,
-            min_tissue=args.min_tissue,
-            mask_mpp=args.mask_mpp,
-            slide_mpp=job.mpp,
+    model_info = model_identity(model)
+    if args.ray:
+        report = _run_ray(args, jobs, model, settings, model_info)
+        if report is None:
+            return 2
+        where = f"on Ray ({args.ray})"
+    else:
+        report = run_batch(
+            jobs,
+            lambda job: infer_job(
+                job, model, out, settings, model_info=model_info, device=device, progress=True
+            ),
+            lambda job: job_complete(job, out, model_info, settings),
+            overwrite=args.overwrite,
+            desc="infer",
         )
-
-    def process(job: SlideJob) -> None:
-        pred = predict_slide(
-            job.slide_path,
-            model,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            reader=args.reader,
-            device=device,
-            amp=args.amp,
-            min_tissue=args.min_tissue,
-            slide_mpp=job.mpp,
-            mask_mpp=args.mask_mpp,
-        )
-        write_slide_outputs(
-            pred, out / job.slide_id, model.card, model_info=model_info, settings=settings(job)
-        )
-
-    report = run_batch(
-        jobs,
-        process,
-        lambda job: outputs_complete(out / job.slide_id, model_info, settings(job)),
-        overwrite=args.overwrite,
-        desc="infer",
-    )
+        where = f"on {device}"
     errors = write_errors(out, report, shard)
     results = write_results(out / f"results{shard_suffix(shard)}.csv", jobs, report, model)
     for line in summary_lines(report, out, "infer", errors):
         print(line)
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
-    print(f"model {model.card.name} on {device}{' with amp' if args.amp else ''}")
+    print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")
     return 1 if report.failed else 0
 
 
-def write_results(
-    path: Path, jobs: list[SlideJob], report: BatchReport, model: LoadedModel
-) -> Path:
-    """``results.csv``: one row per slide of this run (done or skipped: from its summary)."""
-    targets = model.card.targets
-    failed = {sid: reason for sid, _, reason in report.failed}
-    rows = []
-    for job in jobs:
-        if job.slide_id in failed:
-            row = {"slide_id": job.slide_id, "slide_path": str(Path(job.slide_path).resolve())}
-            row.update(status="failed", error=failed[job.slide_id].split(" | ")[0])
-        else:
-            summary = json.loads((path.parent / job.slide_id / SUMMARY).read_text())
-            row = result_row(summary, targets)
-        rows.append(row)
-    columns = result_columns(targets)
-    return write_csv(path, columns, ([r.get(c, "") for c in columns] for r in rows))
+def _run_ray(
+    args: argparse.Namespace,
+    jobs: list[SlideJob],
+    model: LoadedModel,
+    settings: InferSettings,
+    model_info: dict[str, str],
+) -> BatchReport | None:
+    """The batch on Ray workers; None (after saying why) when it cannot start."""
+    from cscvision import distributed
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report, no network
+    try:
+        distributed.import_ray()
+        owned = distributed.connect(args.ray)
+    except (distributed.RayUnavailable, distributed.DistributedError) as e:
+        print(f"cscvision infer: {e}", file=sys.stderr)
+        return None
+    try:
+        import ray
+
+        plan = distributed.plan_workers(
+            ray.cluster_resources(),
+            device=args.device,
+            workers=args.ray_workers,
+            cpus_per_worker=args.ray_cpus,
+        )
+        print(f"infer: {plan.describe()} on {args.ray}", file=sys.stderr)
+        return distributed.run_batch_ray(
+            jobs,
+            model,
+            args.out,
+            settings,
+            lambda job: job_complete(job, args.out, model_info, settings),
+            plan=plan,
+            model_info=model_info,
+            device=args.device,
+            overwrite=args.overwrite,
+        )
+    except (distributed.DistributedError, ValueError) as e:
+        print(f"cscvision infer: {e}", file=sys.stderr)
+        return None
+    finally:
+        if owned:
+            distributed.disconnect()
