@@ -303,3 +303,24 @@ def write_toy_cohort(
     csv_path = out_dir / "cohort.csv"
     csv_path.write_text("\n".join(rows) + "\n")
     return csv_path
+
+
+def output_snapshot(out: str | Path) -> dict[str, bytes]:
+    """Every file under ``out`` by relative path, with run-time fields (seconds) blanked:
+    two runs that did the same work compare equal."""
+    import json
+
+    out = Path(out)
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "summary.json":
+            summary = json.loads(data)
+            summary["seconds"] = summary["predict_seconds"] = None
+            data = json.dumps(summary).encode()
+        elif path.name.startswith("results") and path.suffix == ".csv":
+            rows = [line.split(",") for line in data.decode().splitlines()]
+            col = rows[0].index("seconds")
+            data = "\n".join(",".join(r[:col] + r[col + 1 :]) for r in rows).encode()
+        files[str(path.relative_to(out))] = data
+    return files

@@ -147,18 +147,6 @@ def _run_variant(args: argparse.Namespace, name: str, kind: str, threads: int) -
     return timing
 
 
-def _snapshot(out: Path) -> dict[str, bytes]:
-    files = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.name == "summary.json":
-            summary = json.loads(data)
-            summary["seconds"] = summary["predict_seconds"] = None
-            data = json.dumps(summary).encode()
-        files[str(path.relative_to(out))] = data
-    return files
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="work folder")
@@ -184,7 +172,9 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, kind, threads in variants:
             rows.append((name, repeat, _run_variant(args, name, kind, threads)))
-    outputs = {name: _snapshot(args.out / "outputs" / name) for name, _, _ in variants}
+    from cscvision.testing import output_snapshot
+
+    outputs = {name: output_snapshot(args.out / "outputs" / name) for name, _, _ in variants}
     same = all(o == outputs["local"] for o in outputs.values())
     _print_table(args, rows, same)
 

@@ -24,7 +24,7 @@ from cscvision.model import get_model
 from cscvision.outputs import write_slide_outputs
 from cscvision.slide import open_slide
 from cscvision.stitch import area_fraction, choose_sub, map_layout, stitch
-from cscvision.testing import write_pyramid
+from cscvision.testing import output_snapshot, write_pyramid
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 64  # tile side in px at 0.5 µm/px = level 0 of the planted slides
@@ -299,23 +299,6 @@ def _args(batch: dict, out: Path, *extra: str) -> list[str]:
             "--overlap", "0.5", "--workers", "0", *extra]  # fmt: skip
 
 
-def _snapshot(out: Path) -> dict[str, bytes]:
-    """Every file under ``out``, with run-time fields (seconds) blanked."""
-    files = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.name == "summary.json":
-            summary = json.loads(data)
-            summary["seconds"] = summary["predict_seconds"] = None
-            data = json.dumps(summary).encode()
-        elif path.name.startswith("results"):
-            rows = [line.split(",") for line in data.decode().splitlines()]
-            col = rows[0].index("seconds")
-            data = "\n".join(",".join(r[:col] + r[col + 1 :]) for r in rows).encode()
-        files[str(path.relative_to(out))] = data
-    return files
-
-
 def test_batch_records_a_broken_slide_and_finishes_the_others(batch):
     done, out = batch["reference_run"], batch["reference"]
     assert done.returncode == 1, done.stderr
@@ -350,7 +333,9 @@ def test_killed_run_resumes_to_identical_outputs(batch, tmp_path):
     again = _infer(_args(batch, out))
     assert again.returncode == 1, again.stderr  # the broken slide still fails
     assert "2 done, 1 skipped (complete)" in again.stdout or "1 done, 2 skipped" in again.stdout
-    assert _snapshot(out) == _snapshot(batch["reference"])  # no partial or temporary file left
+    assert output_snapshot(out) == output_snapshot(
+        batch["reference"]
+    )  # no partial or temporary file left
 
 
 def test_shards_split_the_batch_and_overwrite_redoes_slides(batch, tmp_path):
@@ -367,8 +352,10 @@ def test_shards_split_the_batch_and_overwrite_redoes_slides(batch, tmp_path):
         ids |= {line.split(",")[0] for line in (out / name).read_text().splitlines()[1:]}
         assert (out / f"errors_shard{shard[0]}of2.csv").exists()
     assert ids == {"s0", "s1", "s2", "broken"}
-    redone = {k: v for k, v in _snapshot(out).items() if not k.startswith(("results", "errors"))}
-    reference = _snapshot(batch["reference"])
+    redone = {
+        k: v for k, v in output_snapshot(out).items() if not k.startswith(("results", "errors"))
+    }
+    reference = output_snapshot(batch["reference"])
     assert redone == {k: v for k, v in reference.items() if k in redone}
     assert set(reference) - set(redone) == {"results.csv", "errors.csv"}
 

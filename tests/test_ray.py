@@ -6,7 +6,6 @@ this process and finds it connected. Tests that need Ray skip when it is not ins
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ from cscvision.cli import main
 from cscvision.distributed import WorkerPlan, dispatch, plan_workers
 from cscvision.export import ModelCard, export_model
 from cscvision.model import get_model
-from cscvision.testing import write_pyramid
+from cscvision.testing import output_snapshot, write_pyramid
 
 SLIDES = ("s0", "s1", "s2")
 
@@ -59,23 +58,6 @@ def _infer(batch: dict, out: Path, *extra: str) -> int:
     return main(args)
 
 
-def _snapshot(out: Path) -> dict[str, bytes]:
-    """Every file under ``out``, with the run-time fields (seconds) blanked."""
-    files = {}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.name == "summary.json":
-            summary = json.loads(data)
-            summary["seconds"] = summary["predict_seconds"] = None
-            data = json.dumps(summary).encode()
-        elif path.name.startswith("results"):
-            rows = [line.split(",") for line in data.decode().splitlines()]
-            col = rows[0].index("seconds")
-            data = "\n".join(",".join(r[:col] + r[col + 1 :]) for r in rows).encode()
-        files[str(path.relative_to(out))] = data
-    return files
-
-
 @pytest.fixture(scope="module")
 def runs(batch, ray_local, tmp_path_factory) -> dict:
     """The batch run once on the local path and once on Ray."""
@@ -108,7 +90,7 @@ def test_plan_is_one_worker_per_gpu_else_per_cpus():
 
 def test_ray_outputs_are_those_of_the_local_path(batch, runs):
     assert runs["codes"] == {"local": 1, "ray": 1}  # the broken slide fails on both
-    local, ray = _snapshot(runs["root"] / "local"), _snapshot(runs["root"] / "ray")
+    local, ray = output_snapshot(runs["root"] / "local"), output_snapshot(runs["root"] / "ray")
     assert sorted(local) == sorted(ray)
     for name in SLIDES:  # every output of every slide is there, byte for byte
         for file in (
@@ -139,7 +121,7 @@ def test_ray_resume_skips_complete_slides(batch, runs, tmp_path, capsys):
     assert _infer(batch, out, "--ray") == 1
     assert "1 done, 2 skipped (complete), 1 failed" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "s0").iterdir()} == kept  # not rewritten
-    assert _snapshot(out) == _snapshot(runs["root"] / "ray")
+    assert output_snapshot(out) == output_snapshot(runs["root"] / "ray")
 
 
 def test_a_worker_that_dies_fails_its_slide_and_is_replaced(ray_local):
