@@ -125,7 +125,8 @@ def _train(cfg: object, args: argparse.Namespace) -> int:
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(_summary(result))
+    if result.model_dir is not None:  # under DDP only rank 0 exports, and reports
+        print(_summary(result))
     return 0
 
 
