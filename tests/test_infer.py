@@ -363,3 +363,5 @@ def test_shards_split_the_batch_and_overwrite_redoes_slides(batch, tmp_path):
 def test_bad_flags_are_refused(batch, tmp_path):
     result = _infer(_args(batch, tmp_path, "--overlap", "0.9"))
     assert result.returncode == 2 and "--overlap 0.9" in result.stderr
+    result = _infer(_args(batch, tmp_path, "--threads", "0"))
+    assert result.returncode == 2 and "--threads must be ≥ 1" in result.stderr

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from cscvision.batch import (
     BatchError,
     BatchReport,
@@ -88,6 +90,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the model (default: torch's choice); on a shared or busy "
+        "machine fewer threads can be much faster",
+    )
     _add_ray_args(p)
     p.set_defaults(func=run)
 
@@ -145,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         jobs, shard = jobs_from_args(args)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError("--threads must be ≥ 1")
+            torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
         model = load_model(args.model, device)
