@@ -234,6 +234,24 @@ def test_empty_cohort_is_an_error(tmp_path):
         train(cfg, progress=False)
 
 
+def _train_ddp_spawn(cfg):
+    """``train`` under ddp_spawn, retried once if a spawned rank aborts at exit.
+
+    Seen once in about ten full-suite runs on 2 cores: a rank printed "terminate called
+    without an active exception" (gloo's threads torn down at interpreter exit) after its
+    work was done, and torch reports the abort. The retry resumes from the run's
+    last.ckpt, so it checks the same metrics; any other failure is raised at once.
+    """
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    try:
+        return train(cfg, progress=False)
+    except ProcessExitedException as e:
+        if "SIGABRT" not in str(e):
+            raise
+        return train(cfg, progress=False)
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(cohort_csv, tmp_path):
     # 25 tiles per evaluation slide: the one test slide gives an odd number, so the
@@ -241,7 +259,7 @@ def test_ddp_two_cpu_processes(cohort_csv, tmp_path):
     odd = ("data.eval_max_tiles_per_slide=25", "data.eval_batch_size=8")
     extra = ("trainer.strategy=ddp_spawn", "trainer.devices=2", "trainer.max_epochs=1", *odd)
     cfg = load_config(None, toy_overrides(cohort_csv, tmp_path, *extra))
-    result = train(cfg, progress=False)
+    result = _train_ddp_spawn(cfg)
     # predictions are gathered from both ranks, each tile once, before metrics are computed
     assert result.summary["test"]["tiles"] % 2 == 1
     assert result.metrics["val"]["n_tiles"] == result.summary["val"]["tiles"]
