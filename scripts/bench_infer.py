@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cscvision.export import ModelCard, export_model, load_model
-from cscvision.infer import TileScorer, cpu_supports_bf16, predict_slide, resolve_device
-from cscvision.model import get_model
-from cscvision.outputs import write_slide_outputs
+from cscvision.inference.predict import TileScorer, cpu_supports_bf16, predict_slide, resolve_device
+from cscvision.outputs.slide_folder import write_slide_outputs
 from cscvision.testing import texture_tile_fn, write_pyramid
+from cscvision.training.backbones import get_model
+from cscvision.training.export import ModelCard, export_model, load_model
 
 
 def disc_tile_fn(size_px: int, seed: int = 0):

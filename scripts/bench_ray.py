@@ -37,10 +37,11 @@ CLI = [sys.executable, "-m", "cscvision"]
 def _one(args: argparse.Namespace) -> dict:
     import torch
 
-    from cscvision.batch import make_jobs, run_batch
-    from cscvision.export import load_model
-    from cscvision.infer_batch import InferSettings, infer_job, job_complete
-    from cscvision.outputs import model_identity
+    from cscvision.inference.batch import infer_job, job_complete
+    from cscvision.inference.settings import InferSettings
+    from cscvision.outputs.slide_folder import model_identity
+    from cscvision.slides.batch import make_jobs, run_batch
+    from cscvision.training.export import load_model
 
     t0 = time.perf_counter()
     if args.threads:
@@ -49,7 +50,7 @@ def _one(args: argparse.Namespace) -> dict:
     info = model_identity(model)
     settings = InferSettings(workers=args.readers)
     manifest = args.cohort / "cohort.csv"
-    from cscvision.batch import collect_slides
+    from cscvision.slides.batch import collect_slides
 
     jobs = make_jobs(collect_slides([manifest]))
     out = Path(args.one_out)
@@ -112,8 +113,8 @@ def _prepare(args: argparse.Namespace) -> None:
         if not args.model.exists():
             import torch
 
-            from cscvision.export import ModelCard, export_model
-            from cscvision.model import get_model
+            from cscvision.training.backbones import get_model
+            from cscvision.training.export import ModelCard, export_model
 
             torch.manual_seed(0)
             card = ModelCard(name=f"random_{args.random}", backbone=args.random)

@@ -31,7 +31,7 @@ import openslide
 import simplejpeg
 import tifffile
 
-from cscvision.slide import open_slide, plan_read
+from cscvision.slides.slide import open_slide, plan_read
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 SLIDE_PX = 20_480

@@ -22,12 +22,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cscvision.annotations import ClassMap
-from cscvision.cohort import read_cohort, split_by_patient
-from cscvision.data import TileDataModule, prepare_cohort
-from cscvision.grid import GridSpec
-from cscvision.lit import TileClassifier
-from cscvision.train import resolve_precision
+from cscvision.labels.annotations import ClassMap
+from cscvision.labels.cohort import read_cohort, split_by_patient
+from cscvision.slides.grid import GridSpec
+from cscvision.training.data import TileDataModule, prepare_cohort
+from cscvision.training.lit import TileClassifier
+from cscvision.training.train import resolve_precision
 
 CLASSES = {
     "targets": {"stemness": ["Stemness-rich"], "immunosuppressive": ["Immunosuppressive"]},

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cscvision.slide import SlideInfo
+from cscvision.slides.slide import SlideInfo
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CMU_SVS = DATA / "cmu_small_region.svs"

@@ -11,7 +11,7 @@ import pytest
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from cscvision.annotations import (
+from cscvision.labels.annotations import (
     DEFAULT_CLASS_MAP,
     AnnotationError,
     ClassMap,
@@ -23,7 +23,7 @@ from cscvision.annotations import (
     tile_targets,
     unmapped_classes,
 )
-from cscvision.targets import rasterise
+from cscvision.labels.targets import rasterise
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -363,8 +363,8 @@ def test_targets_on_a_real_slide_grid(tmp_path):
     path = DATA / "cmu_small_region.svs"
     if not path.exists():
         pytest.skip(f"real test data not found at {path} (shared/data is absent)")
-    from cscvision.grid import GridSpec, detect_tissue, make_grid
-    from cscvision.slide import open_slide
+    from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
+    from cscvision.slides.slide import open_slide
 
     with open_slide(path) as slide:
         spec = GridSpec(mpp=1.0, tile_px=112, min_tissue=0.2)
@@ -393,8 +393,8 @@ def test_targets_on_a_real_slide_grid(tmp_path):
 
 
 def test_default_class_map_knows_every_class_synth_writes():
+    from cscvision.labels.targets import DEFAULT_CLASS_MAP
     from cscvision.synth import CLASS_COLORS
-    from cscvision.targets import DEFAULT_CLASS_MAP
 
     unknown = [name for name in CLASS_COLORS if not DEFAULT_CLASS_MAP.is_known(name)]
     assert unknown == []

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cscvision.cohort import (
+from cscvision.labels.cohort import (
     SPLITS,
     CohortEntry,
     CohortError,

@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from cscvision.annotations import DEFAULT_CLASS_MAP, AnnotationError
-from cscvision.augment import (
+from cscvision.labels.annotations import DEFAULT_CLASS_MAP, AnnotationError
+from cscvision.labels.cohort import read_cohort
+from cscvision.slides.grid import GridSpec
+from cscvision.slides.slide import open_slide
+from cscvision.testing import write_pyramid, write_toy_cohort
+from cscvision.training.augment import (
     AUGMENT_PRESETS,
     augment_batch,
     dihedral,
     hed_jitter,
     to_unit_float,
 )
-from cscvision.cohort import read_cohort
-from cscvision.data import (
+from cscvision.training.data import (
     DataError,
     TileBatchDataset,
     TileDataModule,
@@ -31,9 +34,6 @@ from cscvision.data import (
     sample_weights,
     subsample,
 )
-from cscvision.grid import GridSpec
-from cscvision.slide import open_slide
-from cscvision.testing import write_pyramid, write_toy_cohort
 
 SPEC = GridSpec(mpp=2.0, tile_px=32, mask_mpp=4.0)
 
@@ -257,7 +257,7 @@ def test_marked_region_fraction_survives_every_augmentation():
 
 
 def test_hed_jitter_matches_a_numpy_reference_and_is_identity_at_zero():
-    from cscvision.augment import HED_FROM_RGB, RGB_FROM_HED
+    from cscvision.training.augment import HED_FROM_RGB, RGB_FROM_HED
 
     x = to_unit_float(_tiles_u8(n=2, px=8)).clamp_min(1 / 255)
     torch.testing.assert_close(hed_jitter(x, 0.0, 0.0), x, atol=1e-5, rtol=0)
@@ -274,7 +274,7 @@ def test_hed_jitter_matches_a_numpy_reference_and_is_identity_at_zero():
 
 
 def test_dataset_rejects_mixed_tile_sizes(tiles):
-    from cscvision.data import SlideSource
+    from cscvision.training.data import SlideSource
 
     a = tiles["train"][0]
     big = a.plan.__class__(**{**a.plan.__dict__, "tile_px": 64})
@@ -287,7 +287,7 @@ def test_bounds_offset_is_added_to_qupath_geojson_only(tmp_path):
     """QuPath writes coordinates relative to the bounds corner; ASAP writes level-0 ones."""
     from conftest import ArraySlide, tissue_like
 
-    from cscvision.data import label_slide
+    from cscvision.training.data import label_slide
 
     bx, by = 256, 128
     rgb = tissue_like(1024, 768, box=(0, 0, 1024, 768))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cscvision.annotations import read_annotations, tile_targets
-from cscvision.export import load_model
-from cscvision.infer import predict_slide
+from cscvision.inference.predict import predict_slide
+from cscvision.labels.annotations import read_annotations, tile_targets
+from cscvision.labels.targets import DEFAULT_CLASS_MAP
 from cscvision.synth import write_slide
-from cscvision.targets import DEFAULT_CLASS_MAP
+from cscvision.training.export import load_model
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo-synthetic"
 

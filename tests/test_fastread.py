@@ -16,8 +16,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cscvision.fastread import StoredTileReader, jpeg_header, level_rect
-from cscvision.slide import ReadPlan, open_slide
+from cscvision.slides.fastread import StoredTileReader, jpeg_header, level_rect
+from cscvision.slides.slide import ReadPlan, open_slide
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import ArraySlide, tissue_like
 
-from cscvision.grid import (
+from cscvision.slides.grid import (
     GridSpec,
     grid_coords,
     grid_is_current,
@@ -15,7 +15,7 @@ from cscvision.grid import (
     save_grid,
     slide_id_of,
 )
-from cscvision.slide import open_slide
+from cscvision.slides.slide import open_slide
 from cscvision.testing import write_pyramid
 
 
@@ -109,7 +109,7 @@ def test_spec_rejects_bad_mask_mpp_and_min_tissue():
 
 
 def test_save_grid_failure_leaves_no_sidecar_of_an_older_grid(tmp_path, monkeypatch):
-    import cscvision.grid
+    import cscvision.slides.grid
 
     path = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=2)
     with open_slide(path) as slide:
@@ -119,7 +119,7 @@ def test_save_grid_failure_leaves_no_sidecar_of_an_older_grid(tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cscvision.grid, "write_csv", crash)
+    monkeypatch.setattr(cscvision.slides.grid, "write_csv", crash)
     with pytest.raises(OSError):
         save_grid(grid, tmp_path / "out")
     assert not (tmp_path / "out" / "tiles.json").exists()  # the old one no longer vouches

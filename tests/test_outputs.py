@@ -11,10 +11,11 @@ import pytest
 from conftest import ArraySlide, tissue_like
 from PIL import Image
 
-from cscvision.export import ModelCard
-from cscvision.grid import GridSpec, detect_tissue, make_grid
-from cscvision.infer import assemble_prediction
-from cscvision.outputs import (
+from cscvision.inference.predict import assemble_prediction
+from cscvision.outputs.geojson import mask_polygons, niche_name
+from cscvision.outputs.likelihood import level_sizes, write_likelihood_map
+from cscvision.outputs.overlay import colormap
+from cscvision.outputs.slide_folder import (
     MAPS,
     SUMMARY,
     clear_partial,
@@ -22,10 +23,9 @@ from cscvision.outputs import (
     run_settings,
     write_slide_outputs,
 )
-from cscvision.writers.geojson import mask_polygons, niche_name
-from cscvision.writers.likelihood import level_sizes, write_likelihood_map
-from cscvision.writers.overlay import colormap
-from cscvision.writers.summary import morisita_horn, near_fraction, region_statistics
+from cscvision.outputs.summary import morisita_horn, near_fraction, region_statistics
+from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
+from cscvision.training.export import ModelCard
 
 W, H, TILE, BOUNDS = 4096, 3072, 128, (256, 128)
 TARGETS = ("stemness", "immunosuppressive")
@@ -277,9 +277,9 @@ def test_model_identity_changes_with_the_card_thresholds(tmp_path):
     """Re-tuned thresholds (or µm/px) in model.json change the outputs: no stale skip."""
     import dataclasses
 
-    from cscvision.export import export_model, load_model
-    from cscvision.model import get_model
-    from cscvision.outputs import model_identity
+    from cscvision.outputs.slide_folder import model_identity
+    from cscvision.training.backbones import get_model
+    from cscvision.training.export import export_model, load_model
 
     card = dataclasses.replace(CARD, backbone="small_cnn")
     export_model(get_model("small_cnn", 2), card, tmp_path)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import tissue_like
 
-from cscvision.batch import SlideJob
 from cscvision.cli import main
-from cscvision.distributed import WorkerPlan, dispatch, plan_workers
-from cscvision.export import ModelCard, export_model
-from cscvision.model import get_model
+from cscvision.inference.distributed import WorkerPlan, dispatch, plan_workers
+from cscvision.slides.batch import SlideJob
 from cscvision.testing import output_snapshot, write_pyramid
+from cscvision.training.backbones import get_model
+from cscvision.training.export import ModelCard, export_model
 
 SLIDES = ("s0", "s1", "s2")
 

@@ -7,7 +7,7 @@ import openslide
 import pytest
 from conftest import tissue_like
 
-from cscvision.slide import (
+from cscvision.slides.slide import (
     MPP_FROM_OPENSLIDE,
     MPP_FROM_OVERRIDE,
     SlideError,

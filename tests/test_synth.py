@@ -18,7 +18,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from cscvision.cli import synth as synth_cli
-from cscvision.slide import open_slide
+from cscvision.slides.slide import open_slide
 from cscvision.synth import (
     COHORT_COLUMNS,
     LABEL_BITS,

@@ -11,7 +11,7 @@ import pytest
 from conftest import tissue_like
 
 from cscvision.cli import main
-from cscvision.io import read_csv
+from cscvision.core.io import read_csv
 from cscvision.testing import write_pyramid
 
 
@@ -29,9 +29,9 @@ def test_tile_real_slide_keeps_tissue_not_ink(cmu_svs, tmp_path):
     assert (folder / "tissue.png").stat().st_size > 10_000
     # Ink per grid cell, measured on a 2 µm/px view: the cells the teal flecks cover most
     # are dropped; kept tiles carry at most a light sprinkle.
-    from cscvision.grid import grid_coords
-    from cscvision.slide import open_slide
-    from cscvision.tissue import ink_mask
+    from cscvision.slides.grid import grid_coords
+    from cscvision.slides.slide import open_slide
+    from cscvision.slides.tissue import ink_mask
 
     with open_slide(cmu_svs) as slide:
         ink = ink_mask(slide.thumbnail(2.0))
@@ -130,12 +130,12 @@ def test_rerun_with_a_changed_mpp_override_redoes_the_slide(tmp_path, capsys):
 
 
 def test_interrupted_tile_export_is_redone(tmp_path, monkeypatch, capsys):
-    import cscvision.tiling
+    import cscvision.slides.tiling
 
     slide = write_pyramid(tmp_path / "s.tif", tissue_like(1024, 1024), mpp=0.5, levels=1)
     out = tmp_path / "out"
     assert main(["tile", str(slide), "--out", str(out)]) == 0  # a complete grid, no tiles
-    real_write_png, calls = cscvision.tiling.write_png, []
+    real_write_png, calls = cscvision.slides.tiling.write_png, []
 
     def write_png_then_die(path, rgb):
         calls.append(path)
@@ -143,7 +143,7 @@ def test_interrupted_tile_export_is_redone(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_write_png(path, rgb)
 
-    monkeypatch.setattr(cscvision.tiling, "write_png", write_png_then_die)
+    monkeypatch.setattr(cscvision.slides.tiling, "write_png", write_png_then_die)
     assert main(["tile", str(slide), "--out", str(out), "--export-tiles"]) == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -164,7 +164,7 @@ def test_tile_export_with_a_new_spec_leaves_no_stale_tiles(tmp_path):
 
 
 def test_same_slide_twice_is_one_job_and_case_only_ids_clash(tmp_path):
-    from cscvision.batch import BatchError, make_jobs
+    from cscvision.slides.batch import BatchError, make_jobs
 
     slide = write_pyramid(tmp_path / "s.tif", tissue_like(256, 256), mpp=0.5, levels=1)
     manifest = tmp_path / "m.csv"
@@ -197,7 +197,7 @@ def test_atomic_path_gives_umask_mode_even_when_the_writer_replaces_the_file(tmp
     import torch
     from safetensors.torch import save_file
 
-    from cscvision.io import atomic_path
+    from cscvision.core.io import atomic_path
 
     target = tmp_path / "w.safetensors"
     with atomic_path(target) as tmp:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import tissue_like
 
-from cscvision.grid import detect_tissue
-from cscvision.slide import open_slide
-from cscvision.tissue import ink_mask, optical_density, tissue_fraction, tissue_mask
+from cscvision.slides.grid import detect_tissue
+from cscvision.slides.slide import open_slide
+from cscvision.slides.tissue import ink_mask, optical_density, tissue_fraction, tissue_mask
 
 
 def test_real_slide_mask_fraction_and_no_ink(cmu_svs):

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from cscvision.config import ConfigError, load_config
-from cscvision.export import load_model
-from cscvision.lit import CheckpointMismatch, TileClassifier, best_f1_threshold, evaluate
 from cscvision.testing import write_toy_cohort
-from cscvision.train import TrainError, train
+from cscvision.training.config import ConfigError, load_config
+from cscvision.training.export import load_model
+from cscvision.training.lit import CheckpointMismatch, TileClassifier, best_f1_threshold, evaluate
+from cscvision.training.train import TrainError, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -225,7 +225,7 @@ def test_cli_trains_and_reports(cohort_csv, tmp_path, capsys):
 
 
 def test_empty_cohort_is_an_error(tmp_path):
-    from cscvision.cohort import CohortError
+    from cscvision.labels.cohort import CohortError
 
     csv = tmp_path / "cohort.csv"
     csv.write_text("slide_path,patient_id\n")
@@ -279,10 +279,10 @@ def test_ddp_two_cpu_processes(cohort_csv, tmp_path):
 
 def test_a_kept_split_that_now_mixes_a_patient_is_refused(tmp_path):
     """Resuming after the manifest changed must not put one patient in two splits."""
-    from cscvision.cohort import CohortEntry, write_splits
-    from cscvision.config import TrainConfig
-    from cscvision.targets import DEFAULT_CLASS_MAP
-    from cscvision.train import _splits
+    from cscvision.labels.cohort import CohortEntry, write_splits
+    from cscvision.labels.targets import DEFAULT_CLASS_MAP
+    from cscvision.training.config import TrainConfig
+    from cscvision.training.train import _splits
 
     old = [CohortEntry(s, p, tmp_path / f"{s}.tif") for s, p in [("a", "P1"), ("b", "P2")]]
     path = write_splits(tmp_path / "splits.csv", old, {"a": "train", "b": "test"})

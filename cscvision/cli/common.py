@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cscvision.batch import SlideJob, collect_slides, make_jobs, parse_shard, shard_jobs
-from cscvision.slide import load_mpp_overrides
+from cscvision.slides.batch import SlideJob, collect_slides, make_jobs, parse_shard, shard_jobs
+from cscvision.slides.slide import load_mpp_overrides
 
 
 def add_slide_args(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cscvision.demo import DEMO_CONFIG, run_demo, summary_lines
+from cscvision.cli.demo_pipeline import DEMO_CONFIG, run_demo, summary_lines
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

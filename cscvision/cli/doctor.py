@@ -27,7 +27,7 @@ def _versions() -> list[tuple[str, str]]:
     import torchvision
 
     import cscvision
-    from cscvision.slide import openslide_library_version
+    from cscvision.slides.slide import openslide_library_version
 
     cuda = torch.version.cuda or "none"
     devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -48,8 +48,8 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _check_slide(path: Path) -> list[str]:
-    from cscvision.grid import GridSpec, make_grid
-    from cscvision.slide import open_slide
+    from cscvision.slides.grid import GridSpec, make_grid
+    from cscvision.slides.slide import open_slide
 
     with open_slide(path) as slide:
         info = slide.info

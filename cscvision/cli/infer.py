@@ -1,7 +1,7 @@
 """``cscvision infer``: score every tissue tile of a batch of slides and write maps.
 
 Locally (one slide after another) or, with ``--ray``, on the workers of a Ray cluster;
-both run :func:`cscvision.infer_batch.infer_job` on each slide.
+both run :func:`cscvision.inference.batch.infer_job` on each slide.
 """
 
 from __future__ import annotations
@@ -10,32 +10,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from cscvision.batch import (
-    BatchError,
-    BatchReport,
-    SlideJob,
-    run_batch,
-    summary_lines,
-    write_errors,
-)
 from cscvision.cli.common import add_slide_args, jobs_from_args
-from cscvision.export import LoadedModel, ModelError, load_model
-from cscvision.infer import READERS, resolve_device
-from cscvision.infer_batch import (
-    MAX_OVERLAP,
-    InferSettings,
-    infer_job,
-    job_complete,
-    shard_suffix,
-    write_results,
-)
-from cscvision.outputs import model_identity
-from cscvision.slide import SlideError
+from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
 
-__all__ = ["add_parser", "run", "shard_suffix", "write_results"]
+if TYPE_CHECKING:
+    from cscvision.slides.batch import BatchReport, SlideJob
+    from cscvision.training.export import LoadedModel
+
+__all__ = ["add_parser", "run"]
 
 PER_SLIDE = (
     "tiles.csv, maps.npz, overlay_<target>.png, <id>_likelihood_map_<target>.tif, "
@@ -151,6 +135,15 @@ def _settings(args: argparse.Namespace) -> InferSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cscvision.inference.batch import infer_job, job_complete, shard_suffix, write_results
+    from cscvision.inference.predict import resolve_device
+    from cscvision.outputs.slide_folder import model_identity
+    from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+    from cscvision.slides.slide import SlideError
+    from cscvision.training.export import ModelError, load_model
+
     try:
         settings = _settings(args)
         jobs, shard = jobs_from_args(args)
@@ -200,7 +193,8 @@ def _run_ray(
     model_info: dict[str, str],
 ) -> BatchReport | None:
     """The batch on Ray workers; None (after saying why) when it cannot start."""
-    from cscvision import distributed
+    from cscvision.inference import distributed
+    from cscvision.inference.batch import job_complete
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report, no network
     try:

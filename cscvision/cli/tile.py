@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cscvision.batch import BatchError, run_batch, summary_lines, write_errors
 from cscvision.cli.common import add_slide_args, jobs_from_args
-from cscvision.grid import GridSpec
-from cscvision.slide import SlideError
-from cscvision.tiling import tile_slide, tiling_complete
+from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+from cscvision.slides.grid import GridSpec
+from cscvision.slides.slide import SlideError
+from cscvision.slides.tiling import tile_slide, tiling_complete
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -80,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from cscvision.config import ConfigError, config_to_dict, load_config
+    from cscvision.training.config import ConfigError, config_to_dict, load_config
 
     overrides = list(args.overrides) + list(args.set_overrides)
     if args.run_dir is not None:
@@ -104,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(cfg: object, args: argparse.Namespace) -> int:
-    from cscvision.annotations import AnnotationError
-    from cscvision.cohort import CohortError
-    from cscvision.config import ConfigError
-    from cscvision.data import DataError
-    from cscvision.lit import CheckpointMismatch
-    from cscvision.slide import SlideError
-    from cscvision.train import TrainError, train
+    from cscvision.labels.annotations import AnnotationError
+    from cscvision.labels.cohort import CohortError
+    from cscvision.slides.slide import SlideError
+    from cscvision.training.config import ConfigError
+    from cscvision.training.data import DataError
+    from cscvision.training.lit import CheckpointMismatch
+    from cscvision.training.train import TrainError, train
 
     try:
         result = train(cfg, resume=args.resume, progress=not args.quiet)

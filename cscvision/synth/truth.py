@@ -11,7 +11,7 @@ import shapely
 from PIL import Image, ImageDraw
 from shapely.geometry.base import BaseGeometry
 
-from cscvision.io import atomic_path
+from cscvision.core.io import atomic_path
 from cscvision.synth.layout import CLASS_COLORS, REGION_CLASSES, SlideLayout
 from cscvision.synth.raster import fill_exact
 

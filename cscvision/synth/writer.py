@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cscvision.io import atomic_path, write_csv
+from cscvision.core.io import atomic_path, write_csv
 from cscvision.synth.layout import REGION_CLASSES, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer

@@ -1,0 +1,118 @@
+"""One slide of an inference batch, the same wherever it runs.
+
+``cscvision infer`` runs :func:`infer_job` for each slide in its own process; with
+``--ray`` each Ray worker runs the very same function (:mod:`cscvision.inference.distributed`).
+Either way the outputs are written by the same atomic writers into ``OUT/<slide_id>/``,
+a slide counts as complete by the same test (:func:`job_complete`), and the driver writes
+``errors.csv`` and ``results.csv`` the same way (:func:`write_results`).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cscvision.core.io import write_csv
+from cscvision.inference.predict import predict_slide
+from cscvision.inference.settings import InferSettings
+from cscvision.outputs.slide_folder import (
+    SUMMARY,
+    outputs_complete,
+    run_settings,
+    write_slide_outputs,
+)
+from cscvision.outputs.summary import result_columns, result_row
+from cscvision.slides.batch import BatchReport, SlideJob
+from cscvision.training.export import LoadedModel
+
+
+def slide_settings(settings: InferSettings, job: SlideJob) -> dict[str, Any]:
+    """What a slide's earlier outputs must match to count as complete."""
+    return run_settings(
+        overlap=settings.overlap,
+        min_tissue=settings.min_tissue,
+        mask_mpp=settings.mask_mpp,
+        slide_mpp=job.mpp,
+    )
+
+
+def job_complete(
+    job: SlideJob, out_dir: Path, model_info: dict[str, str], settings: InferSettings
+) -> bool:
+    """True when ``out_dir/<slide_id>/`` holds complete outputs of this model and settings."""
+    return outputs_complete(out_dir / job.slide_id, model_info, slide_settings(settings, job))
+
+
+def infer_job(
+    job: SlideJob,
+    model: LoadedModel,
+    out_dir: Path,
+    settings: InferSettings,
+    *,
+    model_info: dict[str, str],
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score one slide and write its outputs into ``out_dir/<slide_id>/``; returns the
+    summary. Raises what :func:`~cscvision.inference.predict.predict_slide` raises for a bad
+    slide."""
+    pred = predict_slide(
+        job.slide_path,
+        model,
+        overlap=settings.overlap,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        reader=settings.reader,
+        device=device,
+        amp=settings.amp,
+        min_tissue=settings.min_tissue,
+        slide_mpp=job.mpp,
+        mask_mpp=settings.mask_mpp,
+        progress=progress,
+    )
+    return write_slide_outputs(
+        pred,
+        out_dir / job.slide_id,
+        model.card,
+        model_info=model_info,
+        settings=slide_settings(settings, job),
+    )
+
+
+def failure_reason(error: BaseException) -> str:
+    """The ``error`` column of ``errors.csv``: the message, plus a short traceback for
+    errors that are not the usual bad-slide kind (as :func:`cscvision.slides.batch.run_batch`)."""
+    from cscvision.slides.slide import SlideError
+
+    reason = f"{type(error).__name__}: {error}"
+    if not isinstance(error, (SlideError, OSError, ValueError)):
+        trace = traceback.format_exception(type(error), error, error.__traceback__, limit=3)
+        reason += " | " + "".join(trace).replace("\n", " ")
+    return reason
+
+
+def shard_suffix(shard: tuple[int, int] | None) -> str:
+    return "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
+
+
+def write_results(
+    path: Path, jobs: list[SlideJob], report: BatchReport, model: LoadedModel
+) -> Path:
+    """``results.csv``: one row per slide of this run (done or skipped: from its summary)."""
+    targets = model.card.targets
+    failed = {sid: reason for sid, _, reason in report.failed}
+    rows = []
+    for job in jobs:
+        if job.slide_id in failed:
+            row = {"slide_id": job.slide_id, "slide_path": str(Path(job.slide_path).resolve())}
+            row.update(status="failed", error=failed[job.slide_id].split(" | ")[0])
+        else:
+            summary = json.loads((path.parent / job.slide_id / SUMMARY).read_text())
+            row = result_row(summary, targets)
+        rows.append(row)
+    columns = result_columns(targets)
+    return write_csv(path, columns, ([r.get(c, "") for c in columns] for r in rows))

@@ -1,0 +1,39 @@
+"""The record inference hands the writers: one slide's tile scores and maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cscvision.core.geometry import MapTransform
+from cscvision.slides.grid import TileGrid
+
+
+@dataclass(frozen=True)
+class SlidePrediction:
+    """Everything the writers need about one slide's predictions, at map resolution."""
+
+    grid: TileGrid
+    targets: tuple[str, ...]
+    probs: np.ndarray  # float32[N, T], row i is the tile at grid.xy_l0[i]
+    maps: np.ndarray  # float32[T, rows, cols], blended probabilities; NaN where no tile
+    tissue_map: np.ndarray  # float32[rows, cols], tissue fraction of each map pixel
+    map_transform: MapTransform
+    thumb: np.ndarray  # uint8[h, w, 3] thumbnail at the tissue mask's resolution
+    mask: np.ndarray  # bool[h, w] tissue mask (thumbnail pixels)
+    mask_scale: float  # mask pixels per level-0 pixel
+    tissue_mm2: float  # tissue area of the whole slide, from the mask
+    seconds: float  # wall time of the whole prediction, reading included
+    predict_seconds: float  # wall time of reading and scoring tiles
+    device: str
+    amp: bool
+
+    @property
+    def slide_id(self) -> str:
+        return self.grid.slide_id
+
+    @property
+    def map_cell_mm2(self) -> float:
+        side_um = self.map_transform.px_l0 * self.grid.slide_mpp
+        return side_um * side_um / 1e6

@@ -1,0 +1,247 @@
+"""Per-slide inference outputs, written atomically into ``OUT/<slide_id>/``.
+
+=================================  ==========================================================
+``tiles.csv``                      x, y (level-0), tissue fraction, ``prob_<target>`` per tile
+``maps.npz``                       one stitched map per target (key = target name), ``tissue``
+                                   (tissue fraction per map pixel), ``transform`` = level-0
+                                   (x0, y0, px_l0), ``targets``, ``slide_mpp``; no pickles
+``overlay_<target>.png``           thumbnail + heatmap, threshold outline, colour bar, legend
+``<id>_likelihood_map_<t>.tif``    pyramidal uint8 map at 1/16 of level 0 (ASAP, QuPath)
+``<id>.geojson``                   QuPath tiles with measurements + classified region outlines
+``summary.json``                   areas, fractions, niche, co-localisation, model, resolution
+=================================  ==========================================================
+
+``summary.json`` is written last: its presence, with the same model and settings, marks
+the slide complete, so an interrupted batch redoes only unfinished slides. Outputs are
+deterministic (no timestamps inside files); only the ``seconds`` fields change between
+runs. Statistics are pure functions of the maps (:mod:`cscvision.outputs.summary`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cscvision.core.io import atomic_path, write_csv, write_json, write_png
+from cscvision.outputs.geojson import (
+    region_features,
+    target_colors,
+    tile_features,
+    write_geojson,
+)
+from cscvision.outputs.likelihood import likelihood_map_name, write_likelihood_map
+from cscvision.outputs.overlay import heat_image, render_overlay
+from cscvision.outputs.prediction import SlidePrediction
+from cscvision.outputs.summary import summarize
+from cscvision.slides.slide import MPP_FROM_OVERRIDE
+from cscvision.training.card import WEIGHTS_FILE, ModelCard
+
+if TYPE_CHECKING:
+    from cscvision.training.export import LoadedModel
+
+SUMMARY = "summary.json"
+TILES = "tiles.csv"
+MAPS = "maps.npz"
+
+
+# --- model identity and completion -------------------------------------------------------
+
+
+# Card fields the outputs depend on: editing one (re-tuned thresholds) makes old outputs stale.
+_CARD_OUTPUT_FIELDS = ("targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std")
+
+
+def model_identity(model: LoadedModel) -> dict[str, str]:
+    """Name, version, a weights digest and a digest of the card fields the outputs use:
+    a re-trained model under the same name, or one with re-tuned thresholds, differs."""
+    digest = hashlib.sha256()
+    with (Path(model.path) / WEIGHTS_FILE).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    card = model.card
+    used = {k: v for k, v in card.to_json().items() if k in _CARD_OUTPUT_FIELDS}
+    card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+    return {
+        "name": card.name,
+        "version": card.cscvision_version,
+        "backbone": card.backbone,
+        "weights_sha256": digest.hexdigest()[:16],
+        "card_sha256": card_digest[:16],
+    }
+
+
+def outputs_complete(folder: str | Path, model_info: dict, settings: dict) -> bool:
+    """True if ``folder/summary.json`` exists, records this model and these settings, and
+    every output it lists is there."""
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / SUMMARY).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (
+        summary.get("model") == model_info
+        and summary.get("settings") == settings
+        and all((folder / name).is_file() for name in summary.get("outputs", []))
+    )
+
+
+def clear_partial(folder: str | Path) -> None:
+    """Before (re)writing a slide: drop its summary (so it reads incomplete until done)
+    and temporary files left by a run that was killed while writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    (folder / SUMMARY).unlink(missing_ok=True)
+    for stale in folder.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
+# --- writers -----------------------------------------------------------------------------
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Like ``np.savez_compressed`` but byte-for-byte reproducible (fixed zip timestamps)."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    return Path(path)
+
+
+def write_tile_table(path: str | Path, pred: SlidePrediction) -> Path:
+    header = ["x", "y", "tissue", *(f"prob_{t}" for t in pred.targets)]
+    rows = (
+        [int(x), int(y), f"{tissue:.4f}", *(f"{p:.6f}" for p in probs)]
+        for (x, y), tissue, probs in zip(pred.grid.xy_l0, pred.grid.tissue, pred.probs, strict=True)
+    )
+    return write_csv(path, header, rows)
+
+
+def write_maps(path: str | Path, pred: SlidePrediction) -> Path:
+    reserved = {"tissue", "transform", "targets", "slide_mpp", "bounds", "dimensions"}
+    clash = reserved & set(pred.targets)
+    if clash:
+        raise ValueError(f"target names {sorted(clash)} clash with maps.npz keys; rename them")
+    arrays = {t: pred.maps[i] for i, t in enumerate(pred.targets)}
+    arrays.update(
+        tissue=pred.tissue_map,
+        transform=pred.map_transform.as_array(),
+        targets=np.array(pred.targets),
+        slide_mpp=np.float64(pred.grid.slide_mpp),
+        bounds=np.array(pred.grid.bounds, np.int64),
+        dimensions=np.array(pred.grid.dimensions, np.int64),
+    )
+    return write_npz(path, arrays)
+
+
+def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) -> list[Path]:
+    colors = target_colors(pred.targets, card.colors)
+    paths = []
+    for i, target in enumerate(pred.targets):
+        threshold = card.threshold(target)
+        heat = heat_image(
+            thumb,
+            pred.mask,
+            pred.maps[i],
+            pred.map_transform,
+            pred.grid.dimensions,
+            threshold=threshold,
+            contour_rgb=colors[target],
+        )
+        image = render_overlay(
+            heat,
+            title=f"{pred.slide_id} — {target}",
+            subtitle=(
+                f"model {card.name} · tiles of {card.tile_px} px at {card.mpp:g} µm/px · "
+                f"{len(pred.grid)} tiles · research use only"
+            ),
+            target=target,
+            threshold=threshold,
+            contour_rgb=colors[target],
+            min_tissue=pred.grid.spec.min_tissue,
+        )
+        paths.append(write_png(folder / f"overlay_{target}.png", image))
+    return paths
+
+
+def run_settings(
+    *, overlap: float, min_tissue: float, mask_mpp: float, slide_mpp: float | None
+) -> dict[str, Any]:
+    """What must match for earlier outputs of a slide to count as complete
+    (``slide_mpp``: the level-0 µm/px override given for the slide, if any)."""
+    return {
+        "overlap": overlap,
+        "min_tissue": min_tissue,
+        "mask_mpp": mask_mpp,
+        "slide_mpp_override": slide_mpp,
+    }
+
+
+def _settings_of(pred: SlidePrediction) -> dict[str, Any]:
+    spec, grid = pred.grid.spec, pred.grid
+    override = grid.slide_mpp if grid.mpp_source == MPP_FROM_OVERRIDE else None
+    return run_settings(
+        overlap=spec.overlap, min_tissue=spec.min_tissue, mask_mpp=spec.mask_mpp, slide_mpp=override
+    )
+
+
+def write_slide_outputs(
+    pred: SlidePrediction,
+    out_dir: str | Path,
+    card: ModelCard,
+    thumb: np.ndarray | None = None,
+    *,
+    model_info: dict | None = None,
+    settings: dict | None = None,
+) -> dict[str, Any]:
+    """Write every per-slide output into ``out_dir`` (the slide's folder); returns the
+    summary. ``summary.json`` goes last and marks the folder complete."""
+    folder = Path(out_dir)
+    clear_partial(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_info = model_info or {"name": card.name, "version": card.cscvision_version}
+    settings = settings or _settings_of(pred)
+    written = [write_tile_table(folder / TILES, pred), write_maps(folder / MAPS, pred)]
+    for i, target in enumerate(pred.targets):
+        path = folder / likelihood_map_name(pred.slide_id, target)
+        written.append(
+            write_likelihood_map(
+                path,
+                pred.maps[i],
+                pred.map_transform,
+                dimensions=pred.grid.dimensions,
+                slide_mpp=pred.grid.slide_mpp,
+            )
+        )
+    written += write_overlays(folder, pred, card, pred.thumb if thumb is None else thumb)
+    written.append(folder / f"{pred.slide_id}.geojson")
+    write_geojson(written[-1], _geojson_features(pred, card))
+    summary = summarize(pred, card, model_info, settings, [p.name for p in written])
+    write_json(folder / SUMMARY, summary)
+    return summary
+
+
+def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
+    grid = pred.grid
+    offset = (int(grid.bounds[0]), int(grid.bounds[1]))
+    tiles = tile_features(grid.xy_l0, pred.probs, grid.plan.tile_l0, pred.targets, offset)
+    regions = region_features(
+        pred.maps,
+        pred.tissue_map,
+        pred.map_transform,
+        targets=pred.targets,
+        thresholds=[card.threshold(t) for t in pred.targets],
+        colors=card.colors,
+        slide_mpp=grid.slide_mpp,
+        offset=offset,
+    )
+    return itertools.chain(tiles, regions)

@@ -1,0 +1,339 @@
+"""Slide reading: one small reader over OpenSlide with a µm/px policy and a fast JPEG path.
+
+Coordinates are always level-0 pixels ``(x, y)``, as OpenSlide defines them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from cscvision.slides.info import (
+    MPP_FROM_OPENSLIDE,
+    MPP_FROM_OVERRIDE,
+    MPP_FROM_TIFF,
+    MPP_TOLERANCE,
+    SlideError,
+    SlideInfo,
+)
+
+_TIFF_UNIT_UM = {2: 25_400.0, 3: 10_000.0}  # ResolutionUnit: 2 = inch, 3 = centimetre
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to read tiles of ``tile_px`` at ``mpp``: level, size read there, level-0 side."""
+
+    mpp: float
+    tile_px: int
+    level: int
+    downsample: float
+    read_px: int  # pixels read at ``level`` before resizing to ``tile_px``
+    tile_l0: float  # tile side in level-0 pixels
+
+    @property
+    def resize_factor(self) -> float:
+        return self.tile_px / self.read_px
+
+
+def plan_read(info: SlideInfo, *, mpp: float, tile_px: int) -> ReadPlan:
+    """Choose the level and read size for tiles of ``tile_px`` pixels at ``mpp`` µm/px."""
+    level = info.best_level_for_mpp(mpp)
+    factor = mpp / info.level_mpp(level)
+    whole = max(1, round(factor))
+    if abs(factor / whole - 1) <= MPP_TOLERANCE:
+        # Within tolerance of a whole factor (0.2527 µm/px x 2 for 0.5): read exactly that
+        # many pixels, so resizing is a box reduction, the way pyramid levels are made.
+        read_px = tile_px * whole
+    else:
+        read_px = max(1, round(tile_px * factor))
+    downsample = info.level_downsamples[level]
+    return ReadPlan(
+        mpp=mpp,
+        tile_px=tile_px,
+        level=level,
+        downsample=downsample,
+        read_px=read_px,
+        tile_l0=read_px * downsample,
+    )
+
+
+class SlideReader(Protocol):
+    """What the rest of cscvision needs from a slide; an in-memory array can stand in."""
+
+    info: SlideInfo
+
+    def read_region(
+        self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray: ...
+
+    def thumbnail(self, mpp: float) -> np.ndarray: ...
+
+
+# --- µm/px policy -----------------------------------------------------------------------
+
+
+def load_mpp_overrides(csv_path: str | Path) -> dict[str, float]:
+    """Read an override CSV with columns ``slide,mpp``; slides match by file name or stem."""
+    csv_path = Path(csv_path)
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise SlideError(f"{csv_path}: cannot read the µm/px override CSV ({e})") from e
+    if not rows or not {"slide", "mpp"} <= set(rows[0]):
+        raise SlideError(f"{csv_path}: the µm/px override CSV needs the columns 'slide,mpp'")
+    overrides: dict[str, float] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            value = float(row["mpp"])
+        except (TypeError, ValueError):  # TypeError: a short row has no mpp
+            raise SlideError(f"{csv_path}:{line}: mpp {row['mpp']!r} is not a number") from None
+        if not value > 0:
+            raise SlideError(f"{csv_path}:{line}: mpp must be positive, got {value}")
+        overrides[Path((row["slide"] or "").strip()).name] = value
+    return overrides
+
+
+def override_for(path: str | Path, overrides: dict[str, float]) -> float | None:
+    """The override for a slide, matched by file name, then by stem."""
+    path = Path(path)
+    if path.name in overrides:
+        return overrides[path.name]
+    stems = {Path(name).stem: v for name, v in overrides.items()}
+    return stems.get(path.stem)
+
+
+def _mpp_from_tiff_tags(path: str) -> float | None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            unit = tags.get("ResolutionUnit")
+            xres = tags.get("XResolution")
+            if unit is None or xres is None or int(unit.value) not in _TIFF_UNIT_UM:
+                return None
+            num, den = xres.value
+            if num <= 0 or den <= 0:
+                return None
+            return _TIFF_UNIT_UM[int(unit.value)] * den / num
+    except Exception:  # not a TIFF, or unreadable tags: no µm/px from this source
+        return None
+
+
+def _mpp_from_metadata(path: str, properties: dict[str, str]) -> tuple[float, str] | None:
+    mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
+    mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_Y)
+    if mpp_x:
+        x = float(mpp_x)
+        y = float(mpp_y) if mpp_y else x
+        if x > 0 and y > 0:
+            return (x + y) / 2, MPP_FROM_OPENSLIDE
+    tiff_mpp = _mpp_from_tiff_tags(path)
+    # Plain TIFFs often carry 72-1200 dpi (353-21 µm/px) from an image editor: not a
+    # microscope. Even 1.25x scans are finer than 10 µm/px.
+    if tiff_mpp is not None and 0.05 <= tiff_mpp <= 10:
+        return tiff_mpp, MPP_FROM_TIFF
+    return None
+
+
+def resolve_mpp(path: str, properties: dict[str, str], override: float | None) -> tuple[float, str]:
+    """µm/px of level 0: OpenSlide metadata, else TIFF tags, else the override.
+
+    The override fills in what the slide does not say, so one ``--slide-mpp`` over a mixed
+    batch cannot replace a scanner's own value; a disagreeing override is warned about.
+    Nothing at all is an error naming the slide and both fixes: never a silent default.
+    """
+    if override is not None and not override > 0:
+        raise SlideError(f"{path}: µm/px override must be positive, got {override}")
+    found = _mpp_from_metadata(path, properties)
+    if found is not None:
+        if override is not None and abs(override / found[0] - 1) > MPP_TOLERANCE:
+            warnings.warn(
+                f"{path}: the slide says {found[0]:.4f} µm/px ({found[1]}); "
+                f"the override {override} is not used",
+                stacklevel=2,
+            )
+        return found
+    if override is not None:
+        return float(override), MPP_FROM_OVERRIDE
+    raise SlideError(
+        f"{path}: no µm/px in the slide metadata or TIFF resolution tags; pass --slide-mpp "
+        "VALUE for this slide, or --mpp-override CSV (columns slide,mpp) for a batch"
+    )
+
+
+# --- the reader --------------------------------------------------------------------------
+
+
+def _bounds(props: dict[str, str], dimensions: tuple[int, int]) -> tuple[int, int, int, int]:
+    def prop(name: str, default: int) -> int:
+        value = props.get(name)
+        return int(value) if value not in (None, "") else default
+
+    return (
+        prop(openslide.PROPERTY_NAME_BOUNDS_X, 0),
+        prop(openslide.PROPERTY_NAME_BOUNDS_Y, 0),
+        prop(openslide.PROPERTY_NAME_BOUNDS_WIDTH, dimensions[0]),
+        prop(openslide.PROPERTY_NAME_BOUNDS_HEIGHT, dimensions[1]),
+    )
+
+
+def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite OpenSlide's RGBA (not premultiplied) onto white: transparent = glass."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _open_backend(path: str) -> openslide.AbstractSlide:
+    """OpenSlide for slides; its PIL-backed ImageSlide for plain images OpenSlide refuses
+    (untiled TIFFs, for example)."""
+    try:
+        return openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        pass
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{path}: corrupt or unreadable slide ({e})") from None
+    try:
+        return openslide.ImageSlide(path)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise SlideError(f"{path}: not a slide or image format OpenSlide can open") from None
+
+
+def resize_tile(rgb: np.ndarray, tile_px: int) -> np.ndarray:
+    """Antialiased resize of a square tile to ``tile_px``: the whole-number part of the
+    factor by box averaging (``Image.reduce``, how pyramid levels are built, ~10x faster
+    than Lanczos), the rest with Lanczos. 448 -> 224 px is one ``reduce(2)``."""
+    image = Image.fromarray(rgb)
+    factor = rgb.shape[0] // tile_px
+    if factor >= 2:
+        image = image.reduce(factor)
+    if image.size != (tile_px, tile_px):
+        image = image.resize((tile_px, tile_px), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+class Slide:
+    """An open whole-slide image. Use as a context manager; see :func:`open_slide`."""
+
+    def __init__(self, path: str | Path, *, mpp: float | None = None, fast: bool = True):
+        self.path = str(path)
+        if not Path(self.path).exists():
+            raise SlideError(f"{self.path}: file not found")
+        self._osr = _open_backend(self.path)
+        props = dict(self._osr.properties)
+        try:
+            slide_mpp, source = resolve_mpp(self.path, props, mpp)
+        except SlideError:
+            self._osr.close()
+            raise
+        power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+        dims = tuple(self._osr.dimensions)
+        self.info = SlideInfo(
+            path=self.path,
+            vendor=props.get(openslide.PROPERTY_NAME_VENDOR) or "image",
+            dimensions=dims,  # type: ignore[arg-type]
+            level_dimensions=tuple(tuple(d) for d in self._osr.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
+            mpp=slide_mpp,
+            mpp_source=source,
+            objective_power=float(power) if power else None,
+            bounds=_bounds(props, dims),  # type: ignore[arg-type]
+        )
+        self.properties = props
+        self._fast = None
+        if fast:
+            from cscvision.slides.fastread import StoredTileReader
+
+            self._fast = StoredTileReader.open(self.path, self.info)
+
+    # context manager -------------------------------------------------------------------
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
+        self._osr.close()
+
+    # reading ---------------------------------------------------------------------------
+    @property
+    def uses_fast_path(self) -> bool:
+        return self._fast is not None
+
+    def read_region(self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 ``[h, w, 3]`` of ``size`` pixels at ``level``; transparent areas white."""
+        if self._fast is not None:
+            rgb = self._fast.read_region(xy_l0, level, size)
+            if rgb is not None:
+                return rgb
+        return self.read_region_openslide(xy_l0, level, size)
+
+    def read_region_openslide(
+        self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        try:
+            region = self._osr.read_region((int(xy_l0[0]), int(xy_l0[1])), level, size)
+        except openslide.OpenSlideError as e:
+            raise SlideError(f"{self.path}: read failed at {xy_l0} level {level} ({e})") from None
+        return _rgba_to_rgb_on_white(np.asarray(region))
+
+    def read_tile(self, xy_l0: tuple[int, int], plan: ReadPlan) -> np.ndarray:
+        """One tile of ``plan.tile_px`` at ``plan.mpp``, resized with antialiasing if needed."""
+        rgb = self.read_region(xy_l0, plan.level, (plan.read_px, plan.read_px))
+        if plan.read_px != plan.tile_px:
+            rgb = resize_tile(rgb, plan.tile_px)
+        return rgb
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at about ``mpp`` µm/px, read from the nearest pyramid level in strips."""
+        w, h = self.info.dimensions
+        scale = self.info.mpp / mpp
+        out_w, out_h = max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+        level = self._osr.get_best_level_for_downsample(mpp / self.info.mpp)
+        lw, lh = self.info.level_dimensions[level]
+        ds = self.info.level_downsamples[level]
+        rows_per_out = lh / out_h
+        strip_out = max(1, int(2048 / max(rows_per_out, 1e-9)))  # ~2k level rows a strip
+        strips = []
+        for oy in range(0, out_h, strip_out):
+            oh = min(strip_out, out_h - oy)
+            y0 = round(oy * rows_per_out)
+            y1 = max(y0 + 1, min(lh, round((oy + oh) * rows_per_out)))
+            try:
+                img = self._osr.read_region((0, round(y0 * ds)), level, (lw, y1 - y0))
+            except openslide.OpenSlideError as e:
+                raise SlideError(f"{self.path}: cannot read a thumbnail ({e})") from None
+            rgb = Image.fromarray(_rgba_to_rgb_on_white(np.asarray(img)))
+            strips.append(np.asarray(rgb.resize((out_w, oh), Image.Resampling.BOX)))
+        return np.concatenate(strips, axis=0)
+
+    def associated_images(self) -> list[str]:
+        return list(self._osr.associated_images)
+
+
+def open_slide(path: str | Path, *, mpp: float | None = None, fast: bool = True) -> Slide:
+    """Open a slide. ``mpp`` overrides the level-0 µm/px; without it metadata must say."""
+    return Slide(path, mpp=mpp, fast=fast)
+
+
+def openslide_library_version() -> str:
+    return getattr(openslide, "__library_version__", "unknown")

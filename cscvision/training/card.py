@@ -1,0 +1,161 @@
+"""The model card (``model.json``) and its human form (``README.md``).
+
+No torch here: writers and tools that only read a card import this module alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cscvision import __version__
+from cscvision.core.io import write_text
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(Exception):
+    """A model folder is missing, malformed, or does not match what is asked of it."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything inference needs to use a model, and what a reader needs to trust it."""
+
+    name: str
+    backbone: str
+    targets: tuple[str, ...] = ("stemness", "immunosuppressive")
+    colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    tile_px: int = 224
+    mpp: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    cscvision_version: str = __version__
+    trained_on: str = ""  # a human summary of the training cohort
+    training: dict[str, Any] = field(default_factory=dict)  # cohort counts, seed, config
+    metrics: dict[str, Any] = field(default_factory=dict)  # validation / held-out metrics
+    intended_use: str = "Research use only; not for diagnosis."
+
+    def threshold(self, target: str) -> float:
+        return float(self.thresholds.get(target, 0.5))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "model.json") -> ModelCard:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"name", "backbone"} - set(data)
+        if missing:
+            raise ModelError(f"{source}: missing fields {sorted(missing)}")
+        known = {k: v for k, v in data.items() if k in names}
+        for key in ("targets", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        if "colors" in known:
+            known["colors"] = {k: tuple(v) for k, v in known["colors"].items()}
+        return cls(**known)
+
+
+def read_card(model_dir: str | Path) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(
+            f"{path}: no model card; is {model_dir} an exported cscvision model?"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    return ModelCard.from_json(data, source=str(path))
+
+
+README_FILE = "README.md"
+
+
+def _is_synthetic(card: ModelCard) -> bool:
+    return bool(card.training.get("synthetic")) or "synthetic" in card.trained_on.lower()
+
+
+def _metric_rows(card: ModelCard) -> list[str]:
+    val, test = card.metrics.get("val", {}), card.metrics.get("test", {})
+
+    def cell(metrics: dict[str, Any], key: str) -> str:
+        value = metrics.get(key)
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+    rows = [
+        "| target | threshold | val AUROC | val AP | val F1 | test AUROC | test AP | test F1 "
+        "| test slide AUROC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in card.targets:
+        keys = [(val, f"auroc_{t}"), (val, f"ap_{t}"), (val, f"f1_{t}"), (test, f"auroc_{t}")]
+        keys += [(test, f"ap_{t}"), (test, f"f1_{t}"), (test, f"slide_auroc_{t}")]
+        cells = " | ".join(cell(m, k) for m, k in keys)
+        rows.append(f"| {t} | {card.threshold(t):.3f} | {cells} |")
+    return rows
+
+
+def model_readme(card: ModelCard) -> str:
+    """A human model card (Markdown) for ``card``."""
+    lines = [f"# {card.name}: cscvision tile model", ""]
+    if _is_synthetic(card):
+        lines += [
+            "> **Trained on synthetic data only.** This model has never seen a real slide; "
+            "its scores on real tissue mean nothing. It exists to test the pipeline.",
+            "",
+        ]
+    lines += [
+        f"**{card.intended_use}**",
+        "",
+        "## What it does",
+        f"Scores every tissue tile of {card.tile_px} × {card.tile_px} px at {card.mpp} µm/px "
+        f"for {len(card.targets)} targets, one sigmoid each (a tile can be several at once): "
+        f"{', '.join(card.targets)}. A tile counts as positive at the threshold below "
+        "(chosen to maximise F1 on validation).",
+        "",
+        "## Model",
+        f"- backbone: `{card.backbone}`; pretrained: {card.training.get('pretrained', 'unknown')}",
+        f"- input: RGB uint8 → `(x / 255 − mean) / std`, mean {list(card.mean)}, "
+        f"std {list(card.std)}",
+        f"- cscvision {card.cscvision_version}; load with `cscvision.load_model(DIR)`",
+        "",
+        "## Training data",
+        card.trained_on or "(not described)",
+        "",
+        "| split | slides | patients | tiles |",
+        "|---|---|---|---|",
+    ]
+    for split, counts in (card.training.get("cohort") or {}).items():
+        lines.append(
+            f"| {split} | {counts.get('slides', '–')} | {counts.get('patients', '–')} "
+            f"| {counts.get('tiles', '–')} |"
+        )
+    lines += ["", "## Metrics (tile level unless stated)", *_metric_rows(card), ""]
+    lines += [
+        "## To train a model for real use",
+        "Bring whole-slide images with either annotations or stains:",
+        "- QuPath GeoJSON or ASAP XML annotations of **stemness-rich** and "
+        "**immunosuppressive** regions (classes named in the config's class map), or",
+        "- IHC on serial or restained sections for stemness markers (e.g. SOX2, CD44, ALDH1) "
+        "and immunosuppression (e.g. FOXP3, CD163, PD-L1), turned into region labels;",
+        "- a cohort CSV (`slide_path,patient_id[,annotation_path]`) with enough patients for "
+        "patient-level train / validation / test splits; then `cscvision train --config ...`.",
+        "",
+        "Not a medical device. Not validated for diagnosis, prognosis or treatment decisions.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_readme(card: ModelCard, out_dir: str | Path) -> Path:
+    """Write ``README.md`` (the human model card) into ``out_dir``, atomically."""
+    return write_text(Path(out_dir) / README_FILE, model_readme(card))

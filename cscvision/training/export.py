@@ -1,0 +1,74 @@
+"""Exported models: ``model.safetensors`` + ``model.json`` in one folder.
+
+Loading never unpickles: weights come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cscvision.core.io import atomic_path, write_json
+from cscvision.training.card import (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    ModelCard,
+    ModelError,
+    read_card,
+)
+
+__all__ = [
+    "CARD_FILE",
+    "WEIGHTS_FILE",
+    "LoadedModel",
+    "ModelCard",
+    "ModelError",
+    "export_model",
+    "load_model",
+    "read_card",
+]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    net: torch.nn.Module
+    card: ModelCard
+    path: Path
+
+
+def export_model(net: torch.nn.Module, card: ModelCard, out_dir: str | Path) -> Path:
+    """Write ``net``'s weights and ``card`` into ``out_dir`` (each file atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"backbone": card.backbone, "name": card.name})
+    write_json(out_dir / CARD_FILE, card.to_json())
+    return out_dir
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the card's backbone and load its safetensors weights; eval mode, on ``device``."""
+    from cscvision.training.backbones import get_model
+
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.exists():
+        raise ModelError(f"{weights}: weights file missing")
+    net = get_model(card.backbone, num_outputs=len(card.targets))
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModelError(f"{weights}: cannot read safetensors weights ({e})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(
+            f"{weights}: weights do not match backbone {card.backbone!r} with "
+            f"{len(card.targets)} outputs ({str(e).splitlines()[0]})"
+        ) from None
+    return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)

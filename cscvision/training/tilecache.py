@@ -1,0 +1,275 @@
+"""Labelled tiles per slide: grid + soft targets, computed once and cached on disk.
+
+The cache folder of a slide is keyed by the slide file (path, size, mtime), the annotation
+file (same, plus a digest of its content), the grid spec and the class map; ``key.json`` is
+written last and marks the entry complete, so an interrupted run recomputes only what it had
+not finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cscvision import __version__
+from cscvision.core.io import atomic_path, write_json
+from cscvision.labels.annotations import (
+    GEOJSON_SUFFIXES,
+    ClassMap,
+    check_within,
+    read_annotations,
+    read_tile_labels,
+    tile_targets,
+)
+from cscvision.labels.cohort import CohortEntry
+from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, load_grid, make_grid, save_grid
+from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, open_slide
+
+SPLITS = ("train", "val", "test")
+_KEY_FILE = "key.json"
+_LABEL_FILE = "labels.npz"
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class SlideTiles:
+    """The labelled tissue tiles of one slide: level-0 corners and soft targets."""
+
+    slide_id: str
+    patient_id: str
+    split: str
+    slide_path: str
+    plan: ReadPlan
+    mpp_override: float | None  # level-0 µm/px to pass to open_slide, if not from metadata
+    xy_l0: np.ndarray  # int64[N, 2]
+    targets: np.ndarray  # float32[N, T], fraction of the tile's tissue in each target
+    tissue: np.ndarray  # float32[N]
+
+    def __len__(self) -> int:
+        return len(self.xy_l0)
+
+
+# --- labelling and caching ---------------------------------------------------------------------
+
+
+def _stat_key(path: str | Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def _content_key(path: str | Path | None) -> dict[str, Any] | None:
+    """Stat plus a digest of the content: annotation files are small, and an edit copied
+    back with its old mtime (``cp -p``, ``rsync -t``, an unzipped archive) must not hit."""
+    key = _stat_key(path)
+    if key is not None:
+        key["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return key
+
+
+def cache_key(
+    slide_path: str | Path,
+    annotation_path: str | Path | None,
+    spec: GridSpec,
+    class_map: ClassMap,
+    mpp_override: float | None = None,
+) -> str:
+    """Hex digest of everything the tiles and targets of a slide depend on."""
+    record = {
+        "slide": _stat_key(slide_path),
+        "annotations": _content_key(annotation_path),
+        "labels": 2,  # how regions become targets; 2: bounds offset for QuPath GeoJSON only
+        "spec": dataclasses.asdict(spec),
+        "class_map": class_map.to_dict(),
+        "mpp_override": mpp_override,
+        "version": __version__,
+    }
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def label_slide(
+    slide: Slide, annotation_path: str | Path | None, spec: GridSpec, class_map: ClassMap
+) -> tuple[TileGrid, np.ndarray, np.ndarray, list[str]]:
+    """Grid of ``slide`` and its soft targets: (grid, float32[N, T], excluded bool[N], unmapped).
+
+    Annotations are QuPath GeoJSON (bounds offset added) / ASAP XML (level-0) regions, or a
+    tile-label CSV (``x,y,<target>…``) whose rows must match grid tiles (others are excluded).
+    """
+    _, mask = detect_tissue(slide, spec.mask_mpp)
+    grid = make_grid(slide, spec, mask=mask)
+    n = len(grid)
+    if annotation_path is None or n == 0:
+        return grid, np.zeros((n, len(class_map.targets)), np.float32), np.zeros(n, bool), []
+    if Path(annotation_path).suffix.lower() == ".csv":
+        return (grid, *_csv_targets(grid, annotation_path, class_map.targets), [])
+    # QuPath GeoJSON is relative to the bounds corner; ASAP XML is in level-0 pixels.
+    qupath = Path(annotation_path).suffix.lower() in GEOJSON_SUFFIXES
+    offset = slide.info.bounds[:2] if qupath else (0, 0)
+    regions = read_annotations(annotation_path, offset_xy=offset)
+    check_within(regions, slide.info.dimensions, annotation_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unmapped classes: reported once per cohort, by file
+        result = tile_targets(
+            regions,
+            class_map,
+            grid.xy_l0,
+            grid.plan.tile_l0,
+            tissue_mask=mask,
+            mask_scale=mask.shape[1] / slide.info.dimensions[0],
+        )
+    return grid, result.targets.astype(np.float32), result.excluded, list(result.unmapped)
+
+
+def _csv_targets(
+    grid: TileGrid, path: str | Path, targets: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    xy, values = read_tile_labels(path, targets)
+    row_of = {(int(x), int(y)): i for i, (x, y) in enumerate(xy)}
+    rows = np.array([row_of.get((int(x), int(y)), -1) for x, y in grid.xy_l0], np.int64)
+    if len(rows) and (rows < 0).all():
+        raise DataError(
+            f"{path}: no tile-label row matches a tissue tile of the grid; x,y must be the "
+            f"level-0 corners of tiles of {grid.plan.tile_px} px at {grid.plan.mpp} µm/px"
+        )
+    out = np.zeros((len(rows), len(targets)), np.float32)
+    out[rows >= 0] = values[rows[rows >= 0]]
+    return out, rows < 0
+
+
+def _load_cached(
+    folder: Path, key: str
+) -> tuple[TileGrid, np.ndarray, np.ndarray, list[str]] | None:
+    try:
+        meta = json.loads((folder / _KEY_FILE).read_text())
+        if meta.get("key") != key:
+            return None
+        with np.load(folder / _LABEL_FILE) as z:
+            targets, excluded = z["targets"], z["excluded"]
+        return load_grid(folder), targets, excluded, list(meta.get("unmapped", []))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _save_cached(
+    folder: Path,
+    key: str,
+    grid: TileGrid,
+    targets: np.ndarray,
+    excluded: np.ndarray,
+    unmapped: list[str],
+) -> None:
+    save_grid(grid, folder)
+    with atomic_path(folder / _LABEL_FILE) as tmp, tmp.open("wb") as f:
+        np.savez(f, targets=targets, excluded=excluded)
+    write_json(folder / _KEY_FILE, {"key": key, "unmapped": unmapped})  # last: marks complete
+
+
+def prepare_slide(
+    entry: CohortEntry,
+    *,
+    split: str,
+    spec: GridSpec,
+    class_map: ClassMap,
+    cache_dir: str | Path,
+    mpp_override: float | None = None,
+) -> tuple[SlideTiles, list[str]]:
+    """Tiles and soft targets of one cohort slide, from the cache when it is current.
+
+    Returns the tiles (excluded tiles dropped) and the annotation classes no target maps.
+    """
+    key = cache_key(entry.slide_path, entry.annotation_path, spec, class_map, mpp_override)
+    folder = Path(cache_dir) / f"{entry.slide_id}-{key[:12]}"
+    cached = _load_cached(folder, key)
+    if cached is None:
+        with open_slide(entry.slide_path, mpp=mpp_override) as slide:
+            cached = label_slide(slide, entry.annotation_path, spec, class_map)
+        _save_cached(folder, key, *cached)
+    grid, targets, excluded, unmapped = cached
+    keep = ~np.asarray(excluded, bool)
+    tiles = SlideTiles(
+        slide_id=entry.slide_id,
+        patient_id=entry.patient_id,
+        split=split,
+        slide_path=str(entry.slide_path),
+        plan=grid.plan,
+        mpp_override=grid.slide_mpp if grid.mpp_source == MPP_FROM_OVERRIDE else None,
+        xy_l0=grid.xy_l0[keep],
+        targets=np.asarray(targets, np.float32)[keep],
+        tissue=grid.tissue[keep],
+    )
+    return tiles, unmapped
+
+
+def prepare_cohort(
+    entries: Sequence[CohortEntry],
+    splits: Mapping[str, str],
+    *,
+    spec: GridSpec,
+    class_map: ClassMap,
+    cache_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, list[SlideTiles]]:
+    """Tiles of every cohort slide, grouped by split; slides without tissue are skipped.
+
+    Warns once listing every annotation class that maps to no target, and for each slide
+    skipped; raises :class:`DataError` when the training or validation split is empty.
+    """
+    if not entries:
+        raise DataError("the cohort is empty; the cohort CSV needs one row per slide")
+    by_split: dict[str, list[SlideTiles]] = {s: [] for s in SPLITS}
+    unmapped: dict[str, set[str]] = {}
+    for entry in tqdm(entries, desc="tiling slides", unit="slide", disable=not progress):
+        split = splits[entry.slide_id]
+        tiles, names = prepare_slide(
+            entry, split=split, spec=spec, class_map=class_map, cache_dir=cache_dir
+        )
+        for name in names:
+            unmapped.setdefault(name, set()).add(str(entry.annotation_path))
+        if len(tiles) == 0:
+            warnings.warn(
+                f"{entry.slide_path}: no tissue tiles at {spec.mpp} µm/px with min_tissue "
+                f"{spec.min_tissue}; slide skipped (check the slide or lower grid.min_tissue)",
+                stacklevel=2,
+            )
+            continue
+        by_split[split].append(tiles)
+    if unmapped:
+        listing = "; ".join(f"{n!r} in {', '.join(sorted(f))}" for n, f in sorted(unmapped.items()))
+        warnings.warn(
+            f"annotation classes that map to no target (ignored): {listing}; add them to "
+            "classes.mapping, classes.ignore or classes.exclude in the config",
+            stacklevel=2,
+        )
+    for split in ("train", "val"):
+        if not by_split[split]:
+            raise DataError(
+                f"no {split} slide with tissue tiles among the {len(entries)} cohort slides; "
+                "check the slides, the cohort CSV's split column or the split fractions"
+            )
+    return by_split
+
+
+def subsample(tiles: SlideTiles, max_tiles: int | None, seed: int) -> SlideTiles:
+    """At most ``max_tiles`` tiles of a slide drawn at random, kept in raster order."""
+    if max_tiles is None or len(tiles) <= max_tiles:
+        return tiles
+    salt = int(hashlib.sha1(tiles.slide_id.encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng([seed, salt])
+    keep = np.sort(rng.choice(len(tiles), size=max_tiles, replace=False))
+    return dataclasses.replace(
+        tiles, xy_l0=tiles.xy_l0[keep], targets=tiles.targets[keep], tissue=tiles.tissue[keep]
+    )

@@ -1,0 +1,347 @@
+"""Training as one flat function: ``train(config) -> TrainResult``, for the CLI and notebooks.
+
+A run folder (``runs/<name>/`` unless ``run_dir`` says otherwise) holds the resolved
+``config.yaml``, ``versions.json``, the patient-level split (``splits.csv``), the tile cache,
+CSV and TensorBoard logs (``logs/``), checkpoints (``checkpoints/last.ckpt`` and the best by
+validation AUROC) and ``metrics.json``. A run folder with ``last.ckpt`` resumes from it.
+At the end the best checkpoint is exported (``models/<name>/`` unless ``export_dir``):
+weights, ``model.json`` with thresholds chosen on validation, and a human ``README.md``.
+
+Configuration: :mod:`cscvision.training.config` (YAML plus dotted ``key=value`` overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from cscvision import __version__
+from cscvision.core.io import write_json, write_text
+from cscvision.core.palette import target_colors
+from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
+from cscvision.labels.cohort import (
+    CohortEntry,
+    annotation_strata,
+    read_cohort,
+    read_splits,
+    split_by_patient,
+    write_splits,
+)
+from cscvision.training.card import ModelCard, write_model_readme
+from cscvision.training.config import (
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    with_absolute_paths,
+)
+from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, subsample
+from cscvision.training.export import export_model
+from cscvision.training.lit import TileClassifier, check_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "TrainConfig", "TrainError", "TrainResult", "load_config", "train"]
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot go on; the message says which file and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    model_dir: Path | None  # None on DDP ranks other than 0
+    best_checkpoint: Path
+    metrics: dict[str, dict[str, float]]  # "val" and "test": name → value
+    thresholds: dict[str, float]
+    summary: dict[str, dict[str, Any]]  # per split: slides, patients, tiles
+
+
+def train(
+    config: TrainConfig | str | Path,
+    *,
+    resume: bool | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train, validate, test and export as ``config`` says.
+
+    ``resume``: None resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists;
+    True requires it; False starts afresh (overwriting the run's checkpoints).
+    """
+    cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    cfg = with_absolute_paths(cfg)
+    if not cfg.cohort.csv:
+        raise ConfigError("cohort.csv: name the cohort manifest (CSV) to train on")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    class_map = ClassMap.from_dict(cfg.classes) if cfg.classes else DEFAULT_CLASS_MAP
+    entries = read_cohort(cfg.cohort.csv)
+    splits = _splits(run_dir / "splits.csv", entries, cfg, class_map)
+    _write_run_files(run_dir, cfg, entries, splits)
+    cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
+    by_split = prepare_cohort(
+        entries, splits, spec=cfg.grid, class_map=class_map, cache_dir=cache_dir, progress=progress
+    )
+    dm = _datamodule(cfg, by_split)
+    module = _module(cfg, class_map.targets, dm)
+    ckpt = _resume_checkpoint(run_dir, resume, module)
+    trainer, checkpoints = _trainer(cfg, run_dir, progress)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+    best = Path(checkpoints.best_model_path or run_dir / "checkpoints" / "last.ckpt")
+    metrics = _evaluate(trainer, module, dm, best)
+    thresholds = dict(zip(class_map.targets, module.thresholds.tolist(), strict=True))
+    model_dir = None
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", {"best_checkpoint": best, **metrics})
+        model_dir = _export(cfg, module, dm, metrics, thresholds, best)
+    return TrainResult(run_dir, model_dir, best, metrics, thresholds, dm.summary())
+
+
+# --- run folder ----------------------------------------------------------------------------------
+
+
+def _splits(
+    path: Path, entries: Sequence[CohortEntry], cfg: TrainConfig, class_map: ClassMap
+) -> dict[str, str]:
+    """The run's split: kept from ``splits.csv`` when resuming, else made per patient."""
+    if path.exists():
+        splits = read_splits(path)
+        missing = [e.slide_id for e in entries if e.slide_id not in splits]
+        if not missing:
+            _check_kept_splits(path, entries, splits)
+            return splits
+        raise TrainError(
+            f"{path}: the run's split lacks slide(s) {missing[:5]} of the cohort; the cohort "
+            "changed since this run began: use a new run folder (--run-dir)"
+        )
+    strata = annotation_strata(entries, class_map) if cfg.cohort.stratify else None
+    return split_by_patient(
+        entries, fractions=cfg.cohort.split_fractions, seed=cfg.cohort.split_seed, strata=strata
+    )
+
+
+def _check_kept_splits(
+    path: Path, entries: Sequence[CohortEntry], splits: Mapping[str, str]
+) -> None:
+    """A kept split must still put each patient of the manifest in one split and agree with
+    the splits the manifest fixes: else a test patient's slide could be trained on."""
+    seen: dict[str, str] = {}
+    for e in entries:
+        split = splits[e.slide_id]
+        if e.split is not None and e.split != split:
+            raise TrainError(
+                f"{path}: slide {e.slide_id!r} is in {split!r} here but the manifest fixes it "
+                f"to {e.split!r}; the cohort changed since this run began: use a new run "
+                "folder (--run-dir)"
+            )
+        if seen.setdefault(e.patient_id, split) != split:
+            raise TrainError(
+                f"{path}: patient {e.patient_id!r} now has slides in {seen[e.patient_id]!r} "
+                f"and {split!r}; the cohort changed since this run began: use a new run "
+                "folder (--run-dir)"
+            )
+
+
+def package_versions() -> dict[str, str]:
+    import lightning
+    import numpy
+    import torchmetrics
+    import torchvision
+
+    from cscvision.slides.slide import openslide_library_version
+
+    return {
+        "cscvision": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": lightning.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "numpy": numpy.__version__,
+        "openslide": openslide_library_version(),
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def _write_run_files(
+    run_dir: Path, cfg: TrainConfig, entries: Sequence[CohortEntry], splits: Mapping[str, str]
+) -> None:
+    import yaml
+
+    resolved = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    write_text(run_dir / "config.yaml", resolved)
+    write_json(run_dir / "versions.json", {"seed": cfg.seed, **package_versions()})
+    write_splits(run_dir / "splits.csv", entries, splits)
+
+
+# --- building the pieces -------------------------------------------------------------------------
+
+
+def _datamodule(cfg: TrainConfig, by_split: Mapping[str, Sequence[Any]]) -> TileDataModule:
+    limit = {"train": cfg.data.max_tiles_per_slide}
+    limit["val"] = limit["test"] = cfg.data.eval_max_tiles_per_slide
+    slides = {s: [subsample(t, limit[s], cfg.seed) for t in tiles] for s, tiles in by_split.items()}
+    return TileDataModule(
+        slides=slides,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        balance="sampler" if cfg.data.balance == "sampler" else "none",
+        seed=cfg.seed,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _module(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> TileClassifier:
+    weights = None
+    if cfg.data.balance == "pos_weight":
+        weights = [float(w) for w in pos_weight(dm.datasets["train"].targets)]
+        log.info("pos_weight per target %s: %s", list(targets), [round(w, 2) for w in weights])
+    return TileClassifier(
+        backbone=cfg.model.backbone,
+        targets=tuple(targets),
+        pretrained=cfg.model.pretrained,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        scheduler=cfg.optim.scheduler,
+        warmup_frac=cfg.optim.warmup_frac,
+        pos_weight=weights,
+        mean=cfg.model.mean,
+        std=cfg.model.std,
+        augment=cfg.data.augment,
+        slide_cutoff=cfg.metrics.slide_cutoff,
+        channels_last=cfg.model.channels_last,
+    )
+
+
+def _resume_checkpoint(run_dir: Path, resume: bool | None, module: TileClassifier) -> str | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume is False:
+        return None
+    if not last.exists():
+        if resume:
+            raise TrainError(f"{last}: no checkpoint to resume from; drop --resume to start")
+        return None
+    check_checkpoint(last, module)
+    log.info("resuming from %s", last)
+    return str(last)
+
+
+def _trainer(cfg: TrainConfig, run_dir: Path, progress: bool) -> tuple[L.Trainer, Any]:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.trainer
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-{epoch:03d}",
+        monitor=cfg.metrics.monitor,
+        mode=cfg.metrics.monitor_mode,
+        save_last=True,
+        save_top_k=1,
+    )
+    loggers = [  # version_0, version_1 after a resume, ...: no log is overwritten
+        CSVLogger(run_dir / "logs", name="csv"),
+        TensorBoardLogger(run_dir / "logs", name="tensorboard", default_hp_metric=False),
+    ]
+    extra = {k: v for k, v in dataclasses.asdict(t).items() if v is not None}
+    extra["precision"] = resolve_precision(t.precision, t.accelerator)
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        logger=loggers,
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+        **extra,
+    )
+    return trainer, checkpoints
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"``: bf16-mixed where the device computes bf16 fast, else 16-mixed on older
+    GPUs and 32-true on CPUs without bf16 kernels; any other value is passed through."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+# --- after training ------------------------------------------------------------------------------
+
+
+def _strip(results: Sequence[Mapping[str, float]], stage: str) -> dict[str, float]:
+    prefix = f"{stage}/"
+    merged = {k: float(v) for r in results for k, v in r.items()}
+    return {k[len(prefix) :]: v for k, v in merged.items() if k.startswith(prefix)}
+
+
+def _evaluate(
+    trainer: L.Trainer, module: TileClassifier, dm: TileDataModule, best: Path
+) -> dict[str, dict[str, float]]:
+    """Validation metrics of the best checkpoint (choosing thresholds), then held-out test."""
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    metrics = {"val": _strip(trainer.validate(module, datamodule=dm, verbose=False), "val")}
+    chosen = [metrics["val"].get(f"threshold_{t}", 0.5) for t in module.target_names]
+    module.thresholds.copy_(torch.tensor(chosen))
+    if len(dm.datasets["test"]):
+        metrics["test"] = _strip(trainer.test(module, datamodule=dm, verbose=False), "test")
+    else:
+        log.warning("no held-out test slides: test metrics are not reported")
+        metrics["test"] = {}
+    return metrics
+
+
+def _export(
+    cfg: TrainConfig,
+    module: TileClassifier,
+    dm: TileDataModule,
+    metrics: Mapping[str, Any],
+    thresholds: Mapping[str, float],
+    best: Path,
+) -> Path:
+    out_dir = Path(cfg.export_dir)
+    targets = module.target_names
+    colors = target_colors(targets, cfg.card.colors)
+    card = ModelCard(
+        name=cfg.name,
+        backbone=cfg.model.backbone,
+        targets=targets,
+        colors=colors,
+        thresholds=dict(thresholds),
+        tile_px=cfg.grid.tile_px,
+        mpp=cfg.grid.mpp,
+        # what the weights were trained with (a resumed run keeps the checkpoint's buffers)
+        mean=tuple(round(v, 7) for v in module.mean.tolist()),  # float32 → decimal
+        std=tuple(round(v, 7) for v in module.std.tolist()),
+        trained_on=cfg.card.trained_on or ("synthetic data only" if cfg.card.synthetic else ""),
+        training={
+            "cohort": dm.summary(),
+            "synthetic": cfg.card.synthetic,
+            "seed": cfg.seed,
+            "pretrained": cfg.model.pretrained or "none (trained from scratch)",
+            "best_checkpoint": best.name,
+            "config": config_to_dict(cfg),
+        },
+        metrics=json.loads(json.dumps(dict(metrics))),
+        intended_use=cfg.card.intended_use,
+    )
+    export_model(module.net.to(memory_format=torch.contiguous_format), card, out_dir)
+    write_model_readme(card, out_dir)
+    log.info("exported the model to %s", out_dir)
+    return out_dir

@@ -1,1 +1,0 @@
-"""Writers of the per-slide inference outputs; :mod:`cscvision.outputs` calls them in order."""

@@ -1,0 +1,160 @@
+"""The package's layering, as the README's architecture section states it.
+
+Stages, lowest first; a module may import its own stage and any stage below it, never one
+above. ``synth`` stands beside ``labels``: it uses only ``core`` and ``slides``, and only
+the CLI uses it. Every import counts (top of file, inside functions, under TYPE_CHECKING),
+and no module may reach itself again through its imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "cscvision"
+LAYERS = ("core", "slides", "labels", "features", "training", "outputs", "inference", "cli")
+# Stages outside the straight line, and what each may import.
+SIDE_STAGES = {"synth": {"core", "slides", "synth"}}
+# Top-level modules: the lazy API, ``python -m cscvision`` and test helpers sit above it all.
+TOP = {"cscvision", "cscvision.__main__", "cscvision.testing"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """cscvision modules ``path`` imports, anywhere in the file."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # submodules imported by name
+    return {m for m in found if m == "cscvision" or m.startswith("cscvision.")}
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {
+        name: {m for m in imports_of(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and module not in TOP else None
+
+
+def layering_violations(edges: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for src, targets in edges.items():
+        s = stage_of(src)
+        if s is None:
+            continue
+        for dst in sorted(targets):
+            if dst == "cscvision":  # the package root: only __version__ and the lazy API
+                continue
+            d = stage_of(dst)
+            if d is None:
+                bad.append(f"{src} imports {dst} (top-level modules are for users and tests)")
+            elif s in SIDE_STAGES:
+                if d not in SIDE_STAGES[s]:
+                    bad.append(f"{src} imports {dst}: {s} may use only {sorted(SIDE_STAGES[s])}")
+            elif d in SIDE_STAGES:
+                if s != "cli":
+                    bad.append(f"{src} imports {dst}: only the CLI uses {d}")
+            elif LAYERS.index(d) > LAYERS.index(s):
+                bad.append(f"{src} imports {dst}: {s} is below {d}")
+    return bad
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_every_stage_is_a_known_layer():
+    stages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert stages == set(LAYERS) | set(SIDE_STAGES)
+
+
+def test_layers_only_point_down():
+    assert layering_violations(graph()) == []
+
+
+def test_no_import_circles():
+    assert cycles(graph()) == []
+
+
+def test_checker_catches_an_upward_import_and_a_circle():
+    edges = graph()
+    edges["cscvision.slides.grid"] = {*edges["cscvision.slides.grid"], "cscvision.training.card"}
+    assert any("slides is below training" in v for v in layering_violations(edges))
+    edges["cscvision.core.io"] = {"cscvision.core.geometry"}
+    edges["cscvision.core.geometry"] = {"cscvision.core.io"}
+    assert any({"cscvision.core.io", "cscvision.core.geometry"} <= set(c) for c in cycles(edges))
+
+
+def test_imports_are_absolute():
+    # relative imports are resolved by imports_of, but the package uses none: one spelling
+    relative = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
+    assert relative == []
+
+
+@pytest.mark.parametrize("command", [["--help"], ["doctor", "--help"], ["infer", "--help"]])
+def test_cli_help_imports_no_torch(command):
+    import subprocess
+
+    code = (
+        "import sys\nfrom cscvision.cli import main\n"
+        f"try:\n    main({command!r})\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'lightning' not in sys.modules, 'lightning imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_public_api_is_lazy():
+    import subprocess
+
+    code = (
+        "import sys, cscvision\n"
+        "from cscvision import open_slide, make_grid, read_outputs, GridSpec\n"
+        "assert 'torch' not in sys.modules\n"
+        "from cscvision import load_model, predict_slide, train\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
