@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cscvision.slides.batch import SlideJob, collect_slides, make_jobs, parse_shard, shard_jobs
+from pydantic import Field
+
+from cscvision.core.io import check_writable
+from cscvision.core.validate import PLAUSIBLE_MPP, Flags, check_flags
+from cscvision.slides.batch import SlideJob, collect_inputs, make_jobs, parse_shard, shard_jobs
 from cscvision.slides.slide import load_mpp_overrides
 
 
@@ -14,7 +18,8 @@ def add_slide_args(parser: argparse.ArgumentParser) -> None:
         "slides",
         nargs="+",
         metavar="SLIDE_OR_DIR",
-        help="slide files, folders of slides, or CSV manifests (column slide_path)",
+        help="slide files, folders of slides, or CSV manifests (column slide_path, optional "
+        "slide_id); a file name starting with '-' goes after '--' or as ./-name",
     )
     parser.add_argument(
         "--out", required=True, type=Path, help="output folder (one subfolder per slide)"
@@ -48,8 +53,30 @@ def add_slide_args(parser: argparse.ArgumentParser) -> None:
 
 def jobs_from_args(args: argparse.Namespace) -> tuple[list[SlideJob], tuple[int, int] | None]:
     overrides = load_mpp_overrides(args.mpp_override) if args.mpp_override else None
-    jobs = make_jobs(collect_slides(args.slides), overrides, args.slide_mpp)
+    jobs = make_jobs(collect_inputs(args.slides), overrides, args.slide_mpp)
     shard = parse_shard(args.shard) if args.shard else None
     if shard is not None:
         jobs = shard_jobs(jobs, *shard)
     return jobs, shard
+
+
+def add_hardening_args(parser: argparse.ArgumentParser) -> None:
+    """Flags for batches that share ``--out`` with other runs (SLURM shards, a second job)."""
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for slides another run on the same --out is processing (default: skip "
+        "them and report them as busy)",
+    )
+
+
+class BatchFlags(Flags):
+    """The flags every slide batch shares (``--slide-mpp``), checked before any slide is read."""
+
+    slide_mpp: float | None = Field(None, ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
+
+
+def check_batch_args(args: argparse.Namespace) -> None:
+    """Validate the shared flags and probe-write ``--out``; ``ValueError`` naming the flag."""
+    check_flags(BatchFlags, slide_mpp=args.slide_mpp)
+    check_writable(args.out)

@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from pydantic import Field
+
+from cscvision.cli.common import (
+    add_hardening_args,
+    add_slide_args,
+    check_batch_args,
+    jobs_from_args,
+)
+from cscvision.core.validate import Flags, check_flags
 from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
 
 if TYPE_CHECKING:
@@ -81,8 +89,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads for the model (default: torch's choice); on a shared or busy "
         "machine fewer threads can be much faster",
     )
+    add_hardening_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
+
+
+class RunFlags(Flags):
+    """``cscvision infer`` flags that are not :class:`InferSettings`."""
+
+    threads: int | None = Field(None, ge=1, le=1024)
+    ray_workers: int | None = Field(None, ge=1)
+    ray_cpus: int = Field(1, ge=1)
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -121,7 +138,12 @@ def _add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> InferSettings:
-    settings = InferSettings(
+    """The flags, checked before any slide or the model is read (``ValueError`` naming one)."""
+    check_flags(
+        RunFlags, threads=args.threads, ray_workers=args.ray_workers, ray_cpus=args.ray_cpus
+    )
+    return check_flags(
+        InferSettings,
         overlap=args.overlap,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -130,8 +152,6 @@ def _settings(args: argparse.Namespace) -> InferSettings:
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
     )
-    settings.check()
-    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,16 +160,22 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.inference.batch import infer_job, job_complete, shard_suffix, write_results
     from cscvision.inference.predict import resolve_device
     from cscvision.outputs.slide_folder import model_identity
-    from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+    from cscvision.slides.batch import (
+        BatchError,
+        interrupted_line,
+        run_batch,
+        slide_dir,
+        summary_lines,
+        write_errors,
+    )
     from cscvision.slides.slide import SlideError
     from cscvision.training.export import ModelError, load_model
 
     try:
         settings = _settings(args)
         jobs, shard = jobs_from_args(args)
+        check_batch_args(args)
         if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError("--threads must be ≥ 1")
             torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
@@ -173,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
             lambda job: job_complete(job, out, model_info, settings),
             overwrite=args.overwrite,
             desc="infer",
+            folder_of=lambda job: slide_dir(out, job.slide_id),
+            wait=args.wait,
         )
         where = f"on {device}"
     errors = write_errors(out, report, shard)
@@ -182,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
     print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")
+    if report.interrupted:
+        print(interrupted_line(report, "infer"), file=sys.stderr)
+        return 128 + report.interrupted
     return 1 if report.failed else 0
 
 

@@ -5,8 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
-from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+from pydantic import Field
+
+from cscvision.cli.common import (
+    add_hardening_args,
+    add_slide_args,
+    check_batch_args,
+    jobs_from_args,
+)
+from cscvision.core.validate import PLAUSIBLE_MPP, Flags, check_flags
+from cscvision.inference.settings import MASK_MPP_RANGE
+from cscvision.slides.batch import (
+    BatchError,
+    interrupted_line,
+    run_batch,
+    slide_dir,
+    summary_lines,
+    write_errors,
+)
 from cscvision.slides.grid import GridSpec
 from cscvision.slides.slide import SlideError
 from cscvision.slides.tiling import tile_slide, tiling_complete
@@ -38,19 +54,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
     )
     p.add_argument("--export-tiles", action="store_true", help="also write every tile as a PNG")
+    add_hardening_args(p)
     p.set_defaults(func=run)
+
+
+class TileFlags(Flags):
+    """The ``cscvision tile`` flags, checked before any slide is read."""
+
+    mpp: float = Field(ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
+    tile_px: int = Field(ge=8, le=8192)
+    overlap: float = Field(ge=0, lt=1)
+    min_tissue: float = Field(ge=0, le=1)
+    mask_mpp: float = Field(ge=MASK_MPP_RANGE[0], le=MASK_MPP_RANGE[1])
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        spec = GridSpec(
+        flags = check_flags(
+            TileFlags,
             mpp=args.mpp,
             tile_px=args.tile_px,
             overlap=args.overlap,
             min_tissue=args.min_tissue,
             mask_mpp=args.mask_mpp,
         )
+        spec = GridSpec(**flags.model_dump())
         jobs, shard = jobs_from_args(args)
+        check_batch_args(args)
     except (BatchError, SlideError, ValueError) as e:
         print(f"cscvision tile: {e}", file=sys.stderr)
         return 2
@@ -67,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
         lambda job: tiling_complete(job, args.out, spec, args.export_tiles),
         overwrite=args.overwrite,
         desc="tiling",
+        folder_of=lambda job: slide_dir(args.out, job.slide_id),
+        wait=args.wait,
     )
     errors = write_errors(args.out, report, shard)
     for line in summary_lines(report, args.out, "tile", errors):
         print(line)
     print(f"tiles kept in this run: {n_tiles} ({spec.tile_px} px at {spec.mpp} µm/px)")
+    if report.interrupted:
+        print(interrupted_line(report, "tile"), file=sys.stderr)
+        return 128 + report.interrupted
     return 1 if report.failed else 0

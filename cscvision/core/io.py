@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import secrets
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,16 +43,75 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+# Temporary names carry the writing process (host and pid), so that a clean-up never
+# removes a file another live process is still writing: ``.<stem>.<host>-<pid>-<hex>.tmp<ext>``.
+_HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+
+
 def _create_temp(path: Path) -> Path:
     """A new empty file beside ``path``, created with the umask's mode (mkstemp's is 0600,
     which would leave outputs unreadable by the group after the rename)."""
     while True:
-        tmp = path.parent / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+        owner = f"{_HOST}-{os.getpid()}"
+        tmp = path.parent / f".{path.stem}.{owner}-{secrets.token_hex(4)}.tmp{path.suffix}"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
         return tmp
+
+
+def is_stale_temp(path: Path) -> bool:
+    """True for a temporary file of :func:`atomic_path` whose writer has ended: one of this
+    host whose process is gone (killed mid-write). Another host's, or a live process's, is
+    never stale: that process may still rename it."""
+    if ".tmp" not in path.name or not path.name.startswith("."):
+        return False
+    owner = path.name.rsplit(".tmp", 1)[0].rsplit(".", 1)[-1].split("-")  # host, pid, hex
+    if len(owner) != 3 or not owner[1].isdigit():
+        return False  # an older or foreign name: leave it
+    host, pid = owner[0], int(owner[1])
+    if host != _HOST or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` resolved, if it lies inside ``root`` (resolved); else ``ValueError``.
+
+    Every per-slide output path goes through this, so no slide id or file name can make a
+    writer escape the output folder (``..``, absolute parts, symlinks out of it)."""
+    root_r, path_r = Path(root).resolve(), Path(path).resolve()
+    if path_r != root_r and root_r not in path_r.parents:
+        raise ValueError(f"{path}: refusing to write outside the output folder {root}")
+    return path_r
+
+
+def check_writable(folder: str | Path, flag: str = "--out") -> Path:
+    """Create ``folder`` and write (then remove) a probe file in it, so a read-only or full
+    output folder is one clear error before any slide is read; raises ``ValueError``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".cscvision-probe") as tmp:
+            with tmp.open("wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        (folder / ".cscvision-probe").unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ValueError(
+            f"{flag} {folder}: cannot write there ({reason}); choose a writable folder with "
+            "free space"
+        ) from None
+    return folder
 
 
 def write_text(path: str | Path, text: str) -> Path:

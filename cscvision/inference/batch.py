@@ -9,6 +9,7 @@ a slide counts as complete by the same test (:func:`job_complete`), and the driv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import traceback
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 
-from cscvision.core.io import write_csv
 from cscvision.inference.predict import predict_slide
 from cscvision.inference.settings import InferSettings
 from cscvision.outputs.slide_folder import (
@@ -26,7 +26,7 @@ from cscvision.outputs.slide_folder import (
     write_slide_outputs,
 )
 from cscvision.outputs.summary import result_columns, result_row
-from cscvision.slides.batch import BatchReport, SlideJob
+from cscvision.slides.batch import BatchReport, SlideJob, merge_table, slide_dir
 from cscvision.training.export import LoadedModel
 
 
@@ -44,7 +44,9 @@ def job_complete(
     job: SlideJob, out_dir: Path, model_info: dict[str, str], settings: InferSettings
 ) -> bool:
     """True when ``out_dir/<slide_id>/`` holds complete outputs of this model and settings."""
-    return outputs_complete(out_dir / job.slide_id, model_info, slide_settings(settings, job))
+    return outputs_complete(
+        slide_dir(out_dir, job.slide_id), model_info, slide_settings(settings, job)
+    )
 
 
 def infer_job(
@@ -74,9 +76,11 @@ def infer_job(
         mask_mpp=settings.mask_mpp,
         progress=progress,
     )
+    # The job's id (safe, or the manifest's) names the folder and the files in it.
+    pred = dataclasses.replace(pred, grid=dataclasses.replace(pred.grid, slide_id=job.slide_id))
     return write_slide_outputs(
         pred,
-        out_dir / job.slide_id,
+        slide_dir(out_dir, job.slide_id),
         model.card,
         model_info=model_info,
         settings=slide_settings(settings, job),
@@ -102,17 +106,23 @@ def shard_suffix(shard: tuple[int, int] | None) -> str:
 def write_results(
     path: Path, jobs: list[SlideJob], report: BatchReport, model: LoadedModel
 ) -> Path:
-    """``results.csv``: one row per slide of this run (done or skipped: from its summary)."""
+    """``results.csv``: one row per slide of this run (done or skipped: from its summary;
+    failed: the reason), merged with the rows earlier runs wrote for other slides (the
+    newest row of a slide wins). Slides another run held (busy) or that the run did not
+    reach before a signal keep their earlier row."""
     targets = model.card.targets
     failed = {sid: reason for sid, _, reason in report.failed}
+    settled = set(report.done) | set(report.skipped)
     rows = []
     for job in jobs:
         if job.slide_id in failed:
             row = {"slide_id": job.slide_id, "slide_path": str(Path(job.slide_path).resolve())}
             row.update(status="failed", error=failed[job.slide_id].split(" | ")[0])
-        else:
-            summary = json.loads((path.parent / job.slide_id / SUMMARY).read_text())
+        elif job.slide_id in settled:
+            summary = json.loads((slide_dir(path.parent, job.slide_id) / SUMMARY).read_text())
             row = result_row(summary, targets)
+        else:
+            continue
         rows.append(row)
     columns = result_columns(targets)
-    return write_csv(path, columns, ([r.get(c, "") for c in columns] for r in rows))
+    return merge_table(path, columns, ([r.get(c, "") for c in columns] for r in rows))

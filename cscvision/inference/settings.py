@@ -1,32 +1,33 @@
-"""How a batch of slides is scored (the ``cscvision infer`` flags), without importing torch."""
+"""How a batch of slides is scored (the ``cscvision infer`` flags), without importing torch.
+
+A validated schema (pydantic): a value out of range is refused when the settings are made,
+before any slide is read, with the flag's name (:func:`cscvision.core.validate.check_flags`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import Field
+
+from cscvision.core.validate import Flags
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
 MAX_OVERLAP = 0.75
+MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
 
 
-@dataclass(frozen=True)
-class InferSettings:
+class InferSettings(Flags):
     """How every slide of a batch is scored (the ``cscvision infer`` flags)."""
 
-    overlap: float = 0.0
-    batch_size: int = 64
-    workers: int = 2
-    reader: str = "threads"
+    overlap: float = Field(0.0, ge=0, le=MAX_OVERLAP)
+    batch_size: int = Field(64, ge=1, le=65536)
+    workers: int = Field(2, ge=0, le=256)
+    reader: Literal["processes", "threads"] = "threads"
     amp: bool = False
-    min_tissue: float = 0.5
-    mask_mpp: float = DEFAULT_MASK_MPP
+    min_tissue: float = Field(0.5, ge=0, le=1)
+    mask_mpp: float = Field(DEFAULT_MASK_MPP, ge=MASK_MPP_RANGE[0], le=MASK_MPP_RANGE[1])
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the flag that is out of range."""
-        if not 0 <= self.overlap <= MAX_OVERLAP:
-            raise ValueError(f"--overlap {self.overlap}: choose a value from 0 to {MAX_OVERLAP}")
-        if self.batch_size < 1 or self.workers < 0:
-            raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
-        if self.reader not in READERS:
-            raise ValueError(f"--reader {self.reader!r}: choose one of {READERS}")
+        """Kept for callers of the dataclass version: the values were checked when made."""

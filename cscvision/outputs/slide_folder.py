@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cscvision.core.io import atomic_path, write_csv, write_json, write_png
+from cscvision.core.io import atomic_path, inside, is_stale_temp, write_csv, write_json, write_png
 from cscvision.outputs.geojson import (
     region_features,
     target_colors,
@@ -94,13 +94,15 @@ def outputs_complete(folder: str | Path, model_info: dict, settings: dict) -> bo
 
 def clear_partial(folder: str | Path) -> None:
     """Before (re)writing a slide: drop its summary (so it reads incomplete until done)
-    and temporary files left by a run that was killed while writing."""
+    and temporary files left by a run that was killed while writing (never those of a
+    process that is still running: :func:`~cscvision.core.io.is_stale_temp`)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     (folder / SUMMARY).unlink(missing_ok=True)
     for stale in folder.glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
+        if is_stale_temp(stale):
+            stale.unlink(missing_ok=True)
 
 
 # --- writers -----------------------------------------------------------------------------
@@ -206,6 +208,13 @@ def write_slide_outputs(
     """Write every per-slide output into ``out_dir`` (the slide's folder); returns the
     summary. ``summary.json`` goes last and marks the folder complete."""
     folder = Path(out_dir)
+    names = [
+        f"{pred.slide_id}.geojson",
+        *(likelihood_map_name(pred.slide_id, t) for t in card.targets),
+    ]
+    for name in names:  # named by slide id: refuse any that would land outside the folder
+        if inside(folder, folder / name).parent != folder.resolve():
+            raise ValueError(f"slide id {pred.slide_id!r}: not a plain file name; use a safe id")
     clear_partial(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_info = model_info or {"name": card.name, "version": card.cscvision_version}
@@ -225,6 +234,7 @@ def write_slide_outputs(
     written += write_overlays(folder, pred, card, pred.thumb if thumb is None else thumb)
     written.append(folder / f"{pred.slide_id}.geojson")
     write_geojson(written[-1], _geojson_features(pred, card))
+
     summary = summarize(pred, card, model_info, settings, [p.name for p in written])
     write_json(folder / SUMMARY, summary)
     return summary

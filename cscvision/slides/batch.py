@@ -1,26 +1,38 @@
 """Batches of slides: input discovery, sharding, resume, error records and progress.
 
 Used by ``cscvision tile`` and ``cscvision infer``: one bad slide is recorded in
-``errors.csv`` and skipped; the others finish.
+``errors.csv`` and skipped; the others finish. Each slide is processed under a lock in its
+folder (another run's slide is skipped as busy, or waited for); SIGTERM and SIGINT end the
+batch with :attr:`BatchReport.interrupted` set, after the tables are written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cscvision.core.io import read_csv, write_csv
-from cscvision.slides.grid import slide_id_of
+from cscvision.core.guard import (
+    Interrupted,
+    SlideBusy,
+    interrupt_on_signals,
+    slide_lock,
+    table_lock,
+)
+from cscvision.core.io import inside, read_csv, write_csv
+from cscvision.slides.grid import path_digest, safe_slide_id, slide_id_of
 
 SLIDE_SUFFIXES = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide",
     ".dcm", ".png", ".jpg", ".jpeg",
 )  # fmt: skip
+PLAIN_IMAGES = (".png", ".jpg", ".jpeg")  # slides only in a folder without whole-slide files
 
 
 class BatchError(Exception):
@@ -34,48 +46,101 @@ class SlideJob:
     mpp: float | None = None  # level-0 µm/px override for this slide, if any
 
 
+@dataclass(frozen=True)
+class SlideInput:
+    """A slide named on the command line, found in a folder, or listed in a manifest
+    (whose ``slide_id`` column, when given, is the slide's id)."""
+
+    path: Path
+    slide_id: str | None = None
+
+
 @dataclass
 class BatchReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # id, path, reason
+    busy: list[str] = field(default_factory=list)  # held by another run: not touched
     seconds: float = 0.0
+    interrupted: int | None = None  # the signal that ended the batch early
+    in_progress: str | None = None  # the slide abandoned when it did
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
 
-def _is_slide_file(path: Path) -> bool:
-    return (
-        path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES and not path.name.startswith(".")
-    )
+def _has_slide_suffix(path: Path) -> bool:
+    return path.suffix.lower() in SLIDE_SUFFIXES and not path.name.startswith(".")
 
 
-def _from_manifest(csv_path: Path) -> list[Path]:
+def _folder_slides(folder: Path) -> list[Path]:
+    """A folder's slides: its whole-slide files, and directories named like one (reported as
+    failed, not silently dropped); plain PNG/JPEG images only when the folder holds no
+    whole-slide file (so ``cscvision synth``'s masks and thumbnails are not slides)."""
+    named = sorted(p for p in folder.iterdir() if _has_slide_suffix(p))
+    whole = [p for p in named if p.suffix.lower() not in PLAIN_IMAGES]
+    if whole:
+        return whole
+    return [p for p in named if not p.is_dir()]
+
+
+def _from_manifest(csv_path: Path) -> list[SlideInput]:
     rows = read_csv(csv_path)
     column = next((c for c in ("slide_path", "slide", "path") if rows and c in rows[0]), None)
     if column is None:
         raise BatchError(f"{csv_path}: a slide manifest needs a 'slide_path' column")
-    return [(csv_path.parent / r[column]).resolve() for r in rows if r[column].strip()]
+    found = []
+    for line, row in enumerate(rows, start=2):
+        if not (row[column] or "").strip():
+            continue
+        slide_id = (row.get("slide_id") or "").strip() or None
+        if slide_id is not None and safe_slide_id(slide_id) != slide_id:
+            raise BatchError(
+                f"{csv_path} line {line}: slide_id {slide_id!r} cannot name a folder; "
+                f"use for example {safe_slide_id(slide_id)!r}"
+            )
+        path = Path(os.path.abspath(csv_path.parent / row[column].strip()))
+        found.append(SlideInput(path, slide_id))
+    return found
 
 
-def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
-    """Slides from files, folders (their slide files, not recursive) and manifest CSVs.
-
-    A path that does not exist is kept, so that it is reported as a failed slide.
-    """
-    slides: list[Path] = []
+def collect_inputs(inputs: Sequence[str | Path]) -> list[SlideInput]:
+    """Slides from files, folders (see :func:`_folder_slides`; not recursive) and manifest
+    CSVs. A path that does not exist is kept, so that it is reported as a failed slide."""
+    slides: list[SlideInput] = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            slides.extend(sorted(p for p in item.iterdir() if _is_slide_file(p)))
+        if item.is_dir() and not _has_slide_suffix(item):
+            slides.extend(SlideInput(p) for p in _folder_slides(item))
         elif item.suffix.lower() == ".csv" and item.is_file():
             slides.extend(_from_manifest(item))
         else:
-            slides.append(item)
+            slides.append(SlideInput(item))
     if not slides:
         raise BatchError(f"no slides found in {', '.join(map(str, inputs))}")
     return slides
+
+
+def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
+    """The paths of :func:`collect_inputs`."""
+    return [s.path for s in collect_inputs(inputs)]
+
+
+def input_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a slide file before anything opens it, or None."""
+    path = Path(path)
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == 40:  # ELOOP
+            return f"{path}: a symbolic link loop; point it at the slide file"
+        return None  # missing files are reported by the reader
+    if path.is_dir():
+        return (
+            f"{path}: a directory, not a slide file; pass the slide files inside it, or "
+            "rename the folder if it is not a slide"
+        )
+    return None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -96,38 +161,87 @@ def shard_jobs(jobs: Sequence[SlideJob], index: int, count: int) -> list[SlideJo
 
 
 def make_jobs(
-    slides: Sequence[Path],
+    slides: Sequence[Path | SlideInput],
     overrides: dict[str, float] | None = None,
     slide_mpp: float | None = None,
 ) -> list[SlideJob]:
-    """One job per slide; slide ids (file stems) must be unique, as they name output folders."""
+    """One job per slide, with its id: the manifest's ``slide_id``, else the safe file stem.
+
+    Two different files whose stems give one id (case-insensitively: one folder on macOS and
+    Windows) both get ``<stem>-<8 hex digits of the resolved path>``, an id of the path
+    alone; a manifest id that clashes is an error.
+    """
     from cscvision.slides.slide import override_for
 
-    jobs = []
-    seen: dict[str, Path] = {}  # by case-folded id: one folder on macOS and Windows
-    for path in slides:
-        slide_id = slide_id_of(path)
-        key = slide_id.casefold()
-        if key in seen:
-            if seen[key].resolve() == Path(path).resolve():
-                continue  # the same file named twice (folder and manifest, say)
+    items = [s if isinstance(s, SlideInput) else SlideInput(Path(s)) for s in slides]
+    unique: dict[Path, SlideInput] = {}
+    for item in items:  # the same file named twice (folder and manifest, say) is one job
+        known = unique.setdefault(_resolved(item.path), item)
+        if item.slide_id and not known.slide_id:
+            unique[_resolved(item.path)] = item
+    stems: dict[str, int] = {}
+    for item in unique.values():
+        if item.slide_id is None:
+            key = slide_id_of(item.path).casefold()
+            stems[key] = stems.get(key, 0) + 1
+    jobs, seen = [], {}
+    for resolved, item in unique.items():
+        slide_id = item.slide_id or slide_id_of(item.path)
+        if item.slide_id is None and stems[slide_id.casefold()] > 1:
+            slide_id = f"{slide_id[:90]}-{path_digest(resolved)}"
+        if slide_id.casefold() in seen:
             raise BatchError(
-                f"two slides share the id {slide_id!r}: {seen[key]} and {path}; "
-                "rename one (outputs are named by slide id)"
+                f"two slides share the id {slide_id!r}: {seen[slide_id.casefold()]} and "
+                f"{item.path}; give each its own slide_id in the manifest"
             )
-        seen[key] = path
-        mpp = slide_mpp if slide_mpp is not None else override_for(path, overrides or {})
-        jobs.append(SlideJob(slide_path=path, slide_id=slide_id, mpp=mpp))
+        seen[slide_id.casefold()] = item.path
+        mpp = slide_mpp if slide_mpp is not None else override_for(item.path, overrides or {})
+        jobs.append(SlideJob(slide_path=item.path, slide_id=slide_id, mpp=mpp))
     return jobs
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: reported when the job runs
+        return Path(os.path.abspath(path))
+
+
+def slide_dir(out_dir: str | Path, slide_id: str) -> Path:
+    """``out_dir/<slide_id>``, refused (``ValueError``) unless it lies inside ``out_dir``."""
+    folder = Path(out_dir) / slide_id
+    inside(out_dir, folder)
+    if folder.resolve() == Path(out_dir).resolve():
+        raise ValueError(f"slide id {slide_id!r} would write into the --out root {out_dir}")
+    return folder
 
 
 def errors_name(shard: tuple[int, int] | None) -> str:
     return "errors.csv" if shard is None else f"errors_shard{shard[0]}of{shard[1]}.csv"
 
 
+def merge_table(
+    path: Path, header: Sequence[str], rows: Iterable[Sequence[object]], drop: Iterable[str] = ()
+) -> Path:
+    """Write ``rows`` (keyed by their first column, ``slide_id``) to ``path`` and keep the
+    rows of slides an earlier run wrote there that these rows and ``drop`` do not name: the
+    newest row of a slide wins. Under a lock beside ``path``, so concurrent runs never drop
+    each other's rows."""
+    new = [list(r) for r in rows]
+    with table_lock(path):
+        old = read_csv(path) if path.is_file() else []
+        gone = {str(r[0]) for r in new} | set(drop)
+        kept = [[r.get(c) or "" for c in header] for r in old if r.get(header[0]) not in gone]
+        write_csv(path, header, new + kept)
+    return path
+
+
 def write_errors(out_dir: Path, report: BatchReport, shard: tuple[int, int] | None = None) -> Path:
+    """``errors.csv``: this run's failures, and earlier failures of slides this run did not
+    settle (a slide done or skipped as complete leaves it)."""
     path = out_dir / errors_name(shard)
-    return write_csv(path, ["slide_id", "slide_path", "error"], report.failed)
+    settled = [*report.done, *report.skipped]
+    return merge_table(path, ["slide_id", "slide_path", "error"], report.failed, drop=settled)
 
 
 def run_batch(
@@ -138,34 +252,58 @@ def run_batch(
     overwrite: bool = False,
     desc: str = "slides",
     on_error: Callable[[SlideJob, BaseException], None] | None = None,
+    folder_of: Callable[[SlideJob], Path] | None = None,
+    wait: bool = False,
 ) -> BatchReport:
     """Run ``process`` on each job with a progress bar; record failures and go on.
 
-    A job whose outputs are complete is skipped unless ``overwrite``.
+    A job whose outputs are complete is skipped unless ``overwrite``. With ``folder_of``,
+    each job runs under the lock of its folder: one another run holds is skipped as busy
+    (or, with ``wait``, waited for). SIGTERM or SIGINT stops the batch: the report says which
+    and the slide that was abandoned.
     """
     report = BatchReport()
     start = time.perf_counter()
     bar = tqdm(jobs, desc=desc, unit="slide", dynamic_ncols=True)
-    for job in bar:
-        bar.set_postfix_str(job.slide_id)
-        if not overwrite and is_complete(job):
-            report.skipped.append(job.slide_id)
-            continue
+    with interrupt_on_signals():
         try:
-            process(job)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one bad slide must not stop the batch
-            reason = f"{type(e).__name__}: {e}"
-            if not _is_expected(e):
-                reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
-            report.failed.append((job.slide_id, str(job.slide_path), reason))
-            if on_error is not None:
-                on_error(job, e)
-        else:
-            report.done.append(job.slide_id)
+            for job in bar:
+                bar.set_postfix_str(job.slide_id)
+                report.in_progress = job.slide_id
+                _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, wait)
+            report.in_progress = None
+        except Interrupted as e:
+            report.interrupted = e.signum
+        finally:
+            bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, wait) -> None:
+    try:
+        problem = input_problem(job.slide_path)
+        if problem is not None:
+            from cscvision.slides.slide import SlideError
+
+            raise SlideError(problem)
+        folder = folder_of(job) if folder_of is not None else None
+        with slide_lock(folder, wait=wait) if folder is not None else contextlib.nullcontext():
+            if not overwrite and is_complete(job):
+                report.skipped.append(job.slide_id)
+                return
+            process(job)
+    except SlideBusy:
+        report.busy.append(job.slide_id)
+    except Exception as e:  # one bad slide must not stop the batch
+        reason = f"{type(e).__name__}: {e}"
+        if not _is_expected(e):
+            reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
+        report.failed.append((job.slide_id, str(job.slide_path), reason))
+        if on_error is not None:
+            on_error(job, e)
+    else:
+        report.done.append(job.slide_id)
 
 
 def _is_expected(error: Exception) -> bool:
@@ -180,7 +318,24 @@ def summary_lines(report: BatchReport, out_dir: Path, what: str, errors: Path) -
         f"{len(report.failed)} failed in {report.seconds:.1f} s",
         f"outputs: {out_dir}",
     ]
+    if report.busy:
+        lines.append(
+            f"{len(report.busy)} slides left to the other run holding them (re-run, or "
+            f"--wait, to check them): {', '.join(report.busy[:10])}"
+        )
     if report.failed:
         lines.append(f"failed slides and reasons: {errors}")
         lines.extend(f"  {sid}: {reason.split(' | ')[0]}" for sid, _, reason in report.failed[:10])
     return lines
+
+
+def interrupted_line(report: BatchReport, what: str) -> str:
+    """The one line a batch ended by a signal prints (to stderr)."""
+    import signal
+
+    name = signal.Signals(report.interrupted).name if report.interrupted else "?"
+    return (
+        f"cscvision {what}: stopped by {name}; {len(report.done)} slides done, "
+        f"{report.in_progress or 'no slide'} abandoned (no partial file kept); tables "
+        "written for what finished; re-run the same command to resume"
+    )

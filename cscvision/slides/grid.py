@@ -7,6 +7,7 @@ everything needed to read the same tiles again and to trust them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -101,13 +102,50 @@ def grid_coords(
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
+MAX_ID_CHARS = 100
+_UNSAFE_ID_CHARS = set('/\\:*?"<>|')
+_RESERVED_IDS = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                 *(f"lpt{i}" for i in range(10))}  # fmt: skip
+
+
+def safe_slide_id(text: str) -> str:
+    """``text`` made safe as a folder and file name on every filesystem.
+
+    Separators, control characters and ``: * ? " < > |`` become ``_``; leading dots and
+    spaces (``.``, ``..``, hidden names) and trailing dots and spaces become ``_``; an empty
+    name becomes ``slide``; Windows device names get a ``_`` prefix; a name longer than
+    :data:`MAX_ID_CHARS` is cut and ends with 8 hex digits of a digest of the whole name.
+    A safe name comes back unchanged.
+    """
+    chars = ["_" if c in _UNSAFE_ID_CHARS or not c.isprintable() else c for c in text]
+    name = "".join(chars)
+    core = name.lstrip(". ")
+    name = "_" * (len(name) - len(core)) + core
+    core = name.rstrip(". ")
+    name = core + "_" * (len(name) - len(core)) if core else name
+    if not name.strip("_"):
+        name = name or "slide"
+    if name.split(".")[0].casefold() in _RESERVED_IDS:
+        name = "_" + name
+    if len(name) > MAX_ID_CHARS:
+        name = f"{name[: MAX_ID_CHARS - 9]}-{path_digest(text)}"
+    return name
+
+
+def path_digest(text: str | Path) -> str:
+    """8 hex digits of SHA-256 of ``text``: a short, stable tag for a name or path."""
+    return hashlib.sha256(str(text).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def slide_id_of(path: str | Path) -> str:
-    """Slide id: the file name without its extension (``.ome.tiff`` counts as one)."""
+    """Slide id: the file name without its extension (``.ome.tiff`` counts as one),
+    made safe by :func:`safe_slide_id`."""
     name = Path(path).name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+            return safe_slide_id(name[: -len(ext)])
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+    return safe_slide_id(stem)
 
 
 def detect_tissue(

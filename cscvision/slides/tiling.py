@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from cscvision.core.io import write_png
-from cscvision.slides.batch import SlideJob
+from cscvision.slides.batch import SlideJob, slide_dir
 from cscvision.slides.grid import (
     GRID_SIDECAR,
     GridSpec,
@@ -74,12 +75,12 @@ def tile_slide(
     job: SlideJob, out_dir: str | Path, spec: GridSpec, *, export_tiles: bool = False
 ) -> TileGrid:
     """Detect tissue, cut the grid and write the slide's folder; raises SlideError if no tissue."""
-    folder = Path(out_dir) / job.slide_id
+    folder = slide_dir(out_dir, job.slide_id)
     # The sidecar marks the folder complete: drop an older one before changing anything.
     (folder / GRID_SIDECAR).unlink(missing_ok=True)
     with open_slide(job.slide_path, mpp=job.mpp) as slide:
         _, mask = detect_tissue(slide, spec.mask_mpp)
-        grid = make_grid(slide, spec, mask=mask)
+        grid = dataclasses.replace(make_grid(slide, spec, mask=mask), slide_id=job.slide_id)
         shown_mpp = preview_mpp(slide)
         preview = draw_tissue_preview(slide.thumbnail(shown_mpp), mask, grid, shown_mpp)
         write_png(folder / TISSUE_PNG, preview)
@@ -98,7 +99,7 @@ def tile_slide(
 
 
 def tiling_complete(job: SlideJob, out_dir: str | Path, spec: GridSpec, export_tiles: bool) -> bool:
-    folder = Path(out_dir) / job.slide_id
+    folder = slide_dir(out_dir, job.slide_id)
     if not grid_is_current(folder, job.slide_path, spec, job.mpp):
         return False
     if export_tiles and not (folder / TILES_DIR).is_dir():

@@ -1,67 +1,94 @@
 """The model card (``model.json``) and its human form (``README.md``).
 
+The card is one validated schema (pydantic v2) with a ``schema_version``: a card whose field
+has the wrong type or an impossible value is refused on load with a message naming the
+field (``ModelError``), before any slide is read. Cards without ``schema_version`` (written
+before it existed) load as version 1. A new field with a default is one line below; bump
+:data:`CARD_SCHEMA_VERSION` only when a field changes meaning or becomes required.
 No torch here: writers and tools that only read a card import this module alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cscvision import __version__
 from cscvision.core.io import write_text
+from cscvision.core.validate import PLAUSIBLE_MPP, describe_error
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+CARD_SCHEMA_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Channel = Annotated[int, Field(ge=0, le=255)]
+Unit = Annotated[float, Field(ge=0, le=1)]
+Positive = Annotated[float, Field(gt=0)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class ModelError(Exception):
     """A model folder is missing, malformed, or does not match what is asked of it."""
 
 
-@dataclass(frozen=True)
-class ModelCard:
+class ModelCard(BaseModel):
     """Everything inference needs to use a model, and what a reader needs to trust it."""
 
-    name: str
-    backbone: str
-    targets: tuple[str, ...] = ("stemness", "immunosuppressive")
-    colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)
-    tile_px: int = 224
-    mpp: float = 0.5
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False, strict=False)
+
+    schema_version: int = Field(CARD_SCHEMA_VERSION, ge=1, le=CARD_SCHEMA_VERSION)
+    name: Name
+    backbone: Name
+    targets: tuple[Name, ...] = Field(("stemness", "immunosuppressive"), min_length=1)
+    colors: dict[str, tuple[Channel, Channel, Channel]] = Field(default_factory=dict)
+    thresholds: dict[str, Unit] = Field(default_factory=dict)
+    tile_px: int = Field(224, ge=8, le=8192)
+    mpp: float = Field(0.5, ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
+    mean: tuple[Unit, Unit, Unit] = IMAGENET_MEAN
+    std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     cscvision_version: str = __version__
     trained_on: str = ""  # a human summary of the training cohort
-    training: dict[str, Any] = field(default_factory=dict)  # cohort counts, seed, config
-    metrics: dict[str, Any] = field(default_factory=dict)  # validation / held-out metrics
+    training: dict[str, Any] = Field(default_factory=dict)  # cohort counts, seed, config
+    metrics: dict[str, Any] = Field(default_factory=dict)  # validation / held-out metrics
     intended_use: str = "Research use only; not for diagnosis."
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"target names must be unique, got {list(targets)}")
+        return targets
 
     def threshold(self, target: str) -> float:
         return float(self.thresholds.get(target, 0.5))
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="python")
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "model.json") -> ModelCard:
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_json(cls, data: Any, source: str = "model.json") -> ModelCard:
+        """A card from parsed JSON; ``ModelError`` naming ``source`` and the field if the
+        data does not fit the schema (version 1 when ``schema_version`` is absent)."""
+        if not isinstance(data, dict):
+            raise ModelError(f"{source}: a model card is a JSON object, got {type(data).__name__}")
         missing = {"name", "backbone"} - set(data)
         if missing:
             raise ModelError(f"{source}: missing fields {sorted(missing)}")
-        known = {k: v for k, v in data.items() if k in names}
-        for key in ("targets", "mean", "std"):
-            if key in known:
-                known[key] = tuple(known[key])
-        if "colors" in known:
-            known["colors"] = {k: tuple(v) for k, v in known["colors"].items()}
-        return cls(**known)
+        version = data.get("schema_version", 1)
+        if isinstance(version, int) and version > CARD_SCHEMA_VERSION:
+            raise ModelError(
+                f"{source}: card schema_version {version} is newer than this cscvision reads "
+                f"({CARD_SCHEMA_VERSION}); upgrade cscvision"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ModelError(f"{source}: {describe_error(e, cls, flag=False)}") from None
 
 
 def read_card(model_dir: str | Path) -> ModelCard:
@@ -72,8 +99,10 @@ def read_card(model_dir: str | Path) -> ModelCard:
         raise ModelError(
             f"{path}: no model card; is {model_dir} an exported cscvision model?"
         ) from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the model card ({e.strerror or e})") from None
     return ModelCard.from_json(data, source=str(path))
 
 

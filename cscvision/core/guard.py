@@ -1,0 +1,81 @@
+"""Guards for batches that share an output folder or get stopped: per-slide locks, signals.
+
+A batch (``cscvision tile``/``infer``) takes a lock file in each slide's folder before it
+looks at or writes that folder, so SLURM shards and other runs on the same ``--out`` never
+write one slide at once. SIGTERM (a SLURM time limit) and SIGINT (Ctrl-C) end the batch
+between or inside slides with an exception, so every ``finally`` runs (temporary files
+are removed) and the batch writes its tables for what finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+LOCK_FILE = ".cscvision.lock"
+
+
+class SlideBusy(Exception):
+    """Another run holds the lock of this slide's folder."""
+
+
+class Interrupted(BaseException):
+    """The batch got SIGTERM or SIGINT; ``signum`` says which (exit status 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def slide_lock(folder: str | Path, *, wait: bool = False) -> Iterator[Path]:
+    """Hold ``folder/.cscvision.lock`` (created with the folder) for the block.
+
+    Raises :class:`SlideBusy` at once when another process holds it, or waits for it with
+    ``wait``. The lock is an ``fcntl`` lock (``filelock``): the kernel drops it when the
+    process dies, so a killed run never leaves a slide locked. The lock file stays (deleting
+    it would let two runs lock two different files of one name).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_FILE, timeout=-1 if wait else 0, thread_local=False)
+    try:
+        lock.acquire(poll_interval=0.2)
+    except Timeout:
+        raise SlideBusy(f"{folder}: another run is processing this slide") from None
+    try:
+        yield folder
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def table_lock(path: str | Path) -> Iterator[None]:
+    """Hold a lock beside the run table ``path`` while it is read, merged and written."""
+    path = Path(path)
+    with FileLock(path.with_name(f".{path.name}.lock"), thread_local=False):
+        yield
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Interrupted` and SIGINT raises it too
+    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,62 @@
+"""Schemas for flags and files, checked before any slide is read (pydantic v2).
+
+A command's flags are a pydantic model whose field ``min_tissue`` is the flag
+``--min-tissue``; :func:`check_flags` builds it and turns a validation error into one
+``ValueError`` that names the flag, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+# Level-0 µm/px a slide or a flag may claim: 0.05 (beyond any scanner) to 20 (a 0.5x scan).
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+class Flags(BaseModel):
+    """Base of a flag schema: immutable, no unknown fields, no NaN or infinity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+F = TypeVar("F", bound=BaseModel)
+
+
+def check_flags(schema: type[F], **values: Any) -> F:
+    """``schema(**values)``, or ``ValueError("--flag value: what is wrong (allowed ...)")``."""
+    try:
+        return schema(**values)
+    except ValidationError as e:
+        raise ValueError(describe_error(e, schema, flag=True)) from None
+
+
+def describe_error(error: ValidationError, schema: type[BaseModel], *, flag: bool) -> str:
+    """The first problem of ``error`` in one line: the field (as ``--flag`` or a dotted
+    field path), the value given, what is wrong and the allowed range when there is one."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    name = "--" + loc[0].replace("_", "-") if flag and loc else ".".join(loc) or "value"
+    allowed = _allowed(schema, loc[0]) if loc else ""
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) and not flag else f" {given!r}"
+    message = first["msg"][0].lower() + first["msg"][1:]
+    return f"{name}{shown}: {message}{allowed}"
+
+
+def _allowed(schema: type[BaseModel], field: str) -> str:
+    info = getattr(schema, "model_fields", {}).get(field)
+    if info is None:
+        return ""
+    bounds = {}
+    for item in info.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(item, key, None) is not None:
+                bounds[key] = getattr(item, key)
+    if not bounds:
+        return ""
+    low = f"{'≥' if 'ge' in bounds else '>'} {bounds.get('ge', bounds.get('gt'))}"
+    high = f"{'≤' if 'le' in bounds else '<'} {bounds.get('le', bounds.get('lt'))}"
+    parts = [p for p, k in ((low, ("ge", "gt")), (high, ("le", "lt"))) if set(k) & set(bounds)]
+    return f" (allowed: {' and '.join(parts)})"
