@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,8 +14,25 @@ from cscvision import __version__
 COMMANDS = ("demo", "synth", "tile", "train", "infer", "doctor")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint when a file name starting with '-' was taken for a flag."""
+
+    argv: Sequence[str] = ()
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        dashed = [a for a in self.argv if a.startswith("-") and a != "-" and os.path.lexists(a)]
+        if dashed:
+            name = dashed[0]
+            message += (
+                f"\n{name!r} is a file whose name starts with '-', so it reads as a flag: put "
+                f"file names after '--' (cscvision COMMAND --out OUT ... -- {name}) or write "
+                f"it as ./{name}"
+            )
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cscvision",
         description=(
             "Map stemness-rich and immunosuppressive tumour-microenvironment regions in "
@@ -36,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -151,9 +151,14 @@ def _object_type(feature: dict, props: dict) -> str:
 
 def _shape(geometry: dict, label: str) -> Any:
     try:
-        return shape(geometry)
+        geom = shape(geometry)
     except Exception as e:  # shapely raises several types for malformed coordinates
         raise AnnotationError(f"{label}: malformed geometry ({e})") from None
+    if not np.isfinite(shapely.get_coordinates(geom)).all():
+        raise AnnotationError(
+            f"{label}: a coordinate is NaN or Infinity; fix or delete the object and export again"
+        )
+    return geom
 
 
 def _polygonal(geom: Any, label: str) -> Polygon | MultiPolygon | None:

@@ -8,6 +8,7 @@ not finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -260,7 +261,33 @@ def prepare_cohort(
                 f"no {split} slide with tissue tiles among the {len(entries)} cohort slides; "
                 "check the slides, the cohort CSV's split column or the split fractions"
             )
+    require_positives(by_split["train"], entries, class_map)
     return by_split
+
+
+def require_positives(
+    train: Sequence[SlideTiles], entries: Sequence[CohortEntry], class_map: ClassMap
+) -> None:
+    """Raise :class:`DataError` when a target has no positive training tile (target ≥ 0.5):
+    a model exported from such data cannot have learned it. The message lists the
+    annotation classes found in the training slides and the class map."""
+    counts = sum(((t.targets >= 0.5).sum(axis=0) for t in train), np.zeros(len(class_map.targets)))
+    empty = [t for t, n in zip(class_map.targets, counts, strict=True) if n == 0]
+    if not empty:
+        return
+    ids = {t.slide_id for t in train}
+    found: set[str] = set()
+    for entry in entries:
+        if entry.slide_id in ids and entry.annotation_path is not None:
+            with contextlib.suppress(ValueError, OSError):
+                found |= {r.name for r in read_annotations(entry.annotation_path)}
+    raise DataError(
+        f"target(s) {empty} have no positive training tile ({len(train)} training slides), so "
+        f"a model could not learn them. Annotation classes found: {sorted(found) or 'none'}; "
+        f"class map: targets {list(class_map.targets)}, mapping {class_map.mapping or '{}'}, "
+        f"ignore {list(class_map.ignore)}. Map a class to each target (classes.mapping in the "
+        "config), annotate it, or drop the target"
+    )
 
 
 def subsample(tiles: SlideTiles, max_tiles: int | None, seed: int) -> SlideTiles:
