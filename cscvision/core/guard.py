@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 LOCK_FILE = ".cscvision.lock"
+TABLES_LOCK_FILE = ".cscvision-tables.lock"
 
 
 class SlideBusy(Exception):
@@ -56,9 +57,9 @@ def slide_lock(folder: str | Path, *, wait: bool = False) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def table_lock(path: str | Path) -> Iterator[None]:
-    """Hold a lock beside the run table ``path`` while it is read, merged and written."""
-    path = Path(path)
-    with FileLock(path.with_name(f".{path.name}.lock"), thread_local=False):
+    """Hold the run tables' lock (one per folder) while the table ``path`` is read, merged
+    and written."""
+    with FileLock(Path(path).with_name(TABLES_LOCK_FILE), thread_local=False):
         yield
 
 

@@ -26,7 +26,7 @@ from cscvision.outputs.slide_folder import (
     write_slide_outputs,
 )
 from cscvision.outputs.summary import result_columns, result_row
-from cscvision.slides.batch import BatchReport, SlideJob, merge_table, slide_dir
+from cscvision.slides.batch import BatchReport, SlideJob, merge_table, resolved_path, slide_dir
 from cscvision.training.export import LoadedModel
 
 
@@ -116,7 +116,7 @@ def write_results(
     rows = []
     for job in jobs:
         if job.slide_id in failed:
-            row = {"slide_id": job.slide_id, "slide_path": str(Path(job.slide_path).resolve())}
+            row = {"slide_id": job.slide_id, "slide_path": str(resolved_path(Path(job.slide_path)))}
             row.update(status="failed", error=failed[job.slide_id].split(" | ")[0])
         elif job.slide_id in settled:
             summary = json.loads((slide_dir(path.parent, job.slide_id) / SUMMARY).read_text())

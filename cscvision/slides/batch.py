@@ -176,9 +176,9 @@ def make_jobs(
     items = [s if isinstance(s, SlideInput) else SlideInput(Path(s)) for s in slides]
     unique: dict[Path, SlideInput] = {}
     for item in items:  # the same file named twice (folder and manifest, say) is one job
-        known = unique.setdefault(_resolved(item.path), item)
+        known = unique.setdefault(resolved_path(item.path), item)
         if item.slide_id and not known.slide_id:
-            unique[_resolved(item.path)] = item
+            unique[resolved_path(item.path)] = item
     stems: dict[str, int] = {}
     for item in unique.values():
         if item.slide_id is None:
@@ -200,7 +200,8 @@ def make_jobs(
     return jobs
 
 
-def _resolved(path: Path) -> Path:
+def resolved_path(path: Path) -> Path:
+    """``path.resolve()``, or the absolute path where it cannot be resolved (a symlink loop)."""
     try:
         return path.resolve()
     except (OSError, RuntimeError):  # a symlink loop: reported when the job runs
