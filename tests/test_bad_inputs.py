@@ -184,7 +184,7 @@ def test_directory_named_like_a_slide_is_reported(world, out, capsys):
     fake = world["folder"] / "fake.svs"
     fake.mkdir(exist_ok=True)
     before = _files(out)
-    status, text = _infer(world, out, fake, capsys=capsys)
+    status, _ = _infer(world, out, fake, capsys=capsys)
     assert status == 1
     errors = {r["slide_id"]: r["error"] for r in read_csv(out / "errors.csv")}
     assert "a directory, not a slide file" in errors["fake"]
@@ -499,5 +499,5 @@ def test_one_patient_cohort_says_why_it_cannot_be_split(tmp_path):
 
     entries = [CohortEntry(slide_path=Path(f"s{i}.tif"), patient_id="p1", slide_id=f"s{i}")
                for i in range(3)]  # fmt: skip
-    with pytest.raises(CohortError, match="one patient .*at least 2 patients.*split column"):
+    with pytest.raises(CohortError, match=r"one patient .*at least 2 patients.*split column"):
         split_by_patient(entries)

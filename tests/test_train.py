@@ -293,3 +293,16 @@ def test_a_kept_split_that_now_mixes_a_patient_is_refused(tmp_path):
     fixed = [old[0], CohortEntry("b", "P2", old[1].slide_path, split="train")]
     with pytest.raises(TrainError, match="'b'"):
         _splits(path, fixed, TrainConfig(), DEFAULT_CLASS_MAP)
+
+
+def test_a_target_without_positive_training_tiles_is_refused(cohort_csv, tmp_path, capsys):
+    from cscvision.cli import main
+
+    classes = "classes={targets: [stemness, hypoxia], mapping: {Stemness-rich: stemness}}"
+    args = [*toy_overrides(cohort_csv, tmp_path), classes]
+    assert main(["train", "--quiet", "--set", *args]) == 2
+    err = capsys.readouterr().err
+    assert "['hypoxia'] have no positive training tile" in err
+    assert "'Immunosuppressive'" in err and "'Stemness-rich'" in err  # the classes found
+    assert "mapping {'Stemness-rich': 'stemness'}" in err
+    assert not (tmp_path / "model" / "model.json").exists()

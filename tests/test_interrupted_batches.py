@@ -1,0 +1,117 @@
+"""Real ``cscvision infer`` processes: stopped by SIGTERM mid-batch, two at once on one --out."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cscvision.core.io import read_csv
+from cscvision.testing import output_snapshot, write_pyramid
+from cscvision.training.backbones import get_model
+from cscvision.training.export import ModelCard, export_model
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SLIDES = 5
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> dict:
+    """Five small slides, a tiny model, and one uninterrupted reference run."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("batch")
+    card = ModelCard(name="tiny", backbone="small_cnn", tile_px=32, mpp=1.0)
+    model = export_model(get_model("small_cnn", 2), card, folder / "model")
+    rng = np.random.default_rng(0)
+    for i in range(N_SLIDES):
+        rgb = np.full((512, 512, 3), 243, np.uint8)
+        rgb[64:448, 64 + 8 * i : 448] = rng.integers(120, 200, (384, 384 - 8 * i, 3), np.uint8)
+        write_pyramid(folder / "slides" / f"s{i}.tif", rgb, mpp=0.5, levels=1)
+    info = {"folder": folder, "model": model, "slides": folder / "slides"}
+    done = _run(info, folder / "reference")
+    assert done.returncode == 0, done.stderr
+    info["reference"] = folder / "reference"
+    return info
+
+
+def _cmd(batch: dict, out: Path, *extra: str) -> list[str]:
+    model = str(batch["model"])
+    return [sys.executable, "-m", "cscvision", "infer", str(batch["slides"]), "--model", model,
+            "--out", str(out), "--workers", "0", "--threads", "1", *extra]  # fmt: skip
+
+
+def _run(batch: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(batch, out, *extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    return {r["slide_id"]: {k: v for k, v in r.items() if k != "seconds"}
+            for r in read_csv(out / "results.csv")}  # fmt: skip
+
+
+def _temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_sigterm_mid_batch_then_rerun_gives_the_uninterrupted_outputs(batch, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(batch, out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "s2").exists() and time.monotonic() < deadline:  # s2 is being locked
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "re-run the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not _temporaries(out)
+    rows = _rows(out)  # written for what finished
+    assert {"s0", "s1"} <= set(rows) and "s4" not in rows
+    assert not (out / "s4" / "summary.json").exists(), "the run finished before the signal"
+    again = _run(batch, out)
+    assert again.returncode == 0, again.stderr
+    assert output_snapshot(out) == output_snapshot(batch["reference"])
+
+
+def test_sigint_ends_the_batch_with_130(batch, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(batch, out), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "s1").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGINT" in stderr and not _temporaries(out)
+    assert (out / "results.csv").exists() and (out / "errors.csv").exists()
+
+
+def test_two_runs_on_one_out_never_corrupt_or_drop_anything(batch, tmp_path):
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(_cmd(batch, out, *extra), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for extra in ((), ("--wait",))]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr
+    reference = output_snapshot(batch["reference"])
+    mine = output_snapshot(out)
+    slides = {k: v for k, v in reference.items() if not k.startswith(("results", "errors"))}
+    assert {k: v for k, v in mine.items() if k in slides} == slides
+    assert set(mine) == set(reference)
+    assert _rows(out) == _rows(batch["reference"])
+    assert not _temporaries(out)
+    # each slide was scored by exactly one run (the other skipped it as busy or complete)
+    done = sum(int(s.split(" done")[0].split()[-1]) for s, _ in results)
+    assert done == N_SLIDES
