@@ -495,9 +495,21 @@ def test_geojson_with_non_finite_coordinates_is_a_message(tmp_path, value):
 
 
 def test_one_patient_cohort_says_why_it_cannot_be_split(tmp_path):
-    from cscvision.labels.cohort import CohortEntry, CohortError, split_by_patient
+    from cscvision.labels.cohort import CohortEntry, CohortError, check_splittable
 
     entries = [CohortEntry(slide_path=Path(f"s{i}.tif"), patient_id="p1", slide_id=f"s{i}")
                for i in range(3)]  # fmt: skip
     with pytest.raises(CohortError, match=r"one patient .*at least 2 patients.*split column"):
-        split_by_patient(entries)
+        check_splittable(entries)
+
+
+def test_no_slide_folder_resolves_outside_out(tmp_path):
+    from cscvision.slides.batch import slide_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "evil").symlink_to(tmp_path)  # a link left in --out that points out of it
+    for slide_id in ("..", "../x", "evil", ".", ""):
+        with pytest.raises(ValueError, match=r"outside the output folder|--out root"):
+            slide_dir(out, slide_id)
+    assert slide_dir(out, "ok") == out / "ok"

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import tissue_like
 
 from cscvision.core.io import read_csv
 from cscvision.testing import output_snapshot, write_pyramid
@@ -30,10 +30,9 @@ def batch(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("batch")
     card = ModelCard(name="tiny", backbone="small_cnn", tile_px=32, mpp=1.0)
     model = export_model(get_model("small_cnn", 2), card, folder / "model")
-    rng = np.random.default_rng(0)
+    (folder / "slides").mkdir()
     for i in range(N_SLIDES):
-        rgb = np.full((512, 512, 3), 243, np.uint8)
-        rgb[64:448, 64 + 8 * i : 448] = rng.integers(120, 200, (384, 384 - 8 * i, 3), np.uint8)
+        rgb = tissue_like(512, 512, seed=i, box=(64 + 16 * i, 64, 448, 448))
         write_pyramid(folder / "slides" / f"s{i}.tif", rgb, mpp=0.5, levels=1)
     info = {"folder": folder, "model": model, "slides": folder / "slides"}
     done = _run(info, folder / "reference")

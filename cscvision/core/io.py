@@ -63,13 +63,14 @@ def _create_temp(path: Path) -> Path:
 
 def is_stale_temp(path: Path) -> bool:
     """True for a temporary file of :func:`atomic_path` whose writer has ended: one of this
-    host whose process is gone (killed mid-write). Another host's, or a live process's, is
-    never stale: that process may still rename it."""
+    host whose process is gone (killed mid-write), or one whose name does not say its writer
+    (written before names did). Another host's, or a live process's, is never stale: that
+    process may still rename it."""
     if ".tmp" not in path.name or not path.name.startswith("."):
         return False
     owner = path.name.rsplit(".tmp", 1)[0].rsplit(".", 1)[-1].split("-")  # host, pid, hex
     if len(owner) != 3 or not owner[1].isdigit():
-        return False  # an older or foreign name: leave it
+        return True  # a name without its writer: from a version before names carried it
     host, pid = owner[0], int(owner[1])
     if host != _HOST or pid == os.getpid():
         return False

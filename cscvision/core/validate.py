@@ -15,16 +15,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 PLAUSIBLE_MPP = (0.05, 20.0)
 
 
+FLAG_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class Flags(BaseModel):
-    """Base of a flag schema: immutable, no unknown fields, no NaN or infinity."""
+    """Base of a flag schema: immutable, no unknown fields, no NaN or infinity (a pydantic
+    dataclass with ``config=FLAG_CONFIG`` works the same with :func:`check_flags`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-F = TypeVar("F", bound=BaseModel)
+    model_config = ConfigDict(frozen=True, **FLAG_CONFIG)
 
 
-def check_flags(schema: type[F], **values: Any) -> F:
+F = TypeVar("F")
+
+
+def check_flags(schema: type[F], **values: Any) -> F:  # a model or a pydantic dataclass
     """``schema(**values)``, or ``ValueError("--flag value: what is wrong (allowed ...)")``."""
     try:
         return schema(**values)
@@ -32,7 +36,7 @@ def check_flags(schema: type[F], **values: Any) -> F:
         raise ValueError(describe_error(e, schema, flag=True)) from None
 
 
-def describe_error(error: ValidationError, schema: type[BaseModel], *, flag: bool) -> str:
+def describe_error(error: ValidationError, schema: type, *, flag: bool) -> str:
     """The first problem of ``error`` in one line: the field (as ``--flag`` or a dotted
     field path), the value given, what is wrong and the allowed range when there is one."""
     first = error.errors()[0]
@@ -45,8 +49,9 @@ def describe_error(error: ValidationError, schema: type[BaseModel], *, flag: boo
     return f"{name}{shown}: {message}{allowed}"
 
 
-def _allowed(schema: type[BaseModel], field: str) -> str:
-    info = getattr(schema, "model_fields", {}).get(field)
+def _allowed(schema: type, field: str) -> str:
+    fields = getattr(schema, "model_fields", None) or getattr(schema, "__pydantic_fields__", {})
+    info = fields.get(field)
     if info is None:
         return ""
     bounds = {}

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from cscvision.core.validate import Flags
+from cscvision.core.validate import FLAG_CONFIG
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
@@ -18,8 +19,10 @@ MAX_OVERLAP = 0.75
 MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
 
 
-class InferSettings(Flags):
-    """How every slide of a batch is scored (the ``cscvision infer`` flags)."""
+@dataclass(frozen=True, config=FLAG_CONFIG)
+class InferSettings:
+    """How every slide of a batch is scored (the ``cscvision infer`` flags); a dataclass
+    checked by pydantic when made."""
 
     overlap: float = Field(0.0, ge=0, le=MAX_OVERLAP)
     batch_size: int = Field(64, ge=1, le=65536)

@@ -105,6 +105,20 @@ def _resolve(value: str, folder: Path) -> Path:
 # --- splits --------------------------------------------------------------------------------
 
 
+def check_splittable(entries: Sequence[CohortEntry]) -> None:
+    """Raise :class:`CohortError` for a cohort that cannot be split per patient (one patient
+    and no ``split`` column): say why, and what to do."""
+    patients = sorted({e.patient_id for e in entries})
+    fixed = _fixed_splits(entries)
+    if len(patients) == 1 and not fixed:
+        raise CohortError(
+            f"the cohort has one patient ({patients[0]!r}): a patient-level split needs at "
+            "least 2 patients (train and validation; 3 with a test split), since slides of one "
+            "patient on both sides would leak. Add patients, or set a split column in the "
+            "cohort CSV to decide each slide's split yourself"
+        )
+
+
 def split_by_patient(
     entries: Sequence[CohortEntry],
     *,
@@ -124,13 +138,6 @@ def split_by_patient(
     weights = _fractions(fractions)
     fixed = _fixed_splits(entries)
     patients = sorted({e.patient_id for e in entries})
-    if len(patients) == 1 and not fixed:
-        raise CohortError(
-            f"the cohort has one patient ({patients[0]!r}): a patient-level split needs at "
-            "least 2 patients (train and validation; 3 with a test split), since slides of one "
-            "patient on both sides would leak. Add patients, or set a split column in the "
-            "cohort CSV to decide each slide's split yourself"
-        )
     strata = strata or {}
     by_stratum: dict[str, list[str]] = defaultdict(list)
     for p in patients:

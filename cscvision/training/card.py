@@ -10,11 +10,13 @@ No torch here: writers and tools that only read a card import this module alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 from cscvision import __version__
 from cscvision.core.io import write_text
@@ -36,14 +38,15 @@ class ModelError(Exception):
     """A model folder is missing, malformed, or does not match what is asked of it."""
 
 
-class ModelCard(BaseModel):
-    """Everything inference needs to use a model, and what a reader needs to trust it."""
+@dataclass(frozen=True, config=ConfigDict(extra="ignore", allow_inf_nan=False))
+class ModelCard:
+    """Everything inference needs to use a model, and what a reader needs to trust it.
 
-    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False, strict=False)
+    A dataclass checked by pydantic when made (``dataclasses.replace`` checks again)."""
 
-    schema_version: int = Field(CARD_SCHEMA_VERSION, ge=1, le=CARD_SCHEMA_VERSION)
     name: Name
     backbone: Name
+    schema_version: int = Field(CARD_SCHEMA_VERSION, ge=1, le=CARD_SCHEMA_VERSION)
     targets: tuple[Name, ...] = Field(("stemness", "immunosuppressive"), min_length=1)
     colors: dict[str, tuple[Channel, Channel, Channel]] = Field(default_factory=dict)
     thresholds: dict[str, Unit] = Field(default_factory=dict)
@@ -68,7 +71,7 @@ class ModelCard(BaseModel):
         return float(self.thresholds.get(target, 0.5))
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="python")
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: Any, source: str = "model.json") -> ModelCard:
@@ -86,9 +89,12 @@ class ModelCard(BaseModel):
                 f"({CARD_SCHEMA_VERSION}); upgrade cscvision"
             )
         try:
-            return cls.model_validate(data)
+            return _CARD.validate_python(data)
         except ValidationError as e:
             raise ModelError(f"{source}: {describe_error(e, cls, flag=False)}") from None
+
+
+_CARD = TypeAdapter(ModelCard)
 
 
 def read_card(model_dir: str | Path) -> ModelCard:

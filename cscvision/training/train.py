@@ -32,6 +32,7 @@ from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
 from cscvision.labels.cohort import (
     CohortEntry,
     annotation_strata,
+    check_splittable,
     read_cohort,
     read_splits,
     split_by_patient,
@@ -127,6 +128,7 @@ def _splits(
             f"{path}: the run's split lacks slide(s) {missing[:5]} of the cohort; the cohort "
             "changed since this run began: use a new run folder (--run-dir)"
         )
+    check_splittable(entries)
     strata = annotation_strata(entries, class_map) if cfg.cohort.stratify else None
     return split_by_patient(
         entries, fractions=cfg.cohort.split_fractions, seed=cfg.cohort.split_seed, strata=strata
