@@ -513,3 +513,14 @@ def test_no_slide_folder_resolves_outside_out(tmp_path):
         with pytest.raises(ValueError, match=r"outside the output folder|--out root"):
             slide_dir(out, slide_id)
     assert slide_dir(out, "ok") == out / "ok"
+
+
+def test_one_patient_cohort_stops_train_before_any_slide_is_read(tmp_path, capsys):
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("slide_path,patient_id\na.svs,p1\nb.svs,p1\n")
+    for name in ("a.svs", "b.svs"):
+        (tmp_path / name).write_bytes(b"never read")
+    args = [f"cohort.csv={cohort}", f"run_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'm'}"]
+    status, text = _cli(["train", "--quiet", "--set", *args], capsys)
+    assert status == 2 and "the cohort has one patient ('p1')" in text, text
+    assert not (tmp_path / "m").exists()

@@ -50,6 +50,8 @@ class ModelCard:
     targets: tuple[Name, ...] = Field(("stemness", "immunosuppressive"), min_length=1)
     colors: dict[str, tuple[Channel, Channel, Channel]] = Field(default_factory=dict)
     thresholds: dict[str, Unit] = Field(default_factory=dict)
+    # per-target temperature or isotonic map fitted on validation (training.calibration)
+    calibration: dict[str, Any] = Field(default_factory=dict)
     tile_px: int = Field(224, ge=8, le=8192)
     mpp: float = Field(0.5, ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
     mean: tuple[Unit, Unit, Unit] = IMAGENET_MEAN
