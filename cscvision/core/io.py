@@ -100,12 +100,14 @@ def check_writable(folder: str | Path, flag: str = "--out") -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / ".cscvision-probe") as tmp:
-            with tmp.open("wb") as f:
+        probe = _create_temp(folder / ".cscvision-probe")  # a name of this process alone
+        try:
+            with probe.open("wb") as f:
                 f.write(b"\0" * 65536)
                 f.flush()
                 os.fsync(f.fileno())
-        (folder / ".cscvision-probe").unlink()
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
         reason = e.strerror or str(e)
         raise ValueError(
