@@ -174,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         jobs, shard = jobs_from_args(args)
+        if args.ray:
+            from cscvision.inference.distributed import import_ray
+
+            import_ray()  # before --out is made: without Ray nothing is written
         check_batch_args(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -181,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device("cpu" if args.ray else args.device)
         model = load_model(args.model, device)
     except (BatchError, SlideError, ModelError, ValueError, RuntimeError) as e:
-        print(f"cscvision infer: {e}", file=sys.stderr)
+        print(f"cscvision infer: {e}", file=sys.stderr)  # RayUnavailable is a RuntimeError
         return 2
     out: Path = args.out
     model_info = model_identity(model)

@@ -28,9 +28,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from cscvision.core.guard import slide_lock
 from cscvision.inference.batch import failure_reason, infer_job
 from cscvision.inference.settings import InferSettings
-from cscvision.slides.batch import BatchReport, SlideJob
+from cscvision.slides.batch import BatchReport, SlideJob, slide_dir
 from cscvision.training.export import LoadedModel
 
 RAY_INSTALL = 'pip install "cscvision[ray]"'
@@ -162,14 +163,16 @@ class SlideWorker:
     def run(self, job: SlideJob) -> str | None:
         """Score one slide and write its outputs; None when done, else the failure reason."""
         try:
-            infer_job(
-                job,
-                self.model,
-                self.out_dir,
-                self.settings,
-                model_info=self.model_info,
-                device=self.device,
-            )
+            # Under the slide's lock, as the local path (waiting: the driver chose the slide).
+            with slide_lock(slide_dir(self.out_dir, job.slide_id), wait=True):
+                infer_job(
+                    job,
+                    self.model,
+                    self.out_dir,
+                    self.settings,
+                    model_info=self.model_info,
+                    device=self.device,
+                )
         except Exception as e:  # one bad slide must not stop the worker or the batch
             return failure_reason(e)
         return None
