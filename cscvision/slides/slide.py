@@ -154,13 +154,22 @@ def _mpp_from_openslide(properties: dict[str, str]) -> float | None:
     return (x + y) / 2
 
 
+# OpenSlide drivers whose µm/px is the TIFF resolution tags, not a scanner's own record.
+_MPP_FROM_TIFF_TAGS_VENDORS = frozenset({"generic-tiff"})
+
+
 def _mpp_from_metadata(path: str, properties: dict[str, str]) -> tuple[float, str] | None:
-    vendor_mpp = _mpp_from_openslide(properties)
-    if vendor_mpp is not None:
-        return vendor_mpp, MPP_FROM_OPENSLIDE
-    tiff_mpp = _mpp_from_tiff_tags(path)
     # Plain TIFFs often carry 72-1200 dpi (353-21 µm/px) from an image editor: not a
-    # microscope, so TIFF tags outside MPP_RANGE count as no µm/px at all.
+    # microscope, so TIFF tags outside MPP_RANGE count as no µm/px at all, whether
+    # OpenSlide (generic-tiff) or tifffile read them. A scanner's own value is kept, to be
+    # refused when implausible.
+    vendor_mpp = _mpp_from_openslide(properties)
+    from_tags = properties.get(openslide.PROPERTY_NAME_VENDOR) in _MPP_FROM_TIFF_TAGS_VENDORS
+    if vendor_mpp is not None and (mpp_is_plausible(vendor_mpp) or not from_tags):
+        return vendor_mpp, MPP_FROM_OPENSLIDE
+    if vendor_mpp is not None:
+        return None
+    tiff_mpp = _mpp_from_tiff_tags(path)
     if tiff_mpp is not None and mpp_is_plausible(tiff_mpp):
         return tiff_mpp, MPP_FROM_TIFF
     return None
