@@ -286,11 +286,12 @@ def read_xy(table: Path) -> set[tuple[int, int]]:
         return {(int(r["x"]), int(r["y"])) for r in csv.DictReader(f)}
 
 
-def test_corrupt_tile_skipped_on_export_is_listed(good, tmp_path):
+def test_corrupt_tile_skipped_on_export_is_listed(good, tmp_path, capsys):
     bad = corrupt_svs(tmp_path / "corrupt.svs")
     out = tmp_path / "out"
     flags = ("--export-tiles", "--on-corrupt-tile", "skip")
     assert run_batch_with(good, out, "tile", bad, *flags) == 0
+    assert "corrupt tiles skipped: 4 in 1 slide(s) (corrupt 4)" in capsys.readouterr().out
     every, hit = full_grid(bad)
     assert hit == {(224, 224), (448, 224), (224, 448), (448, 448)}
     sidecar = json.loads((out / "corrupt" / "tiles.json").read_text())
@@ -317,10 +318,11 @@ def test_infer_fails_a_slide_with_a_corrupt_tile_naming_it(good, tmp_path):
 
 
 @pytest.mark.slow
-def test_infer_skips_corrupt_tiles_and_completes_the_slide(good, tmp_path):
+def test_infer_skips_corrupt_tiles_and_completes_the_slide(good, tmp_path, capsys):
     bad = corrupt_svs(tmp_path / "corrupt.svs")
     out = tmp_path / "out"
     assert run_batch_with(good, out, "infer", bad, "--on-corrupt-tile", "skip") == 0
+    assert "corrupt tiles skipped: 4 in 1 slide(s) (corrupt 4)" in capsys.readouterr().out
     summary = json.loads((out / "corrupt" / "summary.json").read_text())
     every, hit = full_grid(bad)
     assert {tuple(xy) for xy in summary["corrupt_tiles"]["xy_l0"]} == hit and len(hit) == 4
@@ -418,3 +420,32 @@ def test_folder_listing_takes_a_dicom_folder_as_one_slide(tmp_path):
     (cohort / "notes").mkdir()
     assert collect_slides([cohort]) == [cohort / "a.svs", cohort / "dicom_slide"]
     assert collect_slides([cohort / "dicom_slide"]) == [cohort / "dicom_slide"]
+
+
+def test_corrupt_tiles_cross_reader_processes_and_threads_alike(tmp_path):
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    from cscvision.inference.predict import predict_tiles
+    from cscvision.training.export import load_model
+
+    torch.set_num_threads(1)
+    bad = corrupt_svs(tmp_path / "corrupt.svs")
+    with open_slide(bad) as slide:
+        grid = make_grid(slide, GridSpec(mpp=0.5, tile_px=224))
+    hit = corrupt_tile_xy(grid.xy_l0, grid.plan.tile_l0)
+    model = load_model(DEMO_MODEL, "cpu")
+    kw = dict(batch_size=8, progress=False)
+    with pytest.raises(CorruptTileError) as caught:  # raised in a DataLoader worker process
+        predict_tiles(grid, model, workers=1, reader="processes", **kw)
+    assert (caught.value.level, caught.value.xy_l0) == (0, (224, 224))  # first in raster order
+    again = pickle.loads(pickle.dumps(caught.value))  # how Ray hands it to the driver
+    assert (str(again), again.xy_l0) == (str(caught.value), (224, 224))
+    runs = [
+        predict_tiles(grid, model, workers=w, reader=r, on_corrupt_tile="skip", **kw)
+        for w, r in ((0, "threads"), (2, "threads"), (1, "processes"))
+    ]
+    for probs in runs:
+        dropped = {(int(x), int(y)) for x, y in grid.xy_l0[np.isnan(probs).any(axis=1)]}
+        assert dropped == hit
+        np.testing.assert_array_equal(probs, runs[0])

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.cli.common import add_slide_args, corrupt_tiles_line, jobs_from_args
 from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
@@ -193,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     results = write_results(out / f"results{shard_suffix(shard)}.csv", jobs, report, model)
     for line in summary_lines(report, out, "infer", errors):
         print(line)
+    if skipped := corrupt_tiles_line(out, report.done, "summary.json"):
+        print(skipped)
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
     print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.cli.common import add_slide_args, corrupt_tiles_line, jobs_from_args
 from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
 from cscvision.slides.grid import GridSpec
 from cscvision.slides.info import ON_CORRUPT_TILE
@@ -85,5 +85,7 @@ def run(args: argparse.Namespace) -> int:
     errors = write_errors(args.out, report, shard)
     for line in summary_lines(report, args.out, "tile", errors):
         print(line)
+    if skipped := corrupt_tiles_line(args.out, report.done, "tiles.json"):
+        print(skipped)
     print(f"tiles kept in this run: {n_tiles} ({spec.tile_px} px at {spec.mpp} µm/px)")
     return 1 if report.failed else 0

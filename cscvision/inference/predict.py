@@ -86,17 +86,13 @@ class TileBatches(Dataset):
 
     The slide is opened lazily, once per process, so the dataset pickles as a path plus
     coordinates. :meth:`read` can split a batch among a pool of threads (the slide
-    readers are thread-safe and their decoders release the GIL). With
-    ``on_corrupt_tile="skip"`` a tile that cannot be decoded is left black and flagged in
-    the batch's ``corrupt`` mask instead of raising :class:`CorruptTileError`.
+    readers are thread-safe and their decoders release the GIL). A tile that cannot be
+    decoded is left black, flagged in the batch's ``corrupt`` mask, and its
+    :class:`CorruptTileError` returned in ``errors``: raised in the consumer's process, it
+    arrives whole from a reader process too.
     """
 
-    def __init__(self, grid: TileGrid, batch_size: int, on_corrupt_tile: str = "fail") -> None:
-        if on_corrupt_tile not in ON_CORRUPT_TILE:
-            raise ValueError(
-                f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}"
-            )
-        self.skip_corrupt = on_corrupt_tile == "skip"
+    def __init__(self, grid: TileGrid, batch_size: int) -> None:
         self.slide_path = grid.slide_path
         self.slide_mpp = grid.slide_mpp
         self.plan = grid.plan
@@ -124,33 +120,32 @@ class TileBatches(Dataset):
         side = self.plan.tile_px
         nhwc = torch.empty((len(xy), side, side, 3), dtype=torch.uint8, pin_memory=pin)
         image = nhwc.numpy()
-        corrupt = np.zeros(len(xy), bool)
+        errors: dict[int, CorruptTileError] = {}  # by position in the batch
         if pool is None:
-            self._fill(image, corrupt, xy, 0, len(xy))
+            self._fill(image, errors, xy, 0, len(xy))
         else:
             step = math.ceil(len(xy) / self.threads)
             spans = [(a, min(a + step, len(xy))) for a in range(0, len(xy), step)]
-            for done in [pool.submit(self._fill, image, corrupt, xy, a, b) for a, b in spans]:
+            for done in [pool.submit(self._fill, image, errors, xy, a, b) for a, b in spans]:
                 done.result()
+        corrupt = np.zeros(len(xy), bool)
+        corrupt[list(errors)] = True
         return {
             # [B, H, W, 3] viewed as [B, 3, H, W]: channels-last memory, no copy.
             "image": nhwc.permute(0, 3, 1, 2),
             "xy": torch.from_numpy(xy),
             "index": torch.arange(start, start + len(xy)),
             "corrupt": torch.from_numpy(corrupt),
+            "errors": [errors[k] for k in sorted(errors)],  # raster order
         }
 
-    def _fill(
-        self, image: np.ndarray, corrupt: np.ndarray, xy: np.ndarray, first: int, stop: int
-    ) -> None:
+    def _fill(self, image: np.ndarray, errors: dict, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
             try:
                 image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
-            except CorruptTileError:
-                if not self.skip_corrupt:
-                    raise
+            except CorruptTileError as e:
                 image[k] = 0
-                corrupt[k] = True
+                errors[k] = e
 
     def close(self) -> None:
         if self._slide is not None:
@@ -237,10 +232,12 @@ def predict_tiles(
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
+    if on_corrupt_tile not in ON_CORRUPT_TILE:
+        raise ValueError(f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}")
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
     corrupt = np.zeros(len(grid), bool)
-    dataset = TileBatches(grid, batch_size, on_corrupt_tile)
+    dataset = TileBatches(grid, batch_size)
     if workers > 0 and reader == "threads":
         batches = _threaded(dataset, workers, scorer.device)
     else:
@@ -248,6 +245,8 @@ def predict_tiles(
     bar = tqdm(total=len(grid), desc=grid.slide_id, unit="tile", leave=False, disable=not progress)
     try:
         for batch in batches:
+            if batch["errors"] and on_corrupt_tile == "fail":
+                raise batch["errors"][0]
             index = batch["index"].numpy()
             probs[index] = scorer(batch["image"])
             corrupt[index] = batch["corrupt"].numpy()

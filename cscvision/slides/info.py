@@ -42,11 +42,15 @@ class CorruptTileError(SlideError):
 
     def __init__(self, path: str, level: int, xy_l0: tuple[int, int], detail: str):
         self.path, self.level, self.xy_l0 = path, int(level), (int(xy_l0[0]), int(xy_l0[1]))
+        self.detail = detail
         super().__init__(
             f"{path}: corrupt tile at level {self.level}, level-0 x={self.xy_l0[0]} "
             f"y={self.xy_l0[1]} ({detail}); pass --on-corrupt-tile skip to drop such tiles "
             "and finish the slide"
         )
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (reader processes, Ray) whole
+        return (type(self), (self.path, self.level, self.xy_l0, self.detail))
 
 
 def mpp_is_plausible(mpp: float) -> bool:
