@@ -18,7 +18,8 @@ import tifffile
 
 from cscvision.cli import main
 from cscvision.slides.batch import collect_slides
-from cscvision.slides.slide import dicom_files, open_slide
+from cscvision.slides.formats import dicom_files
+from cscvision.slides.slide import open_slide
 from cscvision.testing import output_snapshot, texture_tile_fn, write_pyramid
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-synthetic"

@@ -17,9 +17,9 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from cscvision.slides.formats import check_plausible_size, open_dicom_folder
 from cscvision.slides.info import (
     MEMORY_BUDGET_BYTES,
-    MIN_BYTES_PER_MEGAPIXEL,
     MPP_FROM_OPENSLIDE,
     MPP_FROM_OVERRIDE,
     MPP_FROM_TIFF,
@@ -244,32 +244,11 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def dicom_files(folder: str | Path) -> list[Path]:
-    """The ``.dcm`` files directly in ``folder`` (a DICOM WSI is a folder of them), sorted."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
-
-
-def _open_dicom_folder(folder: str) -> openslide.AbstractSlide:
-    """OpenSlide opens a DICOM WSI from any of its files and finds the rest beside it."""
-    files = dicom_files(folder)
-    if not files:
-        raise SlideError(
-            f"{folder}: a folder is a slide only when it holds the .dcm files of one DICOM "
-            "WSI, and this one holds none; pass the slide files inside it instead"
-        )
-    for file in files:
-        try:
-            return openslide.OpenSlide(str(file))
-        except openslide.OpenSlideError:
-            continue
-    raise SlideError(f"{folder}: OpenSlide opens none of its {len(files)} .dcm files as a WSI")
-
-
 def _open_backend(path: str) -> openslide.AbstractSlide:
     """OpenSlide for slides (a folder: a DICOM WSI); its PIL-backed ImageSlide for plain
     images OpenSlide refuses (untiled TIFFs, for example)."""
     if Path(path).is_dir():
-        return _open_dicom_folder(path)
+        return open_dicom_folder(path)
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
@@ -284,27 +263,6 @@ def _open_backend(path: str) -> openslide.AbstractSlide:
         ) from None
     except (OSError, ValueError):
         raise SlideError(f"{path}: not a slide or image format OpenSlide can open") from None
-
-
-def _stored_bytes(path: str) -> int | None:
-    """Bytes holding the slide's pixels; None for index files whose data lie elsewhere."""
-    p = Path(path)
-    if p.is_dir():  # a DICOM WSI
-        return sum(f.stat().st_size for f in dicom_files(p))
-    if p.suffix.lower() in (".mrxs", ".vms", ".vmu"):
-        return None
-    return p.stat().st_size
-
-
-def check_plausible_size(path: str, dimensions: tuple[int, int]) -> None:
-    """Refuse a header that claims far more pixels than the file could hold."""
-    nbytes = _stored_bytes(path)
-    w, h = dimensions
-    if nbytes is not None and w * h / 1e6 * MIN_BYTES_PER_MEGAPIXEL > nbytes:
-        raise SlideError(
-            f"{path}: the header claims {w:,} x {h:,} px in a file of {nbytes:,} bytes, "
-            "which cannot hold them: the file is truncated or its header is corrupt"
-        )
 
 
 def resize_tile(rgb: np.ndarray, tile_px: int) -> np.ndarray:
