@@ -111,6 +111,9 @@ def test_openslide_reads_the_dicom_folder_as_the_tiff(pair):
                 b = tiff.read_region(xy, level, size)
                 assert np.array_equal(a, b), f"level {level} at {xy}"
         assert np.array_equal(dicom.thumbnail(8.0), tiff.thumbnail(8.0))
+        for file in dicom_files(pair["dicom"]):  # any one file opens the whole slide
+            with open_slide(file) as one:
+                assert one.info.level_dimensions == tiff.info.level_dimensions
 
 
 def test_a_folder_of_dicom_slides_lists_each_folder_once(pair):

@@ -38,8 +38,8 @@ def open_dicom_folder(folder: str) -> openslide.AbstractSlide:
 def stored_bytes(path: str) -> int | None:
     """Bytes holding the slide's pixels; None for index files whose data lie elsewhere."""
     p = Path(path)
-    if p.is_dir():  # a DICOM WSI
-        return sum(f.stat().st_size for f in dicom_files(p))
+    if p.is_dir() or p.suffix.lower() == ".dcm":  # a DICOM WSI: all its files count
+        return sum(f.stat().st_size for f in dicom_files(p if p.is_dir() else p.parent))
     if p.suffix.lower() in (".mrxs", ".vms", ".vmu"):
         return None
     return p.stat().st_size

@@ -45,8 +45,8 @@ class CorruptTileError(SlideError):
         self.detail = detail
         super().__init__(
             f"{path}: corrupt tile at level {self.level}, level-0 x={self.xy_l0[0]} "
-            f"y={self.xy_l0[1]} ({detail}); pass --on-corrupt-tile skip to drop such tiles "
-            "and finish the slide"
+            f"y={self.xy_l0[1]} ({detail}); pass --on-corrupt-tile skip (infer, tile) to drop "
+            "such tiles and finish the slide"
         )
 
     def __reduce__(self) -> tuple:  # crosses process boundaries (reader processes, Ray) whole
