@@ -50,6 +50,10 @@ def _in(cells: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pred():
+    return make_pred()
+
+
+def make_pred():
     """A 4096 x 3072 slide (0.5 µm/px, bounds offset 256, 128), tissue in its middle."""
     rgb = tissue_like(W, H, box=(512, 384, 3584, 2688))
     slide = ArraySlide.make(rgb, bounds=(*BOUNDS, W - BOUNDS[0], H - BOUNDS[1]))
