@@ -57,6 +57,10 @@ def test_within_counts_overlap_and_is_undefined_without_regions():
     assert within_fraction(np.zeros_like(a), b, weight, 112, 100) is None
 
 
+def _square(row: int, col: int, cell: float):
+    return box(col * cell, row * cell, (col + 1) * cell, (row + 1) * cell)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_within_matches_exact_geometry(seed):
     """Against shapely: area of a's pixels inside the 100 µm buffer of b's pixel squares,
@@ -66,10 +70,12 @@ def test_within_matches_exact_geometry(seed):
     a, b = a > 0.5 * a.std(), b > 0.5 * b.std()
     weight = rng.uniform(0.3, 1.0, a.shape)
     cell = 56.0
-    zone = shapely.union_all([box(c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
-                              for r, c in zip(*np.nonzero(b), strict=True)]).buffer(100, 64)  # fmt: skip
-    near = sum(weight[r, c] * box(c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
-               .intersection(zone).area / cell**2 for r, c in zip(*np.nonzero(a), strict=True))  # fmt: skip
+    zone = shapely.union_all([_square(r, c, cell) for r, c in zip(*np.nonzero(b), strict=True)])
+    zone = zone.buffer(100, quad_segs=64)
+    near = sum(
+        weight[r, c] * _square(r, c, cell).intersection(zone).area / cell**2
+        for r, c in zip(*np.nonzero(a), strict=True)
+    )
     exact = near / (weight * a).sum()
     assert within_fraction(a, b, weight, cell, 100) == pytest.approx(exact, abs=0.01)
 
