@@ -39,15 +39,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cscvision.core.io import write_csv, write_json
-    from cscvision.labels.cohort import CohortError, read_cohort
-    from cscvision.outputs.cohort_stats import StatsError, cohort_tests, read_summaries, slide_table
+    from cscvision.outputs.cohort_stats import (
+        StatsError,
+        cohort_tests,
+        read_patients,
+        read_summaries,
+        slide_table,
+    )
 
     try:
         summaries = read_summaries(args.out_dir)
-        patients = None
-        if args.cohort is not None:
-            patients = {e.slide_id: e.patient_id for e in read_cohort(args.cohort)}
-    except (StatsError, CohortError, OSError) as e:
+        patients = None if args.cohort is None else read_patients(args.cohort)
+    except (StatsError, OSError) as e:
         print(f"cscvision stats: {e}", file=sys.stderr)
         return 2
     columns, rows = slide_table(summaries, patients)

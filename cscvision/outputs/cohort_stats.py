@@ -54,6 +54,23 @@ def read_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
     return summaries
 
 
+def read_patients(manifest: str | Path) -> dict[str, str]:
+    """slide id → patient id from a cohort manifest (``patient_id``, and ``slide_id`` or
+    ``slide_path``); the slides themselves need not be on this machine."""
+    from cscvision.core.io import read_csv
+    from cscvision.slides.grid import slide_id_of
+
+    try:
+        rows = read_csv(manifest)
+    except OSError as e:
+        raise StatsError(f"{manifest}: cannot read the cohort manifest ({e})") from None
+    if not rows or "patient_id" not in rows[0]:
+        raise StatsError(f"{manifest}: a cohort manifest needs a patient_id column")
+    if "slide_id" not in rows[0] and "slide_path" not in rows[0]:
+        raise StatsError(f"{manifest}: a cohort manifest needs slide_id or slide_path")
+    return {(r.get("slide_id") or slide_id_of(r["slide_path"])): r["patient_id"] for r in rows}
+
+
 def slide_table(
     summaries: Sequence[dict[str, Any]], patients: Mapping[str, str] | None = None
 ) -> tuple[list[str], list[dict[str, Any]]]:
