@@ -19,7 +19,8 @@ pixels per centimetre. Tiles are drawn one at a time from the stitched map: the 
 never sits in memory.
 
 :func:`asap_name` is the file name ASAP opens by itself beside a slide
-(``<slide file stem>_likelihood_map.tif``).
+(``<slide file stem>_likelihood_map.tif``). In ASAP choose the colour table
+``Traffic Light (0 - 255)`` (its uint8 default, ``Label``, is for class-label maps).
 """
 
 from __future__ import annotations
