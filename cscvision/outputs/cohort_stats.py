@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ def spearman_with_ci(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> dict[str
     rho, p = stats.spearmanr(x, y)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, (BOOTSTRAP, n))
-    boot = np.array([stats.spearmanr(x[d], y[d])[0] for d in draws])
+    with warnings.catch_warnings():  # a resample of tied values has no ρ: dropped below
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        boot = np.array([stats.spearmanr(x[d], y[d])[0] for d in draws])
     boot = boot[np.isfinite(boot)]
     tail = (1 - CI_LEVEL) / 2 * 100
     ci = [float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))]
