@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import Field
 
 from cscvision.core.io import check_writable
-from cscvision.core.validate import PLAUSIBLE_MPP, Flags, check_flags
+from cscvision.core.validate import Flags, check_flags
 from cscvision.slides.batch import SlideJob, collect_inputs, make_jobs, parse_shard, shard_jobs
+from cscvision.slides.info import MPP_RANGE
 from cscvision.slides.slide import load_mpp_overrides
 
 
@@ -73,10 +76,30 @@ def add_hardening_args(parser: argparse.ArgumentParser) -> None:
 class BatchFlags(Flags):
     """The flags every slide batch shares (``--slide-mpp``), checked before any slide is read."""
 
-    slide_mpp: float | None = Field(None, ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
+    slide_mpp: float | None = Field(None, ge=MPP_RANGE[0], le=MPP_RANGE[1])
 
 
 def check_batch_args(args: argparse.Namespace) -> None:
     """Validate the shared flags and probe-write ``--out``; ``ValueError`` naming the flag."""
     check_flags(BatchFlags, slide_mpp=args.slide_mpp)
     check_writable(args.out)
+
+
+def corrupt_tiles_line(out: Path, slide_ids: Iterable[str], record: str) -> str | None:
+    """One line naming the slides whose ``record`` (``summary.json``, ``tiles.json``) lists
+    tiles skipped as corrupt; None when none were."""
+    counts = {}
+    for slide_id in slide_ids:
+        try:
+            count = json.loads((out / slide_id / record).read_text())["corrupt_tiles"]["count"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if count:
+            counts[slide_id] = count
+    if not counts:
+        return None
+    each = ", ".join(f"{sid} {n}" for sid, n in counts.items())
+    return (
+        f"corrupt tiles skipped: {sum(counts.values())} in {len(counts)} slide(s) ({each}); "
+        f"their level-0 x, y are in OUT/<slide_id>/{record} (corrupt_tiles)"
+    )

@@ -11,9 +11,10 @@ from cscvision.cli.common import (
     add_hardening_args,
     add_slide_args,
     check_batch_args,
+    corrupt_tiles_line,
     jobs_from_args,
 )
-from cscvision.core.validate import PLAUSIBLE_MPP, Flags, check_flags
+from cscvision.core.validate import Flags, check_flags
 from cscvision.inference.settings import MASK_MPP_RANGE
 from cscvision.slides.batch import (
     BatchError,
@@ -24,6 +25,7 @@ from cscvision.slides.batch import (
     write_errors,
 )
 from cscvision.slides.grid import GridSpec
+from cscvision.slides.info import MPP_RANGE, ON_CORRUPT_TILE
 from cscvision.slides.slide import SlideError
 from cscvision.slides.tiling import tile_slide, tiling_complete
 
@@ -54,6 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
     )
     p.add_argument("--export-tiles", action="store_true", help="also write every tile as a PNG")
+    p.add_argument(
+        "--on-corrupt-tile",
+        choices=ON_CORRUPT_TILE,
+        default="fail",
+        help="with --export-tiles: a tile that cannot be decoded fails its slide (default) "
+        "or is skipped: dropped from tiles.csv and listed in tiles.json (corrupt_tiles)",
+    )
     add_hardening_args(p)
     p.set_defaults(func=run)
 
@@ -61,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 class TileFlags(Flags):
     """The ``cscvision tile`` flags, checked before any slide is read."""
 
-    mpp: float = Field(ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
+    mpp: float = Field(ge=MPP_RANGE[0], le=MPP_RANGE[1])
     tile_px: int = Field(ge=8, le=8192)
     overlap: float = Field(ge=0, lt=1)
     min_tissue: float = Field(ge=0, le=1)
@@ -88,7 +97,13 @@ def run(args: argparse.Namespace) -> int:
 
     def process(job):
         nonlocal n_tiles
-        grid = tile_slide(job, args.out, spec, export_tiles=args.export_tiles)
+        grid = tile_slide(
+            job,
+            args.out,
+            spec,
+            export_tiles=args.export_tiles,
+            on_corrupt_tile=args.on_corrupt_tile,
+        )
         n_tiles += len(grid)
 
     report = run_batch(
@@ -103,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     errors = write_errors(args.out, report, shard)
     for line in summary_lines(report, args.out, "tile", errors):
         print(line)
+    if skipped := corrupt_tiles_line(args.out, report.done, "tiles.json"):
+        print(skipped)
     print(f"tiles kept in this run: {n_tiles} ({spec.tile_px} px at {spec.mpp} µm/px)")
     if report.interrupted:
         print(interrupted_line(report, "tile"), file=sys.stderr)

@@ -11,10 +11,6 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-# Level-0 µm/px a slide or a flag may claim: 0.05 (beyond any scanner) to 20 (a 0.5x scan).
-PLAUSIBLE_MPP = (0.05, 20.0)
-
-
 FLAG_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 

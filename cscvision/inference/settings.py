@@ -17,6 +17,8 @@ from cscvision.slides.tissue import DEFAULT_MASK_MPP
 READERS = ("processes", "threads")
 MAX_OVERLAP = 0.75
 MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
+MAX_WITHIN_UM = 10_000.0
+MAX_PERMUTATIONS = 9_999
 
 
 @dataclass(frozen=True, config=FLAG_CONFIG)
@@ -31,6 +33,11 @@ class InferSettings:
     amp: bool = False
     min_tissue: float = Field(0.5, ge=0, le=1)
     mask_mpp: float = Field(DEFAULT_MASK_MPP, ge=MASK_MPP_RANGE[0], le=MASK_MPP_RANGE[1])
+    # "skip": drop undecodable tiles, list them in the summary (slides.info.ON_CORRUPT_TILE)
+    on_corrupt_tile: Literal["fail", "skip"] = "fail"
+    within_um: float = Field(100.0, ge=0, le=MAX_WITHIN_UM)  # co-localisation radius
+    permutations: int = Field(199, ge=0, le=MAX_PERMUTATIONS)  # rigid moves in each null
+    asap_target: str | None = None  # also write this target as <slide>_likelihood_map.tif
 
     def check(self) -> None:
         """Kept for callers of the dataclass version: the values were checked when made."""

@@ -70,15 +70,39 @@ class BatchReport:
         return not self.failed
 
 
+DICOM_SUFFIX = ".dcm"
+
+
 def _has_slide_suffix(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_SUFFIXES and not path.name.startswith(".")
 
 
+def _is_slide_file(path: Path) -> bool:
+    """A slide file of a folder listing; ``.dcm`` files are parts of a DICOM WSI's folder."""
+    return path.is_file() and _has_slide_suffix(path) and path.suffix.lower() != DICOM_SUFFIX
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder holding ``.dcm`` files and no other slide files: one DICOM WSI."""
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    names = [p for p in path.iterdir() if not p.name.startswith(".")]
+    has_dcm = any(p.suffix.lower() == DICOM_SUFFIX and p.is_file() for p in names)
+    return has_dcm and not any(_is_slide_file(p) for p in names)
+
+
 def _folder_slides(folder: Path) -> list[Path]:
-    """A folder's slides: its whole-slide files, and directories named like one (reported as
-    failed, not silently dropped); plain PNG/JPEG images only when the folder holds no
-    whole-slide file (so ``cscvision synth``'s masks and thumbnails are not slides)."""
-    named = sorted(p for p in folder.iterdir() if _has_slide_suffix(p))
+    """A folder's slides: its whole-slide files, subfolders that are DICOM WSIs (a folder of
+    ``.dcm`` files is itself one), and directories named like a slide (reported as failed,
+    not silently dropped); plain PNG/JPEG images only when the folder holds no whole-slide
+    file (so ``cscvision synth``'s masks and thumbnails are not slides)."""
+    if is_dicom_folder(folder):
+        return [folder]
+    named = sorted(
+        p
+        for p in folder.iterdir()
+        if _is_slide_file(p) or is_dicom_folder(p) or (p.is_dir() and _has_slide_suffix(p))
+    )
     whole = [p for p in named if p.suffix.lower() not in PLAIN_IMAGES]
     if whole:
         return whole
@@ -106,11 +130,12 @@ def _from_manifest(csv_path: Path) -> list[SlideInput]:
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[SlideInput]:
-    """Slides from files, folders (see :func:`_folder_slides`; not recursive) and manifest
-    CSVs. A path that does not exist is kept, so that it is reported as a failed slide."""
+    """Slides from files, folders (see :func:`_folder_slides`; not recursive; a folder of
+    ``.dcm`` files is one DICOM WSI) and manifest CSVs. A path that does not exist is kept,
+    so that it is reported as a failed slide."""
     slides: list[SlideInput] = []
     for item in map(Path, inputs):
-        if item.is_dir() and not _has_slide_suffix(item):
+        if item.is_dir() and (is_dicom_folder(item) or not _has_slide_suffix(item)):
             slides.extend(SlideInput(p) for p in _folder_slides(item))
         elif item.suffix.lower() == ".csv" and item.is_file():
             slides.extend(_from_manifest(item))
@@ -135,7 +160,7 @@ def input_problem(path: str | Path) -> str | None:
         if e.errno == 40:  # ELOOP
             return f"{path}: a symbolic link loop; point it at the slide file"
         return None  # missing files are reported by the reader
-    if path.is_dir():
+    if path.is_dir() and not is_dicom_folder(path):
         return (
             f"{path}: a directory, not a slide file; pass the slide files inside it, or "
             "rename the folder if it is not a slide"
@@ -298,13 +323,23 @@ def _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, 
         report.busy.append(job.slide_id)
     except Exception as e:  # one bad slide must not stop the batch
         reason = f"{type(e).__name__}: {e}"
-        if not _is_expected(e):
+        if isinstance(e, MemoryError):  # the last resort: reads over budget are refused
+            reason = out_of_memory_reason(job.slide_path)
+        elif not _is_expected(e):
             reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
         report.failed.append((job.slide_id, str(job.slide_path), reason))
         if on_error is not None:
             on_error(job, e)
     else:
         report.done.append(job.slide_id)
+
+
+def out_of_memory_reason(slide_path: str | Path) -> str:
+    """The ``errors.csv`` reason for a slide that ran out of memory (no traceback)."""
+    return (
+        f"MemoryError: {slide_path}: ran out of memory on this slide; check its size and "
+        "µm/px, or lower --batch-size / --workers"
+    )
 
 
 def _is_expected(error: Exception) -> bool:

@@ -20,7 +20,8 @@ from pydantic.dataclasses import dataclass
 
 from cscvision import __version__
 from cscvision.core.io import write_text
-from cscvision.core.validate import PLAUSIBLE_MPP, describe_error
+from cscvision.core.validate import describe_error
+from cscvision.slides.info import MPP_RANGE
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -53,7 +54,7 @@ class ModelCard:
     # per-target temperature or isotonic map fitted on validation (training.calibration)
     calibration: dict[str, Any] = Field(default_factory=dict)
     tile_px: int = Field(224, ge=8, le=8192)
-    mpp: float = Field(0.5, ge=PLAUSIBLE_MPP[0], le=PLAUSIBLE_MPP[1])
+    mpp: float = Field(0.5, ge=MPP_RANGE[0], le=MPP_RANGE[1])
     mean: tuple[Unit, Unit, Unit] = IMAGENET_MEAN
     std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     cscvision_version: str = __version__
