@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/cscvision demo --out demo_out
 
-# Rebuilds the committed demo model in models/demo-synthetic (synthetic data only).
+# Rebuilds the committed demo model (synthetic data only) where the package carries it:
+# cscvision/resources/models/demo-synthetic (models/demo-synthetic links there; --model demo).
 demo-model: $(STAMP)
-	$(BIN)/cscvision demo --out demo_out name=demo-synthetic export_dir=models/demo-synthetic
+	$(BIN)/cscvision demo --out demo_out name=demo-synthetic \
+		export_dir=cscvision/resources/models/demo-synthetic
 
 test: $(STAMP)
 	$(BIN)/pytest -q

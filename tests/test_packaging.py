@@ -103,7 +103,7 @@ def test_doctor_reports_every_declared_extra():
     lines = _extras_lines()
     extras = metadata("cscvision").get_all("Provides-Extra") or []
     assert len(lines) == len(extras)
-    for extra, line in zip(extras, lines):
+    for extra, line in zip(extras, lines, strict=True):
         assert line.strip().startswith(f"extra {extra}:")
         assert ": installed: " in line or f'pip install "cscvision[{extra}]"' in line
 
