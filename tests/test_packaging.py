@@ -42,8 +42,15 @@ def test_a_folder_path_wins_over_a_packaged_name(elsewhere):
 def test_unknown_model_names_the_choices(elsewhere):
     with pytest.raises(ModelError, match=r"nope: no such model folder.*demo, demo-synthetic"):
         resolve_model_dir("nope")
-    with pytest.raises(ModelError, match="no such model folder"):
-        resolve_model_dir("somewhere/demo")  # a path is never read as a name
+    assert resolve_model_dir("somewhere/demo") == Path("somewhere/demo")  # a path stays one
+    with pytest.raises(ModelError, match="no model card"):
+        read_card("somewhere/demo")
+
+
+def test_demo_with_an_unknown_config_exits_2(elsewhere, capsys):
+    assert main(["demo", "--config", "nope", "--out", "d"]) == 2
+    assert "no packaged config" in capsys.readouterr().err
+    assert not (elsewhere / "d").exists()
 
 
 def test_clone_paths_are_the_packaged_files():

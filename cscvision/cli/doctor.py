@@ -17,7 +17,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "doctor",
         help="check the installation",
-        description="Print versions (Python, torch, CUDA, OpenSlide) and open a test slide.",
+        description=(
+            "Print versions (Python, torch, CUDA, OpenSlide), the installed extras and what "
+            "a missing one would bring, and open a test slide."
+        ),
     )
     p.add_argument("slide", nargs="?", type=Path, help="a slide to open (default: a synthetic one)")
     p.set_defaults(func=run)

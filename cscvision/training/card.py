@@ -74,11 +74,11 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     as a folder; name a packaged model with no path separator (``demo``, ``demo-synthetic``).
     """
     path = Path(name_or_path)
-    if path.is_dir():
-        return path
     name = str(name_or_path)
+    if path.is_dir() or path.name != name:  # a path is never read as a name
+        return path
     packaged = packaged_dir("models") / MODEL_ALIASES.get(name, name)
-    if path.name == name and packaged.is_dir():
+    if packaged.is_dir():
         return packaged
     names = sorted({*MODEL_ALIASES, *packaged_names("models")})
     raise ModelError(
