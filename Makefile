@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-model test test-fast lint install clean
+.PHONY: demo demo-model test test-fast lint install wheel clean
 
 install: $(STAMP)
 
@@ -32,5 +32,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# dist/cscvision-VERSION.tar.gz and the wheel built from it (model and configs inside).
+wheel: $(STAMP)
+	$(BIN)/python -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out dist build
