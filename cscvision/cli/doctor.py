@@ -58,7 +58,8 @@ def _versions() -> list[tuple[str, str]]:
 EXTRA_FEATURES = {
     "ray": "Ray clusters (cscvision infer --ray)",
     "features": "timm encoders and HDF5 feature stores",
-    "test": "the test suite and wheel builds (pytest, ruff, build)",
+    "viewer": "cscvision report and cscvision view (plots, local web server)",
+    "test": "the test suite and wheel builds (pytest, ruff, build, selenium)",
     "all": "every extra that runs on a CPU machine",
 }
 
