@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,16 @@ def _build_wheel(out: Path, env: dict) -> Path:
     _run(cmd, ROOT, env)
     (wheel,) = out.glob("cscvision-*.whl")
     return wheel
+
+
+def _package_files() -> set[str]:
+    """Every file of the source package (code and data), as the wheel names it."""
+    package = ROOT / "cscvision"
+    return {
+        p.relative_to(ROOT).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
 
 
 def _underlay(folder: Path) -> Path:
@@ -69,6 +80,8 @@ def test_wheel_installs_keeps_torch_and_runs_outside_the_clone(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     wheel = _build_wheel(tmp_path / "dist", env)
+    with zipfile.ZipFile(wheel) as whl:  # package data of every kind ships, not only code
+        assert _package_files() - set(whl.namelist()) == set()
     python = _venv_with_torch(tmp_path, env)
     work = tmp_path / "work"
     work.mkdir()
