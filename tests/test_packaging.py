@@ -124,3 +124,52 @@ def test_infer_with_the_packaged_demo_model(elsewhere, capsys):
     assert main([*cmd, "--threads", "1"]) == 0
     assert "model demo-synthetic" in capsys.readouterr().out
     assert (elsewhere / "out/s/summary.json").is_file()
+
+
+def _canonical(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _closure(requirements: list[Requirement]) -> set[str]:
+    """Distributions these requirements reach in this environment (extras followed)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    seen: set[str] = set()
+    todo = [(r, "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = _canonical(req.name)
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue  # not installed here: nothing to compare
+        for wanted in sorted(req.extras) or [""]:
+            key = f"{name}[{wanted}]"
+            if key in seen:
+                continue
+            seen.add(key)
+            todo += [(Requirement(t), wanted) for t in dist.requires or []]
+    return {key.split("[")[0] for key in seen}
+
+
+def test_constraints_pin_everything_all_installs():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    reqs = [Requirement(t) for t in project["dependencies"]]
+    reqs += [Requirement(t) for t in extras["all"]]
+    own = {extra for r in reqs if r.name == "cscvision" for extra in r.extras}
+    reqs = [r for r in reqs if r.name != "cscvision"]
+    reqs += [Requirement(t) for extra in sorted(own) for t in extras[extra]]
+    pinned = {
+        _canonical(line.split("==")[0])
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    reached = _closure(reqs)
+    assert {"torch", "numpy", "openslide-python"} <= reached
+    assert reached - pinned == set()
