@@ -24,6 +24,7 @@ _API = {
     "open_slide": "cscvision.slides.slide",
     "Slide": "cscvision.slides.slide",
     "SlideError": "cscvision.slides.info",
+    "CorruptTileError": "cscvision.slides.info",
     "SlideInfo": "cscvision.slides.info",
     "GridSpec": "cscvision.slides.grid",
     "TileGrid": "cscvision.slides.grid",

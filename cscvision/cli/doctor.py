@@ -59,6 +59,7 @@ EXTRA_FEATURES = {
     "ray": "Ray clusters (cscvision infer --ray)",
     "features": "timm encoders and HDF5 feature stores",
     "viewer": "cscvision report and cscvision view (plots, local web server)",
+    "dicom": "DICOM WSI conversion (wsidicomizer)",
     "test": "the test suite and wheel builds (pytest, ruff, build, selenium)",
     "all": "every extra that runs on a CPU machine",
 }

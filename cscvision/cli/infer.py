@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.cli.common import add_slide_args, corrupt_tiles_line, jobs_from_args
 from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
+from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
     from cscvision.slides.batch import BatchReport, SlideJob
@@ -87,8 +88,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads for the model (default: torch's choice); on a shared or busy "
         "machine fewer threads can be much faster",
     )
+    _add_corrupt_tile_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
+
+
+def _add_corrupt_tile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--on-corrupt-tile",
+        choices=ON_CORRUPT_TILE,
+        default="fail",
+        help="a tile whose stored data cannot be decoded fails its slide, naming the level "
+        "and level-0 x, y (default), or is skipped: dropped from the outputs and listed "
+        "in summary.json (corrupt_tiles)",
+    )
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -135,6 +148,7 @@ def _settings(args: argparse.Namespace) -> InferSettings:
         amp=args.amp,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        on_corrupt_tile=args.on_corrupt_tile,
     )
     settings.check()
     return settings
@@ -185,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     results = write_results(out / f"results{shard_suffix(shard)}.csv", jobs, report, model)
     for line in summary_lines(report, out, "infer", errors):
         print(line)
+    if skipped := corrupt_tiles_line(out, report.done, "summary.json"):
+        print(skipped)
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
     print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")

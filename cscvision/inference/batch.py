@@ -26,7 +26,7 @@ from cscvision.outputs.slide_folder import (
     write_slide_outputs,
 )
 from cscvision.outputs.summary import result_columns, result_row
-from cscvision.slides.batch import BatchReport, SlideJob
+from cscvision.slides.batch import BatchReport, SlideJob, out_of_memory_reason
 from cscvision.training.export import LoadedModel
 
 
@@ -73,6 +73,7 @@ def infer_job(
         slide_mpp=job.mpp,
         mask_mpp=settings.mask_mpp,
         progress=progress,
+        on_corrupt_tile=settings.on_corrupt_tile,
     )
     return write_slide_outputs(
         pred,
@@ -89,6 +90,8 @@ def failure_reason(error: BaseException) -> str:
     from cscvision.slides.slide import SlideError
 
     reason = f"{type(error).__name__}: {error}"
+    if isinstance(error, MemoryError):
+        return out_of_memory_reason("this slide")
     if not isinstance(error, (SlideError, OSError, ValueError)):
         trace = traceback.format_exception(type(error), error, error.__traceback__, limit=3)
         reason += " | " + "".join(trace).replace("\n", " ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
@@ -21,6 +22,7 @@ class InferSettings:
     amp: bool = False
     min_tissue: float = 0.5
     mask_mpp: float = DEFAULT_MASK_MPP
+    on_corrupt_tile: str = "fail"  # or "skip": drop undecodable tiles, list them in the summary
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the flag that is out of range."""
@@ -30,3 +32,7 @@ class InferSettings:
             raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
         if self.reader not in READERS:
             raise ValueError(f"--reader {self.reader!r}: choose one of {READERS}")
+        if self.on_corrupt_tile not in ON_CORRUPT_TILE:
+            raise ValueError(
+                f"--on-corrupt-tile {self.on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}"
+            )

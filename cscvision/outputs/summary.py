@@ -30,6 +30,7 @@ from cscvision import __version__
 from cscvision.outputs.geojson import niche_name
 from cscvision.outputs.likelihood import DEFAULT_FACTOR
 from cscvision.outputs.prediction import SlidePrediction
+from cscvision.slides.tiling import corrupt_tiles_record
 from cscvision.training.card import ModelCard
 
 PROXIMITY_UM = 100.0  # "near" for the co-localisation proximity fraction
@@ -146,6 +147,7 @@ def summarize(
         "n_tiles": len(grid),
         "tissue_mm2": pred.tissue_mm2,
         **stats,
+        **corrupt_tile_fields(pred),
         "outputs": outputs,
         "device": pred.device,
         "amp": pred.amp,
@@ -195,3 +197,13 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+# --- tiles dropped as corrupt (--on-corrupt-tile skip) -----------------------------------
+
+
+def corrupt_tile_fields(pred: SlidePrediction) -> dict[str, Any]:
+    """``corrupt_tiles``: how many tiles were dropped as undecodable and their level-0
+    ``[x, y]`` corners (empty when none were, or with ``--on-corrupt-tile fail``)."""
+    xy = pred.corrupt_xy_l0 if pred.corrupt_xy_l0 is not None else np.zeros((0, 2), np.int64)
+    return corrupt_tiles_record(xy)
