@@ -44,6 +44,9 @@ _API = {
     "SlidePrediction": "cscvision.outputs.prediction",
     "write_slide_outputs": "cscvision.outputs.slide_folder",
     "read_outputs": "cscvision.outputs.read",
+    "region_masks": "cscvision.outputs.regions",
+    "colocalisation": "cscvision.outputs.statistics",
+    "within_fraction": "cscvision.outputs.statistics",
     "SlideOutputs": "cscvision.outputs.read",
     "write_cohort": "cscvision.synth",
 }
