@@ -72,7 +72,7 @@ def table_path(folder: str | Path, slide_id: str) -> Path:
 
 
 def _cell(value: float) -> str:
-    return "" if math.isnan(value) else repr(float(value))
+    return "" if math.isnan(value) else format(float(value), ".9g")  # exact for float32
 
 
 def write_label_table(path: str | Path, table: LabelTable) -> Path:

@@ -17,6 +17,7 @@ from cscvision.synth.layout import REGION_CLASSES, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer
 from cscvision.synth.stain import StainProfile, sample_lab_profile, sample_slide_profile
+from cscvision.synth.visium import write_visium
 from cscvision.synth.truth import (
     LABEL_BITS,
     geojson,
@@ -88,11 +89,13 @@ def write_slide(
     artefact_rate: float = 1.0,
     slide_id: str | None = None,
     on_row: Callable[[], None] | None = None,
+    visium: bool = False,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
     ``lab`` is the stain profile of the lab batch (shared by a patient's slides); without it
-    one is drawn from ``seed``. The same arguments write the same bytes.
+    one is drawn from ``seed``. ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger
+    layout, :mod:`cscvision.synth.visium`). The same arguments write the same bytes.
     """
     path = Path(path)
     slide_id = slide_id or path.stem
@@ -117,6 +120,8 @@ def write_slide(
     write_png(paths["thumbnail"], _thumbnail(layout, levels))
     truth = _truth(layout, stain, paths, slide_id, seed, len(levels) + 1, label_mpp)
     _write_truth_json(truth, stain)
+    if visium:
+        write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed, levels=levels)
     return truth
 
 
@@ -226,11 +231,13 @@ def write_cohort(
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = False,
+    visium: bool = False,
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
     ``workers`` > 1 writes slides in parallel processes (same bytes as one worker);
-    ``progress`` shows tqdm bars (slides, and rows of tiles within a slide).
+    ``progress`` shows tqdm bars (slides, and rows of tiles within a slide); ``visium`` adds
+    a synthetic Space Ranger folder per slide and an ``st_path`` column to ``cohort.csv``.
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
@@ -242,7 +249,7 @@ def write_cohort(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"size_px": size_px, "mpp": mpp, "tile_px": tile_px, "quality": quality}
-    kwargs["artefact_rate"] = artefact_rate
+    kwargs["artefact_rate"], kwargs["visium"] = artefact_rate, visium
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
         if workers > 1:
@@ -265,6 +272,9 @@ def write_cohort(
         )
         for s in plan
     ]
+    if visium:
+        records = [(*r, f"{r[0]}_visium/outs") for r in records]
+        return write_csv(out_dir / "cohort.csv", (*COHORT_COLUMNS, "st_path"), records)
     return write_csv(out_dir / "cohort.csv", COHORT_COLUMNS, records)
 
 
