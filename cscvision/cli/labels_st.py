@@ -32,11 +32,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("manifest", type=Path, metavar="MANIFEST.csv")
-    parser.add_argument("--panels", type=Path, default=None, metavar="CONFIG",
-                        help="panel config (YAML); default: the built-in panels")  # fmt: skip
+    parser.add_argument(
+        "--panels",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="panel config (YAML); default: the built-in panels",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--slide-mpp", type=float, default=None, metavar="UM_PER_PX",
-                        help="level-0 µm/px for slides whose metadata gives none")  # fmt: skip
+    parser.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help="level-0 µm/px for slides whose metadata gives none",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing tables")
     parser.set_defaults(func=run)
 
@@ -68,7 +78,9 @@ def _jobs(manifest: Path) -> list[dict]:
             raise CohortError(f"{where}: st_path {st_path} not found")
         offset = (_float(row, "st_offset_x", 0.0, where), _float(row, "st_offset_y", 0.0, where))
         scale = _float(row, "st_scale", 1.0, where)
-        jobs.append({"entry": entry, "st_path": st_path.resolve(), "scale": scale, "offset": offset})
+        jobs.append(
+            {"entry": entry, "st_path": st_path.resolve(), "scale": scale, "offset": offset}
+        )
     return jobs
 
 
@@ -81,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         import anndata  # noqa: F401
         import scanpy  # noqa: F401
     except ImportError:
-        print('cscvision labels st: needs the st extra: pip install "cscvision[st]"', file=sys.stderr)
+        hint = 'pip install "cscvision[st]"'
+        print(f"cscvision labels st: needs anndata and scanpy: {hint}", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
 
@@ -104,9 +117,15 @@ def run(args: argparse.Namespace) -> int:
         for job in tqdm(jobs, desc="scoring spots", unit="slide"):
             e = job["entry"]
             tables.append(
-                st_label_table(e.slide_path, job["st_path"], config, slide_id=e.slide_id,
-                               mpp_override=args.slide_mpp, scale=job["scale"],
-                               offset_px=job["offset"])  # fmt: skip
+                st_label_table(
+                    e.slide_path,
+                    job["st_path"],
+                    config,
+                    slide_id=e.slide_id,
+                    mpp_override=args.slide_mpp,
+                    scale=job["scale"],
+                    offset_px=job["offset"],
+                )
             )
     except (ValueError, SlideError, OSError) as e:
         print(f"cscvision labels st: {e}", file=sys.stderr)
@@ -117,8 +136,15 @@ def run(args: argparse.Namespace) -> int:
     for job, table in zip(jobs, tables, strict=True):
         e = job["entry"]
         path = write_label_table(table_path(args.out, e.slide_id), table)
-        rows.append((e.slide_id, e.patient_id, _rel(e.slide_path, args.out),
-                     _rel(path, args.out), e.split or ""))  # fmt: skip
+        rows.append(
+            (
+                e.slide_id,
+                e.patient_id,
+                _rel(e.slide_path, args.out),
+                _rel(path, args.out),
+                e.split or "",
+            )
+        )
     header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
     cohort = write_csv(args.out / "cohort.csv", header, rows)
     n = sum(len(t) for t in tables)

@@ -135,7 +135,9 @@ def match_genes(
     missing = {p: g for p, g in absent.items() if g}
     if missing:
         listing = "; ".join(f"{p}: {', '.join(g)}" for p, g in missing.items())
-        warnings.warn(f"{source}: genes absent from the data (scored without): {listing}", stacklevel=2)
+        warnings.warn(
+            f"{source}: genes absent from the data (scored without): {listing}", stacklevel=2
+        )
     return found
 
 
@@ -164,7 +166,7 @@ def score_programmes(
     genes = match_genes(config.panels, adata.var_names, source)
     data = normalise(adata, config.target_sum)
     scores = np.zeros((data.n_obs, len(genes)), np.float32)
-    for j, (panel, used) in enumerate(genes.items()):
+    for j, used in enumerate(genes.values()):
         if config.method == "zscore":
             scores[:, j] = _zscore(data, used)
             continue

@@ -53,7 +53,8 @@ def st_label_table(
     )
     plan = plan_read(info, mpp=config.mpp, tile_px=config.tile_px)
     scores, genes = score_programmes(sample.adata, config, source=str(st_path))
-    spot_um = None if sample.spot_diameter_px is None else sample.spot_diameter_px * scale * info.mpp
+    spot_px = sample.spot_diameter_px
+    spot_um = None if spot_px is None else spot_px * scale * info.mpp
     return LabelTable(
         slide_id=slide_id,
         xy_l0=tile_corners(centres, plan.tile_l0),

@@ -33,7 +33,7 @@ class LabelTable:
     slide_id: str
     xy_l0: np.ndarray  # int64[N, 2], level-0 top-left of each tile
     targets: tuple[str, ...]
-    values: np.ndarray  # float32[N, T]; soft fraction in [0, 1] or a continuous score; NaN = unknown
+    values: np.ndarray  # float32[N, T]; fraction in [0, 1] or a continuous score; NaN = unknown
     tile_px: int  # tile side in pixels at mpp
     mpp: float  # µm/px the tiles are defined at
     source: str  # "annotations" | "ihc" | "st" | ...

@@ -37,9 +37,17 @@ from cscvision.synth.layout import IMMUNO, STEMNESS, SlideLayout
 PANEL_GENES = {
     "stemness": ("CD44", "PROM1", "ALDH1A1", "SOX2", "NANOG", "POU5F1", "KLF4"),
     "immunosuppressive": (
-        "FOXP3", "IL10", "TGFB1", "CTLA4", "CD163", "MRC1", "ARG1", "IDO1", "CD274",
+        "FOXP3",
+        "IL10",
+        "TGFB1",
+        "CTLA4",
+        "CD163",
+        "MRC1",
+        "ARG1",
+        "IDO1",
+        "CD274",
     ),
-}  # fmt: skip
+}
 REGION_OF = {"stemness": STEMNESS, "immunosuppressive": IMMUNO}  # panel -> truth region
 POSITION_HEADER = (
     "barcode",
@@ -139,8 +147,11 @@ def write_10x_h5(path: Path, counts: np.ndarray, names: list[str], codes: list[s
 
 def _image(levels: list[np.ndarray], layout: SlideLayout, side_px: int) -> tuple[np.ndarray, float]:
     scalef = side_px / max(layout.width_px, layout.height_px)
-    source = min((lv for lv in levels if max(lv.shape[:2]) >= side_px), key=lambda a: a.size,
-                 default=max(levels, key=lambda a: a.size))  # fmt: skip
+    source = min(
+        (lv for lv in levels if max(lv.shape[:2]) >= side_px),
+        key=lambda a: a.size,
+        default=max(levels, key=lambda a: a.size),
+    )
     size = (max(1, round(layout.width_px * scalef)), max(1, round(layout.height_px * scalef)))
     return np.asarray(Image.fromarray(source).resize(size, Image.Resampling.BOX)), scalef
 
@@ -168,8 +179,12 @@ def write_visium(
     in_tissue = overlaps["tissue"] >= spec.min_tissue
     codes = barcodes(rng, len(grid))
     counts, names = sample_counts(rng, {k: v[in_tissue] for k, v in overlaps.items()}, spec)
-    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, names,
-                 [c for c, keep in zip(codes, in_tissue, strict=True) if keep])  # fmt: skip
+    write_10x_h5(
+        outs / "filtered_feature_bc_matrix.h5",
+        counts,
+        names,
+        [c for c, keep in zip(codes, in_tissue, strict=True) if keep],
+    )
     rows = [
         (code, int(t), int(r), int(c), round(y, 2), round(x, 2))
         for code, t, (r, c, x, y) in zip(codes, in_tissue, grid, strict=True)
@@ -188,6 +203,9 @@ def write_visium(
     write_text(outs / "spatial" / "scalefactors_json.json", json.dumps(factors, indent=2) + "\n")
     header = ["barcode", "in_tissue", "tissue_fraction", *(f"{n}_fraction" for n in PANEL_GENES)]
     truth = zip(codes, in_tissue, *(overlaps[k] for k in ("tissue", *PANEL_GENES)), strict=True)
-    write_csv(folder / "spot_truth.csv", header,
-              [(c, int(t), *(round(float(v), 4) for v in rest)) for c, t, *rest in truth])  # fmt: skip
+    write_csv(
+        folder / "spot_truth.csv",
+        header,
+        [(c, int(t), *(round(float(v), 4) for v in rest)) for c, t, *rest in truth],
+    )
     return outs

@@ -17,7 +17,6 @@ from cscvision.synth.layout import REGION_CLASSES, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer
 from cscvision.synth.stain import StainProfile, sample_lab_profile, sample_slide_profile
-from cscvision.synth.visium import write_visium
 from cscvision.synth.truth import (
     LABEL_BITS,
     geojson,
@@ -26,6 +25,7 @@ from cscvision.synth.truth import (
     write_geojson,
     write_png,
 )
+from cscvision.synth.visium import write_visium
 
 COHORT_COLUMNS = ("slide_id", "patient_id", "slide_path", "annotation_path")
 SLIDE_SUFFIX = ".tiff"
