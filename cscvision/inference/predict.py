@@ -172,7 +172,8 @@ def _threaded(
 
 
 class TileScorer:
-    """The model as inference runs it: uint8 tiles [B, 3, H, W] → probabilities [B, T].
+    """The model as inference runs it: uint8 tiles [B, 3, H, W] → probabilities [B, T]
+    (regression models: scores in the card's units).
 
     Moves the net to ``device`` (eval mode, channels-last where that is faster), applies
     ``(x / 255 - mean) / std``, autocast with ``amp``, and the sigmoid.
@@ -190,12 +191,20 @@ class TileScorer:
         self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1) * 255
         self.amp = amp
+        # Regression models predict standardised scores: back to score units, no sigmoid.
+        scale = card.output_scale if card.is_regression else {}
+        self.out_mean = torch.tensor(scale.get("mean", [0.0]), device=self.device)
+        self.out_std = torch.tensor(scale.get("std", [1.0]), device=self.device)
+        self.regression = card.is_regression
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), _autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
-            return torch.sigmoid(self.net(x).float()).cpu().numpy()
+            out = self.net(x).float()
+            if self.regression:
+                return (out * self.out_std + self.out_mean).cpu().numpy()
+            return torch.sigmoid(out).cpu().numpy()
 
 
 def predict_tiles(

@@ -56,6 +56,7 @@ MAPS = "maps.npz"
 
 # Card fields the outputs depend on: editing one (re-tuned thresholds) makes old outputs stale.
 _CARD_OUTPUT_FIELDS = ("targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std")
+_CARD_OUTPUT_FIELDS += ("task", "units", "output_scale")
 
 
 def model_identity(model: LoadedModel) -> dict[str, str]:
@@ -147,11 +148,12 @@ def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) 
     colors = target_colors(pred.targets, card.colors)
     paths = []
     for i, target in enumerate(pred.targets):
-        threshold = card.threshold(target)
+        # regression: no threshold outline; the map is shown over the card's value range
+        threshold = None if card.is_regression else card.threshold(target)
         heat = heat_image(
             thumb,
             pred.mask,
-            pred.maps[i],
+            unit_map(pred.maps[i], card, target),
             pred.map_transform,
             pred.grid.dimensions,
             threshold=threshold,
@@ -168,9 +170,17 @@ def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) 
             threshold=threshold,
             contour_rgb=colors[target],
             min_tissue=pred.grid.spec.min_tissue,
+            value_range=card.value_range(target),
+            unit=card.unit(target),
         )
         paths.append(write_png(folder / f"overlay_{target}.png", image))
     return paths
+
+
+def unit_map(values: np.ndarray, card: ModelCard, target: str) -> np.ndarray:
+    """``values`` mapped from the card's value range of ``target`` to [0, 1] (not clipped)."""
+    lo, hi = card.value_range(target)
+    return values if (lo, hi) == (0.0, 1.0) else (values - lo) / (hi - lo)
 
 
 def run_settings(
@@ -216,7 +226,7 @@ def write_slide_outputs(
         written.append(
             write_likelihood_map(
                 path,
-                pred.maps[i],
+                unit_map(pred.maps[i], card, target),
                 pred.map_transform,
                 dimensions=pred.grid.dimensions,
                 slide_mpp=pred.grid.slide_mpp,
@@ -234,6 +244,8 @@ def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
     grid = pred.grid
     offset = (int(grid.bounds[0]), int(grid.bounds[1]))
     tiles = tile_features(grid.xy_l0, pred.probs, grid.plan.tile_l0, pred.targets, offset)
+    if card.is_regression:  # region outlines need a threshold; tiles carry the scores
+        return tiles
     regions = region_features(
         pred.maps,
         pred.tissue_map,

@@ -18,6 +18,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SCORE_SPAN_SD = 2.5  # regression maps span mean ± this many training standard deviations
+DEFAULT_UNITS = {"classification": "probability", "regression": "score"}  # per target
 
 
 class ModelError(Exception):
@@ -31,6 +33,10 @@ class ModelCard:
     name: str
     backbone: str
     targets: tuple[str, ...] = ("stemness", "immunosuppressive")
+    task: str = "classification"  # classification (sigmoid per target) | regression
+    units: dict[str, str] = field(default_factory=dict)  # target → unit; see unit()
+    # regression: the net predicts standardised scores; score = output * std + mean
+    output_scale: dict[str, list[float]] = field(default_factory=dict)
     colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     tile_px: int = 224
@@ -45,6 +51,23 @@ class ModelCard:
 
     def threshold(self, target: str) -> float:
         return float(self.thresholds.get(target, 0.5))
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
+
+    def value_range(self, target: str) -> tuple[float, float]:
+        """The values colour maps and uint8 likelihood maps span: (0, 1) for probabilities;
+        for regression the training scores' mean ± 2.5 standard deviations."""
+        if not self.is_regression or not self.output_scale:
+            return 0.0, 1.0
+        i = self.targets.index(target)
+        mean, std = self.output_scale["mean"][i], self.output_scale["std"][i]
+        return float(mean - SCORE_SPAN_SD * std), float(mean + SCORE_SPAN_SD * std)
+
+    def unit(self, target: str) -> str:
+        """What ``target``'s values measure: the card's unit, else the task's default."""
+        return self.units.get(target) or DEFAULT_UNITS.get(self.task, "")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

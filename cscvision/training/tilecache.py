@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,8 +33,9 @@ from cscvision.labels.annotations import (
     tile_targets,
 )
 from cscvision.labels.cohort import CohortEntry
+from cscvision.labels.table import LabelTableError, read_label_table
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, load_grid, make_grid, save_grid
-from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, open_slide
+from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, open_slide, plan_read
 
 SPLITS = ("train", "val", "test")
 _KEY_FILE = "key.json"
@@ -186,11 +188,18 @@ def prepare_slide(
     class_map: ClassMap,
     cache_dir: str | Path,
     mpp_override: float | None = None,
+    targets: Sequence[str] | None = None,
 ) -> tuple[SlideTiles, list[str]]:
     """Tiles and soft targets of one cohort slide, from the cache when it is current.
 
     Returns the tiles (excluded tiles dropped) and the annotation classes no target maps.
+    A slide with a tile-label table (``label_path``) gets its table's tiles for ``targets``.
     """
+    if entry.label_path is not None:
+        chosen = targets or class_map.targets
+        return table_tiles(
+            entry, split=split, spec=spec, targets=chosen, mpp_override=mpp_override
+        ), []
     key = cache_key(entry.slide_path, entry.annotation_path, spec, class_map, mpp_override)
     folder = Path(cache_dir) / f"{entry.slide_id}-{key[:12]}"
     cached = _load_cached(folder, key)
@@ -214,6 +223,55 @@ def prepare_slide(
     return tiles, unmapped
 
 
+# --- tile-label tables: their tiles are the samples ------------------------------------------
+
+
+def table_tiles(
+    entry: CohortEntry,
+    *,
+    split: str,
+    spec: GridSpec,
+    targets: Sequence[str],
+    mpp_override: float | None = None,
+) -> SlideTiles:
+    """The tiles of ``entry``'s tile-label table as training samples of ``targets``."""
+    path = Path(entry.label_path)
+    try:
+        table = read_label_table(path)
+    except LabelTableError as e:
+        raise DataError(str(e)) from None
+    if table.tile_px != spec.tile_px or abs(table.mpp - spec.mpp) > 1e-6:
+        raise DataError(
+            f"{path}: tiles of {table.tile_px} px at {table.mpp} µm/px, but the config trains "
+            f"on grid.tile_px {spec.tile_px} at grid.mpp {spec.mpp}; make the labels again at "
+            "the config's size or set grid.tile_px / grid.mpp to the table's"
+        )
+    columns = [table.targets.index(t) for t in targets]
+    values = table.values[:, columns]
+    keep = np.ones(len(table), bool) if table.valid is None else table.valid.copy()
+    invalid = int((~keep).sum())
+    unknown = int((keep & np.isnan(values).any(axis=1)).sum())
+    keep &= ~np.isnan(values).any(axis=1)
+    if invalid or unknown:
+        logging.getLogger(__name__).info(
+            "%s: %d tiles excluded (valid = 0), %d with unknown values", path, invalid, unknown
+        )
+    with open_slide(entry.slide_path, mpp=mpp_override) as slide:
+        plan = plan_read(slide.info, mpp=spec.mpp, tile_px=spec.tile_px)
+        override = slide.info.mpp if slide.info.mpp_source == MPP_FROM_OVERRIDE else None
+    return SlideTiles(
+        slide_id=entry.slide_id,
+        patient_id=entry.patient_id,
+        split=split,
+        slide_path=str(entry.slide_path),
+        plan=plan,
+        mpp_override=override,
+        xy_l0=table.xy_l0[keep],
+        targets=values[keep].astype(np.float32),
+        tissue=np.ones(int(keep.sum()), np.float32),
+    )
+
+
 def prepare_cohort(
     entries: Sequence[CohortEntry],
     splits: Mapping[str, str],
@@ -222,6 +280,7 @@ def prepare_cohort(
     class_map: ClassMap,
     cache_dir: str | Path,
     progress: bool = True,
+    targets: Sequence[str] | None = None,
 ) -> dict[str, list[SlideTiles]]:
     """Tiles of every cohort slide, grouped by split; slides without tissue are skipped.
 
@@ -235,7 +294,12 @@ def prepare_cohort(
     for entry in tqdm(entries, desc="tiling slides", unit="slide", disable=not progress):
         split = splits[entry.slide_id]
         tiles, names = prepare_slide(
-            entry, split=split, spec=spec, class_map=class_map, cache_dir=cache_dir
+            entry,
+            split=split,
+            spec=spec,
+            class_map=class_map,
+            cache_dir=cache_dir,
+            targets=targets,
         )
         for name in names:
             unmapped.setdefault(name, set()).add(str(entry.annotation_path))
