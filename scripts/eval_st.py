@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--slides", type=int, default=12)
     ap.add_argument("--patients", type=int, default=12)
     ap.add_argument("--size", type=int, default=3072, help="slide side, level-0 px (0.5 µm/px)")
-    ap.add_argument("--tile-px", type=int, default=56, help="tile side at --mpp (56 px at 2 µm/px = 112 µm)")
+    ap.add_argument("--tile-px", type=int, default=56, help="tile side at --mpp (112 µm)")
     ap.add_argument("--mpp", type=float, default=2.0)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--loss", default="mse", choices=("mse", "pearson"))
@@ -37,24 +37,61 @@ def main() -> int:
     t0 = time.perf_counter()
     cohort = args.out / "cohort"
     if not (cohort / "cohort.csv").exists():
-        sh("synth", "--out", str(cohort), "--slides", str(args.slides), "--patients",
-           str(args.patients), "--size", str(args.size), "--seed", str(args.seed), "--visium")  # fmt: skip
+        sh(
+            "synth",
+            "--out",
+            str(cohort),
+            "--slides",
+            str(args.slides),
+            "--patients",
+            str(args.patients),
+            "--size",
+            str(args.size),
+            "--seed",
+            str(args.seed),
+            "--visium",
+        )
     panels = args.out / "panels.yaml"
     panels.write_text(f"tile_px: {args.tile_px}\nmpp: {args.mpp}\n")
     labels = args.out / "labels"
-    sh("labels", "st", str(cohort / "cohort.csv"), "--panels", str(panels), "--out", str(labels),
-       "--overwrite")  # fmt: skip
+    sh(
+        "labels",
+        "st",
+        str(cohort / "cohort.csv"),
+        "--panels",
+        str(panels),
+        "--out",
+        str(labels),
+        "--overwrite",
+    )
     run = args.out / "run"
-    sh("train", f"cohort.csv={labels / 'cohort.csv'}", "task=regression", f"name=eval_st",
-       f"run_dir={run}", f"export_dir={args.out / 'model'}", f"grid.mpp={args.mpp}",
-       f"grid.tile_px={args.tile_px}", "grid.mask_mpp=8.0", "model.backbone=small_cnn",
-       "cohort.split_fractions=[0.5,0.25,0.25]", f"regression.loss={args.loss}",
-       f"threads={args.threads}", "data.num_workers=1", "data.batch_size=64",
-       "data.augment=flips", "optim.lr=0.003", "optim.scheduler=onecycle",
-       f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu", "card.synthetic=true",
-       "--no-resume")  # fmt: skip
+    sh(
+        "train",
+        f"cohort.csv={labels / 'cohort.csv'}",
+        "task=regression",
+        "name=eval_st",
+        f"run_dir={run}",
+        f"export_dir={args.out / 'model'}",
+        f"grid.mpp={args.mpp}",
+        f"grid.tile_px={args.tile_px}",
+        "grid.mask_mpp=8.0",
+        "model.backbone=small_cnn",
+        "cohort.split_fractions=[0.5,0.25,0.25]",
+        f"regression.loss={args.loss}",
+        f"threads={args.threads}",
+        "data.num_workers=1",
+        "data.batch_size=64",
+        "data.augment=flips",
+        "optim.lr=0.003",
+        "optim.scheduler=onecycle",
+        f"trainer.max_epochs={args.epochs}",
+        "trainer.accelerator=cpu",
+        "card.synthetic=true",
+        "--no-resume",
+    )
     metrics = json.loads((run / "metrics.json").read_text())["test"]
-    print(f"\nheld-out test patients: {int(metrics['n_groups'])}, spot tiles: {int(metrics['n_tiles'])}")
+    n_patients, n_tiles = int(metrics["n_groups"]), int(metrics["n_tiles"])
+    print(f"\nheld-out test patients: {n_patients}, spot tiles: {n_tiles}")
     for target in ("stemness", "immunosuppressive"):
         r, rho = metrics[f"pearson_{target}"], metrics[f"spearman_{target}"]
         lo, hi = metrics.get(f"pearson_{target}_ci_low"), metrics.get(f"pearson_{target}_ci_high")
