@@ -72,7 +72,7 @@ def test_config_task_and_targets():
     assert cfg.task == "regression" and cfg.targets == ["stemness"]
     with pytest.raises(ConfigError, match="task: 'regresion' is not one of"):
         load_config(None, ["task=regresion"])
-    with pytest.raises(ConfigError, match="regression.loss"):
+    with pytest.raises(ConfigError, match=r"regression\.loss"):
         load_config(None, ["regression.loss=l1"])
 
 
