@@ -132,6 +132,7 @@ def ihc_stain(rng: np.random.Generator, base: StainProfile) -> StainProfile:
         eosin=jitter(DAB_OD, 0.05),
         h_strength=float(np.exp(rng.normal(-0.2, 0.15))),
         e_strength=float(np.exp(rng.normal(0.0, 0.15))),
+        glass_od=tuple(float(g) for g in rng.uniform(0.01, 0.02) + rng.uniform(0, 0.004, 3)),
     )
 
 
