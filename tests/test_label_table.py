@@ -66,10 +66,10 @@ def test_missing_column_and_non_numeric(tmp_path):
     path = write_label_table(tmp_path / "s1.labels.csv", _table())
     text = path.read_text()
     path.write_text(text.replace("immune", "other", 1))
-    with pytest.raises(LabelTableError, match=r"lacks column\(s\) \['immune'\]"):
+    with pytest.raises(LabelTableError, match=r"column\(s\) \['immune'\] missing"):
         read_label_table(path)
     path.write_text(text.replace("-1.25", "abc"))
-    with pytest.raises(LabelTableError, match="line 2: column 'immune' has 'abc'"):
+    with pytest.raises(LabelTableError, match="line 2: column 'immune' holds 'abc'"):
         read_label_table(path)
 
 

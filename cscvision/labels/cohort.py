@@ -2,9 +2,9 @@
 
 The manifest is a CSV with one row per slide: ``slide_path`` and ``patient_id`` (required),
 ``slide_id`` (default: the file name without extension), ``annotation_path``, ``label_path``
-(a tile-label table, :mod:`cscvision.labels.table`) and ``split`` (optional). Relative paths
-are taken from the CSV's folder. Splits are made per patient, so
-no patient's slides ever sit on both sides of a train/test boundary.
+(a tile-label table, see :mod:`cscvision.labels.table`) and ``split`` (optional).
+Relative paths are taken from the CSV's folder. Splits are made per patient, so no patient's
+slides ever sit on both sides of a train/test boundary.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class CohortEntry:
     slide_path: Path
     annotation_path: Path | None = None
     split: str | None = None  # "train", "val" or "test" when the manifest fixes it
-    label_path: Path | None = None  # a tile-label table: its tiles are the training samples
+    label_path: Path | None = None  # a tile-label table (<slide_id>.labels.csv)
 
 
 def read_cohort(csv_path: str | Path) -> list[CohortEntry]:

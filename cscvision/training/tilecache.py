@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from cscvision.labels.annotations import (
 from cscvision.labels.cohort import CohortEntry
 from cscvision.labels.table import LabelTableError, read_label_table
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, load_grid, make_grid, save_grid
+from cscvision.slides.info import MPP_TOLERANCE
 from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, open_slide, plan_read
 
 SPLITS = ("train", "val", "test")
@@ -59,6 +59,7 @@ class SlideTiles:
     xy_l0: np.ndarray  # int64[N, 2]
     targets: np.ndarray  # float32[N, T], fraction of the tile's tissue in each target
     tissue: np.ndarray  # float32[N]
+    n_excluded: int = 0  # label-table rows dropped (valid == 0 or a target unknown)
 
     def __len__(self) -> int:
         return len(self.xy_l0)
@@ -193,7 +194,8 @@ def prepare_slide(
     """Tiles and soft targets of one cohort slide, from the cache when it is current.
 
     Returns the tiles (excluded tiles dropped) and the annotation classes no target maps.
-    A slide with a tile-label table (``label_path``) gets its table's tiles for ``targets``.
+    A slide with a tile-label table (``label_path``) takes its table's tiles as the samples,
+    for ``targets`` (default: the class map's).
     """
     if entry.label_path is not None:
         chosen = targets or class_map.targets
@@ -223,9 +225,6 @@ def prepare_slide(
     return tiles, unmapped
 
 
-# --- tile-label tables: their tiles are the samples ------------------------------------------
-
-
 def table_tiles(
     entry: CohortEntry,
     *,
@@ -234,28 +233,26 @@ def table_tiles(
     targets: Sequence[str],
     mpp_override: float | None = None,
 ) -> SlideTiles:
-    """The tiles of ``entry``'s tile-label table as training samples of ``targets``."""
-    path = Path(entry.label_path)
+    """The tiles of ``entry``'s tile-label table: rows with ``valid == 0`` or an unknown (NaN)
+    target are dropped and counted; values outside [0, 1] are kept (regression targets)."""
+    path = entry.label_path
     try:
         table = read_label_table(path)
     except LabelTableError as e:
         raise DataError(str(e)) from None
-    if table.tile_px != spec.tile_px or abs(table.mpp - spec.mpp) > 1e-6:
+    if table.tile_px != spec.tile_px or abs(table.mpp / spec.mpp - 1) > MPP_TOLERANCE:
         raise DataError(
-            f"{path}: tiles of {table.tile_px} px at {table.mpp} µm/px, but the config trains "
-            f"on grid.tile_px {spec.tile_px} at grid.mpp {spec.mpp}; make the labels again at "
-            "the config's size or set grid.tile_px / grid.mpp to the table's"
+            f"{path}: tiles of {table.tile_px} px at {table.mpp} µm/px, but the config's grid "
+            f"is {spec.tile_px} px at {spec.mpp} µm/px; set grid.tile_px/grid.mpp to match or "
+            "rebuild the table at the config's grid"
         )
-    columns = [table.targets.index(t) for t in targets]
-    values = table.values[:, columns]
-    keep = np.ones(len(table), bool) if table.valid is None else table.valid.copy()
-    invalid = int((~keep).sum())
-    unknown = int((keep & np.isnan(values).any(axis=1)).sum())
-    keep &= ~np.isnan(values).any(axis=1)
-    if invalid or unknown:
-        logging.getLogger(__name__).info(
-            "%s: %d tiles excluded (valid = 0), %d with unknown values", path, invalid, unknown
-        )
+    missing = [t for t in targets if t not in table.targets]
+    if missing:
+        raise DataError(f"{path}: no column for target(s) {missing} (it has {table.targets})")
+    values = table.values[:, [table.targets.index(t) for t in targets]]
+    keep = ~np.isnan(values).any(axis=1)
+    if table.valid is not None:
+        keep &= table.valid
     with open_slide(entry.slide_path, mpp=mpp_override) as slide:
         plan = plan_read(slide.info, mpp=spec.mpp, tile_px=spec.tile_px)
         override = slide.info.mpp if slide.info.mpp_source == MPP_FROM_OVERRIDE else None
@@ -269,6 +266,7 @@ def table_tiles(
         xy_l0=table.xy_l0[keep],
         targets=values[keep].astype(np.float32),
         tissue=np.ones(int(keep.sum()), np.float32),
+        n_excluded=int((~keep).sum()),
     )
 
 
