@@ -201,6 +201,6 @@ def test_labels_st_cli_writes_tables_and_a_train_cohort(visium_cohort, tmp_path,
                              class_map=DEFAULT_CLASS_MAP, cache_dir=tmp_path / "c",
                              targets=("stemness",))  # fmt: skip
     assert len(tiles) == len(table) and tiles.targets.shape == (len(table), 1)
-    with pytest.raises(DataError, match=r"56 px at 2\.0 µm/px.*grid\.tile_px 224"):
+    with pytest.raises(DataError, match=r"56 px at 2\.0 µm/px, but the config's grid is 224 px"):
         prepare_slide(entries[0], split="train", spec=GridSpec(), class_map=DEFAULT_CLASS_MAP,
                       cache_dir=tmp_path / "c", targets=("stemness",))  # fmt: skip
