@@ -24,13 +24,14 @@ def sh(*args: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/eval_st"))
-    ap.add_argument("--slides", type=int, default=12)
-    ap.add_argument("--patients", type=int, default=12)
-    ap.add_argument("--size", type=int, default=3072, help="slide side, level-0 px (0.5 µm/px)")
+    ap.add_argument("--slides", type=int, default=16)
+    ap.add_argument("--patients", type=int, default=16)
+    ap.add_argument("--size", type=int, default=4096, help="slide side, level-0 px (0.5 µm/px)")
     ap.add_argument("--tile-px", type=int, default=56, help="tile side at --mpp (112 µm)")
     ap.add_argument("--mpp", type=float, default=2.0)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=24)
     ap.add_argument("--loss", default="mse", choices=("mse", "pearson"))
+    ap.add_argument("--augment", default="histo", help="data.augment preset")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -81,7 +82,7 @@ def main() -> int:
         f"threads={args.threads}",
         "data.num_workers=1",
         "data.batch_size=64",
-        "data.augment=flips",
+        f"data.augment={args.augment}",
         "optim.lr=0.003",
         "optim.scheduler=onecycle",
         f"trainer.max_epochs={args.epochs}",
