@@ -118,7 +118,13 @@ def score_statistics(
     per_target = {}
     for i, (t, unit) in enumerate(zip(targets, units, strict=True)):
         v = maps[i][valid].astype(np.float64)
-        stats: dict[str, Any] = {"unit": unit, "mean": None, "p10": None, "median": None}
+        stats: dict[str, Any] = {
+            "unit": unit,
+            "mean": None,
+            "p10": None,
+            "median": None,
+            "p90": None,
+        }
         if weight.sum() > 0:
             stats["mean"] = float((weight * v).sum() / weight.sum())
             stats["p10"], stats["median"], stats["p90"] = (
