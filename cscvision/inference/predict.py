@@ -41,6 +41,7 @@ from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.slide import Slide, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
+from cscvision.training.calibration import calibrate
 from cscvision.training.export import LoadedModel
 
 
@@ -196,15 +197,19 @@ class TileScorer:
         self.out_mean = torch.tensor(scale.get("mean", [0.0]), device=self.device)
         self.out_std = torch.tensor(scale.get("std", [1.0]), device=self.device)
         self.regression = card.is_regression
+        self.targets = card.targets
+        self.calibration = card.calibration
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), _autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
-            out = self.net(x).float()
+            logits = self.net(x).float()
             if self.regression:
-                return (out * self.out_std + self.out_mean).cpu().numpy()
-            return torch.sigmoid(out).cpu().numpy()
+                return (logits * self.out_std + self.out_mean).cpu().numpy()
+            if not self.calibration:
+                return torch.sigmoid(logits).cpu().numpy()
+        return calibrate(logits.cpu().numpy(), self.targets, self.calibration)
 
 
 def predict_tiles(
