@@ -99,3 +99,7 @@ def test_card_units_and_value_range():
     assert reg.unit("a") == "score" and reg.unit("b") == "z"
     assert reg.value_range("a") == (-4.0, 6.0)
     assert ModelCard.from_json(reg.to_json()) == reg
+    from cscvision.training.card import model_readme
+
+    text = model_readme(reg)
+    assert "continuous score" in text and "test Pearson" in text and "sigmoid" not in text

@@ -109,13 +109,31 @@ def _is_synthetic(card: ModelCard) -> bool:
     return bool(card.training.get("synthetic")) or "synthetic" in card.trained_on.lower()
 
 
-def _metric_rows(card: ModelCard) -> list[str]:
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def _regression_rows(card: ModelCard) -> list[str]:
     val, test = card.metrics.get("val", {}), card.metrics.get("test", {})
+    rows = [
+        "| target | unit | val Pearson | test Pearson (95 % CI over patients) | test Spearman |",
+        "|---|---|---|---|---|",
+    ]
+    for t in card.targets:
+        ci = f"{_cell(test, f'pearson_{t}_ci_low')}–{_cell(test, f'pearson_{t}_ci_high')}"
+        rows.append(
+            f"| {t} | {card.unit(t)} | {_cell(val, f'pearson_{t}')} | "
+            f"{_cell(test, f'pearson_{t}')} ({ci}) | {_cell(test, f'spearman_{t}')} |"
+        )
+    return rows
 
-    def cell(metrics: dict[str, Any], key: str) -> str:
-        value = metrics.get(key)
-        return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
 
+def _metric_rows(card: ModelCard) -> list[str]:
+    if card.is_regression:
+        return _regression_rows(card)
+    val, test = card.metrics.get("val", {}), card.metrics.get("test", {})
+    cell = _cell
     rows = [
         "| target | threshold | val AUROC | val AP | val F1 | test AUROC | test AP | test F1 "
         "| test slide AUROC |",
@@ -127,6 +145,21 @@ def _metric_rows(card: ModelCard) -> list[str]:
         cells = " | ".join(cell(m, k) for m, k in keys)
         rows.append(f"| {t} | {card.threshold(t):.3f} | {cells} |")
     return rows
+
+
+def _what_it_does(card: ModelCard) -> str:
+    tiles = f"Scores every tissue tile of {card.tile_px} × {card.tile_px} px at {card.mpp} µm/px"
+    if card.is_regression:
+        return (
+            f"{tiles} with a continuous score for {len(card.targets)} targets "
+            f"({', '.join(card.targets)}), in the units of its training labels (e.g. a "
+            "gene-programme score from spatial transcriptomics); no threshold."
+        )
+    return (
+        f"{tiles} for {len(card.targets)} targets, one sigmoid each (a tile can be several at "
+        f"once): {', '.join(card.targets)}. A tile counts as positive at the threshold below "
+        "(chosen to maximise F1 on validation)."
+    )
 
 
 def model_readme(card: ModelCard) -> str:
@@ -142,10 +175,7 @@ def model_readme(card: ModelCard) -> str:
         f"**{card.intended_use}**",
         "",
         "## What it does",
-        f"Scores every tissue tile of {card.tile_px} × {card.tile_px} px at {card.mpp} µm/px "
-        f"for {len(card.targets)} targets, one sigmoid each (a tile can be several at once): "
-        f"{', '.join(card.targets)}. A tile counts as positive at the threshold below "
-        "(chosen to maximise F1 on validation).",
+        _what_it_does(card),
         "",
         "## Model",
         f"- backbone: `{card.backbone}`; pretrained: {card.training.get('pretrained', 'unknown')}",
