@@ -202,6 +202,8 @@ def model_readme(card: ModelCard) -> str:
         "**immunosuppressive** regions (classes named in the config's class map), or",
         "- IHC on serial or restained sections for stemness markers (e.g. SOX2, CD44, ALDH1) "
         "and immunosuppression (e.g. FOXP3, CD163, PD-L1), turned into region labels;",
+        "- spatial transcriptomics of the same sections (Visium `outs/`, HEST samples) turned "
+        "into panel scores per spot with `cscvision labels st`;",
         "- a cohort CSV (`slide_path,patient_id[,annotation_path]`) with enough patients for "
         "patient-level train / validation / test splits; then `cscvision train --config ...`.",
         "",
