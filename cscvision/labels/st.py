@@ -162,7 +162,10 @@ def read_spaceranger(outs: str | Path) -> STSample:
         spot_diameter_px=factors.get("spot_diameter_fullres"),
         layout=f"spaceranger:{positions_path.name}",
         n_dropped=int((positions["in_tissue"].to_numpy() != 1).sum()),
-        details={"scalefactors": factors},
+        details={
+            "scalefactors": factors,
+            "files": [str(matrix), str(positions_path), str(outs / "spatial" / SCALEFACTORS_FILE)],
+        },
     )
 
 
@@ -208,6 +211,7 @@ def read_hest(path: str | Path) -> STSample:
         spot_diameter_px=_hest_spot_diameter(adata, path),
         layout="hest:h5ad",
         n_dropped=int((~keep).sum()),
+        details={"files": [str(path)]},
     )
 
 

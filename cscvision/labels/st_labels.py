@@ -24,13 +24,17 @@ from cscvision.slides.slide import open_slide, plan_read
 HIGH_SUFFIX = "_high"
 
 
-def _digest(path: Path) -> str:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+def _digest(files: Sequence[str]) -> str:
+    """SHA-256 over the files a sample was read from (names and bytes), in 1 MiB chunks."""
     h = hashlib.sha256()
-    for f in files:
-        if f.suffix in (".h5", ".h5ad", ".csv", ".parquet", ".json"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    for name in files:
+        path = Path(name)
+        if not path.exists():
+            continue
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -65,7 +69,8 @@ def st_label_table(
         source="st",
         provenance={
             "st_path": str(st_path),
-            "st_sha256": _digest(Path(st_path)),
+            "st_files": sample.details.get("files", []),
+            "st_sha256": _digest(sample.details.get("files", [])),
             "layout": sample.layout,
             "slide_path": str(slide_path),
             "slide_mpp": info.mpp,
