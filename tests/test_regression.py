@@ -103,3 +103,9 @@ def test_card_units_and_value_range():
 
     text = model_readme(reg)
     assert "continuous score" in text and "test Pearson" in text and "sigmoid" not in text
+
+
+def test_packaged_panel_config_is_the_default():
+    from cscvision.labels.programmes import ProgrammeConfig, load_programme_config
+
+    assert load_programme_config("st_panels") == ProgrammeConfig()

@@ -17,10 +17,11 @@ columns st_scale, st_offset_x, st_offset_y map full-resolution image pixels to s
 level-0 pixels (level0 = fullres * scale + offset) when the slide is not the image Space
 Ranger saw; by default they are the same pixels.
 
---panels CONFIG (YAML; see configs/st_panels.yaml) names the gene panels, the score
-(score_genes | zscore), the tile size (tile_px at mpp, centred on each spot) and an optional
-binarize_quantile. Writes into --out: <slide_id>.labels.csv + .labels.json per slide and
-cohort.csv (the manifest's columns plus label_path) for `cscvision train`.
+--panels CONFIG (YAML, or the packaged st_panels: `cscvision config show st_panels`) names
+the gene panels, the score (score_genes | zscore), the tile size (tile_px at mpp, centred on
+each spot) and an optional binarize_quantile. Writes into --out: <slide_id>.labels.csv +
+.labels.json per slide and cohort.csv (the manifest's columns plus label_path) for
+`cscvision train`.
 """
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,10 +97,17 @@ class ProgrammeConfig:
 
 
 def load_programme_config(path: str | None) -> ProgrammeConfig:
-    """The config at ``path`` (YAML), or the defaults when ``path`` is None."""
+    """The config at ``path`` (YAML; a packaged config's name such as ``st_panels`` works
+    too), or the defaults when ``path`` is None."""
     if path is None:
         return ProgrammeConfig()
     import yaml
+
+    from cscvision.core.resources import packaged_dir
+
+    packaged = packaged_dir("configs") / f"{Path(path).name.removesuffix('.yaml')}.yaml"
+    if not Path(path).exists() and packaged.exists():
+        path = str(packaged)
 
     try:
         data = yaml.safe_load(open(path, encoding="utf-8").read()) or {}
