@@ -15,6 +15,7 @@ COMMANDS = (
     "demo",
     "synth",
     "tile",
+    "labels",
     "train",
     "infer",
     "stats",
