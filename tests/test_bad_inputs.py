@@ -333,7 +333,10 @@ def test_bad_tile_flags_are_one_message_before_any_slide(world, tmp_path, capsys
         (lambda card: {**card, "colors": [1, 2, 3]}, "colors [1, 2, 3]: input should be a valid"),
         (lambda card: {**card, "tile_px": 0}, "tile_px 0"),
         (lambda card: {**card, "mpp": -0.5}, "mpp -0.5"),
-        (lambda card: {**card, "thresholds": {"stemness": 1.5}}, "thresholds.stemness 1.5"),
+        (
+            lambda card: {**card, "thresholds": {"stemness": 1.5}},
+            "probabilities in [0, 1], got stemness 1.5",
+        ),
         (lambda card: {**card, "targets": "stemness"}, "targets 'stemness'"),
         (lambda card: {**card, "std": [0, 1, 1]}, "std.0 0"),
         (lambda card: {**card, "schema_version": 99}, "schema_version 99 is newer"),

@@ -15,7 +15,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from cscvision import __version__
@@ -79,6 +86,18 @@ class ModelCard:
         if len(set(targets)) != len(targets):
             raise ValueError(f"target names must be unique, got {list(targets)}")
         return targets
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probability_thresholds(cls, thresholds: dict[str, float], info: ValidationInfo):
+        if info.data.get("task", "classification") == "classification":
+            bad = [f"{t} {v:g}" for t, v in thresholds.items() if not 0 <= v <= 1]
+            if bad:
+                raise ValueError(
+                    f"thresholds of a classification model are probabilities in [0, 1], "
+                    f"got {', '.join(bad)}"
+                )
+        return thresholds
 
     def threshold(self, target: str) -> float:
         return float(self.thresholds.get(target, 0.5))
