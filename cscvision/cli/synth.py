@@ -44,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="slides written in parallel")
     parser.add_argument(
+        "--ihc",
+        action="store_true",
+        help="add paired IHC slides (<id>_CD44.tiff membranous, <id>_FOXP3.tiff nuclear DAB) "
+        "and ihc_manifest.csv for `cscvision labels ihc`",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist in --out"
     )
     parser.set_defaults(func=run)
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             workers=max(1, args.workers),
             progress=True,
+            ihc_markers=("CD44", "FOXP3") if args.ihc else (),
         )
     except FileExistsError as e:
         print(f"cscvision synth: {e}", file=sys.stderr)

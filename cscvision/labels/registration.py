@@ -295,8 +295,7 @@ def held_out_error(src: np.ndarray, dst: np.ndarray, folds: int = 5, seed: int =
     fold = np.random.default_rng(seed).permutation(n) % folds
     out = np.empty(n)
     for i in range(folds):
-        fit = transform.AffineTransform()
-        fit.estimate(src[fold != i], dst[fold != i])
+        fit = transform.AffineTransform.from_estimate(src[fold != i], dst[fold != i])
         out[fold == i] = np.linalg.norm(fit(src[fold == i]) - dst[fold == i], axis=1)
     return out
 
@@ -353,7 +352,11 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
     out = {"n_matches": n_matches, "flip": flip, "n_inliers": len(src), "matrix_um": m}
     out["rotation_deg"] = float(np.degrees(np.arctan2(m[1, 0], m[0, 0])) * (-1 if flip else 1))
     errors = held_out_error(src, dst, seed=seed)
-    out["error_um"] = {"median": float(np.median(errors)), "p90": float(np.percentile(errors, 90))}
+    finite = np.isfinite(errors).all()
+    out["error_um"] = {
+        "median": round(float(np.median(errors)), 2) if finite else None,
+        "p90": round(float(np.percentile(errors, 90)), 2) if finite else None,
+    }
     c0, m0 = fixed[0], moving[0]
     warped = warp_to_fixed(m0.mask.astype(np.float32), m0.mpp, c0.mask.shape, c0.mpp,
                            lambda xy: _apply(m, xy)) > 0.5  # fmt: skip
@@ -364,7 +367,7 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
             False,
             (f"too few matching features agree ({len(src)}, {p.min_inliers} needed)"),
         )
-    elif out["error_um"]["p90"] > p.max_error_um:
+    elif out["error_um"]["p90"] is None or out["error_um"]["p90"] > p.max_error_um:
         p90 = out["error_um"]["p90"]
         out["ok"], out["reason"] = False, f"held-out error p90 {p90:.1f} µm > {p.max_error_um} µm"
     elif out["tissue_dice"] < p.min_dice:
