@@ -42,8 +42,10 @@ class RegistrationParams:
     coarse_um: float = 0.0  # µm/px of the coarse level; 0 = longest side ~256 px, ≥ 8
     fine_um: float = 2.0  # levels halve down to this µm/px
     min_inliers: int = 12
+    min_inlier_ratio: float = 0.4  # of the finest level's patch matches
     max_error_um: float = 50.0  # p90 of the held-out error above this fails
-    min_dice: float = 0.6  # tissue overlap once registered
+    min_dice: float = 0.5  # tissue overlap once registered
+    max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
     nonrigid: bool = False
     flow_smooth_um: float = 60.0
 
@@ -362,10 +364,27 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
                            lambda xy: _apply(m, xy)) > 0.5  # fmt: skip
     out["tissue_dice"] = _dice(c0.mask, warped)
     out["ok"], out["reason"] = True, ""
+    stretch = np.linalg.svd(m[:2, :2], compute_uv=False)
     if len(src) < p.min_inliers:
         out["ok"], out["reason"] = (
             False,
             (f"too few matching features agree ({len(src)}, {p.min_inliers} needed)"),
+        )
+    elif len(src) < p.min_inlier_ratio * n_matches:
+        out["ok"], out["reason"] = (
+            False,
+            (
+                f"only {len(src)} of {n_matches} patch matches agree on one transform "
+                f"(< {p.min_inlier_ratio:.0%}): probably not the same tissue"
+            ),
+        )
+    elif stretch.max() > p.max_stretch or stretch.min() < 1 / p.max_stretch:
+        out["ok"], out["reason"] = (
+            False,
+            (
+                f"implausible affine (stretches {stretch.min():.2f}, {stretch.max():.2f}; sections "
+                f"of one block differ by at most x{p.max_stretch}): probably not the same tissue"
+            ),
         )
     elif out["error_um"]["p90"] is None or out["error_um"]["p90"] > p.max_error_um:
         p90 = out["error_um"]["p90"]
