@@ -94,13 +94,15 @@ def pair(tmp_path_factory):
     return folder
 
 
-def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(pair):
-    truth = json.loads((pair / "SYN-P001-S01_CD44_truth.json").read_text())
-    assert truth["marker"] == "CD44" and truth["marks"] == "Stemness-rich"
-    labels = np.asarray(Image.open(pair / "SYN-P001-S01_labels.png"))
+def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(tmp_path):
     from cscvision.slides.slide import open_slide
+    from cscvision.synth import write_slide
 
-    with open_slide(pair / "SYN-P001-S01_CD44.tiff") as ihc:
+    write_slide(tmp_path / "S.tiff", size_px=1280, seed=3, ihc_markers=("CD44",))
+    truth = json.loads((tmp_path / "S_CD44_truth.json").read_text())
+    assert truth["marker"] == "CD44" and truth["marks"] == "Stemness-rich"
+    labels = np.asarray(Image.open(tmp_path / "S_labels.png"))
+    with open_slide(tmp_path / "S_CD44.tiff") as ihc:
         thumb = ihc.thumbnail(8.0)
         assert ihc.info.dimensions == (truth["width_px"], truth["height_px"])
     od = -np.log(np.clip(thumb, 1, 255) / 255.0).sum(-1)
@@ -109,12 +111,16 @@ def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(pair):
     inside = (labels[np.clip(hy // 16, 0, labels.shape[0] - 1).astype(int),
                      np.clip(hx // 16, 0, labels.shape[1] - 1).astype(int)] & 1) > 0  # fmt: skip
     assert inside.mean() > 0.95
-    manifest = (pair / "ihc_manifest.csv").read_text().splitlines()
-    assert manifest[0] == "slide_id,patient_id,slide_path,ihc_path,marker" and len(manifest) == 5
 
 
 @pytest.mark.slow
 def test_labels_ihc_cli_end_to_end(pair, tmp_path, capsys):
+    manifest = (pair / "ihc_manifest.csv").read_text().splitlines()
+    assert manifest[0] == "slide_id,patient_id,slide_path,ihc_path,marker" and len(manifest) == 5
+    _labels_end_to_end(pair, tmp_path)
+
+
+def _labels_end_to_end(pair, tmp_path):
     import yaml
 
     from cscvision.cli import main
