@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
         if not (path.exists() and not args.overwrite):
             try:
                 result = ihc_labels(
-                    slide_id, entry["slide_path"], entry["pairs"], cfg, spec, params
-                )
+                    slide_id, entry["slide_path"], entry["pairs"], cfg, spec, params,
+                    slide_mpp=args.slide_mpp,
+                )  # fmt: skip
             except Exception as e:  # one bad slide must not stop the batch
                 errors.append((slide_id, f"{type(e).__name__}: {e}"))
                 continue

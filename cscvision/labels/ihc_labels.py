@@ -51,19 +51,21 @@ def ihc_labels(
     cfg: MarkerConfig,
     spec: GridSpec,
     reg_params: RegistrationParams | None = None,
+    slide_mpp: float | None = None,
 ) -> IhcLabels:
     """Register every (marker, IHC slide) of an H&E slide and turn DAB into tile targets.
 
-    A failed registration yields no table (``reason`` says which and why), never labels."""
+    A failed registration yields no table (``reason`` says which and why), never labels.
+    ``slide_mpp``: level-0 µm/px for slides whose metadata gives none."""
     results, values, frames = [], {}, {}
-    with open_slide(he_path) as he:
+    with open_slide(he_path, mpp=slide_mpp) as he:
         grid, mask = he_tiles(he, spec)
         he_dims, bounds = he.info.dimensions, he.info.bounds
         for name, ihc_path in pairs:
             if name not in cfg.markers:
                 raise ValueError(f"marker {name!r} ({ihc_path}) is not in the marker config")
             marker = cfg.markers[name]
-            with open_slide(ihc_path) as ihc:
+            with open_slide(ihc_path, mpp=slide_mpp) as ihc:
                 reg, qc = register_slides(he, ihc, reg_params)
                 if not reg.ok:
                     results.append(MarkerResult(name, str(ihc_path), reg, qc))
