@@ -156,3 +156,22 @@ def _labels_end_to_end(pair, tmp_path):
         geo = json.loads((out / f"{e.slide_id}.ihc.geojson").read_text())
         assert geo["features"][0]["properties"]["objectType"] == "annotation"
     assert (out / "registration" / "SYN-P001-S01_CD44_qc.png").exists()
+
+
+def test_registration_json_round_trip_and_units():
+    from cscvision.labels.registration import Registration
+
+    a = np.deg2rad(30)
+    m = np.array([[np.cos(a), -np.sin(a), 100.0], [np.sin(a), np.cos(a), -50.0], [0, 0, 1]])
+    reg = Registration(
+        fixed_path="he.svs", moving_path="ihc.svs", fixed_mpp=0.5, moving_mpp=0.25,
+        matrix_um=m, flip=False, rotation_deg=30.0, n_matches=40, n_inliers=30,
+        error_um={"median": 1.0, "p90": 2.0}, tissue_dice=0.9, ok=True,
+        flow_um=np.ones((2, 3, 3), np.float32), flow_step_um=50.0,
+    )  # fmt: skip
+    back = Registration.from_dict(json.loads(json.dumps(reg.to_dict())))
+    np.testing.assert_allclose(back.matrix_um, m)
+    # level-0 px of the H&E (0.5 µm/px) -> µm -> matrix (+ 1 µm flow) -> IHC px (0.25 µm/px)
+    xy_um = np.array([[200.0, 0.0]]) * 0.5
+    want = (xy_um @ m[:2, :2].T + m[:2, 2] + 1.0) / 0.25
+    np.testing.assert_allclose(back.map_l0(np.array([[200.0, 0.0]])), want, rtol=1e-6)
