@@ -1,19 +1,22 @@
-"""``cscvision labels SOURCE ...``: tile-label tables from a label source (IHC, ST, ...)."""
+"""``cscvision labels SOURCE``: tile-label tables from a label source, one subcommand each."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-# Label sources, each a module cscvision.cli.labels_<source> with add_parser and run.
+# Label sources, each a module cli/labels_<source>.py with add_parser(subparsers) and run(args).
 SOURCES = ("ihc", "st")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "labels",
-        help="build tile-label tables (and a cohort CSV for train) from IHC or other sources",
-        description="Build per-slide tile-label tables that `cscvision train` reads.",
+        help="make tile-label tables (training targets) from IHC or spatial transcriptomics",
+        description=(
+            "Write one tile-label table per slide (<slide_id>.labels.csv + .labels.json) and a "
+            "cohort CSV with a label_path column that `cscvision train` accepts."
+        ),
     )
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
     for name in SOURCES:
@@ -24,4 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                 raise
             continue
         module.add_parser(sources)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=lambda args: _missing_source(parser))
+
+
+def _missing_source(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
