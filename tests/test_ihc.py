@@ -14,7 +14,7 @@ from skimage import color
 from cscvision.labels.ihc import dab_channel, deconvolution_matrix, macenko_vectors
 from cscvision.labels.registration import register_slides
 from cscvision.synth.ihc import DAB_OD, read_pair_transform
-from tests.conftest import ArraySlide
+from tests.conftest import CMU_SVS, ArraySlide
 
 
 def _cos(a, b) -> float:
@@ -114,7 +114,7 @@ def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(tmp_path):
 
 
 @pytest.mark.slow
-def test_labels_ihc_cli_end_to_end(pair, tmp_path, capsys):
+def test_labels_ihc_cli_end_to_end(pair, tmp_path, capsys, cmu_svs):
     manifest = (pair / "ihc_manifest.csv").read_text().splitlines()
     assert manifest[0] == "slide_id,patient_id,slide_path,ihc_path,marker" and len(manifest) == 5
     _labels_end_to_end(pair, tmp_path)
@@ -130,8 +130,8 @@ def _labels_end_to_end(pair, tmp_path):
     cfg = tmp_path / "markers.yaml"
     cfg.write_text(yaml.safe_dump({"markers": {"CD44": "stemness", "FOXP3": "immunosuppressive"}}))
     rows = (pair / "ihc_manifest.csv").read_text().splitlines()
-    # a third slide whose "IHC" is another patient's section: refused, not labelled
-    rows.append("SYN-P001-S01-bad,SYN-P001,SYN-P001-S01.tiff,SYN-P002-S01_CD44.tiff,CD44")
+    # a third slide whose "IHC" is unrelated tissue (the real skin slide): refused, not labelled
+    rows.append(f"SYN-P001-S01-bad,SYN-P001,SYN-P001-S01.tiff,{CMU_SVS},CD44")
     manifest = pair / "manifest_bad.csv"
     manifest.write_text("\n".join(rows) + "\n")
     out = tmp_path / "labels"
