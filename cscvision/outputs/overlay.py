@@ -1,7 +1,8 @@
 """``overlay_<target>.png``: the slide thumbnail with one target's heatmap, drawn with PIL.
 
 The heatmap (viridis, 0-1) is alpha-blended over tissue only, where tiles were scored;
-the region above the target's threshold is outlined in the target's colour. A title, a
+the target's region (the map pixels at or above its threshold: the definition the summary
+and the GeoJSON use) is outlined in the target's colour. A title, a
 colour bar with 0-1 ticks (threshold marked) and a legend frame the image.
 """
 
@@ -74,10 +75,11 @@ def heat_image(
     transform,
     dimensions: tuple[int, int],
     *,
-    threshold: float,
+    region: np.ndarray,
     contour_rgb: tuple[int, int, int],
 ) -> np.ndarray:
-    """The thumbnail at display size with the heatmap over tissue and the threshold outline."""
+    """The thumbnail at display size with the heatmap over tissue and the outline of the
+    target's ``region`` (bool map pixels: :func:`cscvision.outputs.regions.region_masks`)."""
     dw, dh = _display_size(dimensions, thumb.shape)
     step_x, step_y = dimensions[0] / dw, dimensions[1] / dh
     base = np.asarray(Image.fromarray(thumb).resize((dw, dh), Image.Resampling.BILINEAR))
@@ -91,7 +93,7 @@ def heat_image(
     out = base.astype(np.float32)
     heat = colormap(value).astype(np.float32)
     out[shown] = out[shown] * (1 - HEAT_ALPHA) + heat[shown] * HEAT_ALPHA
-    above = shown & (value >= threshold)
+    above = _region_at(region, transform, x_l0, y_l0)
     edge = above & ~ndimage.binary_erosion(above, border_value=0)
     core = ndimage.binary_dilation(edge, iterations=max(1, round(max(dw, dh) / 600)))
     halo = ndimage.binary_dilation(core) & ~core  # a white rim keeps the line visible
@@ -100,18 +102,40 @@ def heat_image(
     return np.round(out).astype(np.uint8)
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, height: int, threshold: float, rgb):
+def _region_at(region: np.ndarray, transform, x_l0: np.ndarray, y_l0: np.ndarray) -> np.ndarray:
+    """``region`` looked up (nearest map pixel) at the display lattice's level-0 points."""
+    col, row = transform.to_map(x_l0, y_l0)
+    col, row = np.floor(col).astype(np.int64), np.floor(row).astype(np.int64)
+    rows, cols = region.shape
+    ok_c, ok_r = (col >= 0) & (col < cols), (row >= 0) & (row < rows)
+    looked = region[np.clip(row, 0, rows - 1)[:, None], np.clip(col, 0, cols - 1)[None, :]]
+    return looked & ok_r[:, None] & ok_c[None, :]
+
+
+def _colour_bar(
+    draw: ImageDraw.ImageDraw,
+    x: int,
+    y: int,
+    height: int,
+    threshold: float | None,
+    rgb,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    unit: str = "probability",
+):
     for k in range(height):
         colour = tuple(int(c) for c in colormap(np.array(1 - k / max(1, height - 1))))
         draw.line([(x, y + k), (x + BAR_W, y + k)], fill=colour)
     draw.rectangle([x, y, x + BAR_W, y + height], outline=(60, 60, 60))
+    lo, hi = value_range
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         ty = y + round((1 - tick) * (height - 1))
         draw.line([(x + BAR_W, ty), (x + BAR_W + 4, ty)], fill=(40, 40, 40))
-        _text(draw, (x + BAR_W + 7, ty), f"{tick:g}", 13, (30, 30, 30), anchor="lm")
-    ty = y + round((1 - threshold) * (height - 1))
-    draw.line([(x - 4, ty), (x + BAR_W + 4, ty)], fill=rgb, width=3)
-    _text(draw, (x, y - 8), "probability", 13, (30, 30, 30), anchor="ld")
+        _text(draw, (x + BAR_W + 7, ty), f"{lo + tick * (hi - lo):.3g}", 13, (30, 30, 30),
+              anchor="lm")  # fmt: skip
+    if threshold is not None:
+        ty = y + round((1 - threshold) * (height - 1))
+        draw.line([(x - 4, ty), (x + BAR_W + 4, ty)], fill=rgb, width=3)
+    _text(draw, (x, y - 8), unit, 13, (30, 30, 30), anchor="ld")
 
 
 def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, items: list[tuple[str, str, tuple]]):
@@ -135,11 +159,14 @@ def render_overlay(
     title: str,
     subtitle: str,
     target: str,
-    threshold: float,
+    threshold: float | None,
     contour_rgb: tuple[int, int, int],
     min_tissue: float,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    unit: str = "probability",
 ) -> np.ndarray:
-    """Frame ``heat`` (from :func:`heat_image`) with title, colour bar and legend."""
+    """Frame ``heat`` (from :func:`heat_image`) with title, colour bar and legend; the bar's
+    ticks span ``value_range`` in ``unit`` (a regression target's scores)."""
     dh, dw = heat.shape[:2]
     top, right, bottom = 64, 110, 84
     canvas = Image.new("RGB", (PAD + dw + right, top + dh + bottom), (255, 255, 255))
@@ -149,15 +176,12 @@ def render_overlay(
     _text(draw, (PAD, 40), subtitle, 13, (80, 80, 80))
     draw.rectangle([PAD - 1, top - 1, PAD + dw, top + dh], outline=(150, 150, 150))
     bar_h = min(dh - 30, 320) if dh > 80 else max(40, dh)
-    _colour_bar(draw, PAD + dw + 24, top + 24, bar_h, threshold, contour_rgb)
-    _legend(
-        draw,
-        PAD,
-        top + dh + 12,
-        [
-            ("line", f"{target} ≥ {threshold:.2f} (threshold outline)", contour_rgb),
-            ("ramp", f"{target} probability, on tissue tiles (≥ {min_tissue:.0%} tissue)", None),
-            ("box", "no heatmap: glass, or tissue not scored", (235, 235, 235)),
-        ],
-    )  # fmt: skip
+    _colour_bar(draw, PAD + dw + 24, top + 24, bar_h, threshold, contour_rgb, value_range, unit)
+    items = [
+        ("ramp", f"{target} {unit}, on tissue tiles (≥ {min_tissue:.0%} tissue)", None),
+        ("box", "no heatmap: glass, or tissue not scored", (235, 235, 235)),
+    ]
+    if threshold is not None:
+        items.insert(0, ("line", f"{target} ≥ {threshold:.2f} (threshold outline)", contour_rgb))
+    _legend(draw, PAD, top + dh + 12, items)
     return np.asarray(canvas)

@@ -1,9 +1,10 @@
 """Training configuration: frozen dataclasses built from YAML plus dotted overrides.
 
-``load_config("configs/cpu_demo.yaml", ["trainer.max_epochs=3", "data.batch_size=32"])``
-starts from the defaults below, applies the YAML file, then each override (its value
-parsed as YAML: ``3``, ``0.5``, ``null``, ``[1, 2]``, ``true``). Unknown keys are errors
-that list the valid ones. ``configs/default.yaml`` documents every key.
+``load_config("cpu_demo", ["trainer.max_epochs=3", "data.batch_size=32"])`` starts from
+the defaults below, applies the YAML file (a path, or the name of a packaged config), then
+each override (its value parsed as YAML: ``3``, ``0.5``, ``null``, ``[1, 2]``, ``true``).
+Unknown keys are errors that list the valid ones. The packaged ``default`` config
+(``cscvision config show default``) documents every key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cscvision.core.resources import packaged_dir, packaged_names
 from cscvision.slides.grid import GridSpec
 from cscvision.training.card import IMAGENET_MEAN, IMAGENET_STD
 
@@ -68,6 +70,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RegressionConfig:
+    """``task: regression``: continuous targets (e.g. spatial-transcriptomics panel scores)."""
+
+    loss: str = "mse"  # mse | pearson, on targets standardised by the training tiles
+    bootstrap: int = 1000  # resamples of held-out patients for the correlations' 95 % CI
+    units: str = "score"  # what the targets measure, shown on the model card and colour bars
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """Passed to ``lightning.Trainer`` (``None`` leaves Lightning's default)."""
 
@@ -99,6 +110,8 @@ class TrainConfig:
     name: str = "cscvision"  # run and model name
     seed: int = 0
     threads: int | None = None  # torch CPU threads of the training process; None: all cores
+    task: str = "classification"  # classification | regression (continuous targets)
+    targets: Any = None  # tile-label table columns to train on; default: all of the first
     run_dir: str | None = None  # default runs/<name>
     export_dir: str | None = None  # default models/<name>
     cohort: CohortConfig = field(default_factory=CohortConfig)
@@ -108,11 +121,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     card: CardConfig = field(default_factory=CardConfig)
 
 
-_FREE_FORM = {"classes", "colors", "devices"}  # values checked by their consumers
+_FREE_FORM = {"classes", "colors", "devices", "targets"}  # values checked by their consumers
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -180,12 +194,37 @@ def _set(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
 
 
+def config_names() -> list[str]:
+    """Names of the packaged configs (``default``, ``cpu_demo``, ...)."""
+    return packaged_names("configs", ".yaml")
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing file as given, else a packaged config by name.
+
+    ``default`` and ``default.yaml`` both name the packaged ``default.yaml``; a file of that
+    name in the working directory wins.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    packaged = packaged_dir("configs") / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if path.name == name and packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"{name_or_path}: no such config file and no packaged config of that name; "
+        f"pass a YAML file or one of: {', '.join(config_names())} (cscvision config list)"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``KEY=VALUE`` overrides."""
+    """Defaults, then the YAML file at ``path`` (or packaged config name), then overrides."""
     import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config(path)
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
@@ -209,6 +248,7 @@ def check_choices(cfg: TrainConfig) -> None:
     from cscvision.training.calibration import METHODS
     from cscvision.training.data import BALANCE_MODES
     from cscvision.training.lit import SCHEDULERS
+    from cscvision.training.regression import LOSSES, TASKS
 
     choices = {
         "model.backbone": (cfg.model.backbone, sorted(BACKBONES)),
@@ -216,6 +256,8 @@ def check_choices(cfg: TrainConfig) -> None:
         "data.balance": (cfg.data.balance, BALANCE_MODES),
         "optim.scheduler": (cfg.optim.scheduler, SCHEDULERS),
         "metrics.monitor_mode": (cfg.metrics.monitor_mode, ("max", "min")),
+        "task": (cfg.task, TASKS),
+        "regression.loss": (cfg.regression.loss, LOSSES),
         "metrics.calibration": (cfg.metrics.calibration, METHODS),
     }
     for key, (value, valid) in choices.items():
@@ -230,6 +272,10 @@ def check_choices(cfg: TrainConfig) -> None:
             raise ConfigError(f"classes: {e}") from None
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise ConfigError(f"threads: {cfg.threads!r} must be a whole number ≥ 1, or null")
+    if cfg.targets is not None and (
+        not isinstance(cfg.targets, list) or not all(isinstance(t, str) for t in cfg.targets)
+    ):
+        raise ConfigError(f"targets: {cfg.targets!r} must be a list of column names, or null")
     if cfg.data.batch_size < 1 or cfg.data.num_workers < 0:
         raise ConfigError("data.batch_size must be ≥ 1 and data.num_workers ≥ 0")
 

@@ -189,15 +189,19 @@ def prepare_slide(
     class_map: ClassMap,
     cache_dir: str | Path,
     mpp_override: float | None = None,
+    targets: Sequence[str] | None = None,
 ) -> tuple[SlideTiles, list[str]]:
     """Tiles and soft targets of one cohort slide, from the cache when it is current.
 
     Returns the tiles (excluded tiles dropped) and the annotation classes no target maps.
-    An entry with a ``label_path`` takes its tile-label table's tiles as the samples.
+    A slide with a tile-label table (``label_path``) takes its table's tiles as the samples,
+    for ``targets`` (default: the class map's).
     """
     if entry.label_path is not None:
-        return table_tiles(entry, split=split, spec=spec, targets=class_map.targets,
-                           mpp_override=mpp_override), []  # fmt: skip
+        chosen = targets or class_map.targets
+        return table_tiles(
+            entry, split=split, spec=spec, targets=chosen, mpp_override=mpp_override
+        ), []
     key = cache_key(entry.slide_path, entry.annotation_path, spec, class_map, mpp_override)
     folder = Path(cache_dir) / f"{entry.slide_id}-{key[:12]}"
     cached = _load_cached(folder, key)
@@ -274,6 +278,7 @@ def prepare_cohort(
     class_map: ClassMap,
     cache_dir: str | Path,
     progress: bool = True,
+    targets: Sequence[str] | None = None,
 ) -> dict[str, list[SlideTiles]]:
     """Tiles of every cohort slide, grouped by split; slides without tissue are skipped.
 
@@ -287,7 +292,12 @@ def prepare_cohort(
     for entry in tqdm(entries, desc="tiling slides", unit="slide", disable=not progress):
         split = splits[entry.slide_id]
         tiles, names = prepare_slide(
-            entry, split=split, spec=spec, class_map=class_map, cache_dir=cache_dir
+            entry,
+            split=split,
+            spec=spec,
+            class_map=class_map,
+            cache_dir=cache_dir,
+            targets=targets,
         )
         for name in names:
             unmapped.setdefault(name, set()).add(str(entry.annotation_path))
