@@ -15,6 +15,7 @@ COMMANDS = (
     "demo",
     "synth",
     "tile",
+    "register",
     "labels",
     "train",
     "infer",
