@@ -41,6 +41,7 @@ from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.slide import Slide, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
+from cscvision.training.card import ModelCard
 from cscvision.training.export import LoadedModel
 
 
@@ -95,6 +96,7 @@ class TileBatches(Dataset):
         self.xy_l0 = np.asarray(grid.xy_l0, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.threads = 1  # runs of tiles a batch is split into when read with a pool
+        self.ready: dict[int, dict[str, torch.Tensor]] = {}  # batches read ahead (prefetch)
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
@@ -109,6 +111,8 @@ class TileBatches(Dataset):
         """Batch ``index``: ``image`` uint8 [B, 3, H, W] in channels-last memory, with
         ``xy`` and ``index`` (positions in the grid). With ``pool``, the batch is split into
         one run of tiles per thread; ``pin`` allocates it in pinned memory (for GPUs)."""
+        if index in self.ready:
+            return self.ready.pop(index)
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.slide_mpp)
         start = index * self.batch_size
@@ -208,17 +212,21 @@ def predict_tiles(
     amp: bool = False,
     reader: str = "threads",
     progress: bool = True,
+    dataset: TileBatches | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
 
     ``workers`` > 0 reads ahead of the model in that many DataLoader processes
     (``reader="processes"``) or threads of this process (``reader="threads"``).
+    ``dataset``: the grid's batches, some perhaps read already (:func:`prepare_slide`).
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
-    dataset = TileBatches(grid, batch_size)
+    dataset = dataset or TileBatches(grid, batch_size)
+    if workers > 0 and reader == "processes":
+        dataset.ready.clear()  # read again by the workers: no tensors pickled to them
     if workers > 0 and reader == "threads":
         batches = _threaded(dataset, workers, scorer.device)
     else:
@@ -293,13 +301,14 @@ def predict_grid(
     progress: bool = True,
     sub: int | None = None,
     started: float | None = None,
+    batches: TileBatches | None = None,
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
     came from (covering the whole slide), ``thumb`` its thumbnail."""
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
-    probs = predict_tiles(grid, model, progress=progress, **kw)
+    probs = predict_tiles(grid, model, progress=progress, dataset=batches, **kw)
     predict_seconds = time.perf_counter() - t0
     pred = assemble_prediction(
         grid,
@@ -313,6 +322,53 @@ def predict_grid(
         amp=amp,
     )
     return dataclasses.replace(pred, seconds=time.perf_counter() - started)
+
+
+@dataclasses.dataclass
+class PreparedSlide:
+    """A slide ready to score: its grid, thumbnail and mask, and its first batches read."""
+
+    grid: TileGrid
+    thumb: np.ndarray
+    mask: np.ndarray
+    batches: TileBatches
+    started: float  # perf_counter when its preparation began
+
+
+def prepare_slide(
+    slide_path: str | Path,
+    card: ModelCard,
+    *,
+    overlap: float = 0.0,
+    batch_size: int = 64,
+    min_tissue: float = 0.5,
+    slide_mpp: float | None = None,
+    mask_mpp: float = DEFAULT_MASK_MPP,
+    read_ahead: int = 0,
+) -> PreparedSlide:
+    """Open ``slide_path``, detect tissue, make the grid at the card's µm/px and tile size
+    and read its first ``read_ahead`` batches; raises ``SlideError`` for a slide with no
+    tile reaching ``min_tissue``. What a prefetch thread does for the next slide."""
+    started = time.perf_counter()
+    spec = GridSpec(
+        mpp=card.mpp,
+        tile_px=card.tile_px,
+        overlap=overlap,
+        min_tissue=min_tissue,
+        mask_mpp=mask_mpp,
+    )
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        thumb, mask = detect_tissue(slide, spec.mask_mpp)
+        grid = make_grid(slide, spec, mask=mask)
+    if len(grid) == 0:
+        raise SlideError(
+            f"{slide_path}: no tile reaches --min-tissue {min_tissue} (tissue covers "
+            f"{mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide"
+        )
+    batches = TileBatches(grid, batch_size)
+    for index in range(min(read_ahead, len(batches))):
+        batches.ready[index] = batches.read(index)
+    return PreparedSlide(grid, thumb, mask, batches, started)
 
 
 def predict_slide(
@@ -329,40 +385,36 @@ def predict_slide(
     mask_mpp: float = DEFAULT_MASK_MPP,
     reader: str = "threads",
     progress: bool = True,
+    prepared: PreparedSlide | None = None,
 ) -> SlidePrediction:
     """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
 
     ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`. Raises ``SlideError`` when the slide
-    cannot be read or has no tile with ``min_tissue`` tissue.
+    :func:`predict_tiles`; ``prepared``: this slide made ready ahead (:func:`prepare_slide`).
+    Raises ``SlideError`` when the slide cannot be read or has no tile with ``min_tissue``
+    tissue.
     """
-    started = time.perf_counter()
-    card = model.card
-    spec = GridSpec(
-        mpp=card.mpp,
-        tile_px=card.tile_px,
-        overlap=overlap,
-        min_tissue=min_tissue,
-        mask_mpp=mask_mpp,
-    )
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
-        thumb, mask = detect_tissue(slide, spec.mask_mpp)
-        grid = make_grid(slide, spec, mask=mask)
-    if len(grid) == 0:
-        raise SlideError(
-            f"{slide_path}: no tile reaches --min-tissue {min_tissue} (tissue covers "
-            f"{mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide"
+    if prepared is None:
+        prepared = prepare_slide(
+            slide_path,
+            model.card,
+            overlap=overlap,
+            batch_size=batch_size,
+            min_tissue=min_tissue,
+            slide_mpp=slide_mpp,
+            mask_mpp=mask_mpp,
         )
     return predict_grid(
-        grid,
+        prepared.grid,
         model,
-        thumb=thumb,
-        mask=mask,
+        thumb=prepared.thumb,
+        mask=prepared.mask,
         batch_size=batch_size,
         workers=workers,
         device=device,
         amp=amp,
         reader=reader,
         progress=progress,
-        started=started,
+        started=prepared.started,
+        batches=prepared.batches,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
+DECODERS = ("auto", "cpu", "gpu")
 MAX_OVERLAP = 0.75
 
 
@@ -21,6 +22,8 @@ class InferSettings:
     amp: bool = False
     min_tissue: float = 0.5
     mask_mpp: float = DEFAULT_MASK_MPP
+    decode: str = "cpu"  # where stored JPEG tiles are decoded: cpu, gpu, auto
+    prefetch: bool = True  # prepare the next slide while the model scores this one
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the flag that is out of range."""
@@ -30,3 +33,5 @@ class InferSettings:
             raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
         if self.reader not in READERS:
             raise ValueError(f"--reader {self.reader!r}: choose one of {READERS}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"--decode {self.decode!r}: choose one of {DECODERS}")
