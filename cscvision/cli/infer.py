@@ -175,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
+        if settings.decode == "gpu" and not args.ray and device.type != "cuda":
+            raise ValueError("--decode gpu needs a CUDA device; use --decode cpu or auto")
         model = load_model(args.model, device)
     except (BatchError, SlideError, ModelError, ValueError, RuntimeError) as e:
         print(f"cscvision infer: {e}", file=sys.stderr)

@@ -92,6 +92,7 @@ def infer_job(
         mask_mpp=settings.mask_mpp,
         progress=progress,
         prepared=prepared,
+        decode=settings.decode,
     )
     return write_slide_outputs(
         pred,

@@ -97,7 +97,9 @@ class TileBatches(Dataset):
         self.batch_size = int(batch_size)
         self.threads = 1  # runs of tiles a batch is split into when read with a pool
         self.ready: dict[int, dict[str, torch.Tensor]] = {}  # batches read ahead (prefetch)
+        self.decode_device: torch.device | None = None  # decode stored JPEG tiles there
         self._slide: Slide | None = None
+        self._device_reader = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.xy_l0) / self.batch_size)
@@ -117,6 +119,10 @@ class TileBatches(Dataset):
             self._slide = open_slide(self.slide_path, mpp=self.slide_mpp)
         start = index * self.batch_size
         xy = self.xy_l0[start : start + self.batch_size]
+        image = self._read_on_device(xy) if self.decode_device is not None else None
+        if image is not None:
+            index_range = torch.arange(start, start + len(xy))
+            return {"image": image, "xy": torch.from_numpy(xy), "index": index_range}
         side = self.plan.tile_px
         nhwc = torch.empty((len(xy), side, side, 3), dtype=torch.uint8, pin_memory=pin)
         image = nhwc.numpy()
@@ -134,11 +140,33 @@ class TileBatches(Dataset):
             "index": torch.arange(start, start + len(xy)),
         }
 
+    def _read_on_device(self, xy: np.ndarray) -> torch.Tensor | None:
+        """The batch decoded on ``decode_device`` (:mod:`cscvision.slides.gpudecode`), or
+        None where that path does not serve this slide or batch."""
+        if self._device_reader is None:
+            from cscvision.slides.gpudecode import DeviceTileReader
+
+            reader = DeviceTileReader.open(self.slide_path, self._slide.info, self.decode_device)
+            if reader is None or not reader.supports(self.plan):
+                self.decode_device = None  # not this slide: the CPU path reads it all
+                return None
+            self._device_reader = reader
+        if self.decode_device.type != "cuda":
+            return self._device_reader.read(xy, self.plan)
+        stream = torch.cuda.Stream(self.decode_device)  # decode beside the model's kernels
+        with torch.cuda.stream(stream):
+            image = self._device_reader.read(xy, self.plan)
+        stream.synchronize()
+        return image
+
     def _fill(self, image: np.ndarray, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
             image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
 
     def close(self) -> None:
+        if self._device_reader is not None:
+            self._device_reader.close()
+            self._device_reader = None
         if self._slide is not None:
             self._slide.close()
             self._slide = None
@@ -213,18 +241,24 @@ def predict_tiles(
     reader: str = "threads",
     progress: bool = True,
     dataset: TileBatches | None = None,
+    decode: str = "cpu",
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
 
     ``workers`` > 0 reads ahead of the model in that many DataLoader processes
     (``reader="processes"``) or threads of this process (``reader="threads"``).
     ``dataset``: the grid's batches, some perhaps read already (:func:`prepare_slide`).
+    ``decode``: ``gpu`` decodes stored JPEG tiles in batches on the model's device (on a
+    CPU device, with torch's CPU decoder: the same path), ``auto`` does so on CUDA only,
+    ``cpu`` never; slides the device path does not serve are read on the CPU.
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
     dataset = dataset or TileBatches(grid, batch_size)
+    if decode == "gpu" or (decode == "auto" and scorer.device.type == "cuda"):
+        dataset.decode_device = scorer.device
     if workers > 0 and reader == "processes":
         dataset.ready.clear()  # read again by the workers: no tensors pickled to them
     if workers > 0 and reader == "threads":
@@ -302,12 +336,14 @@ def predict_grid(
     sub: int | None = None,
     started: float | None = None,
     batches: TileBatches | None = None,
+    decode: str = "cpu",
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
     came from (covering the whole slide), ``thumb`` its thumbnail."""
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
+    kw["decode"] = decode
     probs = predict_tiles(grid, model, progress=progress, dataset=batches, **kw)
     predict_seconds = time.perf_counter() - t0
     pred = assemble_prediction(
@@ -386,11 +422,13 @@ def predict_slide(
     reader: str = "threads",
     progress: bool = True,
     prepared: PreparedSlide | None = None,
+    decode: str = "cpu",
 ) -> SlidePrediction:
     """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
 
     ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`; ``prepared``: this slide made ready ahead (:func:`prepare_slide`).
+    :func:`predict_tiles`, as ``decode``; ``prepared``: this slide made ready ahead
+    (:func:`prepare_slide`).
     Raises ``SlideError`` when the slide cannot be read or has no tile with ``min_tissue``
     tissue.
     """
@@ -417,4 +455,5 @@ def predict_slide(
         progress=progress,
         started=prepared.started,
         batches=prepared.batches,
+        decode=decode,
     )

@@ -88,10 +88,15 @@ def jpeg_header(tables: bytes | None, colorspace: str) -> bytes:
     return _SOI + body if body else b""
 
 
+def full_stream(stream: bytes, header: bytes) -> bytes:
+    """A stored tile's stream as a complete JPEG: ``header`` (see :func:`jpeg_header`)
+    in place of its SOI, so any decoder reads it as OpenSlide does."""
+    return header + stream[2:] if header else stream
+
+
 def decode_stream(stream: bytes, header: bytes) -> np.ndarray:
     """Decode one stored tile stream to RGB uint8 ``[tile_h, tile_w, 3]``."""
-    data = header + stream[2:] if header else stream
-    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    return simplejpeg.decode_jpeg(full_stream(stream, header), colorspace="RGB")
 
 
 def stored_level(page: object, index: int) -> StoredLevel | None:
