@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tile-px", type=int, default=224)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the model")
     p.add_argument("--workers", type=int, default=1, help="reader threads")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     timed_scorer_calls()
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             write_pyramid(path, texture_tile_fn(seed=i), size=(args.size, args.size), levels=3)
             jobs.append(SlideJob(slide_path=path, slide_id=f"s{i}"))
         rows = {}
-        for prefetch in (False, True, False, True):  # alternate: a noisy machine
+        for prefetch in (False, True) * args.rounds:  # alternate: a noisy machine
             settings = InferSettings(workers=args.workers, prefetch=prefetch)
             out = Path(tmp) / f"out_{prefetch}_{len(rows)}"
             rows.setdefault(prefetch, []).extend(run(jobs, model, out, settings))

@@ -331,3 +331,17 @@ def test_reduced_tiles_equal_openslide_region_reduced(slides, name, factor):
         exact = fast._fast.read_reduced((240, 120), 0, (side, side), factor)
         assert (exact is None) == (TILE % factor != 0)  # 256 px tiles do not split in 3s
         assert fast._fast.read_reduced((3, 0), 0, (side, side), factor) is None
+
+
+def test_reduce_tile_is_pils_reduce_bit_for_bit():
+    # OpenCV's INTER_AREA serves factor 2 where installed: it must round as PIL does.
+    from cscvision.slides.fastread import _cv2, reduce_tile
+
+    rng = np.random.default_rng(8)
+    tiles = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), textured(320, 192)]
+    for rgb in tiles:
+        for factor in (2, 4):
+            want = np.asarray(Image.fromarray(rgb).reduce(factor))
+            np.testing.assert_array_equal(reduce_tile(rgb, factor), want)
+    if _cv2() is None:
+        pytest.skip("OpenCV not installed (the speed extra): PIL served factor 2 too")

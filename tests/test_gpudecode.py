@@ -125,3 +125,16 @@ def test_batch_layout_known_answer():
 def test_slides_without_jpeg_tiles_are_not_served(slides):
     with open_slide(slides["deflate"]) as slide:
         assert DeviceTileReader.open(str(slides["deflate"]), slide.info, CPU) is None
+
+
+def test_bench_gpu_exits_cleanly_without_cuda():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_gpu.py")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout and "nothing measured" in done.stdout

@@ -257,7 +257,8 @@ def predict_tiles(
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
     dataset = dataset or TileBatches(grid, batch_size)
-    if decode == "gpu" or (decode == "auto" and scorer.device.type == "cuda"):
+    in_process = workers == 0 or reader == "threads"  # no CUDA in DataLoader processes
+    if in_process and (decode == "gpu" or (decode == "auto" and scorer.device.type == "cuda")):
         dataset.decode_device = scorer.device
     if workers > 0 and reader == "processes":
         dataset.ready.clear()  # read again by the workers: no tensors pickled to them
