@@ -373,8 +373,10 @@ class StoredTileReader:
         """Stored tile ``index`` with the part past the level's edge white, box-reduced."""
         tile = self._decode(lvl, index)
         row, col = divmod(index, lvl.tiles_across)
-        tile[lvl.height - row * lvl.tile_h :] = 255  # no-ops inside the level
-        tile[:, lvl.width - col * lvl.tile_w :] = 255
+        if (row + 1) * lvl.tile_h > lvl.height:
+            tile[lvl.height - row * lvl.tile_h :] = 255
+        if (col + 1) * lvl.tile_w > lvl.width:
+            tile[:, lvl.width - col * lvl.tile_w :] = 255
         return reduce_tile(tile, factor)
 
     def _decode(self, lvl: StoredLevel, index: int) -> np.ndarray:
