@@ -39,6 +39,7 @@ from cscvision.inference.settings import READERS
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
+from cscvision.slides.info import ON_CORRUPT_TILE, CorruptTileError
 from cscvision.slides.slide import Slide, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 from cscvision.training.calibration import calibrate
@@ -87,7 +88,10 @@ class TileBatches(Dataset):
 
     The slide is opened lazily, once per process, so the dataset pickles as a path plus
     coordinates. :meth:`read` can split a batch among a pool of threads (the slide
-    readers are thread-safe and their decoders release the GIL).
+    readers are thread-safe and their decoders release the GIL). A tile that cannot be
+    decoded is left black, flagged in the batch's ``corrupt`` mask, and its
+    :class:`CorruptTileError` returned in ``errors``: raised in the consumer's process, it
+    arrives whole from a reader process too.
     """
 
     def __init__(self, grid: TileGrid, batch_size: int) -> None:
@@ -122,23 +126,33 @@ class TileBatches(Dataset):
         xy = self.xy_l0[start : start + self.batch_size]
         image = self._read_on_device(xy) if self.decode_device is not None else None
         if image is not None:
-            index_range = torch.arange(start, start + len(xy))
-            return {"image": image, "xy": torch.from_numpy(xy), "index": index_range}
+            return {
+                "image": image,
+                "xy": torch.from_numpy(xy),
+                "index": torch.arange(start, start + len(xy)),
+                "corrupt": torch.zeros(len(xy), dtype=torch.bool),
+                "errors": [],
+            }
         side = self.plan.tile_px
         nhwc = torch.empty((len(xy), side, side, 3), dtype=torch.uint8, pin_memory=pin)
         image = nhwc.numpy()
+        errors: dict[int, CorruptTileError] = {}  # by position in the batch
         if pool is None:
-            self._fill(image, xy, 0, len(xy))
+            self._fill(image, errors, xy, 0, len(xy))
         else:
             step = math.ceil(len(xy) / self.threads)
             spans = [(a, min(a + step, len(xy))) for a in range(0, len(xy), step)]
-            for done in [pool.submit(self._fill, image, xy, a, b) for a, b in spans]:
+            for done in [pool.submit(self._fill, image, errors, xy, a, b) for a, b in spans]:
                 done.result()
+        corrupt = np.zeros(len(xy), bool)
+        corrupt[list(errors)] = True
         return {
             # [B, H, W, 3] viewed as [B, 3, H, W]: channels-last memory, no copy.
             "image": nhwc.permute(0, 3, 1, 2),
             "xy": torch.from_numpy(xy),
             "index": torch.arange(start, start + len(xy)),
+            "corrupt": torch.from_numpy(corrupt),
+            "errors": [errors[k] for k in sorted(errors)],  # raster order
         }
 
     def _read_on_device(self, xy: np.ndarray) -> torch.Tensor | None:
@@ -152,17 +166,24 @@ class TileBatches(Dataset):
                 self.decode_device = None  # not this slide: the CPU path reads it all
                 return None
             self._device_reader = reader
-        if self.decode_device.type != "cuda":
-            return self._device_reader.read(xy, self.plan)
-        stream = torch.cuda.Stream(self.decode_device)  # decode beside the model's kernels
-        with torch.cuda.stream(stream):
-            image = self._device_reader.read(xy, self.plan)
-        stream.synchronize()
-        return image
+        try:
+            if self.decode_device.type != "cuda":
+                return self._device_reader.read(xy, self.plan)
+            stream = torch.cuda.Stream(self.decode_device)  # decode beside the model's kernels
+            with torch.cuda.stream(stream):
+                image = self._device_reader.read(xy, self.plan)
+            stream.synchronize()
+            return image
+        except RuntimeError:  # a stream the device decoder refuses: the CPU path names it
+            return None
 
-    def _fill(self, image: np.ndarray, xy: np.ndarray, first: int, stop: int) -> None:
+    def _fill(self, image: np.ndarray, errors: dict, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
-            image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
+            try:
+                image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
+            except CorruptTileError as e:
+                image[k] = 0
+                errors[k] = e
 
     def close(self) -> None:
         if self._device_reader is not None:
@@ -248,11 +269,14 @@ def predict_tiles(
     progress: bool = True,
     dataset: TileBatches | None = None,
     decode: str = "cpu",
+    on_corrupt_tile: str = "fail",
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
 
     ``workers`` > 0 reads ahead of the model in that many DataLoader processes
-    (``reader="processes"``) or threads of this process (``reader="threads"``).
+    (``reader="processes"``) or threads of this process (``reader="threads"``). A tile
+    that cannot be decoded raises :class:`CorruptTileError`, or with
+    ``on_corrupt_tile="skip"`` gets a row of NaN.
     ``dataset``: the grid's batches, some perhaps read already (:func:`prepare_slide`).
     ``decode``: ``gpu`` decodes stored JPEG tiles in batches on the model's device (on a
     CPU device, with torch's CPU decoder: the same path), ``auto`` does so on CUDA only,
@@ -260,8 +284,11 @@ def predict_tiles(
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
+    if on_corrupt_tile not in ON_CORRUPT_TILE:
+        raise ValueError(f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}")
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
+    corrupt = np.zeros(len(grid), bool)
     dataset = dataset or TileBatches(grid, batch_size)
     in_process = workers == 0 or reader == "threads"  # no CUDA in DataLoader processes
     if in_process and (decode == "gpu" or (decode == "auto" and scorer.device.type == "cuda")):
@@ -275,13 +302,17 @@ def predict_tiles(
     bar = tqdm(total=len(grid), desc=grid.slide_id, unit="tile", leave=False, disable=not progress)
     try:
         for batch in batches:
+            if batch["errors"] and on_corrupt_tile == "fail":
+                raise batch["errors"][0]
             index = batch["index"].numpy()
             probs[index] = scorer(batch["image"])
+            corrupt[index] = batch["corrupt"].numpy()
             bar.update(len(index))
     finally:
         bar.close()
         dataset.close()
-    if np.isnan(probs).any():
+    probs[corrupt] = np.nan
+    if np.isnan(probs[~corrupt]).any():
         raise RuntimeError(f"{grid.slide_path}: some tiles got no prediction (NaN)")
     return probs
 
@@ -344,15 +375,21 @@ def predict_grid(
     started: float | None = None,
     batches: TileBatches | None = None,
     decode: str = "cpu",
+    on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
-    came from (covering the whole slide), ``thumb`` its thumbnail."""
+    came from (covering the whole slide), ``thumb`` its thumbnail. With
+    ``on_corrupt_tile="skip"`` undecodable tiles are dropped from the grid and listed in
+    ``corrupt_xy_l0``."""
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
     kw["decode"] = decode
-    probs = predict_tiles(grid, model, progress=progress, dataset=batches, **kw)
+    probs = predict_tiles(
+        grid, model, progress=progress, dataset=batches, on_corrupt_tile=on_corrupt_tile, **kw
+    )
     predict_seconds = time.perf_counter() - t0
+    grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
     pred = assemble_prediction(
         grid,
         probs,
@@ -364,7 +401,22 @@ def predict_grid(
         device=str(resolve_device(device)),
         amp=amp,
     )
-    return dataclasses.replace(pred, seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy)
+
+
+def drop_corrupt_tiles(
+    grid: TileGrid, probs: np.ndarray
+) -> tuple[TileGrid, np.ndarray, np.ndarray]:
+    """The grid and probabilities without the tiles skipped as corrupt (rows of NaN), and
+    those tiles' level-0 corners int[K, 2]; a slide with no readable tile is an error."""
+    bad = np.isnan(probs).any(axis=1)
+    if not bad.any():
+        return grid, probs, np.zeros((0, 2), np.int64)
+    if bad.all():
+        raise SlideError(f"{grid.slide_path}: every one of its {len(grid)} tiles is corrupt")
+    kept = dataclasses.replace(grid, xy_l0=grid.xy_l0[~bad], tissue=grid.tissue[~bad])
+    return kept, probs[~bad], np.asarray(grid.xy_l0[bad], np.int64)
 
 
 @dataclasses.dataclass
@@ -430,14 +482,14 @@ def predict_slide(
     progress: bool = True,
     prepared: PreparedSlide | None = None,
     decode: str = "cpu",
+    on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
     """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
 
     ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`, as ``decode``; ``prepared``: this slide made ready ahead
-    (:func:`prepare_slide`).
-    Raises ``SlideError`` when the slide cannot be read or has no tile with ``min_tissue``
-    tissue.
+    :func:`predict_tiles`, as ``decode``; ``on_corrupt_tile``: see :func:`predict_grid`;
+    ``prepared``: this slide made ready ahead (:func:`prepare_slide`). Raises ``SlideError``
+    when the slide cannot be read or has no tile with ``min_tissue`` tissue.
     """
     if prepared is None:
         prepared = prepare_slide(
@@ -463,4 +515,5 @@ def predict_slide(
         started=prepared.started,
         batches=prepared.batches,
         decode=decode,
+        on_corrupt_tile=on_corrupt_tile,
     )
