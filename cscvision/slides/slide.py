@@ -415,7 +415,10 @@ class Slide:
             y0 = round(oy * rows_per_out)
             y1 = max(y0 + 1, min(lh, round((oy + oh) * rows_per_out)))
             # The fast path where it applies: the same pixels, without cairo's compositing.
-            rgb = self.read_region((0, round(y0 * ds)), level, (lw, y1 - y0))
+            try:
+                rgb = self.read_region((0, round(y0 * ds)), level, (lw, y1 - y0))
+            except CorruptTileError as e:
+                raise SlideError(f"{self.path}: cannot read a thumbnail ({e.detail})") from None
             if rgb.shape[:2] != (oh, out_w):
                 rgb = np.asarray(Image.fromarray(rgb).resize((out_w, oh), Image.Resampling.BOX))
             strips.append(rgb)
