@@ -10,7 +10,18 @@ from collections.abc import Sequence
 from cscvision import __version__
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("demo", "synth", "tile", "train", "infer", "stats", "report", "view", "doctor")
+COMMANDS = (
+    "demo",
+    "synth",
+    "tile",
+    "train",
+    "infer",
+    "stats",
+    "report",
+    "view",
+    "config",
+    "doctor",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

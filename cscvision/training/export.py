@@ -18,6 +18,7 @@ from cscvision.training.card import (
     ModelCard,
     ModelError,
     read_card,
+    resolve_model_dir,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "export_model",
     "load_model",
     "read_card",
+    "resolve_model_dir",
 ]
 
 
@@ -51,10 +53,13 @@ def export_model(net: torch.nn.Module, card: ModelCard, out_dir: str | Path) -> 
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the card's backbone and load its safetensors weights; eval mode, on ``device``."""
+    """Build the card's backbone and load its safetensors weights; eval mode, on ``device``.
+
+    ``model_dir`` is an exported model folder or a packaged model name such as ``"demo"``.
+    """
     from cscvision.training.backbones import get_model
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     card = read_card(model_dir)
     weights = model_dir / WEIGHTS_FILE
     if not weights.exists():
