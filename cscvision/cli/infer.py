@@ -22,7 +22,7 @@ from cscvision.cli.common import (
     jobs_from_args,
 )
 from cscvision.core.validate import Flags, check_flags
-from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
+from cscvision.inference.settings import DECODERS, MAX_OVERLAP, READERS, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_corrupt_tile_args(p)
     _add_statistics_args(p)
+    _add_decode_args(p)
     add_hardening_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
@@ -144,6 +145,25 @@ def _add_statistics_args(p: argparse.ArgumentParser) -> None:
         metavar="TARGET",
         help="also write TARGET's likelihood map as OUT/<slide_id>/<slide>_likelihood_map.tif, "
         "the name ASAP opens by itself when the file sits beside the slide",
+    )
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding and prefetch")
+    g.add_argument(
+        "--decode",
+        choices=DECODERS,
+        default="cpu",
+        help="where stored JPEG tiles are decoded: cpu (default), gpu (batched on the CUDA "
+        "device, for JPEG-tiled TIFF/SVS slides; others fall back to cpu), or auto (gpu when "
+        "CUDA is there and the slide supports it)",
+    )
+    g.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        help="do not prepare the next slide (open, tissue, grid, first batches) while the "
+        "model scores the current one",
     )
 
 
@@ -204,6 +224,8 @@ def _settings(args: argparse.Namespace) -> InferSettings:
         amp=args.amp,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        decode=args.decode,
+        prefetch=args.prefetch,
         on_corrupt_tile=args.on_corrupt_tile,
         within_um=args.within_um,
         permutations=args.permutations,
@@ -214,17 +236,10 @@ def _settings(args: argparse.Namespace) -> InferSettings:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cscvision.inference.batch import infer_job, job_complete, shard_suffix, write_results
+    from cscvision.inference.batch import shard_suffix, write_results
     from cscvision.inference.predict import resolve_device
     from cscvision.outputs.slide_folder import model_identity
-    from cscvision.slides.batch import (
-        BatchError,
-        interrupted_line,
-        run_batch,
-        slide_dir,
-        summary_lines,
-        write_errors,
-    )
+    from cscvision.slides.batch import BatchError, interrupted_line, summary_lines, write_errors
     from cscvision.slides.slide import SlideError
     from cscvision.training.export import ModelError, load_model
 
@@ -240,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
+        if settings.decode == "gpu" and not args.ray and device.type != "cuda":
+            raise ValueError("--decode gpu needs a CUDA device; use --decode cpu or auto")
         model = load_model(args.model, device)
         if settings.asap_target not in (None, *model.card.targets):
             raise ValueError(
@@ -257,17 +274,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         where = f"on Ray ({args.ray})"
     else:
-        report = run_batch(
-            jobs,
-            lambda job: infer_job(
-                job, model, out, settings, model_info=model_info, device=device, progress=True
-            ),
-            lambda job: job_complete(job, out, model_info, settings),
-            overwrite=args.overwrite,
-            desc="infer",
-            folder_of=lambda job: slide_dir(out, job.slide_id),
-            wait=args.wait,
-        )
+        report = _run_local(args, jobs, model, settings, model_info, device)
         where = f"on {device}"
     errors = write_errors(out, report, shard)
     results = write_results(
@@ -284,6 +291,39 @@ def run(args: argparse.Namespace) -> int:
         print(interrupted_line(report, "infer"), file=sys.stderr)
         return 128 + report.interrupted
     return 1 if report.failed else 0
+
+
+def _run_local(args, jobs, model, settings, model_info, device) -> BatchReport:
+    """One slide after another in this process, the next prepared while one is scored."""
+    from cscvision.inference.batch import infer_job, job_complete, prepare_job
+    from cscvision.inference.prefetch import NextSlide
+    from cscvision.slides.batch import run_batch, slide_dir
+
+    out: Path = args.out
+
+    def pending(job: SlideJob) -> bool:
+        return args.overwrite or not job_complete(job, out, model_info, settings)
+
+    ahead = [] if not settings.prefetch else jobs
+    with NextSlide(ahead, lambda job: prepare_job(job, model, settings), pending) as nxt:
+        return run_batch(
+            jobs,
+            lambda job: infer_job(
+                job,
+                model,
+                out,
+                settings,
+                model_info=model_info,
+                device=device,
+                progress=True,
+                prefetch=nxt if settings.prefetch else None,
+            ),
+            lambda job: job_complete(job, out, model_info, settings),
+            overwrite=args.overwrite,
+            desc="infer",
+            folder_of=lambda job: slide_dir(out, job.slide_id),
+            wait=args.wait,
+        )
 
 
 def _run_ray(

@@ -43,6 +43,7 @@ from cscvision.slides.info import ON_CORRUPT_TILE, CorruptTileError
 from cscvision.slides.slide import Slide, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 from cscvision.training.calibration import calibrate
+from cscvision.training.card import ModelCard
 from cscvision.training.export import LoadedModel
 
 
@@ -100,7 +101,10 @@ class TileBatches(Dataset):
         self.xy_l0 = np.asarray(grid.xy_l0, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.threads = 1  # runs of tiles a batch is split into when read with a pool
+        self.ready: dict[int, dict[str, torch.Tensor]] = {}  # batches read ahead (prefetch)
+        self.decode_device: torch.device | None = None  # decode stored JPEG tiles there
         self._slide: Slide | None = None
+        self._device_reader = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.xy_l0) / self.batch_size)
@@ -114,10 +118,21 @@ class TileBatches(Dataset):
         """Batch ``index``: ``image`` uint8 [B, 3, H, W] in channels-last memory, with
         ``xy`` and ``index`` (positions in the grid). With ``pool``, the batch is split into
         one run of tiles per thread; ``pin`` allocates it in pinned memory (for GPUs)."""
+        if index in self.ready:
+            return self.ready.pop(index)
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.slide_mpp)
         start = index * self.batch_size
         xy = self.xy_l0[start : start + self.batch_size]
+        image = self._read_on_device(xy) if self.decode_device is not None else None
+        if image is not None:
+            return {
+                "image": image,
+                "xy": torch.from_numpy(xy),
+                "index": torch.arange(start, start + len(xy)),
+                "corrupt": torch.zeros(len(xy), dtype=torch.bool),
+                "errors": [],
+            }
         side = self.plan.tile_px
         nhwc = torch.empty((len(xy), side, side, 3), dtype=torch.uint8, pin_memory=pin)
         image = nhwc.numpy()
@@ -140,6 +155,28 @@ class TileBatches(Dataset):
             "errors": [errors[k] for k in sorted(errors)],  # raster order
         }
 
+    def _read_on_device(self, xy: np.ndarray) -> torch.Tensor | None:
+        """The batch decoded on ``decode_device`` (:mod:`cscvision.slides.gpudecode`), or
+        None where that path does not serve this slide or batch."""
+        if self._device_reader is None:
+            from cscvision.slides.gpudecode import DeviceTileReader
+
+            reader = DeviceTileReader.open(self.slide_path, self._slide.info, self.decode_device)
+            if reader is None or not reader.supports(self.plan):
+                self.decode_device = None  # not this slide: the CPU path reads it all
+                return None
+            self._device_reader = reader
+        try:
+            if self.decode_device.type != "cuda":
+                return self._device_reader.read(xy, self.plan)
+            stream = torch.cuda.Stream(self.decode_device)  # decode beside the model's kernels
+            with torch.cuda.stream(stream):
+                image = self._device_reader.read(xy, self.plan)
+            stream.synchronize()
+            return image
+        except RuntimeError:  # a stream the device decoder refuses: the CPU path names it
+            return None
+
     def _fill(self, image: np.ndarray, errors: dict, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
             try:
@@ -149,6 +186,9 @@ class TileBatches(Dataset):
                 errors[k] = e
 
     def close(self) -> None:
+        if self._device_reader is not None:
+            self._device_reader.close()
+            self._device_reader = None
         if self._slide is not None:
             self._slide.close()
             self._slide = None
@@ -235,6 +275,8 @@ def predict_tiles(
     amp: bool = False,
     reader: str = "threads",
     progress: bool = True,
+    dataset: TileBatches | None = None,
+    decode: str = "cpu",
     on_corrupt_tile: str = "fail",
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
@@ -243,6 +285,10 @@ def predict_tiles(
     (``reader="processes"``) or threads of this process (``reader="threads"``). A tile
     that cannot be decoded raises :class:`CorruptTileError`, or with
     ``on_corrupt_tile="skip"`` gets a row of NaN.
+    ``dataset``: the grid's batches, some perhaps read already (:func:`prepare_slide`).
+    ``decode``: ``gpu`` decodes stored JPEG tiles in batches on the model's device (on a
+    CPU device, with torch's CPU decoder: the same path), ``auto`` does so on CUDA only,
+    ``cpu`` never; slides the device path does not serve are read on the CPU.
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
@@ -251,7 +297,12 @@ def predict_tiles(
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
     corrupt = np.zeros(len(grid), bool)
-    dataset = TileBatches(grid, batch_size)
+    dataset = dataset or TileBatches(grid, batch_size)
+    in_process = workers == 0 or reader == "threads"  # no CUDA in DataLoader processes
+    if in_process and (decode == "gpu" or (decode == "auto" and scorer.device.type == "cuda")):
+        dataset.decode_device = scorer.device
+    if workers > 0 and reader == "processes":
+        dataset.ready.clear()  # read again by the workers: no tensors pickled to them
     if workers > 0 and reader == "threads":
         batches = _threaded(dataset, workers, scorer.device)
     else:
@@ -330,6 +381,8 @@ def predict_grid(
     progress: bool = True,
     sub: int | None = None,
     started: float | None = None,
+    batches: TileBatches | None = None,
+    decode: str = "cpu",
     on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
@@ -339,7 +392,10 @@ def predict_grid(
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
-    probs = predict_tiles(grid, model, progress=progress, on_corrupt_tile=on_corrupt_tile, **kw)
+    kw["decode"] = decode
+    probs = predict_tiles(
+        grid, model, progress=progress, dataset=batches, on_corrupt_tile=on_corrupt_tile, **kw
+    )
     predict_seconds = time.perf_counter() - t0
     grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
     pred = assemble_prediction(
@@ -371,30 +427,32 @@ def drop_corrupt_tiles(
     return kept, probs[~bad], np.asarray(grid.xy_l0[bad], np.int64)
 
 
-def predict_slide(
+@dataclasses.dataclass
+class PreparedSlide:
+    """A slide ready to score: its grid, thumbnail and mask, and its first batches read."""
+
+    grid: TileGrid
+    thumb: np.ndarray
+    mask: np.ndarray
+    batches: TileBatches
+    started: float  # perf_counter when its preparation began
+
+
+def prepare_slide(
     slide_path: str | Path,
-    model: LoadedModel,
+    card: ModelCard,
     *,
     overlap: float = 0.0,
     batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
     min_tissue: float = 0.5,
     slide_mpp: float | None = None,
     mask_mpp: float = DEFAULT_MASK_MPP,
-    reader: str = "threads",
-    progress: bool = True,
-    on_corrupt_tile: str = "fail",
-) -> SlidePrediction:
-    """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
-
-    ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`; ``on_corrupt_tile``: see :func:`predict_grid`. Raises
-    ``SlideError`` when the slide cannot be read or has no tile with ``min_tissue`` tissue.
-    """
+    read_ahead: int = 0,
+) -> PreparedSlide:
+    """Open ``slide_path``, detect tissue, make the grid at the card's µm/px and tile size
+    and read its first ``read_ahead`` batches; raises ``SlideError`` for a slide with no
+    tile reaching ``min_tissue``. What a prefetch thread does for the next slide."""
     started = time.perf_counter()
-    card = model.card
     spec = GridSpec(
         mpp=card.mpp,
         tile_px=card.tile_px,
@@ -410,17 +468,60 @@ def predict_slide(
             f"{slide_path}: no tile reaches --min-tissue {min_tissue} (tissue covers "
             f"{mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide"
         )
+    batches = TileBatches(grid, batch_size)
+    for index in range(min(read_ahead, len(batches))):
+        batches.ready[index] = batches.read(index)
+    return PreparedSlide(grid, thumb, mask, batches, started)
+
+
+def predict_slide(
+    slide_path: str | Path,
+    model: LoadedModel,
+    *,
+    overlap: float = 0.0,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    min_tissue: float = 0.5,
+    slide_mpp: float | None = None,
+    mask_mpp: float = DEFAULT_MASK_MPP,
+    reader: str = "threads",
+    progress: bool = True,
+    prepared: PreparedSlide | None = None,
+    decode: str = "cpu",
+    on_corrupt_tile: str = "fail",
+) -> SlidePrediction:
+    """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
+
+    ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
+    :func:`predict_tiles`, as ``decode``; ``on_corrupt_tile``: see :func:`predict_grid`;
+    ``prepared``: this slide made ready ahead (:func:`prepare_slide`). Raises ``SlideError``
+    when the slide cannot be read or has no tile with ``min_tissue`` tissue.
+    """
+    if prepared is None:
+        prepared = prepare_slide(
+            slide_path,
+            model.card,
+            overlap=overlap,
+            batch_size=batch_size,
+            min_tissue=min_tissue,
+            slide_mpp=slide_mpp,
+            mask_mpp=mask_mpp,
+        )
     return predict_grid(
-        grid,
+        prepared.grid,
         model,
-        thumb=thumb,
-        mask=mask,
+        thumb=prepared.thumb,
+        mask=prepared.mask,
         batch_size=batch_size,
         workers=workers,
         device=device,
         amp=amp,
         reader=reader,
         progress=progress,
-        started=started,
+        started=prepared.started,
+        batches=prepared.batches,
+        decode=decode,
         on_corrupt_tile=on_corrupt_tile,
     )

@@ -15,6 +15,7 @@ from cscvision.core.validate import FLAG_CONFIG
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
+DECODERS = ("auto", "cpu", "gpu")
 MAX_OVERLAP = 0.75
 MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
 MAX_WITHIN_UM = 10_000.0
@@ -33,6 +34,8 @@ class InferSettings:
     amp: bool = False
     min_tissue: float = Field(0.5, ge=0, le=1)
     mask_mpp: float = Field(DEFAULT_MASK_MPP, ge=MASK_MPP_RANGE[0], le=MASK_MPP_RANGE[1])
+    decode: Literal["auto", "cpu", "gpu"] = "cpu"  # where stored JPEG tiles are decoded
+    prefetch: bool = True  # prepare the next slide while the model scores this one
     # "skip": drop undecodable tiles, list them in the summary (slides.info.ON_CORRUPT_TILE)
     on_corrupt_tile: Literal["fail", "skip"] = "fail"
     within_um: float = Field(100.0, ge=0, le=MAX_WITHIN_UM)  # co-localisation radius
