@@ -81,8 +81,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads for the model (default: torch's choice); on a shared or busy "
         "machine fewer threads can be much faster",
     )
+    _add_encoder_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="for a model that is a head on a foundation-model encoder (its card names the "
+        "encoder): the encoder's local weights file; its sha256 must be the one the head was "
+        "trained on (default: the file named at training, if it is still there)",
+    )
 
 
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -153,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
-        model = load_model(args.model, device)
+        model = load_model(args.model, device, encoder_weights=args.encoder_weights)
     except (BatchError, SlideError, ModelError, ValueError, RuntimeError) as e:
         print(f"cscvision infer: {e}", file=sys.stderr)
         return 2

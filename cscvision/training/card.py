@@ -42,6 +42,8 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)  # cohort counts, seed, config
     metrics: dict[str, Any] = field(default_factory=dict)  # validation / held-out metrics
     intended_use: str = "Research use only; not for diagnosis."
+    # a head on a frozen encoder: name, weights_sha256, weights_file, expected_file, dim
+    encoder: dict[str, Any] = field(default_factory=dict)
 
     def threshold(self, target: str) -> float:
         return float(self.thresholds.get(target, 0.5))

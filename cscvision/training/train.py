@@ -47,6 +47,7 @@ from cscvision.training.config import (
 )
 from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, subsample
 from cscvision.training.export import export_model
+from cscvision.training.featuredata import head_pieces, with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def train(
     True requires it; False starts afresh (overwriting the run's checkpoints).
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    cfg = with_absolute_paths(cfg)
+    cfg = with_encoder_grid(with_absolute_paths(cfg))
     if not cfg.cohort.csv:
         raise ConfigError("cohort.csv: name the cohort manifest (CSV) to train on")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -95,8 +96,11 @@ def train(
     by_split = prepare_cohort(
         entries, splits, spec=cfg.grid, class_map=class_map, cache_dir=cache_dir, progress=progress
     )
-    dm = _datamodule(cfg, by_split)
-    module = _module(cfg, class_map.targets, dm)
+    if cfg.model.encoder:  # a head on stored features (features extracted where missing)
+        dm, module, encoder = head_pieces(cfg, class_map.targets, by_split, run_dir, progress)
+    else:
+        dm, encoder = _datamodule(cfg, by_split), {}
+        module = _module(cfg, class_map.targets, dm)
     ckpt = _resume_checkpoint(run_dir, resume, module)
     trainer, checkpoints = _trainer(cfg, run_dir, progress)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
@@ -106,7 +110,7 @@ def train(
     model_dir = None
     if trainer.is_global_zero:
         write_json(run_dir / "metrics.json", {"best_checkpoint": best, **metrics})
-        model_dir = _export(cfg, module, dm, metrics, thresholds, best)
+        model_dir = _export(cfg, module, dm, metrics, thresholds, best, encoder)
     return TrainResult(run_dir, model_dir, best, metrics, thresholds, dm.summary())
 
 
@@ -314,13 +318,14 @@ def _export(
     metrics: Mapping[str, Any],
     thresholds: Mapping[str, float],
     best: Path,
+    encoder: Mapping[str, Any],
 ) -> Path:
     out_dir = Path(cfg.export_dir)
     targets = module.target_names
     colors = target_colors(targets, cfg.card.colors)
     card = ModelCard(
         name=cfg.name,
-        backbone=cfg.model.backbone,
+        backbone=cfg.model.head if encoder else cfg.model.backbone,
         targets=targets,
         colors=colors,
         thresholds=dict(thresholds),
@@ -340,6 +345,7 @@ def _export(
         },
         metrics=json.loads(json.dumps(dict(metrics))),
         intended_use=cfg.card.intended_use,
+        encoder=dict(encoder),
     )
     export_model(module.net.to(memory_format=torch.contiguous_format), card, out_dir)
     write_model_readme(card, out_dir)
