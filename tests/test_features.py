@@ -46,11 +46,12 @@ def test_store_round_trip_dtypes_and_attributes(tmp_path):
 
 def test_unreadable_or_malformed_stores_fail_clearly(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
-    with pytest.raises(FeatureStoreError, match="bad.h5: not a readable"):
+    with pytest.raises(FeatureStoreError, match=r"bad\.h5: not a readable"):
         read_feature_store(tmp_path / "bad.h5")
     assert not store_matches(tmp_path / "bad.h5", encoder="uni", weights_sha256="x")
     with pytest.raises(FeatureStoreError, match="xy_l0"):
-        write_feature_store(tmp_path / "s.h5", FeatureStore(np.zeros((2, 3)), np.zeros((2, 4)), "a", "b"))
+        bad = FeatureStore(np.zeros((2, 3)), np.zeros((2, 4)), "a", "b")
+        write_feature_store(tmp_path / "s.h5", bad)
 
 
 @pytest.fixture(scope="module")
