@@ -50,7 +50,8 @@ def import_timm() -> Any:
 
 
 class Encoder(nn.Module):
-    """A timm trunk and its pooling: uint8-free, normalised float [B, 3, H, W] → [B, D]."""
+    """A trunk (timm, or the small CNN) and its pooling: normalised float [B, 3, H, W] →
+    embeddings [B, D] as the registry's ``pool`` says."""
 
     def __init__(self, spec: EncoderSpec, trunk: nn.Module) -> None:
         super().__init__()
@@ -82,6 +83,11 @@ def _resolve(value: Any) -> Any:
 def build_encoder(spec: EncoderSpec | str, *, device: str | torch.device = "cpu") -> Encoder:
     """The architecture of ``spec`` on ``device`` (``"meta"``: shapes only), untrained."""
     spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
+    if spec.timm_name == "cscvision.small_cnn":
+        from cscvision.features.cnn import SmallCnnTrunk
+
+        with torch.device(device):
+            return Encoder(spec, SmallCnnTrunk())
     timm = import_timm()
     kwargs = {k: _resolve(v) for k, v in spec.timm_kwargs.items()}
     with torch.device(device):
@@ -196,7 +202,8 @@ def fit_state_dict(
     if spec.key_map:
         state = _KEY_MAPS[spec.key_map](state)
     own = encoder.trunk.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(_HEADS)}
+    unused = (*_HEADS, *spec.drop_keys)
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(unused)}
     bad_shape = [k for k in own if k in state and state[k].shape != own[k].shape]
     if set(own) != set(state) or bad_shape:
         missing, extra = len(set(own) - set(state)), len(set(state) - set(own))

@@ -48,6 +48,7 @@ class EncoderSpec:
     params: int = 0  # parameter count of the timm architecture (checked on the meta device)
     published_params: float = 0.0  # the authors' figure, in parameters
     key_map: str | None = None  # checkpoint key convention to translate ("dinov2_hf")
+    drop_keys: tuple[str, ...] = ()  # key prefixes of a classifier in the file, not used
     weights_file: str = ""  # the file to point --weights at, as published
     weights_url: str = ""  # where the weights are published
     licence: str = ""
@@ -235,6 +236,18 @@ ENCODERS: dict[str, EncoderSpec] = {
             params=5_524_416,
             weights_file="(none published: random weights from save_random_weights)",
             source="timm vit_tiny_patch16_224; stands in for the real encoders in tests",
+            kind="test",
+        ),
+        EncoderSpec(
+            name="demo-cnn",
+            timm_name="cscvision.small_cnn",
+            dim=128,
+            pool="avg",
+            params=470_840,
+            drop_keys=("10.",),
+            weights_file="models/demo-synthetic/model.safetensors",
+            source="the feature layers of cscvision's small_cnn, trained by `make demo-model` "
+            "on synthetic slides only; stands in for a pretrained encoder in tests",
             kind="test",
         ),
     )

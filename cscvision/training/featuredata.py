@@ -47,7 +47,13 @@ def _store_path(features_dir: Path, slide_id: str) -> Path:
 
 
 def slide_features(
-    tiles: SlideTiles, extractor: FeatureExtractor, features_dir: Path, *, progress: bool = True
+    tiles: SlideTiles,
+    extractor: FeatureExtractor,
+    features_dir: Path,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
 ) -> np.ndarray:
     """float16 [N, D] features of ``tiles`` (in their order), from the slide's store where it
     holds them; missing tiles are extracted and added to the store."""
@@ -61,10 +67,12 @@ def slide_features(
     rows = store.rows_of(tiles.xy_l0) if store is not None else np.full(len(tiles), -1)
     missing = rows < 0
     if missing.any():
+        xy = tiles.xy_l0[missing]
         dataset = TileBatches.of_tiles(
-            tiles.slide_path, tiles.mpp_override, tiles.plan, tiles.xy_l0[missing], 64
+            tiles.slide_path, tiles.mpp_override, tiles.plan, xy, batch_size
         )
-        new = extract_batches(dataset, extractor, progress=progress, desc=tiles.slide_id)
+        kw = dict(workers=workers, reader="threads", progress=progress, desc=tiles.slide_id)
+        new = extract_batches(dataset, extractor, **kw)
         store = _merged(store, tiles, extractor, tiles.xy_l0[missing], new, plan)
         write_feature_store(path, store)
         rows = store.rows_of(tiles.xy_l0)
@@ -241,8 +249,9 @@ def head_pieces(
     spec = extractor.spec
     features_dir = Path(cfg.model.features_dir or run_dir / "features")
     everything = [t for tiles in slides.values() for t in tiles]
+    workers = cfg.data.num_workers  # reader threads ahead of the encoder
     features = {
-        t.slide_id: slide_features(t, extractor, features_dir, progress=progress)
+        t.slide_id: slide_features(t, extractor, features_dir, workers=workers, progress=progress)
         for t in tqdm(everything, desc="features", unit="slide", disable=not progress)
     }
     reference = {
