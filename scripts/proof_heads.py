@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     result = train(cfg, resume=False, progress=False)
     test = result.metrics["test"]
     tiles = {s: c["tiles"] for s, c in result.summary.items()}
-    print(f"\n{args.encoder} + {args.head} head, cohort seed {args.seed}: features "
-          f"{extracted:.0f} s, head training {time.perf_counter() - start:.0f} s; tiles {tiles}")  # fmt: skip
+    trained = time.perf_counter() - start
+    print(f"\n{args.encoder} + {args.head} head, cohort seed {args.seed}: features")
+    print(f"  {extracted:.0f} s, head training {trained:.0f} s; tiles {tiles}")
     for target in ("stemness", "immunosuppressive"):
         print(f"  held-out tile AUROC {target}: {test[f'auroc_{target}']:.3f}")
     return test
