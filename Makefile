@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-model test test-fast lint install clean
+.PHONY: demo demo-model test test-fast lint install browser clean
 
 install: $(STAMP)
 
@@ -21,7 +21,14 @@ demo: $(STAMP)
 demo-model: $(STAMP)
 	$(BIN)/cscvision demo --out demo_out name=demo-synthetic export_dir=models/demo-synthetic
 
-test: $(STAMP)
+# Debian's Chromium and ChromeDriver for the browser tests (as root, as CI runs; the tests
+# never download a browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: $(STAMP) browser
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP)

@@ -78,3 +78,24 @@ class ArraySlide:
         scale = self.info.mpp / mpp
         size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
         return np.asarray(Image.fromarray(self.rgb).resize(size, Image.Resampling.BOX))
+
+
+@pytest.fixture(scope="session")
+def demo_batch(tmp_path_factory) -> dict:
+    """A finished `cscvision infer` batch: 2 synthetic slides scored by the committed demo
+    model, plus one broken slide recorded in errors.csv."""
+    from cscvision.cli import main
+    from cscvision.synth import write_cohort
+
+    root = tmp_path_factory.mktemp("demo_batch")
+    cohort = write_cohort(root / "cohort", n_slides=2, n_patients=2, size_px=2048, seed=5)
+    slides = sorted(str(p) for p in cohort.parent.glob("*.tiff"))
+    broken = root / "cohort_broken" / "broken.svs"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a slide at all")
+    out = root / "infer"
+    model = Path(__file__).resolve().parents[1] / "models" / "demo-synthetic"
+    code = main(["infer", *slides, str(broken), "--model", str(model), "--out", str(out),
+                 "--workers", "0", "--threads", "1"])  # fmt: skip
+    assert code == 1  # the broken slide failed, the others finished
+    return {"out": out, "cohort": cohort, "model": model, "slides": slides, "broken": broken}

@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cscvision"
-LAYERS = ("core", "slides", "labels", "features", "training", "outputs", "inference", "cli")
+LAYERS = (
+    "core",
+    "slides",
+    "labels",
+    "features",
+    "training",
+    "outputs",
+    "inference",
+    "views",
+    "cli",
+)
 # Stages outside the straight line, and what each may import.
 SIDE_STAGES = {"synth": {"core", "slides", "synth"}}
 # Top-level modules: the lazy API, ``python -m cscvision`` and test helpers sit above it all.

@@ -155,6 +155,28 @@ def test_train_writes_the_run_folder_and_exports(trained):
         assert result.metrics[stage]["n_tiles"] == result.summary[stage]["tiles"]
 
 
+def test_calibration_is_fitted_on_validation_and_travels_with_the_card(trained):
+    from cscvision.training.calibration import calibrate
+
+    result, run = trained
+    run_dir = run / "run"
+    figures = json.loads((run_dir / "calibration.json").read_text())
+    card = load_model(result.model_dir).card
+    assert card.calibration["method"] == "temperature" == figures["method"]
+    fitted = card.calibration["targets"]
+    assert fitted and all(v["temperature"] > 0 for v in fitted.values())
+    for t in fitted:
+        rec = figures["targets"][t]
+        assert rec["clear_tiles"] > 0 and 0 <= rec["ece_after"] <= 1
+        assert result.metrics["test"][f"ece_{t}"] == pytest.approx(rec["ece_after"])
+        assert f"ece_uncalibrated_{t}" in result.metrics["val"]
+    # the exported thresholds live on the calibrated scale: F1 at them on validation is the
+    # F1 the validation metrics report
+    logits = torch.linspace(-6, 6, 5).repeat(2, 1).T.numpy()
+    probs = calibrate(logits, card.targets, card.calibration)
+    assert np.all(np.diff(probs, axis=0) >= 0)  # still a ranking: monotone in the logit
+
+
 def test_export_loads_and_predicts_like_the_module(trained):
     result, _ = trained
     loaded = load_model(result.model_dir)

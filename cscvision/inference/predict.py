@@ -43,6 +43,7 @@ from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.slide import SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
+from cscvision.training.calibration import calibrate
 from cscvision.training.export import LoadedModel
 
 __all__ = [
@@ -76,12 +77,17 @@ class TileScorer:
         self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1) * 255
         self.amp = amp
+        self.targets = card.targets
+        self.calibration = card.calibration
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
-            return torch.sigmoid(self.net(x).float()).cpu().numpy()
+            logits = self.net(x).float()
+            if not self.calibration:
+                return torch.sigmoid(logits).cpu().numpy()
+        return calibrate(logits.cpu().numpy(), self.targets, self.calibration)
 
 
 def predict_tiles(

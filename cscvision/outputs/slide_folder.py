@@ -55,7 +55,9 @@ MAPS = "maps.npz"
 
 
 # Card fields the outputs depend on: editing one (re-tuned thresholds) makes old outputs stale.
-_CARD_OUTPUT_FIELDS = ("targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std")
+_CARD_OUTPUT_FIELDS = (
+    "targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std", "calibration",
+)  # fmt: skip
 
 
 def model_identity(model: LoadedModel) -> dict[str, str]:
@@ -67,6 +69,8 @@ def model_identity(model: LoadedModel) -> dict[str, str]:
             digest.update(chunk)
     card = model.card
     used = {k: v for k, v in card.to_json().items() if k in _CARD_OUTPUT_FIELDS}
+    if not used.get("calibration"):  # uncalibrated cards keep the digest they had before
+        used.pop("calibration", None)
     card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
     return {
         "name": card.name,

@@ -33,6 +33,8 @@ class ModelCard:
     targets: tuple[str, ...] = ("stemness", "immunosuppressive")
     colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
+    # per-target temperature or isotonic map fitted on validation (training.calibration)
+    calibration: dict[str, Any] = field(default_factory=dict)
     tile_px: int = 224
     mpp: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN

@@ -69,6 +69,7 @@ class MetricsConfig:
     slide_cutoff: float = 0.05  # a slide is positive when its mean target fraction exceeds this
     monitor: str = "val/auroc_mean"  # what picks the best checkpoint
     monitor_mode: str = "max"
+    calibration: str = "temperature"  # temperature | isotonic | none, fitted on validation
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def check_choices(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` for a value outside its named choices."""
     from cscvision.training.augment import AUGMENT_PRESETS
     from cscvision.training.backbones import BACKBONES
+    from cscvision.training.calibration import METHODS
     from cscvision.training.data import BALANCE_MODES
     from cscvision.training.lit import SCHEDULERS
 
@@ -219,6 +221,7 @@ def check_choices(cfg: TrainConfig) -> None:
         "data.balance": (cfg.data.balance, BALANCE_MODES),
         "optim.scheduler": (cfg.optim.scheduler, SCHEDULERS),
         "metrics.monitor_mode": (cfg.metrics.monitor_mode, ("max", "min")),
+        "metrics.calibration": (cfg.metrics.calibration, METHODS),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

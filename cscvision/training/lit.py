@@ -214,6 +214,9 @@ class TileClassifier(L.LightningModule):
         self.val_preds = TilePredictions()
         self.test_preds = TilePredictions()
         self.last_metrics: dict[str, dict[str, float]] = {}
+        # every evaluated tile's (logits, soft targets) per stage, for calibration
+        self.last_predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.calibration: dict[str, Any] = {}  # set after training; see training.calibration
 
     @staticmethod
     def _build(backbone: str, n_outputs: int, pretrained: str | None) -> nn.Module:
@@ -280,7 +283,8 @@ class TileClassifier(L.LightningModule):
         preds.reset()
         if len(logits) == 0:
             return
-        probs = torch.sigmoid(logits)
+        self.last_predictions[stage] = (logits.cpu(), targets.cpu())
+        probs = self._probabilities(logits)
         thresholds = None if choose else self.thresholds.tolist()
         metrics = evaluate(
             probs,
@@ -305,6 +309,14 @@ class TileClassifier(L.LightningModule):
         self.log_dict(finite, sync_dist=True)
         self.log(f"{stage}/auroc_mean", metrics["auroc_mean"], prog_bar=True, sync_dist=True)
         self.log(f"{stage}/loss", metrics["loss"], prog_bar=True, sync_dist=True)
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.calibration:
+            return torch.sigmoid(logits)
+        from cscvision.training.calibration import calibrate
+
+        probs = calibrate(logits.cpu().numpy(), self.target_names, self.calibration)
+        return torch.from_numpy(probs).to(logits.device)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val", self.val_preds, choose=True)

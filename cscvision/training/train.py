@@ -37,6 +37,7 @@ from cscvision.labels.cohort import (
     split_by_patient,
     write_splits,
 )
+from cscvision.training.calibration import calibration_report, fit_calibration
 from cscvision.training.card import ModelCard, write_model_readme
 from cscvision.training.config import (
     ConfigError,
@@ -105,10 +106,11 @@ def train(
     trainer, checkpoints = _trainer(cfg, run_dir, progress)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     best = Path(checkpoints.best_model_path or run_dir / "checkpoints" / "last.ckpt")
-    metrics = _evaluate(trainer, module, dm, best)
+    metrics = _evaluate(trainer, module, dm, best, cfg.metrics.calibration)
     thresholds = dict(zip(class_map.targets, module.thresholds.tolist(), strict=True))
     model_dir = None
     if trainer.is_global_zero:
+        write_json(run_dir / "calibration.json", _calibration_figures(module, metrics))
         write_json(run_dir / "metrics.json", {"best_checkpoint": best, **metrics})
         model_dir = _export(cfg, module, dm, metrics, thresholds, best, encoder)
     return TrainResult(run_dir, model_dir, best, metrics, thresholds, dm.summary())
@@ -295,12 +297,19 @@ def _strip(results: Sequence[Mapping[str, float]], stage: str) -> dict[str, floa
 
 
 def _evaluate(
-    trainer: L.Trainer, module: TileClassifier, dm: TileDataModule, best: Path
+    trainer: L.Trainer, module: TileClassifier, dm: TileDataModule, best: Path, method: str
 ) -> dict[str, dict[str, float]]:
-    """Validation metrics of the best checkpoint (choosing thresholds), then held-out test."""
+    """Validation metrics of the best checkpoint, calibration fitted on them (thresholds are
+    then chosen on the calibrated probabilities), then the held-out test split."""
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
+    module.calibration = {}
     metrics = {"val": _strip(trainer.validate(module, datamodule=dm, verbose=False), "val")}
+    if "val" in module.last_predictions:
+        logits, soft = (a.numpy() for a in module.last_predictions["val"])
+        module.calibration = fit_calibration(logits, soft, module.target_names, method)
+        if module.calibration:
+            metrics["val"] = _strip(trainer.validate(module, datamodule=dm, verbose=False), "val")
     chosen = [metrics["val"].get(f"threshold_{t}", 0.5) for t in module.target_names]
     module.thresholds.copy_(torch.tensor(chosen))
     if len(dm.datasets["test"]):
@@ -309,6 +318,26 @@ def _evaluate(
         log.warning("no held-out test slides: test metrics are not reported")
         metrics["test"] = {}
     return metrics
+
+
+def _calibration_figures(module: TileClassifier, metrics: dict[str, dict[str, float]]) -> dict:
+    """ECE before/after calibration into ``metrics`` (per split); the test split's (else
+    validation's) reliability bins for ``calibration.json``."""
+    reports = {}
+    for split in ("val", "test"):
+        if split not in module.last_predictions or not metrics.get(split):
+            continue
+        logits, soft = (a.numpy() for a in module.last_predictions[split])
+        reports[split] = calibration_report(logits, soft, module.target_names, module.calibration)
+        for t, rec in reports[split].items():
+            metrics[split][f"ece_uncalibrated_{t}"] = rec["ece_before"]
+            metrics[split][f"ece_{t}"] = rec["ece_after"]
+    split = "test" if "test" in reports else "val"
+    return {
+        "method": module.calibration.get("method", "none"),
+        "split": split,
+        "targets": reports.get(split, {}),
+    }
 
 
 def _export(
@@ -329,6 +358,7 @@ def _export(
         targets=targets,
         colors=colors,
         thresholds=dict(thresholds),
+        calibration=module.calibration,
         tile_px=cfg.grid.tile_px,
         mpp=cfg.grid.mpp,
         # what the weights were trained with (a resumed run keeps the checkpoint's buffers)

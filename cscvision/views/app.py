@@ -1,0 +1,97 @@
+"""The viewer's HTTP routes (FastAPI). Ids in URLs are looked up, never joined to paths."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+from cscvision.views.server import STATIC, Catalogue, jpeg_bytes, map_tile, png_bytes
+
+TILE_FORMATS = {"jpeg": ("image/jpeg", jpeg_bytes), "png": ("image/png", png_bytes)}
+
+
+def create_app(catalogue: Catalogue) -> Any:
+    from fastapi import FastAPI, HTTPException, Query, Response
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app = FastAPI(title="cscvision viewer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.catalogue = catalogue
+    app.state.requests = deque(maxlen=2000)  # recent tile requests, for tests and debugging
+    lock = threading.Lock()
+
+    def entry(sid: str):
+        if sid not in catalogue.slides:
+            raise HTTPException(404, f"no slide {sid!r} in {catalogue.out_dir}")
+        return catalogue.slides[sid]
+
+    def target_of(sid: str, target: str) -> str:
+        if target not in entry(sid).targets:
+            raise HTTPException(404, f"slide {sid!r} has no target {target!r}")
+        return target
+
+    def log(kind: str, sid: str, detail: str) -> None:
+        with lock:
+            app.state.requests.append((kind, sid, detail))
+
+    @app.get("/")
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "viewer.html", media_type="text/html")
+
+    @app.get("/api/slides")
+    def slides() -> list[dict[str, Any]]:
+        return [{"slide_id": s, "targets": list(e.targets)} for s, e in catalogue.slides.items()]
+
+    @app.get("/api/slides/{sid}")
+    def slide(sid: str) -> dict[str, Any]:
+        entry(sid)
+        return catalogue.describe(sid)
+
+    @app.get("/dzi/{sid}/slide.dzi")
+    def slide_dzi(sid: str) -> Response:
+        entry(sid)
+        try:
+            dz = catalogue.slide_dz(sid)
+        except Exception as e:  # slide moved or unreadable: the maps still show
+            raise HTTPException(404, f"slide file of {sid!r} cannot be opened: {e}") from None
+        return Response(dz.get_dzi("jpeg"), media_type="application/xml")
+
+    @app.get("/dzi/{sid}/slide_files/{level}/{col}_{row}.jpeg")
+    def slide_tile(sid: str, level: int, col: int, row: int) -> Response:
+        entry(sid)
+        dz = catalogue.slide_dz(sid)
+        try:
+            tile = dz.get_tile(level, (col, row))
+        except ValueError:
+            raise HTTPException(404, "no such tile") from None
+        log("slide", sid, f"{level}/{col}_{row}")
+        return Response(jpeg_bytes(tile), media_type="image/jpeg")
+
+    @app.get("/dzi/{sid}/map/{target}.dzi")
+    def map_dzi(sid: str, target: str, threshold: float = Query(0.5, ge=0, le=1)) -> Response:
+        dz, _ = catalogue.map_dz(sid, target_of(sid, target), threshold)
+        return Response(dz.get_dzi("png"), media_type="application/xml")
+
+    @app.get("/dzi/{sid}/map/{target}_files/{level}/{col}_{row}.png")
+    def map_tile_route(
+        sid: str, target: str, level: int, col: int, row: int,
+        threshold: float = Query(0.5, ge=0, le=1),
+    ) -> Response:  # fmt: skip
+        dz, source = catalogue.map_dz(sid, target_of(sid, target), threshold)
+        try:
+            tile = map_tile(dz, source, level, col, row)
+        except ValueError:
+            raise HTTPException(404, "no such tile") from None
+        log("map", sid, f"{target}@{threshold:g}:{level}/{col}_{row}")
+        return Response(png_bytes(tile), media_type="image/png")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def serve(catalogue: Catalogue, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the viewer until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(catalogue), host=host, port=port, log_level="warning")

@@ -1,0 +1,215 @@
+"""``cscvision view``: a local web server for one batch's slides and heatmaps.
+
+Slides are served as Deep Zoom tiles through :mod:`openslide.deepzoom`; each target's map
+is rendered as a transparent heatmap (colour = probability, region outline at the
+threshold asked for) and served as Deep Zoom tiles of its own, placed over the slide in
+level-0 coordinates by the page (OpenSeadragon, vendored in ``static/openseadragon``).
+
+Nothing in a URL reaches the filesystem: slides and targets are looked up by id in the
+table built at start from ``OUT_DIR/*/summary.json``, tile addresses are integers, and
+static files come from the package's own folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cscvision.core.geometry import MapTransform
+from cscvision.core.palette import target_colors
+
+STATIC = Path(__file__).parent / "static"
+TILE_PX = 254
+OVERLAP = 1
+MAP_RENDER_PX = 2048  # heatmap images are drawn about this wide, so outlines stay crisp
+HEATMAP_ALPHA = 200  # opacity of a probability-1 pixel; lower probabilities fade out
+
+
+class ViewerError(ValueError):
+    """The folder given holds no finished slide."""
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    slide_id: str
+    folder: Path
+    slide_path: Path
+    summary: dict[str, Any]
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.summary.get("targets", {}))
+
+    def threshold(self, target: str) -> float:
+        return float(self.summary["targets"][target].get("threshold", 0.5))
+
+
+class SlideMaps:
+    """One slide's maps (from ``maps.npz``) and the heatmap images drawn from them."""
+
+    def __init__(self, entry: SlideEntry):
+        with np.load(entry.folder / "maps.npz", allow_pickle=False) as npz:
+            self.targets = tuple(str(t) for t in npz["targets"])
+            self.maps = {t: npz[t].astype(np.float32) for t in self.targets}
+            self.tissue = npz["tissue"].astype(np.float32)
+            self.transform = MapTransform(*(float(v) for v in npz["transform"]))
+        self.colors = target_colors(self.targets, entry.summary.get("colors") or {})
+        self._images: OrderedDict[tuple[str, float], Image.Image] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tissue.shape
+
+    @property
+    def scale(self) -> int:
+        """Image pixels per map pixel."""
+        return max(1, MAP_RENDER_PX // max(self.shape))
+
+    def image(self, target: str, threshold: float) -> Image.Image:
+        key = (target, round(threshold, 3))
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        img = heatmap_image(
+            self.maps[target], self.tissue, threshold, self.colors[target], self.scale
+        )
+        with self._lock:
+            self._images[key] = img
+            while len(self._images) > 16:
+                self._images.popitem(last=False)
+        return img
+
+
+def heatmap_image(
+    prob: np.ndarray, tissue: np.ndarray, threshold: float, rgb: tuple[int, int, int], scale: int
+) -> Image.Image:
+    """RGBA heatmap at ``scale`` image px per map px: the target's colour with opacity
+    rising with probability, transparent where no tile was scored, and the outline of the
+    region at or above ``threshold`` (the summary's region definition) in black."""
+    scored = np.isfinite(prob) & (tissue > 0)
+    p = np.where(scored, prob, 0.0)
+    big = np.kron(p, np.ones((scale, scale), np.float32))
+    inside = np.kron(scored & (p >= threshold), np.ones((scale, scale), bool))
+    alpha = (np.clip(big, 0, 1) * HEATMAP_ALPHA).astype(np.uint8)
+    out = np.zeros((*big.shape, 4), np.uint8)
+    out[..., :3] = rgb
+    out[..., 3] = alpha
+    width = max(1, scale // 24)
+    edge = _outline(inside, width)
+    out[edge] = (0, 0, 0, 255)
+    return Image.fromarray(out, "RGBA")
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+class Catalogue:
+    """Every finished slide under ``out_dir``, by id, and their Deep Zoom generators."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir).resolve()
+        self.slides: dict[str, SlideEntry] = {}
+        for path in sorted(self.out_dir.glob("*/summary.json")):
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            sid = str(summary.get("slide_id", path.parent.name))
+            self.slides[sid] = SlideEntry(sid, path.parent, Path(summary["slide_path"]), summary)
+        if not self.slides:
+            raise ViewerError(
+                f"{self.out_dir}: no <slide_id>/summary.json; pass the --out "
+                "folder of cscvision infer"
+            )
+        self._maps: dict[str, SlideMaps] = {}
+        self._dz: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def maps(self, sid: str) -> SlideMaps:
+        with self._lock:
+            if sid not in self._maps:
+                self._maps[sid] = SlideMaps(self.slides[sid])
+            return self._maps[sid]
+
+    def slide_dz(self, sid: str) -> Any:
+        import openslide
+        from openslide.deepzoom import DeepZoomGenerator
+
+        with self._lock:
+            if sid not in self._dz:
+                slide = openslide.open_slide(str(self.slides[sid].slide_path))
+                self._dz[sid] = DeepZoomGenerator(slide, TILE_PX, OVERLAP, limit_bounds=False)
+            return self._dz[sid]
+
+    def map_dz(self, sid: str, target: str, threshold: float) -> tuple[Any, Any]:
+        """The heatmap's Deep Zoom generator and the image slide it reads."""
+        from openslide import ImageSlide
+        from openslide.deepzoom import DeepZoomGenerator
+
+        source = ImageSlide(self.maps(sid).image(target, threshold))
+        return DeepZoomGenerator(source, TILE_PX, OVERLAP), source
+
+    def describe(self, sid: str) -> dict[str, Any]:
+        entry, maps = self.slides[sid], self.maps(sid)
+        rows, cols = maps.shape
+        t = maps.transform
+        return {
+            "slide_id": sid,
+            "dimensions": entry.summary.get("dimensions"),
+            "mpp": entry.summary.get("resolution", {}).get("slide_mpp"),
+            "targets": [
+                {
+                    "name": name,
+                    "threshold": entry.threshold(name),
+                    "color": "#" + "".join(f"{c:02x}" for c in maps.colors[name]),
+                    "values": _json_grid(maps.maps[name]),
+                }
+                for name in maps.targets
+            ],
+            "map": {
+                "rows": rows,
+                "cols": cols,
+                "x0_l0": t.x0_l0,
+                "y0_l0": t.y0_l0,
+                "px_l0": t.px_l0,
+                "scale": maps.scale,
+            },
+        }
+
+
+def _json_grid(values: np.ndarray) -> list[list[float | None]]:
+    return [[None if not math.isfinite(v) else round(float(v), 4) for v in row] for row in values]
+
+
+def map_tile(dz: Any, source: Any, level: int, col: int, row: int) -> Image.Image:
+    """A Deep Zoom tile of a heatmap with its transparency kept (``get_tile`` would
+    composite it onto a solid background)."""
+    location, slide_level, size = dz.get_tile_coordinates(level, (col, row))
+    tile = source.read_region(location, slide_level, size)
+    target = dz.get_tile_dimensions(level, (col, row))
+    if tile.size != target:
+        tile = tile.resize(target, Image.Resampling.BILINEAR)
+    return tile
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
