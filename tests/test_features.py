@@ -115,3 +115,14 @@ def test_encoders_lists_the_registry_and_configured_files(tmp_path, capsys):
         assert f"\n{name} " in out
     assert f"found {tmp_path / 'uni' / 'pytorch_model.bin'}" in out
     assert "conch: not registered" in out
+
+
+@pytest.mark.parametrize("module", ["timm", "h5py"])
+def test_a_missing_features_extra_says_how_to_install_it(
+    module, slides, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import fails
+    assert _features(slides, tmp_path / "out") == 2
+    assert 'pip install "cscvision[features]"' in capsys.readouterr().err

@@ -89,6 +89,9 @@ def _extractor(args: argparse.Namespace) -> FeatureExtractor:
 
     from cscvision.features.encoders import file_sha256, load_encoder
     from cscvision.features.extract import FeatureExtractor
+    from cscvision.features.store import import_h5py
+
+    import_h5py()  # say now, not once per slide, when the features extra is missing
 
     if args.threads is not None:
         if args.threads < 1:

@@ -76,7 +76,7 @@ def _keys(xy: np.ndarray) -> np.ndarray:
     return xy[:, 0] * (1 << 32) + xy[:, 1]
 
 
-def _h5py() -> Any:
+def import_h5py() -> Any:
     try:
         import h5py
     except ImportError:
@@ -88,7 +88,7 @@ def _h5py() -> Any:
 
 def write_feature_store(path: str | Path, store: FeatureStore) -> Path:
     """Write ``store`` to ``path`` (HDF5) atomically; returns ``path``."""
-    h5py = _h5py()
+    h5py = import_h5py()
     xy = np.asarray(store.xy_l0)
     feats = np.asarray(store.features)
     if xy.ndim != 2 or xy.shape[1] != 2 or feats.ndim != 2 or len(feats) != len(xy):
@@ -110,7 +110,7 @@ def write_feature_store(path: str | Path, store: FeatureStore) -> Path:
 
 def read_store_attrs(path: str | Path) -> dict[str, Any]:
     """The attributes of a store (cheap: no arrays), with ``n_tiles`` and ``dim``."""
-    h5py = _h5py()
+    h5py = import_h5py()
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
@@ -127,7 +127,7 @@ def _plain(value: Any) -> Any:
 
 def read_feature_store(path: str | Path) -> FeatureStore:
     """The store at ``path``, arrays in memory; :class:`FeatureStoreError` if unreadable."""
-    h5py = _h5py()
+    h5py = import_h5py()
     attrs = read_store_attrs(path)
     with h5py.File(path, "r") as f:
         xy, feats = f["xy_l0"][()], f["features"][()]
