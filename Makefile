@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-model test test-fast lint install browser clean
+.PHONY: demo demo-model test test-fast lint install system-deps browser clean
 
 install: $(STAMP)
 
@@ -21,14 +21,18 @@ demo: $(STAMP)
 demo-model: $(STAMP)
 	$(BIN)/cscvision demo --out demo_out name=demo-synthetic export_dir=models/demo-synthetic
 
-# Debian's Chromium and ChromeDriver for the browser tests (as root, as CI runs; the tests
-# never download a browser).
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-		apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+# Debian packages the tests need, installed as root (as CI runs): Chromium and ChromeDriver
+# for the browser tests (no test tool ever downloads a browser) and libturbojpeg for the
+# DICOM converter (the `dicom` extra).
+system-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+		ldconfig -p | grep -q libturbojpeg.so || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium chromium-driver libturbojpeg0 >/dev/null; }
 
-test: $(STAMP) browser
+browser: system-deps
+
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP)

@@ -24,6 +24,7 @@ _API = {
     "open_slide": "cscvision.slides.slide",
     "Slide": "cscvision.slides.slide",
     "SlideError": "cscvision.slides.info",
+    "CorruptTileError": "cscvision.slides.info",
     "SlideInfo": "cscvision.slides.info",
     "GridSpec": "cscvision.slides.grid",
     "TileGrid": "cscvision.slides.grid",
@@ -47,6 +48,9 @@ _API = {
     "SlidePrediction": "cscvision.outputs.prediction",
     "write_slide_outputs": "cscvision.outputs.slide_folder",
     "read_outputs": "cscvision.outputs.read",
+    "region_masks": "cscvision.outputs.regions",
+    "colocalisation": "cscvision.outputs.statistics",
+    "within_fraction": "cscvision.outputs.statistics",
     "SlideOutputs": "cscvision.outputs.read",
     "write_cohort": "cscvision.synth",
 }

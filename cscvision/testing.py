@@ -43,6 +43,7 @@ def write_pyramid(
     quality: int = 85,
     aperio: bool = False,
     missing_tiles: Collection[tuple[int, int, int]] = (),
+    thumbnail_px: int | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF and return its path.
 
@@ -52,7 +53,9 @@ def write_pyramid(
     ``mpp=None`` writes no µm/px. ``compression``: one of ``COMPRESSIONS``. ``aperio=True``
     writes an Aperio SVS layout (``compression`` must be "jpeg"); otherwise OpenSlide
     reports the file as ``generic-tiff``. ``missing_tiles``: ``(level, col, row)`` tiles
-    written with no bytes, as scanners leave them (Aperio layout only).
+    written with no bytes, as scanners leave them (Aperio layout only). ``thumbnail_px``
+    (Aperio layout only) writes a stripped thumbnail of that longest side as the second
+    page, where Aperio scanners put it (OpenSlide and opentile read it as the thumbnail).
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression {compression!r}: use one of {sorted(COMPRESSIONS)}")
@@ -60,6 +63,8 @@ def write_pyramid(
         raise ValueError("aperio=True writes JPEG tiles; use compression='jpeg'")
     if missing_tiles and not aperio:
         raise ValueError("missing_tiles needs aperio=True (tifffile fills other tiles)")
+    if thumbnail_px is not None and not aperio:
+        raise ValueError("thumbnail_px needs aperio=True (the Aperio page layout)")
     tile_fn, (width, height) = _as_tile_fn(source, size, downsample)
     path = Path(path)
     with tifffile.TiffWriter(path, bigtiff=width * height * 3 > 2**31) as tif:
@@ -67,6 +72,8 @@ def write_pyramid(
             factor = downsample**level
             level_wh = (math.ceil(width / factor), math.ceil(height / factor))
             kwargs = _page_kwargs(level, level_wh, factor, mpp, tile_px, quality, aperio)
+            if thumbnail_px is not None:  # Aperio's own layout: levels are not marked reduced
+                kwargs.pop("subfiletype", None)
             if aperio:
                 tiles, tables = _aperio_tiles(tile_fn, level, level_wh, tile_px, quality)
                 tiles = _drop_tiles(tiles, level, level_wh, tile_px, set(missing_tiles))
@@ -74,6 +81,8 @@ def write_pyramid(
                 kwargs["compressionargs"] = {"outcolorspace": "RGB"}
                 kwargs["subsampling"] = (1, 1)
                 tif.write(tiles, **kwargs)
+                if level == 0 and thumbnail_px is not None:
+                    _write_thumbnail_page(tif, tile_fn, (width, height), thumbnail_px)
             else:
                 kwargs["compression"] = COMPRESSIONS[compression]
                 if compression == "jpeg":
@@ -158,6 +167,14 @@ def _aperio_description(level_wh, factor, mpp, tile_px, quality) -> str:
         if mpp is not None:
             text += f"|MPP = {mpp:.4f}"
     return text
+
+
+def _write_thumbnail_page(tif, tile_fn: TileFn, size: tuple[int, int], longest_px: int) -> None:
+    width, height = size
+    scale = longest_px / max(width, height)
+    thumb = Image.fromarray(np.asarray(tile_fn(0, 0, 0, width, height), np.uint8))
+    thumb = thumb.resize((max(1, round(width * scale)), max(1, round(height * scale))))
+    tif.write(np.asarray(thumb), photometric="rgb", metadata=None, description="Aperio thumbnail")
 
 
 def _tiles(tile_fn: TileFn, level: int, level_wh, tile_px: int) -> Iterator[np.ndarray]:

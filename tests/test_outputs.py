@@ -12,9 +12,10 @@ from conftest import ArraySlide, tissue_like
 from PIL import Image
 
 from cscvision.inference.predict import assemble_prediction
-from cscvision.outputs.geojson import mask_polygons, niche_name
+from cscvision.outputs.geojson import AREA_MEASUREMENT, mask_polygons
 from cscvision.outputs.likelihood import level_sizes, write_likelihood_map
 from cscvision.outputs.overlay import colormap
+from cscvision.outputs.regions import niche_name
 from cscvision.outputs.slide_folder import (
     MAPS,
     SUMMARY,
@@ -23,7 +24,7 @@ from cscvision.outputs.slide_folder import (
     run_settings,
     write_slide_outputs,
 )
-from cscvision.outputs.summary import morisita_horn, near_fraction, region_statistics
+from cscvision.outputs.summary import region_statistics
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.training.export import ModelCard
 
@@ -49,6 +50,10 @@ def _in(cells: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pred():
+    return make_pred()
+
+
+def make_pred():
     """A 4096 x 3072 slide (0.5 µm/px, bounds offset 256, 128), tissue in its middle."""
     rgb = tissue_like(W, H, box=(512, 384, 3584, 2688))
     slide = ArraySlide.make(rgb, bounds=(*BOUNDS, W - BOUNDS[0], H - BOUNDS[1]))
@@ -85,6 +90,24 @@ def test_geojson_follows_qupath_structure(written, pred):
         else:
             assert set(props["measurements"]) == set(TARGETS)
     assert kinds["tile"] == len(pred.grid) and kinds["annotation"] >= 3
+    ids = [f["id"] for f in data["features"]]
+    assert len(set(ids)) == len(ids) and all(len(i) == 36 for i in ids)  # one UUID each
+    names = {f["properties"]["classification"]["name"] for f in data["features"]
+             if "classification" in f["properties"]}  # fmt: skip
+    assert all(n.isascii() for n in names) and niche_name(TARGETS) in names
+    measured = {k for f in data["features"] for k in f["properties"]["measurements"]}
+    assert not any(k.startswith("Area") for k in measured)  # QuPath computes "Area µm^2"
+
+
+def test_region_areas_sum_to_the_summary_area(written):
+    folder, summary = written
+    features = json.loads((folder / "array.geojson").read_text())["features"]
+    for target in (*TARGETS, niche_name(TARGETS)):
+        regions = _annotations(folder, target)
+        total = sum(f["properties"]["measurements"][AREA_MEASUREMENT] for f in regions)
+        stats = summary["niche"] if target.startswith("Niche") else summary["targets"][target]
+        assert total == pytest.approx(stats["area_mm2"], rel=0.01), target
+    assert features
 
 
 def _annotations(folder, name):
@@ -103,8 +126,8 @@ def test_region_outlines_keep_holes_and_sit_on_the_planted_cells(written):
                                [x0 + ox, y0 + oy, x1 + ox, y1 + oy])  # fmt: skip
     hx0, hy0, hx1, hy1 = (v * TILE for v in RING_INNER)
     np.testing.assert_allclose([*np.min(holes[0], 0), *np.max(holes[0], 0)], [hx0, hy0, hx1, hy1])
-    area_um2 = ((x1 - x0) * (y1 - y0) - (hx1 - hx0) * (hy1 - hy0)) * 0.25
-    assert ring["properties"]["measurements"]["Area µm^2"] == pytest.approx(area_um2)
+    area_mm2 = ((x1 - x0) * (y1 - y0) - (hx1 - hx0) * (hy1 - hy0)) * 0.25 / 1e6
+    assert ring["properties"]["measurements"][AREA_MEASUREMENT] == pytest.approx(area_mm2, rel=0.02)
     (niche,) = _annotations(folder, niche_name(TARGETS))
     corners = np.array(niche["geometry"]["coordinates"][0])
     # the ring ∩ the immune box: columns 14-15, rows 6-9
@@ -196,7 +219,9 @@ def test_summary_records_areas_model_and_resolution(written, pred):
     assert summary["n_tiles"] == len(pred.grid)
     assert summary["resolution"]["mpp"] == 0.5 and summary["resolution"]["level"] == 0
     assert summary["model"]["name"] == "known"
-    assert 0 < summary["niche"]["morisita_horn"] < 1
+    assert 0 < summary["niche"]["morisita_horn"]["observed"] < 1
+    assert 0 < summary["niche"]["stemness_within_100um_of_immunosuppressive"] < 1
+    assert summary["niche"]["null"]["permutations"] == 199
     assert summary["tissue_mm2"] == pytest.approx(3072 * 2304 * 0.25 / 1e6, rel=0.05)
     assert summary["outputs"][-1] == "array.geojson"
 
@@ -243,23 +268,6 @@ def test_mask_polygons_keep_holes_and_count_every_pixel():
     assert len(polygons) == 3 and labels.max() == 3
     assert sum(p.area for p in polygons) == mask.sum()
     assert len(polygons[0].interiors) == 1 and polygons[0].area == 32
-
-
-def test_morisita_horn_bounds():
-    a = np.array([1.0, 2, 0, 0])
-    assert morisita_horn(a, a) == pytest.approx(1.0)
-    assert morisita_horn(a, np.array([0, 0, 3.0, 1])) == 0.0
-    assert morisita_horn(a, np.zeros(4)) is None
-
-
-def test_near_fraction_counts_area_within_the_distance():
-    a = np.zeros((1, 10), bool)
-    b = np.zeros((1, 10), bool)
-    a[0, :4] = True
-    b[0, 5] = True  # 10 µm pixels: a's pixels lie 50, 40, 30, 20 µm from b
-    weight = np.ones((1, 10))
-    assert near_fraction(a, b, weight, cell_um=10, within_um=30) == pytest.approx(0.5)
-    assert near_fraction(a, np.zeros_like(b), weight, 10, 30) is None
 
 
 def test_region_statistics_weight_by_tissue():

@@ -140,7 +140,7 @@ def test_override_csv(tmp_path):
     with pytest.raises(SlideError, match="slide,mpp"):
         load_mpp_overrides(bad)
     bad.write_text("slide,mpp\nA,-1\n")
-    with pytest.raises(SlideError, match="positive"):
+    with pytest.raises(SlideError, match="outside the plausible"):
         load_mpp_overrides(bad)
 
 

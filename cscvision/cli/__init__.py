@@ -11,7 +11,8 @@ from cscvision import __version__
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
 COMMANDS = (
-    "demo", "synth", "tile", "train", "infer", "features", "encoders", "report", "view", "doctor",
+    "demo", "synth", "tile", "train", "infer", "features", "encoders", "stats", "report",
+    "view", "doctor",
 )  # fmt: skip
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from cscvision.slides.batch import SlideJob, collect_slides, make_jobs, parse_shard, shard_jobs
@@ -53,3 +55,23 @@ def jobs_from_args(args: argparse.Namespace) -> tuple[list[SlideJob], tuple[int,
     if shard is not None:
         jobs = shard_jobs(jobs, *shard)
     return jobs, shard
+
+
+def corrupt_tiles_line(out: Path, slide_ids: Iterable[str], record: str) -> str | None:
+    """One line naming the slides whose ``record`` (``summary.json``, ``tiles.json``) lists
+    tiles skipped as corrupt; None when none were."""
+    counts = {}
+    for slide_id in slide_ids:
+        try:
+            count = json.loads((out / slide_id / record).read_text())["corrupt_tiles"]["count"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if count:
+            counts[slide_id] = count
+    if not counts:
+        return None
+    each = ", ".join(f"{sid} {n}" for sid, n in counts.items())
+    return (
+        f"corrupt tiles skipped: {sum(counts.values())} in {len(counts)} slide(s) ({each}); "
+        f"their level-0 x, y are in OUT/<slide_id>/{record} (corrupt_tiles)"
+    )

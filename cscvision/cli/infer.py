@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.cli.common import add_slide_args, corrupt_tiles_line, jobs_from_args
 from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
+from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
     from cscvision.slides.batch import BatchReport, SlideJob
@@ -82,6 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "machine fewer threads can be much faster",
     )
     _add_encoder_args(p)
+    _add_corrupt_tile_args(p)
+    _add_statistics_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
 
@@ -95,6 +98,49 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
         help="for a model that is a head on a foundation-model encoder (its card names the "
         "encoder): the encoder's local weights file; its sha256 must be the one the head was "
         "trained on (default: the file named at training, if it is still there)",
+    )
+
+
+def _add_corrupt_tile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--on-corrupt-tile",
+        choices=ON_CORRUPT_TILE,
+        default="fail",
+        help="a tile whose stored data cannot be decoded fails its slide, naming the level "
+        "and level-0 x, y (default), or is skipped: dropped from the outputs and listed "
+        "in summary.json (corrupt_tiles)",
+    )
+
+
+def _add_statistics_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "co-localisation statistics and viewer files",
+        "Part of the settings a slide's outputs are complete for: changing one redoes "
+        "the slides. See the README's Statistics section.",
+    )
+    g.add_argument(
+        "--within-um",
+        type=float,
+        default=100.0,
+        metavar="UM",
+        help="radius of the within-distance share and the colocation quotient, edge to edge "
+        "(default 100 µm; the summary field names carry it)",
+    )
+    g.add_argument(
+        "--permutations",
+        type=int,
+        default=199,
+        metavar="N",
+        help="rigid moves (toroidal shifts, flips, rotations) of the second target's map in "
+        "the null of each co-localisation figure, seeded by the slide id (default 199; "
+        "0 reports the figures without p-values)",
+    )
+    g.add_argument(
+        "--asap-target",
+        default=None,
+        metavar="TARGET",
+        help="also write TARGET's likelihood map as OUT/<slide_id>/<slide>_likelihood_map.tif, "
+        "the name ASAP opens by itself when the file sits beside the slide",
     )
 
 
@@ -142,6 +188,10 @@ def _settings(args: argparse.Namespace) -> InferSettings:
         amp=args.amp,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        on_corrupt_tile=args.on_corrupt_tile,
+        within_um=args.within_um,
+        permutations=args.permutations,
+        asap_target=args.asap_target,
     )
     settings.check()
     return settings
@@ -167,6 +217,11 @@ def run(args: argparse.Namespace) -> int:
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
         model = load_model(args.model, device, encoder_weights=args.encoder_weights)
+        if settings.asap_target not in (None, *model.card.targets):
+            raise ValueError(
+                f"--asap-target {settings.asap_target!r}: the model's targets are "
+                f"{', '.join(model.card.targets)}"
+            )
     except (BatchError, SlideError, ModelError, ValueError, RuntimeError) as e:
         print(f"cscvision infer: {e}", file=sys.stderr)
         return 2
@@ -189,9 +244,13 @@ def run(args: argparse.Namespace) -> int:
         )
         where = f"on {device}"
     errors = write_errors(out, report, shard)
-    results = write_results(out / f"results{shard_suffix(shard)}.csv", jobs, report, model)
+    results = write_results(
+        out / f"results{shard_suffix(shard)}.csv", jobs, report, model, within_um=settings.within_um
+    )
     for line in summary_lines(report, out, "infer", errors):
         print(line)
+    if skipped := corrupt_tiles_line(out, report.done, "summary.json"):
+        print(skipped)
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
     print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")

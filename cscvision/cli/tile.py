@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.cli.common import add_slide_args, corrupt_tiles_line, jobs_from_args
 from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
 from cscvision.slides.grid import GridSpec
+from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.slide import SlideError
 from cscvision.slides.tiling import tile_slide, tiling_complete
 
@@ -38,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
     )
     p.add_argument("--export-tiles", action="store_true", help="also write every tile as a PNG")
+    p.add_argument(
+        "--on-corrupt-tile",
+        choices=ON_CORRUPT_TILE,
+        default="fail",
+        help="with --export-tiles: a tile that cannot be decoded fails its slide (default) "
+        "or is skipped: dropped from tiles.csv and listed in tiles.json (corrupt_tiles)",
+    )
     p.set_defaults(func=run)
 
 
@@ -58,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
     def process(job):
         nonlocal n_tiles
-        grid = tile_slide(job, args.out, spec, export_tiles=args.export_tiles)
+        grid = tile_slide(
+            job,
+            args.out,
+            spec,
+            export_tiles=args.export_tiles,
+            on_corrupt_tile=args.on_corrupt_tile,
+        )
         n_tiles += len(grid)
 
     report = run_batch(
@@ -71,5 +85,7 @@ def run(args: argparse.Namespace) -> int:
     errors = write_errors(args.out, report, shard)
     for line in summary_lines(report, args.out, "tile", errors):
         print(line)
+    if skipped := corrupt_tiles_line(args.out, report.done, "tiles.json"):
+        print(skipped)
     print(f"tiles kept in this run: {n_tiles} ({spec.tile_px} px at {spec.mpp} µm/px)")
     return 1 if report.failed else 0

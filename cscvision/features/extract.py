@@ -112,6 +112,8 @@ def extract_batches(
     bar = tqdm(total=n, desc=desc, unit="tile", leave=False, disable=not progress)
     try:
         for batch in tile_batches(dataset, workers, reader, extractor.device):
+            if batch["errors"]:  # an undecodable tile fails the slide, naming where it is
+                raise batch["errors"][0]
             index = batch["index"].numpy()
             out[index] = extractor(batch["image"])
             done[index] = True

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cscvision.slides.grid import TileGrid
+from cscvision.slides.info import CorruptTileError
 from cscvision.slides.slide import ReadPlan, Slide, open_slide
 
 
@@ -64,7 +65,10 @@ class TileBatches(Dataset):
 
     The slide is opened lazily, once per process, so the dataset pickles as a path plus
     coordinates. :meth:`read` can split a batch among a pool of threads (the slide
-    readers are thread-safe and their decoders release the GIL).
+    readers are thread-safe and their decoders release the GIL). A tile that cannot be
+    decoded is left black, flagged in the batch's ``corrupt`` mask, and its
+    :class:`CorruptTileError` returned in ``errors``: raised in the consumer's process, it
+    arrives whole from a reader process too.
     """
 
     def __init__(self, grid: TileGrid, batch_size: int) -> None:
@@ -114,23 +118,32 @@ class TileBatches(Dataset):
         side = self.plan.tile_px
         nhwc = torch.empty((len(xy), side, side, 3), dtype=torch.uint8, pin_memory=pin)
         image = nhwc.numpy()
+        errors: dict[int, CorruptTileError] = {}  # by position in the batch
         if pool is None:
-            self._fill(image, xy, 0, len(xy))
+            self._fill(image, errors, xy, 0, len(xy))
         else:
             step = math.ceil(len(xy) / self.threads)
             spans = [(a, min(a + step, len(xy))) for a in range(0, len(xy), step)]
-            for done in [pool.submit(self._fill, image, xy, a, b) for a, b in spans]:
+            for done in [pool.submit(self._fill, image, errors, xy, a, b) for a, b in spans]:
                 done.result()
+        corrupt = np.zeros(len(xy), bool)
+        corrupt[list(errors)] = True
         return {
             # [B, H, W, 3] viewed as [B, 3, H, W]: channels-last memory, no copy.
             "image": nhwc.permute(0, 3, 1, 2),
             "xy": torch.from_numpy(xy),
             "index": torch.arange(start, start + len(xy)),
+            "corrupt": torch.from_numpy(corrupt),
+            "errors": [errors[k] for k in sorted(errors)],  # raster order
         }
 
-    def _fill(self, image: np.ndarray, xy: np.ndarray, first: int, stop: int) -> None:
+    def _fill(self, image: np.ndarray, errors: dict, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
-            image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
+            try:
+                image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
+            except CorruptTileError as e:
+                image[k] = 0
+                errors[k] = e
 
     def close(self) -> None:
         if self._slide is not None:

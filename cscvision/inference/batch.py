@@ -25,8 +25,8 @@ from cscvision.outputs.slide_folder import (
     run_settings,
     write_slide_outputs,
 )
-from cscvision.outputs.summary import result_columns, result_row
-from cscvision.slides.batch import BatchReport, SlideJob
+from cscvision.outputs.summary import DEFAULT_WITHIN_UM, result_columns, result_row
+from cscvision.slides.batch import BatchReport, SlideJob, out_of_memory_reason
 from cscvision.training.export import LoadedModel
 
 
@@ -37,6 +37,9 @@ def slide_settings(settings: InferSettings, job: SlideJob) -> dict[str, Any]:
         min_tissue=settings.min_tissue,
         mask_mpp=settings.mask_mpp,
         slide_mpp=job.mpp,
+        within_um=settings.within_um,
+        permutations=settings.permutations,
+        asap_target=settings.asap_target,
     )
 
 
@@ -73,6 +76,7 @@ def infer_job(
         slide_mpp=job.mpp,
         mask_mpp=settings.mask_mpp,
         progress=progress,
+        on_corrupt_tile=settings.on_corrupt_tile,
     )
     return write_slide_outputs(
         pred,
@@ -89,6 +93,8 @@ def failure_reason(error: BaseException) -> str:
     from cscvision.slides.slide import SlideError
 
     reason = f"{type(error).__name__}: {error}"
+    if isinstance(error, MemoryError):
+        return out_of_memory_reason("this slide")
     if not isinstance(error, (SlideError, OSError, ValueError)):
         trace = traceback.format_exception(type(error), error, error.__traceback__, limit=3)
         reason += " | " + "".join(trace).replace("\n", " ")
@@ -100,7 +106,12 @@ def shard_suffix(shard: tuple[int, int] | None) -> str:
 
 
 def write_results(
-    path: Path, jobs: list[SlideJob], report: BatchReport, model: LoadedModel
+    path: Path,
+    jobs: list[SlideJob],
+    report: BatchReport,
+    model: LoadedModel,
+    *,
+    within_um: float = DEFAULT_WITHIN_UM,
 ) -> Path:
     """``results.csv``: one row per slide of this run (done or skipped: from its summary)."""
     targets = model.card.targets
@@ -114,5 +125,5 @@ def write_results(
             summary = json.loads((path.parent / job.slide_id / SUMMARY).read_text())
             row = result_row(summary, targets)
         rows.append(row)
-    columns = result_columns(targets)
+    columns = result_columns(targets, within_um)
     return write_csv(path, columns, ([r.get(c, "") for c in columns] for r in rows))

@@ -41,6 +41,7 @@ from cscvision.inference.settings import READERS
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
+from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.slide import SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 from cscvision.training.calibration import calibrate
@@ -51,6 +52,7 @@ __all__ = [
     "TileScorer",
     "assemble_prediction",
     "cpu_supports_bf16",
+    "drop_corrupt_tiles",
     "predict_grid",
     "predict_slide",
     "predict_tiles",
@@ -100,28 +102,38 @@ def predict_tiles(
     amp: bool = False,
     reader: str = "threads",
     progress: bool = True,
+    on_corrupt_tile: str = "fail",
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
 
     ``workers`` > 0 reads ahead of the model in that many DataLoader processes
-    (``reader="processes"``) or threads of this process (``reader="threads"``).
+    (``reader="processes"``) or threads of this process (``reader="threads"``). A tile
+    that cannot be decoded raises :class:`CorruptTileError`, or with
+    ``on_corrupt_tile="skip"`` gets a row of NaN.
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
+    if on_corrupt_tile not in ON_CORRUPT_TILE:
+        raise ValueError(f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}")
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
+    corrupt = np.zeros(len(grid), bool)
     dataset = TileBatches(grid, batch_size)
     batches = tile_batches(dataset, workers, reader, scorer.device)
     bar = tqdm(total=len(grid), desc=grid.slide_id, unit="tile", leave=False, disable=not progress)
     try:
         for batch in batches:
+            if batch["errors"] and on_corrupt_tile == "fail":
+                raise batch["errors"][0]
             index = batch["index"].numpy()
             probs[index] = scorer(batch["image"])
+            corrupt[index] = batch["corrupt"].numpy()
             bar.update(len(index))
     finally:
         bar.close()
         dataset.close()
-    if np.isnan(probs).any():
+    probs[corrupt] = np.nan
+    if np.isnan(probs[~corrupt]).any():
         raise RuntimeError(f"{grid.slide_path}: some tiles got no prediction (NaN)")
     return probs
 
@@ -182,14 +194,18 @@ def predict_grid(
     progress: bool = True,
     sub: int | None = None,
     started: float | None = None,
+    on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
-    came from (covering the whole slide), ``thumb`` its thumbnail."""
+    came from (covering the whole slide), ``thumb`` its thumbnail. With
+    ``on_corrupt_tile="skip"`` undecodable tiles are dropped from the grid and listed in
+    ``corrupt_xy_l0``."""
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
-    probs = predict_tiles(grid, model, progress=progress, **kw)
+    probs = predict_tiles(grid, model, progress=progress, on_corrupt_tile=on_corrupt_tile, **kw)
     predict_seconds = time.perf_counter() - t0
+    grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
     pred = assemble_prediction(
         grid,
         probs,
@@ -201,7 +217,22 @@ def predict_grid(
         device=str(resolve_device(device)),
         amp=amp,
     )
-    return dataclasses.replace(pred, seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy)
+
+
+def drop_corrupt_tiles(
+    grid: TileGrid, probs: np.ndarray
+) -> tuple[TileGrid, np.ndarray, np.ndarray]:
+    """The grid and probabilities without the tiles skipped as corrupt (rows of NaN), and
+    those tiles' level-0 corners int[K, 2]; a slide with no readable tile is an error."""
+    bad = np.isnan(probs).any(axis=1)
+    if not bad.any():
+        return grid, probs, np.zeros((0, 2), np.int64)
+    if bad.all():
+        raise SlideError(f"{grid.slide_path}: every one of its {len(grid)} tiles is corrupt")
+    kept = dataclasses.replace(grid, xy_l0=grid.xy_l0[~bad], tissue=grid.tissue[~bad])
+    return kept, probs[~bad], np.asarray(grid.xy_l0[bad], np.int64)
 
 
 def predict_slide(
@@ -218,12 +249,13 @@ def predict_slide(
     mask_mpp: float = DEFAULT_MASK_MPP,
     reader: str = "threads",
     progress: bool = True,
+    on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
     """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
 
     ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`. Raises ``SlideError`` when the slide
-    cannot be read or has no tile with ``min_tissue`` tissue.
+    :func:`predict_tiles`; ``on_corrupt_tile``: see :func:`predict_grid`. Raises
+    ``SlideError`` when the slide cannot be read or has no tile with ``min_tissue`` tissue.
     """
     started = time.perf_counter()
     card = model.card
@@ -254,4 +286,5 @@ def predict_slide(
         reader=reader,
         progress=progress,
         started=started,
+        on_corrupt_tile=on_corrupt_tile,
     )

@@ -54,7 +54,7 @@ _QUPATH_ID_TYPES = {  # QuPath 0.2 wrote the object type as the feature id
     "PathDetectionObject": "detection",
     "PathCellObject": "cell",
     "PathTileObject": "tile",
-    "PathTMACoreObject": "tma_core",
+    "TMACoreObject": "tma_core",  # QuPath's class is TMACoreObject (no "Path" prefix)
 }
 _ASAP_AREA_TYPES = ("polygon", "rectangle", "spline")
 

@@ -3,12 +3,19 @@
 * Every scored tile is a ``"objectType": "tile"`` feature (a level-0 square) whose
   ``properties.measurements`` is a dict ``{target: probability}``, so QuPath's
   *Measure → Show measurement maps* draws the heatmap.
-* For each target, the regions of the stitched map at or above the target's threshold
-  are ``"objectType": "annotation"`` features classified as the target (QuPath class
-  name = target name, colour from the model card), one per connected region, holes
-  kept, outlines simplified, with their area in µm² and the mean probability of every
-  target inside. Where two targets are both above threshold, the co-located niche is
-  its own class, ``"Niche (stemness ∩ immunosuppressive)"``.
+* For each target, its regions (:mod:`cscvision.outputs.regions`: the scored map pixels at
+  or above the target's threshold, the summary's definition) are ``"objectType":
+  "annotation"`` features classified as the target (QuPath class name = target name,
+  colour from the model card), one per 4-connected region, holes kept, outlines
+  simplified. Measurements: ``cscvision tissue area mm2`` (the tissue-weighted area of the
+  region's pixels: the regions of a target sum to the summary's ``area_mm2``; QuPath's own
+  ``Area µm^2`` is left to QuPath, which would drop a duplicate) and the mean probability
+  of every target inside. Where both targets are above threshold, the co-located niche is
+  its own class, ``"Niche (stemness + immunosuppressive)"`` (plain ASCII, as QuPath
+  class names must be).
+* Every feature has a stable ``id``: a UUID derived from the slide id and the object
+  (tile position; region class and first pixel), so importing a re-run's file again
+  replaces objects instead of duplicating them.
 
 Coordinates: QuPath shows a slide cropped to OpenSlide's ``bounds-x/bounds-y`` (slides
 with an empty margin, e.g. MIRAX, some Leica/Hamamatsu files), so ``bounds`` (x, y) is
@@ -18,6 +25,7 @@ subtracted from every level-0 coordinate written here. For most slides it is (0,
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,14 +38,16 @@ from shapely.geometry import box, mapping
 from cscvision.core import palette
 from cscvision.core.geometry import MapTransform
 from cscvision.core.io import atomic_path
+from cscvision.outputs.regions import niche_name, region_masks, tissue_weights
 
-TISSUE_CELL_MIN = 0.5  # a map pixel counts as tissue when at least half of it is
 SIMPLIFY_PX = 0.6  # outline simplification tolerance, in map pixels
-NICHE_PREFIX = "Niche"
+AREA_MEASUREMENT = "cscvision tissue area mm2"
+_ID_NAMESPACE = uuid.UUID("5d8c3f0e-7a52-4c1e-9a51-6c7363766973")  # fixed: ids stay stable
 
 
-def niche_name(targets: Sequence[str]) -> str:
-    return f"{NICHE_PREFIX} ({' ∩ '.join(targets)})"
+def object_id(slide_id: str, *parts: object) -> str:
+    """A UUID that depends only on the slide id and the object's description."""
+    return str(uuid.uuid5(_ID_NAMESPACE, "/".join(map(str, (slide_id, *parts)))))
 
 
 def target_colors(targets: Sequence[str], colors: dict) -> dict[str, tuple[int, int, int]]:
@@ -46,23 +56,6 @@ def target_colors(targets: Sequence[str], colors: dict) -> dict[str, tuple[int, 
     if len(targets) >= 2:
         a, b = out[targets[0]], out[targets[1]]
         out[niche_name(targets[:2])] = tuple((x + y) // 2 for x, y in zip(a, b, strict=True))
-    return out
-
-
-def region_masks(
-    maps: np.ndarray,
-    tissue_map: np.ndarray,
-    targets: Sequence[str],
-    thresholds: Sequence[float],
-) -> dict[str, np.ndarray]:
-    """Per target: map pixels scored at/above threshold on tissue; plus the niche (first two)."""
-    tissue = tissue_map >= TISSUE_CELL_MIN
-    out = {}
-    for t, (name, thr) in enumerate(zip(targets, thresholds, strict=True)):
-        with np.errstate(invalid="ignore"):
-            out[name] = tissue & np.isfinite(maps[t]) & (maps[t] >= thr)
-    if len(targets) >= 2:
-        out[niche_name(targets[:2])] = out[targets[0]] & out[targets[1]]
     return out
 
 
@@ -109,11 +102,13 @@ def region_features(
     targets: Sequence[str],
     thresholds: Sequence[float],
     colors: dict,
-    slide_mpp: float,
+    cell_mm2: float,
     offset: tuple[int, int],
+    slide_id: str = "",
 ) -> list[dict]:
     """Classified annotation features for every target's (and the niche's) regions."""
     palette = target_colors(targets, colors)
+    tissue = tissue_weights(maps, tissue_map)
     features = []
     for name, mask in region_masks(maps, tissue_map, targets, thresholds).items():
         polygons, labels = mask_polygons(mask)
@@ -121,12 +116,15 @@ def region_features(
             continue
         index = np.arange(1, len(polygons) + 1)
         means = [ndimage.mean(np.nan_to_num(m), labels, index) for m in maps]
+        areas = ndimage.sum(tissue, labels, index) * cell_mm2
+        firsts = ndimage.minimum_position(-mask.astype(np.int8), labels, index)
         for k, poly in enumerate(polygons):
             geom = _to_qupath(poly, transform, offset)
-            measurements = {"Area µm^2": round(float(geom.area) * slide_mpp**2, 1)}
+            measurements = {AREA_MEASUREMENT: round(float(areas[k]), 6)}
             for target, mean in zip(targets, means, strict=True):
                 measurements[f"Mean {target} probability"] = round(float(mean[k]), 4)
-            features.append(_feature(geom, "annotation", name, palette[name], measurements))
+            feature = _feature(geom, "annotation", name, palette[name], measurements)
+            features.append({"id": object_id(slide_id, "region", name, *firsts[k]), **feature})
     return features
 
 
@@ -146,6 +144,7 @@ def tile_features(
     tile_l0: float,
     targets: Sequence[str],
     offset: tuple[int, int],
+    slide_id: str = "",
 ) -> Iterator[dict]:
     """One square ``tile`` feature per scored tile, probabilities as measurements
     (a generator: a slide's tiles are never all held as features)."""
@@ -156,6 +155,7 @@ def tile_features(
         measurements = {t: round(float(v), 4) for t, v in zip(targets, p, strict=True)}
         yield {
             "type": "Feature",
+            "id": object_id(slide_id, "tile", x0, y0),
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {"objectType": "tile", "measurements": measurements},
         }

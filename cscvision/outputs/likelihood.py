@@ -7,16 +7,24 @@ file holding several page pyramids, or SubIFD pyramids, is not read the same way
 three (OpenSlide takes every tiled main-chain page as a level and ignores SubIFDs), so
 each target gets its own file.
 
-Level 0 is the slide's level-0 size divided by ``factor`` (default 16), rounded up, so
-ASAP overlays it on the slide at a whole-number scale. Pixels are uint8, probability ×
-255; 0 also where no tile was scored. Resolution tags give µm/px (slide µm/px × factor)
-in pixels per centimetre. Tiles are drawn one at a time from the stitched map: the
-file never sits in memory.
+Level 0 is ``floor(W / factor) × floor(H / factor)`` (default factor 16): ASAP takes the
+overlay scale as the integer quotient of the base sizes and shows the overlay only when
+``W // w == H // h``, which rounding up breaks whenever one side divides exactly and the
+other does not; with floor both quotients are ``factor`` (for sides ≥ factor²). Pixel
+``(i, j)`` covers level-0 ``[i * factor, (i + 1) * factor)``; a last partial strip of the
+slide is not drawn. Pixels are uint8, probability × 255; 0 also where no tile was scored.
+Compression is LZW: ASAP's TIFF reader takes only none, LZW, JPEG, JPEG 2000 (33003/33005)
+and 32946 (not Adobe deflate, 8). Resolution tags give µm/px (slide µm/px × factor) in
+pixels per centimetre. Tiles are drawn one at a time from the stitched map: the file
+never sits in memory.
+
+:func:`asap_name` is the file name ASAP opens by itself beside a slide
+(``<slide file stem>_likelihood_map.tif``). In ASAP choose the colour table
+``Traffic Light (0 - 255)`` (its uint8 default, ``Label``, is for class-label maps).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +42,11 @@ def likelihood_map_name(slide_id: str, target: str) -> str:
     return f"{slide_id}_likelihood_map_{target}.tif"
 
 
+def asap_name(slide_path: str | Path) -> str:
+    """The likelihood map ASAP loads with the slide: ``<slide stem>_likelihood_map.tif``."""
+    return f"{Path(slide_path).stem}_likelihood_map.tif"
+
+
 def level_sizes(
     dimensions: tuple[int, int], factor: int, tile_px: int = TIFF_TILE_PX
 ) -> list[tuple[int, int, int]]:
@@ -41,7 +54,7 @@ def level_sizes(
     levels = []
     step = factor
     while True:
-        w, h = math.ceil(dimensions[0] / step), math.ceil(dimensions[1] / step)
+        w, h = max(1, dimensions[0] // step), max(1, dimensions[1] // step)
         levels.append((step, w, h))
         if max(w, h) <= tile_px:
             return levels
@@ -86,7 +99,7 @@ def write_likelihood_map(
                 dtype=np.uint8,
                 tile=(tile_px, tile_px),
                 photometric="minisblack",
-                compression="zlib",
+                compression="lzw",
                 resolution=(px_per_cm, px_per_cm),
                 resolutionunit="CENTIMETER",
                 subfiletype=1 if level else 0,

@@ -1,7 +1,8 @@
 """``overlay_<target>.png``: the slide thumbnail with one target's heatmap, drawn with PIL.
 
 The heatmap (viridis, 0-1) is alpha-blended over tissue only, where tiles were scored;
-the region above the target's threshold is outlined in the target's colour. A title, a
+the target's region (the map pixels at or above its threshold: the definition the summary
+and the GeoJSON use) is outlined in the target's colour. A title, a
 colour bar with 0-1 ticks (threshold marked) and a legend frame the image.
 """
 
@@ -74,10 +75,11 @@ def heat_image(
     transform,
     dimensions: tuple[int, int],
     *,
-    threshold: float,
+    region: np.ndarray,
     contour_rgb: tuple[int, int, int],
 ) -> np.ndarray:
-    """The thumbnail at display size with the heatmap over tissue and the threshold outline."""
+    """The thumbnail at display size with the heatmap over tissue and the outline of the
+    target's ``region`` (bool map pixels: :func:`cscvision.outputs.regions.region_masks`)."""
     dw, dh = _display_size(dimensions, thumb.shape)
     step_x, step_y = dimensions[0] / dw, dimensions[1] / dh
     base = np.asarray(Image.fromarray(thumb).resize((dw, dh), Image.Resampling.BILINEAR))
@@ -91,13 +93,23 @@ def heat_image(
     out = base.astype(np.float32)
     heat = colormap(value).astype(np.float32)
     out[shown] = out[shown] * (1 - HEAT_ALPHA) + heat[shown] * HEAT_ALPHA
-    above = shown & (value >= threshold)
+    above = _region_at(region, transform, x_l0, y_l0)
     edge = above & ~ndimage.binary_erosion(above, border_value=0)
     core = ndimage.binary_dilation(edge, iterations=max(1, round(max(dw, dh) / 600)))
     halo = ndimage.binary_dilation(core) & ~core  # a white rim keeps the line visible
     out[halo] = (255, 255, 255)
     out[core] = contour_rgb
     return np.round(out).astype(np.uint8)
+
+
+def _region_at(region: np.ndarray, transform, x_l0: np.ndarray, y_l0: np.ndarray) -> np.ndarray:
+    """``region`` looked up (nearest map pixel) at the display lattice's level-0 points."""
+    col, row = transform.to_map(x_l0, y_l0)
+    col, row = np.floor(col).astype(np.int64), np.floor(row).astype(np.int64)
+    rows, cols = region.shape
+    ok_c, ok_r = (col >= 0) & (col < cols), (row >= 0) & (row < rows)
+    looked = region[np.clip(row, 0, rows - 1)[:, None], np.clip(col, 0, cols - 1)[None, :]]
+    return looked & ok_r[:, None] & ok_c[None, :]
 
 
 def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, height: int, threshold: float, rgb):

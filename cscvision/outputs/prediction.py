@@ -28,6 +28,7 @@ class SlidePrediction:
     predict_seconds: float  # wall time of reading and scoring tiles
     device: str
     amp: bool
+    corrupt_xy_l0: np.ndarray | None = None  # int[K, 2] tiles dropped as undecodable (skip)
 
     @property
     def slide_id(self) -> str:

@@ -7,6 +7,8 @@
                                    (x0, y0, px_l0), ``targets``, ``slide_mpp``; no pickles
 ``overlay_<target>.png``           thumbnail + heatmap, threshold outline, colour bar, legend
 ``<id>_likelihood_map_<t>.tif``    pyramidal uint8 map at 1/16 of level 0 (ASAP, QuPath)
+``<slide>_likelihood_map.tif``     with ``--asap-target T``: T's map under the name ASAP
+                                   opens beside the slide (``<slide>`` = slide file stem)
 ``<id>.geojson``                   QuPath tiles with measurements + classified region outlines
 ``summary.json``                   areas, fractions, niche, co-localisation, model, resolution
 =================================  ==========================================================
@@ -36,10 +38,11 @@ from cscvision.outputs.geojson import (
     tile_features,
     write_geojson,
 )
-from cscvision.outputs.likelihood import likelihood_map_name, write_likelihood_map
+from cscvision.outputs.likelihood import asap_name, likelihood_map_name, write_likelihood_map
 from cscvision.outputs.overlay import heat_image, render_overlay
 from cscvision.outputs.prediction import SlidePrediction
-from cscvision.outputs.summary import summarize
+from cscvision.outputs.regions import region_masks
+from cscvision.outputs.summary import DEFAULT_PERMUTATIONS, DEFAULT_WITHIN_UM, summarize
 from cscvision.slides.slide import MPP_FROM_OVERRIDE
 from cscvision.training.card import WEIGHTS_FILE, ModelCard
 
@@ -149,16 +152,18 @@ def write_maps(path: str | Path, pred: SlidePrediction) -> Path:
 
 def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) -> list[Path]:
     colors = target_colors(pred.targets, card.colors)
+    thresholds = [card.threshold(t) for t in pred.targets]
+    regions = region_masks(pred.maps, pred.tissue_map, pred.targets, thresholds)
     paths = []
     for i, target in enumerate(pred.targets):
-        threshold = card.threshold(target)
+        threshold = thresholds[i]
         heat = heat_image(
             thumb,
             pred.mask,
             pred.maps[i],
             pred.map_transform,
             pred.grid.dimensions,
-            threshold=threshold,
+            region=regions[target],
             contour_rgb=colors[target],
         )
         image = render_overlay(
@@ -178,7 +183,14 @@ def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) 
 
 
 def run_settings(
-    *, overlap: float, min_tissue: float, mask_mpp: float, slide_mpp: float | None
+    *,
+    overlap: float,
+    min_tissue: float,
+    mask_mpp: float,
+    slide_mpp: float | None,
+    within_um: float = DEFAULT_WITHIN_UM,
+    permutations: int = DEFAULT_PERMUTATIONS,
+    asap_target: str | None = None,
 ) -> dict[str, Any]:
     """What must match for earlier outputs of a slide to count as complete
     (``slide_mpp``: the level-0 µm/px override given for the slide, if any)."""
@@ -187,6 +199,9 @@ def run_settings(
         "min_tissue": min_tissue,
         "mask_mpp": mask_mpp,
         "slide_mpp_override": slide_mpp,
+        "within_um": within_um,
+        "permutations": permutations,
+        "asap_target": asap_target,
     }
 
 
@@ -215,12 +230,15 @@ def write_slide_outputs(
     model_info = model_info or {"name": card.name, "version": card.cscvision_version}
     settings = settings or _settings_of(pred)
     written = [write_tile_table(folder / TILES, pred), write_maps(folder / MAPS, pred)]
-    for i, target in enumerate(pred.targets):
-        path = folder / likelihood_map_name(pred.slide_id, target)
+    asap_target = settings.get("asap_target")
+    names = [(t, likelihood_map_name(pred.slide_id, t)) for t in pred.targets]
+    if asap_target is not None:
+        names.append((asap_target, asap_name(pred.grid.slide_path)))
+    for target, name in names:
         written.append(
             write_likelihood_map(
-                path,
-                pred.maps[i],
+                folder / name,
+                pred.maps[pred.targets.index(target)],
                 pred.map_transform,
                 dimensions=pred.grid.dimensions,
                 slide_mpp=pred.grid.slide_mpp,
@@ -237,7 +255,9 @@ def write_slide_outputs(
 def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
     grid = pred.grid
     offset = (int(grid.bounds[0]), int(grid.bounds[1]))
-    tiles = tile_features(grid.xy_l0, pred.probs, grid.plan.tile_l0, pred.targets, offset)
+    tiles = tile_features(
+        grid.xy_l0, pred.probs, grid.plan.tile_l0, pred.targets, offset, slide_id=pred.slide_id
+    )
     regions = region_features(
         pred.maps,
         pred.tissue_map,
@@ -245,7 +265,8 @@ def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
         targets=pred.targets,
         thresholds=[card.threshold(t) for t in pred.targets],
         colors=card.colors,
-        slide_mpp=grid.slide_mpp,
+        cell_mm2=pred.map_cell_mm2,
         offset=offset,
+        slide_id=pred.slide_id,
     )
     return itertools.chain(tiles, regions)

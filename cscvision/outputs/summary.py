@@ -1,20 +1,10 @@
 """``summary.json`` and the run's ``results.csv``: statistics of the stitched maps.
 
-Areas are tissue-weighted: a map pixel counts with the fraction of it that is tissue
-(from the tissue mask), over the pixels that tiles scored. A target's region is where its
-blended probability is at or above the model card's threshold; the niche is where the
-first two targets (stemness, immunosuppressive) both are.
-
-Co-localisation of the two targets is reported two ways:
-
-* ``morisita_horn``: the Morisita–Horn index of the two tissue-weighted probability
-  maps, 0 (disjoint) to 1 (the same spatial distribution). It uses the probabilities
-  themselves, so it needs no threshold, and it does not depend on how much of each
-  target there is, only on where (the index ecologists use for species overlap).
-* ``<a>_within_100um_of_<b>``: the share of ``a``'s thresholded area lying within
-  100 µm (centre to centre of map pixels) of ``b``'s: the "niche" question asked with a
-  distance a pathologist can picture (a few cell diameters). Its resolution is the map
-  pixel (``resolution.map_um_per_px``), so at 0 overlap a tile.
+Areas are tissue-weighted over the scored map pixels, and a target's region is the one
+definition of :mod:`cscvision.outputs.regions` (the GeoJSON outlines and the overlay
+outline use the same pixels). Co-localisation of the first two targets (stemness,
+immunosuppressive) is :mod:`cscvision.outputs.statistics`, each figure with its
+permutation null; the README's "Statistics" section says what each one means.
 """
 
 from __future__ import annotations
@@ -24,43 +14,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from cscvision import __version__
-from cscvision.outputs.geojson import niche_name
 from cscvision.outputs.likelihood import DEFAULT_FACTOR
+from cscvision.outputs.nulls import null_seed
 from cscvision.outputs.prediction import SlidePrediction
+from cscvision.outputs.regions import niche_name, region_masks, tissue_weights
+from cscvision.outputs.statistics import colocalisation, within_fraction
+from cscvision.slides.tiling import corrupt_tiles_record
 from cscvision.training.card import ModelCard
 
-PROXIMITY_UM = 100.0  # "near" for the co-localisation proximity fraction
+DEFAULT_WITHIN_UM = 100.0  # "near" for the co-localisation figures (a few cell diameters)
+DEFAULT_PERMUTATIONS = 199
+NULL_STATISTICS = ("colocation_quotient", "lee_l", "hotspot_jaccard", "morisita_horn")
+NULL_MODEL = (
+    "rigid moves (toroidal shift and a symmetry of the bounding rectangle of the scored "
+    "pixels) of the second target's map, regions and hot spots, keeping pixels that land "
+    "on scored tissue; one-sided p for attraction"
+)
 
 
 # --- statistics (pure) -------------------------------------------------------------------
 
 
-def morisita_horn(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Morisita–Horn overlap of two non-negative abundance maps: 1 = same spatial
-    distribution, 0 = disjoint; ``None`` when either map is all zero."""
-    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-    sx, sy = x.sum(), y.sum()
-    if sx <= 0 or sy <= 0:
-        return None
-    p, q = x / sx, y / sy
-    return float(2 * (p * q).sum() / ((p * p).sum() + (q * q).sum()))
-
-
-def near_fraction(
-    a: np.ndarray, b: np.ndarray, weight: np.ndarray, cell_um: float, within_um: float
-) -> float | None:
-    """Share of ``a``'s (weighted) area whose map pixel centre lies within ``within_um`` of
-    a pixel of ``b``; ``None`` when ``a`` or ``b`` is empty."""
-    if not a.any() or not b.any():
-        return None
-    distance_um = ndimage.distance_transform_edt(~b, sampling=cell_um)
-    total = float((weight * a).sum())
-    if total <= 0:
-        return None
-    return float((weight * (a & (distance_um <= within_um))).sum() / total)
+def within_key(a: str, b: str, within_um: float) -> str:
+    return f"{a}_within_{within_um:g}um_of_{b}"
 
 
 def region_statistics(
@@ -71,38 +49,41 @@ def region_statistics(
     thresholds: Sequence[float],
     cell_mm2: float,
     cell_um: float,
+    within_um: float = DEFAULT_WITHIN_UM,
+    permutations: int = DEFAULT_PERMUTATIONS,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Tissue-weighted areas per target and the niche, over the scored map pixels."""
-    valid = np.isfinite(maps[0])
-    tissue = np.where(valid, tissue_map, 0.0).astype(np.float64)
+    """Tissue-weighted areas per target and the niche, over the scored map pixels, and the
+    co-localisation figures of the first two targets."""
+    tissue = tissue_weights(maps, tissue_map)
     analysed_mm2 = float(tissue.sum() * cell_mm2)
-    filled = np.nan_to_num(maps, nan=0.0)
-    above = {
-        t: valid & (filled[i] >= thr)
-        for i, (t, thr) in enumerate(zip(targets, thresholds, strict=True))
-    }
+    regions = region_masks(maps, tissue_map, targets, thresholds)
 
     def area(mask: np.ndarray) -> dict[str, float | None]:
         mm2 = float((tissue * mask).sum() * cell_mm2)
         return {"area_mm2": mm2, "fraction_of_tissue": mm2 / analysed_mm2 if analysed_mm2 else None}
 
     per_target = {}
+    filled = np.nan_to_num(maps, nan=0.0)
     for i, (t, thr) in enumerate(zip(targets, thresholds, strict=True)):
         mean = float((tissue * filled[i]).sum() / tissue.sum()) if tissue.sum() else None
-        per_target[t] = {"threshold": thr, **area(above[t]), "mean_probability": mean}
+        per_target[t] = {"threshold": thr, **area(regions[t]), "mean_probability": mean}
     stats: dict[str, Any] = {"analysed_tissue_mm2": analysed_mm2, "targets": per_target}
     if len(targets) >= 2:
         a, b = targets[0], targets[1]
+        ra, rb = regions[a], regions[b]
+        figures = colocalisation(
+            maps[:2], tissue, ra, rb, cell_um=cell_um, within_um=within_um,
+            permutations=permutations, seed=seed,
+        )  # fmt: skip
         stats["niche"] = {
             "name": niche_name(targets[:2]),
-            **area(above[a] & above[b]),
-            "morisita_horn": morisita_horn(tissue * filled[0], tissue * filled[1]),
-            f"{a}_within_{PROXIMITY_UM:g}um_of_{b}": near_fraction(
-                above[a], above[b], tissue, cell_um, PROXIMITY_UM
-            ),
-            f"{b}_within_{PROXIMITY_UM:g}um_of_{a}": near_fraction(
-                above[b], above[a], tissue, cell_um, PROXIMITY_UM
-            ),
+            **area(ra & rb),
+            "within_um": within_um,
+            within_key(a, b, within_um): within_fraction(ra, rb, tissue, cell_um, within_um),
+            within_key(b, a, within_um): within_fraction(rb, ra, tissue, cell_um, within_um),
+            **figures,
+            "null": {"model": NULL_MODEL, "permutations": permutations, "seed": seed},
         }
     return stats
 
@@ -119,6 +100,9 @@ def summarize(
         thresholds=[card.threshold(t) for t in pred.targets],
         cell_mm2=pred.map_cell_mm2,
         cell_um=cell_um,
+        within_um=float(settings.get("within_um", DEFAULT_WITHIN_UM)),
+        permutations=int(settings.get("permutations", DEFAULT_PERMUTATIONS)),
+        seed=null_seed(grid.slide_id),
     )
     return {
         "slide_id": grid.slide_id,
@@ -146,6 +130,7 @@ def summarize(
         "n_tiles": len(grid),
         "tissue_mm2": pred.tissue_mm2,
         **stats,
+        **corrupt_tile_fields(pred),
         "outputs": outputs,
         "device": pred.device,
         "amp": pred.amp,
@@ -158,14 +143,16 @@ def summarize(
 # --- run-level table ---------------------------------------------------------------------
 
 
-def result_columns(targets: Sequence[str]) -> list[str]:
+def result_columns(targets: Sequence[str], within_um: float = DEFAULT_WITHIN_UM) -> list[str]:
     cols = ["slide_id", "slide_path", "status", "n_tiles", "tissue_mm2", "analysed_tissue_mm2"]
     for t in targets:
         cols += [f"{t}_area_mm2", f"{t}_fraction"]
     if len(targets) >= 2:
         a, b = targets[0], targets[1]
-        cols += ["niche_area_mm2", "niche_fraction", "morisita_horn"]
-        cols += [f"{a}_within_{PROXIMITY_UM:g}um_of_{b}"]
+        cols += ["niche_area_mm2", "niche_fraction"]
+        cols += [within_key(a, b, within_um), within_key(b, a, within_um)]
+        for name in NULL_STATISTICS:
+            cols += [name, f"{name}_z", f"{name}_p"]
     return [*cols, "seconds", "error"]
 
 
@@ -180,11 +167,16 @@ def result_row(summary: dict, targets: Sequence[str]) -> dict[str, Any]:
         row[f"{t}_fraction"] = stats.get("fraction_of_tissue")
     niche = summary.get("niche") or {}
     if len(targets) >= 2:
-        key = f"{targets[0]}_within_{PROXIMITY_UM:g}um_of_{targets[1]}"
         row.update(
             niche_area_mm2=niche.get("area_mm2"), niche_fraction=niche.get("fraction_of_tissue")
         )
-        row.update({"morisita_horn": niche.get("morisita_horn"), key: niche.get(key)})
+        within_um = niche.get("within_um", DEFAULT_WITHIN_UM)
+        for a, b in ((targets[0], targets[1]), (targets[1], targets[0])):
+            row[within_key(a, b, within_um)] = niche.get(within_key(a, b, within_um))
+        for name in NULL_STATISTICS:
+            figure = niche.get(name) or {}
+            row.update({name: figure.get("observed"), f"{name}_z": figure.get("z")})
+            row[f"{name}_p"] = figure.get("p")
     row["seconds"] = summary.get("seconds")
     return {k: _fmt(v) for k, v in row.items()}
 
@@ -195,3 +187,13 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+# --- tiles dropped as corrupt (--on-corrupt-tile skip) -----------------------------------
+
+
+def corrupt_tile_fields(pred: SlidePrediction) -> dict[str, Any]:
+    """``corrupt_tiles``: how many tiles were dropped as undecodable and their level-0
+    ``[x, y]`` corners (empty when none were, or with ``--on-corrupt-tile fail``)."""
+    xy = pred.corrupt_xy_l0 if pred.corrupt_xy_l0 is not None else np.zeros((0, 2), np.int64)
+    return corrupt_tiles_record(xy)

@@ -46,10 +46,34 @@ class BatchReport:
         return not self.failed
 
 
+DICOM_SUFFIX = ".dcm"
+
+
 def _is_slide_file(path: Path) -> bool:
+    """A slide file of a folder listing; ``.dcm`` files are parts of a DICOM WSI's folder."""
+    suffix = path.suffix.lower()
     return (
-        path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES and not path.name.startswith(".")
+        path.is_file()
+        and suffix in SLIDE_SUFFIXES
+        and suffix != DICOM_SUFFIX
+        and not path.name.startswith(".")
     )
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder holding ``.dcm`` files and no other slide files: one DICOM WSI."""
+    if not path.is_dir() or path.name.startswith("."):
+        return False
+    names = [p for p in path.iterdir() if not p.name.startswith(".")]
+    has_dcm = any(p.suffix.lower() == DICOM_SUFFIX and p.is_file() for p in names)
+    return has_dcm and not any(_is_slide_file(p) for p in names)
+
+
+def _list_folder(folder: Path) -> list[Path]:
+    """Slide files of ``folder`` and its subfolders that are DICOM WSIs, sorted."""
+    if is_dicom_folder(folder):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if _is_slide_file(p) or is_dicom_folder(p))
 
 
 def _from_manifest(csv_path: Path) -> list[Path]:
@@ -63,12 +87,14 @@ def _from_manifest(csv_path: Path) -> list[Path]:
 def collect_slides(inputs: Sequence[str | Path]) -> list[Path]:
     """Slides from files, folders (their slide files, not recursive) and manifest CSVs.
 
-    A path that does not exist is kept, so that it is reported as a failed slide.
+    A folder of ``.dcm`` files is one DICOM WSI; in a folder of slides, each subfolder that
+    is a DICOM WSI is one slide, and loose ``.dcm`` files are not listed one by one. A path
+    that does not exist is kept, so that it is reported as a failed slide.
     """
     slides: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            slides.extend(sorted(p for p in item.iterdir() if _is_slide_file(p)))
+            slides.extend(_list_folder(item))
         elif item.suffix.lower() == ".csv" and item.is_file():
             slides.extend(_from_manifest(item))
         else:
@@ -157,7 +183,9 @@ def run_batch(
             raise
         except Exception as e:  # one bad slide must not stop the batch
             reason = f"{type(e).__name__}: {e}"
-            if not _is_expected(e):
+            if isinstance(e, MemoryError):  # the last resort: reads over budget are refused
+                reason = out_of_memory_reason(job.slide_path)
+            elif not _is_expected(e):
                 reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
             report.failed.append((job.slide_id, str(job.slide_path), reason))
             if on_error is not None:
@@ -166,6 +194,14 @@ def run_batch(
             report.done.append(job.slide_id)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def out_of_memory_reason(slide_path: str | Path) -> str:
+    """The ``errors.csv`` reason for a slide that ran out of memory (no traceback)."""
+    return (
+        f"MemoryError: {slide_path}: ran out of memory on this slide; check its size and "
+        "µm/px, or lower --batch-size / --workers"
+    )
 
 
 def _is_expected(error: Exception) -> bool:

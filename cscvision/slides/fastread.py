@@ -21,7 +21,7 @@ import imagecodecs
 import numpy as np
 import simplejpeg
 
-from cscvision.slides.info import SlideInfo
+from cscvision.slides.info import CorruptTileError, SlideInfo
 
 # OpenSlide drivers whose levels are plain TIFF pages read tile by tile.
 FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -37,6 +37,11 @@ _SOI = b"\xff\xd8"
 # APP14 "Adobe" segment with transform 0: tells libjpeg the three components are R, G, B,
 # which is how OpenSlide decodes RGB-photometric JPEG tiles.
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+class StoredTileError(Exception):
+    """A stored tile's bytes cannot be read or decoded (the message names the tile)."""
+
 
 # Serialises reopening after a fork; replaced in the child, where it may be held.
 _reopen_lock = threading.Lock()
@@ -254,7 +259,18 @@ class StoredTileReader:
     def read_region(
         self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray | None:
-        """RGB uint8 ``[h, w, 3]`` equal to OpenSlide's region on white, or None."""
+        """RGB uint8 ``[h, w, 3]`` equal to OpenSlide's region on white, or None.
+
+        Raises :class:`~cscvision.slides.info.CorruptTileError` (slide, level, ``xy_l0``)
+        where a stored tile it needs cannot be decoded."""
+        try:
+            return self._read_region(xy_l0, level, size)
+        except StoredTileError as e:
+            raise CorruptTileError(self.path, level, xy_l0, str(e)) from None
+
+    def _read_region(
+        self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray | None:
         if self._pid == -2 or not 0 <= level < len(self.levels):
             return None
         lvl = self.levels[level]
@@ -316,8 +332,18 @@ class StoredTileReader:
         count = int(lvl.bytecounts[index])
         if count == 0:  # a missing tile is transparent in OpenSlide: white here
             return np.full((lvl.tile_h, lvl.tile_w, 3), 255, np.uint8)
-        stream = os.pread(self._fd, count, int(lvl.offsets[index]))
-        return decode_stream(stream, lvl.header)
+        row, col = divmod(index, lvl.tiles_across)
+        try:
+            stream = os.pread(self._fd, count, int(lvl.offsets[index]))
+            rgb = decode_stream(stream, lvl.header)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise StoredTileError(f"stored tile column {col}, row {row}: {e}") from None
+        if rgb.shape != (lvl.tile_h, lvl.tile_w, 3):
+            raise StoredTileError(
+                f"stored tile column {col}, row {row} decodes to {rgb.shape[1]} x "
+                f"{rgb.shape[0]} px, not {lvl.tile_w} x {lvl.tile_h}"
+            )
+        return rgb
 
 
 def _touched_tiles(lvl: StoredLevel, x: int, y: int, w: int, h: int) -> set[int]:

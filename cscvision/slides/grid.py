@@ -183,15 +183,16 @@ def grid_metadata(grid: TileGrid) -> dict:
     }
 
 
-def save_grid(grid: TileGrid, folder: str | Path) -> tuple[Path, Path]:
-    """Write ``tiles.csv`` (x, y, tissue) and its ``tiles.json`` sidecar into ``folder``."""
+def save_grid(grid: TileGrid, folder: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``tiles.csv`` (x, y, tissue) and its ``tiles.json`` sidecar (with the ``extra``
+    entries) into ``folder``."""
     folder = Path(folder)
     # An older sidecar must not vouch for a table this call fails to finish.
     (folder / GRID_SIDECAR).unlink(missing_ok=True)
     rows = ((int(x), int(y), f"{t:.4f}") for (x, y), t in zip(grid.xy_l0, grid.tissue, strict=True))
     table = write_csv(folder / GRID_TABLE, ["x", "y", "tissue"], rows)
     # The sidecar goes last: its presence marks the grid complete.
-    sidecar = write_json(folder / GRID_SIDECAR, grid_metadata(grid))
+    sidecar = write_json(folder / GRID_SIDECAR, {**grid_metadata(grid), **(extra or {})})
     return table, sidecar
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,19 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from cscvision.slides.formats import check_plausible_size, open_dicom_folder
 from cscvision.slides.info import (
+    MEMORY_BUDGET_BYTES,
     MPP_FROM_OPENSLIDE,
     MPP_FROM_OVERRIDE,
     MPP_FROM_TIFF,
     MPP_TOLERANCE,
+    CorruptTileError,
     SlideError,
     SlideInfo,
+    check_buffer,
+    describe_mpp_range,
+    mpp_is_plausible,
 )
 
 _TIFF_UNIT_UM = {2: 25_400.0, 3: 10_000.0}  # ResolutionUnit: 2 = inch, 3 = centimetre
@@ -97,8 +104,11 @@ def load_mpp_overrides(csv_path: str | Path) -> dict[str, float]:
             value = float(row["mpp"])
         except (TypeError, ValueError):  # TypeError: a short row has no mpp
             raise SlideError(f"{csv_path}:{line}: mpp {row['mpp']!r} is not a number") from None
-        if not value > 0:
-            raise SlideError(f"{csv_path}:{line}: mpp must be positive, got {value}")
+        if not mpp_is_plausible(value):
+            raise SlideError(
+                f"{csv_path}:{line}: mpp {value:g} lies outside the plausible "
+                f"{describe_mpp_range()}; give the slide's level-0 µm/px"
+            )
         overrides[Path((row["slide"] or "").strip()).name] = value
     return overrides
 
@@ -130,18 +140,37 @@ def _mpp_from_tiff_tags(path: str) -> float | None:
         return None
 
 
-def _mpp_from_metadata(path: str, properties: dict[str, str]) -> tuple[float, str] | None:
+def _mpp_from_openslide(properties: dict[str, str]) -> float | None:
+    """The vendor's µm/px as OpenSlide reports it; NaN when it is not a number."""
     mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
     mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_Y)
-    if mpp_x:
+    if not mpp_x:
+        return None
+    try:
         x = float(mpp_x)
         y = float(mpp_y) if mpp_y else x
-        if x > 0 and y > 0:
-            return (x + y) / 2, MPP_FROM_OPENSLIDE
-    tiff_mpp = _mpp_from_tiff_tags(path)
+    except ValueError:
+        return math.nan
+    return (x + y) / 2
+
+
+# OpenSlide drivers whose µm/px is the TIFF resolution tags, not a scanner's own record.
+_MPP_FROM_TIFF_TAGS_VENDORS = frozenset({"generic-tiff"})
+
+
+def _mpp_from_metadata(path: str, properties: dict[str, str]) -> tuple[float, str] | None:
     # Plain TIFFs often carry 72-1200 dpi (353-21 µm/px) from an image editor: not a
-    # microscope. Even 1.25x scans are finer than 10 µm/px.
-    if tiff_mpp is not None and 0.05 <= tiff_mpp <= 10:
+    # microscope, so TIFF tags outside MPP_RANGE count as no µm/px at all, whether
+    # OpenSlide (generic-tiff) or tifffile read them. A scanner's own value is kept, to be
+    # refused when implausible.
+    vendor_mpp = _mpp_from_openslide(properties)
+    from_tags = properties.get(openslide.PROPERTY_NAME_VENDOR) in _MPP_FROM_TIFF_TAGS_VENDORS
+    if vendor_mpp is not None and (mpp_is_plausible(vendor_mpp) or not from_tags):
+        return vendor_mpp, MPP_FROM_OPENSLIDE
+    if vendor_mpp is not None:
+        return None
+    tiff_mpp = _mpp_from_tiff_tags(path)
+    if tiff_mpp is not None and mpp_is_plausible(tiff_mpp):
         return tiff_mpp, MPP_FROM_TIFF
     return None
 
@@ -151,11 +180,27 @@ def resolve_mpp(path: str, properties: dict[str, str], override: float | None) -
 
     The override fills in what the slide does not say, so one ``--slide-mpp`` over a mixed
     batch cannot replace a scanner's own value; a disagreeing override is warned about.
-    Nothing at all is an error naming the slide and both fixes: never a silent default.
+    Every value must lie in ``MPP_RANGE``: an implausible override is an error, and so is
+    implausible vendor metadata unless an override replaces it. Nothing at all is an error
+    naming the slide and both fixes: never a silent default.
     """
-    if override is not None and not override > 0:
-        raise SlideError(f"{path}: µm/px override must be positive, got {override}")
+    if override is not None and not mpp_is_plausible(override):
+        raise SlideError(
+            f"{path}: µm/px override {override:g} lies outside the plausible "
+            f"{describe_mpp_range()}; give the slide's level-0 µm/px"
+        )
     found = _mpp_from_metadata(path, properties)
+    if found is not None and not mpp_is_plausible(found[0]):
+        said = f"{path}: the slide's metadata says {found[0]:g} µm/px, outside the plausible "
+        if override is None:
+            raise SlideError(
+                f"{said}{describe_mpp_range()} (a wrong or corrupt header); pass --slide-mpp "
+                "VALUE with the true level-0 µm/px, or --mpp-override CSV for a batch"
+            )
+        warnings.warn(
+            f"{said}{describe_mpp_range()}; the override {override} is used", stacklevel=2
+        )
+        return float(override), MPP_FROM_OVERRIDE
     if found is not None:
         if override is not None and abs(override / found[0] - 1) > MPP_TOLERANCE:
             warnings.warn(
@@ -200,8 +245,10 @@ def _rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def _open_backend(path: str) -> openslide.AbstractSlide:
-    """OpenSlide for slides; its PIL-backed ImageSlide for plain images OpenSlide refuses
-    (untiled TIFFs, for example)."""
+    """OpenSlide for slides (a folder: a DICOM WSI); its PIL-backed ImageSlide for plain
+    images OpenSlide refuses (untiled TIFFs, for example)."""
+    if Path(path).is_dir():
+        return open_dicom_folder(path)
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
@@ -210,7 +257,11 @@ def _open_backend(path: str) -> openslide.AbstractSlide:
         raise SlideError(f"{path}: corrupt or unreadable slide ({e})") from None
     try:
         return openslide.ImageSlide(path)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as e:
+        raise SlideError(
+            f"{path}: {e}; an image this large must be a tiled, pyramidal slide (SVS, TIFF)"
+        ) from None
+    except (OSError, ValueError):
         raise SlideError(f"{path}: not a slide or image format OpenSlide can open") from None
 
 
@@ -230,13 +281,24 @@ def resize_tile(rgb: np.ndarray, tile_px: int) -> np.ndarray:
 class Slide:
     """An open whole-slide image. Use as a context manager; see :func:`open_slide`."""
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None, fast: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        mpp: float | None = None,
+        fast: bool = True,
+        memory_budget: int = MEMORY_BUDGET_BYTES,
+    ):
         self.path = str(path)
         if not Path(self.path).exists():
             raise SlideError(f"{self.path}: file not found")
+        self.memory_budget = int(memory_budget)
         self._osr = _open_backend(self.path)
+        self._stale: list[openslide.AbstractSlide] = []  # handles replaced after an error
+        self._reopen_lock = threading.Lock()
         props = dict(self._osr.properties)
         try:
+            check_plausible_size(self.path, tuple(self._osr.dimensions))
             slide_mpp, source = resolve_mpp(self.path, props, mpp)
         except SlideError:
             self._osr.close()
@@ -272,6 +334,9 @@ class Slide:
         if self._fast is not None:
             self._fast.close()
             self._fast = None
+        for handle in self._stale:
+            handle.close()
+        self._stale = []
         self._osr.close()
 
     # reading ---------------------------------------------------------------------------
@@ -280,7 +345,12 @@ class Slide:
         return self._fast is not None
 
     def read_region(self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 ``[h, w, 3]`` of ``size`` pixels at ``level``; transparent areas white."""
+        """RGB uint8 ``[h, w, 3]`` of ``size`` pixels at ``level``; transparent areas white.
+
+        Raises :class:`CorruptTileError` where the stored data cannot be decoded, and
+        ``SlideError`` for a region over the memory budget (before allocating it)."""
+        what = f"a {size[0]} x {size[1]} px region"
+        check_buffer(self.path, what, 4 * size[0] * size[1], self.memory_budget)
         if self._fast is not None:
             rgb = self._fast.read_region(xy_l0, level, size)
             if rgb is not None:
@@ -290,11 +360,21 @@ class Slide:
     def read_region_openslide(
         self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
+        osr = self._osr
         try:
-            region = self._osr.read_region((int(xy_l0[0]), int(xy_l0[1])), level, size)
+            region = osr.read_region((int(xy_l0[0]), int(xy_l0[1])), level, size)
         except openslide.OpenSlideError as e:
-            raise SlideError(f"{self.path}: read failed at {xy_l0} level {level} ({e})") from None
+            self._reopen(osr)  # OpenSlide errors are sticky: later reads need a new handle
+            raise CorruptTileError(self.path, level, xy_l0, str(e)) from None
         return _rgba_to_rgb_on_white(np.asarray(region))
+
+    def _reopen(self, failed: openslide.AbstractSlide) -> None:
+        """Replace a handle in OpenSlide's error state; other threads may still hold the
+        old one, so it is closed with the slide."""
+        with self._reopen_lock:
+            if self._osr is failed:
+                self._stale.append(failed)
+                self._osr = _open_backend(self.path)
 
     def read_tile(self, xy_l0: tuple[int, int], plan: ReadPlan) -> np.ndarray:
         """One tile of ``plan.tile_px`` at ``plan.mpp``, resized with antialiasing if needed."""
@@ -308,11 +388,17 @@ class Slide:
         w, h = self.info.dimensions
         scale = self.info.mpp / mpp
         out_w, out_h = max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+        what = f"a {out_w} x {out_h} px thumbnail at {mpp:g} µm/px"
+        check_buffer(self.path, what, 3 * out_w * out_h, self.memory_budget)
         level = self._osr.get_best_level_for_downsample(mpp / self.info.mpp)
         lw, lh = self.info.level_dimensions[level]
         ds = self.info.level_downsamples[level]
         rows_per_out = lh / out_h
-        strip_out = max(1, int(2048 / max(rows_per_out, 1e-9)))  # ~2k level rows a strip
+        # ~2k level rows a strip, fewer where a strip (RGBA read + RGB copy) would not fit.
+        budget_rows = min(2048, self.memory_budget // (7 * lw))
+        what = f"a thumbnail strip of level {level} ({lw} px wide)"
+        check_buffer(self.path, what, 7 * lw * math.ceil(rows_per_out), self.memory_budget)
+        strip_out = max(1, int(budget_rows / max(rows_per_out, 1e-9)))
         strips = []
         for oy in range(0, out_h, strip_out):
             oh = min(strip_out, out_h - oy)
@@ -330,9 +416,17 @@ class Slide:
         return list(self._osr.associated_images)
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None, fast: bool = True) -> Slide:
-    """Open a slide. ``mpp`` overrides the level-0 µm/px; without it metadata must say."""
-    return Slide(path, mpp=mpp, fast=fast)
+def open_slide(
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    fast: bool = True,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
+) -> Slide:
+    """Open a slide (a file, or a folder holding one DICOM WSI). ``mpp`` overrides the
+    level-0 µm/px; without it metadata must say. Reads over ``memory_budget`` bytes are
+    refused."""
+    return Slide(path, mpp=mpp, fast=fast, memory_budget=memory_budget)
 
 
 def openslide_library_version() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from cscvision.slides.grid import (
     make_grid,
     save_grid,
 )
+from cscvision.slides.info import CorruptTileError
 from cscvision.slides.slide import Slide, SlideError, open_slide
 
 TISSUE_PNG = "tissue.png"
@@ -54,26 +56,47 @@ def draw_tissue_preview(
     return np.asarray(image)
 
 
-def export_tile_images(slide: Slide, grid: TileGrid, folder: Path) -> int:
-    """Write each tile as ``<slide_id>_x<X>_y<Y>.png`` (level-0 corner) into ``folder``.
+def export_tile_images(
+    slide: Slide, grid: TileGrid, folder: Path, *, skip_corrupt: bool = False
+) -> np.ndarray:
+    """Write each tile as ``<slide_id>_x<X>_y<Y>.png`` (level-0 corner) into ``folder``;
+    returns a bool[N] mask of the tiles written (False: skipped as corrupt).
 
     Written into a partial folder that then replaces ``folder``: no tiles of an older grid stay.
     """
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for x, y in tqdm(grid.xy_l0, desc=f"{grid.slide_id} tiles", unit="tile", leave=False):
-        rgb = slide.read_tile((int(x), int(y)), grid.plan)
+    written = np.ones(len(grid), bool)
+    bar = tqdm(grid.xy_l0, desc=f"{grid.slide_id} tiles", unit="tile", leave=False)
+    for k, (x, y) in enumerate(bar):
+        try:
+            rgb = slide.read_tile((int(x), int(y)), grid.plan)
+        except CorruptTileError:
+            if not skip_corrupt:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            written[k] = False
+            continue
         write_png(partial / f"{grid.slide_id}_x{x}_y{y}.png", rgb)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
-    return len(grid)
+    return written
 
 
 def tile_slide(
-    job: SlideJob, out_dir: str | Path, spec: GridSpec, *, export_tiles: bool = False
+    job: SlideJob,
+    out_dir: str | Path,
+    spec: GridSpec,
+    *,
+    export_tiles: bool = False,
+    on_corrupt_tile: str = "fail",
 ) -> TileGrid:
-    """Detect tissue, cut the grid and write the slide's folder; raises SlideError if no tissue."""
+    """Detect tissue, cut the grid and write the slide's folder; raises SlideError if no tissue.
+
+    With ``export_tiles`` and ``on_corrupt_tile="skip"``, tiles that cannot be decoded are
+    dropped from the grid and listed in the sidecar (``corrupt_tiles``)."""
+    corrupt: dict = {}
     folder = Path(out_dir) / job.slide_id
     # The sidecar marks the folder complete: drop an older one before changing anything.
     (folder / GRID_SIDECAR).unlink(missing_ok=True)
@@ -90,11 +113,19 @@ def tile_slide(
                 f"see {folder / TISSUE_PNG}"
             )
         if export_tiles:
-            export_tile_images(slide, grid, folder / TILES_DIR)
+            skip = on_corrupt_tile == "skip"
+            written = export_tile_images(slide, grid, folder / TILES_DIR, skip_corrupt=skip)
+            corrupt = corrupt_tiles_record(grid.xy_l0[~written])
+            grid = replace(grid, xy_l0=grid.xy_l0[written], tissue=grid.tissue[written])
         else:  # tiles of an older grid would pass for this one's on an --export-tiles re-run
             shutil.rmtree(folder / TILES_DIR, ignore_errors=True)
-    save_grid(grid, folder)
+    save_grid(grid, folder, extra=corrupt)
     return grid
+
+
+def corrupt_tiles_record(xy_l0: np.ndarray) -> dict:
+    """The ``corrupt_tiles`` entry of a sidecar or summary: count and level-0 corners."""
+    return {"corrupt_tiles": {"count": len(xy_l0), "xy_l0": [[int(x), int(y)] for x, y in xy_l0]}}
 
 
 def tiling_complete(job: SlideJob, out_dir: str | Path, spec: GridSpec, export_tiles: bool) -> bool:
