@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-model test test-fast lint install system-deps browser clean
+.PHONY: demo demo-model test test-fast lint install wheel system-deps browser clean
 
 install: $(STAMP)
 
@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/cscvision demo --out demo_out
 
-# Rebuilds the committed demo model in models/demo-synthetic (synthetic data only).
+# Rebuilds the committed demo model (synthetic data only) where the package carries it:
+# cscvision/resources/models/demo-synthetic (models/demo-synthetic links there; --model demo).
 demo-model: $(STAMP)
-	$(BIN)/cscvision demo --out demo_out name=demo-synthetic export_dir=models/demo-synthetic
+	$(BIN)/cscvision demo --out demo_out name=demo-synthetic \
+		export_dir=cscvision/resources/models/demo-synthetic
 
 # Debian packages the tests need, installed as root (as CI runs): Chromium and ChromeDriver
 # for the browser tests (no test tool ever downloads a browser) and libturbojpeg for the
@@ -41,5 +43,9 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# dist/cscvision-VERSION.tar.gz and the wheel built from it (model and configs inside).
+wheel: $(STAMP)
+	$(BIN)/python -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out dist build

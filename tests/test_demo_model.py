@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +10,9 @@ from cscvision.inference.predict import predict_slide
 from cscvision.labels.annotations import read_annotations, tile_targets
 from cscvision.labels.targets import DEFAULT_CLASS_MAP
 from cscvision.synth import write_slide
-from cscvision.training.export import load_model
+from cscvision.training.export import load_model, resolve_model_dir
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo-synthetic"
+DEMO = resolve_model_dir("demo")  # the packaged copy; models/demo-synthetic links to it
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:

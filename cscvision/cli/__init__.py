@@ -11,9 +11,19 @@ from cscvision import __version__
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
 COMMANDS = (
-    "demo", "synth", "tile", "train", "infer", "features", "encoders", "stats", "report",
-    "view", "doctor",
-)  # fmt: skip
+    "demo",
+    "synth",
+    "tile",
+    "train",
+    "infer",
+    "features",
+    "encoders",
+    "stats",
+    "report",
+    "view",
+    "config",
+    "doctor",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

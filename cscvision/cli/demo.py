@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cscvision.cli.demo_pipeline import DEMO_CONFIG, run_demo, summary_lines
@@ -23,12 +24,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patients", type=int, default=8, help="patients (default 8)")
     p.add_argument("--size", type=int, default=4096, help="slide side in pixels (default 4096)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", type=Path, default=DEMO_CONFIG, help="training config")
+    p.add_argument(
+        "--config",
+        default=DEMO_CONFIG,
+        help=f"training config: a YAML file or a packaged config name (default {DEMO_CONFIG}; "
+        "see cscvision config list)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cscvision.training.config import ConfigError, resolve_config
+
+    try:
+        resolve_config(args.config)
+    except ConfigError as e:
+        print(f"cscvision demo: {e}", file=sys.stderr)
+        return 2
     result = run_demo(
         args.out,
         slides=args.slides,

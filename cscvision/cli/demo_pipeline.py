@@ -11,8 +11,7 @@ from pathlib import Path
 
 from cscvision.core.io import read_csv
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_CONFIG = CONFIGS / "cpu_demo.yaml"
+DEMO_CONFIG = "cpu_demo"  # a packaged config (cscvision config show cpu_demo)
 
 
 @dataclass(frozen=True)

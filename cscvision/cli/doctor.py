@@ -7,13 +7,20 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "doctor",
         help="check the installation",
-        description="Print versions (Python, torch, CUDA, OpenSlide) and open a test slide.",
+        description=(
+            "Print versions (Python, torch, CUDA, OpenSlide), the installed extras and what "
+            "a missing one would bring, and open a test slide."
+        ),
     )
     p.add_argument("slide", nargs="?", type=Path, help="a slide to open (default: a synthetic one)")
     p.set_defaults(func=run)
@@ -45,6 +52,76 @@ def _versions() -> list[tuple[str, str]]:
         ("tifffile", tifffile.__version__),
         ("numpy", numpy.__version__),
     ]
+
+
+# What each extra brings; an extra without an entry here is described by its packages.
+EXTRA_FEATURES = {
+    "ray": "Ray clusters (cscvision infer --ray)",
+    "features": "timm encoders and HDF5 feature stores",
+    "viewer": "cscvision report and cscvision view (plots, local web server)",
+    "dicom": "DICOM WSI conversion (wsidicomizer)",
+    "test": "the test suite and wheel builds (pytest, ruff, build, selenium)",
+    "all": "every extra that runs on a CPU machine",
+}
+
+
+def _extra_requirements() -> dict[str, list[Requirement]]:
+    """Each extra of the installed cscvision -> its requirements (packaging Requirement)."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    dist = distribution("cscvision")
+    extras: dict[str, list[Requirement]] = {
+        name: [] for name in dist.metadata.get_all("Provides-Extra") or []
+    }
+    for text in dist.requires or []:
+        req = Requirement(text)
+        for extra in extras:
+            if req.marker is not None and req.marker.evaluate({"extra": extra}):
+                extras[extra].append(req)
+    return extras
+
+
+def _missing(req: Requirement, extras: dict[str, list[Requirement]]) -> list[str]:
+    """Why ``req`` is not met ([] when it is); cscvision[...] expands to those extras."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if req.name == "cscvision":
+        return [
+            m
+            for extra in sorted(req.extras)
+            for r in extras.get(extra, [])
+            for m in _missing(r, extras)
+        ]
+    try:
+        installed = version(req.name)
+    except PackageNotFoundError:
+        return [f"{req.name} not installed"]
+    if not req.specifier.contains(installed, prereleases=True):
+        return [f"{req.name} {installed} is outside {req.specifier}"]
+    return []
+
+
+def _extras_lines() -> list[str]:
+    from importlib.metadata import PackageNotFoundError
+
+    try:
+        extras = _extra_requirements()
+    except PackageNotFoundError:
+        return ["            extras: unknown (cscvision is not installed; pip install -e .)"]
+    lines = []
+    for extra, reqs in extras.items():
+        what = EXTRA_FEATURES.get(extra) or ", ".join(r.name for r in reqs)
+        missing = [m for r in reqs for m in _missing(r, extras)]
+        if missing:
+            lines.append(
+                f"{'extra ' + extra:>18}: unavailable: {what} ({'; '.join(missing)}); "
+                f'pip install "cscvision[{extra}]"'
+            )
+        else:
+            lines.append(f"{'extra ' + extra:>18}: installed: {what}")
+    return lines
 
 
 def _check_slide(path: Path) -> list[str]:
@@ -85,6 +162,7 @@ def _demo_slide(folder: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     for name, version in _versions():
         print(f"{name:>18}: {version}")
+    print("\n".join(_extras_lines()))
     try:
         if args.slide:
             lines = _check_slide(args.slide)

@@ -40,7 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_slide_args(p)
-    p.add_argument("--model", required=True, type=Path, help="exported model folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="DIR_OR_NAME",
+        help="exported model folder, or a packaged model name: demo (synthetic data only)",
+    )
     p.add_argument(
         "--overlap",
         type=float,

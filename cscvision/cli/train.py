@@ -11,10 +11,12 @@ HELP = """\
 Train a tile classifier on a cohort (cohort CSV + annotations), validate, test on held-out
 patients, and export the model.
 
-Configuration: --config FILE (see configs/default.yaml for every key), then overrides,
-either as positional KEY=VALUE or after --set, values parsed as YAML:
-  cscvision train --config configs/cpu_demo.yaml trainer.max_epochs=3 data.batch_size=32
-  cscvision train --config configs/default.yaml --set model.backbone=resnet34 cohort.csv=c.csv
+Configuration: --config FILE or the name of a packaged config (cscvision config list;
+`cscvision config show default` documents every key), then overrides, either as
+positional KEY=VALUE or after --set, values parsed as YAML:
+  cscvision train --config cpu_demo trainer.max_epochs=3 data.batch_size=32
+  cscvision train --config default --set model.backbone=resnet34 cohort.csv=c.csv
+  cscvision train --config my_config.yaml cohort.csv=c.csv
 
 The run folder (runs/<name>/ or --run-dir) receives config.yaml, versions.json,
 splits.csv, logs/ (CSV + TensorBoard), checkpoints/ (last.ckpt + best) and metrics.json.
@@ -47,7 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE_OR_NAME",
+        help="YAML config file, or a packaged config name (default, cpu_demo, gpu, ...)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)"
     )

@@ -13,11 +13,14 @@ from typing import Any
 
 from cscvision import __version__
 from cscvision.core.io import write_text
+from cscvision.core.resources import packaged_dir, packaged_names
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Short names for packaged models: ``--model demo``.
+MODEL_ALIASES = {"demo": "demo-synthetic"}
 
 
 class ModelError(Exception):
@@ -68,8 +71,30 @@ class ModelCard:
         return cls(**known)
 
 
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A model folder: an existing folder as given, else a packaged model by name or alias.
+
+    A folder wins over a packaged name, so ``./demo`` in the working directory is used
+    as a folder; name a packaged model with no path separator (``demo``, ``demo-synthetic``).
+    """
+    path = Path(name_or_path)
+    name = str(name_or_path)
+    if path.is_dir() or path.name != name:  # a path is never read as a name
+        return path
+    packaged = packaged_dir("models") / MODEL_ALIASES.get(name, name)
+    if packaged.is_dir():
+        return packaged
+    names = sorted({*MODEL_ALIASES, *packaged_names("models")})
+    raise ModelError(
+        f"{name_or_path}: no such model folder and no packaged model of that name; "
+        f"pass an exported model folder or one of: {', '.join(names)}"
+    )
+
+
 def read_card(model_dir: str | Path) -> ModelCard:
-    path = Path(model_dir) / CARD_FILE
+    """The card of a model folder or packaged model name (see :func:`resolve_model_dir`)."""
+    model_dir = resolve_model_dir(model_dir)
+    path = model_dir / CARD_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

@@ -1,9 +1,10 @@
 """Training configuration: frozen dataclasses built from YAML plus dotted overrides.
 
-``load_config("configs/cpu_demo.yaml", ["trainer.max_epochs=3", "data.batch_size=32"])``
-starts from the defaults below, applies the YAML file, then each override (its value
-parsed as YAML: ``3``, ``0.5``, ``null``, ``[1, 2]``, ``true``). Unknown keys are errors
-that list the valid ones. ``configs/default.yaml`` documents every key.
+``load_config("cpu_demo", ["trainer.max_epochs=3", "data.batch_size=32"])`` starts from
+the defaults below, applies the YAML file (a path, or the name of a packaged config), then
+each override (its value parsed as YAML: ``3``, ``0.5``, ``null``, ``[1, 2]``, ``true``).
+Unknown keys are errors that list the valid ones. The packaged ``default`` config
+(``cscvision config show default``) documents every key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cscvision.core.resources import packaged_dir, packaged_names
 from cscvision.slides.grid import GridSpec
 from cscvision.training.card import IMAGENET_MEAN, IMAGENET_STD
 
@@ -185,12 +187,37 @@ def _set(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
 
 
+def config_names() -> list[str]:
+    """Names of the packaged configs (``default``, ``cpu_demo``, ...)."""
+    return packaged_names("configs", ".yaml")
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: an existing file as given, else a packaged config by name.
+
+    ``default`` and ``default.yaml`` both name the packaged ``default.yaml``; a file of that
+    name in the working directory wins.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path)
+    packaged = packaged_dir("configs") / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if path.name == name and packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"{name_or_path}: no such config file and no packaged config of that name; "
+        f"pass a YAML file or one of: {', '.join(config_names())} (cscvision config list)"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``KEY=VALUE`` overrides."""
+    """Defaults, then the YAML file at ``path`` (or packaged config name), then overrides."""
     import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config(path)
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:

@@ -18,6 +18,7 @@ from cscvision.training.card import (
     ModelCard,
     ModelError,
     read_card,
+    resolve_model_dir,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "export_model",
     "load_model",
     "read_card",
+    "resolve_model_dir",
 ]
 
 
@@ -58,11 +60,13 @@ def load_model(
 ) -> LoadedModel:
     """Build the card's backbone and load its safetensors weights; eval mode, on ``device``.
 
+    ``model_dir`` is an exported model folder or a packaged model name such as ``"demo"``.
     A head on an encoder (the card names one) is joined to the encoder loaded from
-    ``encoder_weights`` (:func:`cscvision.training.heads.load_head_net`)."""
+    ``encoder_weights`` (:func:`cscvision.training.heads.load_head_net`).
+    """
     from cscvision.training.backbones import get_model
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     card = read_card(model_dir)
     weights = model_dir / WEIGHTS_FILE
     if not weights.exists():

@@ -1,0 +1,61 @@
+"""``cscvision config``: list, print and copy the packaged training configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "config",
+        help="list, print or copy the packaged training configs",
+        description=(
+            "The package carries the default training configs; `--config NAME` of train and "
+            "demo uses them by name. `default` documents every key."
+        ),
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="the packaged configs, one a line with its summary")
+    show = actions.add_parser("show", help="print a packaged config (or a YAML file) as it is")
+    show.add_argument("name", metavar="NAME_OR_FILE")
+    copy = actions.add_parser("copy", help="copy a packaged config to a file to edit")
+    copy.add_argument("name", metavar="NAME")
+    copy.add_argument("dest", type=Path, metavar="FILE")
+    copy.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=run)
+
+
+def _summary(path: Path) -> str:
+    """The first comment line of a config: what it is for."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") and line.strip("# "):
+            return line.strip("# ")
+    return ""
+
+
+def run(args: argparse.Namespace) -> int:
+    from cscvision.core.io import write_text
+    from cscvision.training.config import ConfigError, config_names, resolve_config
+
+    if args.action == "list":
+        for name in config_names():
+            print(f"{name:<12} {_summary(resolve_config(name))}")
+        return 0
+    try:
+        path = resolve_config(args.name)
+    except ConfigError as e:
+        print(f"cscvision config: {e}", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        print(path.read_text(encoding="utf-8"), end="")
+        return 0
+    if args.dest.exists() and not args.overwrite:
+        print(
+            f"cscvision config: {args.dest} exists; pass --overwrite to replace it", file=sys.stderr
+        )
+        return 2
+    write_text(args.dest, path.read_text(encoding="utf-8"))
+    print(f"wrote {args.dest} (from {path}); train with: cscvision train --config {args.dest}")
+    return 0
