@@ -369,7 +369,9 @@ def _export(
             "cohort": dm.summary(),
             "synthetic": cfg.card.synthetic,
             "seed": cfg.seed,
-            "pretrained": cfg.model.pretrained or "none (trained from scratch)",
+            "pretrained": (f"frozen encoder {cfg.model.encoder}" if encoder else None)
+            or cfg.model.pretrained
+            or "none (trained from scratch)",
             "best_checkpoint": best.name,
             "config": config_to_dict(cfg),
         },
