@@ -14,6 +14,7 @@ COMMANDS = (
     "demo",
     "synth",
     "tile",
+    "labels",
     "train",
     "infer",
     "features",

@@ -42,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="R",
         help="scale the chance of pen marks, folds, bubbles and blur (0 turns them off)",
     )
+    parser.add_argument(
+        "--visium",
+        action="store_true",
+        help="also write a synthetic Space Ranger outs/ folder per slide (<id>_visium/outs: "
+        "spot counts from the ground truth) and an st_path column in cohort.csv",
+    )
     parser.add_argument("--workers", type=int, default=1, help="slides written in parallel")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist in --out"
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             workers=max(1, args.workers),
             progress=True,
+            visium=args.visium,
         )
     except FileExistsError as e:
         print(f"cscvision synth: {e}", file=sys.stderr)
@@ -97,5 +104,10 @@ def run(args: argparse.Namespace) -> int:
         f"  per slide: {SLIDE_SUFFIX} pyramid, .geojson (QuPath), _labels.png (bit mask), "
         f"_thumb.png (outlined), _truth.json (areas, stain)\n"
         f"  e.g. {slides[0].name if slides else '-'}"
+        + (
+            "\n  per slide: <id>_visium/outs/ (Space Ranger layout) and <id>_visium/spot_truth.csv"
+            if args.visium
+            else ""
+        )
     )
     return 0

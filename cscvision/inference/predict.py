@@ -61,7 +61,8 @@ __all__ = [
 
 
 class TileScorer:
-    """The model as inference runs it: uint8 tiles [B, 3, H, W] → probabilities [B, T].
+    """The model as inference runs it: uint8 tiles [B, 3, H, W] → probabilities [B, T]
+    (regression models: scores in the card's units).
 
     Moves the net to ``device`` (eval mode, channels-last where that is faster), applies
     ``(x / 255 - mean) / std``, autocast with ``amp``, and the sigmoid.
@@ -79,6 +80,11 @@ class TileScorer:
         self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1) * 255
         self.amp = amp
+        # Regression models predict standardised scores: back to score units, no sigmoid.
+        scale = card.output_scale if card.is_regression else {}
+        self.out_mean = torch.tensor(scale.get("mean", [0.0]), device=self.device)
+        self.out_std = torch.tensor(scale.get("std", [1.0]), device=self.device)
+        self.regression = card.is_regression
         self.targets = card.targets
         self.calibration = card.calibration
 
@@ -87,6 +93,8 @@ class TileScorer:
             x = image.to(self.device, non_blocking=True)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
             logits = self.net(x).float()
+            if self.regression:
+                return (logits * self.out_std + self.out_mean).cpu().numpy()
             if not self.calibration:
                 return torch.sigmoid(logits).cpu().numpy()
         return calibrate(logits.cpu().numpy(), self.targets, self.calibration)

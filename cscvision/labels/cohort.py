@@ -1,9 +1,10 @@
 """Cohort manifest and patient-level train/val/test splits.
 
 The manifest is a CSV with one row per slide: ``slide_path`` and ``patient_id`` (required),
-``slide_id`` (default: the file name without extension), ``annotation_path`` and ``split``
-(optional). Relative paths are taken from the CSV's folder. Splits are made per patient, so
-no patient's slides ever sit on both sides of a train/test boundary.
+``slide_id`` (default: the file name without extension), ``annotation_path``, ``label_path``
+(a tile-label table, see :mod:`cscvision.labels.table`) and ``split`` (optional).
+Relative paths are taken from the CSV's folder. Splits are made per patient, so no patient's
+slides ever sit on both sides of a train/test boundary.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class CohortEntry:
     slide_path: Path
     annotation_path: Path | None = None
     split: str | None = None  # "train", "val" or "test" when the manifest fixes it
+    label_path: Path | None = None  # a tile-label table (<slide_id>.labels.csv)
 
 
 def read_cohort(csv_path: str | Path) -> list[CohortEntry]:
@@ -56,7 +58,7 @@ def read_cohort(csv_path: str | Path) -> list[CohortEntry]:
     if missing:
         raise CohortError(
             f"{csv_path}: the manifest lacks column(s) {sorted(missing)}; required: "
-            "slide_path,patient_id (optional: slide_id,annotation_path,split)"
+            "slide_path,patient_id (optional: slide_id,annotation_path,label_path,split)"
         )
     entries = [_entry(row, csv_path, line) for line, row in enumerate(rows, start=2)]
     seen: dict[str, int] = {}
@@ -85,6 +87,9 @@ def _entry(row: Mapping[str, str | None], csv_path: Path, line: int) -> CohortEn
     )
     if annotation_path is not None and not annotation_path.exists():
         raise CohortError(f"{where}: annotation file {annotation_path} not found")
+    label_path = _resolve(cell("label_path"), csv_path.parent) if cell("label_path") else None
+    if label_path is not None and not label_path.exists():
+        raise CohortError(f"{where}: tile-label table {label_path} not found")
     split = cell("split").lower() or None
     if split is not None and split not in SPLITS:
         raise CohortError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
@@ -94,6 +99,7 @@ def _entry(row: Mapping[str, str | None], csv_path: Path, line: int) -> CohortEn
         slide_path=slide_path,
         annotation_path=annotation_path,
         split=split,
+        label_path=label_path,
     )
 
 

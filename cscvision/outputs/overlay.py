@@ -112,18 +112,30 @@ def _region_at(region: np.ndarray, transform, x_l0: np.ndarray, y_l0: np.ndarray
     return looked & ok_r[:, None] & ok_c[None, :]
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, height: int, threshold: float, rgb):
+def _colour_bar(
+    draw: ImageDraw.ImageDraw,
+    x: int,
+    y: int,
+    height: int,
+    threshold: float | None,
+    rgb,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    unit: str = "probability",
+):
     for k in range(height):
         colour = tuple(int(c) for c in colormap(np.array(1 - k / max(1, height - 1))))
         draw.line([(x, y + k), (x + BAR_W, y + k)], fill=colour)
     draw.rectangle([x, y, x + BAR_W, y + height], outline=(60, 60, 60))
+    lo, hi = value_range
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         ty = y + round((1 - tick) * (height - 1))
         draw.line([(x + BAR_W, ty), (x + BAR_W + 4, ty)], fill=(40, 40, 40))
-        _text(draw, (x + BAR_W + 7, ty), f"{tick:g}", 13, (30, 30, 30), anchor="lm")
-    ty = y + round((1 - threshold) * (height - 1))
-    draw.line([(x - 4, ty), (x + BAR_W + 4, ty)], fill=rgb, width=3)
-    _text(draw, (x, y - 8), "probability", 13, (30, 30, 30), anchor="ld")
+        _text(draw, (x + BAR_W + 7, ty), f"{lo + tick * (hi - lo):.3g}", 13, (30, 30, 30),
+              anchor="lm")  # fmt: skip
+    if threshold is not None:
+        ty = y + round((1 - threshold) * (height - 1))
+        draw.line([(x - 4, ty), (x + BAR_W + 4, ty)], fill=rgb, width=3)
+    _text(draw, (x, y - 8), unit, 13, (30, 30, 30), anchor="ld")
 
 
 def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, items: list[tuple[str, str, tuple]]):
@@ -147,11 +159,14 @@ def render_overlay(
     title: str,
     subtitle: str,
     target: str,
-    threshold: float,
+    threshold: float | None,
     contour_rgb: tuple[int, int, int],
     min_tissue: float,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    unit: str = "probability",
 ) -> np.ndarray:
-    """Frame ``heat`` (from :func:`heat_image`) with title, colour bar and legend."""
+    """Frame ``heat`` (from :func:`heat_image`) with title, colour bar and legend; the bar's
+    ticks span ``value_range`` in ``unit`` (a regression target's scores)."""
     dh, dw = heat.shape[:2]
     top, right, bottom = 64, 110, 84
     canvas = Image.new("RGB", (PAD + dw + right, top + dh + bottom), (255, 255, 255))
@@ -161,15 +176,12 @@ def render_overlay(
     _text(draw, (PAD, 40), subtitle, 13, (80, 80, 80))
     draw.rectangle([PAD - 1, top - 1, PAD + dw, top + dh], outline=(150, 150, 150))
     bar_h = min(dh - 30, 320) if dh > 80 else max(40, dh)
-    _colour_bar(draw, PAD + dw + 24, top + 24, bar_h, threshold, contour_rgb)
-    _legend(
-        draw,
-        PAD,
-        top + dh + 12,
-        [
-            ("line", f"{target} ≥ {threshold:.2f} (threshold outline)", contour_rgb),
-            ("ramp", f"{target} probability, on tissue tiles (≥ {min_tissue:.0%} tissue)", None),
-            ("box", "no heatmap: glass, or tissue not scored", (235, 235, 235)),
-        ],
-    )  # fmt: skip
+    _colour_bar(draw, PAD + dw + 24, top + 24, bar_h, threshold, contour_rgb, value_range, unit)
+    items = [
+        ("ramp", f"{target} {unit}, on tissue tiles (≥ {min_tissue:.0%} tissue)", None),
+        ("box", "no heatmap: glass, or tissue not scored", (235, 235, 235)),
+    ]
+    if threshold is not None:
+        items.insert(0, ("line", f"{target} ≥ {threshold:.2f} (threshold outline)", contour_rgb))
+    _legend(draw, PAD, top + dh + 12, items)
     return np.asarray(canvas)

@@ -60,6 +60,7 @@ MAPS = "maps.npz"
 # Card fields the outputs depend on: editing one (re-tuned thresholds) makes old outputs stale.
 _CARD_OUTPUT_FIELDS = (
     "targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std", "calibration",
+    "task", "units", "output_scale",
 )  # fmt: skip
 
 
@@ -152,15 +153,17 @@ def write_maps(path: str | Path, pred: SlidePrediction) -> Path:
 
 def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) -> list[Path]:
     colors = target_colors(pred.targets, card.colors)
-    thresholds = [card.threshold(t) for t in pred.targets]
+    # regression: no threshold, so no region (an infinite threshold selects nothing)
+    thresholds = [np.inf if card.is_regression else card.threshold(t) for t in pred.targets]
     regions = region_masks(pred.maps, pred.tissue_map, pred.targets, thresholds)
     paths = []
     for i, target in enumerate(pred.targets):
-        threshold = thresholds[i]
+        # regression: no threshold outline; the map is shown over the card's value range
+        threshold = None if card.is_regression else thresholds[i]
         heat = heat_image(
             thumb,
             pred.mask,
-            pred.maps[i],
+            unit_map(pred.maps[i], card, target),
             pred.map_transform,
             pred.grid.dimensions,
             region=regions[target],
@@ -177,9 +180,17 @@ def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) 
             threshold=threshold,
             contour_rgb=colors[target],
             min_tissue=pred.grid.spec.min_tissue,
+            value_range=card.value_range(target),
+            unit=card.unit(target),
         )
         paths.append(write_png(folder / f"overlay_{target}.png", image))
     return paths
+
+
+def unit_map(values: np.ndarray, card: ModelCard, target: str) -> np.ndarray:
+    """``values`` mapped from the card's value range of ``target`` to [0, 1] (not clipped)."""
+    lo, hi = card.value_range(target)
+    return values if (lo, hi) == (0.0, 1.0) else (values - lo) / (hi - lo)
 
 
 def run_settings(
@@ -238,7 +249,7 @@ def write_slide_outputs(
         written.append(
             write_likelihood_map(
                 folder / name,
-                pred.maps[pred.targets.index(target)],
+                unit_map(pred.maps[pred.targets.index(target)], card, target),
                 pred.map_transform,
                 dimensions=pred.grid.dimensions,
                 slide_mpp=pred.grid.slide_mpp,
@@ -258,6 +269,8 @@ def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
     tiles = tile_features(
         grid.xy_l0, pred.probs, grid.plan.tile_l0, pred.targets, offset, slide_id=pred.slide_id
     )
+    if card.is_regression:  # region outlines need a threshold; tiles carry the scores
+        return tiles
     regions = region_features(
         pred.maps,
         pred.tissue_map,

@@ -88,22 +88,56 @@ def region_statistics(
     return stats
 
 
+def score_statistics(
+    maps: np.ndarray, tissue_map: np.ndarray, *, targets: Sequence[str], units: Sequence[str]
+) -> dict[str, Any]:
+    """Threshold-free statistics of continuous (regression) maps: tissue-weighted mean and
+    quantiles of each target's score over the scored map pixels; no areas (they need a
+    threshold) and no niche."""
+    valid = np.isfinite(maps[0]) & (tissue_map > 0)
+    weight = tissue_map[valid].astype(np.float64)
+    per_target = {}
+    for i, (t, unit) in enumerate(zip(targets, units, strict=True)):
+        v = maps[i][valid].astype(np.float64)
+        stats: dict[str, Any] = {
+            "unit": unit,
+            "mean": None,
+            "p10": None,
+            "median": None,
+            "p90": None,
+        }
+        if weight.sum() > 0:
+            stats["mean"] = float((weight * v).sum() / weight.sum())
+            stats["p10"], stats["median"], stats["p90"] = (
+                float(q) for q in np.quantile(v, [0.1, 0.5, 0.9])
+            )
+        per_target[t] = stats
+    return {
+        "targets": per_target,
+        "thresholded_statistics": "not computed: regression targets have no threshold",
+    }
+
+
 def summarize(
     pred: SlidePrediction, card: ModelCard, model_info: dict, settings: dict, outputs: list[str]
 ) -> dict[str, Any]:
     grid, plan = pred.grid, pred.grid.plan
     cell_um = pred.map_transform.px_l0 * grid.slide_mpp
-    stats = region_statistics(
-        pred.maps,
-        pred.tissue_map,
-        targets=pred.targets,
-        thresholds=[card.threshold(t) for t in pred.targets],
-        cell_mm2=pred.map_cell_mm2,
-        cell_um=cell_um,
-        within_um=float(settings.get("within_um", DEFAULT_WITHIN_UM)),
-        permutations=int(settings.get("permutations", DEFAULT_PERMUTATIONS)),
-        seed=null_seed(grid.slide_id),
-    )
+    if card.is_regression:  # no threshold: no areas, niche or co-localisation figures
+        units = [card.unit(t) for t in pred.targets]
+        stats = score_statistics(pred.maps, pred.tissue_map, targets=pred.targets, units=units)
+    else:
+        stats = region_statistics(
+            pred.maps,
+            pred.tissue_map,
+            targets=pred.targets,
+            thresholds=[card.threshold(t) for t in pred.targets],
+            cell_mm2=pred.map_cell_mm2,
+            cell_um=cell_um,
+            within_um=float(settings.get("within_um", DEFAULT_WITHIN_UM)),
+            permutations=int(settings.get("permutations", DEFAULT_PERMUTATIONS)),
+            seed=null_seed(grid.slide_id),
+        )
     return {
         "slide_id": grid.slide_id,
         "slide_path": str(Path(grid.slide_path).resolve()),

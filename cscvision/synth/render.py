@@ -122,8 +122,18 @@ def background_banks(
 class SlideRenderer:
     """Everything needed to draw a slide's pixels: layout, stain, textures, sprite banks."""
 
-    def __init__(self, layout: SlideLayout, stain: StainProfile, *, seed: int) -> None:
+    def __init__(
+        self,
+        layout: SlideLayout,
+        stain: StainProfile,
+        *,
+        seed: int,
+        structure_seed: int | None = None,
+    ) -> None:
         self.layout, self.stain, self.seed, self.mpp = layout, stain, seed, layout.mpp
+        # Vessels and glands run through serial sections: a paired IHC section draws its own
+        # cells (``seed``) around the same structures (``structure_seed``).
+        self.structure_seed = seed if structure_seed is None else structure_seed
         rng = np.random.default_rng([seed, 7])
         self.lut = od_lut(stain)
         self.banks = sprite_banks(rng, mpp=self.mpp, blur_px=stain.blur_px)
@@ -167,16 +177,25 @@ class SlideRenderer:
         self._apply_bubbles(rgb, x0, y0)
         return rgb
 
-    def _render_sharp(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+    def render_od(
+        self, x0: int, y0: int, width: int, height: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Haematoxylin and eosin ODs of a window before eosin is pushed out of the nuclei,
+        and the nuclear OD alone (float32 [height, width] each)."""
         cls = BITS_TO_CLASS[self.bits(x0, y0, width, height)]
         od_h, od_e = self._background(cls, x0, y0)
         nuclei = np.zeros_like(od_h)
         window = (x0, y0, width, height)
+        seed = self.structure_seed
         for kind, rate in ((VESSEL, 1.0), (GLAND, self.gland_rate)):
-            found = structures_near(kind, self.seed, window, self.class_at, self.mpp, rate)
+            found = structures_near(kind, seed, window, self.class_at, self.mpp, rate)
             draw(kind, found, (x0, y0), od_h, od_e, nuclei, self.mpp)
         self._cells(window, od_h, od_e, nuclei)
         np.maximum(od_h, nuclei, out=od_h)
+        return od_h, od_e, nuclei
+
+    def _render_sharp(self, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        od_h, od_e, nuclei = self.render_od(x0, y0, width, height)
         nuclei *= -2.0  # nuclei push most eosin out: E *= 1 - min(2 N, 0.55)
         np.maximum(nuclei, -0.55, out=nuclei)
         nuclei += 1.0
@@ -219,8 +238,9 @@ class SlideRenderer:
             px = (cx + 0.5 + pop.jitter * (u[:, 0] - 0.5)) * cell
             py = (cy + 0.5 + pop.jitter * (u[:, 1] - 0.5)) * cell
             ok = u[:, 2] < prob
-            ok &= ~inside_lumens(VESSEL, self.seed, px, py, self.class_at, self.mpp)
-            ok &= ~inside_lumens(GLAND, self.seed, px, py, self.class_at, self.mpp, self.gland_rate)
+            seed = self.structure_seed
+            ok &= ~inside_lumens(VESSEL, seed, px, py, self.class_at, self.mpp)
+            ok &= ~inside_lumens(GLAND, seed, px, py, self.class_at, self.mpp, self.gland_rate)
             variant = (u[ok, 3] * bank.nucleus_h.shape[0]).astype(np.int64)
             left = np.rint(px[ok]).astype(np.int64) - size // 2 - x0
             top = np.rint(py[ok]).astype(np.int64) - size // 2 - y0

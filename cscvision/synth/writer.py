@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cscvision.core.io import atomic_path, write_csv
+from cscvision.synth.ihc import write_ihc_slide
 from cscvision.synth.layout import REGION_CLASSES, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer
@@ -25,8 +26,10 @@ from cscvision.synth.truth import (
     write_geojson,
     write_png,
 )
+from cscvision.synth.visium import write_visium
 
 COHORT_COLUMNS = ("slide_id", "patient_id", "slide_path", "annotation_path")
+IHC_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 SLIDE_SUFFIX = ".tiff"
 THUMB_MAX_PX = 1024
 NICHE = "niche"
@@ -88,11 +91,15 @@ def write_slide(
     artefact_rate: float = 1.0,
     slide_id: str | None = None,
     on_row: Callable[[], None] | None = None,
+    ihc_markers: tuple[str, ...] = (),
+    visium: bool = False,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
     ``lab`` is the stain profile of the lab batch (shared by a patient's slides); without it
-    one is drawn from ``seed``. The same arguments write the same bytes.
+    one is drawn from ``seed``. The same arguments write the same bytes. Each of
+    ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc);
+    ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger layout, cscvision.synth.visium).
     """
     path = Path(path)
     slide_id = slide_id or path.stem
@@ -117,6 +124,13 @@ def write_slide(
     write_png(paths["thumbnail"], _thumbnail(layout, levels))
     truth = _truth(layout, stain, paths, slide_id, seed, len(levels) + 1, label_mpp)
     _write_truth_json(truth, stain)
+    for k, marker in enumerate(ihc_markers):
+        ihc_path = path.with_name(f"{slide_id}_{marker}{SLIDE_SUFFIX}")
+        write_ihc_slide(ihc_path, he_id=slide_id, layout=layout, he_renderer=renderer,
+                        marker=marker, seed=seed + 101 * (k + 1), lab=lab, tile_px=tile_px,
+                        quality=quality)  # fmt: skip
+    if visium:
+        write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed, levels=levels)
     return truth
 
 
@@ -226,11 +240,16 @@ def write_cohort(
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = False,
+    ihc_markers: tuple[str, ...] = (),
+    visium: bool = False,
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
     ``workers`` > 1 writes slides in parallel processes (same bytes as one worker);
     ``progress`` shows tqdm bars (slides, and rows of tiles within a slide).
+    ``ihc_markers`` adds paired IHC slides and ``ihc_manifest.csv`` (``IHC_COLUMNS``);
+    ``visium`` adds a synthetic Space Ranger folder per slide and an ``st_path`` column to
+    ``cohort.csv``.
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
@@ -242,7 +261,8 @@ def write_cohort(
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"size_px": size_px, "mpp": mpp, "tile_px": tile_px, "quality": quality}
-    kwargs["artefact_rate"] = artefact_rate
+    kwargs["artefact_rate"], kwargs["visium"] = artefact_rate, visium
+    kwargs["ihc_markers"] = tuple(ihc_markers)
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
         if workers > 1:
@@ -265,6 +285,12 @@ def write_cohort(
         )
         for s in plan
     ]
+    if ihc_markers:
+        ihc_rows = [(*r[:3], f"{r[0]}_{m}{SLIDE_SUFFIX}", m) for r in records for m in ihc_markers]
+        write_csv(out_dir / "ihc_manifest.csv", IHC_COLUMNS, ihc_rows)
+    if visium:
+        records = [(*r, f"{r[0]}_visium/outs") for r in records]
+        return write_csv(out_dir / "cohort.csv", (*COHORT_COLUMNS, "st_path"), records)
     return write_csv(out_dir / "cohort.csv", COHORT_COLUMNS, records)
 
 

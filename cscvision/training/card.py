@@ -19,6 +19,8 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SCORE_SPAN_SD = 2.5  # regression maps span mean ± this many training standard deviations
+DEFAULT_UNITS = {"classification": "probability", "regression": "score"}  # per target
 # Short names for packaged models: ``--model demo``.
 MODEL_ALIASES = {"demo": "demo-synthetic"}
 
@@ -34,6 +36,10 @@ class ModelCard:
     name: str
     backbone: str
     targets: tuple[str, ...] = ("stemness", "immunosuppressive")
+    task: str = "classification"  # classification (sigmoid per target) | regression
+    units: dict[str, str] = field(default_factory=dict)  # target → unit; see unit()
+    # regression: the net predicts standardised scores; score = output * std + mean
+    output_scale: dict[str, list[float]] = field(default_factory=dict)
     colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     # per-target temperature or isotonic map fitted on validation (training.calibration)
@@ -52,6 +58,23 @@ class ModelCard:
 
     def threshold(self, target: str) -> float:
         return float(self.thresholds.get(target, 0.5))
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
+
+    def value_range(self, target: str) -> tuple[float, float]:
+        """The values colour maps and uint8 likelihood maps span: (0, 1) for probabilities;
+        for regression the training scores' mean ± 2.5 standard deviations."""
+        if not self.is_regression or not self.output_scale:
+            return 0.0, 1.0
+        i = self.targets.index(target)
+        mean, std = self.output_scale["mean"][i], self.output_scale["std"][i]
+        return float(mean - SCORE_SPAN_SD * std), float(mean + SCORE_SPAN_SD * std)
+
+    def unit(self, target: str) -> str:
+        """What ``target``'s values measure: the card's unit, else the task's default."""
+        return self.units.get(target) or DEFAULT_UNITS.get(self.task, "")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,13 +136,31 @@ def _is_synthetic(card: ModelCard) -> bool:
     return bool(card.training.get("synthetic")) or "synthetic" in card.trained_on.lower()
 
 
-def _metric_rows(card: ModelCard) -> list[str]:
+def _cell(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def _regression_rows(card: ModelCard) -> list[str]:
     val, test = card.metrics.get("val", {}), card.metrics.get("test", {})
+    rows = [
+        "| target | unit | val Pearson | test Pearson (95 % CI over patients) | test Spearman |",
+        "|---|---|---|---|---|",
+    ]
+    for t in card.targets:
+        ci = f"{_cell(test, f'pearson_{t}_ci_low')}–{_cell(test, f'pearson_{t}_ci_high')}"
+        rows.append(
+            f"| {t} | {card.unit(t)} | {_cell(val, f'pearson_{t}')} | "
+            f"{_cell(test, f'pearson_{t}')} ({ci}) | {_cell(test, f'spearman_{t}')} |"
+        )
+    return rows
 
-    def cell(metrics: dict[str, Any], key: str) -> str:
-        value = metrics.get(key)
-        return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
 
+def _metric_rows(card: ModelCard) -> list[str]:
+    if card.is_regression:
+        return _regression_rows(card)
+    val, test = card.metrics.get("val", {}), card.metrics.get("test", {})
+    cell = _cell
     rows = [
         "| target | threshold | val AUROC | val AP | val F1 | test AUROC | test AP | test F1 "
         "| test slide AUROC |",
@@ -131,6 +172,21 @@ def _metric_rows(card: ModelCard) -> list[str]:
         cells = " | ".join(cell(m, k) for m, k in keys)
         rows.append(f"| {t} | {card.threshold(t):.3f} | {cells} |")
     return rows
+
+
+def _what_it_does(card: ModelCard) -> str:
+    tiles = f"Scores every tissue tile of {card.tile_px} × {card.tile_px} px at {card.mpp} µm/px"
+    if card.is_regression:
+        return (
+            f"{tiles} with a continuous score for {len(card.targets)} targets "
+            f"({', '.join(card.targets)}), in the units of its training labels (e.g. a "
+            "gene-programme score from spatial transcriptomics); no threshold."
+        )
+    return (
+        f"{tiles} for {len(card.targets)} targets, one sigmoid each (a tile can be several at "
+        f"once): {', '.join(card.targets)}. A tile counts as positive at the threshold below "
+        "(chosen to maximise F1 on validation)."
+    )
 
 
 def model_readme(card: ModelCard) -> str:
@@ -146,10 +202,7 @@ def model_readme(card: ModelCard) -> str:
         f"**{card.intended_use}**",
         "",
         "## What it does",
-        f"Scores every tissue tile of {card.tile_px} × {card.tile_px} px at {card.mpp} µm/px "
-        f"for {len(card.targets)} targets, one sigmoid each (a tile can be several at once): "
-        f"{', '.join(card.targets)}. A tile counts as positive at the threshold below "
-        "(chosen to maximise F1 on validation).",
+        _what_it_does(card),
         "",
         "## Model",
         f"- backbone: `{card.backbone}`; pretrained: {card.training.get('pretrained', 'unknown')}",
@@ -176,6 +229,8 @@ def model_readme(card: ModelCard) -> str:
         "**immunosuppressive** regions (classes named in the config's class map), or",
         "- IHC on serial or restained sections for stemness markers (e.g. SOX2, CD44, ALDH1) "
         "and immunosuppression (e.g. FOXP3, CD163, PD-L1), turned into region labels;",
+        "- spatial transcriptomics of the same sections (Visium `outs/`, HEST samples) turned "
+        "into panel scores per spot with `cscvision labels st`;",
         "- a cohort CSV (`slide_path,patient_id[,annotation_path]`) with enough patients for "
         "patient-level train / validation / test splits; then `cscvision train --config ...`.",
         "",

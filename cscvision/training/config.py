@@ -75,6 +75,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RegressionConfig:
+    """``task: regression``: continuous targets (e.g. spatial-transcriptomics panel scores)."""
+
+    loss: str = "mse"  # mse | pearson, on targets standardised by the training tiles
+    bootstrap: int = 1000  # resamples of held-out patients for the correlations' 95 % CI
+    units: str = "score"  # what the targets measure, shown on the model card and colour bars
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """Passed to ``lightning.Trainer`` (``None`` leaves Lightning's default)."""
 
@@ -106,6 +115,8 @@ class TrainConfig:
     name: str = "cscvision"  # run and model name
     seed: int = 0
     threads: int | None = None  # torch CPU threads of the training process; None: all cores
+    task: str = "classification"  # classification | regression (continuous targets)
+    targets: Any = None  # tile-label table columns to train on; default: all of the first
     run_dir: str | None = None  # default runs/<name>
     export_dir: str | None = None  # default models/<name>
     cohort: CohortConfig = field(default_factory=CohortConfig)
@@ -115,11 +126,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     card: CardConfig = field(default_factory=CardConfig)
 
 
-_FREE_FORM = {"classes", "colors", "devices"}  # values checked by their consumers
+_FREE_FORM = {"classes", "colors", "devices", "targets"}  # values checked by their consumers
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -241,6 +253,7 @@ def check_choices(cfg: TrainConfig) -> None:
     from cscvision.training.calibration import METHODS
     from cscvision.training.data import BALANCE_MODES
     from cscvision.training.lit import SCHEDULERS
+    from cscvision.training.regression import LOSSES, TASKS
 
     choices = {
         "model.backbone": (cfg.model.backbone, sorted(BACKBONES)),
@@ -248,6 +261,8 @@ def check_choices(cfg: TrainConfig) -> None:
         "data.balance": (cfg.data.balance, BALANCE_MODES),
         "optim.scheduler": (cfg.optim.scheduler, SCHEDULERS),
         "metrics.monitor_mode": (cfg.metrics.monitor_mode, ("max", "min")),
+        "task": (cfg.task, TASKS),
+        "regression.loss": (cfg.regression.loss, LOSSES),
         "metrics.calibration": (cfg.metrics.calibration, METHODS),
     }
     for key, (value, valid) in choices.items():
@@ -269,6 +284,10 @@ def check_choices(cfg: TrainConfig) -> None:
             raise ConfigError(f"classes: {e}") from None
     if cfg.threads is not None and (not isinstance(cfg.threads, int) or cfg.threads < 1):
         raise ConfigError(f"threads: {cfg.threads!r} must be a whole number ≥ 1, or null")
+    if cfg.targets is not None and (
+        not isinstance(cfg.targets, list) or not all(isinstance(t, str) for t in cfg.targets)
+    ):
+        raise ConfigError(f"targets: {cfg.targets!r} must be a list of column names, or null")
     if cfg.data.batch_size < 1 or cfg.data.num_workers < 0:
         raise ConfigError("data.batch_size must be ≥ 1 and data.num_workers ≥ 0")
 

@@ -32,8 +32,10 @@ from cscvision.labels.annotations import (
     tile_targets,
 )
 from cscvision.labels.cohort import CohortEntry
+from cscvision.labels.table import LabelTableError, read_label_table
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, load_grid, make_grid, save_grid
-from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, open_slide
+from cscvision.slides.info import MPP_TOLERANCE
+from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, open_slide, plan_read
 
 SPLITS = ("train", "val", "test")
 _KEY_FILE = "key.json"
@@ -57,6 +59,7 @@ class SlideTiles:
     xy_l0: np.ndarray  # int64[N, 2]
     targets: np.ndarray  # float32[N, T], fraction of the tile's tissue in each target
     tissue: np.ndarray  # float32[N]
+    n_excluded: int = 0  # label-table rows dropped (valid == 0 or a target unknown)
 
     def __len__(self) -> int:
         return len(self.xy_l0)
@@ -186,11 +189,19 @@ def prepare_slide(
     class_map: ClassMap,
     cache_dir: str | Path,
     mpp_override: float | None = None,
+    targets: Sequence[str] | None = None,
 ) -> tuple[SlideTiles, list[str]]:
     """Tiles and soft targets of one cohort slide, from the cache when it is current.
 
     Returns the tiles (excluded tiles dropped) and the annotation classes no target maps.
+    A slide with a tile-label table (``label_path``) takes its table's tiles as the samples,
+    for ``targets`` (default: the class map's).
     """
+    if entry.label_path is not None:
+        chosen = targets or class_map.targets
+        return table_tiles(
+            entry, split=split, spec=spec, targets=chosen, mpp_override=mpp_override
+        ), []
     key = cache_key(entry.slide_path, entry.annotation_path, spec, class_map, mpp_override)
     folder = Path(cache_dir) / f"{entry.slide_id}-{key[:12]}"
     cached = _load_cached(folder, key)
@@ -214,6 +225,51 @@ def prepare_slide(
     return tiles, unmapped
 
 
+def table_tiles(
+    entry: CohortEntry,
+    *,
+    split: str,
+    spec: GridSpec,
+    targets: Sequence[str],
+    mpp_override: float | None = None,
+) -> SlideTiles:
+    """The tiles of ``entry``'s tile-label table: rows with ``valid == 0`` or an unknown (NaN)
+    target are dropped and counted; values outside [0, 1] are kept (regression targets)."""
+    path = entry.label_path
+    try:
+        table = read_label_table(path)
+    except LabelTableError as e:
+        raise DataError(str(e)) from None
+    if table.tile_px != spec.tile_px or abs(table.mpp / spec.mpp - 1) > MPP_TOLERANCE:
+        raise DataError(
+            f"{path}: tiles of {table.tile_px} px at {table.mpp} µm/px, but the config's grid "
+            f"is {spec.tile_px} px at {spec.mpp} µm/px; set grid.tile_px/grid.mpp to match or "
+            "rebuild the table at the config's grid"
+        )
+    missing = [t for t in targets if t not in table.targets]
+    if missing:
+        raise DataError(f"{path}: no column for target(s) {missing} (it has {table.targets})")
+    values = table.values[:, [table.targets.index(t) for t in targets]]
+    keep = ~np.isnan(values).any(axis=1)
+    if table.valid is not None:
+        keep &= table.valid
+    with open_slide(entry.slide_path, mpp=mpp_override) as slide:
+        plan = plan_read(slide.info, mpp=spec.mpp, tile_px=spec.tile_px)
+        override = slide.info.mpp if slide.info.mpp_source == MPP_FROM_OVERRIDE else None
+    return SlideTiles(
+        slide_id=entry.slide_id,
+        patient_id=entry.patient_id,
+        split=split,
+        slide_path=str(entry.slide_path),
+        plan=plan,
+        mpp_override=override,
+        xy_l0=table.xy_l0[keep],
+        targets=values[keep].astype(np.float32),
+        tissue=np.ones(int(keep.sum()), np.float32),
+        n_excluded=int((~keep).sum()),
+    )
+
+
 def prepare_cohort(
     entries: Sequence[CohortEntry],
     splits: Mapping[str, str],
@@ -222,6 +278,7 @@ def prepare_cohort(
     class_map: ClassMap,
     cache_dir: str | Path,
     progress: bool = True,
+    targets: Sequence[str] | None = None,
 ) -> dict[str, list[SlideTiles]]:
     """Tiles of every cohort slide, grouped by split; slides without tissue are skipped.
 
@@ -235,7 +292,12 @@ def prepare_cohort(
     for entry in tqdm(entries, desc="tiling slides", unit="slide", disable=not progress):
         split = splits[entry.slide_id]
         tiles, names = prepare_slide(
-            entry, split=split, spec=spec, class_map=class_map, cache_dir=cache_dir
+            entry,
+            split=split,
+            spec=spec,
+            class_map=class_map,
+            cache_dir=cache_dir,
+            targets=targets,
         )
         for name in names:
             unmapped.setdefault(name, set()).add(str(entry.annotation_path))

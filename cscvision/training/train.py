@@ -50,6 +50,8 @@ from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, 
 from cscvision.training.export import export_model
 from cscvision.training.featuredata import head_pieces, with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
+from cscvision.training.regression import TileRegressor, standardise_stats
+from cscvision.training.tables import check_target_range, cohort_targets
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +93,30 @@ def train(
     run_dir = Path(cfg.run_dir)
     class_map = ClassMap.from_dict(cfg.classes) if cfg.classes else DEFAULT_CLASS_MAP
     entries = read_cohort(cfg.cohort.csv)
+    targets = cohort_targets(entries, cfg.targets) or class_map.targets
     splits = _splits(run_dir / "splits.csv", entries, cfg, class_map)
     _write_run_files(run_dir, cfg, entries, splits)
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
     by_split = prepare_cohort(
-        entries, splits, spec=cfg.grid, class_map=class_map, cache_dir=cache_dir, progress=progress
-    )
+        entries, splits, spec=cfg.grid, class_map=class_map, cache_dir=cache_dir,
+        progress=progress, targets=targets,
+    )  # fmt: skip
+    check_target_range(by_split, targets, cfg.task)
     if cfg.model.encoder:  # a head on stored features (features extracted where missing)
-        dm, module, encoder = head_pieces(cfg, class_map.targets, by_split, run_dir, progress)
+        if cfg.task != "classification":
+            raise TrainError("model.encoder: heads on stored features are classification only")
+        dm, module, encoder = head_pieces(cfg, targets, by_split, run_dir, progress)
     else:
         dm, encoder = _datamodule(cfg, by_split), {}
-        module = _module(cfg, class_map.targets, dm)
+        module = _module(cfg, targets, dm)
     ckpt = _resume_checkpoint(run_dir, resume, module)
     trainer, checkpoints = _trainer(cfg, run_dir, progress)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     best = Path(checkpoints.best_model_path or run_dir / "checkpoints" / "last.ckpt")
     metrics = _evaluate(trainer, module, dm, best, cfg.metrics.calibration)
-    thresholds = dict(zip(class_map.targets, module.thresholds.tolist(), strict=True))
+    thresholds = {}
+    if cfg.task == "classification":
+        thresholds = dict(zip(targets, module.thresholds.tolist(), strict=True))
     model_dir = None
     if trainer.is_global_zero:
         write_json(run_dir / "calibration.json", _calibration_figures(module, metrics))
@@ -213,6 +222,8 @@ def _datamodule(cfg: TrainConfig, by_split: Mapping[str, Sequence[Any]]) -> Tile
 
 
 def _module(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> TileClassifier:
+    if cfg.task == "regression":
+        return _regressor(cfg, targets, dm)
     weights = None
     if cfg.data.balance == "pos_weight":
         weights = [float(w) for w in pos_weight(dm.datasets["train"].targets)]
@@ -234,6 +245,30 @@ def _module(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> Til
     )
 
 
+def _regressor(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> TileRegressor:
+    mean, std = standardise_stats(dm.datasets["train"].targets)
+    module = TileRegressor(
+        target_mean=mean,
+        target_std=std,
+        loss=cfg.regression.loss,
+        n_boot=cfg.regression.bootstrap,
+        backbone=cfg.model.backbone,
+        targets=tuple(targets),
+        pretrained=cfg.model.pretrained,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        scheduler=cfg.optim.scheduler,
+        warmup_frac=cfg.optim.warmup_frac,
+        mean=cfg.model.mean,
+        std=cfg.model.std,
+        augment=cfg.data.augment,
+        channels_last=cfg.model.channels_last,
+    )
+    patient = {s.slide_id: s.patient_id for tiles in dm.slides.values() for s in tiles}
+    module.slide_groups = [patient[i] for i in dm.slide_ids]  # bootstrap over patients
+    return module
+
+
 def _resume_checkpoint(run_dir: Path, resume: bool | None, module: TileClassifier) -> str | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume is False:
@@ -252,10 +287,13 @@ def _trainer(cfg: TrainConfig, run_dir: Path, progress: bool) -> tuple[L.Trainer
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.trainer
+    monitor = cfg.metrics.monitor
+    if cfg.task == "regression" and monitor == "val/auroc_mean":
+        monitor = "val/pearson_mean"
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-{epoch:03d}",
-        monitor=cfg.metrics.monitor,
+        monitor=monitor,
         mode=cfg.metrics.monitor_mode,
         save_last=True,
         save_top_k=1,
@@ -310,14 +348,25 @@ def _evaluate(
         module.calibration = fit_calibration(logits, soft, module.target_names, method)
         if module.calibration:
             metrics["val"] = _strip(trainer.validate(module, datamodule=dm, verbose=False), "val")
+    metrics["val"] |= _unlogged(module, "val")
     chosen = [metrics["val"].get(f"threshold_{t}", 0.5) for t in module.target_names]
     module.thresholds.copy_(torch.tensor(chosen))
     if len(dm.datasets["test"]):
         metrics["test"] = _strip(trainer.test(module, datamodule=dm, verbose=False), "test")
+        metrics["test"] |= _unlogged(module, "test")
     else:
         log.warning("no held-out test slides: test metrics are not reported")
         metrics["test"] = {}
     return metrics
+
+
+def _unlogged(module: TileClassifier, stage: str) -> dict[str, float]:
+    """Metrics Lightning does not log (NaN: an undefined correlation or CI), kept as null."""
+    return {
+        k: None
+        for k, v in module.last_metrics.get(stage, {}).items()
+        if isinstance(v, float) and v != v and isinstance(module, TileRegressor)
+    }
 
 
 def _calibration_figures(module: TileClassifier, metrics: dict[str, dict[str, float]]) -> dict:
@@ -352,8 +401,14 @@ def _export(
     out_dir = Path(cfg.export_dir)
     targets = module.target_names
     colors = target_colors(targets, cfg.card.colors)
+    scale = {}
+    if isinstance(module, TileRegressor):
+        scale = {"mean": module.target_mean.tolist(), "std": module.target_std.tolist()}
     card = ModelCard(
         name=cfg.name,
+        task=cfg.task,
+        units={t: cfg.regression.units for t in targets} if cfg.task == "regression" else {},
+        output_scale=scale,
         backbone=cfg.model.head if encoder else cfg.model.backbone,
         targets=targets,
         colors=colors,

@@ -1,0 +1,158 @@
+"""``cscvision labels st``: panel scores of Visium / HEST spots → tile-label tables + cohort CSV."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HELP = """\
+Score gene programmes per spatial-transcriptomics spot and write training targets.
+
+MANIFEST.csv is a cohort manifest (slide_id, patient_id, slide_path[, split]) plus st_path:
+each slide's Space Ranger outs/ folder or HEST .h5ad (relative to the CSV). Optional
+columns st_scale, st_offset_x, st_offset_y map full-resolution image pixels to slide
+level-0 pixels (level0 = fullres * scale + offset) when the slide is not the image Space
+Ranger saw; by default they are the same pixels.
+
+--panels CONFIG (YAML, or the packaged st_panels: `cscvision config show st_panels`) names
+the gene panels, the score (score_genes | zscore), the tile size (tile_px at mpp, centred on
+each spot) and an optional binarize_quantile. Writes into --out: <slide_id>.labels.csv +
+.labels.json per slide and cohort.csv (the manifest's columns plus label_path) for
+`cscvision train`.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "st",
+        help="spatial transcriptomics (Space Ranger outs/, HEST .h5ad) → tile-label tables",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("manifest", type=Path, metavar="MANIFEST.csv")
+    parser.add_argument(
+        "--panels",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="panel config (YAML); default: the built-in panels",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help="level-0 µm/px for slides whose metadata gives none",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing tables")
+    parser.set_defaults(func=run)
+
+
+def _float(row: dict, name: str, default: float, where: str) -> float:
+    text = (row.get(name) or "").strip()
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise ValueError(f"{where}: {name} {text!r} is not a number") from None
+
+
+def _jobs(manifest: Path) -> list[dict]:
+    from cscvision.core.io import read_csv
+    from cscvision.labels.cohort import CohortError, read_cohort
+
+    entries = read_cohort(manifest)
+    rows = read_csv(manifest)
+    if "st_path" not in rows[0]:
+        raise CohortError(f"{manifest}: no st_path column (Space Ranger outs/ or HEST .h5ad)")
+    jobs = []
+    for line, (entry, row) in enumerate(zip(entries, rows, strict=True), start=2):
+        where = f"{manifest}: line {line}"
+        text = (row.get("st_path") or "").strip()
+        if not text:
+            raise CohortError(f"{where}: st_path is empty")
+        st_path = Path(text) if Path(text).is_absolute() else manifest.parent / text
+        if not st_path.exists():
+            raise CohortError(f"{where}: st_path {st_path} not found")
+        offset = (_float(row, "st_offset_x", 0.0, where), _float(row, "st_offset_y", 0.0, where))
+        scale = _float(row, "st_scale", 1.0, where)
+        jobs.append(
+            {"entry": entry, "st_path": st_path.resolve(), "scale": scale, "offset": offset}
+        )
+    return jobs
+
+
+def _rel(path: Path, folder: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), folder.resolve())
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import anndata  # noqa: F401
+        import scanpy  # noqa: F401
+    except ImportError:
+        hint = 'pip install "cscvision[st]"'
+        print(f"cscvision labels st: needs anndata and scanpy: {hint}", file=sys.stderr)
+        return 2
+    from tqdm.auto import tqdm
+
+    from cscvision.core.io import write_csv
+    from cscvision.labels.programmes import load_programme_config
+    from cscvision.labels.st_labels import binarize, st_label_table
+    from cscvision.labels.table import table_path, write_label_table
+    from cscvision.slides.info import SlideError
+
+    t0 = time.perf_counter()
+    try:
+        config = load_programme_config(str(args.panels) if args.panels else None)
+        jobs = _jobs(args.manifest)
+        existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
+        existing = [p for p in existing if p.exists()]
+        if existing and not args.overwrite:
+            print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
+            return 1
+        tables = []
+        for job in tqdm(jobs, desc="scoring spots", unit="slide"):
+            e = job["entry"]
+            tables.append(
+                st_label_table(
+                    e.slide_path,
+                    job["st_path"],
+                    config,
+                    slide_id=e.slide_id,
+                    mpp_override=args.slide_mpp,
+                    scale=job["scale"],
+                    offset_px=job["offset"],
+                )
+            )
+    except (ValueError, SlideError, OSError) as e:
+        print(f"cscvision labels st: {e}", file=sys.stderr)
+        return 1
+    if config.binarize_quantile is not None:
+        tables = binarize(tables, config.binarize_quantile)
+    rows = []
+    for job, table in zip(jobs, tables, strict=True):
+        e = job["entry"]
+        path = write_label_table(table_path(args.out, e.slide_id), table)
+        rows.append(
+            (
+                e.slide_id,
+                e.patient_id,
+                _rel(e.slide_path, args.out),
+                _rel(path, args.out),
+                e.split or "",
+            )
+        )
+    header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
+    cohort = write_csv(args.out / "cohort.csv", header, rows)
+    n = sum(len(t) for t in tables)
+    print(
+        f"wrote {len(tables)} tile-label tables ({n} spot tiles of {config.tile_px} px at "
+        f"{config.mpp} µm/px; targets {', '.join(tables[0].targets) if tables else '-'}) "
+        f"to {args.out} in {time.perf_counter() - t0:.1f} s\n"
+        f"  {cohort.name}  slide_id,patient_id,slide_path,label_path,split (for cscvision train)"
+    )
+    return 0

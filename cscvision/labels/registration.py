@@ -1,0 +1,434 @@
+"""Slide-to-slide registration on thumbnails: an IHC section onto its H&E section.
+
+Coarse to fine, in level-0 µm of both slides:
+
+1. thumbnails at a coarse µm/px, tissue masks, and a stain-independent image (the
+   haematoxylin optical density, which both H&E and IHC counterstain carry, inside the
+   tissue, plus the tissue edge);
+2. ORB features (rotation-invariant) on the fixed image and on the moving image in each of
+   the 8 flips/quarter turns, cross-checked matches, RANSAC rigid fit: the orientation
+   with the most inliers wins, so any rotation and mirroring is handled;
+3. RANSAC affine on the matches, then again at a finer µm/px with matches gated to lie
+   near where the coarse transform puts them;
+4. optional non-rigid refinement: TV-L1 optical flow between the registered fine images,
+   smoothed and kept as a displacement grid;
+5. the error: matched features held out of the fit (5 folds), median and 90th percentile
+   in µm; failure when too few matches agree, the error is above a limit, or the tissue
+   masks do not overlap once registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from skimage import color, filters, measure, transform
+
+from cscvision.slides.slide import SlideReader
+from cscvision.slides.tissue import optical_density
+
+MAX_SIDE_PX = 4096  # the finest level's longest side
+MIN_TISSUE_OD = 0.08  # summed optical density under which a pixel is glass, whatever Otsu says
+
+
+class RegistrationError(ValueError):
+    """Two slides could not be registered; the message says why and what to check."""
+
+
+@dataclass(frozen=True)
+class RegistrationParams:
+    coarse_um: float = 0.0  # µm/px of the coarse level; 0 = longest side ~256 px, ≥ 8
+    fine_um: float = 2.0  # levels halve down to this µm/px
+    min_inliers: int = 12
+    max_error_um: float = 50.0  # p90 of the held-out error above this fails
+    min_dice: float = 0.6  # tissue overlap once registered
+    nonrigid: bool = False
+    flow_smooth_um: float = 60.0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Fixed (H&E) level-0 µm -> moving (IHC) level-0 µm."""
+
+    fixed_path: str
+    moving_path: str
+    fixed_mpp: float
+    moving_mpp: float
+    matrix_um: np.ndarray  # float64[3, 3]
+    flip: bool
+    rotation_deg: float
+    n_matches: int
+    n_inliers: int
+    error_um: dict[str, float]  # median, p90 of held-out matches
+    tissue_dice: float
+    ok: bool
+    reason: str = ""
+    flow_um: np.ndarray | None = None  # float32[2, rows, cols]: (dx, dy) added in moving µm
+    flow_step_um: float = 0.0  # grid spacing of flow_um in fixed µm
+    params: dict = field(default_factory=dict)
+
+    def map_um(self, xy_um: np.ndarray) -> np.ndarray:
+        """Fixed level-0 µm [N, 2] -> moving level-0 µm [N, 2]."""
+        xy = np.asarray(xy_um, np.float64).reshape(-1, 2)
+        out = xy @ self.matrix_um[:2, :2].T + self.matrix_um[:2, 2]
+        if self.flow_um is not None:
+            g = (xy / self.flow_step_um).T[::-1]  # (row, col) grid coordinates
+            for k in range(2):
+                out[:, k] += ndimage.map_coordinates(self.flow_um[k], g, order=1, mode="nearest")
+        return out
+
+    def map_l0(self, xy_l0: np.ndarray) -> np.ndarray:
+        """Fixed level-0 px -> moving level-0 px (continuous coordinates)."""
+        return self.map_um(np.asarray(xy_l0, np.float64) * self.fixed_mpp) / self.moving_mpp
+
+    def to_dict(self) -> dict:
+        record = {
+            "direction": "fixed (H&E) level-0 µm -> moving (IHC) level-0 µm",
+            "fixed": {"path": self.fixed_path, "mpp": self.fixed_mpp},
+            "moving": {"path": self.moving_path, "mpp": self.moving_mpp},
+            "matrix_um": self.matrix_um.tolist(),
+            "flip": self.flip,
+            "rotation_deg": round(self.rotation_deg, 3),
+            "n_matches": self.n_matches,
+            "n_inliers": self.n_inliers,
+            "error_um": self.error_um,
+            "tissue_dice": round(self.tissue_dice, 4),
+            "ok": self.ok,
+            "reason": self.reason,
+            "params": self.params,
+        }
+        if self.flow_um is not None:
+            record["nonrigid"] = {
+                "step_um": self.flow_step_um,
+                "displacement_um": np.round(self.flow_um, 2).tolist(),
+            }
+        return record
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Registration:
+        rigid = d.get("nonrigid")
+        return cls(
+            fixed_path=d["fixed"]["path"],
+            moving_path=d["moving"]["path"],
+            fixed_mpp=float(d["fixed"]["mpp"]),
+            moving_mpp=float(d["moving"]["mpp"]),
+            matrix_um=np.asarray(d["matrix_um"], np.float64),
+            flip=bool(d["flip"]),
+            rotation_deg=float(d["rotation_deg"]),
+            n_matches=int(d["n_matches"]),
+            n_inliers=int(d["n_inliers"]),
+            error_um=dict(d["error_um"]),
+            tissue_dice=float(d["tissue_dice"]),
+            ok=bool(d["ok"]),
+            reason=str(d.get("reason", "")),
+            flow_um=None if not rigid else np.asarray(rigid["displacement_um"], np.float32),
+            flow_step_um=0.0 if not rigid else float(rigid["step_um"]),
+            params=dict(d.get("params", {})),
+        )
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    image: np.ndarray  # float32 feature image, 0 outside tissue
+    mask: np.ndarray  # bool tissue
+    rgb: np.ndarray
+    mpp: float
+
+
+def feature_image(rgb: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Stain-independent image: haematoxylin OD (both stainings have it) in the tissue,
+    scaled by its own percentiles, plus the tissue edge; 0 on glass."""
+    h = color.rgb2hed(rgb)[..., 0]
+    inside = h[mask]
+    lo, hi = np.percentile(inside, (2, 98)) if inside.size else (0.0, 1.0)
+    scaled = np.clip((h - lo) / max(hi - lo, 1e-6), 0, 1)
+    regional = ndimage.gaussian_filter(scaled * mask, sigma_px)  # regions, not single nuclei
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)
+    return (0.6 * regional + 0.4 * soft).astype(np.float32)
+
+
+def stain_mask(rgb: np.ndarray) -> np.ndarray:
+    """Tissue by Otsu on the smoothed optical density (any stain, glass of any tint)."""
+    od = ndimage.gaussian_filter(optical_density(rgb), 1.0)
+    threshold = filters.threshold_otsu(od) if od.max() > od.min() else np.inf
+    return od > max(threshold, MIN_TISSUE_OD)
+
+
+def level(slide: SlideReader, mpp: float) -> Level:
+    rgb = slide.thumbnail(mpp)
+    mask = ndimage.binary_fill_holes(ndimage.binary_opening(stain_mask(rgb), iterations=1))
+    return Level(feature_image(rgb, mask, max(1.0, 8.0 / mpp)), mask, rgb, mpp)
+
+
+def _apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    return xy @ m[:2, :2].T + m[:2, 2]
+
+
+def _ransac(src, dst, model, threshold: float, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
+    if len(src) < 6:
+        return None, np.zeros(len(src), bool)
+    fitted, inliers = measure.ransac(
+        (src, dst), model, min_samples=3, residual_threshold=threshold, max_trials=2000, rng=seed
+    )
+    if fitted is None or inliers is None:
+        return None, np.zeros(len(src), bool)
+    return np.asarray(fitted.params, np.float64), np.asarray(inliers, bool)
+
+
+def _shift(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1]], np.float64)
+
+
+def _rotation(deg: float, centre: tuple[float, float]) -> np.ndarray:
+    a = np.deg2rad(deg)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    return _shift(*centre) @ rot @ _shift(-centre[0], -centre[1])
+
+
+def _warp(img: np.ndarray, out_to_in: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``out[y, x] = img[out_to_in @ (x, y, 1)]`` (pixel indices), bilinear, 0 outside."""
+    m = out_to_in
+    matrix = np.array([[m[1, 1], m[1, 0]], [m[0, 1], m[0, 0]]])
+    return ndimage.affine_transform(
+        img, matrix, offset=(m[1, 2], m[0, 2]), output_shape=shape, order=1, cval=0.0
+    )
+
+
+def _idx_to_um(mpp: float) -> np.ndarray:
+    return np.diag([mpp, mpp, 1.0]) @ _shift(0.5, 0.5)
+
+
+def _um_to_idx(mpp: float) -> np.ndarray:
+    return _shift(-0.5, -0.5) @ np.diag([1 / mpp, 1 / mpp, 1.0])
+
+
+def rotation_search(fixed: Level, moving: Level, step_deg: float = 3.0):
+    """Rigid fixed µm -> moving µm by exhaustive search over both mirrorings and all
+    rotations (FFT cross-correlation gives the translation of each): (matrix, score, flip)."""
+    side = 1 << int(np.ceil(np.log2(1.5 * max(*fixed.image.shape, *moving.image.shape))))
+    centre = ((side - 1) / 2, (side - 1) / 2)
+    f_off = _shift((side - fixed.image.shape[1]) // 2, (side - fixed.image.shape[0]) // 2)
+    canvas_f = _warp(fixed.image, np.linalg.inv(f_off), (side, side))
+    canvas_f -= canvas_f.mean()
+    spec_f = np.fft.rfft2(canvas_f)
+    norm_f = np.linalg.norm(canvas_f)
+    m_off = _shift((side - moving.image.shape[1]) // 2, (side - moving.image.shape[0]) // 2)
+    w = moving.image.shape[1]
+    best = (-np.inf, None, False)
+
+    def trial(flip: bool, deg: float):
+        unflip = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
+        # rotated canvas q -> moving index
+        q_to_m = unflip @ np.linalg.inv(m_off) @ _rotation(deg, centre)
+        canvas_m = _warp(moving.image, q_to_m, (side, side))
+        canvas_m -= canvas_m.mean()
+        corr = np.fft.irfft2(spec_f * np.conj(np.fft.rfft2(canvas_m)), s=(side, side))
+        dy, dx = np.unravel_index(int(np.argmax(corr)), corr.shape)
+        score = corr[dy, dx] / (norm_f * np.linalg.norm(canvas_m) + 1e-9)
+        dy, dx = (dy + side // 2) % side - side // 2, (dx + side // 2) % side - side // 2
+        # fixed index -> canvas p -> q = p - d -> moving index
+        idx = q_to_m @ _shift(-dx, -dy) @ f_off
+        return score, _idx_to_um(moving.mpp) @ idx @ _um_to_idx(fixed.mpp)
+
+    for flip in (False, True):
+        for deg in np.arange(0, 360, step_deg):
+            score, m = trial(flip, deg)
+            if score > best[0]:
+                best = (score, m, flip, deg)
+    _, _, flip, deg0 = best
+    for deg in deg0 + np.arange(-step_deg, step_deg + 1e-9, step_deg / 6):
+        score, m = trial(flip, deg)
+        if score > best[0]:
+            best = (score, m, flip, deg)
+    return best[1], float(best[0]), bool(best[2])
+
+
+def patch_matches(
+    fixed: Level, moving: Level, guess: np.ndarray, patch_px: int = 32, max_patches: int = 400
+) -> tuple[np.ndarray, np.ndarray]:
+    """Point pairs (fixed µm, moving µm) from phase correlation of patches of the fixed image
+    against the moving image warped by ``guess``; patches that do not correlate are dropped."""
+    from skimage.registration import phase_cross_correlation
+
+    shape = fixed.image.shape
+    warped = warp_to_fixed(moving.image, moving.mpp, shape, fixed.mpp, lambda xy: _apply(guess, xy))
+    cover = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, shape, fixed.mpp,
+                          lambda xy: _apply(guess, xy))  # fmt: skip
+    half = patch_px // 2
+    ys, xs = np.mgrid[half : shape[0] - half : half, half : shape[1] - half : half]
+    ys, xs = ys.ravel(), xs.ravel()
+    keep = fixed.mask[ys, xs] & (cover[ys, xs] > 0.5)
+    ys, xs = ys[keep], xs[keep]
+    if len(ys) > max_patches:
+        pick = np.random.default_rng(0).choice(len(ys), max_patches, replace=False)
+        ys, xs = ys[pick], xs[pick]
+    src, dst = [], []
+    for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
+        a = fixed.image[y - half : y + half, x - half : x + half]
+        b = warped[y - half : y + half, x - half : x + half]
+        if a.std() < 1e-3 or b.std() < 1e-3:
+            continue
+        shift, _, _ = phase_cross_correlation(a, b, upsample_factor=4, normalization=None)
+        if np.abs(shift).max() > half / 2:
+            continue
+        moved = ndimage.shift(b, shift, order=1, mode="nearest")
+        if np.corrcoef(a.ravel(), moved.ravel())[0, 1] < 0.5:
+            continue
+        src.append((x + 0.5, y + 0.5))
+        dst.append((x + 0.5 - shift[1], y + 0.5 - shift[0]))
+    if not src:
+        return np.zeros((0, 2)), np.zeros((0, 2))
+    src_um = np.asarray(src) * fixed.mpp
+    return src_um, _apply(guess, np.asarray(dst) * fixed.mpp)
+
+
+def held_out_error(src: np.ndarray, dst: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Residuals (µm) of matches held out of a least-squares affine fit, ``folds``-fold."""
+    n = len(src)
+    if n < 2 * folds:
+        return np.full(max(n, 1), np.inf)
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    out = np.empty(n)
+    for i in range(folds):
+        fit = transform.AffineTransform()
+        fit.estimate(src[fold != i], dst[fold != i])
+        out[fold == i] = np.linalg.norm(fit(src[fold == i]) - dst[fold == i], axis=1)
+    return out
+
+
+def warp_to_fixed(
+    moving: np.ndarray, moving_mpp: float, shape: tuple[int, int], fixed_mpp: float, fn
+) -> np.ndarray:
+    """Sample ``moving`` (a 2-D array) at every fixed pixel through ``fn`` (µm -> µm)."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    xy = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * fixed_mpp
+    m = fn(xy) / moving_mpp - 0.5
+    out = ndimage.map_coordinates(moving, [m[:, 1], m[:, 0]], order=1, mode="constant")
+    return out.reshape(shape)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 0.0
+
+
+def _flow(fixed: Level, moving: Level, m: np.ndarray, p: RegistrationParams):
+    """Smoothed TV-L1 flow at the finest level, as moving-µm offsets on a fixed-µm grid."""
+    from skimage.registration import optical_flow_tvl1
+
+    f = fixed.mpp
+    warped = warp_to_fixed(moving.image, moving.mpp, fixed.image.shape, f, lambda xy: _apply(m, xy))
+    v, u = optical_flow_tvl1(fixed.image, warped, attachment=10, num_warp=3)
+    sigma = p.flow_smooth_um / f
+    weight = ndimage.gaussian_filter(fixed.mask.astype(np.float32), sigma) + 1e-6
+    du, dv = (ndimage.gaussian_filter(d * fixed.mask, sigma) / weight for d in (u, v))
+    step = max(1, int(sigma / 3))
+    delta = np.stack([du, dv])[:, ::step, ::step] * f  # fixed µm, grid node k at k*step px
+    flow = np.einsum("ij,jrc->irc", m[:2, :2], delta).astype(np.float32)
+    return flow, step * f
+
+
+def _refine(levels_f, levels_m, m: np.ndarray, p: RegistrationParams, seed: int):
+    """Affine RANSAC on patch matches, level by level from coarse to fine."""
+    src = dst = np.zeros((0, 2))
+    for lf, lm in zip(levels_f, levels_m, strict=True):
+        s, d = patch_matches(lf, lm, m)
+        fit, inliers = _ransac(s, d, transform.AffineTransform, 1.5 * lf.mpp, seed)
+        if fit is None or inliers.sum() < p.min_inliers:
+            continue
+        m, src, dst = fit, s[inliers], d[inliers]
+        n_matches = len(s)
+    return m, src, dst, (n_matches if len(src) else 0)
+
+
+def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationParams, seed=0) -> dict:
+    """Fields of a :class:`Registration` from the levels (coarse first) of both slides."""
+    rigid, _, flip = rotation_search(fixed[0], moving[0])
+    m, src, dst, n_matches = _refine(fixed, moving, rigid, p, seed)
+    out = {"n_matches": n_matches, "flip": flip, "n_inliers": len(src), "matrix_um": m}
+    out["rotation_deg"] = float(np.degrees(np.arctan2(m[1, 0], m[0, 0])) * (-1 if flip else 1))
+    errors = held_out_error(src, dst, seed=seed)
+    out["error_um"] = {"median": float(np.median(errors)), "p90": float(np.percentile(errors, 90))}
+    c0, m0 = fixed[0], moving[0]
+    warped = warp_to_fixed(m0.mask.astype(np.float32), m0.mpp, c0.mask.shape, c0.mpp,
+                           lambda xy: _apply(m, xy)) > 0.5  # fmt: skip
+    out["tissue_dice"] = _dice(c0.mask, warped)
+    out["ok"], out["reason"] = True, ""
+    if len(src) < p.min_inliers:
+        out["ok"], out["reason"] = (
+            False,
+            (f"too few matching features agree ({len(src)}, {p.min_inliers} needed)"),
+        )
+    elif out["error_um"]["p90"] > p.max_error_um:
+        p90 = out["error_um"]["p90"]
+        out["ok"], out["reason"] = False, f"held-out error p90 {p90:.1f} µm > {p.max_error_um} µm"
+    elif out["tissue_dice"] < p.min_dice:
+        dice = out["tissue_dice"]
+        out["ok"], out["reason"] = (
+            False,
+            f"tissue overlap once registered Dice {dice:.2f} < {p.min_dice}",
+        )
+    if out["ok"] and p.nonrigid:
+        out["flow_um"], out["flow_step_um"] = _flow(fixed[-1], moving[-1], m, p)
+    return out
+
+
+def level_mpps(fixed: SlideReader, moving: SlideReader, p: RegistrationParams) -> list[float]:
+    """µm/px of the levels, coarse to fine: halving down to ``p.fine_um`` (never more than
+    ``MAX_SIDE_PX`` on a side)."""
+    side_um = max(max(s.info.dimensions) * s.info.mpp for s in (fixed, moving))
+    coarse = p.coarse_um or max(8.0, side_um / 256)
+    finest = max(p.fine_um, side_um / MAX_SIDE_PX, max(s.info.mpp for s in (fixed, moving)))
+    mpps = [coarse]
+    while mpps[-1] / 2 >= finest * 0.99:
+        mpps.append(mpps[-1] / 2)
+    return mpps
+
+
+def register_slides(
+    fixed: SlideReader, moving: SlideReader, params: RegistrationParams | None = None, seed: int = 0
+) -> tuple[Registration, np.ndarray]:
+    """Register ``moving`` (IHC) onto ``fixed`` (H&E); return the result and a QC picture.
+
+    Never raises for a failed registration: ``ok`` is False and ``reason`` says why.
+    """
+    p = params or RegistrationParams()
+    mpps = level_mpps(fixed, moving, p)
+    levels_f = [level(fixed, c) for c in mpps]
+    levels_m = [level(moving, c) for c in mpps]
+    fields = register_levels(levels_f, levels_m, p, seed)
+    reg = Registration(
+        fixed_path=str(fixed.info.path),
+        moving_path=str(moving.info.path),
+        fixed_mpp=fixed.info.mpp,
+        moving_mpp=moving.info.mpp,
+        params={**dataclasses.asdict(p), "level_mpps": mpps},
+        **fields,
+    )
+    qc = min(len(mpps) - 1, 1)
+    return reg, qc_image(levels_f[qc], levels_m[qc], reg)
+
+
+def qc_image(fixed: Level, moving: Level, reg: Registration, squares: int = 8) -> np.ndarray:
+    """Checkerboard of the fixed thumbnail and the registered moving one, with the moving
+    tissue edge drawn in green over the fixed half."""
+    h, w = fixed.mask.shape
+    warped = np.stack(
+        [warp_to_fixed(moving.rgb[..., i].astype(np.float32), moving.mpp, (h, w), fixed.mpp,
+                       reg.map_um) for i in range(3)], axis=-1)  # fmt: skip
+    outside = warp_to_fixed(np.ones(moving.mask.shape, np.float32), moving.mpp, (h, w),
+                            fixed.mpp, reg.map_um) < 0.5  # fmt: skip
+    warped[outside] = 255
+    rows, cols = np.mgrid[0:h, 0:w]
+    side = max(8, max(h, w) // squares)
+    board = ((rows // side + cols // side) % 2).astype(bool)
+    out = np.where(board[..., None], warped, fixed.rgb.astype(np.float32))
+    mask = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, (h, w), fixed.mpp, reg.map_um)
+    edge = (mask > 0.5) ^ ndimage.binary_erosion(mask > 0.5, iterations=2)
+    out[edge] = (0, 200, 0)
+    return np.clip(out, 0, 255).astype(np.uint8)
