@@ -309,3 +309,39 @@ def test_read_tile_box_averages_whole_number_factors(slides):
         box = region.reshape(100, 2, 100, 2, 3).mean(axis=(1, 3))
         assert tile.shape == (100, 100, 3)
         assert np.abs(tile - box).max() <= 1  # rounding only
+
+
+@pytest.mark.parametrize("name", ["generic", "aperio", "holey"])
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_reduced_tiles_equal_openslide_region_reduced(slides, name, factor):
+    # Stored tiles reduced once each must give what reducing OpenSlide's region gives, bit
+    # for bit: inside, across tile seams, over the right and bottom edges (boxes mixing
+    # pixels and white), past them, and at odd positions (where the fast path declines).
+    tile_px = 64
+    side = tile_px * factor
+    plan = ReadPlan(
+        mpp=0.5 * factor, tile_px=tile_px, level=0, downsample=1.0, read_px=side, tile_l0=side
+    )
+    spots = [(0, 0), (240, 120), (WIDTH - side + 6, 300), (1000, HEIGHT - 40), (1200, 1000)]
+    spots += [(3, 0), (WIDTH - 50, HEIGHT - 7)]
+    with open_slide(slides[name]) as fast, open_slide(slides[name], fast=False) as ref:
+        for xy in spots:
+            want = ref.read_tile(xy, plan)
+            np.testing.assert_array_equal(fast.read_tile(xy, plan), want, err_msg=f"{xy}")
+        exact = fast._fast.read_reduced((240, 120), 0, (side, side), factor)
+        assert (exact is None) == (TILE % factor != 0)  # 256 px tiles do not split in 3s
+        assert fast._fast.read_reduced((3, 0), 0, (side, side), factor) is None
+
+
+def test_reduce_tile_is_pils_reduce_bit_for_bit():
+    # OpenCV's INTER_AREA serves factor 2 where installed: it must round as PIL does.
+    from cscvision.slides.fastread import _cv2, reduce_tile
+
+    rng = np.random.default_rng(8)
+    tiles = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), textured(320, 192)]
+    for rgb in tiles:
+        for factor in (2, 4):
+            want = np.asarray(Image.fromarray(rgb).reduce(factor))
+            np.testing.assert_array_equal(reduce_tile(rgb, factor), want)
+    if _cv2() is None:
+        pytest.skip("OpenCV not installed (the speed extra): PIL served factor 2 too")

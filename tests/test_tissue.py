@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import tissue_like
+from skimage import color
 
+from cscvision.slides import tissue
 from cscvision.slides.grid import detect_tissue
 from cscvision.slides.slide import open_slide
-from cscvision.slides.tissue import ink_mask, optical_density, tissue_fraction, tissue_mask
+from cscvision.slides.tissue import (
+    TissueParams,
+    ink_mask,
+    optical_density,
+    tissue_fraction,
+    tissue_mask,
+)
 
 
 def test_real_slide_mask_fraction_and_no_ink(cmu_svs):
@@ -75,3 +83,79 @@ def test_tissue_reaching_the_thumbnail_edge_keeps_its_edge_pixels():
     mask = tissue_mask(rgb, 8.0)
     assert mask[:, :200].all()
     assert not mask[:, 210:].any()
+
+
+# --- the fast formulation equals the HSV one ----------------------------------------------
+
+
+def hsv_reference_mask(rgb: np.ndarray, mask_mpp: float) -> np.ndarray:
+    """The mask as first written: a full HSV conversion for its saturation, scipy morphology."""
+    from scipy import ndimage
+    from skimage import color, filters, morphology
+
+    params = TissueParams()
+    sat = color.rgb2hsv(rgb)[..., 1]
+    od = -np.log(np.clip(rgb.astype(np.float32), 1.0, 255.0) / 255.0).sum(axis=-1)
+    stained = od > params.min_od
+    threshold = params.min_saturation
+    if stained.sum() > 16 and np.ptp(sat[stained]) > 0:
+        threshold = max(threshold, float(filters.threshold_otsu(sat[stained])) * 0.5)
+    mask = stained & (sat > threshold)
+    ink = ink_mask(rgb)
+    radius = max(1, round(params.ink_dilate_um / mask_mpp))
+    ink = ndimage.binary_dilation(ink, morphology.disk(radius))
+    mask &= ~ink
+    mask = ndimage.binary_closing(np.pad(mask, 1, mode="edge"), morphology.disk(1))[1:-1, 1:-1]
+    mask = morphology.remove_small_holes(mask, max_size=round(0.05e6 / mask_mpp**2))
+    mask &= ~ink
+    return morphology.remove_small_objects(mask, max_size=max(1, round(0.01e6 / mask_mpp**2)))
+
+
+def test_mask_equals_the_hsv_formulation_on_real_and_random_images(cmu_svs):
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8) for _ in range(3)]
+    with open_slide(cmu_svs) as slide:
+        images += [slide.thumbnail(8.0), slide.thumbnail(2.0)]
+    pen = tissue_like(200, 200, box=(20, 20, 100, 180))
+    pen[20:180, 120:180] = (30, 150, 160)
+    images.append(pen)
+    for rgb in images:
+        for mask_mpp in (8.0, 2.0):  # ink margins of 2 and 8 px
+            want = hsv_reference_mask(rgb, mask_mpp)
+            np.testing.assert_array_equal(tissue_mask(rgb, mask_mpp), want)
+
+
+def test_saturation_from_max_and_min_is_hsv_saturation():
+    table = tissue._saturation_table()
+    assert table[200 * 256 + 50] == pytest.approx(150 / 200)
+    assert table[0] == 0 and table[255 * 256 + 255] == 0
+    rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    code = rgb.max(axis=-1).astype(np.int64) * 256 + rgb.min(axis=-1)
+    np.testing.assert_array_equal(table[code], color.rgb2hsv(rgb)[..., 1])
+
+
+def test_saturation_threshold_is_half_otsu_between_two_stains():
+    # Stained pixels of saturation 0.2 and 0.6 (max 250): Otsu splits them, half of its
+    # threshold (a bin centre near 0.2) is ~0.1, above the 0.07 floor.
+    rgb = np.full((40, 40, 3), (250, 200, 200), np.uint8)  # saturation 0.2
+    rgb[:, 20:] = (250, 100, 100)  # saturation 0.6
+    top, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    code = (top.astype(np.uint16) << 8) | low
+    stained = np.ones(top.shape, bool)
+    threshold = tissue._saturation_threshold(code, stained, TissueParams())
+    assert threshold == pytest.approx(0.2 * 0.5 + 0.4 / 256 / 4, abs=1e-9)
+
+
+def test_closing_and_sparse_dilation_equal_scipy():
+    from scipy import ndimage
+    from skimage import morphology
+
+    rng = np.random.default_rng(9)
+    for density in (0.5, 0.02):
+        mask = rng.random((70, 90)) < density
+        want = ndimage.binary_closing(np.pad(mask, 1, mode="edge"), morphology.disk(1))
+        np.testing.assert_array_equal(tissue._close_cross(mask), want[1:-1, 1:-1])
+        for radius in (1, 2, 3, 5):
+            want = ndimage.binary_dilation(mask, morphology.disk(radius))
+            np.testing.assert_array_equal(tissue._dilate_sparse(mask, radius), want)
+    assert not tissue._dilate_sparse(np.zeros((5, 5), bool), 2).any()

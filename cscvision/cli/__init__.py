@@ -14,6 +14,7 @@ COMMANDS = (
     "demo",
     "synth",
     "tile",
+    "register",
     "labels",
     "train",
     "infer",

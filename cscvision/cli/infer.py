@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cscvision.cli.common import add_slide_args, corrupt_tiles_line, jobs_from_args
-from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
+from cscvision.inference.settings import DECODERS, MAX_OVERLAP, READERS, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_encoder_args(p)
     _add_corrupt_tile_args(p)
     _add_statistics_args(p)
+    _add_decode_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
 
@@ -150,6 +151,25 @@ def _add_statistics_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding and prefetch")
+    g.add_argument(
+        "--decode",
+        choices=DECODERS,
+        default="cpu",
+        help="where stored JPEG tiles are decoded: cpu (default), gpu (batched on the CUDA "
+        "device, for JPEG-tiled TIFF/SVS slides; others fall back to cpu), or auto (gpu when "
+        "CUDA is there and the slide supports it)",
+    )
+    g.add_argument(
+        "--no-prefetch",
+        dest="prefetch",
+        action="store_false",
+        help="do not prepare the next slide (open, tissue, grid, first batches) while the "
+        "model scores the current one",
+    )
+
+
 def _add_ray_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         'Ray cluster (optional extra: pip install "cscvision[ray]")',
@@ -194,6 +214,8 @@ def _settings(args: argparse.Namespace) -> InferSettings:
         amp=args.amp,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        decode=args.decode,
+        prefetch=args.prefetch,
         on_corrupt_tile=args.on_corrupt_tile,
         within_um=args.within_um,
         permutations=args.permutations,
@@ -206,10 +228,10 @@ def _settings(args: argparse.Namespace) -> InferSettings:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cscvision.inference.batch import infer_job, job_complete, shard_suffix, write_results
+    from cscvision.inference.batch import shard_suffix, write_results
     from cscvision.inference.predict import resolve_device
     from cscvision.outputs.slide_folder import model_identity
-    from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+    from cscvision.slides.batch import BatchError, summary_lines, write_errors
     from cscvision.slides.slide import SlideError
     from cscvision.training.export import ModelError, load_model
 
@@ -222,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
+        if settings.decode == "gpu" and not args.ray and device.type != "cuda":
+            raise ValueError("--decode gpu needs a CUDA device; use --decode cpu or auto")
         model = load_model(args.model, device, encoder_weights=args.encoder_weights)
         if settings.asap_target not in (None, *model.card.targets):
             raise ValueError(
@@ -239,15 +263,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         where = f"on Ray ({args.ray})"
     else:
-        report = run_batch(
-            jobs,
-            lambda job: infer_job(
-                job, model, out, settings, model_info=model_info, device=device, progress=True
-            ),
-            lambda job: job_complete(job, out, model_info, settings),
-            overwrite=args.overwrite,
-            desc="infer",
-        )
+        report = _run_local(args, jobs, model, settings, model_info, device)
         where = f"on {device}"
     errors = write_errors(out, report, shard)
     results = write_results(
@@ -261,6 +277,37 @@ def run(args: argparse.Namespace) -> int:
     print(f"one row per slide: {results}")
     print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")
     return 1 if report.failed else 0
+
+
+def _run_local(args, jobs, model, settings, model_info, device) -> BatchReport:
+    """One slide after another in this process, the next prepared while one is scored."""
+    from cscvision.inference.batch import infer_job, job_complete, prepare_job
+    from cscvision.inference.prefetch import NextSlide
+    from cscvision.slides.batch import run_batch
+
+    out: Path = args.out
+
+    def pending(job: SlideJob) -> bool:
+        return args.overwrite or not job_complete(job, out, model_info, settings)
+
+    ahead = [] if not settings.prefetch else jobs
+    with NextSlide(ahead, lambda job: prepare_job(job, model, settings), pending) as nxt:
+        return run_batch(
+            jobs,
+            lambda job: infer_job(
+                job,
+                model,
+                out,
+                settings,
+                model_info=model_info,
+                device=device,
+                progress=True,
+                prefetch=nxt if settings.prefetch else None,
+            ),
+            lambda job: job_complete(job, out, model_info, settings),
+            overwrite=args.overwrite,
+            desc="infer",
+        )
 
 
 def _run_ray(

@@ -50,6 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="slides written in parallel")
     parser.add_argument(
+        "--ihc",
+        action="store_true",
+        help="add paired IHC slides (<id>_CD44.tiff membranous, <id>_FOXP3.tiff nuclear DAB) "
+        "and ihc_manifest.csv for `cscvision labels ihc`",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist in --out"
     )
     parser.set_defaults(func=run)
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             workers=max(1, args.workers),
             progress=True,
             visium=args.visium,
+            ihc_markers=("CD44", "FOXP3") if args.ihc else (),
         )
     except FileExistsError as e:
         print(f"cscvision synth: {e}", file=sys.stderr)

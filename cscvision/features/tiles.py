@@ -97,7 +97,10 @@ class TileBatches(Dataset):
         self.xy_l0 = np.asarray(xy_l0, dtype=np.int64).reshape(-1, 2)
         self.batch_size = int(batch_size)
         self.threads = 1  # runs of tiles a batch is split into when read with a pool
+        self.ready: dict[int, dict[str, torch.Tensor]] = {}  # batches read ahead (prefetch)
+        self.decode_device: torch.device | None = None  # decode stored JPEG tiles there
         self._slide: Slide | None = None
+        self._device_reader = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.xy_l0) / self.batch_size)
@@ -111,10 +114,21 @@ class TileBatches(Dataset):
         """Batch ``index``: ``image`` uint8 [B, 3, H, W] in channels-last memory, with
         ``xy`` and ``index`` (positions in the grid). With ``pool``, the batch is split into
         one run of tiles per thread; ``pin`` allocates it in pinned memory (for GPUs)."""
+        if index in self.ready:
+            return self.ready.pop(index)
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.slide_mpp)
         start = index * self.batch_size
         xy = self.xy_l0[start : start + self.batch_size]
+        image = self._read_on_device(xy) if self.decode_device is not None else None
+        if image is not None:
+            return {
+                "image": image,
+                "xy": torch.from_numpy(xy),
+                "index": torch.arange(start, start + len(xy)),
+                "corrupt": torch.zeros(len(xy), dtype=torch.bool),
+                "errors": [],
+            }
         side = self.plan.tile_px
         nhwc = torch.empty((len(xy), side, side, 3), dtype=torch.uint8, pin_memory=pin)
         image = nhwc.numpy()
@@ -137,6 +151,28 @@ class TileBatches(Dataset):
             "errors": [errors[k] for k in sorted(errors)],  # raster order
         }
 
+    def _read_on_device(self, xy: np.ndarray) -> torch.Tensor | None:
+        """The batch decoded on ``decode_device`` (:mod:`cscvision.slides.gpudecode`), or
+        None where that path does not serve this slide or batch."""
+        if self._device_reader is None:
+            from cscvision.slides.gpudecode import DeviceTileReader
+
+            reader = DeviceTileReader.open(self.slide_path, self._slide.info, self.decode_device)
+            if reader is None or not reader.supports(self.plan):
+                self.decode_device = None  # not this slide: the CPU path reads it all
+                return None
+            self._device_reader = reader
+        try:
+            if self.decode_device.type != "cuda":
+                return self._device_reader.read(xy, self.plan)
+            stream = torch.cuda.Stream(self.decode_device)  # decode beside the model's kernels
+            with torch.cuda.stream(stream):
+                image = self._device_reader.read(xy, self.plan)
+            stream.synchronize()
+            return image
+        except RuntimeError:  # a stream the device decoder refuses: the CPU path names it
+            return None
+
     def _fill(self, image: np.ndarray, errors: dict, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
             try:
@@ -146,6 +182,9 @@ class TileBatches(Dataset):
                 errors[k] = e
 
     def close(self) -> None:
+        if self._device_reader is not None:
+            self._device_reader.close()
+            self._device_reader = None
         if self._slide is not None:
             self._slide.close()
             self._slide = None

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from cscvision.core.io import write_csv
-from cscvision.inference.predict import predict_slide
+from cscvision.inference.predict import PreparedSlide, predict_slide, prepare_slide
+from cscvision.inference.prefetch import NextSlide
 from cscvision.inference.settings import InferSettings
 from cscvision.outputs.slide_folder import (
     SUMMARY,
@@ -50,6 +51,21 @@ def job_complete(
     return outputs_complete(out_dir / job.slide_id, model_info, slide_settings(settings, job))
 
 
+def prepare_job(job: SlideJob, model: LoadedModel, settings: InferSettings) -> PreparedSlide:
+    """``job``'s slide opened, its tissue and grid found and (read by threads) its first
+    batches read: what :class:`~cscvision.inference.prefetch.NextSlide` runs ahead."""
+    return prepare_slide(
+        job.slide_path,
+        model.card,
+        overlap=settings.overlap,
+        batch_size=settings.batch_size,
+        min_tissue=settings.min_tissue,
+        slide_mpp=job.mpp,
+        mask_mpp=settings.mask_mpp,
+        read_ahead=2 if settings.reader == "threads" else 0,
+    )
+
+
 def infer_job(
     job: SlideJob,
     model: LoadedModel,
@@ -59,10 +75,12 @@ def infer_job(
     model_info: dict[str, str],
     device: torch.device,
     progress: bool = False,
+    prefetch: NextSlide | None = None,
 ) -> dict[str, Any]:
     """Score one slide and write its outputs into ``out_dir/<slide_id>/``; returns the
-    summary. Raises what :func:`~cscvision.inference.predict.predict_slide` raises for a bad
-    slide."""
+    summary. ``prefetch`` hands over the slide prepared ahead (and starts on the next).
+    Raises what :func:`~cscvision.inference.predict.predict_slide` raises for a bad slide."""
+    prepared = prefetch.take(job) if prefetch is not None else None
     pred = predict_slide(
         job.slide_path,
         model,
@@ -76,6 +94,8 @@ def infer_job(
         slide_mpp=job.mpp,
         mask_mpp=settings.mask_mpp,
         progress=progress,
+        prepared=prepared,
+        decode=settings.decode,
         on_corrupt_tile=settings.on_corrupt_tile,
     )
     return write_slide_outputs(

@@ -34,8 +34,9 @@ from cscvision.features.tiles import (
     autocast,
     channels_last,
     cpu_supports_bf16,
+    process_batches,
     resolve_device,
-    tile_batches,
+    threaded_batches,
 )
 from cscvision.inference.settings import READERS
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
@@ -45,9 +46,11 @@ from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.slide import SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 from cscvision.training.calibration import calibrate
+from cscvision.training.card import ModelCard
 from cscvision.training.export import LoadedModel
 
 __all__ = [
+    "PreparedSlide",
     "TileBatches",
     "TileScorer",
     "assemble_prediction",
@@ -56,6 +59,7 @@ __all__ = [
     "predict_grid",
     "predict_slide",
     "predict_tiles",
+    "prepare_slide",
     "resolve_device",
 ]
 
@@ -110,6 +114,8 @@ def predict_tiles(
     amp: bool = False,
     reader: str = "threads",
     progress: bool = True,
+    dataset: TileBatches | None = None,
+    decode: str = "cpu",
     on_corrupt_tile: str = "fail",
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
@@ -118,6 +124,10 @@ def predict_tiles(
     (``reader="processes"``) or threads of this process (``reader="threads"``). A tile
     that cannot be decoded raises :class:`CorruptTileError`, or with
     ``on_corrupt_tile="skip"`` gets a row of NaN.
+    ``dataset``: the grid's batches, some perhaps read already (:func:`prepare_slide`).
+    ``decode``: ``gpu`` decodes stored JPEG tiles in batches on the model's device (on a
+    CPU device, with torch's CPU decoder: the same path), ``auto`` does so on CUDA only,
+    ``cpu`` never; slides the device path does not serve are read on the CPU.
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
@@ -126,8 +136,16 @@ def predict_tiles(
     scorer = TileScorer(model, device=device, amp=amp)
     probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
     corrupt = np.zeros(len(grid), bool)
-    dataset = TileBatches(grid, batch_size)
-    batches = tile_batches(dataset, workers, reader, scorer.device)
+    dataset = dataset or TileBatches(grid, batch_size)
+    in_process = workers == 0 or reader == "threads"  # no CUDA in DataLoader processes
+    if in_process and (decode == "gpu" or (decode == "auto" and scorer.device.type == "cuda")):
+        dataset.decode_device = scorer.device
+    if workers > 0 and reader == "processes":
+        dataset.ready.clear()  # read again by the workers: no tensors pickled to them
+    if workers > 0 and reader == "threads":
+        batches = threaded_batches(dataset, workers, scorer.device)
+    else:
+        batches = process_batches(dataset, workers, scorer.device)
     bar = tqdm(total=len(grid), desc=grid.slide_id, unit="tile", leave=False, disable=not progress)
     try:
         for batch in batches:
@@ -202,6 +220,8 @@ def predict_grid(
     progress: bool = True,
     sub: int | None = None,
     started: float | None = None,
+    batches: TileBatches | None = None,
+    decode: str = "cpu",
     on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
@@ -211,7 +231,10 @@ def predict_grid(
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
-    probs = predict_tiles(grid, model, progress=progress, on_corrupt_tile=on_corrupt_tile, **kw)
+    kw["decode"] = decode
+    probs = predict_tiles(
+        grid, model, progress=progress, dataset=batches, on_corrupt_tile=on_corrupt_tile, **kw
+    )
     predict_seconds = time.perf_counter() - t0
     grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
     pred = assemble_prediction(
@@ -243,30 +266,32 @@ def drop_corrupt_tiles(
     return kept, probs[~bad], np.asarray(grid.xy_l0[bad], np.int64)
 
 
-def predict_slide(
+@dataclasses.dataclass
+class PreparedSlide:
+    """A slide ready to score: its grid, thumbnail and mask, and its first batches read."""
+
+    grid: TileGrid
+    thumb: np.ndarray
+    mask: np.ndarray
+    batches: TileBatches
+    started: float  # perf_counter when its preparation began
+
+
+def prepare_slide(
     slide_path: str | Path,
-    model: LoadedModel,
+    card: ModelCard,
     *,
     overlap: float = 0.0,
     batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
     min_tissue: float = 0.5,
     slide_mpp: float | None = None,
     mask_mpp: float = DEFAULT_MASK_MPP,
-    reader: str = "threads",
-    progress: bool = True,
-    on_corrupt_tile: str = "fail",
-) -> SlidePrediction:
-    """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
-
-    ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`; ``on_corrupt_tile``: see :func:`predict_grid`. Raises
-    ``SlideError`` when the slide cannot be read or has no tile with ``min_tissue`` tissue.
-    """
+    read_ahead: int = 0,
+) -> PreparedSlide:
+    """Open ``slide_path``, detect tissue, make the grid at the card's µm/px and tile size
+    and read its first ``read_ahead`` batches; raises ``SlideError`` for a slide with no
+    tile reaching ``min_tissue``. What a prefetch thread does for the next slide."""
     started = time.perf_counter()
-    card = model.card
     spec = GridSpec(
         mpp=card.mpp,
         tile_px=card.tile_px,
@@ -282,17 +307,60 @@ def predict_slide(
             f"{slide_path}: no tile reaches --min-tissue {min_tissue} (tissue covers "
             f"{mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide"
         )
+    batches = TileBatches(grid, batch_size)
+    for index in range(min(read_ahead, len(batches))):
+        batches.ready[index] = batches.read(index)
+    return PreparedSlide(grid, thumb, mask, batches, started)
+
+
+def predict_slide(
+    slide_path: str | Path,
+    model: LoadedModel,
+    *,
+    overlap: float = 0.0,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    min_tissue: float = 0.5,
+    slide_mpp: float | None = None,
+    mask_mpp: float = DEFAULT_MASK_MPP,
+    reader: str = "threads",
+    progress: bool = True,
+    prepared: PreparedSlide | None = None,
+    decode: str = "cpu",
+    on_corrupt_tile: str = "fail",
+) -> SlidePrediction:
+    """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
+
+    ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
+    :func:`predict_tiles`, as ``decode``; ``on_corrupt_tile``: see :func:`predict_grid`;
+    ``prepared``: this slide made ready ahead (:func:`prepare_slide`). Raises ``SlideError``
+    when the slide cannot be read or has no tile with ``min_tissue`` tissue.
+    """
+    if prepared is None:
+        prepared = prepare_slide(
+            slide_path,
+            model.card,
+            overlap=overlap,
+            batch_size=batch_size,
+            min_tissue=min_tissue,
+            slide_mpp=slide_mpp,
+            mask_mpp=mask_mpp,
+        )
     return predict_grid(
-        grid,
+        prepared.grid,
         model,
-        thumb=thumb,
-        mask=mask,
+        thumb=prepared.thumb,
+        mask=prepared.mask,
         batch_size=batch_size,
         workers=workers,
         device=device,
         amp=amp,
         reader=reader,
         progress=progress,
-        started=started,
+        started=prepared.started,
+        batches=prepared.batches,
+        decode=decode,
         on_corrupt_tile=on_corrupt_tile,
     )

@@ -9,6 +9,7 @@ from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
+DECODERS = ("auto", "cpu", "gpu")
 MAX_OVERLAP = 0.75
 MAX_WITHIN_UM = 10_000.0
 MAX_PERMUTATIONS = 9_999
@@ -25,6 +26,8 @@ class InferSettings:
     amp: bool = False
     min_tissue: float = 0.5
     mask_mpp: float = DEFAULT_MASK_MPP
+    decode: str = "cpu"  # where stored JPEG tiles are decoded: cpu, gpu, auto
+    prefetch: bool = True  # prepare the next slide while the model scores this one
     on_corrupt_tile: str = "fail"  # or "skip": drop undecodable tiles, list them in the summary
     within_um: float = 100.0  # radius of the co-localisation figures
     permutations: int = 199  # rigid moves in the null of each co-localisation figure
@@ -44,6 +47,8 @@ class InferSettings:
             )
         if self.reader not in READERS:
             raise ValueError(f"--reader {self.reader!r}: choose one of {READERS}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"--decode {self.decode!r}: choose one of {DECODERS}")
         if self.on_corrupt_tile not in ON_CORRUPT_TILE:
             raise ValueError(
                 f"--on-corrupt-tile {self.on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}"

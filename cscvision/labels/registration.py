@@ -42,8 +42,11 @@ class RegistrationParams:
     coarse_um: float = 0.0  # µm/px of the coarse level; 0 = longest side ~256 px, ≥ 8
     fine_um: float = 2.0  # levels halve down to this µm/px
     min_inliers: int = 12
+    min_inlier_ratio: float = 0.4  # of the finest level's patch matches
+    min_agreement: float = 0.1  # agreeing matches per patch tried, all levels
     max_error_um: float = 50.0  # p90 of the held-out error above this fails
-    min_dice: float = 0.6  # tissue overlap once registered
+    min_dice: float = 0.5  # tissue overlap once registered
+    max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
     nonrigid: bool = False
     flow_smooth_um: float = 60.0
 
@@ -64,6 +67,7 @@ class Registration:
     error_um: dict[str, float]  # median, p90 of held-out matches
     tissue_dice: float
     ok: bool
+    agreement: float = 0.0  # agreeing matches per patch tried
     reason: str = ""
     flow_um: np.ndarray | None = None  # float32[2, rows, cols]: (dx, dy) added in moving µm
     flow_step_um: float = 0.0  # grid spacing of flow_um in fixed µm
@@ -95,6 +99,7 @@ class Registration:
             "n_inliers": self.n_inliers,
             "error_um": self.error_um,
             "tissue_dice": round(self.tissue_dice, 4),
+            "agreement": self.agreement,
             "ok": self.ok,
             "reason": self.reason,
             "params": self.params,
@@ -121,6 +126,7 @@ class Registration:
             n_inliers=int(d["n_inliers"]),
             error_um=dict(d["error_um"]),
             tissue_dice=float(d["tissue_dice"]),
+            agreement=float(d.get("agreement", 0.0)),
             ok=bool(d["ok"]),
             reason=str(d.get("reason", "")),
             flow_um=None if not rigid else np.asarray(rigid["displacement_um"], np.float32),
@@ -249,10 +255,17 @@ def rotation_search(fixed: Level, moving: Level, step_deg: float = 3.0):
 
 
 def patch_matches(
-    fixed: Level, moving: Level, guess: np.ndarray, patch_px: int = 32, max_patches: int = 400
+    fixed: Level,
+    moving: Level,
+    guess: np.ndarray,
+    patch_px: int = 32,
+    max_patches: int = 400,
+    tested: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Point pairs (fixed µm, moving µm) from phase correlation of patches of the fixed image
-    against the moving image warped by ``guess``; patches that do not correlate are dropped."""
+    against the moving image warped by ``guess``; patches that do not correlate are dropped.
+    ``tested[0]`` is increased by the number of patches tried."""
+    tested = [0] if tested is None else tested
     from skimage.registration import phase_cross_correlation
 
     shape = fixed.image.shape
@@ -267,6 +280,7 @@ def patch_matches(
     if len(ys) > max_patches:
         pick = np.random.default_rng(0).choice(len(ys), max_patches, replace=False)
         ys, xs = ys[pick], xs[pick]
+    tested[0] += len(ys)
     src, dst = [], []
     for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
         a = fixed.image[y - half : y + half, x - half : x + half]
@@ -295,8 +309,7 @@ def held_out_error(src: np.ndarray, dst: np.ndarray, folds: int = 5, seed: int =
     fold = np.random.default_rng(seed).permutation(n) % folds
     out = np.empty(n)
     for i in range(folds):
-        fit = transform.AffineTransform()
-        fit.estimate(src[fold != i], dst[fold != i])
+        fit = transform.AffineTransform.from_estimate(src[fold != i], dst[fold != i])
         out[fold == i] = np.linalg.norm(fit(src[fold == i]) - dst[fold == i], axis=1)
     return out
 
@@ -336,35 +349,67 @@ def _flow(fixed: Level, moving: Level, m: np.ndarray, p: RegistrationParams):
 def _refine(levels_f, levels_m, m: np.ndarray, p: RegistrationParams, seed: int):
     """Affine RANSAC on patch matches, level by level from coarse to fine."""
     src = dst = np.zeros((0, 2))
+    tested, agreeing, n_matches = [0], 0, 0
     for lf, lm in zip(levels_f, levels_m, strict=True):
-        s, d = patch_matches(lf, lm, m)
+        s, d = patch_matches(lf, lm, m, tested=tested)
         fit, inliers = _ransac(s, d, transform.AffineTransform, 1.5 * lf.mpp, seed)
+        agreeing += int(inliers.sum())
         if fit is None or inliers.sum() < p.min_inliers:
             continue
         m, src, dst = fit, s[inliers], d[inliers]
         n_matches = len(s)
-    return m, src, dst, (n_matches if len(src) else 0)
+    return m, src, dst, n_matches, agreeing / max(tested[0], 1)
 
 
 def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationParams, seed=0) -> dict:
     """Fields of a :class:`Registration` from the levels (coarse first) of both slides."""
     rigid, _, flip = rotation_search(fixed[0], moving[0])
-    m, src, dst, n_matches = _refine(fixed, moving, rigid, p, seed)
+    m, src, dst, n_matches, agreement = _refine(fixed, moving, rigid, p, seed)
     out = {"n_matches": n_matches, "flip": flip, "n_inliers": len(src), "matrix_um": m}
+    out["agreement"] = round(agreement, 4)
     out["rotation_deg"] = float(np.degrees(np.arctan2(m[1, 0], m[0, 0])) * (-1 if flip else 1))
     errors = held_out_error(src, dst, seed=seed)
-    out["error_um"] = {"median": float(np.median(errors)), "p90": float(np.percentile(errors, 90))}
+    finite = np.isfinite(errors).all()
+    out["error_um"] = {
+        "median": round(float(np.median(errors)), 2) if finite else None,
+        "p90": round(float(np.percentile(errors, 90)), 2) if finite else None,
+    }
     c0, m0 = fixed[0], moving[0]
     warped = warp_to_fixed(m0.mask.astype(np.float32), m0.mpp, c0.mask.shape, c0.mpp,
                            lambda xy: _apply(m, xy)) > 0.5  # fmt: skip
     out["tissue_dice"] = _dice(c0.mask, warped)
     out["ok"], out["reason"] = True, ""
+    stretch = np.linalg.svd(m[:2, :2], compute_uv=False)
     if len(src) < p.min_inliers:
         out["ok"], out["reason"] = (
             False,
             (f"too few matching features agree ({len(src)}, {p.min_inliers} needed)"),
         )
-    elif out["error_um"]["p90"] > p.max_error_um:
+    elif agreement < p.min_agreement:
+        out["ok"], out["reason"] = (
+            False,
+            (
+                f"only {agreement:.1%} of the patches tried agree on one transform "
+                f"(< {p.min_agreement:.0%}): probably not the same tissue"
+            ),
+        )
+    elif len(src) < p.min_inlier_ratio * n_matches:
+        out["ok"], out["reason"] = (
+            False,
+            (
+                f"only {len(src)} of {n_matches} patch matches agree on one transform "
+                f"(< {p.min_inlier_ratio:.0%}): probably not the same tissue"
+            ),
+        )
+    elif stretch.max() > p.max_stretch or stretch.min() < 1 / p.max_stretch:
+        out["ok"], out["reason"] = (
+            False,
+            (
+                f"implausible affine (stretches {stretch.min():.2f}, {stretch.max():.2f}; sections "
+                f"of one block differ by at most x{p.max_stretch}): probably not the same tissue"
+            ),
+        )
+    elif out["error_um"]["p90"] is None or out["error_um"]["p90"] > p.max_error_um:
         p90 = out["error_um"]["p90"]
         out["ok"], out["reason"] = False, f"held-out error p90 {p90:.1f} µm > {p.max_error_um} µm"
     elif out["tissue_dice"] < p.min_dice:

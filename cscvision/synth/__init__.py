@@ -22,6 +22,10 @@ Per slide, in one folder (``<id>`` is the slide id, e.g. ``SYN-P003-S01``):
 - ``<id>_truth.json``: seed, size, areas and fractions of tissue per class and for the
   niche, the artefacts present, the label mask encoding, and the stain profile.
 
+With ``ihc_markers`` (``cscvision synth --ihc``) each H&E slide gets paired IHC slides
+``<id>_<marker>.tiff`` with ``<id>_<marker>_truth.json`` (the true transform), and the
+cohort ``ihc_manifest.csv``: see :mod:`cscvision.synth.ihc`.
+
 A cohort adds ``cohort.csv`` with columns ``slide_id,patient_id,slide_path,annotation_path``
 (paths relative to the CSV's folder). A patient's slides share a stain lab batch.
 

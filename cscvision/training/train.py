@@ -343,6 +343,11 @@ def _evaluate(
     module.load_state_dict(state)
     module.calibration = {}
     metrics = {"val": _strip(trainer.validate(module, datamodule=dm, verbose=False), "val")}
+    if "val" not in module.last_predictions and method != "none":
+        log.warning(
+            "calibration skipped: this process did not see the validation predictions "
+            "(trainer.strategy ddp_spawn keeps them in its workers); use strategy ddp"
+        )
     if "val" in module.last_predictions:
         logits, soft = (a.numpy() for a in module.last_predictions["val"])
         module.calibration = fit_calibration(logits, soft, module.target_names, method)

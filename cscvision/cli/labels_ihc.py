@@ -1,0 +1,138 @@
+"""``cscvision labels ihc MANIFEST.csv --markers CONFIG --out DIR``: tile targets from IHC."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from cscvision.cli.register import add_registration_args, registration_params
+
+MANIFEST_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ihc",
+        help="register IHC slides to their H&E slides and turn DAB into tile targets",
+        description=(
+            "MANIFEST.csv: slide_id,patient_id,slide_path,ihc_path,marker (one row per IHC "
+            "slide; several per H&E slide for several markers; paths relative to the CSV). "
+            "Writes per slide <slide_id>.labels.csv/.labels.json (tile-label table), "
+            "<slide_id>.ihc.geojson (QuPath, positive regions), registration/ JSON + QC PNG; "
+            "and cohort.csv (label_path column) that `cscvision train` reads as is."
+        ),
+    )
+    parser.add_argument("manifest", type=Path, help="CSV: " + ",".join(MANIFEST_COLUMNS))
+    parser.add_argument(
+        "--markers",
+        required=True,
+        type=Path,
+        metavar="CONFIG",
+        help="YAML: markers -> targets (see the README)",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--mpp", type=float, default=0.5, help="tile µm/px (default 0.5)")
+    parser.add_argument("--tile-px", type=int, default=224, help="tile side (default 224)")
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="H&E tissue fraction a tile needs (default 0.5)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="redo finished slides")
+    add_registration_args(parser)
+    parser.set_defaults(func=run)  # fmt: skip
+
+
+def read_manifest(path: Path) -> dict[str, dict]:
+    """slide_id -> {patient_id, slide_path, pairs: [(marker, ihc_path)]}; paths resolved."""
+    from cscvision.core.io import read_csv
+
+    rows = read_csv(path)
+    missing = [c for c in MANIFEST_COLUMNS if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(f"{path}: needs columns {','.join(MANIFEST_COLUMNS)} (missing {missing})")
+    slides: dict[str, dict] = defaultdict(lambda: {"pairs": []})
+    for line, row in enumerate(rows, start=2):
+        paths = {k: Path(row[k].strip()) for k in ("slide_path", "ihc_path")}
+        paths = {k: p if p.is_absolute() else (path.parent / p).resolve() for k, p in paths.items()}
+        for k, p in paths.items():
+            if not p.exists():
+                raise ValueError(f"{path}: line {line}: {k} {p} not found")
+        entry = slides[row["slide_id"].strip()]
+        entry.update(patient_id=row["patient_id"].strip(), slide_path=paths["slide_path"])
+        entry["pairs"].append((row["marker"].strip(), paths["ihc_path"]))
+    return dict(slides)
+
+
+def _write_slide(out: Path, slide_id: str, result) -> Path | None:
+    from cscvision.core.io import write_json, write_png
+    from cscvision.labels.table import table_path, write_label_table
+
+    for m in result.markers:
+        stem = out / "registration" / f"{slide_id}_{m.marker}"
+        write_json(stem.with_suffix(".json"), m.registration.to_dict())
+        write_png(stem.with_name(stem.name + "_qc.png"), m.qc)
+    if result.table is None:
+        return None
+    write_json(out / f"{slide_id}.ihc.geojson", result.geojson)
+    return write_label_table(table_path(out, slide_id), result.table)
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cscvision.core.io import write_csv
+    from cscvision.labels.ihc import marker_config
+    from cscvision.labels.ihc_labels import ihc_labels
+    from cscvision.labels.table import table_path
+    from cscvision.slides.grid import GridSpec
+
+    try:
+        cfg = marker_config(
+            yaml.safe_load(args.markers.read_text(encoding="utf-8")) or {}, str(args.markers)
+        )
+        slides = read_manifest(args.manifest)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"cscvision labels ihc: {e}", file=sys.stderr)
+        return 2
+    spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
+    params = registration_params(args)
+    t0, rows, errors, counts = time.perf_counter(), [], [], defaultdict(int)
+    from tqdm import tqdm
+
+    for slide_id, entry in tqdm(slides.items(), desc="slides", unit="slide"):
+        path = table_path(args.out, slide_id)
+        if not (path.exists() and not args.overwrite):
+            try:
+                result = ihc_labels(
+                    slide_id, entry["slide_path"], entry["pairs"], cfg, spec, params,
+                    slide_mpp=args.slide_mpp,
+                )  # fmt: skip
+            except Exception as e:  # one bad slide must not stop the batch
+                errors.append((slide_id, f"{type(e).__name__}: {e}"))
+                continue
+            if _write_slide(args.out, slide_id, result) is None:
+                errors.append((slide_id, result.reason))
+                continue
+            for k, v in result.counts.items():
+                counts[k] += v
+        rows.append((slide_id, entry["patient_id"], str(entry["slide_path"]), path.name))
+    header = ("slide_id", "patient_id", "slide_path", "label_path")
+    cohort = write_csv(args.out / "cohort.csv", header, rows)
+    errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
+    print(
+        f"labelled {len(rows)} of {len(slides)} slides in {time.perf_counter() - t0:.0f} s "
+        f"(tiles: {counts['valid']} valid, {counts['excluded']} excluded as uncertain)\n"
+        f"  tables    {args.out}/<slide_id>.labels.csv (+ .labels.json)\n"
+        f"  QuPath    {args.out}/<slide_id>.ihc.geojson\n"
+        f"  QC        {args.out}/registration/<slide_id>_<marker>_qc.png\n"
+        f"  cohort    {cohort}  (cscvision train cohort.csv={cohort})\n"
+        f"  errors    {errors_path} ({len(errors)} slide(s) not labelled)"
+    )
+    for slide_id, reason in errors:
+        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+    return 1 if errors else 0
