@@ -112,8 +112,17 @@ def test_bootstrap_ci_known_answer():
 
 def test_terciles_known_answer():
     assert terciles(np.array([1.0, 2, 3, 4, 5, 6, math.nan, 7, 8, 9])).tolist() == [
-        0, 0, 0, 1, 1, 1, -1, 2, 2, 2,
-    ]  # fmt: skip
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        -1,
+        2,
+        2,
+        2,
+    ]
 
 
 def test_patient_keyed_labels_apply_to_each_slide(tmp_path):
@@ -128,19 +137,86 @@ def test_patient_keyed_labels_apply_to_each_slide(tmp_path):
 @pytest.mark.parametrize(
     ("csv", "spec", "message"),
     [
-        ("patient_id,subtype\nA,C1\nA,C2\n", {"task": "classification", "classes": ["C1", "C2"]},
-         "appears twice with different labels"),
-        ("slide_id,subtype\ns1,C9\ns2,C1\n", {"task": "classification", "classes": ["C1", "C2"]},
-         r"classes \['C9'\] that are not declared"),
-        ("slide_id,subtype\ns1,C1\ns2,C1\n", {"task": "classification", "classes": ["C1", "C2"]},
-         r"classes \['C2'\] of 'subtype' occur on no slide"),
+        (
+            "patient_id,subtype\nA,C1\nA,C2\n",
+            {"task": "classification", "classes": ["C1", "C2"]},
+            "appears twice with different labels",
+        ),
+        (
+            "slide_id,subtype\ns1,C9\ns2,C1\n",
+            {"task": "classification", "classes": ["C1", "C2"]},
+            r"classes \['C9'\] that are not declared",
+        ),
+        (
+            "slide_id,subtype\ns1,C1\ns2,C1\n",
+            {"task": "classification", "classes": ["C1", "C2"]},
+            r"classes \['C2'\] of 'subtype' occur on no slide",
+        ),
         ("slide_id,subtype\ns1,abc\ns2,1\n", {"task": "regression"}, "is not a number"),
         ("name,subtype\ns1,1\n", {"task": "regression"}, "needs a slide_id or a patient_id"),
         ("slide_id,other\ns1,1\n", {"task": "regression"}, r"missing columns \['subtype'\]"),
     ],
-)  # fmt: skip
+)
 def test_bad_slide_label_tables(tmp_path, csv, spec, message):
     path = tmp_path / "labels.csv"
     path.write_text(csv)
     with pytest.raises(SlideLabelError, match=message):
         read_slide_labels(path, [LabelSpec.from_dict("subtype", spec)], [("s1", "A"), ("s2", "B")])
+
+
+def test_mil_command_writes_cv_outputs_and_names_missing_features(tmp_path, capsys):
+    from cscvision.cli import main
+    from cscvision.features.store import FeatureStore, write_feature_store
+
+    bags, fractions, _ = planted_bags(n_slides=12, seed=4)
+    (tmp_path / "x.tiff").write_bytes(b"")  # MIL reads features only; the manifest names slides
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(
+        "slide_id,patient_id,slide_path\n"
+        + "".join(f"{b.slide_id},P{i // 2},x.tiff\n" for i, b in enumerate(bags))
+    )
+    labels = write_labels(
+        tmp_path, [b.slide_id for b in bags], [f"P{i // 2}" for i in range(12)], fractions
+    )
+    feats = tmp_path / "features"
+    for b in bags[:-1]:
+        write_feature_store(
+            feats / f"{b.slide_id}.h5",
+            FeatureStore(b.xy_l0.astype(np.int32), b.features, "test", "0"),
+        )
+    args = [
+        "mil",
+        str(cohort),
+        "--labels",
+        str(labels),
+        "--target",
+        "score",
+        "--features",
+        str(feats),
+        "--out",
+        str(tmp_path / "out"),
+        "--folds",
+        "3",
+        "--epochs",
+        "2",
+    ]
+    assert main(args) == 2
+    assert (
+        f"no feature store for 1 labelled slides ({bags[-1].slide_id})" in capsys.readouterr().err
+    )
+    last = bags[-1]
+    write_feature_store(
+        feats / f"{last.slide_id}.h5",
+        FeatureStore(last.xy_l0.astype(np.int32), last.features, "test", "0"),
+    )
+    assert main(args) == 0
+    out = tmp_path / "out"
+    import json
+
+    metrics = json.loads((out / "cv_metrics.json").read_text())
+    assert set(metrics["pooled"]) == {"pearson_score", "spearman_score", "r2_score"}
+    assert len((out / "predictions.csv").read_text().splitlines()) == 13
+    tiles = (out / "tiles" / f"{last.slide_id}.csv").read_text().splitlines()
+    assert (
+        tiles[0] == "x,y,attention_x_n,contribution_score" and len(tiles) == len(last.features) + 1
+    )

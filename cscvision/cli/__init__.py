@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from cscvision import __version__
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("demo", "synth", "tile", "train", "infer", "features", "encoders", "doctor")
+COMMANDS = ("demo", "synth", "tile", "train", "infer", "features", "encoders", "mil", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

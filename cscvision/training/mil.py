@@ -167,12 +167,21 @@ def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAt
         attention=cfg.attention,
         dropout=cfg.dropout,
     )
-    loader = DataLoader(BagDataset(bags, targets, max_bag=cfg.max_bag, seed=cfg.seed),
-                        batch_size=1, shuffle=True, collate_fn=_single)  # fmt: skip
+    loader = DataLoader(
+        BagDataset(bags, targets, max_bag=cfg.max_bag, seed=cfg.seed),
+        batch_size=1,
+        shuffle=True,
+        collate_fn=_single,
+    )
     trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        max_epochs=cfg.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(MILSystem(net, lr=cfg.lr, weight_decay=cfg.weight_decay), loader)
     return net.eval()
 
@@ -200,13 +209,15 @@ def predict_bags(
             cov = torch.as_tensor(np.nan_to_num(covariates[i]), dtype=torch.float32)
         reg, logits, a = net(x, cov)
         contrib = net.contributions(x) if net.regression is not None else torch.zeros(len(x), 0)
-        out.append(BagPrediction(
-            bag.slide_id,
-            reg.numpy() if reg is not None else np.zeros(0),
-            [torch.softmax(lg, 0).numpy() for lg in logits],
-            a.numpy(),
-            contrib.numpy(),
-        ))  # fmt: skip
+        out.append(
+            BagPrediction(
+                bag.slide_id,
+                reg.numpy() if reg is not None else np.zeros(0),
+                [torch.softmax(lg, 0).numpy() for lg in logits],
+                a.numpy(),
+                contrib.numpy(),
+            )
+        )
     return out
 
 

@@ -13,13 +13,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from cscvision.core.io import write_csv, write_json
 from cscvision.labels.slide_table import SlideLabels
-from cscvision.training.mil import Bag, BagPrediction, BagTargets, MILConfig, fit_mil, predict_bags
+from cscvision.training.mil import (
+    Bag,
+    BagPrediction,
+    BagTargets,
+    MILConfig,
+    attention_scale,
+    fit_mil,
+    predict_bags,
+)
 
 BOOTSTRAP = 1000
 
@@ -73,14 +83,19 @@ def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
 
 REGRESSION_METRICS: dict[str, Callable] = {"pearson": _pearson, "spearman": _spearman, "r2": _r2}
 CLASSIFICATION_METRICS: dict[str, Callable] = {
-    "auroc": _auroc, "balanced_accuracy": _balanced_accuracy,
-}  # fmt: skip
+    "auroc": _auroc,
+    "balanced_accuracy": _balanced_accuracy,
+}
 
 
 def bootstrap_ci(
-    metric: Callable, y: np.ndarray, p: np.ndarray, patients: np.ndarray, seed: int = 0,
+    metric: Callable,
+    y: np.ndarray,
+    p: np.ndarray,
+    patients: np.ndarray,
+    seed: int = 0,
     n: int = BOOTSTRAP,
-) -> tuple[float, float]:  # fmt: skip
+) -> tuple[float, float]:
     """95 % percentile interval of ``metric`` over resamples of patients."""
     unique = np.unique(patients)
     rows_of = [np.flatnonzero(patients == u) for u in unique]
@@ -117,8 +132,12 @@ def _standardise(
 
 def _subset(targets: BagTargets, rows: np.ndarray) -> BagTargets:
     cov = targets.covariates[rows] if targets.covariates.size else targets.covariates
-    return replace(targets, regression=targets.regression[rows],
-                   classification=targets.classification[rows], covariates=cov)  # fmt: skip
+    return replace(
+        targets,
+        regression=targets.regression[rows],
+        classification=targets.classification[rows],
+        covariates=cov,
+    )
 
 
 def targets_from_labels(labels: SlideLabels, covariates: Sequence[str] = ()) -> BagTargets:
@@ -155,9 +174,14 @@ def _metrics(labels: SlideLabels, preds: list[BagPrediction], rows: np.ndarray) 
 
 
 def cross_validate(
-    bags: Sequence[Bag], labels: SlideLabels, cfg: MILConfig, *, k: int = 5,
-    covariates: Sequence[str] = (), progress: Callable[[str], None] | None = None,
-) -> CVResult:  # fmt: skip
+    bags: Sequence[Bag],
+    labels: SlideLabels,
+    cfg: MILConfig,
+    *,
+    k: int = 5,
+    covariates: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> CVResult:
     """k-fold CV over patients; ``bags`` in ``labels.slide_ids`` order."""
     if [b.slide_id for b in bags] != list(labels.slide_ids):
         raise ValueError("bags and slide labels must list the same slides in the same order")
@@ -172,8 +196,9 @@ def cross_validate(
         net = fit_mil([bags[i] for i in train], _subset(scaled, train), fold_cfg)
         cov = targets.covariates[test] if targets.covariates.size else None
         for i, pred in zip(test, predict_bags(net, [bags[i] for i in test], cov), strict=True):
-            held[i] = replace(pred, regression=pred.regression * sd + mean,
-                              contributions=pred.contributions * sd)  # fmt: skip
+            held[i] = replace(
+                pred, regression=pred.regression * sd + mean, contributions=pred.contributions * sd
+            )
         preds = [held.get(i) for i in range(len(bags))]
         per_fold.append({k_: fn(y, p) for k_, (fn, y, p) in _metrics(labels, preds, test).items()})
         if progress:
@@ -192,3 +217,45 @@ def _known_rows(labels: SlideLabels, metric_name: str) -> np.ndarray:
     target = next(s for s in labels.specs if metric_name.endswith("_" + s.name))
     v = labels.values[target.name]
     return np.isfinite(v) if target.task == "regression" else v >= 0
+
+
+def write_cv_outputs(
+    out_dir: str | Path, bags: Sequence[Bag], labels: SlideLabels, result: CVResult
+) -> list[Path]:
+    """``cv_metrics.json``, ``predictions.csv`` and ``tiles/<slide_id>.csv`` under ``out_dir``."""
+    out = Path(out_dir)
+    reg_specs = [s for s in labels.specs if s.task == "regression"]
+    cls_specs = [s for s in labels.specs if s.task == "classification"]
+    metrics = {
+        "folds": int(result.folds.max()) + 1,
+        "per_fold": result.per_fold,
+        "pooled": result.pooled,
+        "n_slides": len(bags),
+        "n_patients": len(set(labels.patient_ids)),
+    }
+    written = [write_json(out / "cv_metrics.json", metrics)]
+    header = ["slide_id", "patient_id", "fold"]
+    header += [c for s in reg_specs for c in (s.name, f"pred_{s.name}")]
+    header += [c for s in cls_specs for c in (s.name, f"pred_{s.name}")]
+    rows = []
+    for i, (bag, pred) in enumerate(zip(bags, result.predictions, strict=True)):
+        row = [bag.slide_id, labels.patient_ids[i], int(result.folds[i])]
+        for r, s in enumerate(reg_specs):
+            row += [f"{labels.values[s.name][i]:.6g}", f"{pred.regression[r]:.6g}"]
+        for c, s in enumerate(cls_specs):
+            truth = int(labels.values[s.name][i])
+            row += [
+                s.classes[truth] if truth >= 0 else "",
+                s.classes[int(pred.class_probs[c].argmax())],
+            ]
+        rows.append(row)
+    written.append(write_csv(out / "predictions.csv", header, rows))
+    for bag, pred in zip(bags, result.predictions, strict=True):
+        scaled = attention_scale(pred.attention)
+        tile_header = ["x", "y", "attention_x_n", *(f"contribution_{s.name}" for s in reg_specs)]
+        tile_rows = (
+            [int(x), int(y), f"{a:.5g}", *(f"{v:.5g}" for v in contrib)]
+            for (x, y), a, contrib in zip(bag.xy_l0, scaled, pred.contributions, strict=True)
+        )
+        written.append(write_csv(out / "tiles" / f"{bag.slide_id}.csv", tile_header, tile_rows))
+    return [*written[:2], out / "tiles"]
