@@ -20,6 +20,7 @@ COMMANDS = (
     "infer",
     "features",
     "encoders",
+    "mil",
     "stats",
     "report",
     "view",
