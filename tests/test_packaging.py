@@ -67,7 +67,9 @@ def test_configs_by_name(elsewhere):
     assert load_config("cpu_demo").name == "cpu_demo"
     (elsewhere / "default").write_text("name: mine\n")  # a file in the working dir wins
     assert load_config("default").name == "mine"
-    with pytest.raises(ConfigError, match=r"nope: no such config file.*cpu_demo, default"):
+    with pytest.raises(
+        ConfigError, match=r"nope: no such config file.*cpu_demo, cpu_head_demo, default"
+    ):
         resolve_config("nope")
 
 

@@ -97,12 +97,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads for the model (default: torch's choice); on a shared or busy "
         "machine fewer threads can be much faster",
     )
+    _add_encoder_args(p)
     _add_corrupt_tile_args(p)
     _add_statistics_args(p)
     _add_decode_args(p)
     add_hardening_args(p)
     _add_ray_args(p)
     p.set_defaults(func=run)
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="for a model that is a head on a foundation-model encoder (its card names the "
+        "encoder): the encoder's local weights file; its sha256 must be the one the head was "
+        "trained on (default: the file named at training, if it is still there)",
+    )
 
 
 def _add_corrupt_tile_args(p: argparse.ArgumentParser) -> None:
@@ -257,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device("cpu" if args.ray else args.device)
         if settings.decode == "gpu" and not args.ray and device.type != "cuda":
             raise ValueError("--decode gpu needs a CUDA device; use --decode cpu or auto")
-        model = load_model(args.model, device)
+        model = load_model(args.model, device, encoder_weights=args.encoder_weights)
         if settings.asap_target not in (None, *model.card.targets):
             raise ValueError(
                 f"--asap-target {settings.asap_target!r}: the model's targets are "

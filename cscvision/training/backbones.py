@@ -9,34 +9,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-
-def small_cnn(num_outputs: int) -> nn.Module:
-    """A ~0.4 M-parameter CNN for CPU runs and the demo."""
-
-    def block(c_in: int, c_out: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
-
-    return nn.Sequential(
-        nn.Conv2d(3, 24, 5, stride=2, padding=2, bias=False),
-        nn.BatchNorm2d(24),
-        nn.ReLU(inplace=True),
-        block(24, 32),
-        block(32, 64),
-        block(64, 96),
-        block(96, 128),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(0.2),
-        nn.Linear(128, num_outputs),
-    )
+from cscvision.features.cnn import small_cnn
 
 
 def _torchvision(name: str, head: Callable[[nn.Module, int], None]) -> Callable[[int], nn.Module]:

@@ -79,6 +79,8 @@ class ModelCard:
     training: dict[str, Any] = Field(default_factory=dict)  # cohort counts, seed, config
     metrics: dict[str, Any] = Field(default_factory=dict)  # validation / held-out metrics
     intended_use: str = "Research use only; not for diagnosis."
+    # a head on a frozen encoder: name, weights_sha256, weights_file, expected_file, dim
+    encoder: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("targets")
     @classmethod

@@ -51,6 +51,11 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     channels_last: bool = True
+    # A head on a frozen encoder's stored features instead of a backbone (training/heads.py)
+    encoder: str | None = None  # registered encoder name (cscvision encoders)
+    weights: str | None = None  # the encoder's local weights file
+    head: str = "linear"  # linear | mlp
+    features_dir: str | None = None  # feature stores; default <run_dir>/features
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,13 @@ def check_choices(cfg: TrainConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
+    if cfg.model.encoder is not None:
+        from cscvision.training.heads import check_head_config
+
+        try:
+            check_head_config(cfg.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.classes is not None:
         from cscvision.labels.annotations import ClassMap
 
@@ -293,7 +305,12 @@ def with_absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> Tra
         export_dir=absolute(cfg.export_dir or str(Path("models") / cfg.name)),
         cohort=dataclasses.replace(cfg.cohort, csv=absolute(cfg.cohort.csv) or ""),
         data=dataclasses.replace(cfg.data, cache_dir=absolute(cfg.data.cache_dir)),
-        model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        model=dataclasses.replace(
+            cfg.model,
+            pretrained=absolute(cfg.model.pretrained),
+            weights=absolute(cfg.model.weights),
+            features_dir=absolute(cfg.model.features_dir),
+        ),
     )
 
 

@@ -52,10 +52,17 @@ def export_model(net: torch.nn.Module, card: ModelCard, out_dir: str | Path) -> 
     return out_dir
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    encoder_weights: str | Path | None = None,
+) -> LoadedModel:
     """Build the card's backbone and load its safetensors weights; eval mode, on ``device``.
 
     ``model_dir`` is an exported model folder or a packaged model name such as ``"demo"``.
+    A head on an encoder (the card names one) is joined to the encoder loaded from
+    ``encoder_weights`` (:func:`cscvision.training.heads.load_head_net`).
     """
     from cscvision.training.backbones import get_model
 
@@ -64,11 +71,16 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Loa
     weights = model_dir / WEIGHTS_FILE
     if not weights.exists():
         raise ModelError(f"{weights}: weights file missing")
-    net = get_model(card.backbone, num_outputs=len(card.targets))
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ModelError(f"{weights}: cannot read safetensors weights ({e})") from None
+    if card.encoder:
+        from cscvision.training.heads import load_head_net
+
+        net = load_head_net(card, state, encoder_weights)
+        return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)
+    net = get_model(card.backbone, num_outputs=len(card.targets))
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -49,6 +49,7 @@ from cscvision.training.config import (
 )
 from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, subsample
 from cscvision.training.export import export_model
+from cscvision.training.featuredata import head_pieces, with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
 from cscvision.training.regression import TileRegressor, standardise_stats
 from cscvision.training.tables import check_target_range, cohort_targets
@@ -85,7 +86,7 @@ def train(
     True requires it; False starts afresh (overwriting the run's checkpoints).
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
-    cfg = with_absolute_paths(cfg)
+    cfg = with_encoder_grid(with_absolute_paths(cfg))
     if not cfg.cohort.csv:
         raise ConfigError("cohort.csv: name the cohort manifest (CSV) to train on")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -105,8 +106,13 @@ def train(
     check_target_range(by_split, targets, cfg.task)
     if cfg.task == "classification":
         require_positives(by_split["train"], entries, class_map, targets)
-    dm = _datamodule(cfg, by_split)
-    module = _module(cfg, targets, dm)
+    if cfg.model.encoder:  # a head on stored features (features extracted where missing)
+        if cfg.task != "classification":
+            raise TrainError("model.encoder: heads on stored features are classification only")
+        dm, module, encoder = head_pieces(cfg, targets, by_split, run_dir, progress)
+    else:
+        dm, encoder = _datamodule(cfg, by_split), {}
+        module = _module(cfg, targets, dm)
     ckpt = _resume_checkpoint(run_dir, resume, module)
     trainer, checkpoints = _trainer(cfg, run_dir, progress)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
@@ -119,7 +125,7 @@ def train(
     if trainer.is_global_zero:
         write_json(run_dir / "calibration.json", _calibration_figures(module, metrics))
         write_json(run_dir / "metrics.json", {"best_checkpoint": best, **metrics})
-        model_dir = _export(cfg, module, dm, metrics, thresholds, best)
+        model_dir = _export(cfg, module, dm, metrics, thresholds, best, encoder)
     return TrainResult(run_dir, model_dir, best, metrics, thresholds, dm.summary())
 
 
@@ -400,6 +406,7 @@ def _export(
     metrics: Mapping[str, Any],
     thresholds: Mapping[str, float],
     best: Path,
+    encoder: Mapping[str, Any],
 ) -> Path:
     out_dir = Path(cfg.export_dir)
     targets = module.target_names
@@ -412,7 +419,7 @@ def _export(
         task=cfg.task,
         units={t: cfg.regression.units for t in targets} if cfg.task == "regression" else {},
         output_scale=scale,
-        backbone=cfg.model.backbone,
+        backbone=cfg.model.head if encoder else cfg.model.backbone,
         targets=targets,
         colors=colors,
         thresholds=dict(thresholds),
@@ -427,12 +434,15 @@ def _export(
             "cohort": dm.summary(),
             "synthetic": cfg.card.synthetic,
             "seed": cfg.seed,
-            "pretrained": cfg.model.pretrained or "none (trained from scratch)",
+            "pretrained": (f"frozen encoder {cfg.model.encoder}" if encoder else None)
+            or cfg.model.pretrained
+            or "none (trained from scratch)",
             "best_checkpoint": best.name,
             "config": config_to_dict(cfg),
         },
         metrics=json.loads(json.dumps(dict(metrics))),
         intended_use=cfg.card.intended_use,
+        encoder=dict(encoder),
     )
     export_model(module.net.to(memory_format=torch.contiguous_format), card, out_dir)
     write_model_readme(card, out_dir)

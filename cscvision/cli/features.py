@@ -1,0 +1,189 @@
+"""``cscvision features``: embed every tissue tile of a batch of slides into feature stores.
+
+``cscvision encoders`` (:mod:`cscvision.cli.encoders`) lists the encoders this accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.inference.settings import READERS
+
+if TYPE_CHECKING:
+    from cscvision.features.extract import ExtractSettings, FeatureExtractor
+    from cscvision.slides.batch import BatchReport, SlideJob
+
+__all__ = ["WEIGHTS_DIR_ENV", "add_parser", "resolve_weights", "run"]
+
+WEIGHTS_DIR_ENV = "CSCVISION_WEIGHTS_DIR"
+RESULT_COLUMNS = ["slide_id", "slide_path", "status", "n_tiles", "dim", "store", "error"]
+
+
+def add_weights_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"folder of encoder weights (default ${WEIGHTS_DIR_ENV}): DIR/<name>/<file as "
+        "published>, or DIR/<name>.safetensors|.bin|.pth",
+    )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "features",
+        help="embed tissue tiles with an encoder into per-slide feature stores",
+        description=(
+            "Tile each slide at the encoder's µm/px and tile size, embed every tissue tile "
+            "and write OUT/<slide_id>.h5 (xy_l0 int32[N,2], features float16[N,D], the "
+            "encoder, weights sha256 and grid as attributes), plus OUT/results.csv and "
+            "OUT/errors.csv. Weights come only from a local file; nothing is downloaded. "
+            "Slides whose store is complete for this encoder and weights are skipped."
+        ),
+    )
+    add_slide_args(p)
+    p.add_argument("--encoder", required=True, help="encoder name (see cscvision encoders)")
+    p.add_argument("--weights", type=Path, default=None, help="the encoder's weights file")
+    add_weights_dir_arg(p)
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
+    p.add_argument("--workers", type=int, default=2, help="reader threads or processes")
+    p.add_argument("--reader", choices=READERS, default="threads", help="as for infer")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="bfloat16 autocast on CPUs that support it, mixed precision on GPUs",
+    )
+    p.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction of a tile")
+    p.add_argument("--mask-mpp", type=float, default=8.0, help="µm/px of the tissue thumbnail")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model")
+    p.set_defaults(func=run)
+
+
+def resolve_weights(name: str, weights: Path | None, weights_dir: Path | None) -> Path:
+    """``--weights``, else the encoder's file in ``--weights-dir`` / $CSCVISION_WEIGHTS_DIR."""
+    from cscvision.features.registry import EncoderError, configured_weights, get_encoder_spec
+
+    if weights is not None:
+        return weights
+    spec = get_encoder_spec(name)
+    folder = weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
+    found = configured_weights(spec, folder)
+    if found is None:
+        where = f" in {folder}" if folder else f" (no --weights-dir, ${WEIGHTS_DIR_ENV} unset)"
+        raise EncoderError(
+            f"encoder {name}: no weights file{where}; pass --weights FILE "
+            f"({spec.weights_file}, published at {spec.weights_url or 'no URL'})"
+        )
+    return found
+
+
+def _extractor(args: argparse.Namespace) -> FeatureExtractor:
+    import torch
+
+    from cscvision.features.encoders import file_sha256, load_encoder
+    from cscvision.features.extract import FeatureExtractor
+    from cscvision.features.store import import_h5py
+
+    import_h5py()  # say now, not once per slide, when the features extra is missing
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be ≥ 1")
+        torch.set_num_threads(args.threads)
+    weights = resolve_weights(args.encoder, args.weights, args.weights_dir)
+    encoder = load_encoder(args.encoder, weights)
+    digest = file_sha256(weights)
+    return FeatureExtractor(encoder, weights_sha256=digest, device=args.device, amp=args.amp)
+
+
+def _settings(args: argparse.Namespace) -> ExtractSettings:
+    from cscvision.features.extract import ExtractSettings
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
+    if not 0 <= args.min_tissue <= 1:
+        raise ValueError(f"--min-tissue {args.min_tissue}: a fraction in [0, 1]")
+    return ExtractSettings(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        reader=args.reader,
+        amp=args.amp,
+        min_tissue=args.min_tissue,
+        mask_mpp=args.mask_mpp,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from cscvision.features.encoders import FeaturesUnavailable
+    from cscvision.features.extract import extract_slide
+    from cscvision.features.registry import EncoderError
+    from cscvision.features.store import STORE_SUFFIX, store_matches
+    from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+    from cscvision.slides.slide import SlideError
+
+    try:
+        settings = _settings(args)
+        jobs, shard = jobs_from_args(args)
+        extractor = _extractor(args)
+    except (
+        FeaturesUnavailable,
+        BatchError,
+        SlideError,
+        EncoderError,
+        ValueError,
+        RuntimeError,
+    ) as e:
+        print(f"cscvision features: {e}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    spec = extractor.spec
+    wanted = {"mpp": spec.mpp, "tile_px": spec.tile_px, "min_tissue": settings.min_tissue}
+    wanted["mask_mpp"] = settings.mask_mpp
+
+    def store_of(job: SlideJob) -> Path:
+        return out / f"{job.slide_id}{STORE_SUFFIX}"
+
+    def complete(job: SlideJob) -> bool:
+        digest = extractor.weights_sha256
+        return store_matches(store_of(job), encoder=spec.name, weights_sha256=digest, grid=wanted)
+
+    def process(job: SlideJob) -> None:
+        extract_slide(job.slide_path, extractor, store_of(job), settings, slide_mpp=job.mpp)
+
+    report = run_batch(jobs, process, complete, overwrite=args.overwrite, desc="features")
+    errors = write_errors(out, report, shard)
+    suffix = "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
+    results = _write_results(out / f"results{suffix}.csv", jobs, report, store_of)
+    for line in summary_lines(report, out, "features", errors):
+        print(line)
+    print(f"per slide: {out}/<slide_id>{STORE_SUFFIX} ({spec.name}, {spec.dim} features per tile)")
+    print(f"one row per slide: {results}")
+    print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px on {extractor.device}")
+    return 1 if report.failed else 0
+
+
+def _write_results(path: Path, jobs: list[SlideJob], report: BatchReport, store_of: Any) -> Path:
+    from cscvision.core.io import write_csv
+    from cscvision.features.store import read_store_attrs
+
+    failed = {sid: reason.split(" | ")[0] for sid, _, reason in report.failed}
+    skipped = set(report.skipped)
+    rows = []
+    for job in jobs:
+        row = {"slide_id": job.slide_id, "slide_path": str(Path(job.slide_path).resolve())}
+        if job.slide_id in failed:
+            row.update(status="failed", error=failed[job.slide_id])
+        else:
+            attrs = read_store_attrs(store_of(job))
+            status = "skipped" if job.slide_id in skipped else "done"
+            row.update(status=status, n_tiles=attrs["n_tiles"], dim=attrs["dim"])
+            row["store"] = str(store_of(job))
+        rows.append(row)
+    return write_csv(path, RESULT_COLUMNS, ([r.get(c, "") for c in RESULT_COLUMNS] for r in rows))

@@ -1,0 +1,164 @@
+"""Feature extraction: every tile of a slide through an encoder into a feature store.
+
+The tiles are cut at the encoder's own µm/px and tile size (:func:`encoder_grid_spec`;
+they override a config's ``grid.mpp``/``grid.tile_px``), read ahead of the model by the
+same batch readers inference uses (:mod:`cscvision.features.tiles`), normalised with the
+encoder's mean and std on the model's device, with channels-last memory for CNNs and, with
+``amp``, bfloat16 autocast on CPUs that support it or mixed precision on GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cscvision.features.encoders import Encoder
+from cscvision.features.registry import EncoderSpec
+from cscvision.features.store import FeatureStore, write_feature_store
+from cscvision.features.tiles import TileBatches, autocast, resolve_device, tile_batches
+from cscvision.slides.grid import GridSpec, TileGrid, make_grid
+from cscvision.slides.slide import ReadPlan, SlideError, open_slide
+from cscvision.slides.tissue import DEFAULT_MASK_MPP
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How tiles are cut and read (the ``cscvision features`` flags)."""
+
+    batch_size: int = 64
+    workers: int = 2
+    reader: str = "threads"
+    amp: bool = False
+    min_tissue: float = 0.5
+    mask_mpp: float = DEFAULT_MASK_MPP
+
+
+def encoder_grid_spec(spec: EncoderSpec, base: GridSpec | None = None) -> GridSpec:
+    """``base`` (default: :class:`GridSpec`) at the encoder's µm/px and tile size."""
+    base = base or GridSpec()
+    if (base.mpp, base.tile_px) != (spec.mpp, spec.tile_px):
+        log.info(
+            "encoder %s: tiles of %d px at %s µm/px (the encoder's geometry replaces "
+            "grid.tile_px %d and grid.mpp %s)",
+            spec.name, spec.tile_px, spec.mpp, base.tile_px, base.mpp,
+        )  # fmt: skip
+    return dataclasses.replace(base, mpp=spec.mpp, tile_px=spec.tile_px)
+
+
+def plan_record(plan: ReadPlan) -> dict[str, Any]:
+    """The read plan as stored in a feature store's ``grid`` attribute."""
+    return {
+        "mpp": plan.mpp,
+        "tile_px": plan.tile_px,
+        "level": plan.level,
+        "downsample": plan.downsample,
+        "read_px": plan.read_px,
+        "tile_l0": plan.tile_l0,
+    }
+
+
+def grid_record(grid: TileGrid) -> dict[str, Any]:
+    spec = grid.spec
+    extra = {"overlap": spec.overlap, "min_tissue": spec.min_tissue, "mask_mpp": spec.mask_mpp}
+    return {**plan_record(grid.plan), "stride_l0": grid.stride_l0, **extra}
+
+
+class FeatureExtractor:
+    """uint8 tiles [B, 3, H, W] → float16 embeddings [B, D] on ``device``."""
+
+    def __init__(
+        self, encoder: Encoder, *, weights_sha256: str, device: str | torch.device = "cpu",
+        amp: bool = False,
+    ) -> None:  # fmt: skip
+        self.spec = encoder.spec
+        self.weights_sha256 = weights_sha256
+        self.device = resolve_device(device)
+        cnn = self.spec.is_cnn
+        self.memory = torch.channels_last if cnn else torch.contiguous_format
+        self.encoder = encoder.to(self.device).eval().to(memory_format=self.memory)
+        self.mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.amp = amp
+
+    def __call__(self, image: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), autocast(self.device, self.amp):
+            x = image.to(self.device, non_blocking=True)
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
+            return self.encoder(x).float().cpu().numpy().astype(np.float16)
+
+
+def extract_batches(
+    dataset: TileBatches,
+    extractor: FeatureExtractor,
+    *,
+    workers: int = 0,
+    reader: str = "threads",
+    progress: bool = True,
+    desc: str = "features",
+) -> np.ndarray:
+    """Embeddings float16 [N, D] of the tiles of ``dataset``, in its order."""
+    n = len(dataset.xy_l0)
+    out = np.zeros((n, extractor.spec.dim), np.float16)
+    done = np.zeros(n, bool)
+    bar = tqdm(total=n, desc=desc, unit="tile", leave=False, disable=not progress)
+    try:
+        for batch in tile_batches(dataset, workers, reader, extractor.device):
+            if batch["errors"]:  # an undecodable tile fails the slide, naming where it is
+                raise batch["errors"][0]
+            index = batch["index"].numpy()
+            out[index] = extractor(batch["image"])
+            done[index] = True
+            bar.update(len(index))
+    finally:
+        bar.close()
+        dataset.close()
+    if not done.all():
+        raise RuntimeError(f"{dataset.slide_path}: {int((~done).sum())} tiles got no features")
+    return out
+
+
+def extract_slide(
+    slide_path: str | Path,
+    extractor: FeatureExtractor,
+    out_path: str | Path,
+    settings: ExtractSettings = ExtractSettings(),
+    *,
+    slide_mpp: float | None = None,
+    progress: bool = True,
+) -> FeatureStore:
+    """Tile ``slide_path`` at the encoder's geometry, embed every tissue tile, write the
+    store to ``out_path`` atomically and return it. Raises ``SlideError`` for a slide that
+    cannot be read or has no tile with ``settings.min_tissue`` tissue."""
+    spec = encoder_grid_spec(extractor.spec)
+    spec = dataclasses.replace(spec, min_tissue=settings.min_tissue, mask_mpp=settings.mask_mpp)
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        grid = make_grid(slide, spec)
+    if len(grid) == 0:
+        raise SlideError(
+            f"{slide_path}: no tile reaches --min-tissue {settings.min_tissue}; lower "
+            "--min-tissue or check the slide"
+        )
+    dataset = TileBatches(grid, settings.batch_size)
+    kw = dict(workers=settings.workers, reader=settings.reader, progress=progress)
+    feats = extract_batches(dataset, extractor, desc=grid.slide_id, **kw)
+    store = FeatureStore(
+        xy_l0=grid.xy_l0.astype(np.int32),
+        features=feats,
+        encoder=extractor.spec.name,
+        weights_sha256=extractor.weights_sha256,
+        grid=grid_record(grid),
+        slide_id=grid.slide_id,
+        slide_path=str(Path(slide_path).resolve()),
+        slide_mpp=grid.slide_mpp,
+    )
+    write_feature_store(out_path, store)
+    return store

@@ -1,0 +1,160 @@
+"""Feature stores: one HDF5 file per slide holding every tile's embedding.
+
+=======================  ===============================================================
+``xy_l0``                int32 [N, 2]: level-0 top-left corner of each tile
+``features``             float16 [N, D]: the encoder's pooled embedding of each tile
+attribute ``encoder``    registry name of the encoder (``cscvision encoders``)
+``weights_sha256``       sha256 of the weights file the features came from
+``grid``                 JSON: tile px, µm/px, level, downsample, read px, stride, overlap,
+                         tissue threshold, tissue-mask µm/px (the read plan of the tiles)
+``slide_id``,            the slide, as given, and its level-0 µm/px
+``slide_path``,
+``slide_mpp``
+``cscvision_version``    the version that wrote the file
+=======================  ===============================================================
+
+Written under a temporary name and renamed (:func:`cscvision.core.io.atomic_path`), so a
+file that exists is complete. ``read_feature_store(path)`` returns a frozen
+:class:`FeatureStore` with the arrays in memory; heads and MIL models read nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cscvision import __version__
+from cscvision.core.io import atomic_path
+from cscvision.features.registry import FEATURES_INSTALL
+
+STORE_SUFFIX = ".h5"
+
+
+class FeatureStoreError(ValueError):
+    """A feature store that is missing, unreadable or not what it is asked to be."""
+
+
+@dataclass(frozen=True)
+class FeatureStore:
+    """One slide's tile embeddings and where they came from."""
+
+    xy_l0: np.ndarray  # int32 [N, 2], level-0 top-left corners
+    features: np.ndarray  # float16 [N, D]
+    encoder: str
+    weights_sha256: str
+    grid: dict[str, Any] = field(default_factory=dict)
+    slide_id: str = ""
+    slide_path: str = ""
+    slide_mpp: float = 0.0
+    cscvision_version: str = __version__
+
+    def __len__(self) -> int:
+        return len(self.xy_l0)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def rows_of(self, xy_l0: np.ndarray) -> np.ndarray:
+        """Row of each level-0 ``xy`` in this store (int64 [M]); -1 where it has none."""
+        want = np.asarray(xy_l0, np.int64).reshape(-1, 2)
+        keys = _keys(self.xy_l0)
+        order = np.argsort(keys, kind="stable")
+        found = np.searchsorted(keys, _keys(want), sorter=order)
+        found = np.clip(found, 0, max(len(keys) - 1, 0))
+        rows = order[found] if len(keys) else np.zeros(len(want), np.int64)
+        hit = len(keys) > 0 and keys[rows] == _keys(want)
+        return np.where(hit, rows, -1).astype(np.int64)
+
+
+def _keys(xy: np.ndarray) -> np.ndarray:
+    xy = np.asarray(xy, np.int64).reshape(-1, 2)
+    return xy[:, 0] * (1 << 32) + xy[:, 1]
+
+
+def import_h5py() -> Any:
+    try:
+        import h5py
+    except ImportError:
+        raise FeatureStoreError(
+            f"feature stores need h5py, which is not installed here: {FEATURES_INSTALL}"
+        ) from None
+    return h5py
+
+
+def write_feature_store(path: str | Path, store: FeatureStore) -> Path:
+    """Write ``store`` to ``path`` (HDF5) atomically; returns ``path``."""
+    h5py = import_h5py()
+    xy = np.asarray(store.xy_l0)
+    feats = np.asarray(store.features)
+    if xy.ndim != 2 or xy.shape[1] != 2 or feats.ndim != 2 or len(feats) != len(xy):
+        raise FeatureStoreError(
+            f"{path}: need xy_l0 [N, 2] and features [N, D], got {xy.shape} and {feats.shape}"
+        )
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("xy_l0", data=xy.astype(np.int32))
+        f.create_dataset("features", data=feats.astype(np.float16), chunks=True)
+        f.attrs["encoder"] = store.encoder
+        f.attrs["weights_sha256"] = store.weights_sha256
+        f.attrs["grid"] = json.dumps(store.grid, sort_keys=True)
+        f.attrs["slide_id"] = store.slide_id
+        f.attrs["slide_path"] = store.slide_path
+        f.attrs["slide_mpp"] = float(store.slide_mpp)
+        f.attrs["cscvision_version"] = store.cscvision_version
+    return Path(path)
+
+
+def read_store_attrs(path: str | Path) -> dict[str, Any]:
+    """The attributes of a store (cheap: no arrays), with ``n_tiles`` and ``dim``."""
+    h5py = import_h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs["n_tiles"], attrs["dim"] = (int(n) for n in f["features"].shape)
+    except (OSError, KeyError) as e:
+        raise FeatureStoreError(f"{path}: not a readable cscvision feature store ({e})") from None
+    attrs["grid"] = json.loads(attrs.get("grid") or "{}")
+    return attrs
+
+
+def _plain(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else getattr(value, "item", lambda: value)()
+
+
+def read_feature_store(path: str | Path) -> FeatureStore:
+    """The store at ``path``, arrays in memory; :class:`FeatureStoreError` if unreadable."""
+    h5py = import_h5py()
+    attrs = read_store_attrs(path)
+    with h5py.File(path, "r") as f:
+        xy, feats = f["xy_l0"][()], f["features"][()]
+    return FeatureStore(
+        xy_l0=np.asarray(xy, np.int32),
+        features=np.asarray(feats, np.float16),
+        encoder=str(attrs.get("encoder", "")),
+        weights_sha256=str(attrs.get("weights_sha256", "")),
+        grid=attrs["grid"],
+        slide_id=str(attrs.get("slide_id", "")),
+        slide_path=str(attrs.get("slide_path", "")),
+        slide_mpp=float(attrs.get("slide_mpp", 0.0)),
+        cscvision_version=str(attrs.get("cscvision_version", "")),
+    )
+
+
+def store_matches(
+    path: str | Path, *, encoder: str, weights_sha256: str, grid: dict[str, Any] | None = None
+) -> bool:
+    """True when ``path`` is a complete store of this encoder and weights whose grid has
+    every item of ``grid`` (tile px, µm/px, tissue threshold, ...)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        attrs = read_store_attrs(path)
+    except FeatureStoreError:
+        return False
+    same = attrs.get("encoder") == encoder and attrs.get("weights_sha256") == weights_sha256
+    want = json.loads(json.dumps(grid or {}))
+    return same and all(attrs["grid"].get(k) == v for k, v in want.items())

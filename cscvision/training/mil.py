@@ -1,0 +1,227 @@
+"""Attention MIL over bags of stored tile features (gated attention, Ilse et al. 2018).
+
+A slide is a bag of its tiles' encoder features ``[N, D]``. Each tile is embedded
+(``h_i``), scored by a gated attention (``a_i = softmax_i(w · tanh(V h_i) ⊙ σ(U h_i))``)
+and the slide is ``z = Σ a_i h_i``; one linear head per output reads ``z`` (and the
+covariates, when given). Because the heads are linear, a regression output is exactly
+``b + Σ_i a_i (W h_i)``: the per-tile contribution ``a_i (W h_i)`` sums to the slide's
+prediction, which is what the contribution maps show.
+
+Several targets train at once: regression targets (standardised with the training
+slides' mean and sd, MSE) and classification targets (cross-entropy). Training samples up
+to ``max_bag`` tiles of a bag per step; evaluation uses whole bags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass(frozen=True)
+class MILConfig:
+    hidden: int = 128
+    attention: int = 64
+    dropout: float = 0.1
+    max_bag: int = 2048  # tiles sampled from a bag per training step
+    epochs: int = 40
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int | None = 1
+
+
+@dataclass(frozen=True)
+class Bag:
+    slide_id: str
+    features: np.ndarray  # float [N, D]
+    xy_l0: np.ndarray  # int [N, 2]
+
+
+@dataclass(frozen=True)
+class BagTargets:
+    """Per-slide targets in bag order: regression float [S, R] (NaN missing), classification
+    int [S, C] (-1 missing), covariates float [S, K]."""
+
+    regression: np.ndarray
+    classification: np.ndarray
+    n_classes: tuple[int, ...]
+    covariates: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+class GatedAttentionMIL(nn.Module):
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        n_regression: int,
+        n_classes: Sequence[int] = (),
+        n_covariates: int = 0,
+        hidden: int = 128,
+        attention: int = 64,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.embed = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout)
+        )
+        self.attn_v = nn.Linear(hidden, attention)
+        self.attn_u = nn.Linear(hidden, attention)
+        self.attn_w = nn.Linear(attention, 1)
+        width = hidden + n_covariates
+        self.regression = nn.Linear(width, n_regression) if n_regression else None
+        self.classifiers = nn.ModuleList(nn.Linear(width, k) for k in n_classes)
+
+    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile embeddings ``h`` [N, H] and attention weights ``a`` [N] (sum 1)."""
+        h = self.embed(x)
+        score = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))
+        return h, torch.softmax(score.squeeze(-1), dim=0)
+
+    def forward(
+        self, x: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+        h, a = self.attend(x)
+        z = (a[:, None] * h).sum(0)
+        if covariates is not None and covariates.numel():
+            z = torch.cat([z, covariates])
+        reg = self.regression(z) if self.regression is not None else None
+        return reg, [head(z) for head in self.classifiers], a
+
+    def contributions(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-tile share of each regression output ``a_i (W h_i)`` [N, R] (sums, with the
+        bias and any covariate term, to the slide's standardised prediction)."""
+        h, a = self.attend(x)
+        width = h.shape[1]
+        return a[:, None] * (h @ self.regression.weight[:, :width].T)
+
+
+class BagDataset(Dataset):
+    def __init__(self, bags: Sequence[Bag], targets: BagTargets, *, max_bag: int | None, seed: int):
+        self.bags, self.targets, self.max_bag = bags, targets, max_bag
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        feats = self.bags[i].features
+        if self.max_bag and len(feats) > self.max_bag:
+            feats = feats[np.sort(self.rng.choice(len(feats), self.max_bag, replace=False))]
+        t = self.targets
+        cov = t.covariates[i] if t.covariates.size else np.zeros(0)
+        return {
+            "x": torch.as_tensor(np.asarray(feats, np.float32)),
+            "reg": torch.as_tensor(t.regression[i], dtype=torch.float32),
+            "cls": torch.as_tensor(t.classification[i], dtype=torch.long),
+            "cov": torch.as_tensor(np.nan_to_num(cov), dtype=torch.float32),
+        }
+
+
+def _single(items: list[dict]) -> dict:
+    return items[0]  # bags differ in length: one bag per step
+
+
+class MILSystem(L.LightningModule):
+    """The Lightning system: a :class:`GatedAttentionMIL` and its multi-target loss."""
+
+    def __init__(self, net: GatedAttentionMIL, *, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        self.net, self.lr, self.weight_decay = net, lr, weight_decay
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        reg, logits, _ = self.net(batch["x"], batch["cov"])
+        loss = batch["x"].new_zeros(())
+        if reg is not None:
+            known = torch.isfinite(batch["reg"])
+            if known.any():
+                loss = loss + ((reg[known] - batch["reg"][known]) ** 2).mean()
+        for c, out in enumerate(logits):
+            label = batch["cls"][c]
+            if label >= 0:
+                loss = loss + nn.functional.cross_entropy(out[None], label[None])
+        self.log("train_loss", loss, batch_size=1, prog_bar=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAttentionMIL:
+    """Train a model on ``bags`` (regression targets already standardised)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    net = GatedAttentionMIL(
+        bags[0].features.shape[1],
+        n_regression=targets.regression.shape[1],
+        n_classes=targets.n_classes,
+        n_covariates=targets.covariates.shape[1] if targets.covariates.size else 0,
+        hidden=cfg.hidden,
+        attention=cfg.attention,
+        dropout=cfg.dropout,
+    )
+    loader = DataLoader(
+        BagDataset(bags, targets, max_bag=cfg.max_bag, seed=cfg.seed),
+        batch_size=1,
+        shuffle=True,
+        collate_fn=_single,
+    )
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(MILSystem(net, lr=cfg.lr, weight_decay=cfg.weight_decay), loader)
+    return net.eval()
+
+
+@dataclass(frozen=True)
+class BagPrediction:
+    slide_id: str
+    regression: np.ndarray  # [R], standardised units
+    class_probs: list[np.ndarray]  # per classification target: [K]
+    attention: np.ndarray  # [N], sums to 1
+    contributions: np.ndarray  # [N, R], standardised units
+
+
+@torch.inference_mode()
+def predict_bags(
+    net: GatedAttentionMIL, bags: Sequence[Bag], covariates: np.ndarray | None = None
+) -> list[BagPrediction]:
+    """Whole-bag predictions, attention and per-tile contributions."""
+    net.eval()
+    out = []
+    for i, bag in enumerate(bags):
+        x = torch.as_tensor(np.asarray(bag.features, np.float32))
+        cov = None
+        if covariates is not None and covariates.size:
+            cov = torch.as_tensor(np.nan_to_num(covariates[i]), dtype=torch.float32)
+        reg, logits, a = net(x, cov)
+        contrib = net.contributions(x) if net.regression is not None else torch.zeros(len(x), 0)
+        out.append(
+            BagPrediction(
+                bag.slide_id,
+                reg.numpy() if reg is not None else np.zeros(0),
+                [torch.softmax(lg, 0).numpy() for lg in logits],
+                a.numpy(),
+                contrib.numpy(),
+            )
+        )
+    return out
+
+
+def attention_scale(attention: np.ndarray) -> np.ndarray:
+    """Attention on a scale that compares across slides: weight × number of tiles (1 = the
+    slide's average tile; 3 = three times the average tile's weight)."""
+    return np.asarray(attention, np.float64) * len(attention)
