@@ -35,10 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        type=Path,
         default=None,
-        metavar="DIR",
-        help="the exported model folder, to show its card",
+        metavar="DIR_OR_NAME",
+        help="the exported model folder (or a packaged name such as demo), to show its card",
     )
     p.set_defaults(func=run)
 
@@ -57,13 +56,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"cscvision report: {missing}", file=sys.stderr)
         return 2
     from cscvision.labels.cohort import CohortError
+    from cscvision.training.card import ModelError
     from cscvision.views.report import ReportError, write_report
 
     try:
         page = write_report(
             args.out_dir, run_dir=args.run, cohort_csv=args.cohort, model_dir=args.model
         )
-    except (ReportError, CohortError, FileNotFoundError) as e:
+    except (ReportError, CohortError, ModelError, FileNotFoundError) as e:
         print(f"cscvision report: {e}", file=sys.stderr)
         return 2
     print(f"report: {page}")

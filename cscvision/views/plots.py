@@ -107,7 +107,8 @@ def colocalisation_svg(summaries: Sequence[dict]) -> str | None:
     if not names:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(names), 1, figsize=(6, 1.6 + 0.25 * len(summaries)), squeeze=False)
+    height = len(names) * (0.9 + 0.2 * len(summaries)) + 0.4
+    fig, axes = plt.subplots(len(names), 1, figsize=(6, height), squeeze=False)
     for ax, (name, rows) in zip(axes[:, 0], sorted(names.items()), strict=True):
         y = list(range(len(rows)))
         ax.errorbar(

@@ -341,7 +341,9 @@ def write_report(
     run = read_run(run_dir) if run_dir else None
     card = None
     if model_dir:
-        card = json.loads((Path(model_dir) / "model.json").read_text(encoding="utf-8"))
+        from cscvision.training.card import CARD_FILE, resolve_model_dir
+
+        card = json.loads((resolve_model_dir(model_dir) / CARD_FILE).read_text(encoding="utf-8"))
     report = Path(out_dir) / REPORT_DIR
     assets = report / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
