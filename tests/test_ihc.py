@@ -14,7 +14,7 @@ from skimage import color
 from cscvision.labels.ihc import dab_channel, deconvolution_matrix, macenko_vectors
 from cscvision.labels.registration import register_slides
 from cscvision.synth.ihc import DAB_OD, read_pair_transform
-from tests.conftest import CMU_SVS, ArraySlide
+from conftest import CMU_SVS, ArraySlide
 
 
 def _cos(a, b) -> float:
