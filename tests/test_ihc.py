@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CMU_SVS, ArraySlide
 from PIL import Image
 from scipy import ndimage
 from skimage import color
@@ -14,7 +15,6 @@ from skimage import color
 from cscvision.labels.ihc import dab_channel, deconvolution_matrix, macenko_vectors
 from cscvision.labels.registration import register_slides
 from cscvision.synth.ihc import DAB_OD, read_pair_transform
-from conftest import CMU_SVS, ArraySlide
 
 
 def _cos(a, b) -> float:
