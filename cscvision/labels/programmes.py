@@ -31,23 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from cscvision.core.panels import DEFAULT_PANELS
 from cscvision.labels.st import STError, require_module
 
 METHODS = ("score_genes", "zscore")
-DEFAULT_PANELS: dict[str, tuple[str, ...]] = {
-    "stemness": ("CD44", "PROM1", "ALDH1A1", "SOX2", "NANOG", "POU5F1", "KLF4"),
-    "immunosuppressive": (
-        "FOXP3",
-        "IL10",
-        "TGFB1",
-        "CTLA4",
-        "CD163",
-        "MRC1",
-        "ARG1",
-        "IDO1",
-        "CD274",
-    ),
-}
 MIN_GENES = 2
 
 

@@ -30,24 +30,10 @@ import shapely
 from PIL import Image
 
 from cscvision.core.io import atomic_path, write_csv, write_text
+from cscvision.core.panels import DEFAULT_PANELS
 from cscvision.synth.layout import IMMUNO, STEMNESS, SlideLayout
 
-# The default panels of cscvision.labels.programmes (synth may not import labels; a test
-# checks that the two agree).
-PANEL_GENES = {
-    "stemness": ("CD44", "PROM1", "ALDH1A1", "SOX2", "NANOG", "POU5F1", "KLF4"),
-    "immunosuppressive": (
-        "FOXP3",
-        "IL10",
-        "TGFB1",
-        "CTLA4",
-        "CD163",
-        "MRC1",
-        "ARG1",
-        "IDO1",
-        "CD274",
-    ),
-}
+PANEL_GENES = DEFAULT_PANELS  # the genes the synthetic counts raise
 REGION_OF = {"stemness": STEMNESS, "immunosuppressive": IMMUNO}  # panel -> truth region
 POSITION_HEADER = (
     "barcode",

@@ -259,14 +259,21 @@ class TileDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Slides, patients, tiles and positive tiles (target ≥ 0.5) per split."""
-        out: dict[str, dict[str, Any]] = {}
-        for split, tiles in self.slides.items():
-            targets = self.datasets[split].targets
-            out[split] = {
-                "slides": len(tiles),
-                "patients": len({t.patient_id for t in tiles}),
-                "tiles": len(targets),
-                "positive_tiles": [int(v) for v in (targets >= 0.5).sum(axis=0)],
-            }
-        return out
+        return split_summary(self.slides, self.datasets)
+
+
+def split_summary(
+    slides: Mapping[str, Sequence[SlideTiles]], datasets: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Slides, patients, tiles and positive tiles (target ≥ 0.5) per split; ``datasets``
+    hold each split's ``targets`` [N, T]."""
+    out: dict[str, dict[str, Any]] = {}
+    for split, tiles in slides.items():
+        targets = datasets[split].targets
+        out[split] = {
+            "slides": len(tiles),
+            "patients": len({t.patient_id for t in tiles}),
+            "tiles": len(targets),
+            "positive_tiles": [int(v) for v in (targets >= 0.5).sum(axis=0)],
+        }
+    return out

@@ -31,7 +31,13 @@ from cscvision.features.store import (
     write_feature_store,
 )
 from cscvision.features.tiles import TileBatches
-from cscvision.training.data import SPLITS, SlideTiles, pass_batch, sample_weights
+from cscvision.training.data import (
+    SPLITS,
+    SlideTiles,
+    pass_batch,
+    sample_weights,
+    split_summary,
+)
 
 if TYPE_CHECKING:
     from cscvision.training.config import TrainConfig
@@ -189,16 +195,7 @@ class FeatureDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for split, tiles in self.slides.items():
-            targets = self.datasets[split].targets
-            out[split] = {
-                "slides": len(tiles),
-                "patients": len({t.patient_id for t in tiles}),
-                "tiles": len(targets),
-                "positive_tiles": [int(v) for v in (targets >= 0.5).sum(axis=0)],
-            }
-        return out
+        return split_summary(self.slides, self.datasets)
 
 
 # --- from a training config --------------------------------------------------------------------
