@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Train gated-attention MIL models on bags of stored tile features (one feature "
             "store per slide, from cscvision features) against slide-level labels, with "
             "patient-level k-fold cross-validation. Writes OUT/cv_metrics.json (per fold and "
-            "pooled, with bootstrap 95%% CIs over patients), OUT/predictions.csv (held-out "
+            "pooled, with bootstrap 95 % CIs over patients), OUT/predictions.csv (held-out "
             "prediction per slide) and OUT/tiles/<slide_id>.csv (each tile's attention × "
             "number of tiles and its contribution to each regression output)."
         ),
@@ -39,11 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--features", type=Path, required=True, help="folder of feature stores <slide_id>.h5"
     )
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--folds", type=int, default=5, help="folds over patients (default 5)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the bags (default 30)")
     p.add_argument("--max-bag", type=int, default=2048, help="tiles sampled per training step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of folds, sampling and weights")
     p.set_defaults(func=run)
 
 
