@@ -134,6 +134,7 @@ class Catalogue:
             )
         self._maps: dict[str, SlideMaps] = {}
         self._dz: dict[str, Any] = {}
+        self._map_dz: OrderedDict[tuple[str, str, float], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def maps(self, sid: str) -> SlideMaps:
@@ -153,12 +154,23 @@ class Catalogue:
             return self._dz[sid]
 
     def map_dz(self, sid: str, target: str, threshold: float) -> tuple[Any, Any]:
-        """The heatmap's Deep Zoom generator and the image slide it reads."""
+        """The heatmap's Deep Zoom generator and the image slide it reads (kept for the
+        recent thresholds: every tile of a layer asks for the same one)."""
         from openslide import ImageSlide
         from openslide.deepzoom import DeepZoomGenerator
 
+        key = (sid, target, round(threshold, 3))
+        with self._lock:
+            if key in self._map_dz:
+                self._map_dz.move_to_end(key)
+                return self._map_dz[key]
         source = ImageSlide(self.maps(sid).image(target, threshold))
-        return DeepZoomGenerator(source, TILE_PX, OVERLAP), source
+        layer = DeepZoomGenerator(source, TILE_PX, OVERLAP), source
+        with self._lock:
+            self._map_dz[key] = layer
+            while len(self._map_dz) > 32:
+                self._map_dz.popitem(last=False)
+        return layer
 
     def describe(self, sid: str) -> dict[str, Any]:
         entry, maps = self.slides[sid], self.maps(sid)
