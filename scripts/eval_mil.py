@@ -49,10 +49,12 @@ def demo_encoder() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, int, fl
     return trunk, mean, std, model.card.tile_px, model.card.mpp
 
 
-def extract(slide_path: Path, out: Path, encoder) -> tuple[FeatureStore, np.ndarray]:
+def extract(
+    slide_path: Path, out: Path, encoder, min_tissue: float
+) -> tuple[FeatureStore, np.ndarray]:
     trunk, mean, std, tile_px, mpp = encoder
     with open_slide(slide_path) as slide:
-        grid = make_grid(slide, GridSpec(mpp=mpp, tile_px=tile_px))
+        grid = make_grid(slide, GridSpec(mpp=mpp, tile_px=tile_px, min_tissue=min_tissue))
     feats = np.zeros((len(grid), 128), np.float16)
     with torch.inference_mode():
         for batch in tile_batches(TileBatches(grid, 64), 0, "threads", torch.device("cpu")):
@@ -98,28 +100,34 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument(
+        "--share",
+        type=float,
+        nargs=2,
+        default=(0.02, 0.5),
+        metavar=("LO", "HI"),
+        help="range of each slide's stemness-rich share of tissue (synth --region-share)",
+    )
+    ap.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.1,
+        help="tissue fraction a tile needs to join its bag (bulk labels measure all tissue)",
+    )
+    ap.add_argument(
+        "--cache", type=Path, help="keep the cohort, labels and features here and reuse them"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     encoder = demo_encoder()
     with tempfile.TemporaryDirectory() as tmp:
-        csv = write_cohort(
-            Path(tmp) / "cohort",
-            n_slides=args.slides,
-            n_patients=args.patients,
-            size_px=args.size,
-            seed=args.seed,
-            workers=2,
-        )
-        labels_csv = write_slide_labels(csv, noise_sd=0.02, seed=args.seed)
-        entries = read_cohort(csv)
-        stores = Path(tmp) / "features"
-        bags, truth = [], []
-        for e in entries:
-            store, grid = extract(e.slide_path, stores, encoder)
-            store = read_feature_store(stores / f"{grid.slide_id}.h5")  # as MIL reads it
-            bags.append(Bag(e.slide_id, store.features.astype(np.float32), store.xy_l0))
-            truth.append(tile_truth(e, grid, e.slide_path))
+        if args.cache:
+            tmp = str(
+                args.cache / f"s{args.slides}-p{args.patients}-px{args.size}-seed{args.seed}"
+                f"-share{args.share[0]}-{args.share[1]}-mt{args.min_tissue}"
+            )
+        bags, truth, entries, labels_csv = cohort_bags(args, Path(tmp), encoder)
         print(
             f"{len(bags)} slides of {args.patients} patients, {sum(len(b.features) for b in bags)}"
             f" tiles, features in {time.perf_counter() - start:.0f} s"
@@ -130,9 +138,54 @@ def main() -> None:
         )
         cfg = MILConfig(epochs=args.epochs, hidden=64, attention=32, seed=args.seed)
         result = cross_validate(bags, labels, cfg, k=args.folds, progress=print)
+    report(result, truth, args.folds)
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+def cohort_bags(args, tmp: Path, encoder):
+    """The synthetic cohort's bags, per-tile truth, entries and label table (reused from
+    ``tmp`` when an earlier run with the same settings finished there)."""
+    done = tmp / "bags.npz"
+    csv = tmp / "cohort" / "cohort.csv"
+    if done.exists():
+        entries = read_cohort(csv)
+        data = np.load(done)
+        bags = [
+            Bag(e.slide_id, data[f"f{i}"].astype(np.float32), data[f"xy{i}"])
+            for i, e in enumerate(entries)
+        ]
+        truth = [data[f"t{i}"] for i in range(len(entries))]
+        return bags, truth, entries, csv.parent / "slide_labels.csv"
+    if True:
+        csv = write_cohort(
+            tmp / "cohort",
+            n_slides=args.slides,
+            n_patients=args.patients,
+            size_px=args.size,
+            seed=args.seed,
+            workers=2,
+            region_share=tuple(args.share),
+        )
+        labels_csv = write_slide_labels(csv, noise_sd=0.02, seed=args.seed)
+        entries = read_cohort(csv)
+        stores = tmp / "features"
+        bags, truth = [], []
+        for e in entries:
+            store, grid = extract(e.slide_path, stores, encoder, args.min_tissue)
+            store = read_feature_store(stores / f"{grid.slide_id}.h5")  # as MIL reads it
+            bags.append(Bag(e.slide_id, store.features.astype(np.float32), store.xy_l0))
+            truth.append(tile_truth(e, grid, e.slide_path))
+    arrays = {f"f{i}": b.features for i, b in enumerate(bags)}
+    arrays |= {f"xy{i}": b.xy_l0 for i, b in enumerate(bags)}
+    arrays |= {f"t{i}": t for i, t in enumerate(truth)}
+    np.savez(done, **arrays)
+    return bags, truth, entries, labels_csv
+
+
+def report(result, truth, folds: int) -> None:
     for name, rec in result.pooled.items():
         lo, hi = rec["ci95"]
-        print(f"pooled {args.folds}-fold CV {name}: {rec['value']:.3f} (95% CI {lo:.3f}–{hi:.3f})")
+        print(f"pooled {folds}-fold CV {name}: {rec['value']:.3f} (95% CI {lo:.3f}–{hi:.3f})")
     from sklearn.metrics import roc_auc_score
 
     contrib, attn = [], []
@@ -146,7 +199,6 @@ def main() -> None:
         f"median AUROC per-tile contribution {np.median(contrib):.3f}, attention "
         f"{np.median(attn):.3f}"
     )
-    print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
