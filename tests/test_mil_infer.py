@@ -222,3 +222,11 @@ def test_a_mil_model_trained_with_covariates_is_refused_by_infer(mil_run, tmp_pa
     (model / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match=r"covariates.*purity"):
         load_model(model)
+
+
+def test_stats_says_why_mil_outputs_have_no_niche_tests(mil_run, capsys):
+    from cscvision.cli import main
+
+    assert main(["stats", str(mil_run["out"])]) == 2
+    err = capsys.readouterr().err
+    assert "MIL model" in err and "results.csv" in err
