@@ -11,7 +11,7 @@ Pearson/Spearman/R² with bootstrap CIs over patients, and how well held-out per
 contributions and attention rank the truly stemness-rich tiles (AUROC against the
 ground-truth tile targets).
 
-    .venv/bin/python scripts/eval_mil.py --slides 120 --patients 60 --size 1536
+    .venv/bin/python scripts/eval_mil.py [--slides 200 --patients 100 --size 2048] [--cache DIR]
 
 Synthetic data only: these figures test the method and the plumbing, not biology.
 """
@@ -37,13 +37,13 @@ from cscvision.features.extract import (
 from cscvision.features.store import read_feature_store
 from cscvision.labels.annotations import DEFAULT_CLASS_MAP, read_annotations
 from cscvision.labels.cohort import read_cohort
-from cscvision.labels.slide_table import LabelSpec, read_slide_labels
+from cscvision.labels.slide_table import parse_targets, read_slide_labels
 from cscvision.labels.targets import tile_targets
 from cscvision.slides.grid import make_grid
 from cscvision.slides.slide import open_slide
 from cscvision.synth import write_cohort
 from cscvision.synth.slide_labels import write_slide_labels
-from cscvision.training.mil import Bag, MILConfig
+from cscvision.training.mil import ARCHITECTURES, Bag, MILConfig
 from cscvision.training.mil_cv import cross_validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,9 +90,9 @@ def tile_truth(entry, grid, slide_path: Path) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slides", type=int, default=120)
-    ap.add_argument("--patients", type=int, default=60)
-    ap.add_argument("--size", type=int, default=1536)
+    ap.add_argument("--slides", type=int, default=200)
+    ap.add_argument("--patients", type=int, default=100)
+    ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=30)
@@ -102,6 +102,12 @@ def main() -> None:
         default=24,
         help="tiles sampled per training step: about half a small slide's bag, as 2,048 is a "
         "fraction of a real slide's (random sub-bags are the augmentation)",
+    )
+    ap.add_argument("--architecture", choices=ARCHITECTURES, default="gated_attention")
+    ap.add_argument(
+        "--tercile",
+        action="store_true",
+        help="also train the stemness tercile (a classification target; clam_sb needs one)",
     )
     ap.add_argument("--cv-seed", type=int, default=None, help="seed of folds and weights")
     ap.add_argument(
@@ -136,13 +142,18 @@ def main() -> None:
             f"{len(bags)} slides of {args.patients} patients, {sum(len(b.features) for b in bags)}"
             f" tiles, features in {time.perf_counter() - start:.0f} s"
         )
-        spec = LabelSpec("stemness_fraction", "regression")
+        targets = ["stemness_fraction"] + (["stemness_fraction:tercile"] if args.tercile else [])
         labels = read_slide_labels(
-            labels_csv, [spec], [(e.slide_id, e.patient_id) for e in entries]
+            labels_csv, parse_targets(targets), [(e.slide_id, e.patient_id) for e in entries]
         )
         seed = args.seed if args.cv_seed is None else args.cv_seed
         cfg = MILConfig(
-            epochs=args.epochs, hidden=64, attention=32, max_bag=args.max_bag, seed=seed
+            architecture=args.architecture,
+            epochs=args.epochs,
+            hidden=64,
+            attention=32,
+            max_bag=args.max_bag,
+            seed=seed,
         )
         result = cross_validate(bags, labels, cfg, k=args.folds, progress=print)
     report(result, truth, args.folds)

@@ -44,6 +44,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=30, help="passes over the bags (default 30)")
     p.add_argument("--max-bag", type=int, default=2048, help="tiles sampled per training step")
     p.add_argument("--seed", type=int, default=0, help="seed of folds, sampling and weights")
+    p.add_argument(
+        "--architecture",
+        choices=("gated_attention", "clam_sb"),
+        default="gated_attention",
+        help="gated attention (Ilse et al. 2018) or CLAM-SB (its instance loss needs a "
+        "NAME:tercile or other classification target)",
+    )
     p.set_defaults(func=run)
 
 
@@ -85,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.training.mil import MILConfig
     from cscvision.training.mil_cv import cross_validate, write_cv_outputs
 
-    cfg = MILConfig(epochs=args.epochs, max_bag=args.max_bag, seed=args.seed)
+    cfg = MILConfig(
+        architecture=args.architecture, epochs=args.epochs, max_bag=args.max_bag, seed=args.seed
+    )
     try:
         result = cross_validate(
             bags,
