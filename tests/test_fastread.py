@@ -213,7 +213,7 @@ def test_returned_arrays_are_the_callers_own(slides):
 def test_decoded_tile_cache_is_bounded(slides):
     with open_slide(slides["generic"]) as slide:
         reader = StoredTileReader.open(str(slides["generic"]), slide.info)
-        reader.cache_tiles = 3
+        reader.cache_bytes = 3 * TILE * TILE * 3
         reader.read_region((0, 0), 0, (WIDTH, HEIGHT))
         assert len(reader._cache) == 3
         reader.close()
