@@ -16,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cscvision.slides.fastread import StoredTileReader, jpeg_header, level_rect
+from cscvision.slides.fastread import StoredTileReader, jpeg_header, level_rect, paste_plan
 from cscvision.slides.slide import ReadPlan, open_slide
 from cscvision.testing import texture_tile_fn, write_pyramid
 
@@ -277,6 +277,23 @@ def test_level_rect_accepts_only_whole_level_pixels():
     assert level_rect((513, 256), 2.0, (10, 20)) is None
     assert level_rect((400, 0), 1.99823, (10, 20)) is None
     assert level_rect((0, 0), 1.0, (0, 20)) is None
+
+
+def test_paste_plan_known_answer():
+    # 224 px at (100, 30) of 128 px tiles: columns 0-2 (28 + 128 + 68 px), rows 0-1 (98 + 126)
+    plan = paste_plan(100, 30, 224, 224, 128, 128)
+    assert [(r, c) for r, c, *_ in plan] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    _, _, dst_y, dst_x, src_y, src_x = plan[2]
+    assert (dst_y, dst_x) == (slice(0, 98), slice(156, 224))
+    assert (src_y, src_x) == (slice(30, 128), slice(0, 68))
+    _, _, dst_y, dst_x, src_y, src_x = plan[4]
+    assert (dst_y, dst_x, src_y, src_x) == (
+        slice(98, 224),
+        slice(28, 156),
+        slice(0, 126),
+        slice(0, 128),
+    )
+    assert paste_plan(0, 0, 128, 128, 128, 128) == ((0, 0, *(slice(0, 128),) * 4),)
 
 
 def test_jpeg_header_merges_tables_and_marks_rgb():

@@ -371,14 +371,16 @@ class StoredTileReader:
         out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
-        for row in range(y0 // th, (y1 - 1) // th + 1):
-            for col in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = tile_at(row * across + col)
-                ax, ay = max(x0, col * tw), max(y0, row * th)
-                bx, by = min(x1, (col + 1) * tw), min(y1, (row + 1) * th)
-                out[ay - y : by - y, ax - x : bx - x] = tile[
-                    ay - row * th : by - row * th, ax - col * tw : bx - col * tw
-                ]
+        col0, row0 = x0 // tw, y0 // th
+        base = row0 * across + col0
+        plan = paste_plan(x0 - col0 * tw, y0 - row0 * th, x1 - x0, y1 - y0, tw, th)
+        dy0, dx0 = y0 - y, x0 - x
+        for drow, dcol, dst_y, dst_x, src_y, src_x in plan:
+            tile = tile_at(base + drow * across + dcol)
+            if dy0 or dx0:
+                dst_y = slice(dst_y.start + dy0, dst_y.stop + dy0)
+                dst_x = slice(dst_x.start + dx0, dst_x.stop + dx0)
+            out[dst_y, dst_x] = tile[src_y, src_x]
         return out
 
     def _cached(self, key: tuple[int, ...], make) -> np.ndarray:
@@ -438,6 +440,25 @@ class StoredTileReader:
                 f"{rgb.shape[0]} px, not {lvl.tile_w} x {lvl.tile_h}"
             )
         return rgb
+
+
+@functools.lru_cache(maxsize=4096)
+def paste_plan(
+    x: int, y: int, w: int, h: int, tw: int, th: int
+) -> tuple[tuple[int, int, slice, slice, slice, slice], ...]:
+    """How a ``w`` x ``h`` region starting at ``(x, y)`` within tile (0, 0) of a grid of
+    ``tw`` x ``th`` tiles is pasted: per tile it touches, (row, column) from that tile and
+    the destination and source slices (y, x). Grids read at a fixed step repeat a few
+    offsets, so plans are cached."""
+    cells = []
+    for drow in range((y + h - 1) // th + 1):
+        ay, by = max(y, drow * th), min(y + h, (drow + 1) * th)
+        for dcol in range((x + w - 1) // tw + 1):
+            ax, bx = max(x, dcol * tw), min(x + w, (dcol + 1) * tw)
+            dst = (slice(ay - y, by - y), slice(ax - x, bx - x))
+            src = (slice(ay - drow * th, by - drow * th), slice(ax - dcol * tw, bx - dcol * tw))
+            cells.append((drow, dcol, *dst, *src))
+    return tuple(cells)
 
 
 def _touched_tiles(lvl: StoredLevel, x: int, y: int, w: int, h: int) -> set[int]:
