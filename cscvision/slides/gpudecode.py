@@ -29,6 +29,7 @@ from cscvision.slides.fastread import StoredLevel, StoredTileReader, decode_stre
 from cscvision.slides.info import SlideInfo
 from cscvision.slides.slide import ReadPlan
 
+DECODERS = ("auto", "cpu", "gpu")  # where tiles are decoded: the --decode choices
 MAX_MEAN_DIFF = 1.0  # mean |Δ| per channel against libjpeg-turbo a decoder may show
 
 
