@@ -34,8 +34,8 @@ import openslide
 import simplejpeg
 import tifffile
 
-from cscvision.slides.fastread import full_stream, stored_level
 from cscvision.slides.slide import open_slide, plan_read
+from cscvision.slides.storedtiles import full_stream, stored_level
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 SLIDE_PX = 20_480

@@ -16,8 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cscvision.slides.fastread import StoredTileReader, jpeg_header, level_rect, paste_plan
+from cscvision.slides.fastread import StoredTileReader
 from cscvision.slides.slide import ReadPlan, open_slide
+from cscvision.slides.storedtiles import jpeg_header, level_rect, paste_plan
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -352,7 +353,7 @@ def test_reduced_tiles_equal_openslide_region_reduced(slides, name, factor):
 
 def test_reduce_tile_is_pils_reduce_bit_for_bit():
     # OpenCV's INTER_AREA serves factor 2 where installed: it must round as PIL does.
-    from cscvision.slides.fastread import _cv2, reduce_tile
+    from cscvision.slides.storedtiles import _cv2, reduce_tile
 
     rng = np.random.default_rng(8)
     tiles = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), textured(320, 192)]
