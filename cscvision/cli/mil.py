@@ -47,28 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _specs(targets: list[str]):
-    from cscvision.labels.slide_table import LabelSpec, SlideLabelError
-
-    specs = []
-    for text in targets:
-        name, _, task = text.partition(":")
-        if task in ("", "regression"):
-            specs.append(LabelSpec(name, "regression"))
-        elif task == "tercile":
-            specs.append(
-                LabelSpec(
-                    f"{name}_tercile",
-                    "classification",
-                    tercile_of=name,
-                    classes=("low", "mid", "high"),
-                )
-            )
-        else:
-            raise SlideLabelError(f"--target {text}: TASK is regression or tercile")
-    return specs
-
-
 def _bags(entries, folder: Path):
     import numpy as np
 
@@ -92,11 +70,11 @@ def _bags(entries, folder: Path):
 def run(args: argparse.Namespace) -> int:
     from cscvision.features.store import FeatureStoreError
     from cscvision.labels.cohort import CohortError, read_cohort
-    from cscvision.labels.slide_table import SlideLabelError, read_slide_labels
+    from cscvision.labels.slide_table import SlideLabelError, parse_targets, read_slide_labels
 
     try:
         entries = read_cohort(args.cohort)
-        specs = _specs(args.target)
+        specs = parse_targets(args.target)
         labels = read_slide_labels(
             args.labels, specs, [(e.slide_id, e.patient_id) for e in entries], args.covariate
         )

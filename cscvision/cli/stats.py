@@ -53,6 +53,14 @@ def run(args: argparse.Namespace) -> int:
     except (StatsError, OSError) as e:
         print(f"cscvision stats: {e}", file=sys.stderr)
         return 2
+    if any("slide_prediction" in s for s in summaries):
+        print(
+            f"cscvision stats: {args.out_dir} holds outputs of a slide-level MIL model: its "
+            "maps are within-slide percentiles with no regions, so there are no niche "
+            "statistics to test; its slide predictions are in results.csv",
+            file=sys.stderr,
+        )
+        return 2
     columns, rows = slide_table(summaries, patients)
     targets = list(summaries[0]["targets"])
     tests = cohort_tests(rows, targets)

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from cscvision.synth import write_cohort
+from cscvision.synth.layout import REGION_SHARE
+from cscvision.synth.slide_labels import COLUMNS, TERCILE_COLUMN, write_slide_labels
 from cscvision.synth.writer import SLIDE_SUFFIX
 
 
@@ -56,6 +58,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "and ihc_manifest.csv for `cscvision labels ihc`",
     )
     parser.add_argument(
+        "--slide-labels",
+        action="store_true",
+        help="also write slide_labels.csv: each slide's true stemness-rich and "
+        "immunosuppressive fractions of tissue plus noise, and a stemness tercile class "
+        "(slide-level labels for cscvision train with task mil, or cscvision mil)",
+    )
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.02,
+        metavar="SD",
+        help="sd of the Gaussian noise added to the slide labels (default 0.02)",
+    )
+    parser.add_argument(
+        "--region-share",
+        type=float,
+        nargs=2,
+        default=list(REGION_SHARE),
+        metavar=("LO", "HI"),
+        help="range each slide's stemness-rich and immunosuppressive shares of tissue are "
+        f"drawn from (default {REGION_SHARE[0]} {REGION_SHARE[1]}); widen it (e.g. 0.02 0.5) "
+        "for a cohort whose slides differ enough to learn slide labels from",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist in --out"
     )
     parser.set_defaults(func=run)
@@ -72,6 +98,11 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--patients {args.patients}: use 1 to --slides ({args.slides})"
     if args.mpp <= 0:
         return f"--mpp {args.mpp}: must be positive"
+    lo, hi = args.region_share
+    if not 0 <= lo <= hi <= 0.8:
+        return f"--region-share {lo:g} {hi:g}: use 0 <= LO <= HI <= 0.8"
+    if not 0 <= args.label_noise < 1:
+        return f"--label-noise {args.label_noise:g}: use a standard deviation in [0, 1)"
     return None
 
 
@@ -97,7 +128,11 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
             visium=args.visium,
             ihc_markers=("CD44", "FOXP3") if args.ihc else (),
+            region_share=tuple(args.region_share),
         )
+        labels = None
+        if args.slide_labels:
+            labels = write_slide_labels(csv_path, noise_sd=args.label_noise, seed=args.seed)
     except FileExistsError as e:
         print(f"cscvision synth: {e}", file=sys.stderr)
         return 1
@@ -114,6 +149,12 @@ def run(args: argparse.Namespace) -> int:
         + (
             "\n  per slide: <id>_visium/outs/ (Space Ranger layout) and <id>_visium/spot_truth.csv"
             if args.visium
+            else ""
+        )
+        + (
+            f"\n  {labels.name}  slide_id,patient_id,{','.join(COLUMNS)},{TERCILE_COLUMN} "
+            f"(true fractions + N(0, {args.label_noise:g}) noise)"
+            if labels
             else ""
         )
     )

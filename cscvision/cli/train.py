@@ -138,7 +138,12 @@ def _train(cfg: object, args: argparse.Namespace) -> int:
 
 
 def _summary(result: object) -> str:
-    lines = [f"run folder: {result.run_dir}", f"best checkpoint: {result.best_checkpoint}"]
+    lines = [f"run folder: {result.run_dir}"]
+    if result.metrics.get("cv"):
+        lines.append(f"cross-validation: {result.best_checkpoint} (cv_metrics.json, "
+                     "predictions.csv, tiles/)")  # fmt: skip
+    else:
+        lines.append(f"best checkpoint: {result.best_checkpoint}")
     if result.model_dir is not None:
         lines.append(f"model: {result.model_dir} (model.safetensors, model.json, README.md)")
     for split, counts in result.summary.items():
@@ -146,6 +151,9 @@ def _summary(result: object) -> str:
             f"{split}: {counts['slides']} slides, {counts['patients']} patients, "
             f"{counts['tiles']} tiles"
         )
+    for name, rec in result.metrics.get("cv", {}).get("pooled", {}).items():
+        lo, hi = rec["ci95"]
+        lines.append(f"pooled CV {name}: {rec['value']:.3f} (95 % CI {lo:.3f} to {hi:.3f})")
     for stage in ("val", "test"):
         metrics = result.metrics.get(stage, {})
         parts = [

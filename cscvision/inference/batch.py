@@ -162,5 +162,5 @@ def write_results(
         else:
             continue
         rows.append(row)
-    columns = result_columns(targets, within_um)
+    columns = result_columns(targets, within_um, model.card.mil)
     return merge_table(path, columns, ([r.get(c, "") for c in columns] for r in rows))

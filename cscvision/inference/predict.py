@@ -89,6 +89,7 @@ class TileScorer:
         self.out_mean = torch.tensor(scale.get("mean", [0.0]), device=self.device)
         self.out_std = torch.tensor(scale.get("std", [1.0]), device=self.device)
         self.regression = card.is_regression
+        self.raw = card.task == "mil"  # per-tile parts, aggregated per slide afterwards
         self.targets = card.targets
         self.calibration = card.calibration
 
@@ -97,6 +98,8 @@ class TileScorer:
             x = image.to(self.device, non_blocking=True)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
             logits = self.net(x).float()
+            if self.raw:
+                return logits.cpu().numpy()
             if self.regression:
                 return (logits * self.out_std + self.out_mean).cpu().numpy()
             if not self.calibration:
@@ -134,7 +137,7 @@ def predict_tiles(
     if on_corrupt_tile not in ON_CORRUPT_TILE:
         raise ValueError(f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}")
     scorer = TileScorer(model, device=device, amp=amp)
-    probs = np.full((len(grid), len(model.card.targets)), np.nan, np.float32)
+    probs = np.full((len(grid), output_width(model)), np.nan, np.float32)
     corrupt = np.zeros(len(grid), bool)
     dataset = dataset or TileBatches(grid, batch_size)
     in_process = workers == 0 or reader == "threads"  # no CUDA in DataLoader processes
@@ -162,6 +165,18 @@ def predict_tiles(
     if np.isnan(probs[~corrupt]).any():
         raise RuntimeError(f"{grid.slide_path}: some tiles got no prediction (NaN)")
     return probs
+
+
+def output_width(model: LoadedModel) -> int:
+    """Columns the net gives per tile: one per target, or a MIL model's per-tile parts."""
+    if model.card.task == "mil":
+        mil = model.card.mil
+        return (
+            1
+            + len(mil.get("regression", []))
+            + sum(len(c["classes"]) for c in mil.get("classification", []))
+        )
+    return len(model.card.targets)
 
 
 def assemble_prediction(
@@ -237,6 +252,9 @@ def predict_grid(
     )
     predict_seconds = time.perf_counter() - t0
     grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
+    extra: dict = {}
+    if model.card.task == "mil":
+        probs, extra = _mil_maps(model, probs)
     pred = assemble_prediction(
         grid,
         probs,
@@ -249,7 +267,15 @@ def predict_grid(
         amp=amp,
     )
     seconds = time.perf_counter() - started
-    return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy)
+    return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy, **extra)
+
+
+def _mil_maps(model: LoadedModel, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+    """A MIL model's map channels and the prediction fields from its tiles' rows."""
+    from cscvision.training.mil_model import mil_slide_outputs, slide_prediction_record
+
+    channels, raw, out = mil_slide_outputs(rows, model.net.mil, model.card.mil)
+    return channels, {"tile_values": raw, "slide_prediction": slide_prediction_record(out)}
 
 
 def drop_corrupt_tiles(

@@ -175,3 +175,25 @@ def terciles(values: np.ndarray) -> np.ndarray:
     lo, hi = np.quantile(values[finite], [1 / 3, 2 / 3])
     out[finite] = np.digitize(values[finite], [lo, hi], right=True)
     return out
+
+
+def parse_targets(targets: Any, where: str = "--target") -> list[LabelSpec]:
+    """Label declarations from ``NAME[:TASK]`` strings (TASK ``regression``, the default, or
+    ``tercile``: classes low/mid/high of NAME's terciles, named ``NAME_tercile``) or from a
+    mapping ``{name: {task, classes, column, tercile_of}}`` (a config's ``mil.targets``)."""
+    if isinstance(targets, Mapping):
+        return [LabelSpec.from_dict(str(n), d or {}) for n, d in targets.items()]
+    if not targets or isinstance(targets, str):
+        raise SlideLabelError(f"{where}: name at least one label column (NAME or NAME:tercile)")
+    specs = []
+    for text in targets:
+        name, _, task = str(text).partition(":")
+        if task in ("", "regression"):
+            specs.append(LabelSpec(name, "regression"))
+        elif task == "tercile":
+            specs.append(
+                LabelSpec(f"{name}_tercile", "classification", TERCILES, name, tercile_of=name)
+            )
+        else:
+            raise SlideLabelError(f"{where} {text}: TASK is regression or tercile")
+    return specs

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,10 @@ class SlidePrediction:
     device: str
     amp: bool
     corrupt_xy_l0: np.ndarray | None = None  # int[K, 2] tiles dropped as undecodable (skip)
+    # MIL models: raw per-tile columns for the tile table (name → float[N]) and the slide's
+    # prediction (the summary's ``slide_prediction``)
+    tile_values: dict[str, np.ndarray] = field(default_factory=dict)
+    slide_prediction: dict[str, Any] | None = None
 
     @property
     def slide_id(self) -> str:

@@ -128,10 +128,23 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def write_tile_table(path: str | Path, pred: SlidePrediction) -> Path:
-    header = ["x", "y", "tissue", *(f"prob_{t}" for t in pred.targets)]
+    """``tiles.csv``: corner, tissue fraction, ``prob_<target>`` per map channel (MIL: its
+    within-slide percentile), then any raw per-tile columns (MIL: attention × N and the
+    contributions in label units)."""
+    extra = list(pred.tile_values)
+    header = ["x", "y", "tissue", *(f"prob_{t}" for t in pred.targets), *extra]
+    columns = np.stack([pred.tile_values[k] for k in extra], 1) if extra else None
     rows = (
-        [int(x), int(y), f"{tissue:.4f}", *(f"{p:.6f}" for p in probs)]
-        for (x, y), tissue, probs in zip(pred.grid.xy_l0, pred.grid.tissue, pred.probs, strict=True)
+        [
+            int(x),
+            int(y),
+            f"{tissue:.4f}",
+            *(f"{p:.6f}" for p in probs),
+            *(f"{v:.6g}" for v in (columns[i] if columns is not None else ())),
+        ]
+        for i, ((x, y), tissue, probs) in enumerate(
+            zip(pred.grid.xy_l0, pred.grid.tissue, pred.probs, strict=True)
+        )
     )
     return write_csv(path, header, rows)
 
@@ -156,12 +169,12 @@ def write_maps(path: str | Path, pred: SlidePrediction) -> Path:
 def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) -> list[Path]:
     colors = target_colors(pred.targets, card.colors)
     # regression: no threshold, so no region (an infinite threshold selects nothing)
-    thresholds = [np.inf if card.is_regression else card.threshold(t) for t in pred.targets]
+    thresholds = [card.threshold(t) if card.thresholded else np.inf for t in pred.targets]
     regions = region_masks(pred.maps, pred.tissue_map, pred.targets, thresholds)
     paths = []
     for i, target in enumerate(pred.targets):
         # regression: no threshold outline; the map is shown over the card's value range
-        threshold = None if card.is_regression else thresholds[i]
+        threshold = thresholds[i] if card.thresholded else None
         heat = heat_image(
             thumb,
             pred.mask,
@@ -276,10 +289,14 @@ def write_slide_outputs(
 def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
     grid = pred.grid
     offset = (int(grid.bounds[0]), int(grid.bounds[1]))
+    names, values = list(pred.targets), pred.probs
+    if pred.tile_values:  # MIL: the raw values are measurements too
+        names += list(pred.tile_values)
+        values = np.column_stack([values, *pred.tile_values.values()])
     tiles = tile_features(
-        grid.xy_l0, pred.probs, grid.plan.tile_l0, pred.targets, offset, slide_id=pred.slide_id
+        grid.xy_l0, values, grid.plan.tile_l0, names, offset, slide_id=pred.slide_id
     )
-    if card.is_regression:  # region outlines need a threshold; tiles carry the scores
+    if not card.thresholded:  # region outlines need a threshold; tiles carry the scores
         return tiles
     regions = region_features(
         pred.maps,

@@ -114,7 +114,8 @@ def score_statistics(
         per_target[t] = stats
     return {
         "targets": per_target,
-        "thresholded_statistics": "not computed: regression targets have no threshold",
+        "thresholded_statistics": "not computed: these maps have no threshold (regression "
+        "scores or MIL within-slide percentiles)",
     }
 
 
@@ -123,7 +124,7 @@ def summarize(
 ) -> dict[str, Any]:
     grid, plan = pred.grid, pred.grid.plan
     cell_um = pred.map_transform.px_l0 * grid.slide_mpp
-    if card.is_regression:  # no threshold: no areas, niche or co-localisation figures
+    if not card.thresholded:  # no threshold: no areas, niche or co-localisation figures
         units = [card.unit(t) for t in pred.targets]
         stats = score_statistics(pred.maps, pred.tissue_map, targets=pred.targets, units=units)
     else:
@@ -164,6 +165,7 @@ def summarize(
         "n_tiles": len(grid),
         "tissue_mm2": pred.tissue_mm2,
         **stats,
+        **({"slide_prediction": pred.slide_prediction} if pred.slide_prediction else {}),
         **corrupt_tile_fields(pred),
         "outputs": outputs,
         "device": pred.device,
@@ -177,8 +179,13 @@ def summarize(
 # --- run-level table ---------------------------------------------------------------------
 
 
-def result_columns(targets: Sequence[str], within_um: float = DEFAULT_WITHIN_UM) -> list[str]:
+def result_columns(
+    targets: Sequence[str], within_um: float = DEFAULT_WITHIN_UM, mil: dict | None = None
+) -> list[str]:
+    """``results.csv`` columns; ``mil`` (a MIL card's record) adds the slide predictions."""
     cols = ["slide_id", "slide_path", "status", "n_tiles", "tissue_mm2", "analysed_tissue_mm2"]
+    if mil:  # a MIL model's maps are within-slide ranks: no areas, no niche
+        return [*cols, *slide_prediction_columns(mil), "seconds", "error"]
     for t in targets:
         cols += [f"{t}_area_mm2", f"{t}_fraction"]
     if len(targets) >= 2:
@@ -195,6 +202,7 @@ def result_row(summary: dict, targets: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {k: summary.get(k) for k in ("slide_id", "slide_path", "n_tiles")}
     row.update(status="ok", tissue_mm2=summary.get("tissue_mm2"), error="")
     row["analysed_tissue_mm2"] = summary.get("analysed_tissue_mm2")
+    row.update(slide_prediction_row(summary))
     for t in targets:
         stats = summary.get("targets", {}).get(t, {})
         row[f"{t}_area_mm2"] = stats.get("area_mm2")
@@ -213,6 +221,26 @@ def result_row(summary: dict, targets: Sequence[str]) -> dict[str, Any]:
             row[f"{name}_p"] = figure.get("p")
     row["seconds"] = summary.get("seconds")
     return {k: _fmt(v) for k, v in row.items()}
+
+
+def slide_prediction_columns(record: dict[str, Any]) -> list[str]:
+    """``results.csv`` columns of a MIL card's ``mil`` record: ``pred_<target>`` for each
+    target, and ``p_<target>_<class>`` for each class."""
+    cols = [f"pred_{r['name']}" for r in record.get("regression", [])]
+    for spec in record.get("classification", []):
+        cols.append(f"pred_{spec['name']}")
+        cols += [f"p_{spec['name']}_{c}" for c in spec["classes"]]
+    return cols
+
+
+def slide_prediction_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`slide_prediction_columns` values of one slide's summary."""
+    pred = summary.get("slide_prediction") or {}
+    row: dict[str, Any] = {f"pred_{k}": v for k, v in pred.get("regression", {}).items()}
+    for target, rec in pred.get("classification", {}).items():
+        row[f"pred_{target}"] = rec["predicted"]
+        row.update({f"p_{target}_{c}": p for c, p in rec["probabilities"].items()})
+    return row
 
 
 def _fmt(value: Any) -> Any:

@@ -30,6 +30,7 @@ TUMOR = "Tumor"
 NECROSIS = "Necrosis"
 STEMNESS = "Stemness-rich"
 IMMUNO = "Immunosuppressive"
+REGION_SHARE = (0.14, 0.28)  # default range of each target region's share of tissue
 REGION_CLASSES = (TUMOR, NECROSIS, STEMNESS, IMMUNO)
 CLASS_COLORS: dict[str, tuple[int, int, int]] = {
     TUMOR: (200, 0, 0),
@@ -168,7 +169,10 @@ def _tissue_raster(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarr
 
 
 def _region_rasters(
-    rng: np.random.Generator, tissue: np.ndarray, blob_cells: float
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    blob_cells: float,
+    share: tuple[float, float] = REGION_SHARE,
 ) -> dict[str, np.ndarray]:
     """Tumour compartment, necrosis, stemness and immunosuppression on the layout grid."""
     shape = tissue.shape
@@ -183,12 +187,12 @@ def _region_rasters(
     rim = rng.uniform(0.3, 0.7) * blob_cells
     s_score = smooth_noise(rng, shape, blob_cells) + 1.6 * np.exp(-d_necrosis / rim)
     s_domain = tumour & ~necrosis
-    s_share = rng.uniform(0.14, 0.28) * tissue.sum() / max(s_domain.sum(), 1)
+    s_share = rng.uniform(*share) * tissue.sum() / max(s_domain.sum(), 1)
     stem = _clean(_quantile_mask(s_score, s_domain, min(s_share, 0.8)), min_cells) & s_domain
     d_margin = ndimage.distance_transform_edt(~_boundary(tumour))
     d_stem = _distance_to(stem)
     i_domain = tissue & ~necrosis
-    i_share = rng.uniform(0.14, 0.28) * tissue.sum() / max(i_domain.sum(), 1)
+    i_share = rng.uniform(*share) * tissue.sum() / max(i_domain.sum(), 1)
     base = smooth_noise(rng, shape, blob_cells) + 0.8 * np.exp(-d_margin / (0.6 * blob_cells))
     for pull in (0.8, 1.6, 2.4, 3.5):
         score = base + pull * np.exp(-d_stem / (0.8 * blob_cells))
@@ -215,14 +219,19 @@ def make_layout(
     height_px: int,
     mpp: float,
     artefact_rate: float = 1.0,
+    region_share: tuple[float, float] = REGION_SHARE,
 ) -> SlideLayout:
-    """Draw tissue, regions and artefacts for a ``width_px`` x ``height_px`` slide at ``mpp``."""
+    """Draw tissue, regions and artefacts for a ``width_px`` x ``height_px`` slide at ``mpp``.
+
+    The stemness-rich and the immunosuppressive share of tissue are each drawn uniformly
+    from ``region_share`` (before cleaning: the realised fractions are in the truth file).
+    """
     cell_px = GRID_UM / mpp
     shape = (max(8, int(np.ceil(height_px / cell_px))), max(8, int(np.ceil(width_px / cell_px))))
     size_um = min(width_px, height_px) * mpp
     blob_um = float(np.clip(size_um / 14, 60, 260))  # regional length scale
     tissue_r = _tissue_raster(rng, shape)
-    rasters = _region_rasters(rng, tissue_r, blob_um / GRID_UM)
+    rasters = _region_rasters(rng, tissue_r, blob_um / GRID_UM, region_share)
     simplify_px = 0.3 * cell_px
     amp_px = 7.0 / mpp
     warp = np.stack([smooth_noise(rng, shape, 1.2) for _ in range(2)]) * amp_px

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from cscvision.core.io import atomic_path, write_csv
 from cscvision.synth.ihc import write_ihc_slide
-from cscvision.synth.layout import REGION_CLASSES, SlideLayout, make_layout
+from cscvision.synth.layout import REGION_CLASSES, REGION_SHARE, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer
 from cscvision.synth.stain import StainProfile, sample_lab_profile, sample_slide_profile
@@ -93,6 +93,7 @@ def write_slide(
     on_row: Callable[[], None] | None = None,
     ihc_markers: tuple[str, ...] = (),
     visium: bool = False,
+    region_share: tuple[float, float] = REGION_SHARE,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
@@ -110,6 +111,7 @@ def write_slide(
         height_px=height,
         mpp=mpp,
         artefact_rate=artefact_rate,
+        region_share=region_share,
     )
     lab = lab or sample_lab_profile(np.random.default_rng([seed, 2]))
     stain = sample_slide_profile(np.random.default_rng([seed, 3]), lab)
@@ -242,6 +244,7 @@ def write_cohort(
     progress: bool = False,
     ihc_markers: tuple[str, ...] = (),
     visium: bool = False,
+    region_share: tuple[float, float] = REGION_SHARE,
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
@@ -249,7 +252,8 @@ def write_cohort(
     ``progress`` shows tqdm bars (slides, and rows of tiles within a slide).
     ``ihc_markers`` adds paired IHC slides and ``ihc_manifest.csv`` (``IHC_COLUMNS``);
     ``visium`` adds a synthetic Space Ranger folder per slide and an ``st_path`` column to
-    ``cohort.csv``.
+    ``cohort.csv``. ``region_share`` is the range each slide's stemness-rich and
+    immunosuppressive shares of tissue are drawn from (widen it for slide-label cohorts).
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
@@ -263,6 +267,7 @@ def write_cohort(
     kwargs = {"size_px": size_px, "mpp": mpp, "tile_px": tile_px, "quality": quality}
     kwargs["artefact_rate"], kwargs["visium"] = artefact_rate, visium
     kwargs["ihc_markers"] = tuple(ihc_markers)
+    kwargs["region_share"] = tuple(region_share)
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
         if workers > 1:

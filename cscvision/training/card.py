@@ -37,7 +37,11 @@ CARD_SCHEMA_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SCORE_SPAN_SD = 2.5  # regression maps span mean ± this many training standard deviations
-DEFAULT_UNITS = {"classification": "probability", "regression": "score"}  # per target
+DEFAULT_UNITS = {
+    "classification": "probability",
+    "regression": "score",
+    "mil": "within-slide percentile",  # MIL maps: a tile's rank among the slide's tiles, 0-1
+}
 # Short names for packaged models: ``--model demo``.
 MODEL_ALIASES = {"demo": "demo-synthetic"}
 
@@ -61,7 +65,9 @@ class ModelCard:
     backbone: Name
     schema_version: int = Field(CARD_SCHEMA_VERSION, ge=1, le=CARD_SCHEMA_VERSION)
     targets: tuple[Name, ...] = Field(("stemness", "immunosuppressive"), min_length=1)
-    task: Literal["classification", "regression"] = "classification"  # sigmoid per target | score
+    # classification: a sigmoid per target; regression: a score per target; mil: a slide-level
+    # model whose targets are its tile maps (attention, contributions; see the mil field)
+    task: Literal["classification", "regression", "mil"] = "classification"
     units: dict[str, str] = Field(default_factory=dict)  # target → unit; see unit()
     # regression: the net predicts standardised scores; score = output * std + mean
     output_scale: dict[str, list[float]] = Field(default_factory=dict)
@@ -81,6 +87,9 @@ class ModelCard:
     intended_use: str = "Research use only; not for diagnosis."
     # a head on a frozen encoder: name, weights_sha256, weights_file, expected_file, dim
     encoder: dict[str, Any] = Field(default_factory=dict)
+    # task mil: architecture, sizes, slide targets (regression: name, mean, sd, units;
+    # classification: name, classes), covariates, map scale (training.mil_model)
+    mil: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("targets")
     @classmethod
@@ -107,6 +116,12 @@ class ModelCard:
     @property
     def is_regression(self) -> bool:
         return self.task == "regression"
+
+    @property
+    def thresholded(self) -> bool:
+        """Maps are probabilities with thresholds (regions, outlines, niche statistics);
+        regression scores and MIL maps are shown as values only."""
+        return self.task == "classification"
 
     def value_range(self, target: str) -> tuple[float, float]:
         """The values colour maps and uint8 likelihood maps span: (0, 1) for probabilities;
@@ -212,7 +227,27 @@ def _regression_rows(card: ModelCard) -> list[str]:
     return rows
 
 
+def _mil_rows(card: ModelCard) -> list[str]:
+    cv = card.metrics.get("cv", {})
+    if not cv:
+        return ["No cross-validation was run (cv.folds < 2): there is no held-out estimate."]
+    rows = [
+        f"Pooled {cv.get('folds')}-fold cross-validation over patients (held-out slides of "
+        "every fold; 95 % bootstrap CI over patients). Slide level:",
+        "",
+        "| metric | value | 95 % CI |",
+        "|---|---|---|",
+    ]
+    for name, rec in cv.get("pooled", {}).items():
+        lo, hi = (rec.get("ci95") or [None, None])[:2]
+        rows.append(f"| {name} | {_cell(rec, 'value')} | {_cell({'v': lo}, 'v')}–"
+                    f"{_cell({'v': hi}, 'v')} |")  # fmt: skip
+    return rows
+
+
 def _metric_rows(card: ModelCard) -> list[str]:
+    if card.task == "mil":
+        return _mil_rows(card)
     if card.is_regression:
         return _regression_rows(card)
     val, test = card.metrics.get("val", {}), card.metrics.get("test", {})
@@ -232,6 +267,16 @@ def _metric_rows(card: ModelCard) -> list[str]:
 
 def _what_it_does(card: ModelCard) -> str:
     tiles = f"Scores every tissue tile of {card.tile_px} × {card.tile_px} px at {card.mpp} µm/px"
+    if card.task == "mil":
+        mil = card.mil
+        names = [r["name"] for r in mil.get("regression", [])]
+        names += [c["name"] for c in mil.get("classification", [])]
+        return (
+            f"Predicts slide-level labels ({', '.join(names)}) with {card.backbone} multiple-"
+            f"instance learning over the features of encoder `{card.encoder.get('name')}` "
+            f"(tiles of {card.tile_px} px at {card.mpp} µm/px). Maps ({', '.join(card.targets)})"
+            f" show which tiles drove the prediction, as a {mil.get('map_scale')}."
+        )
     if card.is_regression:
         return (
             f"{tiles} with a continuous score for {len(card.targets)} targets "
@@ -247,7 +292,8 @@ def _what_it_does(card: ModelCard) -> str:
 
 def model_readme(card: ModelCard) -> str:
     """A human model card (Markdown) for ``card``."""
-    lines = [f"# {card.name}: cscvision tile model", ""]
+    kind = "slide-level MIL model" if card.task == "mil" else "tile model"
+    lines = [f"# {card.name}: cscvision {kind}", ""]
     if _is_synthetic(card):
         lines += [
             "> **Trained on synthetic data only.** This model has never seen a real slide; "
@@ -272,12 +318,16 @@ def model_readme(card: ModelCard) -> str:
         "| split | slides | patients | tiles |",
         "|---|---|---|---|",
     ]
-    for split, counts in (card.training.get("cohort") or {}).items():
+    cohort = card.training.get("cohort") or {}
+    if card.task == "mil":
+        cohort = {"all (cross-validated)": cohort}
+    for split, counts in cohort.items():
         lines.append(
             f"| {split} | {counts.get('slides', '–')} | {counts.get('patients', '–')} "
             f"| {counts.get('tiles', '–')} |"
         )
-    lines += ["", "## Metrics (tile level unless stated)", *_metric_rows(card), ""]
+    level = "slide level" if card.task == "mil" else "tile level unless stated"
+    lines += ["", f"## Metrics ({level})", *_metric_rows(card), ""]
     lines += [
         "## To train a model for real use",
         "Bring whole-slide images with either annotations or stains:",

@@ -84,6 +84,28 @@ class RegressionConfig:
 
 
 @dataclass(frozen=True)
+class MILSection:
+    """``task: mil``: a slide-level model over bags of stored encoder features
+    (``model.encoder`` and ``model.weights`` name the encoder; training/mil_train.py)."""
+
+    labels: str = ""  # slide-label CSV keyed by slide_id or patient_id
+    targets: Any = None  # ["mRNAsi", "mRNAsi:tercile"] or {name: {task, classes, tercile_of}}
+    covariates: Any = None  # label-table columns given to the model (CV analyses only)
+    architecture: str = "gated_attention"  # gated_attention | clam_sb
+    hidden: int = 128
+    attention: int = 64
+    dropout: float = 0.1
+    max_bag: int = 2048  # tiles sampled from a bag per training step; whole bags in eval
+    epochs: int = 30
+    units: str = "label units"  # what the regression labels measure, shown on the card
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    folds: int = 5  # k-fold cross-validation over patients (task mil); 0 or 1: none
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """Passed to ``lightning.Trainer`` (``None`` leaves Lightning's default)."""
 
@@ -115,7 +137,7 @@ class TrainConfig:
     name: str = "cscvision"  # run and model name
     seed: int = 0
     threads: int | None = None  # torch CPU threads of the training process; None: all cores
-    task: str = "classification"  # classification | regression (continuous targets)
+    task: str = "classification"  # classification | regression | mil (slide-level labels)
     targets: Any = None  # tile-label table columns to train on; default: all of the first
     run_dir: str | None = None  # default runs/<name>
     export_dir: str | None = None  # default models/<name>
@@ -127,11 +149,19 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
+    mil: MILSection = field(default_factory=MILSection)
+    cv: CVConfig = field(default_factory=CVConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     card: CardConfig = field(default_factory=CardConfig)
 
 
-_FREE_FORM = {"classes", "colors", "devices", "targets"}  # values checked by their consumers
+_FREE_FORM = {
+    "classes",
+    "colors",
+    "covariates",
+    "devices",
+    "targets",
+}  # values checked by their consumers
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -288,8 +318,25 @@ def check_choices(cfg: TrainConfig) -> None:
         not isinstance(cfg.targets, list) or not all(isinstance(t, str) for t in cfg.targets)
     ):
         raise ConfigError(f"targets: {cfg.targets!r} must be a list of column names, or null")
+    if cfg.task == "mil":
+        _check_mil(cfg)
     if cfg.data.batch_size < 1 or cfg.data.num_workers < 0:
         raise ConfigError("data.batch_size must be ≥ 1 and data.num_workers ≥ 0")
+
+
+def _check_mil(cfg: TrainConfig) -> None:
+    from cscvision.training.mil import ARCHITECTURES
+
+    if not cfg.model.encoder:
+        raise ConfigError("task mil: name the encoder whose features form the bags (model.encoder "
+                          "and model.weights; see cscvision encoders)")  # fmt: skip
+    if not cfg.mil.labels:
+        raise ConfigError("mil.labels: name the slide-label CSV (slide_id or patient_id column)")
+    if cfg.mil.architecture not in ARCHITECTURES:
+        raise ConfigError(f"mil.architecture: {cfg.mil.architecture!r} is not one of "
+                          f"{', '.join(ARCHITECTURES)}")  # fmt: skip
+    if cfg.cv.folds < 0 or cfg.mil.epochs < 1 or cfg.mil.max_bag < 1:
+        raise ConfigError("cv.folds must be ≥ 0, mil.epochs and mil.max_bag ≥ 1")
 
 
 def with_absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:
@@ -304,6 +351,7 @@ def with_absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> Tra
         run_dir=absolute(cfg.run_dir or str(Path("runs") / cfg.name)),
         export_dir=absolute(cfg.export_dir or str(Path("models") / cfg.name)),
         cohort=dataclasses.replace(cfg.cohort, csv=absolute(cfg.cohort.csv) or ""),
+        mil=dataclasses.replace(cfg.mil, labels=absolute(cfg.mil.labels) or ""),
         data=dataclasses.replace(cfg.data, cache_dir=absolute(cfg.data.cache_dir)),
         model=dataclasses.replace(
             cfg.model,

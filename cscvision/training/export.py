@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +28,7 @@ __all__ = [
     "LoadedModel",
     "ModelCard",
     "ModelError",
+    "TrainResult",
     "export_model",
     "load_model",
     "read_card",
@@ -39,6 +41,18 @@ class LoadedModel:
     net: torch.nn.Module
     card: ModelCard
     path: Path
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run wrote and measured."""
+
+    run_dir: Path
+    model_dir: Path | None  # None on DDP ranks other than 0
+    best_checkpoint: Path  # task mil: the cross-validation folder
+    metrics: dict[str, dict[str, float]]  # "val" and "test": name → value
+    thresholds: dict[str, float]
+    summary: dict[str, dict[str, Any]]  # per split: slides, patients, tiles
 
 
 def export_model(net: torch.nn.Module, card: ModelCard, out_dir: str | Path) -> Path:
@@ -75,6 +89,11 @@ def load_model(
         state = load_file(str(weights), device="cpu")
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ModelError(f"{weights}: cannot read safetensors weights ({e})") from None
+    if card.task == "mil":
+        from cscvision.training.mil_model import load_mil_net
+
+        net = load_mil_net(card, state, encoder_weights)
+        return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)
     if card.encoder:
         from cscvision.training.heads import load_head_net
 

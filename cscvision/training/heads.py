@@ -83,6 +83,23 @@ def load_head_net(
     """The card's encoder from ``encoder_weights`` (default: the file named at training,
     if it is still there) joined to the head; :class:`ModelError` says what does not fit,
     including weights whose sha256 differs from those the head was trained on."""
+    spec, encoder = load_card_encoder(card, encoder_weights)
+    head = make_head(card.backbone, spec.dim, len(card.targets))
+    try:
+        head.load_state_dict(dict(head_state), strict=True)
+    except RuntimeError as e:
+        raise ModelError(
+            f"model {card.name!r}: head weights do not fit a {card.backbone} head on "
+            f"{spec.name} ({str(e).splitlines()[0]})"
+        ) from None
+    return EncoderHead(encoder, head)
+
+
+def load_card_encoder(
+    card: ModelCard, encoder_weights: str | Path | None
+) -> tuple[EncoderSpec, Encoder]:
+    """The encoder a card names, from ``encoder_weights`` or the file named at training;
+    :class:`ModelError` when it is missing or its sha256 is not the one trained with."""
     ref = card.encoder
     try:
         spec = get_encoder_spec(str(ref.get("name")))
@@ -96,18 +113,9 @@ def load_head_net(
                 f"{ref.get('weights_file')}); its head would read the wrong features: pass "
                 "--encoder-weights with that file"
             )
-        encoder = load_encoder(spec, path)
+        return spec, load_encoder(spec, path)
     except (EncoderError, FeaturesUnavailable) as e:
         raise ModelError(str(e)) from None
-    head = make_head(card.backbone, spec.dim, len(card.targets))
-    try:
-        head.load_state_dict(dict(head_state), strict=True)
-    except RuntimeError as e:
-        raise ModelError(
-            f"model {card.name!r}: head weights do not fit a {card.backbone} head on "
-            f"{spec.name} ({str(e).splitlines()[0]})"
-        ) from None
-    return EncoderHead(encoder, head)
 
 
 def _encoder_file(card: ModelCard, spec: EncoderSpec, given: str | Path | None) -> Path:

@@ -1,11 +1,21 @@
-"""Attention MIL over bags of stored tile features (gated attention, Ilse et al. 2018).
+"""Attention MIL over bags of stored tile features: gated attention (Ilse et al. 2018)
+and CLAM-SB (Lu et al. 2021).
 
 A slide is a bag of its tiles' encoder features ``[N, D]``. Each tile is embedded
 (``h_i``), scored by a gated attention (``a_i = softmax_i(w · tanh(V h_i) ⊙ σ(U h_i))``)
 and the slide is ``z = Σ a_i h_i``; one linear head per output reads ``z`` (and the
 covariates, when given). Because the heads are linear, a regression output is exactly
 ``b + Σ_i a_i (W h_i)``: the per-tile contribution ``a_i (W h_i)`` sums to the slide's
-prediction, which is what the contribution maps show.
+prediction, which is what the contribution maps show. The same holds for class logits, so
+a slide's prediction can be computed from per-tile parts scored batch by batch
+(:class:`MILTileNet`, :func:`aggregate`): that is how ``cscvision infer`` runs MIL models.
+
+CLAM-SB is the same single attention branch plus CLAM's instance-level clustering loss:
+for each classification target, the ``k`` most and least attended tiles of a training
+bag are pseudo-labelled for an in-class instance classifier of the slide's class (and the
+most attended as negatives for the other classes' classifiers), and the loss is
+``0.7 × bag loss + 0.3 × instance loss`` (CLAM's ``bag_weight``). It needs a
+classification target (a tercile of a continuous column will do).
 
 Several targets train at once: regression targets (standardised with the training
 slides' mean and sd, MSE) and classification targets (cross-entropy). Training samples up
@@ -23,9 +33,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+ARCHITECTURES = ("gated_attention", "clam_sb")
+CLAM_K = 8  # CLAM's k_sample: tiles pseudo-labelled at each end of the attention ranking
+CLAM_BAG_WEIGHT = 0.7
+
 
 @dataclass(frozen=True)
 class MILConfig:
+    architecture: str = "gated_attention"  # gated_attention | clam_sb
     hidden: int = 128
     attention: int = 64
     dropout: float = 0.1
@@ -66,6 +81,7 @@ class GatedAttentionMIL(nn.Module):
         hidden: int = 128,
         attention: int = 64,
         dropout: float = 0.1,
+        instance_heads: bool = False,
     ):
         super().__init__()
         self.embed = nn.Sequential(
@@ -77,6 +93,12 @@ class GatedAttentionMIL(nn.Module):
         width = hidden + n_covariates
         self.regression = nn.Linear(width, n_regression) if n_regression else None
         self.classifiers = nn.ModuleList(nn.Linear(width, k) for k in n_classes)
+        # CLAM-SB: one in-the-class/not instance classifier per class of each target
+        self.instance = nn.ModuleList(
+            nn.ModuleList(nn.Linear(hidden, 2) for _ in range(k if instance_heads else 0))
+            for k in n_classes
+        )
+        self.n_covariates = n_covariates
 
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tile embeddings ``h`` [N, H] and attention weights ``a`` [N] (sum 1)."""
@@ -93,6 +115,28 @@ class GatedAttentionMIL(nn.Module):
             z = torch.cat([z, covariates])
         reg = self.regression(z) if self.regression is not None else None
         return reg, [head(z) for head in self.classifiers], a
+
+    def instance_loss(self, h: torch.Tensor, a: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CLAM's clustering loss over the top/bottom ``CLAM_K`` attended tiles (0 without
+        instance heads or known class labels)."""
+        loss, terms = h.new_zeros(()), 0
+        k = min(CLAM_K, len(a) // 2)
+        if k < 1:
+            return loss
+        order = torch.argsort(a, descending=True)
+        top, bottom = h[order[:k]], h[order[-k:]]
+        ones, zeros = torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+        for heads, label in zip(self.instance, labels, strict=False):
+            if not len(heads) or label < 0:
+                continue
+            for c, head in enumerate(heads):
+                if c == int(label):  # in-class: attended tiles are the class, the least not
+                    x, y = torch.cat([top, bottom]), torch.cat([ones, zeros])
+                else:  # out-of-class: the attended tiles are not this class
+                    x, y = top, zeros
+                loss = loss + nn.functional.cross_entropy(head(x), y.to(h.device))
+                terms += 1
+        return loss / max(terms, 1)
 
     def contributions(self, x: torch.Tensor) -> torch.Tensor:
         """Per-tile share of each regression output ``a_i (W h_i)`` [N, R] (sums, with the
@@ -136,7 +180,16 @@ class MILSystem(L.LightningModule):
         self.net, self.lr, self.weight_decay = net, lr, weight_decay
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        reg, logits, _ = self.net(batch["x"], batch["cov"])
+        reg, logits, a = self.net(batch["x"], batch["cov"])
+        loss = self._bag_loss(reg, logits, batch)
+        if any(len(heads) for heads in self.net.instance):
+            h = self.net.embed(batch["x"])
+            instance = self.net.instance_loss(h, a, batch["cls"])
+            loss = CLAM_BAG_WEIGHT * loss + (1 - CLAM_BAG_WEIGHT) * instance
+        self.log("train_loss", loss, batch_size=1, prog_bar=False)
+        return loss
+
+    def _bag_loss(self, reg, logits, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = batch["x"].new_zeros(())
         if reg is not None:
             known = torch.isfinite(batch["reg"])
@@ -146,11 +199,35 @@ class MILSystem(L.LightningModule):
             label = batch["cls"][c]
             if label >= 0:
                 loss = loss + nn.functional.cross_entropy(out[None], label[None])
-        self.log("train_loss", loss, batch_size=1, prog_bar=False)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAttentionMIL:
+    """An untrained net of ``cfg.architecture`` for ``targets``; ``ValueError`` naming the
+    setting when the two do not fit."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"mil.architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}"
+        )
+    clam = cfg.architecture == "clam_sb"
+    if clam and not targets.n_classes:
+        raise ValueError(
+            "mil.architecture clam_sb: its instance loss needs a classification target; add "
+            "one (e.g. NAME:tercile) or use gated_attention"
+        )
+    return GatedAttentionMIL(
+        in_dim,
+        n_regression=targets.regression.shape[1],
+        n_classes=targets.n_classes,
+        n_covariates=targets.covariates.shape[1] if targets.covariates.size else 0,
+        hidden=cfg.hidden,
+        attention=cfg.attention,
+        dropout=cfg.dropout,
+        instance_heads=clam,
+    )
 
 
 def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAttentionMIL:
@@ -158,15 +235,7 @@ def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAt
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    net = GatedAttentionMIL(
-        bags[0].features.shape[1],
-        n_regression=targets.regression.shape[1],
-        n_classes=targets.n_classes,
-        n_covariates=targets.covariates.shape[1] if targets.covariates.size else 0,
-        hidden=cfg.hidden,
-        attention=cfg.attention,
-        dropout=cfg.dropout,
-    )
+    net = make_mil_net(cfg, bags[0].features.shape[1], targets)
     loader = DataLoader(
         BagDataset(bags, targets, max_bag=cfg.max_bag, seed=cfg.seed),
         batch_size=1,

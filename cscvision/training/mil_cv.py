@@ -76,9 +76,15 @@ def _auroc(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    import warnings
+
     from sklearn.metrics import balanced_accuracy_score
 
-    return float(balanced_accuracy_score(y, probs.argmax(1))) if len(y) else math.nan
+    if not len(y):
+        return math.nan
+    with warnings.catch_warnings():  # a resample may lack a predicted class: still defined
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, probs.argmax(1)))
 
 
 REGRESSION_METRICS: dict[str, Callable] = {"pearson": _pearson, "spearman": _spearman, "r2": _r2}

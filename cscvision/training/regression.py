@@ -23,7 +23,7 @@ from torch import nn
 from cscvision.training.lit import TileClassifier, TilePredictions
 
 LOSSES = ("mse", "pearson")
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "mil")
 
 
 def standardise_stats(targets: np.ndarray) -> tuple[list[float], list[float]]:

@@ -18,7 +18,6 @@ import logging
 import platform
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from cscvision.training.config import (
     with_absolute_paths,
 )
 from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, subsample
-from cscvision.training.export import export_model
+from cscvision.training.export import TrainResult, export_model
 from cscvision.training.featuredata import head_pieces, with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
 from cscvision.training.regression import TileRegressor, standardise_stats
@@ -62,16 +61,6 @@ __all__ = ["ConfigError", "TrainConfig", "TrainError", "TrainResult", "load_conf
 
 class TrainError(RuntimeError):
     """A training run that cannot go on; the message says which file and what to do."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    run_dir: Path
-    model_dir: Path | None  # None on DDP ranks other than 0
-    best_checkpoint: Path
-    metrics: dict[str, dict[str, float]]  # "val" and "test": name → value
-    thresholds: dict[str, float]
-    summary: dict[str, dict[str, Any]]  # per split: slides, patients, tiles
 
 
 def train(
@@ -92,6 +81,10 @@ def train(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.task == "mil":  # slide-level labels over bags of stored features
+        from cscvision.training.mil_train import train_mil
+
+        return train_mil(cfg, progress)
     run_dir = Path(cfg.run_dir)
     class_map = ClassMap.from_dict(cfg.classes) if cfg.classes else DEFAULT_CLASS_MAP
     entries = read_cohort(cfg.cohort.csv)
