@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"per slide: {out}/<slide_id>{STORE_SUFFIX} ({spec.name}, {spec.dim} features per tile)")
     print(f"one row per slide: {results}")
-    where = f"decoded on {args.decode}" if args.decode != "cpu" else "decoded on the CPU"
-    print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px, {where}, on {extractor.device}")
+    where = f"on {extractor.device}, --decode {args.decode}"
+    print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px {where}")
     return 1 if report.failed else 0
 
 
