@@ -16,8 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cscvision.slides.fastread import StoredTileReader, jpeg_header, level_rect
+from cscvision.slides.fastread import StoredTileReader
 from cscvision.slides.slide import ReadPlan, open_slide
+from cscvision.slides.storedtiles import jpeg_header, level_rect, paste_plan
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -213,7 +214,7 @@ def test_returned_arrays_are_the_callers_own(slides):
 def test_decoded_tile_cache_is_bounded(slides):
     with open_slide(slides["generic"]) as slide:
         reader = StoredTileReader.open(str(slides["generic"]), slide.info)
-        reader.cache_tiles = 3
+        reader.cache_bytes = 3 * TILE * TILE * 3
         reader.read_region((0, 0), 0, (WIDTH, HEIGHT))
         assert len(reader._cache) == 3
         reader.close()
@@ -279,6 +280,23 @@ def test_level_rect_accepts_only_whole_level_pixels():
     assert level_rect((0, 0), 1.0, (0, 20)) is None
 
 
+def test_paste_plan_known_answer():
+    # 224 px at (100, 30) of 128 px tiles: columns 0-2 (28 + 128 + 68 px), rows 0-1 (98 + 126)
+    plan = paste_plan(100, 30, 224, 224, 128, 128)
+    assert [(r, c) for r, c, *_ in plan] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    _, _, dst_y, dst_x, src_y, src_x = plan[2]
+    assert (dst_y, dst_x) == (slice(0, 98), slice(156, 224))
+    assert (src_y, src_x) == (slice(30, 128), slice(0, 68))
+    _, _, dst_y, dst_x, src_y, src_x = plan[4]
+    assert (dst_y, dst_x, src_y, src_x) == (
+        slice(98, 224),
+        slice(28, 156),
+        slice(0, 126),
+        slice(0, 128),
+    )
+    assert paste_plan(0, 0, 128, 128, 128, 128) == ((0, 0, *(slice(0, 128),) * 4),)
+
+
 def test_jpeg_header_merges_tables_and_marks_rgb():
     tables = b"\xff\xd8" + b"\xff\xdb\x00\x03\x00" + b"\xff\xd9"
     assert jpeg_header(None, "YCBCR") == b""
@@ -335,7 +353,7 @@ def test_reduced_tiles_equal_openslide_region_reduced(slides, name, factor):
 
 def test_reduce_tile_is_pils_reduce_bit_for_bit():
     # OpenCV's INTER_AREA serves factor 2 where installed: it must round as PIL does.
-    from cscvision.slides.fastread import _cv2, reduce_tile
+    from cscvision.slides.storedtiles import _cv2, reduce_tile
 
     rng = np.random.default_rng(8)
     tiles = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), textured(320, 192)]

@@ -126,3 +126,46 @@ def test_a_missing_features_extra_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import fails
     assert _features(slides, tmp_path / "out") == 2
     assert 'pip install "cscvision[features]"' in capsys.readouterr().err
+
+
+def test_decode_device_choices():
+    from cscvision.features.tiles import decode_device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_device("cpu", cuda, in_process=True) is None
+    assert decode_device("auto", cpu, in_process=True) is None  # auto: CUDA only
+    assert decode_device("auto", cuda, in_process=True) == cuda
+    assert decode_device("gpu", cpu, in_process=True) == cpu  # torch's CPU decoder (tests)
+    assert decode_device("gpu", cuda, in_process=False) is None  # no CUDA in DataLoader workers
+    with pytest.raises(ValueError, match="choose one of"):
+        decode_device("nvjpeg", cuda, in_process=True)
+
+
+def test_device_decoded_tiles_give_the_cpu_features(slides):
+    # The device decode path on CPU tensors feeds the encoder the same tiles as the CPU
+    # fast path, so the features are equal bit for bit; and the device path did serve it.
+    from cscvision.features.encoders import load_encoder
+    from cscvision.features.extract import FeatureExtractor, encoder_grid_spec, extract_batches
+    from cscvision.features.tiles import TileBatches, decode_device
+    from cscvision.slides.grid import make_grid
+    from cscvision.slides.slide import open_slide
+
+    weights = slides.parent.parent / "tiny.safetensors"
+    extractor = FeatureExtractor(load_encoder("test-vit-tiny", weights), weights_sha256="x")
+    slide_path = sorted(slides.parent.glob("*.tiff"))[0]
+    with open_slide(slide_path) as slide:
+        grid = make_grid(slide, encoder_grid_spec(extractor.spec))
+    on_cpu, on_device = TileBatches(grid, 16), TileBatches(grid, 16)
+    on_device.decode_device = decode_device("gpu", extractor.device, in_process=True)
+    want = extract_batches(on_cpu, extractor, progress=False)
+    got = extract_batches(on_device, extractor, progress=False)
+    assert on_device.decode_device == torch.device("cpu")  # not handed back to the CPU path
+    assert len(grid) > 16
+    np.testing.assert_array_equal(got, want)
+
+
+def test_features_decode_gpu_without_cuda_names_the_flag(slides, tmp_path, capsys):
+    assert _features(slides, tmp_path / "f", "--device", "cpu", "--decode", "gpu") == 2
+    err = capsys.readouterr().err
+    assert "--decode gpu needs a CUDA device" in err and "--decode cpu or auto" in err
+    assert not (tmp_path / "f" / "results.csv").exists()

@@ -11,7 +11,6 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from cscvision.slides.fastread import StoredLevel, full_stream
 from cscvision.slides.gpudecode import (
     DeviceTileReader,
     batch_layout,
@@ -19,6 +18,7 @@ from cscvision.slides.gpudecode import (
     fetch_streams,
 )
 from cscvision.slides.slide import ReadPlan, open_slide
+from cscvision.slides.storedtiles import StoredLevel, full_stream
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 torch.set_num_threads(1)

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from cscvision.core.io import check_writable
 from cscvision.core.validate import Flags, check_flags
+from cscvision.inference.settings import DECODERS
 from cscvision.slides.batch import SlideJob, collect_inputs, make_jobs, parse_shard, shard_jobs
 from cscvision.slides.info import MPP_RANGE
 from cscvision.slides.slide import load_mpp_overrides
@@ -52,6 +53,27 @@ def add_slide_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="redo slides whose outputs are complete"
     )
+
+
+def add_decode_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--decode cpu|gpu|auto`` (``infer``, ``features``)."""
+    parser.add_argument(
+        "--decode",
+        choices=DECODERS,
+        default="cpu",
+        help="where stored JPEG tiles are decoded: cpu (default), gpu (batched on the CUDA "
+        "device, for JPEG-tiled TIFF/SVS slides; others fall back to cpu), or auto (gpu when "
+        "CUDA is there and the slide supports it)",
+    )
+
+
+def check_decode(decode: str, device_type: str) -> None:
+    """``--decode gpu`` needs the model on a CUDA device: ``ValueError`` naming the flag."""
+    if decode == "gpu" and device_type != "cuda":
+        raise ValueError(
+            f"--decode gpu needs a CUDA device (the model runs on {device_type}); "
+            "use --decode cpu or auto"
+        )
 
 
 def jobs_from_args(args: argparse.Namespace) -> tuple[list[SlideJob], tuple[int, int] | None]:

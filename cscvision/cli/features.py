@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cscvision.cli.common import add_slide_args, jobs_from_args
+from cscvision.cli.common import add_decode_arg, add_slide_args, check_decode, jobs_from_args
 from cscvision.inference.settings import READERS
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="reader threads or processes")
     p.add_argument("--reader", choices=READERS, default="threads", help="as for infer")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_decode_arg(p)
     p.add_argument(
         "--amp",
         action="store_true",
@@ -100,7 +101,9 @@ def _extractor(args: argparse.Namespace) -> FeatureExtractor:
     weights = resolve_weights(args.encoder, args.weights, args.weights_dir)
     encoder = load_encoder(args.encoder, weights)
     digest = file_sha256(weights)
-    return FeatureExtractor(encoder, weights_sha256=digest, device=args.device, amp=args.amp)
+    extractor = FeatureExtractor(encoder, weights_sha256=digest, device=args.device, amp=args.amp)
+    check_decode(args.decode, extractor.device.type)
+    return extractor
 
 
 def _settings(args: argparse.Namespace) -> ExtractSettings:
@@ -117,6 +120,7 @@ def _settings(args: argparse.Namespace) -> ExtractSettings:
         amp=args.amp,
         min_tissue=args.min_tissue,
         mask_mpp=args.mask_mpp,
+        decode=args.decode,
     )
 
 
@@ -165,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"per slide: {out}/<slide_id>{STORE_SUFFIX} ({spec.name}, {spec.dim} features per tile)")
     print(f"one row per slide: {results}")
-    print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px on {extractor.device}")
+    where = f"on {extractor.device}, --decode {args.decode}"
+    print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px {where}")
     return 1 if report.failed else 0
 
 

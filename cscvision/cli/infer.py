@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from cscvision.cli.common import (
+    add_decode_arg,
     add_hardening_args,
     add_slide_args,
     check_batch_args,
@@ -22,7 +23,7 @@ from cscvision.cli.common import (
     jobs_from_args,
 )
 from cscvision.core.validate import Flags, check_flags
-from cscvision.inference.settings import DECODERS, MAX_OVERLAP, READERS, InferSettings
+from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
@@ -163,14 +164,7 @@ def _add_statistics_args(p: argparse.ArgumentParser) -> None:
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding and prefetch")
-    g.add_argument(
-        "--decode",
-        choices=DECODERS,
-        default="cpu",
-        help="where stored JPEG tiles are decoded: cpu (default), gpu (batched on the CUDA "
-        "device, for JPEG-tiled TIFF/SVS slides; others fall back to cpu), or auto (gpu when "
-        "CUDA is there and the slide supports it)",
-    )
+    add_decode_arg(g)
     g.add_argument(
         "--no-prefetch",
         dest="prefetch",

@@ -4,7 +4,9 @@ The tiles are cut at the encoder's own µm/px and tile size (:func:`encoder_grid
 they override a config's ``grid.mpp``/``grid.tile_px``), read ahead of the model by the
 same batch readers inference uses (:mod:`cscvision.features.tiles`), normalised with the
 encoder's mean and std on the model's device, with channels-last memory for CNNs and, with
-``amp``, bfloat16 autocast on CPUs that support it or mixed precision on GPUs.
+``amp``, bfloat16 autocast on CPUs that support it or mixed precision on GPUs. With
+``decode="gpu"`` (or ``"auto"`` on CUDA) stored JPEG tiles are decoded, assembled and
+resized in batches on the model's device (:mod:`cscvision.slides.gpudecode`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from tqdm.auto import tqdm
 from cscvision.features.encoders import Encoder
 from cscvision.features.registry import EncoderSpec
 from cscvision.features.store import FeatureStore, write_feature_store
-from cscvision.features.tiles import TileBatches, autocast, resolve_device, tile_batches
+from cscvision.features.tiles import (
+    DECODERS,
+    TileBatches,
+    autocast,
+    decode_device,
+    resolve_device,
+    tile_batches,
+)
 from cscvision.slides.grid import GridSpec, TileGrid, make_grid
 from cscvision.slides.slide import ReadPlan, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
@@ -40,6 +49,11 @@ class ExtractSettings:
     amp: bool = False
     min_tissue: float = 0.5
     mask_mpp: float = DEFAULT_MASK_MPP
+    decode: str = "cpu"  # cpu | gpu | auto: where stored JPEG tiles are decoded
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODERS:
+            raise ValueError(f"decode {self.decode!r}: choose one of {DECODERS}")
 
 
 def encoder_grid_spec(spec: EncoderSpec, base: GridSpec | None = None) -> GridSpec:
@@ -148,6 +162,8 @@ def extract_slide(
             "--min-tissue or check the slide"
         )
     dataset = TileBatches(grid, settings.batch_size)
+    in_process = settings.workers == 0 or settings.reader == "threads"
+    dataset.decode_device = decode_device(settings.decode, extractor.device, in_process=in_process)
     kw = dict(workers=settings.workers, reader=settings.reader, progress=progress)
     feats = extract_batches(dataset, extractor, desc=grid.slide_id, **kw)
     store = FeatureStore(

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cscvision.slides.gpudecode import DECODERS
 from cscvision.slides.grid import TileGrid
 from cscvision.slides.info import CorruptTileError
 from cscvision.slides.slide import ReadPlan, Slide, open_slide
@@ -33,6 +34,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def decode_device(decode: str, device: torch.device, *, in_process: bool) -> torch.device | None:
+    """Where :class:`TileBatches` decodes stored JPEG tiles for a model on ``device``: None
+    for the CPU readers. ``gpu`` decodes on ``device`` (on a CPU device with torch's CPU
+    decoder: the same path, which is how it is tested), ``auto`` on CUDA only; never in
+    DataLoader processes (``in_process`` False), which cannot use CUDA."""
+    if decode not in DECODERS:
+        raise ValueError(f"decode {decode!r}: choose one of {DECODERS}")
+    if not in_process or decode == "cpu" or (decode == "auto" and device.type != "cuda"):
+        return None
     return device
 
 

@@ -7,23 +7,29 @@ through cairo. Here tile offsets are read once with tifffile, tile bytes with
 libjpeg-turbo using OpenSlide's own settings (accurate DCT, fancy upsampling, and no
 colour transform for RGB-photometric tiles), so the pixels are identical. Whatever this
 path cannot reproduce exactly returns ``None`` and the caller falls back to OpenSlide.
+The file layout, decoding and paste geometry are in :mod:`cscvision.slides.storedtiles`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
 
-import imagecodecs
 import numpy as np
-import simplejpeg
-from PIL import Image
 
 from cscvision.slides.info import CorruptTileError, SlideInfo
+from cscvision.slides.storedtiles import (
+    StoredLevel,
+    decode_stream,
+    decodes_like_openslide,
+    level_rect,
+    map_levels,
+    mark_aperio_missing,
+    paste_plan,
+    reduce_tile,
+    touched_tiles,
+)
 
 # OpenSlide drivers whose levels are plain TIFF pages read tile by tile.
 FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -32,13 +38,7 @@ FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
 # raster order reuses a stored tile across grid rows only while a whole row of stored
 # tiles fits (80 tiles for a 20k px wide level); within a grid row, 4 tiles suffice.
 CACHE_BYTES = 48 * 2**20
-
-_COMPRESSION_JPEG = 7
-_PHOTOMETRIC_COLORSPACE = {2: "RGB", 6: "YCBCR"}
-_SOI = b"\xff\xd8"
-# APP14 "Adobe" segment with transform 0: tells libjpeg the three components are R, G, B,
-# which is how OpenSlide decodes RGB-photometric JPEG tiles.
-_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+MIN_CACHE_TILES = 8  # of the largest stored tile, whatever cache_bytes says
 
 
 class StoredTileError(Exception):
@@ -58,143 +58,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_reopen_lock)
 
 
-@dataclass(frozen=True)
-class StoredLevel:
-    """Where one pyramid level's JPEG tiles are in the file, and how to decode them."""
-
-    page: int
-    width: int
-    height: int
-    tile_w: int
-    tile_h: int
-    offsets: np.ndarray  # int64 [tiles_down * tiles_across], raster order
-    bytecounts: np.ndarray  # int64, 0 = tile missing (transparent)
-    header: bytes  # prepended to each stream minus its SOI; b"" = streams are complete
-    colorspace: str  # "RGB" or "YCBCR": what the stored components are
-    resampled: frozenset[int] = frozenset()  # tiles OpenSlide paints from the finer level
-
-    @property
-    def tiles_across(self) -> int:
-        return -(-self.width // self.tile_w)
-
-    @property
-    def tiles_down(self) -> int:
-        return -(-self.height // self.tile_h)
-
-
-def jpeg_header(tables: bytes | None, colorspace: str) -> bytes:
-    """Bytes to put before a tile stream (minus its SOI) so libjpeg decodes it as OpenSlide.
-
-    Shared JPEGTables (SOI, DQT/DHT, EOI) are merged in; RGB-photometric tiles get an
-    Adobe marker so no YCbCr->RGB transform is applied.
-    """
-    body = tables[2:-2] if tables else b""
-    if colorspace == "RGB":
-        return _SOI + _ADOBE_RGB + body
-    return _SOI + body if body else b""
-
-
-def full_stream(stream: bytes, header: bytes) -> bytes:
-    """A stored tile's stream as a complete JPEG: ``header`` (see :func:`jpeg_header`)
-    in place of its SOI, so any decoder reads it as OpenSlide does."""
-    return header + stream[2:] if header else stream
-
-
-def decode_stream(stream: bytes, header: bytes) -> np.ndarray:
-    """Decode one stored tile stream to RGB uint8 ``[tile_h, tile_w, 3]``."""
-    return simplejpeg.decode_jpeg(full_stream(stream, header), colorspace="RGB")
-
-
-def stored_level(page: object, index: int) -> StoredLevel | None:
-    """The JPEG layout of a tifffile page, or None where it is not 8-bit 3-sample JPEG tiles."""
-    colorspace = _PHOTOMETRIC_COLORSPACE.get(int(page.photometric))
-    if (
-        not page.is_tiled
-        or int(page.compression) != _COMPRESSION_JPEG
-        or colorspace is None
-        or page.samplesperpixel != 3
-        or page.bitspersample != 8
-        or int(page.planarconfig) != 1
-        or page.imagedepth != 1
-        or page.extrasamples
-    ):
-        return None
-    return StoredLevel(
-        page=index,
-        width=int(page.imagewidth),
-        height=int(page.imagelength),
-        tile_w=int(page.tilewidth),
-        tile_h=int(page.tilelength),
-        offsets=np.asarray(page.dataoffsets, dtype=np.int64),
-        bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
-        header=jpeg_header(page.jpegtables, colorspace),
-        colorspace=colorspace,
-    )
-
-
-def map_levels(
-    level_dimensions: tuple[tuple[int, int], ...], pages: list[object]
-) -> list[StoredLevel | None]:
-    """For each OpenSlide level, the first TIFF page of the same size, if it is JPEG tiles."""
-    levels: list[StoredLevel | None] = []
-    for width, height in level_dimensions:
-        found = None
-        for index, page in enumerate(pages):
-            if (page.imagewidth, page.imagelength) == (width, height) and page.is_tiled:
-                found = stored_level(page, index)
-                break
-        levels.append(found)
-    return levels
-
-
-def mark_aperio_missing(levels: list[StoredLevel | None]) -> list[StoredLevel | None]:
-    """Mark the tiles OpenSlide's Aperio driver does not decode but paints by resampling.
-
-    It takes zero-length tiles as missing, marks the coarser tile concatenating a missing
-    one as missing too, level by level, and paints a missing tile of level k > 0 by
-    scaling level k - 1 (level 0's are transparent). Regions touching those go to
-    OpenSlide. A level we cannot follow hides what is missing above it: those go too.
-    """
-    out: list[StoredLevel | None] = []
-    missing: frozenset[int] = frozenset()
-    prev: StoredLevel | None = None
-    for lvl in levels:
-        if lvl is None or (prev is None and missing):
-            out.append(None)
-            prev = None
-            missing = missing or frozenset({-1})  # unknown from here on
-            continue
-        own = frozenset(np.flatnonzero(lvl.bytecounts == 0).tolist())
-        inherited: set[int] = set()
-        if prev is not None and missing:
-            concat_x = max(1, math.floor(prev.tiles_across / lvl.tiles_across + 0.5))
-            concat_y = max(1, math.floor(prev.tiles_down / lvl.tiles_down + 0.5))
-            for tile in missing:
-                row, col = divmod(tile, prev.tiles_across)
-                inherited.add(row // concat_y * lvl.tiles_across + col // concat_x)
-        missing = own | inherited
-        out.append(replace(lvl, resampled=missing) if prev is not None else lvl)
-        prev = lvl
-    return out
-
-
-def level_rect(
-    xy_l0: tuple[int, int], downsample: float, size: tuple[int, int]
-) -> tuple[int, int, int, int] | None:
-    """The region in level pixels ``(x, y, w, h)``, or None where OpenSlide would resample.
-
-    OpenSlide divides level-0 coordinates by the downsample; a fractional result is
-    painted with a sub-pixel shift, which only OpenSlide reproduces.
-    """
-    x, y = xy_l0[0] / downsample, xy_l0[1] / downsample
-    w, h = size
-    if not (float(x).is_integer() and float(y).is_integer()):
-        return None
-    if int(w) != w or int(h) != h or w <= 0 or h <= 0:
-        return None
-    return int(x), int(y), int(w), int(h)
-
-
 class StoredTileReader:
     """Reads regions of one slide from its stored JPEG tiles; thread-safe and fork-safe."""
 
@@ -210,11 +73,13 @@ class StoredTileReader:
         self.levels = levels
         self.downsamples = downsamples
         largest = max(lvl.tile_w * lvl.tile_h * 3 for lvl in levels if lvl is not None)
-        self.cache_tiles = max(8, cache_bytes // largest)
+        self.cache_bytes = max(cache_bytes, MIN_CACHE_TILES * largest)
         self._pid = -1
         self._fd = -1
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._scratch = threading.local()  # per thread: one stored tile decoded, then reduced
         self._ensure_process()
 
     @classmethod
@@ -230,7 +95,7 @@ class StoredTileReader:
                 if info.vendor == "aperio":
                     levels = mark_aperio_missing(levels)
                 levels = [
-                    lvl if lvl and _decodes_like_openslide(tif, lvl) else None for lvl in levels
+                    lvl if lvl and decodes_like_openslide(tif, lvl) else None for lvl in levels
                 ]
         except Exception:  # unreadable by tifffile: OpenSlide still reads it
             return None
@@ -249,7 +114,7 @@ class StoredTileReader:
                 return
             inherited = self._fd
             self._lock = threading.Lock()  # one held by another thread at fork stays held
-            self._cache = OrderedDict()
+            self._cache, self._cached_bytes = OrderedDict(), 0
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             self._pid = pid
         if inherited >= 0:
@@ -260,7 +125,7 @@ class StoredTileReader:
             os.close(self._fd)
         self._fd = -1
         self._pid = -2  # never a real pid: a read after close reopens nothing
-        self._cache = OrderedDict()
+        self._cache, self._cached_bytes = OrderedDict(), 0
 
     # reading ---------------------------------------------------------------------------
     def read_region(
@@ -332,7 +197,7 @@ class StoredTileReader:
         rect = level_rect(xy_l0, self.downsamples[level], size) if lvl else None
         if lvl is None or rect is None:
             return None
-        if lvl.resampled and _touched_tiles(lvl, *rect) & lvl.resampled:
+        if lvl.resampled and touched_tiles(lvl, *rect) & lvl.resampled:
             return None
         self._ensure_process()
         return lvl, rect
@@ -367,19 +232,21 @@ class StoredTileReader:
         out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
-        for row in range(y0 // th, (y1 - 1) // th + 1):
-            for col in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = tile_at(row * across + col)
-                ax, ay = max(x0, col * tw), max(y0, row * th)
-                bx, by = min(x1, (col + 1) * tw), min(y1, (row + 1) * th)
-                out[ay - y : by - y, ax - x : bx - x] = tile[
-                    ay - row * th : by - row * th, ax - col * tw : bx - col * tw
-                ]
+        col0, row0 = x0 // tw, y0 // th
+        base = row0 * across + col0
+        plan = paste_plan(x0 - col0 * tw, y0 - row0 * th, x1 - x0, y1 - y0, tw, th)
+        dy0, dx0 = y0 - y, x0 - x
+        for drow, dcol, dst_y, dst_x, src_y, src_x in plan:
+            tile = tile_at(base + drow * across + dcol)
+            if dy0 or dx0:
+                dst_y = slice(dst_y.start + dy0, dst_y.stop + dy0)
+                dst_x = slice(dst_x.start + dx0, dst_x.stop + dx0)
+            out[dst_y, dst_x] = tile[src_y, src_x]
         return out
 
     def _cached(self, key: tuple[int, ...], make) -> np.ndarray:
-        """The tile cached under ``key``, made by ``make()`` on a miss (least recently used
-        tiles go first)."""
+        """The tile cached under ``key``, made by ``make()`` on a miss. Holds tiles up to
+        :attr:`cache_bytes` by their real size, least recently used first out."""
         with self._lock:
             tile = self._cache.get(key)
             if tile is not None:
@@ -388,14 +255,17 @@ class StoredTileReader:
         tile = make()
         tile.flags.writeable = False  # shared by later reads: nobody may change it
         with self._lock:
+            replaced = self._cache.pop(key, None)  # another thread made it meanwhile
+            self._cached_bytes += tile.nbytes - (0 if replaced is None else replaced.nbytes)
             self._cache[key] = tile
-            while len(self._cache) > self.cache_tiles:
-                self._cache.popitem(last=False)
+            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return tile
 
     def _reduce(self, lvl: StoredLevel, index: int, factor: int) -> np.ndarray:
-        """Stored tile ``index`` with the part past the level's edge white, box-reduced."""
-        tile = self._decode(lvl, index)
+        """Stored tile ``index`` with the part past the level's edge white, box-reduced.
+        Decoded into this thread's scratch tile: only the reduced tile is new memory."""
+        tile = self._decode(lvl, index, out=self._scratch_tile(lvl))
         row, col = divmod(index, lvl.tiles_across)
         if (row + 1) * lvl.tile_h > lvl.height:
             tile[lvl.height - row * lvl.tile_h :] = 255
@@ -403,14 +273,26 @@ class StoredTileReader:
             tile[:, lvl.width - col * lvl.tile_w :] = 255
         return reduce_tile(tile, factor)
 
-    def _decode(self, lvl: StoredLevel, index: int) -> np.ndarray:
+    def _scratch_tile(self, lvl: StoredLevel) -> np.ndarray:
+        """This thread's buffer for one decoded stored tile of ``lvl``'s size (reused: a
+        fresh 192 KB array per decode costs ~10 % in page faults and cache misses)."""
+        buf = getattr(self._scratch, "tile", None)
+        if buf is None or buf.shape != (lvl.tile_h, lvl.tile_w, 3):
+            buf = self._scratch.tile = np.empty((lvl.tile_h, lvl.tile_w, 3), np.uint8)
+        return buf
+
+    def _decode(self, lvl: StoredLevel, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored tile ``index`` as RGB, decoded into ``out`` where given."""
         count = int(lvl.bytecounts[index])
         if count == 0:  # a missing tile is transparent in OpenSlide: white here
-            return np.full((lvl.tile_h, lvl.tile_w, 3), 255, np.uint8)
+            if out is None:
+                return np.full((lvl.tile_h, lvl.tile_w, 3), 255, np.uint8)
+            out.fill(255)
+            return out
         row, col = divmod(index, lvl.tiles_across)
         try:
             stream = os.pread(self._fd, count, int(lvl.offsets[index]))
-            rgb = decode_stream(stream, lvl.header)
+            rgb = decode_stream(stream, lvl.header, out)
         except (OSError, ValueError, RuntimeError) as e:
             raise StoredTileError(f"stored tile column {col}, row {row}: {e}") from None
         if rgb.shape != (lvl.tile_h, lvl.tile_w, 3):
@@ -419,60 +301,3 @@ class StoredTileReader:
                 f"{rgb.shape[0]} px, not {lvl.tile_w} x {lvl.tile_h}"
             )
         return rgb
-
-
-def _touched_tiles(lvl: StoredLevel, x: int, y: int, w: int, h: int) -> set[int]:
-    x0, y0 = max(x, 0), max(y, 0)
-    x1, y1 = min(x + w, lvl.width), min(y + h, lvl.height)
-    if x0 >= x1 or y0 >= y1:
-        return set()
-    cols = range(x0 // lvl.tile_w, (x1 - 1) // lvl.tile_w + 1)
-    rows = range(y0 // lvl.tile_h, (y1 - 1) // lvl.tile_h + 1)
-    return {row * lvl.tiles_across + col for row in rows for col in cols}
-
-
-def _decodes_like_openslide(tif: object, lvl: StoredLevel) -> bool:
-    """Check one tile: our decode must equal libjpeg told the colour space, as OpenSlide does.
-
-    Catches streams whose own markers (JFIF, Adobe, component ids) would make libjpeg
-    guess a different colour space than the TIFF photometric tag says.
-    """
-    present = np.flatnonzero(lvl.bytecounts)
-    if present.size == 0:
-        return False
-    index = int(present[0])
-    fh = tif.filehandle
-    fh.seek(int(lvl.offsets[index]))
-    stream = fh.read(int(lvl.bytecounts[index]))
-    tables = tif.pages[lvl.page].jpegtables
-    try:
-        ours = decode_stream(stream, lvl.header)
-        told = imagecodecs.jpeg8_decode(
-            stream, tables=tables, colorspace=lvl.colorspace, outcolorspace="RGB"
-        )
-    except Exception:  # not decodable by libjpeg-turbo (12-bit, lossless...): OpenSlide
-        return False
-    return ours.shape == (lvl.tile_h, lvl.tile_w, 3) and np.array_equal(ours, told)
-
-
-def reduce_tile(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """``Image.reduce(factor)`` of an RGB uint8 array whose sides are multiples of ``factor``.
-
-    For 2, OpenCV's ``INTER_AREA`` (``(a + b + c + d + 2) >> 2``, PIL's own rounding: equal
-    bit for bit, tested) where the ``speed`` extra installed it: 3x faster than PIL, which
-    is what lets a 2x-reduced grid run near the decoding limit.
-    """
-    if factor == 2 and _cv2() is not None:
-        h, w = rgb.shape[:2]
-        return _cv2().resize(rgb, (w // 2, h // 2), interpolation=_cv2().INTER_AREA)
-    return np.asarray(Image.fromarray(rgb).reduce(factor))
-
-
-@functools.cache
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        return None
-    cv2.setNumThreads(1)  # called from reader threads: no pool of its own inside each
-    return cv2

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cscvision.slides.fastread import StoredLevel, StoredTileReader, decode_stream, full_stream
+from cscvision.slides.fastread import StoredTileReader
 from cscvision.slides.info import SlideInfo
 from cscvision.slides.slide import ReadPlan
+from cscvision.slides.storedtiles import StoredLevel, decode_stream, full_stream
 
+DECODERS = ("auto", "cpu", "gpu")  # where tiles are decoded: the --decode choices
 MAX_MEAN_DIFF = 1.0  # mean |Δ| per channel against libjpeg-turbo a decoder may show
 
 
