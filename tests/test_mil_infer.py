@@ -230,3 +230,35 @@ def test_stats_says_why_mil_outputs_have_no_niche_tests(mil_run, capsys):
     assert main(["stats", str(mil_run["out"])]) == 2
     err = capsys.readouterr().err
     assert "MIL model" in err and "results.csv" in err
+
+
+def test_report_shows_each_slides_mil_prediction(mil_run):
+    from cscvision.cli import main
+
+    assert main(["report", str(mil_run["out"])]) == 0
+    html = (mil_run["out"] / "report" / "index.html").read_text()
+    summary = json.loads((mil_run["out"] / "SYN-P001-S01" / "summary.json").read_text())
+    value = summary["slide_prediction"]["regression"]["stemness_fraction"]
+    assert f"predicted stemness_fraction: {value:.4g}" in html
+    assert "pred_stemness_fraction_tercile" in html  # the cohort table's results.csv column
+
+
+def test_synthetic_slide_labels_are_the_truth_plus_noise_with_terciles(mil_run, tmp_path):
+    import shutil
+
+    from cscvision.synth.slide_labels import write_slide_labels
+
+    cohort = mil_run["root"] / "cohort"
+    shutil.copy(cohort / "cohort.csv", tmp_path / "cohort.csv")
+    for truth in cohort.glob("*_truth.json"):
+        shutil.copy(truth, tmp_path / truth.name)
+    rows = list(csv.DictReader(write_slide_labels(tmp_path / "cohort.csv", noise_sd=0.0).open()))
+    assert len(rows) == 8
+    for row in rows:
+        truth = json.loads((tmp_path / f"{row['slide_id']}_truth.json").read_text())
+        want = truth["fraction_of_tissue"].get("Stemness-rich", 0.0)
+        assert float(row["stemness_fraction"]) == pytest.approx(want, abs=5e-6)
+    order = sorted(rows, key=lambda r: float(r["stemness_fraction"]))
+    classes = [r["stemness_tercile"] for r in order]
+    assert classes == sorted(classes, key=["low", "mid", "high"].index)  # monotone in value
+    assert {c: classes.count(c) for c in set(classes)} == {"low": 3, "mid": 2, "high": 3}

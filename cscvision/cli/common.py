@@ -11,9 +11,8 @@ from pydantic import Field
 
 from cscvision.core.io import check_writable
 from cscvision.core.validate import Flags, check_flags
-from cscvision.inference.settings import DECODERS
 from cscvision.slides.batch import SlideJob, collect_inputs, make_jobs, parse_shard, shard_jobs
-from cscvision.slides.info import MPP_RANGE
+from cscvision.slides.info import DECODERS, MPP_RANGE
 from cscvision.slides.slide import load_mpp_overrides
 
 

@@ -19,6 +19,7 @@ from cscvision.cli.common import (
     add_hardening_args,
     add_slide_args,
     check_batch_args,
+    check_decode,
     corrupt_tiles_line,
     jobs_from_args,
 )
@@ -262,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         # With --ray the workers pick their own device; the driver only reads the card.
         device = resolve_device("cpu" if args.ray else args.device)
-        if settings.decode == "gpu" and not args.ray and device.type != "cuda":
-            raise ValueError("--decode gpu needs a CUDA device; use --decode cpu or auto")
+        if not args.ray:
+            check_decode(settings.decode, device.type)
         model = load_model(args.model, device, encoder_weights=args.encoder_weights)
         if settings.asap_target not in (None, *model.card.targets):
             raise ValueError(

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cscvision.slides.gpudecode import DECODERS
 from cscvision.slides.grid import TileGrid
-from cscvision.slides.info import CorruptTileError
+from cscvision.slides.info import DECODERS, CorruptTileError
 from cscvision.slides.slide import ReadPlan, Slide, open_slide
 
 

@@ -15,7 +15,6 @@ from cscvision.core.validate import FLAG_CONFIG
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 READERS = ("processes", "threads")
-DECODERS = ("auto", "cpu", "gpu")
 MAX_OVERLAP = 0.75
 MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
 MAX_WITHIN_UM = 10_000.0

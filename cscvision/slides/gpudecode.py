@@ -30,7 +30,6 @@ from cscvision.slides.info import SlideInfo
 from cscvision.slides.slide import ReadPlan
 from cscvision.slides.storedtiles import StoredLevel, decode_stream, full_stream
 
-DECODERS = ("auto", "cpu", "gpu")  # where tiles are decoded: the --decode choices
 MAX_MEAN_DIFF = 1.0  # mean |Δ| per channel against libjpeg-turbo a decoder may show
 
 

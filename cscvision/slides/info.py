@@ -19,6 +19,7 @@ MPP_FROM_OVERRIDE = "override"
 # µm/px a microscope slide can have, whatever the source (vendor metadata, TIFF resolution
 # tags, --slide-mpp, override CSVs): finer than 0.05 is beyond any optical scanner, coarser
 # than 20 is an overview camera or an image editor's 72-1200 dpi, not a scan to tile.
+DECODERS = ("auto", "cpu", "gpu")  # where stored JPEG tiles are decoded: --decode
 MPP_RANGE = (0.05, 20.0)
 
 # The largest buffer one read may allocate (a thumbnail, a strip of it, a region or tile):

@@ -182,6 +182,24 @@ def _cohort_table(batch: Batch) -> str:
     )
 
 
+def _slide_figures(summary: dict[str, Any]) -> str:
+    """The slide's headline figures: a MIL model's slide predictions, else each target's
+    share of tissue."""
+    pred = summary.get("slide_prediction")
+    if pred:
+        items = [f"<li>predicted {_e(t)}: {_fmt(v)}</li>" for t, v in pred["regression"].items()]
+        for t, c in pred["classification"].items():
+            p = _fmt(c["probabilities"][c["predicted"]])
+            items.append(f"<li>predicted {_e(t)}: {_e(c['predicted'])} (p {p})</li>")
+        return "".join(items)
+    return "".join(
+        f"<li>{_e(t)}: {_fmt(v.get('fraction_of_tissue', ''))} of tissue, "
+        f"{_fmt(v.get('area_mm2', ''))} mm²</li>"
+        for t, v in summary.get("targets", {}).items()
+        if isinstance(v, dict)
+    )
+
+
 def _slide_card(record: SlideRecord, assets: Path, out_dir: Path) -> str:
     sid = record.slide_id
     images = []
@@ -204,12 +222,7 @@ def _slide_card(record: SlideRecord, assets: Path, out_dir: Path) -> str:
         f"<a href='{_e(rel / f)}'>{_e(f)}</a>"
         for f in ["summary.json", *record.summary.get("outputs", [])]
     )
-    figures = "".join(
-        f"<li>{_e(t)}: {_fmt(v.get('fraction_of_tissue', ''))} of tissue, "
-        f"{_fmt(v.get('area_mm2', ''))} mm²</li>"
-        for t, v in record.summary.get("targets", {}).items()
-        if isinstance(v, dict)
-    )
+    figures = _slide_figures(record.summary)
     patient = f" · patient {_e(record.patient_id)}" if record.patient_id else ""
     return (
         f"<article class='slide-card' id='slide-{_e(sid)}'><h3>{_e(sid)}{patient}</h3>"
