@@ -109,7 +109,12 @@ class GatedAttentionMIL(nn.Module):
     def forward(
         self, x: torch.Tensor, covariates: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
-        h, a = self.attend(x)
+        return self.pool(*self.attend(x), covariates)
+
+    def pool(
+        self, h: torch.Tensor, a: torch.Tensor, covariates: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+        """The slide's outputs from tile embeddings ``h`` and attention ``a``."""
         z = (a[:, None] * h).sum(0)
         if covariates is not None and covariates.numel():
             z = torch.cat([z, covariates])
@@ -180,10 +185,10 @@ class MILSystem(L.LightningModule):
         self.net, self.lr, self.weight_decay = net, lr, weight_decay
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        reg, logits, a = self.net(batch["x"], batch["cov"])
+        h, a = self.net.attend(batch["x"])
+        reg, logits, _ = self.net.pool(h, a, batch["cov"])
         loss = self._bag_loss(reg, logits, batch)
         if any(len(heads) for heads in self.net.instance):
-            h = self.net.embed(batch["x"])
             instance = self.net.instance_loss(h, a, batch["cls"])
             loss = CLAM_BAG_WEIGHT * loss + (1 - CLAM_BAG_WEIGHT) * instance
         self.log("train_loss", loss, batch_size=1, prog_bar=False)
