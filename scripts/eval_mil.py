@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--accumulate", type=int, default=8, help="bags per optimiser step")
     ap.add_argument(
         "--max-bag",
         type=int,
@@ -153,6 +154,7 @@ def main() -> None:
             hidden=64,
             attention=32,
             max_bag=args.max_bag,
+            accumulate=args.accumulate,
             seed=seed,
         )
         result = cross_validate(bags, labels, cfg, k=args.folds, progress=print)

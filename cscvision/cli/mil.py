@@ -43,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=5, help="folds over patients (default 5)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the bags (default 30)")
     p.add_argument("--max-bag", type=int, default=2048, help="tiles sampled per training step")
+    p.add_argument("--accumulate", type=int, default=8, help="bags per optimiser step (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of folds, sampling and weights")
     p.add_argument(
         "--architecture",
@@ -93,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.training.mil_cv import cross_validate, write_cv_outputs
 
     cfg = MILConfig(
-        architecture=args.architecture, epochs=args.epochs, max_bag=args.max_bag, seed=args.seed
+        architecture=args.architecture,
+        epochs=args.epochs,
+        max_bag=args.max_bag,
+        accumulate=args.accumulate,
+        seed=args.seed,
     )
     try:
         result = cross_validate(

@@ -96,6 +96,7 @@ class MILSection:
     attention: int = 64
     dropout: float = 0.1
     max_bag: int = 2048  # tiles sampled from a bag per training step; whole bags in eval
+    accumulate: int = 8  # bags whose gradients make one optimiser step
     epochs: int = 30
     units: str = "label units"  # what the regression labels measure, shown on the card
 
@@ -335,8 +336,8 @@ def _check_mil(cfg: TrainConfig) -> None:
     if cfg.mil.architecture not in ARCHITECTURES:
         raise ConfigError(f"mil.architecture: {cfg.mil.architecture!r} is not one of "
                           f"{', '.join(ARCHITECTURES)}")  # fmt: skip
-    if cfg.cv.folds < 0 or cfg.mil.epochs < 1 or cfg.mil.max_bag < 1:
-        raise ConfigError("cv.folds must be ≥ 0, mil.epochs and mil.max_bag ≥ 1")
+    if cfg.cv.folds < 0 or min(cfg.mil.epochs, cfg.mil.max_bag, cfg.mil.accumulate) < 1:
+        raise ConfigError("cv.folds must be ≥ 0, mil.epochs, mil.max_bag and mil.accumulate ≥ 1")
 
 
 def with_absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:

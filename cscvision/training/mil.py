@@ -45,6 +45,7 @@ class MILConfig:
     attention: int = 64
     dropout: float = 0.1
     max_bag: int = 2048  # tiles sampled from a bag per training step
+    accumulate: int = 8  # bags whose gradients make one optimiser step (one bag per step is noisy)
     epochs: int = 40
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -255,6 +256,7 @@ def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAt
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        accumulate_grad_batches=cfg.accumulate,
     )
     trainer.fit(MILSystem(net, lr=cfg.lr, weight_decay=cfg.weight_decay), loader)
     return net.eval()

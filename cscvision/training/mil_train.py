@@ -53,6 +53,7 @@ def mil_settings(cfg: TrainConfig) -> MILConfig:
         attention=m.attention,
         dropout=m.dropout,
         max_bag=m.max_bag,
+        accumulate=m.accumulate,
         epochs=m.epochs,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
