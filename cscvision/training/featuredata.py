@@ -226,6 +226,23 @@ def _extractor(cfg: TrainConfig) -> FeatureExtractor:
     )
 
 
+def encoder_reference(
+    cfg: TrainConfig, extractor: FeatureExtractor, features_dir: Path
+) -> dict[str, Any]:
+    """The card's ``encoder`` field: which encoder and weights made the stored features."""
+    spec = extractor.spec
+    return {
+        "name": spec.name,
+        "weights_sha256": extractor.weights_sha256,
+        "weights_file": str(cfg.model.weights),
+        "expected_file": spec.weights_file,
+        "timm_name": spec.timm_name,
+        "dim": spec.dim,
+        "pool": spec.pool,
+        "features_dir": str(features_dir),
+    }
+
+
 def head_pieces(
     cfg: TrainConfig,
     targets: Sequence[str],
@@ -251,16 +268,7 @@ def head_pieces(
         t.slide_id: slide_features(t, extractor, features_dir, workers=workers, progress=progress)
         for t in tqdm(everything, desc="features", unit="slide", disable=not progress)
     }
-    reference = {
-        "name": spec.name,
-        "weights_sha256": extractor.weights_sha256,
-        "weights_file": str(cfg.model.weights),
-        "expected_file": spec.weights_file,
-        "timm_name": spec.timm_name,
-        "dim": spec.dim,
-        "pool": spec.pool,
-        "features_dir": str(features_dir),
-    }
+    reference = encoder_reference(cfg, extractor, features_dir)
     del extractor  # the encoder is not needed to train the head
     dm = FeatureDataModule(
         slides=slides,

@@ -30,6 +30,7 @@ from cscvision.training.mil import (
     fit_mil,
     predict_bags,
 )
+from cscvision.training.regression import bootstrap_ci as group_bootstrap_ci
 
 BOOTSTRAP = 1000
 
@@ -102,20 +103,12 @@ def bootstrap_ci(
     seed: int = 0,
     n: int = BOOTSTRAP,
 ) -> tuple[float, float]:
-    """95 % percentile interval of ``metric`` over resamples of patients."""
-    unique = np.unique(patients)
-    rows_of = [np.flatnonzero(patients == u) for u in unique]
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        pick = np.concatenate([rows_of[i] for i in rng.integers(0, len(unique), len(unique))])
-        v = metric(y[pick], p[pick])
-        if math.isfinite(v):
-            values.append(v)
-    if len(values) < n // 2:
-        return math.nan, math.nan
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
+    """95 % percentile interval of ``metric(y, p)`` over resamples of patients; NaN when
+    fewer than half the resamples give a value."""
+    return group_bootstrap_ci(
+        p, y, np.asarray(patients), lambda pred, target: metric(target, pred),
+        n_boot=n, seed=seed, min_valid=n // 2,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,12 @@ from cscvision.slides.slide import open_slide
 from cscvision.training.card import ModelCard, write_model_readme
 from cscvision.training.config import TrainConfig, config_to_dict
 from cscvision.training.export import TrainResult, export_model
-from cscvision.training.featuredata import _extractor, slide_features, with_encoder_grid
+from cscvision.training.featuredata import (
+    _extractor,
+    encoder_reference,
+    slide_features,
+    with_encoder_grid,
+)
 from cscvision.training.mil import Bag, MILConfig, fit_mil
 from cscvision.training.mil_cv import (
     _standardise,
@@ -140,7 +145,7 @@ def train_mil(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     scaled, mean, sd = _standardise(targets, np.arange(len(bags)))
     net = fit_mil(bags, scaled, settings)
     record = mil_record(cfg, labels, bags[0].features.shape[1], mean, sd)
-    reference = _encoder_reference(cfg, extractor)
+    reference = encoder_reference(cfg, extractor, features_dir)
     card = mil_card(cfg, record, reference, metrics, counts_of(bags, labels))
     write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
     out_dir = export_model(net, card, cfg.export_dir)
@@ -180,18 +185,6 @@ def mil_record(
         "covariates": list(cfg.mil.covariates or []),
         "map_scale": MAP_SCALE,
         "labels_table": str(cfg.mil.labels),
-    }
-
-
-def _encoder_reference(cfg: TrainConfig, extractor) -> dict[str, Any]:
-    spec = extractor.spec
-    return {
-        "name": spec.name,
-        "weights_sha256": extractor.weights_sha256,
-        "weights_file": str(cfg.model.weights),
-        "expected_file": spec.weights_file,
-        "timm_name": spec.timm_name,
-        "dim": spec.dim,
     }
 
 

@@ -68,8 +68,10 @@ def bootstrap_ci(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    min_valid: int = 1,
 ) -> tuple[float, float]:
-    """95 % percentile interval of ``stat(pred, target)`` resampling whole ``groups``."""
+    """95 % percentile interval of ``stat(pred, target)`` resampling whole ``groups``; NaN
+    when fewer than ``min_valid`` resamples give a finite value."""
     labels, inverse = np.unique(groups, return_inverse=True)
     if len(labels) < 2:
         return float("nan"), float("nan")
@@ -81,7 +83,7 @@ def bootstrap_ci(
         v = stat(pred[rows], target[rows])
         if math.isfinite(v):
             values.append(v)
-    if not values:
+    if len(values) < max(min_valid, 1):
         return float("nan"), float("nan")
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)

@@ -227,20 +227,27 @@ def _module(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> Til
         weights = [float(w) for w in pos_weight(dm.datasets["train"].targets)]
         log.info("pos_weight per target %s: %s", list(targets), [round(w, 2) for w in weights])
     return TileClassifier(
-        backbone=cfg.model.backbone,
-        targets=tuple(targets),
-        pretrained=cfg.model.pretrained,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        scheduler=cfg.optim.scheduler,
-        warmup_frac=cfg.optim.warmup_frac,
+        **_system_kwargs(cfg, targets),
         pos_weight=weights,
-        mean=cfg.model.mean,
-        std=cfg.model.std,
-        augment=cfg.data.augment,
         slide_cutoff=cfg.metrics.slide_cutoff,
-        channels_last=cfg.model.channels_last,
     )
+
+
+def _system_kwargs(cfg: TrainConfig, targets: Sequence[str]) -> dict[str, Any]:
+    """What every tile system takes from the config: backbone, optimiser, input, augment."""
+    return {
+        "backbone": cfg.model.backbone,
+        "targets": tuple(targets),
+        "pretrained": cfg.model.pretrained,
+        "lr": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
+        "scheduler": cfg.optim.scheduler,
+        "warmup_frac": cfg.optim.warmup_frac,
+        "mean": cfg.model.mean,
+        "std": cfg.model.std,
+        "augment": cfg.data.augment,
+        "channels_last": cfg.model.channels_last,
+    }
 
 
 def _regressor(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> TileRegressor:
@@ -250,17 +257,7 @@ def _regressor(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> 
         target_std=std,
         loss=cfg.regression.loss,
         n_boot=cfg.regression.bootstrap,
-        backbone=cfg.model.backbone,
-        targets=tuple(targets),
-        pretrained=cfg.model.pretrained,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        scheduler=cfg.optim.scheduler,
-        warmup_frac=cfg.optim.warmup_frac,
-        mean=cfg.model.mean,
-        std=cfg.model.std,
-        augment=cfg.data.augment,
-        channels_last=cfg.model.channels_last,
+        **_system_kwargs(cfg, targets),
     )
     patient = {s.slide_id: s.patient_id for tiles in dm.slides.values() for s in tiles}
     module.slide_groups = [patient[i] for i in dm.slide_ids]  # bootstrap over patients
