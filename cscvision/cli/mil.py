@@ -12,9 +12,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "mil",
         help="attention MIL on slide-level labels (k-fold CV over patients)",
         description=(
-            "Train gated-attention MIL models on bags of stored tile features (one feature "
-            "store per slide, from cscvision features) against slide-level labels, with "
-            "patient-level k-fold cross-validation. Writes OUT/cv_metrics.json (per fold and "
+            "Cross-validate attention MIL (gated attention or CLAM-SB) on bags of stored tile "
+            "features (one feature store per slide, from cscvision features) against "
+            "slide-level labels, with patient-level k-fold cross-validation; for a model that "
+            "cscvision infer runs on slides, use cscvision train with task: mil. Writes "
+            "OUT/cv_metrics.json (per fold and "
             "pooled, with bootstrap 95 % CIs over patients), OUT/predictions.csv (held-out "
             "prediction per slide) and OUT/tiles/<slide_id>.csv (each tile's attention × "
             "number of tiles and its contribution to each regression output)."

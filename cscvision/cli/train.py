@@ -24,6 +24,11 @@ A run folder that holds checkpoints/last.ckpt resumes from it unless --no-resume
 The best checkpoint is exported to models/<name>/ (or --export): model.safetensors,
 model.json (targets, thresholds chosen on validation, tile px, µm/px, normalisation,
 metrics) and README.md, the human model card.
+
+task: mil trains a slide-level model instead: bags of an encoder's tile features
+(model.encoder, model.weights) against a slide-label table (mil.labels, mil.targets),
+cross-validated over patients (cv.folds; runs/<name>/cv/), then exported with the
+pooled CV metrics on its card; cscvision infer writes its slide predictions to results.csv.
 """
 
 

@@ -54,11 +54,20 @@ def _font_pair(size: int) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont,
         return ImageFont.load_default(size=size), False
 
 
-def _text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, fill, **kw) -> None:
+def _font_and_text(text: str, size: int):
+    """The font of ``size`` and ``text`` as it can draw it (ASCII stand-ins without Unicode)."""
     font, unicode_ok = _font_pair(size)
-    if not unicode_ok:
-        text = "".join(_ASCII.get(ch, ch) for ch in text)
+    return font, text if unicode_ok else "".join(_ASCII.get(ch, ch) for ch in text)
+
+
+def _text(draw: ImageDraw.ImageDraw, xy, text: str, size: int, fill, **kw) -> None:
+    font, text = _font_and_text(text, size)
     draw.text(xy, text, fill=fill, font=font, **kw)
+
+
+def _text_width(text: str, size: int) -> int:
+    font, text = _font_and_text(text, size)
+    return math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font))
 
 
 def _display_size(dimensions: tuple[int, int], thumb_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -168,7 +177,8 @@ def render_overlay(
     """Frame ``heat`` (from :func:`heat_image`) with title, colour bar and legend; the bar's
     ticks span ``value_range`` in ``unit`` (a regression target's scores)."""
     dh, dw = heat.shape[:2]
-    top, right, bottom = 64, 110, 84
+    top, bottom = 64, 84
+    right = max(110, 24 + _text_width(unit, 13) + 8)  # the colour bar's unit label fits
     canvas = Image.new("RGB", (PAD + dw + right, top + dh + bottom), (255, 255, 255))
     canvas.paste(Image.fromarray(heat), (PAD, top))
     draw = ImageDraw.Draw(canvas)
