@@ -1,11 +1,14 @@
 """Benchmark tile reading on one core: cscvision's fast path vs OpenSlide vs the decode limit.
 
 Writes a 20k x 20k synthetic JPEG-tiled pyramidal TIFF (256 px tiles, q85, levels 1, 4,
-16 at 0.25 µm/px) to a temporary folder, or reuses ``--slide PATH`` (written there first
-if missing), then times two grids read in raster order (medians of ``--rounds`` rounds):
+16 at 0.25 µm/px; ``--size W H`` for another) to a temporary folder, or reuses ``--slide
+PATH`` (written there first if missing), then times three grids read in raster order
+(medians of ``--rounds`` rounds), each after ``Slide.reserve_raster`` as ``infer`` and
+``features`` read (``--no-reserve``: without):
 
 1. aligned: 256 px tiles at 0.25 µm/px (level 0, one stored tile each);
-2. resized: 224 px tiles at 0.5 µm/px (448 px at level 0 reduced to 224: each stored tile
+2. unaligned: 224 px tiles at 0.25 µm/px (level 0, cut from up to 4 cached stored tiles);
+3. resized: 224 px tiles at 0.5 µm/px (448 px at level 0 reduced to 224: each stored tile
    is reduced once and cached, the same pixels as reducing the region).
 
 For each: (a) ``Slide.read_tile`` with a ``plan_read`` plan (the fast path), (b) the same
@@ -13,9 +16,14 @@ call with ``fast=False`` (OpenSlide ``read_region``, RGBA on white, same resize)
 bare ``OpenSlide.read_region`` (PIL RGBA, no conversion or resize), and (c) the limit:
 libjpeg-turbo decoding, from memory, every stored tile the grid touches, once, with each
 of three bindings every round (simplejpeg, simplejpeg into a reused buffer, imagecodecs
-``jpeg8_decode`` into a buffer); (c) is the one with the best median.
+``jpeg8_decode`` into a buffer); (c) is the one with the best median. (a) and (c) run
+interleaved, one grid row at a time (the row's tiles, then the stored tiles it is the
+first to touch, in rotating order), so a shared core's drifting speed slows both alike.
+For the resized case, (d) is the floor of any reader that reduces: (c) with each stored
+tile also box-reduced once (the same ``reduce_tile``), with no reading, caching or pasting.
 
-    taskset -c 1 .venv/bin/python scripts/bench_tiling.py [--slide PATH] [--tiles 3000] [--rounds 3]
+    taskset -c 1 .venv/bin/python scripts/bench_tiling.py [--slide PATH] [--size W H] [--tiles 3000]
+        [--rounds 3] [--no-reserve]
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import simplejpeg
 import tifffile
 
 from cscvision.slides.slide import open_slide, plan_read
-from cscvision.slides.storedtiles import full_stream, stored_level
+from cscvision.slides.storedtiles import full_stream, reduce_tile, stored_level
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 SLIDE_PX = 20_480
@@ -51,15 +59,20 @@ class Case:
     tile_px: int
 
 
-CASES = (Case("aligned 256 px @ 0.25 µm/px", 0.25, 256), Case("224 px @ 0.5 µm/px", 0.5, 224))
+CASES = (
+    Case("aligned 256 px @ 0.25 µm/px", 0.25, 256),
+    Case("unaligned 224 px @ 0.25 µm/px", 0.25, 224),
+    Case("224 px @ 0.5 µm/px", 0.5, 224),
+)
+RESERVE = True  # as TileBatches does: the cache keeps the stored rows the next grid row reuses
 
 
-def write_bench_slide(path: Path) -> None:
+def write_bench_slide(path: Path, size: tuple[int, int] = (SLIDE_PX, SLIDE_PX)) -> None:
     start = time.perf_counter()
     write_pyramid(
         path,
         texture_tile_fn(seed=0),
-        size=(SLIDE_PX, SLIDE_PX),
+        size=size,
         mpp=SLIDE_MPP,
         tile_px=256,
         levels=3,
@@ -96,6 +109,9 @@ def time_read_tile(path: Path, xy: np.ndarray, plan, *, fast: bool) -> float:
         if slide.uses_fast_path != fast:
             raise SystemExit(f"{path}: fast path expected {fast}, got {slide.uses_fast_path}")
 
+        if RESERVE:
+            slide.reserve_raster(plan)
+
         def run() -> None:
             for x, y in xy:
                 slide.read_tile((int(x), int(y)), plan)
@@ -128,68 +144,118 @@ DECODERS = {  # libjpeg-turbo bindings the limit tries: (name, decode(stream, bu
 }
 
 
-def touched_streams(path: Path, xy: np.ndarray, plan) -> tuple[list[bytes], tuple[int, int]]:
-    """Complete JPEG streams (shared tables spliced in) of every stored tile the grid
-    touches, each once, and the stored tile shape (h, w)."""
+def first_touches(path: Path, xy: np.ndarray, plan, chunks: list[slice]):
+    """Per chunk of the grid, the complete JPEG streams (shared tables spliced in) of the
+    stored tiles it is the first to touch, and the stored tile shape (h, w): decoding
+    them all is decoding every stored tile the grid touches exactly once."""
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[plan.level]
         lvl = stored_level(page, plan.level)
         if lvl is None:
             raise SystemExit(f"{path}: level {plan.level} is not JPEG tiles; no decode limit")
         side = plan.read_px  # level pixels; the bench slide's levels are whole-number
-        touched: set[int] = set()
-        for x, y in (xy / plan.downsample).astype(int):
-            for row in range(y // lvl.tile_h, (y + side - 1) // lvl.tile_h + 1):
-                for col in range(x // lvl.tile_w, (x + side - 1) // lvl.tile_w + 1):
-                    touched.add(row * lvl.tiles_across + col)
-        streams = []
-        for index in sorted(touched):
-            tif.filehandle.seek(int(lvl.offsets[index]))
-            streams.append(full_stream(tif.filehandle.read(int(lvl.bytecounts[index])), lvl.header))
-    return streams, (lvl.tile_h, lvl.tile_w)
+        seen: set[int] = set()
+        per_chunk = []
+        for chunk in chunks:
+            new = []
+            for x, y in (xy[chunk] / plan.downsample).astype(int):
+                for row in range(y // lvl.tile_h, (y + side - 1) // lvl.tile_h + 1):
+                    for col in range(x // lvl.tile_w, (x + side - 1) // lvl.tile_w + 1):
+                        index = row * lvl.tiles_across + col
+                        if index not in seen:
+                            seen.add(index)
+                            new.append(index)
+            streams = []
+            for index in new:
+                tif.filehandle.seek(int(lvl.offsets[index]))
+                stream = tif.filehandle.read(int(lvl.bytecounts[index]))
+                streams.append(full_stream(stream, lvl.header))
+            per_chunk.append(streams)
+    return per_chunk, (lvl.tile_h, lvl.tile_w)
 
 
-def time_decode_limit(
-    streams: list[bytes], shape: tuple[int, int], n_tiles: int
-) -> dict[str, float]:
-    """Decode every stream once from memory with each binding: tiles/s of the grid, by name."""
+def interleaved_round(
+    path: Path, xy: np.ndarray, plan, chunks: list[slice], streams: list[list[bytes]], shape
+) -> tuple[float, dict[str, float]]:
+    """One pass over the grid with the fast path and, chunk by chunk, the limit: each
+    chunk (a grid row) is read by ``Slide.read_tile`` and its first-touched stored tiles
+    are decoded by each binding, in an order that rotates per chunk. A machine whose speed
+    drifts (a shared core, a busy neighbour) then slows both alike. Returns seconds of the
+    fast path and of each binding, summed over chunks."""
     buf = np.empty((*shape, 3), np.uint8)
-    rates = {}
-    for name, decode in DECODERS.items():
+    factor = plan.read_px // plan.tile_px if plan.read_px % plan.tile_px == 0 else 1
+    spent = {"a": 0.0, **{name: 0.0 for name in DECODERS}}
+    with open_slide(path) as slide:
+        if not slide.uses_fast_path:
+            raise SystemExit(f"{path}: the fast path does not serve this slide")
+        if RESERVE:
+            slide.reserve_raster(plan)
+        read_tile = slide.read_tile
 
-        def run(decode=decode) -> None:
-            for stream in streams:
-                decode(stream, buf)
+        def read(chunk: slice) -> None:
+            for x, y in xy[chunk]:
+                read_tile((int(x), int(y)), plan)
 
-        rates[name] = rate(n_tiles, run)
-    return rates
+        def decoder(decode: Callable) -> Callable[[int], None]:
+            def run(k: int) -> None:
+                for stream in streams[k]:
+                    decode(stream, buf)
+
+            return run
+
+        def reduce_floor(k: int) -> None:
+            for stream in streams[k]:
+                reduce_tile(simplejpeg.decode_jpeg(stream, colorspace="RGB", buffer=buf), factor)
+
+        jobs = [("a", read)] + [(name, decoder(decode)) for name, decode in DECODERS.items()]
+        if factor >= 2:
+            jobs.append(("d", reduce_floor))
+            spent["d"] = 0.0
+        for k, chunk in enumerate(chunks):
+            turn = k % len(jobs)
+            for name, job in jobs[turn:] + jobs[:turn]:
+                start = clock()
+                job(chunk if name == "a" else k)
+                spent[name] += clock() - start
+    return spent.pop("a"), spent
 
 
 def bench_case(path: Path, case: Case, n_tiles: int, rounds: int) -> dict[str, float]:
-    """Tiles/s of each path; (a) and (c) alternate for ``rounds`` rounds and their ratio is
-    the median of the per-round ratios (robust on a shared, noisy machine). (c) is the
-    binding with the best median over the rounds: the best of each round would be the
-    maximum of three noisy samples, a limit the noise raises."""
+    """Tiles/s of each path. (a) and (c) run interleaved grid row by grid row in each of
+    ``rounds`` rounds (a fresh slide each round); the ratio is the median of the rounds'
+    ratios. (c) is the binding with the best median over the rounds: the best of each
+    round would be the maximum of three noisy samples, a limit the noise raises."""
     xy, plan = grid_xy(path, case, n_tiles)
     print(
         f"\n{case.name}: {len(xy)} tiles, level {plan.level}, read {plan.read_px} px"
         f" -> {plan.tile_px} px",
         flush=True,
     )
-    streams, shape = touched_streams(path, xy, plan)
+    row_len = int(np.count_nonzero(xy[:, 1] == xy[0, 1]))
+    chunks = [slice(i, i + row_len) for i in range(0, len(xy), row_len)]
+    streams, shape = first_touches(path, xy, plan, chunks)
     limits: dict[str, list[float]] = {name: [] for name in DECODERS}
-    fasts = []
+    fasts, floors = [], []
     for _ in range(rounds):
-        for name, value in time_decode_limit(streams, shape, len(xy)).items():
-            limits[name].append(value)
-        fasts.append(time_read_tile(path, xy, plan, fast=True))
+        seconds, limit_seconds = interleaved_round(path, xy, plan, chunks, streams, shape)
+        fasts.append(len(xy) / seconds)
+        floor = limit_seconds.pop("d", None)
+        for name, value in limit_seconds.items():
+            limits[name].append(len(xy) / value)
         each = ", ".join(f"{name} {v[-1]:,.0f}" for name, v in limits.items())
+        if floor is not None:
+            floors.append(len(xy) / floor)
+            each += f"; (d) decode + reduce {floors[-1]:,.0f}"
         print(f"  round: (a) {fasts[-1]:,.0f}  limit: {each}", flush=True)
     best = max(limits, key=lambda name: statistics.median(limits[name]))
     rates = {"c": statistics.median(limits[best]), "a": statistics.median(fasts)}
     rates["a/c"] = statistics.median(a / c for a, c in zip(fasts, limits[best], strict=True))
     ratios = " ".join(f"{a / c:.2f}" for a, c in zip(fasts, limits[best], strict=True))
     print(f"  (c) = {best} (best median); a/c per round: {ratios}", flush=True)
+    if floors:
+        rates["d"] = statistics.median(floors)
+        rates["a/d"] = statistics.median(a / d for a, d in zip(fasts, floors, strict=True))
+        rates["d/c"] = statistics.median(d / c for d, c in zip(floors, limits[best], strict=True))
     rates["b"] = time_read_tile(path, xy, plan, fast=False)
     rates["b0"] = time_openslide_raw(path, xy, plan)
     return rates
@@ -201,16 +267,24 @@ def print_table(rows: list[tuple[Case, dict[str, float]]]) -> None:
         "b": "(b) Slide.read_tile via OpenSlide read_region",
         "b0": "(b0) bare OpenSlide read_region (RGBA)",
         "c": "(c) limit: decode touched stored tiles once",
+        "d": "(d) floor: (c) plus box-reducing each once",
     }
     print(f"\n{'case':<30} {'path':<48} {'tiles/s':>9} {'of (c)':>7}")
     for case, rates in rows:
-        for key in ("a", "b", "b0", "c"):
+        for key in ("a", "b", "b0", "c", "d"):
+            if key not in rates:
+                continue
             share = rates[key] / rates["c"]
             print(f"{case.name:<30} {labels[key]:<48} {rates[key]:>9,.0f} {share:>7.0%}")
         print(
             f"{'':<30} ratios: a/c = {rates['a/c']:.2f} (median of rounds), a/b = "
             f"{rates['a'] / rates['b']:.1f}, a/b0 = {rates['a'] / rates['b0']:.1f}"
         )
+        if "d" in rates:
+            print(
+                f"{'':<30} reducing readers: d/c = {rates['d/c']:.2f} (no reader can pass it),"
+                f" a/d = {rates['a/d']:.2f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,20 +294,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a), (c)")
     parser.add_argument("--all-cores", action="store_true", help="do not pin to one core")
     parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        default=(SLIDE_PX, SLIDE_PX),
+        help="level-0 size of the slide written when --slide is missing (e.g. 81920 8192: as "
+        "wide as a real slide, where a raster grid's stored rows outgrow a fixed cache)",
+    )
+    parser.add_argument(
+        "--no-reserve",
+        action="store_true",
+        help="read without Slide.reserve_raster (the cache stays at its 48 MB floor)",
+    )
+    parser.add_argument(
         "--clock",
         choices=tuple(CLOCKS),
         default="wall",
         help="wall time, or this process's CPU time (robust where other jobs share the core)",
     )
     args = parser.parse_args(argv)
-    global clock
+    global clock, RESERVE
     clock = CLOCKS[args.clock]
+    RESERVE = not args.no_reserve
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with tempfile.TemporaryDirectory(prefix="cscvision-bench-") as tmp:
         path = args.slide or Path(tmp) / "bench_20k.tif"
         if not path.exists():
-            write_bench_slide(path)
+            write_bench_slide(path, tuple(args.size))
         path.read_bytes()  # into the page cache, so no path pays for the disk
         rows = [(case, bench_case(path, case, args.tiles, args.rounds)) for case in CASES]
     print_table(rows)

@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image
 
 from cscvision.slides.fastread import StoredTileReader
-from cscvision.slides.slide import ReadPlan, open_slide
+from cscvision.slides.slide import ReadPlan, open_slide, plan_read
 from cscvision.slides.storedtiles import jpeg_header, level_rect, paste_plan
 from cscvision.testing import texture_tile_fn, write_pyramid
 
@@ -218,6 +218,80 @@ def test_decoded_tile_cache_is_bounded(slides):
         reader.read_region((0, 0), 0, (WIDTH, HEIGHT))
         assert len(reader._cache) == 3
         reader.close()
+
+
+@pytest.fixture(scope="module")
+def wide_slide(tmp_path_factory) -> Path:
+    """A level 40 stored tiles (of 64 px) across and 6 down: wide for its tile size."""
+    path = tmp_path_factory.mktemp("wide") / "wide.tif"
+    return write_pyramid(path, textured(40 * 64, 6 * 64), tile_px=64, levels=1)
+
+
+def raster_decodes(path: Path, region: int, factor: int, reserve: bool) -> tuple[int, int]:
+    """(decodes, distinct stored tiles) for a raster grid of ``region`` px regions read
+    with a cache of 12 tiles, less than one stored row, before any reservation."""
+    with open_slide(path) as slide:
+        reader = StoredTileReader.open(str(path), slide.info)
+        reader.cache_bytes = 12 * 64 * 64 * 3 // factor**2
+        if reserve:
+            reader.reserve_raster(0, region, factor)
+        decoded: list[int] = []
+        decode = reader._decode
+        reader._decode = lambda lvl, index, out=None: (
+            decoded.append(index) or decode(lvl, index, out)
+        )
+        width, height = slide.info.dimensions
+        for y in range(0, height - region + 1, region):
+            for x in range(0, width - region + 1, region):
+                if factor == 1:
+                    got = reader.read_region((x, y), 0, (region, region))
+                    ref = slide.read_region_openslide((x, y), 0, (region, region))
+                else:
+                    got = reader.read_reduced((x, y), 0, (region, region), factor)
+                    ref = np.asarray(
+                        Image.fromarray(
+                            slide.read_region_openslide((x, y), 0, (region, region))
+                        ).reduce(factor)
+                    )
+                np.testing.assert_array_equal(got, ref)
+        reader.close()
+    return len(decoded), len(set(decoded))
+
+
+@pytest.mark.parametrize(("region", "factor"), [(56, 1), (112, 2)])
+def test_raster_reservation_decodes_each_stored_tile_once(wide_slide, region, factor):
+    # Unaligned regions (56 px on 64 px tiles; 112 px reduced by 2): each grid row spans
+    # two or three stored rows and the next grid row reuses the last. A cache smaller
+    # than those rows decodes tiles again; reserve_raster sizes it from the level's width.
+    decodes, distinct = raster_decodes(wide_slide, region, factor, reserve=False)
+    assert decodes > 1.3 * distinct  # the thrash the reservation exists for
+    decodes, distinct = raster_decodes(wide_slide, region, factor, reserve=True)
+    assert decodes == distinct
+
+
+def test_reservation_is_capped_and_never_shrinks(wide_slide):
+    from cscvision.slides import fastread
+
+    with open_slide(wide_slide) as slide:
+        reader = StoredTileReader.open(str(wide_slide), slide.info)
+        floor = reader.cache_bytes
+        reader.reserve_raster(0, 56)
+        assert reader.cache_bytes == floor  # 2 rows of 42 small tiles: far under the floor
+        reader.reserve_raster(0, 10**7)
+        assert reader.cache_bytes == fastread.CACHE_MAX_BYTES
+        reader.reserve_raster(0, 56)
+        assert reader.cache_bytes == fastread.CACHE_MAX_BYTES
+        reader.close()
+
+
+def test_slide_reserves_for_the_plans_reduced_tiles(wide_slide):
+    with open_slide(wide_slide) as slide:
+        slide._fast.cache_bytes = 0
+        plan = plan_read(slide.info, mpp=1.0, tile_px=56)  # the slide is 0.5 µm/px
+        assert (plan.level, plan.read_px) == (0, 112)
+        slide.reserve_raster(plan)
+        # 112 px regions span up to 3 stored rows; 42 tiles each, reduced to 32 x 32 x 3.
+        assert slide._fast.cache_bytes == 3 * 42 * 32 * 32 * 3
 
 
 def regions_and_refs(path: Path, n: int):

@@ -130,6 +130,7 @@ class TileBatches(Dataset):
             return self.ready.pop(index)
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.slide_mpp)
+            self._slide.reserve_raster(self.plan)  # batches follow the grid's raster order
         start = index * self.batch_size
         xy = self.xy_l0[start : start + self.batch_size]
         image = self._read_on_device(xy) if self.decode_device is not None else None

@@ -35,9 +35,11 @@ from cscvision.slides.storedtiles import (
 FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
 
 # Decoded stored tiles kept per reader, in bytes: 256 tiles of 256 px. A grid read in
-# raster order reuses a stored tile across grid rows only while a whole row of stored
-# tiles fits (80 tiles for a 20k px wide level); within a grid row, 4 tiles suffice.
+# raster order reuses a stored tile across grid rows only while the stored rows a grid row
+# spans fit (2 x 80 tiles for a 20k px wide level); within a grid row, 4 tiles suffice.
+# Raster readers call reserve_raster, which grows it for wider levels up to the cap.
 CACHE_BYTES = 48 * 2**20
+CACHE_MAX_BYTES = 512 * 2**20  # 2 rows of 256 px tiles across a 330k px wide level
 MIN_CACHE_TILES = 8  # of the largest stored tile, whatever cache_bytes says
 
 
@@ -126,6 +128,23 @@ class StoredTileReader:
         self._fd = -1
         self._pid = -2  # never a real pid: a read after close reopens nothing
         self._cache, self._cached_bytes = OrderedDict(), 0
+
+    def reserve_raster(self, level: int, region_h: int, factor: int = 1) -> None:
+        """Grow the cache to what a raster-order grid of ``region_h`` level pixels high
+        regions on ``level`` revisits (read reduced by ``factor`` where whole), so each
+        stored tile is decoded once: every stored row such a region can span, across the
+        level, since the next grid row reuses the last of them. On a 100k px wide level
+        that is ~150 MB (up to :data:`CACHE_MAX_BYTES`); without it a 48 MB cache decodes
+        each stored tile about twice there. Never shrinks; random reads should not call it.
+        """
+        lvl = self.levels[level] if 0 <= level < len(self.levels) else None
+        if lvl is None or region_h <= 0 or factor < 1:
+            return
+        rows = (int(region_h) - 1) // lvl.tile_h + 2
+        tile_bytes = (lvl.tile_w // factor) * (lvl.tile_h // factor) * 3
+        need = min(rows * (lvl.tiles_across + 2) * tile_bytes, CACHE_MAX_BYTES)
+        with self._lock:
+            self.cache_bytes = max(self.cache_bytes, need)
 
     # reading ---------------------------------------------------------------------------
     def read_region(

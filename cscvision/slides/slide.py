@@ -376,6 +376,16 @@ class Slide:
                 self._stale.append(failed)
                 self._osr = _open_backend(self.path)
 
+    def reserve_raster(self, plan: ReadPlan) -> None:
+        """Say a grid is about to be read with ``plan`` in raster order: the fast path's
+        cache then keeps the stored rows the next grid row reuses, so each stored tile is
+        decoded once even on levels 100k px wide (at the cost of up to a few hundred MB
+        there). Readers of random tiles should not call it."""
+        if self._fast is None:
+            return
+        factor, rest = divmod(plan.read_px, plan.tile_px)
+        self._fast.reserve_raster(plan.level, plan.read_px, factor if rest == 0 else 1)
+
     def read_tile(self, xy_l0: tuple[int, int], plan: ReadPlan) -> np.ndarray:
         """One tile of ``plan.tile_px`` at ``plan.mpp``, resized with antialiasing if needed.
 

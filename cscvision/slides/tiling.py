@@ -68,6 +68,7 @@ def export_tile_images(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     written = np.ones(len(grid), bool)
+    slide.reserve_raster(grid.plan)
     bar = tqdm(grid.xy_l0, desc=f"{grid.slide_id} tiles", unit="tile", leave=False)
     for k, (x, y) in enumerate(bar):
         try:
