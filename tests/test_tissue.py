@@ -76,6 +76,37 @@ def test_tissue_fraction_integral_image():
     assert frac.tolist() == pytest.approx([1.0, 0.2, 0.36, 0.0])
 
 
+def test_tissue_fraction_on_the_mask_lattice():
+    # Tiles whose corners sit on the mask's own 5 px lattice take the reduceat path: the
+    # same known answers as boxes, the tile over the edge counting only what is inside.
+    mask = np.zeros((12, 12), bool)
+    mask[0:5, 0:5] = True
+    mask[10:12, 10:12] = True
+    xy = np.array([[0, 0], [50, 0], [100, 100], [150, 0]])  # level-0 px, mask scale 0.1
+    frac = tissue_fraction(mask, 0.1, xy, tile_l0=50)
+    assert frac.tolist() == pytest.approx([1.0, 0.0, 0.16, 0.0])
+
+
+def test_lattice_counts_equal_integral_image_boxes():
+    from cscvision.core.geometry import box_sum, integral_image, lattice_counts
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((97, 131)) < 0.4
+    side = 14
+    row, col = (a.ravel() for a in np.mgrid[0:9, 0:12])  # past both edges
+    x, y = col * side, row * side
+    integral = integral_image(mask)
+    h, w = mask.shape
+    ref = box_sum(
+        integral,
+        np.clip(x, 0, w),
+        np.clip(y, 0, h),
+        np.clip(x + side, 0, w),
+        np.clip(y + side, 0, h),
+    )
+    np.testing.assert_array_equal(lattice_counts(mask, col, row, side), ref)
+
+
 def test_tissue_reaching_the_thumbnail_edge_keeps_its_edge_pixels():
     # Morphological closing must not erode the image border: slides (and crops such as
     # cmu_small_region) often have tissue up to the edge, and edge tiles would lose it.
@@ -132,6 +163,30 @@ def test_saturation_from_max_and_min_is_hsv_saturation():
     rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     code = rgb.max(axis=-1).astype(np.int64) * 256 + rgb.min(axis=-1)
     np.testing.assert_array_equal(table[code], color.rgb2hsv(rgb)[..., 1])
+
+
+def test_saturation_table_equals_rgb2hsv_on_every_max_min_pair():
+    top, low = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    pairs = np.stack([top, low, low], axis=-1).astype(np.uint8)
+    want = color.rgb2hsv(pairs)[..., 1]
+    want[low > top] = 0.0
+    np.testing.assert_array_equal(tissue._saturation_table(), want.ravel())
+
+
+def test_ink_rule_on_channel_differences_equals_its_definition():
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    grid = np.arange(0, 256, 3, dtype=np.uint8)  # near every threshold, both sides
+    r, g, b = np.meshgrid(grid, grid, grid, indexing="ij")
+    for image in (rgb, np.stack([r, g, b], axis=-1)):
+        r16, g16, b16 = (image[..., k].astype(np.int16) for k in range(3))
+        top, low = image.max(axis=-1), image.min(axis=-1)
+        want = (
+            ((g16 > r16 + 12) & (np.maximum(g16, b16) > r16 + 25))
+            | ((b16 > r16 + 45) & (b16 > g16 + 25) & (g16 >= r16 - 10))
+            | ((top < 50) & (top.astype(np.int16) - low < 18))
+        )
+        np.testing.assert_array_equal(ink_mask(image), want)
 
 
 def test_saturation_threshold_is_half_otsu_between_two_stains():

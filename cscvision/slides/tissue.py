@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage import color, filters, morphology
+from skimage import filters, morphology
+from skimage.util import img_as_float64
 
 from cscvision.core.geometry import tile_box_counts
 
@@ -37,7 +38,10 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
         rgb = np.clip(rgb.astype(np.float32), 1.0, 255.0)
         return -np.log(rgb / 255.0).sum(axis=-1)
     table = _density_table()
-    return table[rgb[..., 0]] + table[rgb[..., 1]] + table[rgb[..., 2]]
+    density = table[rgb[..., 0]]
+    density += table[rgb[..., 1]]  # in place: same sums, one float image fewer
+    density += table[rgb[..., 2]]
+    return density
 
 
 @functools.cache
@@ -49,11 +53,16 @@ def _density_table() -> np.ndarray:
 
 @functools.cache
 def _saturation_table() -> np.ndarray:
-    """HSV saturation by ``max * 256 + min`` of a pixel's channels, float64[65536], taken
-    from ``skimage.color.rgb2hsv`` itself, so thresholds compare exactly as on its output."""
+    """HSV saturation by ``max * 256 + min`` of a pixel's channels, float64[65536], with
+    ``skimage.color.rgb2hsv``'s own operations (``img_as_float``, ``ptp / max``, 0 where
+    ``ptp`` is), so thresholds compare exactly as on its output (tested), without its hue."""
+    levels = img_as_float64(np.arange(256, dtype=np.uint8))
     top, low = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
-    pairs = np.stack([top, low, low], axis=-1).astype(np.uint8)
-    table = color.rgb2hsv(pairs)[..., 1]
+    value = levels[top]
+    delta = value - levels[low]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table = delta / value
+    table[delta == 0.0] = 0.0
     table[low > top] = 0.0  # not a (max, min) pair
     return table.ravel()
 
@@ -74,10 +83,10 @@ def ink_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def _ink(r, g, b, top: np.ndarray, low: np.ndarray) -> np.ndarray:
-    r, g, b = (c.astype(np.int16) for c in (r, g, b))
-    green_teal = (g > r + 12) & (np.maximum(g, b) > r + 25)
-    blue = (b > r + 45) & (b > g + 25) & (g >= r - 10)  # haematoxylin has red > green
-    black = (top < 50) & (top - low < 18)
+    g_r, b_r, b_g = (np.subtract(u, v, dtype=np.int16) for u, v in ((g, r), (b, r), (b, g)))
+    green_teal = (g_r > 12) & ((g_r > 25) | (b_r > 25))  # g > r + 12, max(g, b) > r + 25
+    blue = (b_r > 45) & (b_g > 25) & (g_r >= -10)  # haematoxylin has red > green
+    black = (top < 50) & (top - low < 18)  # top >= low: no uint8 wrap-around
     return green_teal | blue | black
 
 
