@@ -23,7 +23,7 @@ For the resized case, (d) is the floor of any reader that reduces: (c) with each
 tile also box-reduced once (the same ``reduce_tile``), with no reading, caching or pasting.
 
     taskset -c 1 .venv/bin/python scripts/bench_tiling.py [--slide PATH] [--size W H] [--tiles 3000]
-        [--rounds 3] [--no-reserve]
+        [--rounds 3] [--no-reserve] [--into-batch]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ CASES = (
     Case("224 px @ 0.5 µm/px", 0.5, 224),
 )
 RESERVE = True  # as TileBatches does: the cache keeps the stored rows the next grid row reuses
+INTO_BATCH = False  # read_tile(..., out=slot of a 256-tile batch), as TileBatches does
 
 
 def write_bench_slide(path: Path, size: tuple[int, int] = (SLIDE_PX, SLIDE_PX)) -> None:
@@ -192,7 +193,13 @@ def interleaved_round(
             slide.reserve_raster(plan)
         read_tile = slide.read_tile
 
+        batch = np.empty((256, plan.tile_px, plan.tile_px, 3), np.uint8)
+
         def read(chunk: slice) -> None:
+            if INTO_BATCH:
+                for k, (x, y) in enumerate(xy[chunk]):
+                    read_tile((int(x), int(y)), plan, out=batch[k % len(batch)])
+                return
             for x, y in xy[chunk]:
                 read_tile((int(x), int(y)), plan)
 
@@ -303,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         "wide as a real slide, where a raster grid's stored rows outgrow a fixed cache)",
     )
     parser.add_argument(
+        "--into-batch",
+        action="store_true",
+        help="(a) writes each tile into a slot of a batch (read_tile out=), as infer does",
+    )
+    parser.add_argument(
         "--no-reserve",
         action="store_true",
         help="read without Slide.reserve_raster (the cache stays at its 48 MB floor)",
@@ -314,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         help="wall time, or this process's CPU time (robust where other jobs share the core)",
     )
     args = parser.parse_args(argv)
-    global clock, RESERVE
+    global clock, RESERVE, INTO_BATCH
     clock = CLOCKS[args.clock]
-    RESERVE = not args.no_reserve
+    RESERVE, INTO_BATCH = not args.no_reserve, args.into_batch
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with tempfile.TemporaryDirectory(prefix="cscvision-bench-") as tmp:

@@ -294,6 +294,39 @@ def test_slide_reserves_for_the_plans_reduced_tiles(wide_slide):
         assert slide._fast.cache_bytes == 3 * 42 * 32 * 32 * 3
 
 
+@pytest.mark.parametrize("name", ["generic", "aperio", "holey", "deflate"])
+def test_read_tile_into_out_equals_the_plain_read(slides, name):
+    # Aligned tiles are decoded straight into the slot; cached, unaligned, reduced and
+    # OpenSlide (deflate) reads are written into it: the same pixels as without ``out``.
+    with open_slide(slides[name]) as slide:
+        plans = [
+            plan_read(slide.info, mpp=m, tile_px=p) for m, p in ((0.5, 256), (0.5, 224), (1.0, 224))
+        ]
+        batch = np.zeros((6, 256, 256, 3), np.uint8)
+        for plan in plans:
+            side = plan.tile_px
+            slots = (
+                batch[:, :side, :side] if side == 256 else np.zeros((6, side, side, 3), np.uint8)
+            )
+            for k, xy in enumerate(
+                [(0, 0), (768, 256), (1000, 800), (768, 512), (30, 40), (256, 0)]
+            ):
+                want = slide.read_tile(xy, plan)
+                slot = slots[k]
+                assert slide.read_tile(xy, plan, out=slot) is slot
+                np.testing.assert_array_equal(slot, want)
+        with pytest.raises(ValueError, match="out must be uint8 256 x 256 x 3"):
+            slide.read_tile((0, 0), plans[0], out=np.zeros((224, 224, 3), np.uint8))
+
+
+def test_out_that_is_not_contiguous_is_still_filled(slides):
+    with open_slide(slides["generic"]) as slide:
+        plan = plan_read(slide.info, mpp=0.5, tile_px=256)
+        wide = np.zeros((256, 512, 3), np.uint8)
+        slide.read_tile((256, 256), plan, out=wide[:, ::2])
+        np.testing.assert_array_equal(wide[:, ::2], slide.read_tile((256, 256), plan))
+
+
 def regions_and_refs(path: Path, n: int):
     rng = np.random.default_rng(11)
     regions = [((int(x), int(y)), 0, (224, 224)) for x, y in rng.integers(0, 800, (n, 2))]

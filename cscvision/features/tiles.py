@@ -189,7 +189,7 @@ class TileBatches(Dataset):
     def _fill(self, image: np.ndarray, errors: dict, xy: np.ndarray, first: int, stop: int) -> None:
         for k in range(first, stop):
             try:
-                image[k] = self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan)
+                self._slide.read_tile((int(xy[k, 0]), int(xy[k, 1])), self.plan, out=image[k])
             except CorruptTileError as e:
                 image[k] = 0
                 errors[k] = e

@@ -43,6 +43,16 @@ CACHE_MAX_BYTES = 512 * 2**20  # 2 rows of 256 px tiles across a 330k px wide le
 MIN_CACHE_TILES = 8  # of the largest stored tile, whatever cache_bytes says
 
 
+def _fits(out: np.ndarray, size: tuple[int, int]) -> bool:
+    return (
+        isinstance(out, np.ndarray)
+        and out.dtype == np.uint8
+        and out.shape == (size[1], size[0], 3)
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    )
+
+
 class StoredTileError(Exception):
     """A stored tile's bytes cannot be read or decoded (the message names the tile)."""
 
@@ -148,19 +158,28 @@ class StoredTileReader:
 
     # reading ---------------------------------------------------------------------------
     def read_region(
-        self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
+        self,
+        xy_l0: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        out: np.ndarray | None = None,
     ) -> np.ndarray | None:
         """RGB uint8 ``[h, w, 3]`` equal to OpenSlide's region on white, or None.
 
-        Raises :class:`~cscvision.slides.info.CorruptTileError` (slide, level, ``xy_l0``)
-        where a stored tile it needs cannot be decoded."""
+        With ``out`` (C-contiguous uint8 ``[h, w, 3]``, e.g. a slot of a batch) the region
+        is written there and ``out`` returned: a region that is one stored tile is decoded
+        straight into it. Untouched where None is returned. Raises
+        :class:`~cscvision.slides.info.CorruptTileError` (slide, level, ``xy_l0``) where a
+        stored tile it needs cannot be decoded."""
+        if out is not None and not _fits(out, size):
+            raise ValueError(f"out must be C-contiguous uint8 {size[1]} x {size[0]} x 3")
         try:
-            return self._read_region(xy_l0, level, size)
+            return self._read_region(xy_l0, level, size, out)
         except StoredTileError as e:
             raise CorruptTileError(self.path, level, xy_l0, str(e)) from None
 
     def _read_region(
-        self, xy_l0: tuple[int, int], level: int, size: tuple[int, int]
+        self, xy_l0: tuple[int, int], level: int, size: tuple[int, int], out: np.ndarray | None
     ) -> np.ndarray | None:
         found = self._locate(xy_l0, level, size)
         if found is None:
@@ -168,8 +187,8 @@ class StoredTileReader:
         lvl, (x, y, w, h) = found
         if x % lvl.tile_w == 0 and y % lvl.tile_h == 0 and (w, h) == (lvl.tile_w, lvl.tile_h):
             if x + w <= lvl.width and y + h <= lvl.height:
-                return self._whole_tile(level, lvl, x // w, y // h)
-        return self._assemble(level, lvl, x, y, w, h)
+                return self._whole_tile(level, lvl, x // w, y // h, out)
+        return self._assemble(level, lvl, x, y, w, h, out)
 
     def read_reduced(
         self, xy_l0: tuple[int, int], level: int, size: tuple[int, int], factor: int
@@ -221,34 +240,49 @@ class StoredTileReader:
         self._ensure_process()
         return lvl, rect
 
-    def _whole_tile(self, level: int, lvl: StoredLevel, col: int, row: int) -> np.ndarray:
-        """A region that is exactly one stored tile: decode it straight for the caller."""
+    def _whole_tile(
+        self, level: int, lvl: StoredLevel, col: int, row: int, out: np.ndarray | None
+    ) -> np.ndarray:
+        """A region that is exactly one stored tile: decode it straight for the caller,
+        into ``out`` where given."""
         index = row * lvl.tiles_across + col
         with self._lock:
             cached = self._cache.get((level, index))
         if cached is not None:
-            return cached.copy()
-        return self._decode(lvl, index)
+            if out is None:
+                return cached.copy()
+            out[...] = cached
+            return out
+        if out is None:
+            return self._decode(lvl, index)
+        self._decode(lvl, index, out=out)
+        return out
 
-    def _assemble(self, level: int, lvl: StoredLevel, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def _assemble(
+        self, level: int, lvl: StoredLevel, x: int, y: int, w: int, h: int, out=None
+    ) -> np.ndarray:
         return self._paste(
             (x, y, w, h),
             (lvl.width, lvl.height),
             (lvl.tile_w, lvl.tile_h, lvl.tiles_across),
             lambda index: self._cached((level, index), lambda: self._decode(lvl, index)),
+            out,
         )
 
     @staticmethod
-    def _paste(rect, extent, tiling, tile_at) -> np.ndarray:
+    def _paste(rect, extent, tiling, tile_at, out=None) -> np.ndarray:
         """Region ``rect`` (x, y, w, h) of an image of ``extent`` (w, h) cut in tiles
         ``tiling`` (tile w, tile h, tiles across) that ``tile_at(index)`` returns; white
-        outside the image."""
+        outside the image. Written into ``out`` where given."""
         x, y, w, h = rect
         tw, th, across = tiling
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, extent[0]), min(y + h, extent[1])
         inside = (x0, y0, x1, y1) == (x, y, x + w, y + h)
-        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
+        if out is None:
+            out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
+        elif not inside:
+            out.fill(255)
         if x0 >= x1 or y0 >= y1:
             return out
         col0, row0 = x0 // tw, y0 // th

@@ -386,12 +386,29 @@ class Slide:
         factor, rest = divmod(plan.read_px, plan.tile_px)
         self._fast.reserve_raster(plan.level, plan.read_px, factor if rest == 0 else 1)
 
-    def read_tile(self, xy_l0: tuple[int, int], plan: ReadPlan) -> np.ndarray:
+    def read_tile(
+        self, xy_l0: tuple[int, int], plan: ReadPlan, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """One tile of ``plan.tile_px`` at ``plan.mpp``, resized with antialiasing if needed.
 
         A whole-factor reduction on the fast path reads stored tiles reduced once each
         (:meth:`StoredTileReader.read_reduced`): the same pixels as reducing the region.
+        With ``out`` (uint8 ``[tile_px, tile_px, 3]``, e.g. a slot of a batch) the tile is
+        written there and ``out`` returned; a tile that is one stored tile (an aligned grid
+        at a level's own µm/px) is then decoded straight into it, with no copy.
         """
+        if out is not None:
+            side = plan.tile_px
+            if out.shape != (side, side, 3) or out.dtype != np.uint8:
+                what = f"{out.dtype} {out.shape}"
+                raise ValueError(f"out must be uint8 {side} x {side} x 3, not {what}")
+            direct = out.flags.c_contiguous and out.flags.writeable
+            if self._fast is not None and plan.read_px == side and direct:
+                rgb = self._fast.read_region(xy_l0, plan.level, (side, side), out=out)
+                if rgb is not None:
+                    return out
+            out[...] = self.read_tile(xy_l0, plan)
+            return out
         factor, rest = divmod(plan.read_px, plan.tile_px)
         if self._fast is not None and factor >= 2 and rest == 0:
             size = (plan.read_px, plan.read_px)
