@@ -20,7 +20,7 @@ prediction is the label mean plus the sum of its tiles' contributions, plus the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,7 +77,6 @@ class MILSlideOutput:
     class_probs: dict[str, dict[str, float]]  # target → class → probability
     attention: np.ndarray  # float64[N], sums to 1
     contributions: np.ndarray  # float64[N, R], label units
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def predicted_class(self, target: str) -> str:
         probs = self.class_probs[target]

@@ -146,12 +146,12 @@ def train_mil(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     net = fit_mil(bags, scaled, settings)
     record = mil_record(cfg, labels, bags[0].features.shape[1], mean, sd)
     reference = encoder_reference(cfg, extractor, features_dir)
-    card = mil_card(cfg, record, reference, metrics, counts_of(bags, labels))
+    counts = counts_of(bags, labels)
+    card = mil_card(cfg, record, reference, metrics, counts)
     write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
     out_dir = export_model(net, card, cfg.export_dir)
     write_model_readme(card, out_dir)
-    summary = {"all": counts_of(bags, labels)}
-    return TrainResult(run_dir, out_dir, run_dir / "cv", metrics, {}, summary)
+    return TrainResult(run_dir, out_dir, run_dir / "cv", metrics, {}, {"all": counts})
 
 
 def counts_of(bags: Sequence[Bag], labels: SlideLabels) -> dict[str, int]:
