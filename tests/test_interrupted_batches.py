@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tissue_like
 
+from cscvision.core.guard import slide_lock
 from cscvision.core.io import read_csv
 from cscvision.testing import output_snapshot, write_pyramid
 from cscvision.training.backbones import get_model
@@ -61,15 +62,32 @@ def _temporaries(out: Path) -> list[Path]:
     return [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
+def _signalled_mid_batch(batch: dict, out: Path, started: str, held: str, signum: int
+                         ) -> tuple[subprocess.Popen, str]:  # fmt: skip
+    """An ``infer --wait`` run, sent ``signum`` once slide ``started`` has begun; the ended
+    process and its stderr.
+
+    The test holds the lock of slide ``held`` (a later one), so the run cannot finish before
+    the signal however fast or slow this machine is: at worst it waits there for the lock.
+    """
+    with slide_lock(out / held):
+        proc = subprocess.Popen(_cmd(batch, out, "--wait"), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / started).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert proc.poll() is None, proc.communicate()[1]
+            proc.send_signal(signum)
+            _, stderr = proc.communicate(timeout=120)  # a lost signal leaves it waiting: fails
+        finally:
+            proc.kill()
+    return proc, stderr
+
+
 def test_sigterm_mid_batch_then_rerun_gives_the_uninterrupted_outputs(batch, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(batch, out), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (out / "s1").exists() and time.monotonic() < deadline:  # s1 is being locked
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    proc, stderr = _signalled_mid_batch(batch, out, "s1", "s3", signal.SIGTERM)
     assert proc.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "re-run the same command to resume" in stderr
     assert "Traceback" not in stderr
@@ -84,13 +102,7 @@ def test_sigterm_mid_batch_then_rerun_gives_the_uninterrupted_outputs(batch, tmp
 
 def test_sigint_ends_the_batch_with_130(batch, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(batch, out), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (out / "s0").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    proc, stderr = _signalled_mid_batch(batch, out, "s0", "s2", signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert "stopped by SIGINT" in stderr and not _temporaries(out)
     assert (out / "results.csv").exists() and (out / "errors.csv").exists()
