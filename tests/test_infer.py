@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cscvision.core.geometry import area_fraction
+from cscvision.core.guard import slide_lock
 from cscvision.inference.predict import predict_grid, predict_slide
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
 from cscvision.outputs.slide_folder import write_slide_outputs
@@ -319,16 +320,18 @@ def test_batch_records_a_broken_slide_and_finishes_the_others(batch):
 
 def test_killed_run_resumes_to_identical_outputs(batch, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cscvision", "infer", *_args(batch, out)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    # Kill it as soon as it starts writing the second slide's outputs.
-    deadline = time.monotonic() + 120
-    while not (out / "s1").exists() and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # Holding s2's lock (the run waits for it), the run cannot end before it is killed.
+    with slide_lock(out / "s2"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cscvision", "infer", *_args(batch, out, "--wait")],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        # Kill it as soon as it starts writing the second slide's outputs.
+        deadline = time.monotonic() + 120
+        while not (out / "s1").exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert (out / "s0" / "summary.json").exists()
     assert not (out / "s2" / "summary.json").exists(), "the run finished before it was killed"
     again = _infer(_args(batch, out))
