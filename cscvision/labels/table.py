@@ -2,7 +2,8 @@
 
 ``<dir>/<slide_id>.labels.csv`` holds ``x, y`` (level-0 top-left corner of each tile), one
 column per target (a soft fraction in [0, 1] or a continuous score; empty = unknown), and
-optional ``weight`` and ``valid`` (0/1; 0 = excluded, counted but not trained on). The
+optional ``weight`` (≥ 0: each tile's share of the training loss, 1 if absent) and
+``valid`` (0/1; 0 = excluded, counted but not trained on). The
 sidecar ``<slide_id>.labels.json`` says the tile px and µm/px the tiles are defined at,
 the source ("annotations", "ihc", "st", ...) and how the table was made (provenance).
 """
@@ -180,6 +181,11 @@ def read_label_table(path: str | Path) -> LabelTable:
         raise LabelTableError(f"{path}: x and y must be integer level-0 pixels")
     values = np.stack([_numbers(path, t, cols[t], blank_ok=True) for t in targets], axis=1)
     weight = _numbers(path, "weight", cols["weight"], blank_ok=False) if "weight" in cols else None
+    if weight is not None and len(bad := np.flatnonzero(~(np.isfinite(weight) & (weight >= 0)))):
+        raise LabelTableError(
+            f"{path}: line {bad[0] + 2}: weight {cols['weight'][bad[0]].strip()!r} must be a "
+            "finite number ≥ 0 (a tile's share of the training loss; 0 = not learned from)"
+        )
     valid = _numbers(path, "valid", cols["valid"], blank_ok=False) if "valid" in cols else None
     return LabelTable(
         slide_id=str(meta["slide_id"]),

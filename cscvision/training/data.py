@@ -48,6 +48,7 @@ __all__ = [
     "prepare_cohort",
     "prepare_slide",
     "sample_weights",
+    "stacked_weights",
     "subsample",
 ]
 
@@ -71,7 +72,8 @@ class TileBatchDataset(Dataset):
 
     Holds paths, read plans and coordinates only; slides are opened lazily by the process
     that reads (each DataLoader worker) and kept in a small per-process LRU. Batches number
-    slide ``i`` of ``sources`` as ``first_index + i`` (``slide_idx``).
+    slide ``i`` of ``sources`` as ``first_index + i`` (``slide_idx``). With ``weights``
+    (float32[N], a tile-label table's sample weights) batches carry ``"weight"`` too.
     """
 
     def __init__(
@@ -81,11 +83,14 @@ class TileBatchDataset(Dataset):
         xy_l0: np.ndarray,
         targets: np.ndarray,
         *,
+        weights: np.ndarray | None = None,
         first_index: int = 0,
         max_open: int = 32,
     ):
         if not len(slide_idx) == len(xy_l0) == len(targets):
             raise ValueError("slide_idx, xy_l0 and targets need one row per tile")
+        if weights is not None and len(weights) != len(xy_l0):
+            raise ValueError("weights need one value per tile")
         sizes = {s.plan.tile_px for s in sources}
         if len(sizes) > 1:
             raise ValueError(f"all slides must give tiles of one size, got {sorted(sizes)}")
@@ -93,6 +98,7 @@ class TileBatchDataset(Dataset):
         self.slide_idx = np.asarray(slide_idx, np.int64)
         self.xy_l0 = np.asarray(xy_l0, np.int64).reshape(-1, 2)
         self.targets = np.asarray(targets, np.float32)
+        self.weights = None if weights is None else np.asarray(weights, np.float32)
         self.tile_px = sizes.pop() if sizes else 0
         self.first_index = first_index
         self.max_open = max_open
@@ -112,6 +118,7 @@ class TileBatchDataset(Dataset):
             np.concatenate([np.full(len(s), i, np.int64) for i, s in enumerate(slides)]),
             np.concatenate([s.xy_l0 for s in slides]),
             np.concatenate([s.targets for s in slides]),
+            weights=stacked_weights(slides),
             first_index=first_index,
         )
 
@@ -151,13 +158,24 @@ class TileBatchDataset(Dataset):
         for j, i in enumerate(idx):
             s = int(self.slide_idx[i])
             images[j] = self._slide(s).read_tile(tuple(self.xy_l0[i]), self.sources[s].plan)
-        return {
+        batch = {
             # NHWC storage viewed as NCHW: the channels_last memory format, without a copy.
             "image": torch.from_numpy(images).permute(0, 3, 1, 2),
             "xy": torch.from_numpy(self.xy_l0[idx]),
             "target": torch.from_numpy(self.targets[idx]),
             "slide_idx": torch.from_numpy(self.slide_idx[idx] + self.first_index),
         }
+        if self.weights is not None:
+            batch["weight"] = torch.from_numpy(self.weights[idx])
+        return batch
+
+
+def stacked_weights(slides: Sequence[SlideTiles]) -> np.ndarray | None:
+    """The sample weights of the tiles of ``slides`` in order, or None when no slide's
+    labels carry any (every tile counts once)."""
+    if all(s.weight is None for s in slides):
+        return None
+    return np.concatenate([s.weights() for s in slides])
 
 
 def pass_batch(batch: Any) -> Any:
@@ -276,4 +294,8 @@ def split_summary(
             "tiles": len(targets),
             "positive_tiles": [int(v) for v in (targets >= 0.5).sum(axis=0)],
         }
+        weights = stacked_weights(tiles)
+        if weights is not None:  # the table's weights, as training counts them
+            out[split]["tile_weight_sum"] = float(weights.sum())
+            out[split]["zero_weight_tiles"] = int((weights == 0).sum())
     return out

@@ -37,6 +37,7 @@ from cscvision.training.data import (
     pass_batch,
     sample_weights,
     split_summary,
+    stacked_weights,
 )
 
 if TYPE_CHECKING:
@@ -114,24 +115,28 @@ def _merged(
 class FeatureTiles(Dataset):
     """Stored features of many slides; ``__getitems__`` returns a whole batch."""
 
-    def __init__(self, features, xy_l0, targets, slide_idx) -> None:
+    def __init__(self, features, xy_l0, targets, slide_idx, weights=None) -> None:
         self.features = torch.as_tensor(np.asarray(features, np.float32))
         self.xy_l0 = torch.as_tensor(np.asarray(xy_l0, np.int64).reshape(-1, 2))
         self.targets = np.asarray(targets, np.float32)
         self._targets = torch.as_tensor(self.targets)
         self.slide_idx = torch.as_tensor(np.asarray(slide_idx, np.int64))
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return {
+        batch = {
             "features": self.features[idx],
             "xy": self.xy_l0[idx],
             "target": self._targets[idx],
             "slide_idx": self.slide_idx[idx],
         }
+        if self.weights is not None:
+            batch["weight"] = self.weights[idx]
+        return batch
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -165,6 +170,7 @@ class FeatureDataModule(L.LightningDataModule):
                 np.concatenate(
                     [np.full(len(t), first + i) for i, t in enumerate(tiles)] or [np.zeros(0)]
                 ),
+                stacked_weights(tiles),
             )
             self.slide_ids += [t.slide_id for t in tiles]
 

@@ -1,11 +1,14 @@
 """The training system: ``TileClassifier`` holds a tile network and trains it on soft targets.
 
 Loss: BCE-with-logits on soft targets (fractions of each tile's tissue per target), with an
-optional ``pos_weight``. Metrics per target, at tile and slide level, on validation and test:
-AUROC, average precision, and F1 at the threshold that maximises F1 on validation. Soft
-targets are binarised at 0.5 for metrics; a slide is positive when its mean target fraction
-exceeds ``slide_cutoff``. Predictions are gathered across DDP ranks by a torchmetrics state
-(each tile once, whatever the world size), and the evaluation loss is computed from them.
+optional ``pos_weight``, averaged over targets and then over tiles, each tile counted by its
+sample weight where batches carry one (``"weight"``: a tile-label table's column). Metrics
+per target, at tile and slide level, on validation and test: AUROC, average precision, and
+F1 at the threshold that maximises F1 on validation; they count every held-out tile once,
+whatever its weight. Soft targets are binarised at 0.5 for metrics; a slide is positive
+when its mean target fraction exceeds ``slide_cutoff``. Predictions are gathered across DDP
+ranks by a torchmetrics state (each tile once, whatever the world size), and the evaluation
+loss is computed from them.
 """
 
 from __future__ import annotations
@@ -166,6 +169,15 @@ def evaluate(
     return out
 
 
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-tile ``values`` [B], each counted ``weight`` [B] times (a tile-label
+    table's ``weight`` column): Σ w·v / Σ w, 0 for a batch whose weights are all 0."""
+    if weight is None:
+        return values.mean()
+    weight = weight.to(values)
+    return (weight * values).sum() / weight.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
 class TileClassifier(L.LightningModule):
     """A tile network (``net``, from :func:`~cscvision.training.backbones.get_model`), trained.
 
@@ -251,14 +263,17 @@ class TileClassifier(L.LightningModule):
         """Logits [B, T] for a uint8 batch (no augmentation)."""
         return self.net(self.prepare_images(image, train=False))
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(
-            logits.float(), target.float(), pos_weight=self.pos_weight
-        )
+    def _loss(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        per_tile = nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), target.float(), pos_weight=self.pos_weight, reduction="none"
+        ).mean(dim=1)
+        return weighted_mean(per_tile, weight)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.net(self.prepare_images(batch["image"], train=True))
-        loss = self._loss(logits, batch["target"])
+        loss = self._loss(logits, batch["target"], batch.get("weight"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cscvision.training.lit import TileClassifier, TilePredictions
+from cscvision.training.lit import TileClassifier, TilePredictions, weighted_mean
 
 LOSSES = ("mse", "pearson")
 TASKS = ("classification", "regression", "mil")
@@ -32,11 +32,19 @@ def standardise_stats(targets: np.ndarray) -> tuple[list[float], list[float]]:
     return t.mean(axis=0).tolist(), np.maximum(t.std(axis=0), 1e-6).tolist()
 
 
-def pearson_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 − Pearson correlation per column, averaged over columns."""
-    p = pred - pred.mean(dim=0, keepdim=True)
-    t = target - target.mean(dim=0, keepdim=True)
-    r = (p * t).sum(dim=0) / (p.norm(dim=0) * t.norm(dim=0)).clamp_min(1e-8)
+def pearson_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 − Pearson correlation per column, averaged over columns; with ``weight`` [B], the
+    weighted correlation (weighted means, covariance and variances)."""
+    w = torch.ones(len(pred), 1, dtype=pred.dtype, device=pred.device)
+    if weight is not None:
+        w = weight.to(pred).reshape(-1, 1)
+    w = w / w.sum().clamp_min(torch.finfo(pred.dtype).tiny)
+    p = pred - (w * pred).sum(dim=0, keepdim=True)
+    t = target - (w * target).sum(dim=0, keepdim=True)
+    cov = (w * p * t).sum(dim=0)
+    r = cov / ((w * p * p).sum(dim=0) * (w * t * t).sum(dim=0)).sqrt().clamp_min(1e-8)
     return (1 - r).mean()
 
 
@@ -144,11 +152,14 @@ class TileRegressor(TileClassifier):
     def to_units(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.target_std + self.target_mean
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         z = (target.float() - self.target_mean) / self.target_std
         if self.hparams.loss == "pearson":
-            return pearson_loss(logits.float(), z)
-        return nn.functional.mse_loss(logits.float(), z)
+            return pearson_loss(logits.float(), z, weight)
+        squared = nn.functional.mse_loss(logits.float(), z, reduction="none").mean(dim=1)
+        return weighted_mean(squared, weight)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         values = self.to_units(self(batch["image"]).float())

@@ -61,9 +61,16 @@ class SlideTiles:
     targets: np.ndarray  # float32[N, T], fraction of the tile's tissue in each target
     tissue: np.ndarray  # float32[N]
     n_excluded: int = 0  # label-table rows dropped (valid == 0 or a target unknown)
+    weight: np.ndarray | None = None  # float32[N] sample weights (a table's column); None = 1
 
     def __len__(self) -> int:
         return len(self.xy_l0)
+
+    def weights(self) -> np.ndarray:
+        """float32[N]: each tile's sample weight, 1 where the labels carry none."""
+        if self.weight is None:
+            return np.ones(len(self), np.float32)
+        return np.asarray(self.weight, np.float32)
 
 
 # --- labelling and caching ---------------------------------------------------------------------
@@ -235,7 +242,8 @@ def table_tiles(
     mpp_override: float | None = None,
 ) -> SlideTiles:
     """The tiles of ``entry``'s tile-label table: rows with ``valid == 0`` or an unknown (NaN)
-    target are dropped and counted; values outside [0, 1] are kept (regression targets)."""
+    target are dropped and counted; values outside [0, 1] are kept (regression targets); a
+    ``weight`` column becomes the tiles' sample weights."""
     path = entry.label_path
     try:
         table = read_label_table(path)
@@ -268,6 +276,7 @@ def table_tiles(
         targets=values[keep].astype(np.float32),
         tissue=np.ones(int(keep.sum()), np.float32),
         n_excluded=int((~keep).sum()),
+        weight=None if table.weight is None else table.weight[keep].astype(np.float32),
     )
 
 
@@ -362,5 +371,9 @@ def subsample(tiles: SlideTiles, max_tiles: int | None, seed: int) -> SlideTiles
     rng = np.random.default_rng([seed, salt])
     keep = np.sort(rng.choice(len(tiles), size=max_tiles, replace=False))
     return dataclasses.replace(
-        tiles, xy_l0=tiles.xy_l0[keep], targets=tiles.targets[keep], tissue=tiles.tissue[keep]
+        tiles,
+        xy_l0=tiles.xy_l0[keep],
+        targets=tiles.targets[keep],
+        tissue=tiles.tissue[keep],
+        weight=None if tiles.weight is None else tiles.weight[keep],
     )
