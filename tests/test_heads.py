@@ -180,3 +180,21 @@ def test_linear_head_on_demo_cnn_features_reaches_auroc_09_on_held_out_patients(
     test = result.metrics["test"]
     assert result.summary["test"]["patients"] == 2
     assert test["auroc_stemness"] >= 0.9 and test["auroc_immunosuppressive"] >= 0.9, test
+
+
+def test_a_regression_head_predicts_in_score_units():
+    """Known answer: the head's standardised output z becomes mean + std · z."""
+    from cscvision.training.heads import HeadRegressor
+
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    module = HeadRegressor(net=head, targets=("a", "b"), target_mean=[10.0, -1.0],
+                           target_std=[2.0, 0.5], augment="none")  # fmt: skip
+    z = torch.tensor([[0.0, 1.0], [1.5, -2.0]])
+    batch = {"features": z, "xy": torch.zeros(2, 2), "slide_idx": torch.zeros(2)}
+    with torch.no_grad():  # as in Trainer.predict
+        values = module.predict_step(batch, 0)["probs"]
+    np.testing.assert_allclose(values.numpy(), [[10.0, -0.5], [13.0, -2.0]])
+    target = torch.tensor([[12.0, -1.0], [13.0, -2.0]])  # z [[1, 0], [1.5, -2]]: row 0 off by 1
+    assert float(module._loss(z, target)) == pytest.approx(0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from cscvision.synth import write_cohort
 from cscvision.training.export import load_model
 from cscvision.training.regression import pearson
 from cscvision.training.train import load_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spot_predictions(model, slide_path, table) -> np.ndarray:
@@ -82,3 +85,47 @@ def test_regression_learns_panel_scores_and_writes_continuous_outputs(tmp_path):
         if '"objectType"' in line
     }
     assert kinds == {"tile"}
+
+
+@pytest.mark.slow
+def test_a_regression_head_on_stored_features_learns_panel_scores(tmp_path):
+    """task: regression with model.encoder: spot tiles at the encoder's geometry, a linear
+    head on demo-cnn features, exported with its encoder and scored through it."""
+    torch.set_num_threads(1)
+    cohort = write_cohort(
+        tmp_path / "c", n_slides=6, n_patients=6, size_px=2560, seed=5, visium=True
+    )
+    panels = tmp_path / "panels.yaml"
+    panels.write_text("tile_px: 224\nmpp: 0.5\n")  # demo-cnn's tiles
+    labels = tmp_path / "labels"
+    args = ["labels", "st", str(cohort), "--panels", str(panels), "--out", str(labels)]
+    assert cli_main(args) == 0
+    weights = ROOT / "models" / "demo-synthetic" / "model.safetensors"
+    cfg = load_config(
+        None,
+        [
+            f"cohort.csv={labels / 'cohort.csv'}", "task=regression", "name=st_head",
+            f"run_dir={tmp_path / 'run'}", f"export_dir={tmp_path / 'model'}",
+            "grid.mask_mpp=8.0", "threads=1", "model.encoder=demo-cnn",
+            f"model.weights={weights}", "model.head=linear",
+            f"model.features_dir={tmp_path / 'features'}",
+            "cohort.split_fractions=[0.5,0.25,0.25]", "data.batch_size=32",
+            "data.num_workers=0", "optim.lr=0.01", "trainer.max_epochs=30",
+            "trainer.accelerator=cpu", "trainer.precision=32-true", "regression.bootstrap=100",
+            "card.synthetic=true",
+        ],
+    )  # fmt: skip
+    result = train(cfg, progress=False)
+    assert {"pearson_stemness", "pearson_immunosuppressive"} <= set(result.metrics["test"])
+    model = load_model(result.model_dir)
+    card = model.card
+    assert card.task == "regression" and card.encoder["name"] == "demo-cnn"
+    assert set(card.output_scale) == {"mean", "std"} and result.thresholds == {}
+    splits = dict(
+        r.split(",")[::2] for r in (tmp_path / "run" / "splits.csv").read_text().split()[1:]
+    )
+    slide_id = sorted(s for s, split in splits.items() if split == "train")[0]
+    table = read_label_table(labels / f"{slide_id}.labels.csv")
+    predicted = _spot_predictions(model, cohort.parent / f"{slide_id}.tiff", table)
+    for j, target in enumerate(table.targets):
+        assert pearson(predicted[:, j], table.values[:, j]) > 0.5, target

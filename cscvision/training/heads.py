@@ -5,7 +5,8 @@ The encoder is frozen: each training tile is embedded once into the slide's feat
 the tile with the same encoder and weights), and only a small head (``linear`` or
 ``mlp``) is trained on the stored features, with the same labels, splits, loss, metrics,
 thresholds and export as a tile CNN (:class:`HeadClassifier` is a
-:class:`~cscvision.training.lit.TileClassifier` whose batches carry features, not images).
+:class:`~cscvision.training.lit.TileClassifier` whose batches carry features, not images;
+:class:`HeadRegressor` the same for ``task: regression``).
 
 The exported folder holds the head's weights; its card names the encoder (registry name,
 sha256 of the weights file, the file used in training). :func:`load_head_net` joins the
@@ -26,6 +27,7 @@ from cscvision.features.encoders import Encoder, FeaturesUnavailable, file_sha25
 from cscvision.features.registry import EncoderError, EncoderSpec, get_encoder_spec
 from cscvision.training.card import ModelCard, ModelError
 from cscvision.training.lit import TileClassifier
+from cscvision.training.regression import TileRegressor
 
 HEADS = ("linear", "mlp")
 MLP_HIDDEN = 256
@@ -64,7 +66,7 @@ class HeadClassifier(TileClassifier):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.net(batch["features"].float())
-        loss = self._loss(logits, batch["target"])
+        loss = self._loss(logits, batch["target"], batch.get("weight"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
@@ -75,6 +77,15 @@ class HeadClassifier(TileClassifier):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         probs = torch.sigmoid(self.net(batch["features"].float()).float())
         return {"xy": batch["xy"], "slide_idx": batch["slide_idx"], "probs": probs}
+
+
+class HeadRegressor(HeadClassifier, TileRegressor):
+    """A :class:`~cscvision.training.regression.TileRegressor` (standardised outputs, MSE or
+    Pearson loss, metrics over patients) over batches of stored features."""
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        values = self.to_units(self.net(batch["features"].float()).float())
+        return {"xy": batch["xy"], "slide_idx": batch["slide_idx"], "probs": values}
 
 
 def load_head_net(

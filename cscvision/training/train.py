@@ -100,8 +100,6 @@ def train(
     if cfg.task == "classification":
         require_positives(by_split["train"], entries, class_map, targets)
     if cfg.model.encoder:  # a head on stored features (features extracted where missing)
-        if cfg.task != "classification":
-            raise TrainError("model.encoder: heads on stored features are classification only")
         dm, module, encoder = head_pieces(cfg, targets, by_split, run_dir, progress)
     else:
         dm, encoder = _datamodule(cfg, by_split), {}
@@ -338,7 +336,8 @@ def _evaluate(
     module.load_state_dict(state)
     module.calibration = {}
     metrics = {"val": _strip(trainer.validate(module, datamodule=dm, verbose=False), "val")}
-    if "val" not in module.last_predictions and method != "none":
+    calibrated = not isinstance(module, TileRegressor) and method != "none"  # probabilities
+    if "val" not in module.last_predictions and calibrated:
         log.warning(
             "calibration skipped: this process did not see the validation predictions "
             "(trainer.strategy ddp_spawn keeps them in its workers); use strategy ddp"
