@@ -157,3 +157,59 @@ def test_workers_hold_results_in_order(runs):
     assert [r.split(",")[0] for r in rows] == [*SLIDES, "broken"]
     probs = np.loadtxt(runs["root"] / "ray" / "s0" / "tiles.csv", delimiter=",", skiprows=1)
     assert len(probs) > 10 and np.isfinite(probs).all()
+
+
+# --- cscvision features --ray ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def feature_runs(batch, ray_local, tmp_path_factory) -> dict:
+    """``cscvision features`` on the batch, once locally and once on Ray."""
+    pytest.importorskip("h5py")
+    from cscvision.features.encoders import save_random_weights
+
+    root = tmp_path_factory.mktemp("rayfeatures")
+    weights = save_random_weights("test-vit-tiny", root / "tiny.safetensors")
+
+    def features(out: Path, *extra: str) -> int:
+        return main(["features", *map(str, batch["slides"]), "--encoder", "test-vit-tiny",
+                     "--weights", str(weights), "--out", str(out), "--workers", "0",
+                     "--threads", "1", *extra])  # fmt: skip
+
+    codes = {"local": features(root / "local"), "ray": features(root / "ray", "--ray")}
+    return {"root": root, "codes": codes, "features": features}
+
+
+def test_features_on_ray_writes_the_stores_of_the_local_path(feature_runs):
+    from cscvision.features.store import read_feature_store
+
+    assert feature_runs["codes"] == {"local": 1, "ray": 1}  # the broken slide fails on both
+    local, ray = feature_runs["root"] / "local", feature_runs["root"] / "ray"
+    for name in SLIDES:
+        a, b = read_feature_store(local / f"{name}.h5"), read_feature_store(ray / f"{name}.h5")
+        assert len(a) > 0 and a.slide_id == b.slide_id == name
+        np.testing.assert_array_equal(a.xy_l0, b.xy_l0)
+        np.testing.assert_array_equal(a.features, b.features)
+        assert (a.encoder, a.weights_sha256, a.grid) == (b.encoder, b.weights_sha256, b.grid)
+
+    def rows(out: Path) -> list[list[str]]:  # paths aside (each run its own --out)
+        lines = (out / "results.csv").read_text().splitlines()[1:]
+        return [[c for k, c in enumerate(line.split(",")) if k not in (1, 5)] for line in lines]
+
+    assert rows(ray) == rows(local)
+    assert [r[:2] for r in rows(ray)] == [
+        ["s0", "done"], ["s1", "done"], ["s2", "done"], ["broken", "failed"]
+    ]  # fmt: skip
+    errors = (ray / "errors.csv").read_text().splitlines()
+    assert len(errors) == 2 and errors[1].startswith("broken,") and "broken.tif" in errors[1]
+
+
+def test_features_on_ray_resume_skips_complete_stores(feature_runs, tmp_path, capsys):
+    out = tmp_path / "resume"
+    shutil.copytree(feature_runs["root"] / "ray", out)
+    (out / "s1.h5").unlink()  # s1 never finished
+    kept = (out / "s0.h5").stat().st_mtime_ns
+    capsys.readouterr()
+    assert feature_runs["features"](out, "--ray") == 1
+    assert "1 done, 2 skipped (complete), 1 failed" in capsys.readouterr().out
+    assert (out / "s0.h5").stat().st_mtime_ns == kept and (out / "s1.h5").exists()

@@ -1,17 +1,27 @@
-"""Flags shared by the commands that read slides."""
+"""Flags shared by the commands that read slides, and the driver of their ``--ray`` batches."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from cscvision.core.io import check_writable
 from cscvision.core.validate import Flags, check_flags
-from cscvision.slides.batch import SlideJob, collect_inputs, make_jobs, parse_shard, shard_jobs
+from cscvision.slides.batch import (
+    BatchReport,
+    SlideJob,
+    collect_inputs,
+    make_jobs,
+    parse_shard,
+    shard_jobs,
+)
 from cscvision.slides.info import DECODERS, MPP_RANGE
 from cscvision.slides.slide import load_mpp_overrides
 
@@ -124,3 +134,95 @@ def corrupt_tiles_line(out: Path, slide_ids: Iterable[str], record: str) -> str 
         f"corrupt tiles skipped: {sum(counts.values())} in {len(counts)} slide(s) ({each}); "
         f"their level-0 x, y are in OUT/<slide_id>/{record} (corrupt_tiles)"
     )
+
+
+def add_ray_args(p: argparse.ArgumentParser, *, holds: str = "the model") -> None:
+    """``--ray [ADDRESS]``, ``--ray-workers``, ``--ray-cpus`` (``infer``, ``features``)."""
+    g = p.add_argument_group(
+        'Ray cluster (optional extra: pip install "cscvision[ray]")',
+        f"Slides are spread over Ray workers, each holding {holds} once. On a cluster, "
+        "--out and the slides must be on a filesystem every node sees at the same path "
+        "(workers write their slides' outputs under OUT themselves); the driver skips "
+        "complete slides and writes results.csv and errors.csv.",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: no ADDRESS (or local) starts Ray on this machine; 'auto' joins "
+        "the cluster of this node; ray://HEAD:10001 (Ray Client) or HEAD:6379 joins that one. "
+        "Put a bare --ray after the slides (else it takes the next word as ADDRESS)",
+    )
+    g.add_argument(
+        "--ray-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Ray workers (default: one per GPU of the cluster, else cluster CPUs / --ray-cpus)",
+    )
+    g.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs each worker reserves and gives the model as threads (default 1); "
+        "--workers reader threads come on top",
+    )
+
+
+class RayFlags(Flags):
+    """The ``--ray-*`` counts, checked before any slide is read."""
+
+    ray_workers: int | None = Field(None, ge=1)
+    ray_cpus: int = Field(1, ge=1)
+
+
+def run_on_ray(
+    args: argparse.Namespace,
+    jobs: list[SlideJob],
+    is_complete: Callable[[SlideJob], bool],
+    setup: Callable[..., Callable[[SlideJob], None]],
+    setup_args: Sequence[Any],
+    *,
+    command: str,
+) -> BatchReport | None:
+    """The batch on Ray workers running ``setup(*setup_args)``
+    (:func:`cscvision.inference.distributed.run_jobs_ray`); None, after saying why on
+    stderr, when it cannot start."""
+    from cscvision.inference import distributed
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report, no network
+    try:
+        distributed.import_ray()
+        owned = distributed.connect(args.ray)
+    except (distributed.RayUnavailable, distributed.DistributedError) as e:
+        print(f"cscvision {command}: {e}", file=sys.stderr)
+        return None
+    try:
+        import ray
+
+        plan = distributed.plan_workers(
+            ray.cluster_resources(),
+            device=args.device,
+            workers=args.ray_workers,
+            cpus_per_worker=args.ray_cpus,
+        )
+        print(f"{command}: {plan.describe()} on {args.ray}", file=sys.stderr)
+        return distributed.run_jobs_ray(
+            jobs,
+            is_complete,
+            setup,
+            setup_args,
+            plan=plan,
+            device=args.device,
+            overwrite=args.overwrite,
+            desc=command,
+        )
+    except (distributed.DistributedError, ValueError) as e:
+        print(f"cscvision {command}: {e}", file=sys.stderr)
+        return None
+    finally:
+        if owned:
+            distributed.disconnect()

@@ -56,7 +56,7 @@ def _versions() -> list[tuple[str, str]]:
 
 # What each extra brings; an extra without an entry here is described by its packages.
 EXTRA_FEATURES = {
-    "ray": "Ray clusters (cscvision infer --ray)",
+    "ray": "Ray clusters (cscvision infer/features --ray)",
     "features": "timm encoders and HDF5 feature stores",
     "viewer": "cscvision report and cscvision view (plots, local web server)",
     "dicom": "DICOM WSI conversion (wsidicomizer)",

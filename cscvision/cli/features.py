@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cscvision.cli.common import add_decode_arg, add_slide_args, check_decode, jobs_from_args
+from cscvision.cli.common import (
+    RayFlags,
+    add_decode_arg,
+    add_ray_args,
+    add_slide_args,
+    check_decode,
+    jobs_from_args,
+    run_on_ray,
+)
+from cscvision.core.validate import check_flags
 from cscvision.inference.settings import READERS
 
 if TYPE_CHECKING:
@@ -44,7 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and write OUT/<slide_id>.h5 (xy_l0 int32[N,2], features float16[N,D], the "
             "encoder, weights sha256 and grid as attributes), plus OUT/results.csv and "
             "OUT/errors.csv. Weights come only from a local file; nothing is downloaded. "
-            "Slides whose store is complete for this encoder and weights are skipped."
+            "Slides whose store is complete for this encoder and weights are skipped. "
+            "Locally, or with --ray on the workers of a Ray cluster."
         ),
     )
     add_slide_args(p)
@@ -64,6 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction of a tile")
     p.add_argument("--mask-mpp", type=float, default=8.0, help="µm/px of the tissue thumbnail")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model")
+    add_ray_args(p, holds="the encoder")
     p.set_defaults(func=run)
 
 
@@ -101,8 +112,11 @@ def _extractor(args: argparse.Namespace) -> FeatureExtractor:
     weights = resolve_weights(args.encoder, args.weights, args.weights_dir)
     encoder = load_encoder(args.encoder, weights)
     digest = file_sha256(weights)
-    extractor = FeatureExtractor(encoder, weights_sha256=digest, device=args.device, amp=args.amp)
-    check_decode(args.decode, extractor.device.type)
+    # With --ray the workers pick their own device; the driver's copy only travels to them.
+    device = "cpu" if args.ray else args.device
+    extractor = FeatureExtractor(encoder, weights_sha256=digest, device=device, amp=args.amp)
+    if not args.ray:
+        check_decode(args.decode, extractor.device.type)
     return extractor
 
 
@@ -111,6 +125,7 @@ def _settings(args: argparse.Namespace) -> ExtractSettings:
 
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
+    check_flags(RayFlags, ray_workers=args.ray_workers, ray_cpus=args.ray_cpus)
     if not 0 <= args.min_tissue <= 1:
         raise ValueError(f"--min-tissue {args.min_tissue}: a fraction in [0, 1]")
     return ExtractSettings(
@@ -126,7 +141,7 @@ def _settings(args: argparse.Namespace) -> ExtractSettings:
 
 def run(args: argparse.Namespace) -> int:
     from cscvision.features.encoders import FeaturesUnavailable
-    from cscvision.features.extract import extract_slide
+    from cscvision.features.extract import extract_slide, extraction_setup, store_path
     from cscvision.features.registry import EncoderError
     from cscvision.features.store import STORE_SUFFIX, store_matches
     from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
@@ -135,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
         jobs, shard = jobs_from_args(args)
+        if args.ray:
+            from cscvision.inference.distributed import import_ray
+
+            import_ray()  # before --out is made: without Ray nothing is written
         extractor = _extractor(args)
     except (
         FeaturesUnavailable,
@@ -152,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     wanted["mask_mpp"] = settings.mask_mpp
 
     def store_of(job: SlideJob) -> Path:
-        return out / f"{job.slide_id}{STORE_SUFFIX}"
+        return store_path(out, job.slide_id)
 
     def complete(job: SlideJob) -> bool:
         digest = extractor.weights_sha256
@@ -161,7 +180,15 @@ def run(args: argparse.Namespace) -> int:
     def process(job: SlideJob) -> None:
         extract_slide(job.slide_path, extractor, store_of(job), settings, slide_mpp=job.mpp)
 
-    report = run_batch(jobs, process, complete, overwrite=args.overwrite, desc="features")
+    if args.ray:
+        setup_args = (extractor.encoder, extractor.weights_sha256, str(out), settings)
+        report = run_on_ray(args, jobs, complete, extraction_setup, setup_args, command="features")
+        if report is None:
+            return 2
+        where = f"on Ray ({args.ray}), --decode {args.decode}"
+    else:
+        report = run_batch(jobs, process, complete, overwrite=args.overwrite, desc="features")
+        where = f"on {extractor.device}, --decode {args.decode}"
     errors = write_errors(out, report, shard)
     suffix = "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
     results = _write_results(out / f"results{suffix}.csv", jobs, report, store_of)
@@ -169,7 +196,6 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     print(f"per slide: {out}/<slide_id>{STORE_SUFFIX} ({spec.name}, {spec.dim} features per tile)")
     print(f"one row per slide: {results}")
-    where = f"on {extractor.device}, --decode {args.decode}"
     print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px {where}")
     return 1 if report.failed else 0
 

@@ -7,7 +7,6 @@ both run :func:`cscvision.inference.batch.infer_job` on each slide.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,15 +14,18 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from cscvision.cli.common import (
+    RayFlags,
     add_decode_arg,
     add_hardening_args,
+    add_ray_args,
     add_slide_args,
     check_batch_args,
     check_decode,
     corrupt_tiles_line,
     jobs_from_args,
+    run_on_ray,
 )
-from cscvision.core.validate import Flags, check_flags
+from cscvision.core.validate import check_flags
 from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
@@ -104,7 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_statistics_args(p)
     _add_decode_args(p)
     add_hardening_args(p)
-    _add_ray_args(p)
+    add_ray_args(p)
     p.set_defaults(func=run)
 
 
@@ -175,47 +177,10 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-class RunFlags(Flags):
+class RunFlags(RayFlags):
     """``cscvision infer`` flags that are not :class:`InferSettings`."""
 
     threads: int | None = Field(None, ge=1, le=1024)
-    ray_workers: int | None = Field(None, ge=1)
-    ray_cpus: int = Field(1, ge=1)
-
-
-def _add_ray_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        'Ray cluster (optional extra: pip install "cscvision[ray]")',
-        "Slides are spread over Ray workers, each holding the model once. On a cluster, "
-        "--out and the slides must be on a filesystem every node sees at the same path "
-        "(workers write OUT/<slide_id>/ themselves); the driver skips complete slides and "
-        "writes results.csv and errors.csv.",
-    )
-    g.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="run on Ray: no ADDRESS (or local) starts Ray on this machine; 'auto' joins "
-        "the cluster of this node; ray://HEAD:10001 (Ray Client) or HEAD:6379 joins that one. "
-        "Put a bare --ray after the slides (else it takes the next word as ADDRESS)",
-    )
-    g.add_argument(
-        "--ray-workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="Ray workers (default: one per GPU of the cluster, else cluster CPUs / --ray-cpus)",
-    )
-    g.add_argument(
-        "--ray-cpus",
-        type=int,
-        default=1,
-        metavar="N",
-        help="CPUs each worker reserves and gives the model as threads (default 1); "
-        "--workers reader threads come on top",
-    )
 
 
 def _settings(args: argparse.Namespace) -> InferSettings:
@@ -342,40 +307,14 @@ def _run_ray(
     model_info: dict[str, str],
 ) -> BatchReport | None:
     """The batch on Ray workers; None (after saying why) when it cannot start."""
-    from cscvision.inference import distributed
     from cscvision.inference.batch import job_complete
+    from cscvision.inference.distributed import infer_setup
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report, no network
-    try:
-        distributed.import_ray()
-        owned = distributed.connect(args.ray)
-    except (distributed.RayUnavailable, distributed.DistributedError) as e:
-        print(f"cscvision infer: {e}", file=sys.stderr)
-        return None
-    try:
-        import ray
-
-        plan = distributed.plan_workers(
-            ray.cluster_resources(),
-            device=args.device,
-            workers=args.ray_workers,
-            cpus_per_worker=args.ray_cpus,
-        )
-        print(f"infer: {plan.describe()} on {args.ray}", file=sys.stderr)
-        return distributed.run_batch_ray(
-            jobs,
-            model,
-            args.out,
-            settings,
-            lambda job: job_complete(job, args.out, model_info, settings),
-            plan=plan,
-            model_info=model_info,
-            device=args.device,
-            overwrite=args.overwrite,
-        )
-    except (distributed.DistributedError, ValueError) as e:
-        print(f"cscvision infer: {e}", file=sys.stderr)
-        return None
-    finally:
-        if owned:
-            distributed.disconnect()
+    return run_on_ray(
+        args,
+        jobs,
+        lambda job: job_complete(job, args.out, model_info, settings),
+        infer_setup,
+        (model, str(args.out), settings, model_info),
+        command="infer",
+    )

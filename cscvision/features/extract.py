@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cscvision.features.encoders import Encoder
 from cscvision.features.registry import EncoderSpec
-from cscvision.features.store import FeatureStore, write_feature_store
+from cscvision.features.store import STORE_SUFFIX, FeatureStore, write_feature_store
 from cscvision.features.tiles import (
     DECODERS,
     TileBatches,
@@ -32,6 +33,7 @@ from cscvision.features.tiles import (
     resolve_device,
     tile_batches,
 )
+from cscvision.slides.batch import SlideJob
 from cscvision.slides.grid import GridSpec, TileGrid, make_grid
 from cscvision.slides.slide import ReadPlan, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
@@ -178,3 +180,33 @@ def extract_slide(
     )
     write_feature_store(out_path, store)
     return store
+
+
+def store_path(out_dir: str | Path, slide_id: str) -> Path:
+    """Where ``cscvision features`` keeps a slide's store: ``OUT/<slide_id>.h5``."""
+    return Path(out_dir) / f"{slide_id}{STORE_SUFFIX}"
+
+
+def extraction_setup(
+    encoder: Encoder,
+    weights_sha256: str,
+    out_dir: str,
+    settings: ExtractSettings,
+    *,
+    device: str | torch.device,
+) -> Callable[[SlideJob], None]:
+    """The encoder on ``device`` and a function that writes a job's store into ``out_dir``:
+    a Ray worker's setup for ``cscvision features --ray``
+    (:class:`~cscvision.inference.distributed.JobWorker`)."""
+    extractor = FeatureExtractor(
+        encoder, weights_sha256=weights_sha256, device=device, amp=settings.amp
+    )
+    if settings.decode == "gpu" and extractor.device.type != "cuda":
+        raise ValueError(f"--decode gpu needs a CUDA device; this worker has {device}")
+
+    def process(job: SlideJob) -> None:
+        path = store_path(out_dir, job.slide_id)
+        extract_slide(job.slide_path, extractor, path, settings, slide_mpp=job.mpp,
+                      progress=False)  # fmt: skip
+
+    return process

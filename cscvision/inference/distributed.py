@@ -1,9 +1,11 @@
-"""Research batches on a Ray cluster: ``cscvision infer --ray [ADDRESS]``.
+"""Research batches on a Ray cluster: ``cscvision infer --ray [ADDRESS]`` and
+``cscvision features --ray [ADDRESS]``.
 
-A thin layer over :func:`cscvision.inference.batch.infer_job`, the function the local path
-runs: one Ray actor per GPU (or per ``cpus_per_worker`` CPUs) holds the model, loaded
-once, and scores the slides the driver hands it, one at a time, writing each slide's
-outputs with the same atomic writers. The driver skips complete slides before dispatch,
+A thin layer over the function the local path runs on each slide
+(:func:`cscvision.inference.batch.infer_job`, :func:`cscvision.features.extract.extract_slide`):
+one Ray actor per GPU (or per ``cpus_per_worker`` CPUs) holds the model, loaded once, and
+processes the slides the driver hands it, one at a time, writing each slide's outputs with
+the same atomic writers. The driver skips complete slides before dispatch,
 shows a progress bar over slides as they finish (``ray.wait``), records a slide whose
 worker raised (or died) as a failure and goes on, and returns the same
 :class:`~cscvision.slides.batch.BatchReport` as :func:`cscvision.slides.batch.run_batch`.
@@ -130,16 +132,17 @@ def plan_workers(
     return WorkerPlan(count, cpus_per_worker, 0.0)
 
 
-class SlideWorker:
-    """A Ray actor's state: the model on this worker's device, ready for slide after slide."""
+class JobWorker:
+    """A Ray actor's state: ``setup(*args, device=...)`` runs once on the worker (it loads
+    the model onto this worker's device) and returns the function run on slide after slide.
+
+    ``setup`` must be a module-level function, so that the worker imports it by name.
+    """
 
     def __init__(
         self,
-        model: LoadedModel,
-        out_dir: str,
-        settings: InferSettings,
-        model_info: dict[str, str],
-        *,
+        setup: Callable[..., Callable[[SlideJob], None]],
+        *args: Any,
         device: str = "auto",
         threads: int = 1,
     ) -> None:
@@ -149,10 +152,7 @@ class SlideWorker:
 
         torch.set_num_threads(max(1, threads))
         self.device = resolve_device(device)
-        self.model = LoadedModel(model.net.to(self.device).eval(), model.card, model.path)
-        self.out_dir = Path(out_dir)
-        self.settings = settings
-        self.model_info = model_info
+        self.process = setup(*args, device=self.device)
 
     def ready(self) -> str:
         import os
@@ -161,21 +161,50 @@ class SlideWorker:
         return f"{socket.gethostname()} pid {os.getpid()} on {self.device}"
 
     def run(self, job: SlideJob) -> str | None:
-        """Score one slide and write its outputs; None when done, else the failure reason."""
+        """Process one slide; None when done, else the failure reason."""
         try:
-            # Under the slide's lock, as the local path (waiting: the driver chose the slide).
-            with slide_lock(slide_dir(self.out_dir, job.slide_id), wait=True):
-                infer_job(
-                    job,
-                    self.model,
-                    self.out_dir,
-                    self.settings,
-                    model_info=self.model_info,
-                    device=self.device,
-                )
+            self.process(job)
         except Exception as e:  # one bad slide must not stop the worker or the batch
             return failure_reason(e)
         return None
+
+
+def infer_setup(
+    model: LoadedModel,
+    out_dir: str,
+    settings: InferSettings,
+    model_info: dict[str, str],
+    *,
+    device: Any,
+) -> Callable[[SlideJob], None]:
+    """:class:`JobWorker` setup for ``infer``: the model on ``device``, and a function that
+    scores a slide and writes its outputs under the slide's lock, as the local path does
+    (waiting for it: the driver chose the slide)."""
+    model = LoadedModel(model.net.to(device).eval(), model.card, model.path)
+    out = Path(out_dir)
+
+    def process(job: SlideJob) -> None:
+        with slide_lock(slide_dir(out, job.slide_id), wait=True):
+            infer_job(job, model, out, settings, model_info=model_info, device=device)
+
+    return process
+
+
+def actor_factory(
+    setup: Callable[..., Callable[[SlideJob], None]],
+    args: Sequence[Any],
+    plan: WorkerPlan,
+    *,
+    device: str = "auto",
+) -> Callable[[], Any]:
+    """A function that starts one more :class:`JobWorker` actor running ``setup(*args)``;
+    each argument (the model) goes into the object store once, whatever the workers."""
+    ray = import_ray()
+    actor = ray.remote(num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker)
+    worker_cls = actor(JobWorker)
+    refs = [ray.put(a) for a in args]
+    threads = max(1, int(plan.cpus_per_worker))
+    return lambda: worker_cls.remote(setup, *refs, device=device, threads=threads)
 
 
 def worker_factory(
@@ -187,14 +216,9 @@ def worker_factory(
     model_info: dict[str, str],
     device: str = "auto",
 ) -> Callable[[], Any]:
-    """A function that starts one more actor; the model goes into the object store once."""
-    ray = import_ray()
-    actor = ray.remote(num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker)
-    worker_cls = actor(SlideWorker)
-    model_ref = ray.put(model)
-    threads = max(1, int(plan.cpus_per_worker))
-    args = (model_ref, str(out_dir), settings, model_info)
-    return lambda: worker_cls.remote(*args, device=device, threads=threads)
+    """:func:`actor_factory` for ``infer`` workers (:func:`infer_setup`)."""
+    args = (model, str(out_dir), settings, model_info)
+    return actor_factory(infer_setup, args, plan, device=device)
 
 
 def start_workers(
@@ -275,24 +299,21 @@ def dispatch(
     return outcome
 
 
-def run_batch_ray(
+def run_jobs_ray(
     jobs: Sequence[SlideJob],
-    model: LoadedModel,
-    out_dir: Path,
-    settings: InferSettings,
     is_complete: Callable[[SlideJob], bool],
+    setup: Callable[..., Callable[[SlideJob], None]],
+    args: Sequence[Any],
     *,
     plan: WorkerPlan,
-    model_info: dict[str, str],
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
-    desc: str = "infer",
+    desc: str = "slides",
 ) -> BatchReport:
-    """Like :func:`cscvision.slides.batch.run_batch` with :func:`infer_job`, on Ray workers.
-
-    Needs a Ray connection (:func:`connect`). Lists in the report keep the jobs' order.
-    """
+    """Like :func:`cscvision.slides.batch.run_batch`, with the function ``setup(*args)``
+    returns run on Ray workers (:class:`JobWorker`). Needs a Ray connection
+    (:func:`connect`). Lists in the report keep the jobs' order."""
     report = BatchReport()
     start = time.perf_counter()
     todo = []
@@ -303,7 +324,7 @@ def run_batch_ray(
             todo.append(job)
     if todo:
         plan = dataclasses.replace(plan, workers=min(plan.workers, len(todo)))
-        spawn = worker_factory(model, out_dir, settings, plan, model_info=model_info, device=device)
+        spawn = actor_factory(setup, args, plan, device=device)
         actors = start_workers(spawn, plan.workers)
         try:
             outcome = dispatch(
@@ -324,3 +345,23 @@ def run_batch_ray(
                 report.failed.append((job.slide_id, str(job.slide_path), reason))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def run_batch_ray(
+    jobs: Sequence[SlideJob],
+    model: LoadedModel,
+    out_dir: Path,
+    settings: InferSettings,
+    is_complete: Callable[[SlideJob], bool],
+    *,
+    plan: WorkerPlan,
+    model_info: dict[str, str],
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "infer",
+) -> BatchReport:
+    """:func:`run_jobs_ray` with :func:`~cscvision.inference.batch.infer_job` on each slide."""
+    args = (model, str(out_dir), settings, model_info)
+    return run_jobs_ray(jobs, is_complete, infer_setup, args, plan=plan, device=device,
+                        overwrite=overwrite, progress=progress, desc=desc)  # fmt: skip
