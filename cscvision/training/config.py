@@ -56,6 +56,9 @@ class ModelConfig:
     weights: str | None = None  # the encoder's local weights file
     head: str = "linear"  # linear | mlp
     features_dir: str | None = None  # feature stores; default <run_dir>/features
+    # > 0: train the encoder's last N blocks with the head, end to end on tile images
+    finetune_blocks: int = 0
+    finetune_lr_scale: float = 0.1  # the tuned blocks' learning rate, as a share of optim.lr
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,7 @@ def check_choices(cfg: TrainConfig) -> None:
             check_head_config(cfg.model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    _check_finetune(cfg)
     if cfg.classes is not None:
         from cscvision.labels.annotations import ClassMap
 
@@ -323,6 +327,19 @@ def check_choices(cfg: TrainConfig) -> None:
         _check_mil(cfg)
     if cfg.data.batch_size < 1 or cfg.data.num_workers < 0:
         raise ConfigError("data.batch_size must be ≥ 1 and data.num_workers ≥ 0")
+
+
+def _check_finetune(cfg: TrainConfig) -> None:
+    blocks, scale = cfg.model.finetune_blocks, cfg.model.finetune_lr_scale
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
+        raise ConfigError(f"model.finetune_blocks: {blocks!r} must be a whole number ≥ 0")
+    if not scale > 0:
+        raise ConfigError(f"model.finetune_lr_scale: {scale!r} must be > 0")
+    if blocks and not cfg.model.encoder:
+        raise ConfigError("model.finetune_blocks: name the encoder to fine-tune (model.encoder "
+                          "and model.weights; see cscvision encoders)")  # fmt: skip
+    if blocks and cfg.task == "mil":
+        raise ConfigError("model.finetune_blocks: task mil trains on stored features; set it to 0")
 
 
 def _check_mil(cfg: TrainConfig) -> None:

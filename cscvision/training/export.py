@@ -5,6 +5,7 @@ Loading never unpickles: weights come from safetensors, everything else from JSO
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,19 @@ class TrainResult:
     summary: dict[str, dict[str, Any]]  # per split: slides, patients, tiles
 
 
-def export_model(net: torch.nn.Module, card: ModelCard, out_dir: str | Path) -> Path:
-    """Write ``net``'s weights and ``card`` into ``out_dir`` (each file atomically)."""
+def export_model(
+    net: torch.nn.Module,
+    card: ModelCard,
+    out_dir: str | Path,
+    *,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``net``'s weights (or ``state``, the part of them to keep) and ``card`` into
+    ``out_dir`` (each file atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = net.state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"backbone": card.backbone, "name": card.name})
     write_json(out_dir / CARD_FILE, card.to_json())

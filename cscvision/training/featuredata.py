@@ -260,9 +260,8 @@ def head_pieces(
     ``task: regression``, :class:`~cscvision.training.heads.HeadRegressor`) and the
     card's encoder reference for a config with ``model.encoder`` (features extracted
     into ``model.features_dir``, default ``<run_dir>/features``, where missing)."""
-    from cscvision.training.data import pos_weight, subsample
-    from cscvision.training.heads import HeadClassifier, HeadRegressor, make_head
-    from cscvision.training.regression import standardise_stats
+    from cscvision.training.data import subsample
+    from cscvision.training.heads import HeadClassifier, HeadRegressor, encoder_system, make_head
 
     limit = {"train": cfg.data.max_tiles_per_slide}
     limit["val"] = limit["test"] = cfg.data.eval_max_tiles_per_slide
@@ -286,34 +285,8 @@ def head_pieces(
         balance="sampler" if cfg.data.balance == "sampler" else "none",
         seed=cfg.seed,
     )
-    common = {
-        "net": make_head(cfg.model.head, spec.dim, len(targets)),
-        "backbone": cfg.model.head,
-        "targets": tuple(targets),
-        "lr": cfg.optim.lr,
-        "weight_decay": cfg.optim.weight_decay,
-        "scheduler": cfg.optim.scheduler,
-        "warmup_frac": cfg.optim.warmup_frac,
-        "mean": spec.mean,
-        "std": spec.std,
-        "augment": "none",  # features are stored once: no augmentation of the images
-        "slide_cutoff": cfg.metrics.slide_cutoff,
-        "channels_last": False,
-    }
-    if cfg.task == "regression":
-        mean, std = standardise_stats(dm.datasets["train"].targets)
-        module: HeadClassifier = HeadRegressor(
-            target_mean=mean,
-            target_std=std,
-            loss=cfg.regression.loss,
-            n_boot=cfg.regression.bootstrap,
-            **common,
-        )
-        patient = {t.slide_id: t.patient_id for t in everything}
-        module.slide_groups = [patient[i] for i in dm.slide_ids]  # bootstrap over patients
-    else:
-        weights = None
-        if cfg.data.balance == "pos_weight":
-            weights = [float(w) for w in pos_weight(dm.datasets["train"].targets)]
-        module = HeadClassifier(pos_weight=weights, **common)
+    net = make_head(cfg.model.head, spec.dim, len(targets))
+    # features are stored once: no augmentation of the images
+    kinds = (HeadClassifier, HeadRegressor)
+    module = encoder_system(cfg, targets, dm, net, kinds, augment="none", channels_last=False)
     return dm, module, reference

@@ -206,6 +206,7 @@ class TileClassifier(L.LightningModule):
         augment: str = "histo",
         slide_cutoff: float = 0.05,
         channels_last: bool = True,
+        encoder_lr_scale: float = 1.0,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -340,15 +341,34 @@ class TileClassifier(L.LightningModule):
         self._epoch_metrics("test", self.test_preds, choose=False)
 
     # --- optimisation ---------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's groups: the parameters that train, those of a fine-tuned encoder
+        (``net.encoder``) at ``lr × encoder_lr_scale``, the rest at ``lr``."""
+        lr = float(self.hparams.lr)
+        encoder = getattr(self.net, "encoder", None)
+        tuned = set() if encoder is None else {id(p) for p in encoder.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in tuned]
+        groups = [{"params": rest, "lr": lr}]
+        if encoder is not None:
+            opened = [p for p in encoder.parameters() if p.requires_grad]
+            if opened:
+                scale = float(self.hparams.get("encoder_lr_scale", 1.0))
+                groups.append({"params": opened, "lr": lr * scale})
+        return groups
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        groups = self.param_groups()
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if hp.scheduler == "onecycle":
             scheduler: Any = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=total, pct_start=max(hp.warmup_frac, 0.01)
+                optimizer,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=total,
+                pct_start=max(hp.warmup_frac, 0.01),
             )
         else:
             warmup = max(1, round(total * hp.warmup_frac))

@@ -99,7 +99,12 @@ def train(
     check_target_range(by_split, targets, cfg.task)
     if cfg.task == "classification":
         require_positives(by_split["train"], entries, class_map, targets)
-    if cfg.model.encoder:  # a head on stored features (features extracted where missing)
+    if cfg.model.encoder and cfg.model.finetune_blocks:  # encoder blocks + head, on images
+        from cscvision.training.finetune import finetune_module
+
+        dm = _datamodule(cfg, by_split)
+        module, encoder = finetune_module(cfg, targets, dm)
+    elif cfg.model.encoder:  # a head on stored features (features extracted where missing)
         dm, module, encoder = head_pieces(cfg, targets, by_split, run_dir, progress)
     else:
         dm, encoder = _datamodule(cfg, by_split), {}
@@ -388,6 +393,13 @@ def _calibration_figures(module: TileClassifier, metrics: dict[str, dict[str, fl
     }
 
 
+def _encoder_use(cfg: TrainConfig) -> str:
+    blocks = cfg.model.finetune_blocks
+    if blocks:
+        return f"encoder {cfg.model.encoder}, its last {blocks} block(s) fine-tuned"
+    return f"frozen encoder {cfg.model.encoder}"
+
+
 def _export(
     cfg: TrainConfig,
     module: TileClassifier,
@@ -423,7 +435,7 @@ def _export(
             "cohort": dm.summary(),
             "synthetic": cfg.card.synthetic,
             "seed": cfg.seed,
-            "pretrained": (f"frozen encoder {cfg.model.encoder}" if encoder else None)
+            "pretrained": (_encoder_use(cfg) if encoder else None)
             or cfg.model.pretrained
             or "none (trained from scratch)",
             "best_checkpoint": best.name,
@@ -433,7 +445,9 @@ def _export(
         intended_use=cfg.card.intended_use,
         encoder=dict(encoder),
     )
-    export_model(module.net.to(memory_format=torch.contiguous_format), card, out_dir)
+    net = module.net.to(memory_format=torch.contiguous_format)
+    state = net.exported_state() if getattr(net, "tuned", None) else None  # tuned blocks + head
+    export_model(net, card, out_dir, state=state)
     write_model_readme(card, out_dir)
     log.info("exported the model to %s", out_dir)
     return out_dir
