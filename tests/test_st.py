@@ -181,7 +181,7 @@ def test_labels_st_cli_writes_tables_and_a_train_cohort(visium_cohort, tmp_path,
     out = tmp_path / "labels"
     args = ["labels", "st", str(visium_cohort), "--panels", str(panels), "--out", str(out)]
     assert cli_main(args) == 0
-    assert "wrote 2 tile-label tables" in capsys.readouterr().out
+    assert "wrote 2 of 2 tile-label tables" in capsys.readouterr().out
     entries = read_cohort(out / "cohort.csv")
     assert [e.slide_id for e in entries] == ["SYN-P001-S01", "SYN-P002-S01"]
     table = read_label_table(entries[0].label_path)
@@ -204,3 +204,21 @@ def test_labels_st_cli_writes_tables_and_a_train_cohort(visium_cohort, tmp_path,
     with pytest.raises(DataError, match=r"56 px at 2\.0 µm/px, but the config's grid is 224 px"):
         prepare_slide(entries[0], split="train", spec=GridSpec(), class_map=DEFAULT_CLASS_MAP,
                       cache_dir=tmp_path / "c", targets=("stemness",))  # fmt: skip
+
+
+def test_labels_st_records_a_broken_sample_and_labels_the_others(visium_cohort, tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(visium_cohort.parent, cohort)
+    matrix = cohort / "SYN-P001-S01_visium" / "outs" / "filtered_feature_bc_matrix.h5"
+    matrix.write_bytes(b"not an HDF5 file")  # a truncated download
+    out = tmp_path / "labels"
+    args = ["labels", "st", str(cohort / visium_cohort.name), "--out", str(out)]
+    assert cli_main(args) == 1
+    captured = capsys.readouterr()
+    assert "wrote 1 of 2 tile-label tables" in captured.out
+    assert "not labelled: SYN-P001-S01:" in captured.err
+    assert [e.slide_id for e in read_cohort(out / "cohort.csv")] == ["SYN-P002-S01"]
+    errors = (out / "errors.csv").read_text().splitlines()
+    assert errors[0] == "slide_id,reason" and errors[1].startswith("SYN-P001-S01,")
+    assert len(errors) == 2 and (out / "SYN-P002-S01.labels.csv").exists()
+    assert not (out / "SYN-P001-S01.labels.csv").exists()

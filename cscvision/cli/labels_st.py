@@ -109,32 +109,36 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_programme_config(str(args.panels) if args.panels else None)
         jobs = _jobs(args.manifest)
-        existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
-        existing = [p for p in existing if p.exists()]
-        if existing and not args.overwrite:
-            print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
-            return 1
-        tables = []
-        for job in tqdm(jobs, desc="scoring spots", unit="slide"):
-            e = job["entry"]
-            tables.append(
-                st_label_table(
-                    e.slide_path,
-                    job["st_path"],
-                    config,
-                    slide_id=e.slide_id,
-                    mpp_override=args.slide_mpp,
-                    scale=job["scale"],
-                    offset_px=job["offset"],
-                )
-            )
-    except (ValueError, SlideError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"cscvision labels st: {e}", file=sys.stderr)
         return 1
-    if config.binarize_quantile is not None:
+    existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
+    existing = [p for p in existing if p.exists()]
+    if existing and not args.overwrite:
+        print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
+        return 1
+    scored, errors = [], []
+    for job in tqdm(jobs, desc="scoring spots", unit="slide"):
+        e = job["entry"]
+        try:
+            table = st_label_table(
+                e.slide_path,
+                job["st_path"],
+                config,
+                slide_id=e.slide_id,
+                mpp_override=args.slide_mpp,
+                scale=job["scale"],
+                offset_px=job["offset"],
+            )
+        except (ValueError, SlideError, OSError, KeyError) as err:  # one bad sample: go on
+            errors.append((e.slide_id, f"{type(err).__name__}: {err}"))
+            continue
+        scored.append((job, table))
+    tables = [t for _, t in scored]
+    if config.binarize_quantile is not None and tables:  # quantiles of the samples scored
         tables = binarize(tables, config.binarize_quantile)
     rows = []
-    for job, table in zip(jobs, tables, strict=True):
+    for (job, _), table in zip(scored, tables, strict=True):
         e = job["entry"]
         path = write_label_table(table_path(args.out, e.slide_id), table)
         rows.append(
@@ -148,11 +152,16 @@ def run(args: argparse.Namespace) -> int:
         )
     header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
     cohort = write_csv(args.out / "cohort.csv", header, rows)
+    errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
     n = sum(len(t) for t in tables)
     print(
-        f"wrote {len(tables)} tile-label tables ({n} spot tiles of {config.tile_px} px at "
-        f"{config.mpp} µm/px; targets {', '.join(tables[0].targets) if tables else '-'}) "
-        f"to {args.out} in {time.perf_counter() - t0:.1f} s\n"
-        f"  {cohort.name}  slide_id,patient_id,slide_path,label_path,split (for cscvision train)"
+        f"wrote {len(tables)} of {len(jobs)} tile-label tables ({n} spot tiles of "
+        f"{config.tile_px} px at {config.mpp} µm/px; targets "
+        f"{', '.join(tables[0].targets) if tables else '-'}) to {args.out} in "
+        f"{time.perf_counter() - t0:.1f} s\n"
+        f"  {cohort.name}  slide_id,patient_id,slide_path,label_path,split (for cscvision "
+        f"train)\n  {errors_path.name}  {len(errors)} sample(s) not labelled"
     )
-    return 0
+    for slide_id, reason in errors:
+        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+    return 1 if errors else 0
