@@ -9,6 +9,10 @@ patients are unseen by encoder and head; with ``--seed 1`` every slide is new to
 
     .venv/bin/python scripts/proof_heads.py --work /tmp/proof_heads
     .venv/bin/python scripts/proof_heads.py --work /tmp/proof_heads --encoder test-vit-tiny
+    .venv/bin/python scripts/proof_heads.py --work /tmp/proof_heads --finetune-blocks 2 --epochs 8
+
+With ``--finetune-blocks N`` no features are stored: the encoder's last N blocks train with
+the head on tile images (``model.finetune_blocks``).
 
 Synthetic data only: this tests the pipeline, not any encoder on real tissue.
 """
@@ -39,17 +43,23 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     weights = weights or ROOT / "models" / "demo-synthetic" / "model.safetensors"
     features = work / f"features_{args.encoder}"
     start = time.perf_counter()
-    flags = ["--encoder", args.encoder, "--weights", str(weights), "--out", str(features)]
-    assert cli(["features", str(cohort), *flags, "--threads", "1", "--workers", "1"]) == 0
+    if not args.finetune_blocks:
+        flags = ["--encoder", args.encoder, "--weights", str(weights), "--out", str(features)]
+        assert cli(["features", str(cohort), *flags, "--threads", "1", "--workers", "1"]) == 0
     extracted = time.perf_counter() - start
+    name = f"{args.encoder}_{args.head}"
+    if args.finetune_blocks:
+        name += f"_ft{args.finetune_blocks}"
     overrides = [
         f"cohort.csv={cohort}",
         f"model.encoder={args.encoder}",
         f"model.weights={weights}",
         f"model.head={args.head}",
         f"model.features_dir={features}",
-        f"run_dir={work / f'run_{args.encoder}_{args.head}'}",
-        f"export_dir={work / f'model_{args.encoder}_{args.head}'}",
+        f"model.finetune_blocks={args.finetune_blocks}",
+        f"run_dir={work / f'run_{name}'}",
+        f"export_dir={work / f'model_{name}'}",
+        *([f"trainer.max_epochs={args.epochs}"] if args.epochs else []),
     ]
     cfg = load_config(ROOT / "configs" / "cpu_head_demo.yaml", overrides)
     start = time.perf_counter()
@@ -57,8 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     test = result.metrics["test"]
     tiles = {s: c["tiles"] for s, c in result.summary.items()}
     trained = time.perf_counter() - start
-    print(f"\n{args.encoder} + {args.head} head, cohort seed {args.seed}: features")
-    print(f"  {extracted:.0f} s, head training {trained:.0f} s; tiles {tiles}")
+    how = f", last {args.finetune_blocks} block(s) fine-tuned" if args.finetune_blocks else ""
+    print(f"\n{args.encoder} + {args.head} head{how}, cohort seed {args.seed}: features")
+    print(f"  {extracted:.0f} s, training {trained:.0f} s; tiles {tiles}")
     for target in ("stemness", "immunosuppressive"):
         print(f"  held-out tile AUROC {target}: {test[f'auroc_{target}']:.3f}")
     return test
@@ -71,6 +82,8 @@ def main() -> None:
     p.add_argument("--encoder", default="demo-cnn")
     p.add_argument("--weights", type=Path, default=None)
     p.add_argument("--head", default="linear", choices=("linear", "mlp"))
+    p.add_argument("--finetune-blocks", type=int, default=0, help="model.finetune_blocks")
+    p.add_argument("--epochs", type=int, default=None, help="trainer.max_epochs")
     run(p.parse_args())
 
 
