@@ -16,7 +16,7 @@ from cscvision.testing import write_toy_cohort
 from cscvision.training.config import ConfigError, load_config
 from cscvision.training.export import ModelError, load_model
 from cscvision.training.heads import EncoderHead, encoder_blocks, make_head, tuned_prefixes
-from cscvision.training.lit import TileClassifier
+from cscvision.training.lit import CheckpointMismatch, TileClassifier, check_checkpoint
 from cscvision.training.train import train
 
 pytest.importorskip("timm")
@@ -77,6 +77,10 @@ def test_config_checks_name_the_key():
         load_config(None, ["model.finetune_blocks=-1"])
     with pytest.raises(ConfigError, match=r"model\.finetune_lr_scale: 0\.0 must be > 0"):
         load_config(None, ["model.finetune_lr_scale=0.0"])
+    vit = ["model.encoder=test-vit-tiny", "model.weights=tiny.safetensors"]
+    with pytest.raises(ConfigError, match="test-vit-tiny has 12 blocks; give 1 to 12"):
+        load_config(None, [*vit, "model.finetune_blocks=13"])  # before any slide is read
+    assert load_config(None, [*vit, "model.finetune_blocks=12"]).model.finetune_blocks == 12
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +130,21 @@ def test_a_finetuned_model_infers_and_refuses_another_encoder_file(tiny, finetun
     other = save_random_weights("test-vit-tiny", tmp_path / "other.safetensors", seed=1)
     with pytest.raises(ModelError, match="differ from the ones model"):
         load_model(result.model_dir, encoder_weights=other)
+
+
+@pytest.mark.slow
+def test_resuming_with_other_finetune_settings_is_refused(tiny, finetuned):
+    last = finetuned[2].run_dir / "checkpoints" / "last.ckpt"
+
+    def module(blocks: int, scale: float) -> TileClassifier:
+        targets = ("stemness", "immunosuppressive")
+        return TileClassifier(net=_net(tiny, blocks), backbone="linear", targets=targets,
+                              encoder_lr_scale=scale)  # fmt: skip
+
+    check_checkpoint(last, module(1, 0.5))  # as trained
+    with pytest.raises(CheckpointMismatch, match=r"model\.finetune_blocks or model\.finetune_lr"):
+        check_checkpoint(last, module(2, 0.5))
+    with pytest.raises(
+        CheckpointMismatch, match=r"\(encoder lr × 0\.5\), the config trains \[2, 14\] \(× 0\.1\)"
+    ):
+        check_checkpoint(last, module(1, 0.1))

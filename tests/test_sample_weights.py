@@ -87,6 +87,26 @@ def test_the_training_step_counts_a_batchs_weights(task):
     assert both != pytest.approx(step(image=image, target=target))
 
 
+@pytest.mark.parametrize(
+    "case", ["all weights 0", "one weighted tile", "constant column", "one tile"]
+)
+def test_pearson_loss_gradients_stay_finite_on_degenerate_batches(case):
+    """A zero variance must give a zero gradient, not NaN (one NaN step ruins the weights)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 if case == "one tile" else 6
+    pred = torch.randn(n, 2, generator=g).requires_grad_()
+    target, weight = torch.randn(n, 2, generator=g), torch.ones(n)
+    if case == "all weights 0":
+        weight = torch.zeros(n)
+    elif case == "one weighted tile":
+        weight = torch.tensor([0.0, 0, 3, 0, 0, 0])
+    elif case == "constant column":
+        target[:, 1] = 0.5
+    loss = pearson_loss(pred, target, weight)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+
+
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")

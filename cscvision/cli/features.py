@@ -115,8 +115,8 @@ def _extractor(args: argparse.Namespace) -> FeatureExtractor:
     # With --ray the workers pick their own device; the driver's copy only travels to them.
     device = "cpu" if args.ray else args.device
     extractor = FeatureExtractor(encoder, weights_sha256=digest, device=device, amp=args.amp)
-    if not args.ray:
-        check_decode(args.decode, extractor.device.type)
+    if not args.ray or args.device == "cpu":  # with --ray, auto/cuda: the workers' devices
+        check_decode(args.decode, args.device if args.ray else extractor.device.type)
     return extractor
 
 

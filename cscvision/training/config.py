@@ -340,6 +340,15 @@ def _check_finetune(cfg: TrainConfig) -> None:
                           "and model.weights; see cscvision encoders)")  # fmt: skip
     if blocks and cfg.task == "mil":
         raise ConfigError("model.finetune_blocks: task mil trains on stored features; set it to 0")
+    if blocks:  # the block count, on the architecture alone (meta device: no weights, no memory)
+        from cscvision.features.encoders import FeaturesUnavailable, build_encoder
+        from cscvision.features.registry import EncoderError
+        from cscvision.training.heads import tuned_prefixes
+
+        try:
+            tuned_prefixes(build_encoder(str(cfg.model.encoder), device="meta"), blocks)
+        except (ValueError, EncoderError, FeaturesUnavailable) as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_mil(cfg: TrainConfig) -> None:

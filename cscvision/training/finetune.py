@@ -49,6 +49,7 @@ def finetune_module(
         spec.name, ", ".join(net.tuned), n_open, n_all, len(opened),
         cfg.model.finetune_lr_scale,
     )  # fmt: skip
+    log.info("the frozen encoder modules stay in eval mode on purpose (Lightning may warn)")
     module = encoder_system(
         cfg, targets, dm, net, (TileClassifier, TileRegressor), augment=cfg.data.augment,
         channels_last=spec.is_cnn, encoder_lr_scale=cfg.model.finetune_lr_scale,

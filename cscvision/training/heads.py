@@ -64,7 +64,8 @@ def encoder_blocks(encoder: Encoder) -> list[tuple[str, nn.Module]]:
 
 def tuned_prefixes(encoder: Encoder, blocks: int) -> list[str]:
     """State-dict prefixes of what ``model.finetune_blocks: blocks`` trains: the last
-    ``blocks`` blocks and, for a ViT, the norms after them (``trunk.norm``, ``trunk.fc_norm``)."""
+    ``blocks`` blocks and, for a ViT, the norm after them (``trunk.norm``; not ``fc_norm``,
+    which ``forward_features`` never applies)."""
     named = encoder_blocks(encoder)
     if not 1 <= blocks <= len(named):
         raise ValueError(
@@ -73,9 +74,8 @@ def tuned_prefixes(encoder: Encoder, blocks: int) -> list[str]:
         )
     prefixes = [name for name, _ in named[-blocks:]]
     if isinstance(getattr(encoder.trunk, "blocks", None), nn.Sequential):
-        for norm in ("norm", "fc_norm"):
-            if _has_parameters(getattr(encoder.trunk, norm, nn.Identity())):
-                prefixes.append(f"trunk.{norm}")
+        if _has_parameters(getattr(encoder.trunk, "norm", nn.Identity())):
+            prefixes.append("trunk.norm")
     return prefixes
 
 

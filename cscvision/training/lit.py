@@ -421,3 +421,16 @@ def check_checkpoint(path: str | Path, module: TileClassifier) -> None:
             f"{have['targets']}, but the config asks for {want['backbone']!r} with "
             f"{want['targets']}; train in another run folder (--run-dir) or pass --no-resume"
         )
+    # What trains, and how fast: a fine-tuned encoder's blocks (model.finetune_blocks,
+    # model.finetune_lr_scale) change the optimiser's groups, not the state's keys.
+    optimizers = ckpt.get("optimizer_states") or [{}]
+    saved = [len(g.get("params", [])) for g in optimizers[0].get("param_groups", [])]
+    groups = [len(g["params"]) for g in module.param_groups()]
+    scale = (float(hp.get("encoder_lr_scale", 1.0)), float(module.hparams.encoder_lr_scale))
+    if (saved and saved != groups) or (len(groups) > 1 and scale[0] != scale[1]):
+        raise CheckpointMismatch(
+            f"{path}: this checkpoint trained {saved} parameter tensors per optimiser group "
+            f"(encoder lr × {scale[0]:g}), the config trains {groups} (× {scale[1]:g}): "
+            "model.finetune_blocks or model.finetune_lr_scale changed; train in another run "
+            "folder (--run-dir) or pass --no-resume"
+        )

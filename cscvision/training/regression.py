@@ -44,7 +44,10 @@ def pearson_loss(
     p = pred - (w * pred).sum(dim=0, keepdim=True)
     t = target - (w * target).sum(dim=0, keepdim=True)
     cov = (w * p * t).sum(dim=0)
-    r = cov / ((w * p * p).sum(dim=0) * (w * t * t).sum(dim=0)).sqrt().clamp_min(1e-8)
+    # norms, not sqrt of the variances: their gradient at 0 is 0, where sqrt's is infinite
+    # (a batch of one tile, all weights 0, a constant column) and would make every step NaN
+    sw = w.sqrt()
+    r = cov / ((sw * p).norm(dim=0) * (sw * t).norm(dim=0)).clamp_min(1e-8)
     return (1 - r).mean()
 
 
