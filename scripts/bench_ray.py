@@ -74,7 +74,7 @@ def _one(args: argparse.Namespace) -> dict:
 
 
 def _ray_parts(args, jobs, model, out, settings, info) -> dict:
-    from cscvision import distributed as d
+    from cscvision.inference import distributed as d
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t = time.perf_counter()
