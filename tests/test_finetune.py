@@ -148,3 +148,22 @@ def test_resuming_with_other_finetune_settings_is_refused(tiny, finetuned):
         CheckpointMismatch, match=r"\(encoder lr × 0\.5\), the config trains \[2, 14\] \(× 0\.1\)"
     ):
         check_checkpoint(last, module(1, 0.1))
+
+
+def test_a_missing_encoder_file_is_named_before_any_slide_is_read(tmp_path, capsys):
+    args = ["train", f"cohort.csv={tmp_path / 'absent.csv'}", "model.encoder=test-vit-tiny",
+            f"model.weights={tmp_path / 'uni.bin'}", "model.finetune_blocks=1"]  # fmt: skip
+    assert main(args) == 2
+    assert f"model.weights: {tmp_path / 'uni.bin'} is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_unreadable_encoder_file_is_a_message_not_a_traceback(finetuned, tmp_path, capsys):
+    csv = finetuned[0]
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(b"\x08\x00")
+    args = ["train", f"cohort.csv={csv}", "model.encoder=test-vit-tiny", f"model.weights={bad}",
+            f"run_dir={tmp_path / 'run'}", "grid.mask_mpp=4.0", "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read weights file {bad}" in err and "Traceback" not in err

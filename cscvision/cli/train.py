@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(cfg: object, args: argparse.Namespace) -> int:
+    from cscvision.features.registry import EncoderError
     from cscvision.labels.annotations import AnnotationError
     from cscvision.labels.cohort import CohortError
     from cscvision.slides.slide import SlideError
@@ -132,6 +133,7 @@ def _train(cfg: object, args: argparse.Namespace) -> int:
         CohortError,
         ConfigError,
         DataError,
+        EncoderError,  # an encoder weights file that cannot be read or does not fit
         SlideError,
         TrainError,
     ) as e:

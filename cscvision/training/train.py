@@ -85,6 +85,11 @@ def train(
         from cscvision.training.mil_train import train_mil
 
         return train_mil(cfg, progress)
+    if cfg.model.encoder and not Path(cfg.model.weights or "").is_file():  # before tiling
+        raise TrainError(
+            f"model.weights: {cfg.model.weights} is not a file; name the local weights file "
+            f"of encoder {cfg.model.encoder} (nothing is downloaded)"
+        )
     run_dir = Path(cfg.run_dir)
     class_map = ClassMap.from_dict(cfg.classes) if cfg.classes else DEFAULT_CLASS_MAP
     entries = read_cohort(cfg.cohort.csv)
