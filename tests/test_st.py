@@ -222,3 +222,42 @@ def test_labels_st_records_a_broken_sample_and_labels_the_others(visium_cohort, 
     assert errors[0] == "slide_id,reason" and errors[1].startswith("SYN-P001-S01,")
     assert len(errors) == 2 and (out / "SYN-P002-S01.labels.csv").exists()
     assert not (out / "SYN-P001-S01.labels.csv").exists()
+
+
+# --- the real tools' readers on synthetic folders ------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["2.0", "1.x"])
+def test_scanpy_read_visium_reads_synthetic_outs(tmp_path, layout):
+    """scanpy's own Visium reader (what squidpy and most notebooks use) opens both layouts,
+    and its spot coordinates are the ones cscvision's reader gives."""
+    import scanpy as sc
+
+    write_cohort(tmp_path, n_slides=1, n_patients=1, size_px=1024, seed=5, visium=True,
+                 visium_layout=layout)  # fmt: skip
+    outs = tmp_path / "SYN-P001-S01_visium" / "outs"
+    names = {"2.0": "tissue_positions.csv", "1.x": "tissue_positions_list.csv"}
+    assert sorted(p.name for p in (outs / "spatial").glob("tissue_positions*")) == [names[layout]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy points to squidpy's reader
+        adata = sc.read_visium(outs)
+    ours = read_spaceranger(outs)
+    library = adata.uns["spatial"]["SYN-P001-S01"]
+    assert library["metadata"]["software_version"].startswith("spaceranger-")
+    assert library["scalefactors"]["spot_diameter_fullres"] == pytest.approx(110.0)
+    assert list(adata.obs_names) == list(ours.adata.obs_names)
+    # scanpy's obsm["spatial"] is (x, y) = (pxl_col, pxl_row) in full-resolution pixels
+    np.testing.assert_allclose(adata.obsm["spatial"].astype(float), ours.centres_px)
+    assert (adata.X != ours.adata.X).nnz == 0
+
+
+def test_10x_h5_carries_the_root_attributes_of_a_real_file(outs):
+    import h5py
+
+    with h5py.File(outs / "filtered_feature_bc_matrix.h5") as f:
+        attrs = dict(f.attrs)
+    real = {"chemistry_description", "filetype", "library_ids", "original_gem_groups",
+            "software_version", "version"}  # fmt: skip
+    assert real <= set(attrs)
+    assert attrs["library_ids"][0] == b"SYN-P001-S01" and attrs["filetype"][0] == b"matrix"
+    assert attrs["version"][0] == 2 and attrs["version"].dtype == np.int32

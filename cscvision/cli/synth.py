@@ -50,6 +50,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also write a synthetic Space Ranger outs/ folder per slide (<id>_visium/outs: "
         "spot counts from the ground truth) and an st_path column in cohort.csv",
     )
+    parser.add_argument(
+        "--visium-layout",
+        choices=("2.0", "1.x"),
+        default="2.0",
+        help="Space Ranger layout of --visium: 2.0 (tissue_positions.csv with a header, "
+        "default) or 1.x (tissue_positions_list.csv, no header)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="slides written in parallel")
     parser.add_argument(
         "--ihc",
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             workers=max(1, args.workers),
             progress=True,
             visium=args.visium,
+            visium_layout=args.visium_layout,
             ihc_markers=("CD44", "FOXP3") if args.ihc else (),
             region_share=tuple(args.region_share),
         )

@@ -137,10 +137,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")
 
 
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+def write_csv(
+    path: str | Path, header: Sequence[str] | None, rows: Iterable[Sequence[Any]]
+) -> Path:
+    """Write ``rows`` under ``header`` (``None``: no header line) atomically."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
+        if header is not None:
+            writer.writerow(header)
         writer.writerows(rows)
     return Path(path)
 

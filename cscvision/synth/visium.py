@@ -1,13 +1,18 @@
 """Synthetic Visium: a Space Ranger-shaped ``outs/`` folder whose counts follow the ground truth.
 
-Per slide, ``<slide_id>_visium/outs/`` holds what Space Ranger (≥ 2.0) writes for Visium and
-cscvision reads:
+Per slide, ``<slide_id>_visium/outs/`` holds what Space Ranger writes for Visium, in the
+layout of Space Ranger ≥ 2.0 (default) or 1.x (``VisiumSpec.layout``), as scanpy's and
+squidpy's Visium readers expect:
 
 - ``filtered_feature_bc_matrix.h5``: 10x feature-barcode HDF5 (``matrix/`` with ``barcodes``,
   ``data``, ``indices``, ``indptr``, ``shape`` = (genes, spots), ``features/`` with
   ``_all_tag_keys``, ``feature_type``, ``genome``, ``id``, ``name``), in-tissue spots only;
-- ``spatial/tissue_positions.csv``: header ``barcode,in_tissue,array_row,array_col,
-  pxl_row_in_fullres,pxl_col_in_fullres``, every spot of the grid;
+  the root attributes every real file carries (``chemistry_description``, ``filetype``,
+  ``library_ids``, ``original_gem_groups``, ``software_version``, ``version``; types as in
+  Space Ranger 1.0.0's own file in squidpy's test data) plus ``generator`` naming cscvision;
+- ``spatial/tissue_positions.csv`` (≥ 2.0): header ``barcode,in_tissue,array_row,array_col,
+  pxl_row_in_fullres,pxl_col_in_fullres``, every spot of the grid; or
+  ``spatial/tissue_positions_list.csv`` (1.x): the same columns without a header;
 - ``spatial/scalefactors_json.json`` and ``spatial/tissue_hires_image.png`` /
   ``tissue_lowres_image.png`` (longest side 2000 / 600 px);
 - beside ``outs/``: ``spot_truth.csv``, each spot's overlap with the truth regions.
@@ -44,6 +49,11 @@ POSITION_HEADER = (
     "pxl_col_in_fullres",
 )
 HIRES_PX, LOWRES_PX = 2000, 600
+# per layout: positions file, whether it has a header, the software_version written
+LAYOUTS = {
+    "2.0": ("tissue_positions.csv", True, "spaceranger-2.0.0"),
+    "1.x": ("tissue_positions_list.csv", False, "spaceranger-1.3.1"),
+}
 FIDUCIAL_TO_SPOT = 1.6154  # fiducial / spot diameter on a Visium slide (89.5 / 55.4 µm)
 
 
@@ -56,6 +66,11 @@ class VisiumSpec:
     fold: float = 8.0  # panel genes at full overlap: 1 + fold times baseline
     dispersion: float = 0.2  # negative binomial: var = mu + dispersion * mu^2
     min_tissue: float = 0.5  # in_tissue = the spot's tissue fraction reaches this
+    layout: str = "2.0"  # Space Ranger output layout: "2.0" (and later) or "1.x"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Visium layout {self.layout!r}: choose one of {sorted(LAYOUTS)}")
 
 
 def spot_grid(width_px: int, height_px: int, mpp: float, pitch_um: float) -> np.ndarray:
@@ -110,13 +125,30 @@ def sample_counts(
     return rng.negative_binomial(size, size / (size + mu)).astype(np.int32), names
 
 
-def write_10x_h5(path: Path, counts: np.ndarray, names: list[str], codes: list[str]) -> None:
+def write_10x_h5(
+    path: Path,
+    counts: np.ndarray,
+    names: list[str],
+    codes: list[str],
+    *,
+    library_id: str = "synthetic",
+    software_version: str = LAYOUTS["2.0"][2],
+) -> None:
     """The 10x feature-barcode matrix HDF5 (genes × barcodes, compressed sparse columns)."""
     import h5py
 
     cols = [np.flatnonzero(row) for row in counts]  # one barcode's genes
     data = np.concatenate([row[c] for row, c in zip(counts, cols, strict=True)] or [[]])
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        # fixed-length byte arrays and int32 arrays, as in a real Space Ranger file;
+        # software_version a variable-length string (scanpy reads it as str or bytes)
+        f.attrs["chemistry_description"] = np.array([b"Spatial 3' v1"])
+        f.attrs["filetype"] = np.array([b"matrix"])
+        f.attrs["library_ids"] = np.array([library_id.encode()])
+        f.attrs["original_gem_groups"] = np.array([1], np.int32)
+        f.attrs["software_version"] = software_version
+        f.attrs["version"] = np.array([2], np.int32)
+        f.attrs["generator"] = "cscvision synth (synthetic counts)"
         m = f.create_group("matrix")
         m.create_dataset("barcodes", data=np.array(codes, dtype="S"))
         m.create_dataset("data", data=data.astype(np.int32), compression="gzip")
@@ -165,17 +197,20 @@ def write_visium(
     in_tissue = overlaps["tissue"] >= spec.min_tissue
     codes = barcodes(rng, len(grid))
     counts, names = sample_counts(rng, {k: v[in_tissue] for k, v in overlaps.items()}, spec)
+    positions_name, with_header, software = LAYOUTS[spec.layout]
     write_10x_h5(
         outs / "filtered_feature_bc_matrix.h5",
         counts,
         names,
         [c for c, keep in zip(codes, in_tissue, strict=True) if keep],
+        library_id=folder.name.removesuffix("_visium") or "synthetic",
+        software_version=software,
     )
     rows = [
         (code, int(t), int(r), int(c), round(y, 2), round(x, 2))
         for code, t, (r, c, x, y) in zip(codes, in_tissue, grid, strict=True)
     ]
-    write_csv(outs / "spatial" / "tissue_positions.csv", POSITION_HEADER, rows)
+    write_csv(outs / "spatial" / positions_name, POSITION_HEADER if with_header else None, rows)
     hires, hires_f = _image(levels, layout, HIRES_PX)
     lowres, lowres_f = _image(levels, layout, LOWRES_PX)
     _write_png(outs / "spatial" / "tissue_hires_image.png", hires)

@@ -26,7 +26,7 @@ from cscvision.synth.truth import (
     write_geojson,
     write_png,
 )
-from cscvision.synth.visium import write_visium
+from cscvision.synth.visium import VisiumSpec, write_visium
 
 COHORT_COLUMNS = ("slide_id", "patient_id", "slide_path", "annotation_path")
 IHC_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
@@ -94,13 +94,15 @@ def write_slide(
     ihc_markers: tuple[str, ...] = (),
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
+    visium_layout: str = "2.0",
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
     ``lab`` is the stain profile of the lab batch (shared by a patient's slides); without it
     one is drawn from ``seed``. The same arguments write the same bytes. Each of
     ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc);
-    ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger layout, cscvision.synth.visium).
+    ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger layout ``visium_layout``,
+    "2.0" or "1.x": cscvision.synth.visium).
     """
     path = Path(path)
     slide_id = slide_id or path.stem
@@ -132,7 +134,8 @@ def write_slide(
                         marker=marker, seed=seed + 101 * (k + 1), lab=lab, tile_px=tile_px,
                         quality=quality)  # fmt: skip
     if visium:
-        write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed, levels=levels)
+        write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed,
+                     levels=levels, spec=VisiumSpec(layout=visium_layout))  # fmt: skip
     return truth
 
 
@@ -245,6 +248,7 @@ def write_cohort(
     ihc_markers: tuple[str, ...] = (),
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
+    visium_layout: str = "2.0",
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
@@ -252,8 +256,9 @@ def write_cohort(
     ``progress`` shows tqdm bars (slides, and rows of tiles within a slide).
     ``ihc_markers`` adds paired IHC slides and ``ihc_manifest.csv`` (``IHC_COLUMNS``);
     ``visium`` adds a synthetic Space Ranger folder per slide and an ``st_path`` column to
-    ``cohort.csv``. ``region_share`` is the range each slide's stemness-rich and
-    immunosuppressive shares of tissue are drawn from (widen it for slide-label cohorts).
+    ``cohort.csv`` (``visium_layout``: Space Ranger "2.0" or "1.x"). ``region_share`` is the
+    range each slide's stemness-rich and immunosuppressive shares of tissue are drawn from
+    (widen it for slide-label cohorts).
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
@@ -266,6 +271,8 @@ def write_cohort(
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"size_px": size_px, "mpp": mpp, "tile_px": tile_px, "quality": quality}
     kwargs["artefact_rate"], kwargs["visium"] = artefact_rate, visium
+    if visium:
+        kwargs["visium_layout"] = VisiumSpec(layout=visium_layout).layout  # checked up front
     kwargs["ihc_markers"] = tuple(ihc_markers)
     kwargs["region_share"] = tuple(region_share)
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
