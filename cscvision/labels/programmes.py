@@ -103,6 +103,14 @@ def load_programme_config(path: str | None) -> ProgrammeConfig:
     return ProgrammeConfig.from_dict(data, source=str(path))
 
 
+def _ensembl_hint(names: Sequence[str]) -> str:
+    """A hint when the matrix names its features by Ensembl id (ENSG…, ENSMUSG…)."""
+    ensembl = [n for n in names[:200] if n.upper().startswith("ENS") and n[3:4].isalpha()]
+    if names and len(ensembl) > len(names[:200]) / 2:
+        return f"; this matrix names genes by Ensembl id, e.g. {ensembl[0]}: list those"
+    return ""
+
+
 def match_genes(
     panels: Mapping[str, Sequence[str]], var_names: Sequence[str], source: str = ""
 ) -> dict[str, list[str]]:
@@ -125,7 +133,8 @@ def match_genes(
                 f"{source}: panel {panel!r} has {len(found[panel])} of its genes in the data "
                 f"(needs ≥ {MIN_GENES}); absent: {', '.join(absent[panel])}; present: "
                 f"{', '.join(found[panel]) or 'none'}. Check the gene symbols (the panel "
-                "config's genes must match the matrix's feature names)"
+                "config's genes must match the matrix's feature names"
+                f"{_ensembl_hint(names)})"
             )
     missing = {p: g for p, g in absent.items() if g}
     if missing:
