@@ -82,7 +82,13 @@ def test_config_command_lists_shows_and_copies(elsewhere, capsys):
     assert capsys.readouterr().out == (RESOURCES / "configs/default.yaml").read_text()
     assert main(["config", "copy", "gpu", "my.yaml"]) == 0
     assert (elsewhere / "my.yaml").read_text() == (RESOURCES / "configs/gpu.yaml").read_text()
+    assert "cscvision train --config my.yaml" in capsys.readouterr().out
     assert main(["config", "copy", "gpu", "my.yaml"]) == 2  # no silent overwrite
+    assert main(["config", "copy", "st_panels", "panels.yaml"]) == 0
+    assert "cscvision labels st MANIFEST.csv --panels panels.yaml" in capsys.readouterr().out
+    assert main(["config", "copy", "ihc_markers", "markers.yaml"]) == 0
+    hint = capsys.readouterr().out
+    assert "labels ihc MANIFEST.csv --markers markers.yaml" in hint and "train" not in hint
     assert main(["config", "show", "nope"]) == 2
     assert "cscvision config list" in capsys.readouterr().err
 

@@ -35,6 +35,19 @@ def _summary(path: Path) -> str:
     return ""
 
 
+# packaged configs that are not training configs, and the command each one feeds
+USED_BY = {
+    "st_panels": "cscvision labels st MANIFEST.csv --panels {dest} --out DIR",
+    "ihc_markers": "cscvision labels ihc MANIFEST.csv --markers {dest} --out DIR",
+}
+
+
+def usage_hint(name: str, dest: Path) -> str:
+    """How to use a copied config: the command that reads it."""
+    stem = Path(name).stem
+    return USED_BY.get(stem, "cscvision train --config {dest}").format(dest=dest)
+
+
 def run(args: argparse.Namespace) -> int:
     from cscvision.core.io import write_text
     from cscvision.training.config import ConfigError, config_names, resolve_config
@@ -57,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     write_text(args.dest, path.read_text(encoding="utf-8"))
-    print(f"wrote {args.dest} (from {path}); train with: cscvision train --config {args.dest}")
+    print(f"wrote {args.dest} (from {path}); use it with: {usage_hint(path.name, args.dest)}")
     return 0
