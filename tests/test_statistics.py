@@ -131,6 +131,65 @@ def test_hotspots_find_the_bright_patch_with_fdr():
     assert jaccard(hot, np.zeros((1, 30, 30), bool))[0] == 0.0
 
 
+def _map_with_holes_and_edges(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth map with two hot patches over tissue with a hole, a ragged edge and a notch."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    values = ndi.gaussian_filter(rng.random((28, 34)), 2.0)
+    values[4:10, 6:12] += 0.3
+    values[18:24, 22:30] += 0.25
+    mask = np.ones(values.shape, bool)
+    mask[11:16, 14:20] = False  # a hole
+    mask[:, :3] = rng.random((28, 3)) > 0.5  # a ragged edge
+    mask[20:, :8] = False  # a notch
+    return values, mask
+
+
+def test_vectorised_gi_star_equals_esda_per_map_on_holes_and_edges():
+    """The null's Gi* (hotspots_stack) against esda's G_Local, map by map: z within 1e-9 and
+    the same hot-spot pixels, on maps whose domains have holes and edges."""
+    from esda import G_Local
+    import libpysal
+
+    from cscvision.outputs.statistics import gi_star_z, hotspots_stack, lattice_adjacency
+
+    values, mask = _map_with_holes_and_edges(0)
+    null = rigid_null(mask, 12, seed=4)
+    ys = next(null.moved(null.crop(values)))
+    ms = next(null.moved(null.crop(mask))) & null.crop(mask)[None]
+    z_stack, hot_stack = gi_star_z(ys, ms), hotspots_stack(ys, ms)
+    for y, m, z, hot in zip(ys, ms, z_stack, hot_stack, strict=True):
+        weights = libpysal.weights.WSP(lattice_adjacency(m)).to_W(silence_warnings=True)
+        gi = G_Local(y[m], weights, transform="B", star=None, permutations=0)
+        np.testing.assert_allclose(z[m], np.nan_to_num(gi.Zs), atol=1e-9)
+        np.testing.assert_array_equal(hot, hotspots(y, m))
+    assert hot_stack.any() and not hot_stack.all()
+    flat = np.full((1, *mask.shape), 0.4)
+    assert not hotspots_stack(flat, mask[None]).any()  # no variation: none, as hotspots()
+
+
+def test_the_hotspot_null_recomputes_gi_star_on_every_move():
+    """Each null value is the Jaccard index of the observed hot spots of target 0 and the
+    hot spots that esda finds on the moved map of target 1 over the pixels it lands on;
+    moving the observed hot-spot set instead (the old shortcut) gives other values here."""
+    from cscvision.outputs.statistics import _null_values, gap_kernel
+
+    x, s = _map_with_holes_and_edges(1)
+    y, _ = _map_with_holes_and_edges(2)
+    null = rigid_null(s, 16, seed=9)
+    x, y, s = (null.crop(a) for a in (x, y, s))
+    w = s.astype(float)
+    hot_x, hot_y = hotspots(x, s), hotspots(y, s)
+    kernel = gap_kernel(1.0, 2.0)
+    nulls = _null_values(null, x, y, s, w, w * 0, w * 0, hot_x, kernel)["hotspot_jaccard"]
+    ys, ss, hs = (next(null.moved(a)) for a in (y, s, hot_y))
+    reference = [jaccard(hot_x, hotspots(y_p, s & s_p)[None])[0] for y_p, s_p in zip(ys, ss)]
+    shortcut = jaccard(hot_x, hs & s[None])
+    np.testing.assert_allclose(nulls, reference, atol=1e-12)
+    assert not np.allclose(np.nan_to_num(shortcut), np.nan_to_num(reference))
+
+
 # --- the null ----------------------------------------------------------------------------
 
 

@@ -196,6 +196,54 @@ def hotspots(values: np.ndarray, mask: np.ndarray, adjacency=None) -> np.ndarray
     return out
 
 
+def _box3(stack: np.ndarray) -> np.ndarray:
+    """The 3 × 3 neighbourhood sum of each pixel of stacked maps [p, h, w] (zero outside)."""
+    padded = np.pad(stack, ((0, 0), (1, 1), (1, 1)))
+    rows = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
+    return rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
+
+
+def gi_star_z(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Getis–Ord Gi* z of stacked maps [p, h, w], each over its own ``mask``: binary queen
+    weights with self and analytical moments, as esda's ``G_Local(star=True)`` computes them
+    (``hotspots`` runs esda itself; a test holds the two equal). 0 outside the mask and
+    where a neighbourhood covers the whole mask."""
+    mask = mask.astype(bool)
+    y = np.where(mask, values, 0.0).astype(np.float64)
+    n = mask.sum((1, 2), keepdims=True).astype(np.float64)
+    y_sum = y.sum((1, 2), keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = y_sum / n
+        variance = (y**2).sum((1, 2), keepdims=True) / n - mean**2
+        cardinality = _box3(mask.astype(np.float64))
+        expected = cardinality / n
+        var_g = cardinality * (n - cardinality) / (n - 1) / n**2 * variance / mean**2
+        z = (_box3(y) / y_sum - expected) / np.sqrt(var_g)
+    return np.where(mask, np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+
+
+def hotspots_stack(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """:func:`hotspots` of stacked maps [p, h, w] over their own masks, vectorised (the
+    permutation null recomputes Gi* on every moved map). bool[p, h, w]."""
+    from scipy.stats import norm
+
+    mask = mask.astype(bool)
+    z = gi_star_z(values, mask)
+    p_two = np.where(mask, np.minimum(1.0, 2 * norm.sf(np.abs(z))), np.inf)
+    flat = p_two.reshape(len(p_two), -1)
+    n = mask.reshape(len(mask), -1).sum(1)
+    ordered = np.sort(flat, axis=1)
+    rank = np.arange(1, flat.shape[1] + 1)[None, :]
+    passes = ordered <= HOTSPOT_ALPHA * rank / np.maximum(n, 1)[:, None]  # Benjamini-Hochberg
+    k = np.where(passes.any(1), flat.shape[1] - np.argmax(passes[:, ::-1], axis=1), 0)
+    threshold = np.where(k > 0, ordered[np.arange(len(flat)), np.maximum(k - 1, 0)], -1.0)
+    reject = flat <= threshold[:, None]
+    top = np.where(mask, values, -np.inf).reshape(len(flat), -1).max(1)
+    low = np.where(mask, values, np.inf).reshape(len(flat), -1).min(1)
+    varies = (n >= 3) & (top > low)  # as hotspots(): fewer than 3 pixels or no variation
+    return (reject & varies[:, None]).reshape(mask.shape) & (z > 0) & mask
+
+
 def lee_l_esda(x: np.ndarray, y: np.ndarray, mask: np.ndarray, adjacency=None) -> float | None:
     """Lee's L of two maps over ``mask`` by esda (the observed value; :func:`lee_l`
     computes the same on permutation stacks)."""
@@ -245,22 +293,25 @@ def colocalisation(
         "hotspot_jaccard": _first(jaccard(hot_x, hot_y[None])),
         "morisita_horn": _first(morisita_horn(wa, wb[None])),
     }
-    nulls = _null_values(null, x, y, s, w, wa, crop(b), hot_x, hot_y, kernel)
+    nulls = _null_values(null, x, y, s, w, wa, crop(b), hot_x, kernel)
     out: dict[str, Any] = {k: summarize_null(v, nulls[k]) for k, v in observed.items()}
     out["hotspot_fraction"] = [_share(h, s) for h in (hot_x, hot_y)]
     return out
 
 
-def _null_values(null: RigidNull, x, y, s, w, wa, b, hot_x, hot_y, kernel) -> dict:
+def _null_values(null: RigidNull, x, y, s, w, wa, b, hot_x, kernel) -> dict:
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("colocation_quotient", "lee_l", "hotspot_jaccard", "morisita_horn")
     }
-    moves = zip(null.moved(y), null.moved(s), null.moved(b), null.moved(hot_y), strict=True)
-    for y_p, s_p, b_p, hot_p in moves:
+    moves = zip(null.moved(y), null.moved(s), null.moved(b), strict=True)
+    for y_p, s_p, b_p in moves:
         wb_p = w * b_p
+        both = s[None] & s_p
         parts["colocation_quotient"].append(colocation_quotient(wa, wb_p, w, kernel))
-        parts["lee_l"].append(lee_l(x, y_p, s[None] & s_p))
-        parts["hotspot_jaccard"].append(jaccard(hot_x, hot_p & s[None]))
+        parts["lee_l"].append(lee_l(x, y_p, both))
+        # Gi* recomputed on each moved map over the pixels it lands on (the moved hot-spot
+        # set of the observed map is not the same: edges and holes change neighbourhoods)
+        parts["hotspot_jaccard"].append(jaccard(hot_x, hotspots_stack(y_p, both)))
         parts["morisita_horn"].append(morisita_horn(wa, wb_p))
     return {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items()}
 
