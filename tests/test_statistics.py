@@ -149,8 +149,8 @@ def _map_with_holes_and_edges(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_vectorised_gi_star_equals_esda_per_map_on_holes_and_edges():
     """The null's Gi* (hotspots_stack) against esda's G_Local, map by map: z within 1e-9 and
     the same hot-spot pixels, on maps whose domains have holes and edges."""
-    from esda import G_Local
     import libpysal
+    from esda import G_Local
 
     from cscvision.outputs.statistics import gi_star_z, hotspots_stack, lattice_adjacency
 
@@ -184,7 +184,9 @@ def test_the_hotspot_null_recomputes_gi_star_on_every_move():
     kernel = gap_kernel(1.0, 2.0)
     nulls = _null_values(null, x, y, s, w, w * 0, w * 0, hot_x, kernel)["hotspot_jaccard"]
     ys, ss, hs = (next(null.moved(a)) for a in (y, s, hot_y))
-    reference = [jaccard(hot_x, hotspots(y_p, s & s_p)[None])[0] for y_p, s_p in zip(ys, ss)]
+    reference = [
+        jaccard(hot_x, hotspots(y_p, s & s_p)[None])[0] for y_p, s_p in zip(ys, ss, strict=True)
+    ]
     shortcut = jaccard(hot_x, hs & s[None])
     np.testing.assert_allclose(nulls, reference, atol=1e-12)
     assert not np.allclose(np.nan_to_num(shortcut), np.nan_to_num(reference))
