@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -60,7 +61,7 @@ _SUFFIXES = {
 }
 # HoVer-Net's type_info.json for its PanNuke checkpoint.
 PANNUKE_TYPE_INFO = {0: "nolabe", 1: "neopla", 2: "inflam", 3: "connec", 4: "necros", 5: "no-neo"}
-CHUNK = 65536
+CHUNK = 1024  # rows held as Python objects before they become numpy columns
 
 
 class CellReadError(ValueError):
@@ -79,6 +80,7 @@ class _Columns:
         self.rows: list[tuple] = []
         self.measure_rows: list[Mapping[str, float]] = []
         self.chunks: list[dict[str, np.ndarray]] = []
+        self.names: dict[str, str] = {}  # one string per class name, not one per cell
 
     def add(
         self,
@@ -88,7 +90,7 @@ class _Columns:
         prob: float = np.nan,
         measurements: Mapping[str, float] | None = None,
     ) -> None:
-        self.rows.append((x, y, cls, prob))
+        self.rows.append((x, y, self.names.setdefault(cls, cls), prob))
         self.measure_rows.append(measurements or {})
         if len(self.rows) >= CHUNK:
             self._flush()
@@ -114,9 +116,13 @@ class _Columns:
         sizes = [len(c["x"]) for c in self.chunks]
         names = {k for c in self.chunks for k in c}
         out = {}
-        for k in names:
-            parts = [c.get(k, np.full(n, np.nan)) for c, n in zip(self.chunks, sizes, strict=True)]
+        for k in sorted(names):  # one column at a time, its chunks freed as it is joined
+            parts = [c.pop(k, None) for c in self.chunks]
+            parts = [
+                np.full(n, np.nan) if p is None else p for p, n in zip(parts, sizes, strict=True)
+            ]
             out[k] = np.concatenate(parts) if parts else np.zeros(0)
+        self.chunks = []
         base = {k: out.get(k, np.zeros(0)) for k in ("x", "y", "class", "prob")}
         base["class"] = base["class"].astype(object)
         measures = {k[2:]: v for k, v in out.items() if k.startswith("m:")}
@@ -133,6 +139,8 @@ def _number(value) -> float:
 def _finish(columns: _Columns, path: Path, source: str, mapping: dict, **kw) -> CellTable:
     base, measures = columns.arrays()
     types, keep = map_classes(base["class"], mapping, str(path))
+    if keep.all():  # no copies
+        keep = slice(None)
     return make_table(
         base["x"][keep],
         base["y"][keep],
@@ -234,16 +242,47 @@ def _qupath_class(props: Mapping) -> str:
     return str(name).split(":")[0].strip() if name else "unclassified"
 
 
+class _BareNumbers:
+    """A binary file whose bare ``NaN`` / ``Infinity`` values read as ``null``.
+
+    QuPath writes a missing measurement as a bare NaN (Gson's special floating-point
+    values), which is not JSON; ijson refuses it. Chunks are cut after their last comma,
+    so a value is never split between two chunks."""
+
+    _BARE = re.compile(rb"([:\[,]\s*)-?(?:NaN|Infinity)")
+
+    def __init__(self, f) -> None:
+        self.f, self.carry = f, b""
+
+    def read(self, size: int = -1) -> bytes:
+        if size == 0:  # ijson's probe of bytes or text
+            return b""
+        while True:
+            chunk = self.f.read(size if size and size > 0 else -1)
+            buf = self.carry + chunk
+            if not chunk:  # end of file
+                self.carry = b""
+                return self._BARE.sub(rb"\1null", buf)
+            cut = buf.rfind(b",")
+            if cut > 0:
+                self.carry = buf[cut:]
+                return self._BARE.sub(rb"\1null", buf[:cut])
+            self.carry = buf
+
+
 def _read_qupath(path: Path) -> _Columns:
+    """QuPath's GeoJSON: ``nucleusGeometry`` beside ``geometry`` for cells; ``objectType``
+    (0.4+) or ``object_type`` (0.2-0.3) in the properties."""
     import ijson
 
     columns = _Columns()
-    with path.open("rb") as f:
-        for feature in ijson.items(f, _json_root(path), use_float=True):
+    with path.open("rb") as raw:
+        for feature in ijson.items(_BareNumbers(raw), _json_root(path), use_float=True):
             props = feature.get("properties") or {}
-            if props.get("objectType", "detection") not in ("detection", "cell"):
-                continue  # annotations (regions drawn by hand) are not cells
-            geometry = props.get("nucleusGeometry") or feature.get("geometry")
+            kind = props.get("objectType") or props.get("object_type") or "detection"
+            if kind not in ("detection", "cell"):
+                continue  # annotations (regions drawn by hand), tiles, TMA cores
+            geometry = feature.get("nucleusGeometry") or feature.get("geometry")
             if not geometry:
                 continue
             x, y = _centroid(geometry)
