@@ -149,7 +149,7 @@ def test_cellvit_geojson_polygons_and_points(tmp_path):
 
 
 def test_histolytics_real_geoparquet():
-    t = read_cells(HISTOLYTICS / "hgsc_nest.parquet", "histolytics")
+    t = read_cells(HISTOLYTICS / "hgsc_nest.parquet", "histolytics", polygons=True)
     assert t.counts() == {"inflammatory": 633, "stroma": 374, "tumour": 288}
     assert 0 <= t.x.min() and t.x.max() <= 1500 and 0 <= t.y.min() and t.y.max() <= 1500
     polys = shapely.from_wkb(t.polygons)

@@ -174,16 +174,18 @@ def read_cells(
     mpp: float | None = None,
     slide_id: str = "",
     type_info: str | Path | None = None,
+    polygons: bool = False,
 ) -> CellTable:
     """Read ``path`` as ``fmt`` (see the module doc) into a cell table. ``class_map``: a
-    name in ``cell_types.yaml``, a YAML file or a mapping (default: the format's)."""
+    name in ``cell_types.yaml``, a YAML file or a mapping (default: the format's).
+    ``polygons``: keep the outlines as WKB (histolytics; the features need only centroids)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise CellReadError(f"{path}: unknown cell format {fmt!r}; one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise CellReadError(f"{path}: no such cell file")
     if fmt == TABLE_FORMAT:
-        return read_cell_table(path)
+        return read_cell_table(path, polygons=polygons)
     mapping = _mapping(fmt, class_map)
     kw = {"mpp": mpp, "slide_id": slide_id}
     try:
@@ -195,7 +197,7 @@ def read_cells(
         if fmt == "cellvit":
             return _finish(_read_cellvit(path), path, "CellViT", mapping, **kw)
         if fmt == "histolytics":
-            return _read_histolytics(path, mapping, **kw)
+            return _read_histolytics(path, mapping, polygons=polygons, **kw)
         return _finish(_read_csv(path), path, "csv", mapping, **kw)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CellReadError(f"{path}: not a {fmt} cell export ({type(e).__name__}: {e})") from None
@@ -358,26 +360,35 @@ def _read_hovernet(path: Path, names: dict[int, str]) -> tuple[_Columns, str | N
 # -- histolytics GeoParquet, CSV ------------------------------------------------------------
 
 
-def _read_histolytics(path: Path, mapping: dict, **kw) -> CellTable:
+def _read_histolytics(path: Path, mapping: dict, *, polygons: bool, **kw) -> CellTable:
+    """GeoParquet read in batches: only centroids (and, if asked, the WKB) are kept."""
     import pyarrow.parquet as pq
     import shapely
 
-    schema = pq.read_schema(path)
-    if "geometry" not in schema.names or "class_name" not in schema.names:
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+        raise CellReadError(f"{path}: not a readable Parquet file ({e})") from None
+    if not {"geometry", "class_name"} <= set(parquet.schema_arrow.names):
         raise CellReadError(f"{path}: a histolytics GeoParquet needs 'geometry' and 'class_name'")
-    arrow = pq.read_table(path, columns=["geometry", "class_name"])
-    geoms = shapely.from_wkb(arrow.column("geometry").to_numpy(zero_copy_only=False))
-    cents = shapely.centroid(geoms)
-    names = np.asarray(arrow.column("class_name").to_pylist(), dtype=object)
-    types, keep = map_classes(names, mapping, str(path))
-    wkb = arrow.column("geometry").to_numpy(zero_copy_only=False)
+    xs, ys, names, wkbs = [], [], [], []
+    for batch in parquet.iter_batches(batch_size=65536, columns=["geometry", "class_name"]):
+        wkb = batch.column(0).to_numpy(zero_copy_only=False)
+        cents = shapely.centroid(shapely.from_wkb(wkb))
+        xs.append(shapely.get_x(cents))
+        ys.append(shapely.get_y(cents))
+        names.append(np.asarray(batch.column(1).to_pylist(), dtype=object))
+        if polygons:
+            wkbs.append(wkb)
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
+    types, keep = map_classes(cat(names).astype(object), mapping, str(path))
     return make_table(
-        shapely.get_x(cents)[keep],
-        shapely.get_y(cents)[keep],
+        cat(xs)[keep],
+        cat(ys)[keep],
         types[keep],
         source="histolytics",
         class_map=mapping,
-        polygons=wkb[keep],
+        polygons=cat(wkbs)[keep] if polygons else None,
         **kw,
     )
 
