@@ -98,3 +98,16 @@ def test_refuses_an_infer_folder_and_a_table_of_another_scale(run, tmp_path, cap
     reason = _rows(out / "errors.csv")[0]["error"]
     assert "cells at 0.25 µm/px" in reason and "rescale" in reason
     assert not (out / slide.stem / "summary.json").exists()
+
+
+def test_python_api_beside_the_cli(run, tmp_path):
+    import cscvision
+
+    settings = cscvision.CellSettings(maps=("lymphocyte",), tile_px=112)
+    report, jobs = cscvision.run_cells([run["cohort"]], [run["cohort"]], tmp_path / "api", settings)
+    assert sorted(report.done) == sorted(j.slide_id for j in jobs) and len(jobs) == 2
+    tiles = _rows(tmp_path / "api" / jobs[0].slide_id / "tiles.csv")
+    # 112 px tiles at 0.5 µm/px: 56 µm, 0.003136 mm² of tile
+    t = next(r for r in tiles if float(r["tissue"]) == 1.0 and float(r["count_all"]) > 0)
+    assert float(t["density_all"]) == pytest.approx(float(t["count_all"]) / 0.003136, rel=1e-4)
+    assert not (tmp_path / "api" / jobs[0].slide_id / "overlay_density_tumour.png").exists()
