@@ -111,3 +111,16 @@ def test_python_api_beside_the_cli(run, tmp_path):
     t = next(r for r in tiles if float(r["tissue"]) == 1.0 and float(r["count_all"]) > 0)
     assert float(t["density_all"]) == pytest.approx(float(t["count_all"]) / 0.003136, rel=1e-4)
     assert not (tmp_path / "api" / jobs[0].slide_id / "overlay_density_tumour.png").exists()
+
+
+def test_read_outputs_reads_a_cells_folder(run):
+    from cscvision import read_outputs
+
+    slides = read_outputs(run["out"])
+    one = next(iter(slides.values()))
+    assert "density_lymphocyte" in one.maps and one.summary["kind"] == "cscvision cells"
+    corner = one.tiles.iloc[0]
+    col, row = one.transform.to_map(corner["x"] + 1, corner["y"] + 1)
+    assert one.maps["density_lymphocyte"][int(row), int(col)] == pytest.approx(
+        corner["density_lymphocyte"], rel=1e-5
+    )

@@ -4,8 +4,9 @@
 ``tiles.csv``                       x, y (level-0 top-left), tissue fraction, then every cell
                                     feature of :mod:`cscvision.cells.tiles` per tissue tile
 ``maps.npz``                        one map per drawn density (key ``density_<type>``, cells /
-                                    mm² of tissue; NaN off the tiles), ``tissue``, ``transform``
-                                    = level-0 (x0, y0, px_l0), ``slide_mpp``; no pickles
+                                    mm² of tissue; NaN off the tiles; their names in ``targets``,
+                                    so ``read_outputs`` reads the folder), ``tissue``,
+                                    ``transform`` = level-0 (x0, y0, px_l0), ``slide_mpp``
 ``overlay_density_<type>.png``      thumbnail + density heatmap, colour bar in cells/mm²
 ``<id>_density_<type>.tif``         pyramidal uint8 map (ASAP, QuPath): 255 = the colour bar's
                                     top (``summary.json`` ``maps`` gives it per type)
@@ -151,7 +152,10 @@ def write_cell_outputs(
     arrays.update(
         tissue=np.nan_to_num(tissue_map),
         transform=transform.as_array(),
+        targets=np.array([f"density_{n}" for n in drawn], dtype=str),  # read_outputs' key
         slide_mpp=np.float64(grid.slide_mpp),
+        bounds=np.array(grid.bounds, np.int64),
+        dimensions=np.array(grid.dimensions, np.int64),
     )
     written.append(write_npz(folder / MAPS, arrays))
     colours = target_colors(drawn, {})
