@@ -159,3 +159,16 @@ def test_mixing_index_counts_pairs_within_the_radius():
     assert np.isnan(mixing[1])  # (400,50)-(500,50) is 100 px apart: no immune pair
     # with px mistaken for µm (radius 10 px) there would be no pair at all
     assert np.isnan(mixing[2])
+
+
+def test_no_cell_is_lost_between_rounded_tile_corners():
+    from cscvision.slides.grid import grid_coords
+
+    tile = 224 * 0.5 / 0.2527  # 443.2 level-0 px: corners are rounded to whole pixels
+    xy = grid_coords((5000, 5000), tile, tile)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, xy[:, 0].max() + tile, (2, 200_000))
+    index = f.cells_in_tiles(x, y, xy, tile)
+    assert (index >= 0).all()
+    starts = xy[index]
+    assert ((x >= starts[:, 0]) & (y >= starts[:, 1])).all()

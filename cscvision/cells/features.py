@@ -19,6 +19,8 @@ fraction), so a tile half on glass is not half as dense.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -31,7 +33,7 @@ DEFAULT_RADIUS_UM = 20.0
 def cells_in_tiles(x: np.ndarray, y: np.ndarray, xy_l0: np.ndarray, tile_l0: float) -> np.ndarray:
     """Index of the tile (row of ``xy_l0``, top-left corners of non-overlapping tiles
     ``tile_l0`` wide) holding each cell, int64[N]; -1 outside every tile. A tile holds
-    ``[x0, x0 + tile_l0) × [y0, y0 + tile_l0)``."""
+    ``[x0, x0 + ceil(tile_l0)) × [y0, y0 + ceil(tile_l0))`` (corners are whole pixels)."""
     xy_l0 = np.asarray(xy_l0).reshape(-1, 2)
     out = np.full(len(x), -1, np.int64)
     if not len(xy_l0) or not len(x):
@@ -43,7 +45,10 @@ def cells_in_tiles(x: np.ndarray, y: np.ndarray, xy_l0: np.ndarray, tile_l0: flo
     col = np.searchsorted(xs, x, side="right") - 1
     row = np.searchsorted(ys, y, side="right") - 1
     ok = (col >= 0) & (row >= 0)
-    ok[ok] &= (x[ok] < xs[col[ok]] + tile_l0) & (y[ok] < ys[row[ok]] + tile_l0)
+    # corners are rounded to whole pixels: a tile reaches to its (rounded-up) side, so no
+    # cell falls in the gap of up to 1 px between rounded neighbours
+    side = math.ceil(tile_l0 - 1e-9)
+    ok[ok] &= (x[ok] < xs[col[ok]] + side) & (y[ok] < ys[row[ok]] + side)
     out[ok] = lookup[row[ok], col[ok]]
     return out
 
