@@ -195,3 +195,30 @@ def test_geojson_is_read_as_a_stream(tmp_path):
     assert len(t) == 20000 and len(t.markers) == 12
     # the columns themselves: 20000 × (12 + 3) × 8 bytes ≈ 2.4 MB; the file ≈ 14 MB
     assert peak < 0.5 * size, (peak, size)
+
+
+def test_files_read_the_same_with_geopandas(tmp_path):
+    """geopandas (the reader histolytics itself uses; GDAL for GeoJSON) agrees with ours:
+    the GeoParquet is read as histolytics reads it, and the GeoJSON files built here are
+    valid GeoJSON with the same polygons."""
+    gpd = pytest.importorskip("geopandas", reason="geopandas is not installed (optional check)")
+    frame = gpd.read_parquet(HISTOLYTICS / "hgsc_nest.parquet")
+    ours = read_cells(HISTOLYTICS / "hgsc_nest.parquet", "histolytics")
+    assert len(frame) == len(ours) == 1295
+    assert np.allclose(frame.geometry.centroid.x, ours.x) and np.allclose(
+        frame.geometry.centroid.y, ours.y
+    )
+    path = tmp_path / "S.geojson"
+    _write_qupath(path)
+    path.write_text(path.read_text().replace("NaN", "null"))  # GDAL rejects QuPath's bare NaN
+    cells = gpd.read_file(path)
+    cells = cells[cells["objectType"].fillna(cells.get("object_type")) != "annotation"]
+    assert len(cells) == len(read_cells(path, "qupath")) == 4
+    polys = [_cellvit_feature("MultiPolygon", "Neoplastic", [_square(10, 10), _square(30, 50)])]
+    (tmp_path / "cells.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": polys})
+    )
+    parts = gpd.read_file(tmp_path / "cells.geojson").set_crs(None, allow_override=True)
+    parts = parts.explode(index_parts=False)  # pixels, not degrees: no CRS
+    ours = read_cells(tmp_path / "cells.geojson", "cellvit")
+    assert np.allclose(parts.geometry.centroid.x, ours.x)
