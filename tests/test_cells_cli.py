@@ -124,3 +124,25 @@ def test_read_outputs_reads_a_cells_folder(run):
     assert one.maps["density_lymphocyte"][int(row), int(col)] == pytest.approx(
         corner["density_lymphocyte"], rel=1e-5
     )
+
+
+def test_the_viewer_shows_density_layers(run):
+    """`cscvision view` on a cells folder: one layer per density map, drawn over its colour
+    bar (a tile at the bar's top is fully opaque, an empty tile transparent)."""
+    from cscvision.views.server import HEATMAP_ALPHA, Catalogue
+
+    catalogue = Catalogue(run["out"])
+    sid = sorted(catalogue.slides)[0]
+    info = catalogue.describe(sid)
+    names = [t["name"] for t in info["targets"]]
+    assert "density_lymphocyte" in names and info["mpp"] == 0.5
+    summary = json.loads((run["out"] / sid / "summary.json").read_text())
+    top = summary["maps"]["lymphocyte"]["value_range"][1]
+    maps = catalogue.maps(sid)
+    raw = np.load(run["out"] / sid / "maps.npz")["density_lymphocyte"]
+    assert np.allclose(maps.maps["density_lymphocyte"], raw / top, equal_nan=True)
+    image = np.asarray(maps.image("density_lymphocyte", 0.5))
+    row, col = np.unravel_index(np.nanargmax(raw), raw.shape)
+    s = maps.scale
+    alpha = image[row * s + s // 2, col * s + s // 2, 3]
+    assert alpha == int(np.nanmax(raw) / top * HEATMAP_ALPHA)

@@ -15,6 +15,9 @@
                                     the cell table used; written last (marks the slide complete)
 ==================================  ============================================================
 
+``cscvision view OUT`` shows each density map as a layer (``summary.json`` ``targets``: drawn
+over its ``value_range``, outlined at half of it).
+
 The maps hold one value per tile (map pixel = tile: the cell grid never overlaps), drawn by
 the same writers as ``cscvision infer``'s (:mod:`cscvision.outputs.overlay`,
 :mod:`~cscvision.outputs.likelihood`, :mod:`~cscvision.outputs.geojson`).
@@ -206,6 +209,13 @@ def _summary(grid, feats, table, ranges, record, outputs) -> dict[str, Any]:
             n: round(c / area_mm2, 3) if area_mm2 else None for n, c in in_tiles.items()
         },
         "maps": {n: {"unit": DENSITY_UNIT, "value_range": r} for n, r in ranges.items()},
+        # the viewer's layers: one per map, drawn over value_range, outlined at half its top
+        "targets": {
+            f"density_{n}": {"threshold": 0.5, "value_range": r, "unit": DENSITY_UNIT}
+            for n, r in ranges.items()
+        },
+        "dimensions": list(grid.dimensions),
+        "resolution": {"slide_mpp": grid.slide_mpp, "mpp": grid.plan.mpp},
         "features": list(feats.columns),
         **record,
         "outputs": outputs,
