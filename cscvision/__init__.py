@@ -63,6 +63,14 @@ _API = {
     "within_fraction": "cscvision.outputs.statistics",
     "SlideOutputs": "cscvision.outputs.read",
     "write_cohort": "cscvision.synth",
+    "CellTable": "cscvision.cells.table",
+    "read_cell_table": "cscvision.cells.table",
+    "write_cell_table": "cscvision.cells.table",
+    "read_cells": "cscvision.cells.readers",
+    "cell_types": "cscvision.cells.types",
+    "tile_cell_features": "cscvision.cells.tiles",
+    "run_cells": "cscvision.outputs.cell_batch",
+    "CellSettings": "cscvision.outputs.cell_batch",
 }
 
 __all__ = ["__version__", *sorted(_API)]

@@ -1,8 +1,9 @@
 """The package's layering, as the README's architecture section states it.
 
 Stages, lowest first; a module may import its own stage and any stage below it, never one
-above. ``synth`` stands beside ``labels``: it uses only ``core`` and ``slides``, and only
-the CLI uses it. Every import counts (top of file, inside functions, under TYPE_CHECKING),
+above. ``synth`` stands beside ``labels``: it uses only ``core``, ``slides`` and ``cells`` (it
+writes cell tables through the cell stage's writer), and only the CLI uses it.
+Every import counts (top of file, inside functions, under TYPE_CHECKING),
 and no module may reach itself again through its imports.
 """
 
@@ -19,6 +20,7 @@ LAYERS = (
     "core",
     "slides",
     "labels",
+    "cells",
     "features",
     "training",
     "outputs",
@@ -27,7 +29,7 @@ LAYERS = (
     "cli",
 )
 # Stages outside the straight line, and what each may import.
-SIDE_STAGES = {"synth": {"core", "slides", "synth"}}
+SIDE_STAGES = {"synth": {"core", "slides", "cells", "synth"}}
 # Top-level modules: the lazy API, ``python -m cscvision`` and test helpers sit above it all.
 TOP = {"cscvision", "cscvision.__main__", "cscvision.testing"}
 

@@ -161,7 +161,7 @@ def test_same_seed_same_bytes(tmp_path):
         write_slide(tmp_path / name / "s.tiff", size_px=1024, seed=5, slide_id="S")
     write_slide(tmp_path / "c" / "s.tiff", size_px=1024, seed=6, slide_id="S")
     a, b, c = (_digests(tmp_path / n) for n in "abc")
-    assert a == b and len(a) == 5
+    assert a == b and len(a) == 8  # slide, 4 truth files, cell table + sidecar + cell truth
     assert a["s.tiff"] != c["s.tiff"]
 
 

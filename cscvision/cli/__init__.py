@@ -19,6 +19,7 @@ COMMANDS = (
     "labels",
     "train",
     "infer",
+    "cells",
     "features",
     "encoders",
     "mil",

@@ -89,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "for a cohort whose slides differ enough to learn slide labels from",
     )
     parser.add_argument(
+        "--infiltration",
+        action="store_true",
+        help="add infiltrating lymphocytes to tumour and stroma, at densities drawn per slide "
+        "independently of the regions (the cell tables and _cells_truth.csv record them)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist in --out"
     )
     parser.set_defaults(func=run)
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             visium_layout=args.visium_layout,
             ihc_markers=("CD44", "FOXP3") if args.ihc else (),
             region_share=tuple(args.region_share),
+            infiltration=args.infiltration,
         )
         labels = None
         if args.slide_labels:
@@ -150,9 +157,10 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.slides} slides of {args.size}x{args.size} px ({args.patients} patients, "
         f"{args.mpp} µm/px) to {args.out} in {seconds:.1f} s, {mib:.1f} MiB:\n"
-        f"  {csv_path.name}  slide_id,patient_id,slide_path,annotation_path\n"
+        f"  {csv_path.name}  slide_id,patient_id,slide_path,annotation_path,cells_path\n"
         f"  per slide: {SLIDE_SUFFIX} pyramid, .geojson (QuPath), _labels.png (bit mask), "
-        f"_thumb.png (outlined), _truth.json (areas, stain)\n"
+        f"_thumb.png (outlined), _truth.json (areas, stain), .cells.parquet (cell table), "
+        f"_cells_truth.csv (per-tile densities)\n"
         f"  e.g. {slides[0].name if slides else '-'}"
         + (
             "\n  per slide: <id>_visium/outs/ (Space Ranger layout) and <id>_visium/spot_truth.csv"

@@ -23,6 +23,7 @@ from cscvision.synth.morphology import (
     STEM,
     STROMA,
     TUMOUR,
+    Population,
     sprite_banks,
 )
 from cscvision.synth.morphology import IMMUNO as R_IMMUNO
@@ -129,8 +130,12 @@ class SlideRenderer:
         *,
         seed: int,
         structure_seed: int | None = None,
+        extra_populations: tuple[Population, ...] = (),
     ) -> None:
         self.layout, self.stain, self.seed, self.mpp = layout, stain, seed, layout.mpp
+        # Extra populations (lymphocyte infiltration, cscvision.synth.cells) use the sprite
+        # bank of the population they are named after; without them a slide renders as before.
+        self.populations = POPULATIONS + tuple(extra_populations)
         # Vessels and glands run through serial sections: a paired IHC section draws its own
         # cells (``seed``) around the same structures (``structure_seed``).
         self.structure_seed = seed if structure_seed is None else structure_seed
@@ -222,7 +227,7 @@ class SlideRenderer:
 
     def _cells(self, window, od_h, od_e, nuclei) -> None:
         x0, y0, width, height = window
-        for pop in POPULATIONS:
+        for pop in self.populations:
             bank = self.banks[pop.name]
             keep_table = np.asarray(pop.keep, np.float64)
             size = bank.size_px

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cscvision.core.io import atomic_path, write_csv
+from cscvision.synth.cells import Infiltration, draw_infiltration, write_slide_cells
 from cscvision.synth.ihc import write_ihc_slide
 from cscvision.synth.layout import REGION_CLASSES, REGION_SHARE, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
@@ -28,7 +29,7 @@ from cscvision.synth.truth import (
 )
 from cscvision.synth.visium import VisiumSpec, write_visium
 
-COHORT_COLUMNS = ("slide_id", "patient_id", "slide_path", "annotation_path")
+COHORT_COLUMNS = ("slide_id", "patient_id", "slide_path", "annotation_path", "cells_path")
 IHC_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 SLIDE_SUFFIX = ".tiff"
 THUMB_MAX_PX = 1024
@@ -68,6 +69,9 @@ def slide_paths(slide_path: Path, slide_id: str) -> dict[str, Path]:
         "labels": folder / f"{slide_id}_labels.png",
         "thumbnail": folder / f"{slide_id}_thumb.png",
         "truth": folder / f"{slide_id}_truth.json",
+        "cells": folder / f"{slide_id}.cells.parquet",
+        "cells_sidecar": folder / f"{slide_id}.cells.json",
+        "cells_truth": folder / f"{slide_id}_cells_truth.csv",
     }
 
 
@@ -95,6 +99,7 @@ def write_slide(
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
     visium_layout: str = "2.0",
+    infiltration: Infiltration | None = None,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
@@ -103,6 +108,9 @@ def write_slide(
     ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc);
     ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger layout ``visium_layout``,
     "2.0" or "1.x": cscvision.synth.visium).
+    Every slide gets its cell table ``<slide_id>.cells.parquet`` and per-tile density truth
+    ``<slide_id>_cells_truth.csv``; ``infiltration`` adds infiltrating lymphocytes to tumour
+    and stroma (cscvision.synth.cells), without it the slide's pixels are as before.
     """
     path = Path(path)
     slide_id = slide_id or path.stem
@@ -117,7 +125,8 @@ def write_slide(
     )
     lab = lab or sample_lab_profile(np.random.default_rng([seed, 2]))
     stain = sample_slide_profile(np.random.default_rng([seed, 3]), lab)
-    renderer = SlideRenderer(layout, stain, seed=seed)
+    extra = (infiltration.population(),) if infiltration is not None else ()
+    renderer = SlideRenderer(layout, stain, seed=seed, extra_populations=extra)
     spec = PyramidSpec(width, height, mpp, tile_px=tile_px, quality=quality)
     paths = slide_paths(path, slide_id)
     description = f"cscvision synthetic slide {slide_id}; seed {seed}; {mpp} um/px at level 0"
@@ -127,7 +136,8 @@ def write_slide(
     write_png(paths["labels"], label_mask(layout, label_mpp))
     write_png(paths["thumbnail"], _thumbnail(layout, levels))
     truth = _truth(layout, stain, paths, slide_id, seed, len(levels) + 1, label_mpp)
-    _write_truth_json(truth, stain)
+    _write_truth_json(truth, stain, infiltration)
+    write_slide_cells(renderer, slide_id, paths["cells"], paths["cells_truth"])
     for k, marker in enumerate(ihc_markers):
         ihc_path = path.with_name(f"{slide_id}_{marker}{SLIDE_SUFFIX}")
         write_ihc_slide(ihc_path, he_id=slide_id, layout=layout, he_renderer=renderer,
@@ -177,7 +187,9 @@ def _truth(layout, stain, paths, slide_id, seed, level_count, label_mpp) -> Slid
     )
 
 
-def _write_truth_json(truth: SlideTruth, stain: StainProfile) -> None:
+def _write_truth_json(
+    truth: SlideTruth, stain: StainProfile, infiltration: Infiltration | None = None
+) -> None:
     record = {
         "slide_id": truth.slide_id,
         "seed": truth.seed,
@@ -192,6 +204,8 @@ def _write_truth_json(truth: SlideTruth, stain: StainProfile) -> None:
         "label_mask": {"mpp": truth.label_mpp, "bits": LABEL_BITS},
         "stain": stain.as_dict(),
     }
+    if infiltration is not None:
+        record["lymphocyte_infiltration"] = infiltration.as_dict()
     with atomic_path(truth.truth_path) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
@@ -249,6 +263,7 @@ def write_cohort(
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
     visium_layout: str = "2.0",
+    infiltration: bool = False,
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
@@ -259,6 +274,8 @@ def write_cohort(
     ``cohort.csv`` (``visium_layout``: Space Ranger "2.0" or "1.x"). ``region_share`` is the
     range each slide's stemness-rich and immunosuppressive shares of tissue are drawn from
     (widen it for slide-label cohorts).
+    ``cohort.csv``'s ``cells_path`` names each slide's cell table; ``infiltration`` draws
+    each slide's lymphocyte infiltration of tumour and stroma (cscvision.synth.cells).
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
@@ -275,6 +292,7 @@ def write_cohort(
         kwargs["visium_layout"] = VisiumSpec(layout=visium_layout).layout  # checked up front
     kwargs["ihc_markers"] = tuple(ihc_markers)
     kwargs["region_share"] = tuple(region_share)
+    kwargs["infiltration"] = bool(infiltration)
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
         if workers > 1:
@@ -294,6 +312,7 @@ def write_cohort(
             s.patient_id,
             truths[s.slide_id].slide_path.name,
             truths[s.slide_id].annotation_path.name,
+            f"{s.slide_id}.cells.parquet",
         )
         for s in plan
     ]
@@ -322,4 +341,18 @@ def _write_parallel(
 def _write_planned(
     path: Path, s: CohortSlide, kwargs: dict, on_row: Callable[[], None] | None = None
 ) -> SlideTruth:
-    return write_slide(path, seed=s.seed, lab=s.lab, slide_id=s.slide_id, on_row=on_row, **kwargs)
+    kwargs = dict(kwargs)
+    drawn = (
+        draw_infiltration(np.random.default_rng([s.seed, 9]))
+        if kwargs.pop("infiltration")
+        else None
+    )
+    return write_slide(
+        path,
+        seed=s.seed,
+        lab=s.lab,
+        slide_id=s.slide_id,
+        on_row=on_row,
+        infiltration=drawn,
+        **kwargs,
+    )

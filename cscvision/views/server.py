@@ -62,6 +62,10 @@ class SlideMaps:
             self.maps = {t: npz[t].astype(np.float32) for t in self.targets}
             self.tissue = npz["tissue"].astype(np.float32)
             self.transform = MapTransform(*(float(v) for v in npz["transform"]))
+        for t in self.targets:  # a map in other units (cells/mm²) is drawn over its range
+            lo, hi = entry.summary.get("targets", {}).get(t, {}).get("value_range", (0.0, 1.0))
+            if (lo, hi) != (0.0, 1.0) and hi > lo:
+                self.maps[t] = (self.maps[t] - np.float32(lo)) / np.float32(hi - lo)
         self.colors = target_colors(self.targets, entry.summary.get("colors") or {})
         self._images: OrderedDict[tuple[str, float], Image.Image] = OrderedDict()
         self._lock = threading.Lock()
