@@ -39,6 +39,9 @@ def _summary(path: Path) -> str:
 USED_BY = {
     "st_panels": "cscvision labels st MANIFEST.csv --panels {dest} --out DIR",
     "ihc_markers": "cscvision labels ihc MANIFEST.csv --markers {dest} --out DIR",
+    # the hierarchy is read from the package; a copy is a reference for writing class maps
+    "cell_types": "cscvision cells ... --class-map NAME (a map named in {dest}) or "
+    "--class-map MAP.yaml ('tool class: cell type')",
 }
 
 
