@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,11 +89,13 @@ def test_macenko_normalisation_recomposes_with_the_reference_stains():
     )[0].T
     scale = np.array([1.5, 0.8]) / np.percentile(c_src[tissue], 99, axis=0)
     expected_od = (c_src * scale) @ np.asarray(reference.stain_matrix)
-    expected = np.clip(255 * np.exp(-expected_od), 0, 255).reshape(out.shape)
-    np.testing.assert_allclose(out, expected, atol=1.0)
+    got_od = optical_density(out.reshape(-1, 3))
+    # the tile's 99th percentile is estimated on every 4th pixel: within a few % of the exact
+    keep = tissue & (expected_od.max(1) < 2.5)  # below 8-bit saturation
+    rel = np.abs(got_od - expected_od)[keep] / np.maximum(expected_od[keep], 0.05)
+    assert np.median(rel) < 0.02 and np.percentile(rel, 95) < 0.06
     # and against the generator's concentrations: the normalised tissue OD is the truth's
     truth_od = (conc * scale) @ np.asarray(reference.stain_matrix)
-    got_od = optical_density(out.reshape(-1, 3))
     err = np.abs(got_od - truth_od)[tissue & (truth_od.max(1) < 2.5)]
     assert np.median(err) < 0.05
 
@@ -124,3 +127,44 @@ def test_a_reference_round_trips_through_json():
     assert again.method == "macenko" and again.source == "tile A"
     with pytest.raises(StainError, match="lacks stain_matrix"):
         StainReference.from_dict({"method": "vahadane"})
+
+
+# --- cscvision stain on the real H&E slide ---------------------------------------------------
+
+SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmu_small_region.svs"
+
+
+@pytest.mark.skipif(not SVS.exists(), reason="../shared/data/cmu_small_region.svs not present")
+def test_stain_fit_on_a_real_slide_agrees_between_methods(tmp_path, capsys):
+    """Macenko and Vahadane, independent methods, find nearly the same stains on real H&E;
+    haematoxylin lies nearer Ruifrok's haematoxylin than his eosin (and eosin the reverse)."""
+    from cscvision.cli import main
+    from cscvision.slides.stain import RUIFROK_HE
+
+    refs = {}
+    for method in ("macenko", "vahadane"):
+        out = tmp_path / f"{method}.json"
+        assert main(["stain", "fit", str(SVS), "--out", str(out), "--method", method]) == 0
+        refs[method] = StainReference.from_dict(json.loads(out.read_text()))
+    (h1, e1), (h2, e2) = (np.asarray(r.stain_matrix) for r in refs.values())
+    assert angle_deg(h1, h2) < 3.0 and angle_deg(e1, e2) < 8.0
+    for h, e in ((h1, e1), (h2, e2)):
+        assert angle_deg(h, RUIFROK_HE[0]) < angle_deg(h, RUIFROK_HE[1])
+        assert angle_deg(e, RUIFROK_HE[1]) < angle_deg(e, RUIFROK_HE[0])
+    assert main(["stain", "show", str(tmp_path / "macenko.json")]) == 0
+    assert "from Ruifrok's" in capsys.readouterr().out
+
+
+def test_stain_cli_refuses_bad_input_with_a_message(tmp_path, capsys):
+    from cscvision.cli import main
+
+    ref = tmp_path / "ref.json"
+    ref.write_text("{}")
+    assert main(["stain", "show", str(ref)]) == 2
+    assert "not a readable stain reference" in capsys.readouterr().err
+    assert main(["stain", "fit", str(SVS), "--out", str(ref)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    args = ["stain", "fit", str(SVS), "--out", str(tmp_path / "r.json"), "--region", "1,2,3"]
+    assert main(args) == 2
+    assert "--region '1,2,3': give X,Y,W,H" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

@@ -20,6 +20,7 @@ COMMANDS = (
     "train",
     "infer",
     "cells",
+    "stain",
     "features",
     "encoders",
     "mil",
