@@ -292,7 +292,8 @@ def normalise_batch(
     Macenko/Vahadane: each tile's concentrations under ``source``'s stains (the slide's own,
     fitted once per slide; default: the reference's stains) are scaled per tile so their 99th
     percentile over its tissue (estimated on every 4th pixel) matches the reference's, then
-    recomposed with the reference stains. Reinhard: each tile's L*a*b* channels take the reference's mean and sd.
+    recomposed with the reference stains. Reinhard: each tile's L*a*b* channels take the
+    reference's mean and sd.
     """
     if reference.method == "reinhard":
         return _reinhard(batch, reference)
