@@ -1,0 +1,152 @@
+"""The manual: its tutorials run as written, the README's example runs, the site builds.
+
+Every ``bash`` and ``python`` block of a tutorial page runs, in page order, in one empty
+folder that first gets the stand-in cohort of ``docs/tutorials/index.md``. A block titled
+with a file name (```` ```yaml title="x.yaml" ````) is written to that file. A block titled
+``Not run by the tests: REASON`` is skipped, and REASON must be one the issue allows (a GPU,
+real foundation-model weights, a cluster). ``cscvision ...`` commands without shell syntax
+run in this process through ``cscvision.cli.main`` (no interpreter start per command);
+everything else runs under ``bash -e`` with this environment's ``bin`` first on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = ROOT / "docs" / "tutorials"
+# Run after the index (the stand-in cohort); each page needs only what the index made.
+PAGES = ("qupath-annotations", "ihc", "spatial-transcriptomics", "mil", "cluster", "notebook")
+NOT_RUN = "Not run by the tests:"
+ALLOWED_REASONS = re.compile(r"\b(GPU|weights|cluster|SLURM)\b", re.I)
+SHELL_SYNTAX = re.compile(r"[|&;<>$`*?(){}]")
+FILE_TITLE = re.compile(r"^[\w.-]+(/[\w.-]+)*\.\w+$")
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str
+    title: str
+    code: str
+    line: int
+
+    @property
+    def skipped_because(self) -> str | None:
+        return self.title[len(NOT_RUN) :].strip() if self.title.startswith(NOT_RUN) else None
+
+
+def fenced_blocks(text: str) -> list[Block]:
+    """The fenced code blocks of a Markdown page, indented ones (in lists) included."""
+    blocks, lines, i = [], text.splitlines(), 0
+    opening = re.compile(r"^(\s*)```(\w*)\s*(.*)$")
+    while i < len(lines):
+        m = opening.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang, attrs = len(m[1]), m[2], m[3]
+        title = re.search(r'title="([^"]*)"', attrs)
+        body, j = [], i + 1
+        while not re.match(rf"^\s{{{indent}}}```\s*$", lines[j]):
+            body.append(lines[j][indent:])
+            j += 1
+        blocks.append(Block(lang, title[1] if title else "", "\n".join(body) + "\n", i + 1))
+        i = j + 1
+    return blocks
+
+
+def shell_commands(code: str) -> list[str]:
+    """A bash block's commands: continuation lines joined, comment lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    return [c for c in joined.splitlines() if c.strip() and not c.lstrip().startswith("#")]
+
+
+def run_shell(command: str, cwd: Path, where: str) -> None:
+    words = shlex.split(command, comments=True)
+    if words[0] == "cscvision" and not SHELL_SYNTAX.search(command.split("#")[0]):
+        from cscvision.cli import main
+
+        assert main(words[1:]) == 0, f"{where}: {command}"
+        return
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", command], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"{where}: {command}\n{done.stdout}\n{done.stderr}"
+    print(done.stdout, end="")
+
+
+def run_page(page: Path, cwd: Path, namespace: dict) -> None:
+    """Run one page's blocks in order; ``bash`` state (variables) lasts one block."""
+    for block in fenced_blocks(page.read_text(encoding="utf-8")):
+        where = f"{page.relative_to(ROOT)}:{block.line}"
+        reason = block.skipped_because
+        if reason is not None:
+            assert ALLOWED_REASONS.search(reason), f"{where}: not runnable only for a GPU, "
+            continue
+        if FILE_TITLE.match(block.title):
+            (cwd / block.title).parent.mkdir(parents=True, exist_ok=True)
+            (cwd / block.title).write_text(block.code, encoding="utf-8")
+        elif block.lang == "bash":
+            commands = shell_commands(block.code)
+            if any(SHELL_SYNTAX.search(c.split("#")[0]) for c in commands):
+                run_shell("\n".join(commands), cwd, where)  # variables cross lines: one bash
+            else:
+                for command in commands:
+                    run_shell(command, cwd, where)
+        elif block.lang == "python":
+            exec(compile(block.code, where, "exec"), namespace)
+
+
+@pytest.fixture(scope="module")
+def tutorial_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tutorials")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        run_page(TUTORIALS / "index.md", folder, {})
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAGES)
+def test_tutorial_runs_as_written(name, tutorial_folder, monkeypatch):
+    monkeypatch.chdir(tutorial_folder)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    run_page(TUTORIALS / f"{name}.md", tutorial_folder, {"__name__": "__tutorial__"})
+
+
+def test_every_tutorial_page_is_run():
+    """A new tutorial page cannot be left out of the list above."""
+    on_disk = {p.stem for p in TUTORIALS.glob("*.md")} - {"index"}
+    assert on_disk == set(PAGES)
+    for name in PAGES:
+        blocks = fenced_blocks((TUTORIALS / f"{name}.md").read_text(encoding="utf-8"))
+        assert any(b.lang in ("bash", "python") and not b.skipped_because for b in blocks), name
+        for b in blocks:  # every skipped block gives an allowed reason
+            assert b.skipped_because is None or ALLOWED_REASONS.search(b.skipped_because), (
+                f"{name}.md:{b.line}: {b.title}"
+            )
+
+
+def test_fenced_blocks_parser():
+    text = (
+        "x\n```bash\ncscvision a \\\n  --b 1  # c\n# only a comment\n```\n"
+        '1. step\n\n   ```yaml title="m.yaml"\n   k: 1\n   ```\n'
+        '```bash title="Not run by the tests: needs a GPU"\nrm -rf /\n```\n'
+    )
+    b = fenced_blocks(text)
+    assert [x.lang for x in b] == ["bash", "yaml", "bash"]
+    assert shell_commands(b[0].code) == ["cscvision a --b 1  # c"]
+    assert b[1].title == "m.yaml" and b[1].code == "k: 1\n"
+    assert b[2].skipped_because == "needs a GPU"
