@@ -4,7 +4,7 @@ packaged default config, the Python API from ``cscvision``'s export table.
 MkDocs runs :func:`on_page_markdown` on every page (``hooks:`` in ``mkdocs.yml``); a page
 that holds one of the markers below gets the generated Markdown in its place, so adding a
 flag, a config key or an exported name changes the manual with no hand edit. Run as a
-script to print one part: ``python docs/hooks/reference.py cli|config|api``.
+script to print one part: ``python docs/hooks/reference.py cli|config|card|api``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ MARKERS = {
     "<!-- generated: cli -->": "cli",
     "<!-- generated: config -->": "config",
     "<!-- generated: api -->": "api",
+    "<!-- generated: card -->": "card",
 }
 
 
@@ -66,7 +67,11 @@ def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
-    if not action.option_strings or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+    if (
+        not action.option_strings
+        or action.nargs == 0
+        or action.default in (None, argparse.SUPPRESS)
+    ):
         return ""
     return f"`{action.default}`"
 
@@ -108,7 +113,9 @@ def cli_markdown() -> str:
             for c in a._choices_actions
         }  # fmt: skip
         for name, _ in _subcommands(parser):
-            lines.append(f"| [`cscvision {name}`](#cscvision-{name}) | {_cell(helps.get(name) or '')} |")
+            lines.append(
+                f"| [`cscvision {name}`](#cscvision-{name}) | {_cell(helps.get(name) or '')} |"
+            )
         lines.append("")
         for name, sub in _subcommands(parser):
             lines += _command_markdown(f"cscvision {name}", sub, 2)
@@ -122,7 +129,9 @@ def cli_markdown() -> str:
 
 # --- config ------------------------------------------------------------------------------------
 
-_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
+_KEY = re.compile(
+    r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$"
+)
 _COMMENT = re.compile(r"^(?P<indent> *)#\s?(?P<text>.*)$")
 
 
@@ -144,7 +153,7 @@ def config_markdown(path: Path | None = None) -> str:
             rows.clear()
 
     def paragraph() -> None:
-        text = [t for t in pending]
+        text = list(pending)
         pending.clear()
         if not any(t.strip() for t in text):
             return
@@ -154,7 +163,8 @@ def config_markdown(path: Path | None = None) -> str:
         if prose:
             out.extend([" ".join(t.strip() for t in prose if t.strip()), ""])
         if code:
-            out.extend(["```yaml", *[t[2:] for t in code], "```", ""])
+            lang = "yaml" if any(": " in t for t in code) else "text"
+            out.extend([f"```{lang}", *[t[2:] for t in code], "```", ""])
 
     for line in lines:
         if not line.strip():
@@ -187,15 +197,74 @@ def config_markdown(path: Path | None = None) -> str:
                 out.extend([key["comment"].strip(), ""])
             last_code_col = line.index("#") if key["comment"] else None
             continue
-        if indent == 0 and stack:
+        if indent == 0 and stack:  # a top-level key after a section: a table of its own
             stack.clear()
-        if indent == 0 and not rows and out and out[-1].startswith("##") is False:
-            pass
+            flush()
         rows.append([dotted, value, (key["comment"] or "").strip()])
-        last_code_col = line.index("#", len(key["indent"]) + len(key["key"])) if key["comment"] else None
+        last_code_col = (
+            line.index("#", len(key["indent"]) + len(key["key"])) if key["comment"] else None
+        )
     paragraph()
     flush()
     return "\n".join(out)
+
+
+# --- model card ------------------------------------------------------------------------------
+
+
+def card_markdown() -> str:
+    """The model card's fields, read from the source of ``cscvision.ModelCard``: name, type,
+    default (with its pydantic bounds) and the comments written beside the field."""
+    import ast
+    import importlib
+    import io
+    import tokenize
+
+    import cscvision
+
+    module = importlib.import_module(cscvision._API["ModelCard"])
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    comments = {
+        tok.start[0]: tok.string.lstrip("# ").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    lines = source.splitlines()
+    (cls,) = [
+        n
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.ClassDef) and n.name == "ModelCard"
+    ]
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for node in cls.body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        kind = ast.get_source_segment(source, node.annotation)
+        default = "required"
+        if node.value is not None:
+            value = node.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Field":
+                parts = [ast.get_source_segment(source, a) for a in value.args]
+                parts += [
+                    f"{k.arg}={ast.get_source_segment(source, k.value)}"
+                    for k in value.keywords
+                    if k.arg != "default_factory"
+                ]
+                factory = [k for k in value.keywords if k.arg == "default_factory"]
+                if factory:
+                    parts.insert(0, f"{ast.get_source_segment(source, factory[0].value)}()")
+                default = ", ".join(parts)
+            else:
+                default = ast.get_source_segment(source, value)
+        above, line = [], node.lineno - 1
+        while line - 1 >= 0 and lines[line - 1].strip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        meaning = " ".join([*above, comments.get(node.lineno, "")]).strip()
+        rows.append(
+            f"| `{node.target.id}` | `{_cell(kind)}` | `{_cell(default)}` | {_cell(meaning)} |"
+        )
+    return "\n".join(rows)
 
 
 # --- Python API --------------------------------------------------------------------------------
@@ -218,7 +287,12 @@ def api_markdown() -> str:
     return "\n".join(lines)
 
 
-GENERATORS = {"cli": cli_markdown, "config": config_markdown, "api": api_markdown}
+GENERATORS = {
+    "cli": cli_markdown,
+    "config": config_markdown,
+    "card": card_markdown,
+    "api": api_markdown,
+}
 
 
 def on_page_markdown(markdown: str, **_: object) -> str:
