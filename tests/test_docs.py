@@ -65,7 +65,7 @@ def fenced_blocks(text: str) -> list[Block]:
 
 def shell_commands(code: str) -> list[str]:
     """A bash block's commands: continuation lines joined, comment lines dropped."""
-    joined = re.sub(r"\\\n\s*", " ", code)
+    joined = re.sub(r"\s*\\\n\s*", " ", code)
     return [c for c in joined.splitlines() if c.strip() and not c.lstrip().startswith("#")]
 
 
@@ -150,3 +150,63 @@ def test_fenced_blocks_parser():
     assert shell_commands(b[0].code) == ["cscvision a --b 1  # c"]
     assert b[1].title == "m.yaml" and b[1].code == "k: 1\n"
     assert b[2].skipped_because == "needs a GPU"
+
+
+# --- the site ------------------------------------------------------------------------------------
+
+ASSET_URL = re.compile(
+    r"""<(?:link|script|img|source|iframe|audio|video|embed)\b[^>]*?\b(?:href|src|srcset)\s*=\s*["']?\s*((?:https?:)?//[^"'\s>]+)"""
+    r"""|@import\s+(?:url\()?\s*["']?((?:https?:)?//[^"')\s;]+)"""
+    r"""|url\(\s*["']?((?:https?:)?//[^"')\s]+)""",
+    re.I,
+)
+
+
+def external_assets(text: str) -> list[str]:
+    """URLs on the network that a page or stylesheet would load when viewed (stylesheets,
+    scripts, images, fonts); ordinary links (<a href>) are not loads."""
+    return [next(g for g in m.groups() if g) for m in ASSET_URL.finditer(text)]
+
+
+def test_external_asset_finder():
+    page = (
+        '<link rel="stylesheet" href="https://fonts.googleapis.com/css?family=Roboto">'
+        '<script src="//cdn.example.org/x.js"></script><img alt="" src="assets/a.png">'
+        '<a href="https://diataxis.fr/">a link</a><style>@import "https://x.org/y.css";</style>'
+        "body{background:url(https://x.org/bg.png)} .i{mask-image:url('data:image/svg+xml;a')}"
+    )
+    assert external_assets(page) == [
+        "https://fonts.googleapis.com/css?family=Roboto",
+        "//cdn.example.org/x.js",
+        "https://x.org/y.css",
+        "https://x.org/bg.png",
+    ]
+
+
+@pytest.mark.slow
+def test_site_builds_strict_and_offline(tmp_path):
+    site = tmp_path / "site"
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "WARNING" not in log, log
+    pages = {p.relative_to(site).as_posix() for p in site.rglob("*.html")}
+    assert {"index.html", "reference/cli.html", "reference/api.html"} <= pages
+    found = {
+        f"{p.relative_to(site)}: {url}"
+        for p in site.rglob("*")
+        if p.suffix in (".html", ".css")
+        for url in external_assets(p.read_text(encoding="utf-8", errors="replace"))
+    }
+    assert not found, "assets loaded from the network:\n" + "\n".join(sorted(found))
+    # the generated references hold what the code holds
+    from cscvision.cli import COMMANDS
+
+    cli = (site / "reference" / "cli.html").read_text(encoding="utf-8")
+    assert all(f"cscvision {c}" in cli for c in COMMANDS) and "--permutations" in cli
+    api = (site / "reference" / "api.html").read_text(encoding="utf-8")
+    assert "predict_slide" in api and "Parameters" in api
