@@ -365,14 +365,14 @@ def predict_slide(
     slide_path
         The slide.
     model
-        A loaded model (:func:`load_model`).
+        A loaded model (``load_model``).
     overlap
         Fraction of a tile shared with its neighbour, 0–0.75.
     batch_size
         Tiles per batch.
     workers, reader
         Readers working ahead of the model: threads filling whole batches, or DataLoader
-        processes (see :func:`predict_tiles`).
+        processes (see ``predict_tiles``).
     device, amp
         Where the model runs; bf16 autocast on CPUs that support it, mixed precision on GPUs.
     min_tissue
@@ -384,12 +384,12 @@ def predict_slide(
     progress
         Show a progress bar.
     prepared
-        This slide made ready ahead (:func:`prepare_slide`).
+        This slide made ready ahead (``prepare_slide``).
     decode
         Where stored JPEG tiles are decoded: ``cpu``, ``gpu`` or ``auto``.
     on_corrupt_tile
         ``fail`` the slide at a tile that cannot be decoded, or ``skip`` it
-        (see :func:`predict_grid`).
+        (see ``predict_grid``).
 
     Returns
     -------

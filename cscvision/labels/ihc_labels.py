@@ -64,7 +64,7 @@ def ihc_labels(
     pairs
         ``(marker, IHC slide path)`` for each IHC slide of this H&E slide.
     cfg
-        The marker config (:func:`marker_config`): marker → target, thresholds, maps.
+        The marker config (``marker_config``): marker → target, thresholds, maps.
     spec
         The H&E tile grid the targets are computed on (the training grid).
     reg_params

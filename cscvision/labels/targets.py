@@ -170,7 +170,7 @@ def tile_targets(
     Parameters
     ----------
     regions
-        Annotated regions (:func:`read_annotations`).
+        Annotated regions (``read_annotations``).
     class_map
         Which class names feed which target, and which are ignored or excluded.
     xy_l0

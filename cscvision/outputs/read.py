@@ -82,7 +82,7 @@ def read_outputs(out_dir: str | Path) -> dict[str, SlideOutputs]:
     Parameters
     ----------
     out_dir
-        What ``cscvision infer --out`` (or :func:`write_slide_outputs`) wrote.
+        What ``cscvision infer --out`` (or ``write_slide_outputs``) wrote.
 
     Returns
     -------

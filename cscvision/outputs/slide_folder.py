@@ -257,7 +257,7 @@ def write_slide_outputs(
     Parameters
     ----------
     pred
-        The slide's prediction (:func:`predict_slide`).
+        The slide's prediction (``predict_slide``).
     out_dir
         The slide's folder (``OUT/<slide_id>``).
     card

@@ -262,7 +262,7 @@ def colocalisation(
     weight
         Tissue weight of each scored pixel.
     a, b
-        The two regions, bool[h, w] (:func:`region_masks`).
+        The two regions, bool[h, w] (``region_masks``).
     cell_um
         Side of a map pixel in µm.
     within_um

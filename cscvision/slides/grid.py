@@ -188,7 +188,7 @@ def make_grid(
     Parameters
     ----------
     slide
-        An open slide (:func:`open_slide`).
+        An open slide (``open_slide``).
     spec
         Tile µm/px, tile px, overlap, minimum tissue fraction and the mask's µm/px.
     mask

@@ -77,7 +77,7 @@ def train(
     Parameters
     ----------
     config
-        A config (:func:`load_config`), or a YAML file or packaged config name.
+        A config (``load_config``), or a YAML file or packaged config name.
     resume
         None resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists; True requires
         it; False starts afresh (overwriting the run's checkpoints).

@@ -77,7 +77,7 @@ def _default(action: argparse.Action) -> str:
 
 
 def _command_markdown(path: str, parser: argparse.ArgumentParser, level: int) -> list[str]:
-    lines = [f"{'#' * level} `{path}`", ""]
+    lines = [f"{'#' * level} {path}", ""]
     if parser.description:
         lines += [parser.description, ""]
     lines += ["```text", parser.format_usage().strip(), "```", ""]
@@ -104,7 +104,7 @@ def cli_markdown() -> str:
     from cscvision.cli import build_parser
 
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps usage lines at the terminal's width
+    os.environ["COLUMNS"] = "80"  # argparse wraps usage lines at the terminal width
     try:
         parser = build_parser()
         lines = ["| command | what it does |", "|---|---|"]
