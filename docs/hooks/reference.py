@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # document the tree being built, not another installed copy
+    sys.path.insert(0, str(ROOT))
 MARKERS = {
     "<!-- generated: cli -->": "cli",
     "<!-- generated: config -->": "config",
