@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-model test test-fast lint install wheel system-deps browser clean
+.PHONY: demo demo-model test test-fast lint install wheel system-deps browser docs clean
 
 install: $(STAMP)
 
@@ -47,5 +47,9 @@ lint: $(STAMP)
 wheel: $(STAMP)
 	$(BIN)/python -m build --outdir dist .
 
+# The manual (mkdocs.yml, docs/) built offline into site/; strict: any warning fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) demo_out dist build
+	rm -rf $(VENV) demo_out dist build site

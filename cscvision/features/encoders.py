@@ -219,7 +219,35 @@ def fit_state_dict(
 def load_encoder(
     spec: EncoderSpec | str, weights: str | Path, *, device: str | torch.device = "cpu"
 ) -> Encoder:
-    """The encoder with the weights of the local file ``weights``, in eval mode, float32."""
+    """A registered encoder with the weights of a local file (nothing is downloaded).
+
+    Parameters
+    ----------
+    spec
+        A registered encoder or its name (``cscvision encoders`` lists them).
+    weights
+        The local weights file (``.safetensors``, or ``.bin``/``.pth`` read with
+        ``weights_only=True``).
+    device
+        Where to put the encoder.
+
+    Returns
+    -------
+    Encoder
+        A torch module in eval mode, float32: normalised float [B, 3, H, W] → [B, D].
+
+    Raises
+    ------
+    EncoderError
+        An unknown name, or a file that is missing or does not fit the architecture (the
+        message names the encoder, the file and the first mismatched key).
+    FeaturesUnavailable
+        The ``features`` extra is not installed.
+
+    Examples
+    --------
+    >>> encoder = cscvision.load_encoder("uni", "/models/uni/pytorch_model.bin")
+    """
     spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
     path = Path(weights)
     state = read_state_dict(path, spec.name)

@@ -87,7 +87,24 @@ def import_h5py() -> Any:
 
 
 def write_feature_store(path: str | Path, store: FeatureStore) -> Path:
-    """Write ``store`` to ``path`` (HDF5) atomically; returns ``path``."""
+    """Write a feature store (HDF5) atomically.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    store
+        The store.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> cscvision.write_feature_store("features/S01.h5", store)
+    """
     h5py = import_h5py()
     xy = np.asarray(store.xy_l0)
     feats = np.asarray(store.features)
@@ -126,7 +143,29 @@ def _plain(value: Any) -> Any:
 
 
 def read_feature_store(path: str | Path) -> FeatureStore:
-    """The store at ``path``, arrays in memory; :class:`FeatureStoreError` if unreadable."""
+    """Read a feature store (one slide's tile embeddings) into memory.
+
+    Parameters
+    ----------
+    path
+        The HDF5 store (``<slide_id>.h5``).
+
+    Returns
+    -------
+    FeatureStore
+        ``xy_l0`` int32[N, 2], ``features`` float16[N, D], the encoder, weights digest, grid
+        and slide it was made from.
+
+    Raises
+    ------
+    FeatureStoreError
+        The file is missing, not HDF5, or lacks a dataset or attribute.
+
+    Examples
+    --------
+    >>> store = cscvision.read_feature_store("features/S01.h5")
+    >>> store.features.shape, store.encoder
+    """
     h5py = import_h5py()
     attrs = read_store_attrs(path)
     with h5py.File(path, "r") as f:

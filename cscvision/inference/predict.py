@@ -357,12 +357,56 @@ def predict_slide(
     decode: str = "cpu",
     on_corrupt_tile: str = "fail",
 ) -> SlidePrediction:
-    """Tile ``slide_path`` at the model card's µm/px and tile size, score and stitch.
+    """Score one slide with a model: tile it at the card's µm/px and tile size, score every
+    tissue tile and blend the tiles into maps.
 
-    ``slide_mpp`` overrides the slide's level-0 µm/px; ``workers`` and ``reader``: see
-    :func:`predict_tiles`, as ``decode``; ``on_corrupt_tile``: see :func:`predict_grid`;
-    ``prepared``: this slide made ready ahead (:func:`prepare_slide`). Raises ``SlideError``
-    when the slide cannot be read or has no tile with ``min_tissue`` tissue.
+    Parameters
+    ----------
+    slide_path
+        The slide.
+    model
+        A loaded model (``load_model``).
+    overlap
+        Fraction of a tile shared with its neighbour, 0–0.75.
+    batch_size
+        Tiles per batch.
+    workers, reader
+        Readers working ahead of the model: threads filling whole batches, or DataLoader
+        processes (see ``predict_tiles``).
+    device, amp
+        Where the model runs; bf16 autocast on CPUs that support it, mixed precision on GPUs.
+    min_tissue
+        Tissue fraction a tile needs to be scored.
+    slide_mpp
+        Level-0 µm/px for a slide whose metadata gives none.
+    mask_mpp
+        µm/px of the tissue-detection thumbnail.
+    progress
+        Show a progress bar.
+    prepared
+        This slide made ready ahead (``prepare_slide``).
+    decode
+        Where stored JPEG tiles are decoded: ``cpu``, ``gpu`` or ``auto``.
+    on_corrupt_tile
+        ``fail`` the slide at a tile that cannot be decoded, or ``skip`` it
+        (see ``predict_grid``).
+
+    Returns
+    -------
+    SlidePrediction
+        The grid, tile probabilities float[N, T], the blended maps [T, rows, cols] with their
+        level-0 transform, the tissue map and the thumbnail.
+
+    Raises
+    ------
+    SlideError
+        The slide cannot be read or has no tile with ``min_tissue`` tissue.
+
+    Examples
+    --------
+    >>> model = cscvision.load_model("demo")
+    >>> pred = cscvision.predict_slide("slide.svs", model)
+    >>> pred.probs.shape, pred.maps.shape
     """
     if prepared is None:
         prepared = prepare_slide(

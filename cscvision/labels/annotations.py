@@ -71,10 +71,35 @@ def read_annotations(
 ) -> list[Region]:
     """Polygonal regions of a QuPath GeoJSON (``.geojson``/``.json``) or ASAP XML (``.xml``) file.
 
-    ``offset_xy`` is added to every coordinate (see the module notes on QuPath and bounds).
     Only objects whose type is in ``object_types`` are kept (QuPath detections and cells are
     skipped by default); points and lines have no area and are skipped. Invalid polygons are
-    repaired with ``shapely.make_valid``; one that leaves no area raises :class:`AnnotationError`.
+    repaired with ``shapely.make_valid``.
+
+    Parameters
+    ----------
+    path
+        The annotation file.
+    offset_xy
+        Added to every coordinate: OpenSlide's ``bounds-x/-y`` for QuPath files of slides
+        with an empty margin (see the module notes on QuPath and bounds).
+    object_types
+        Object types to keep (``"annotation"``, ``"detection"``, ``"cell"``, ...).
+
+    Returns
+    -------
+    list[Region]
+        One region per object: class name, (Multi)Polygon in level-0 pixels, colour, type.
+
+    Raises
+    ------
+    AnnotationError
+        The file cannot be parsed, has NaN or infinite coordinates, or a polygon that leaves
+        no area once repaired; the message names the file.
+
+    Examples
+    --------
+    >>> regions = cscvision.read_annotations("slide.geojson")
+    >>> sorted({r.name for r in regions})
     """
     path = Path(path)
     suffix = path.suffix.lower()

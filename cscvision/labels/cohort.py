@@ -43,7 +43,32 @@ class CohortEntry:
 
 
 def read_cohort(csv_path: str | Path) -> list[CohortEntry]:
-    """Entries of a cohort manifest; raises :class:`CohortError` naming the file and row."""
+    """The entries of a cohort manifest (CSV).
+
+    Columns: ``slide_path`` and ``patient_id`` (required), ``slide_id``, ``annotation_path``,
+    ``label_path`` and ``split`` (optional); paths are relative to the CSV.
+
+    Parameters
+    ----------
+    csv_path
+        The manifest.
+
+    Returns
+    -------
+    list[CohortEntry]
+        One entry per row, paths resolved.
+
+    Raises
+    ------
+    CohortError
+        A missing column, a missing file, a duplicate or unsafe slide id, or a patient in
+        two splits; the message names the file and row.
+
+    Examples
+    --------
+    >>> entries = cscvision.read_cohort("cohort.csv")
+    >>> {e.patient_id for e in entries}
+    """
     csv_path = Path(csv_path)
     try:
         rows = read_csv(csv_path)

@@ -54,7 +54,32 @@ class MarkerConfig:
 
 
 def marker_config(d: Mapping, source: str = "marker config") -> MarkerConfig:
-    """A :class:`MarkerConfig` from a parsed YAML/JSON mapping; errors name ``source``."""
+    """A marker config from a parsed YAML/JSON mapping.
+
+    Parameters
+    ----------
+    d
+        The mapping: ``markers`` (marker → ``target``, ``mpp``, ``min_density``),
+        ``combine``, ``stain_vectors``, ``dab_threshold`` and the other keys of
+        ``configs/ihc_markers.yaml``.
+    source
+        What to call the mapping in errors (a file name).
+
+    Returns
+    -------
+    MarkerConfig
+        The checked config.
+
+    Raises
+    ------
+    ValueError
+        An unknown key, a missing ``target`` or a value out of range; the message names
+        ``source``.
+
+    Examples
+    --------
+    >>> cfg = cscvision.marker_config({"markers": {"CD44": {"target": "stemness"}}})
+    """
     raw = d.get("markers")
     if not isinstance(raw, Mapping) or not raw:
         raise ValueError(f"{source}: needs 'markers:' mapping marker names to targets")

@@ -53,10 +53,44 @@ def ihc_labels(
     reg_params: RegistrationParams | None = None,
     slide_mpp: float | None = None,
 ) -> IhcLabels:
-    """Register every (marker, IHC slide) of an H&E slide and turn DAB into tile targets.
+    """Register every (marker, IHC slide) pair of an H&E slide and turn DAB into tile targets.
 
-    A failed registration yields no table (``reason`` says which and why), never labels.
-    ``slide_mpp``: level-0 µm/px for slides whose metadata gives none."""
+    Parameters
+    ----------
+    slide_id
+        The H&E slide's id (the table's name).
+    he_path
+        The H&E slide.
+    pairs
+        ``(marker, IHC slide path)`` for each IHC slide of this H&E slide.
+    cfg
+        The marker config (``marker_config``): marker → target, thresholds, maps.
+    spec
+        The H&E tile grid the targets are computed on (the training grid).
+    reg_params
+        Registration settings; the defaults when not given.
+    slide_mpp
+        Level-0 µm/px for slides whose metadata gives none.
+
+    Returns
+    -------
+    IhcLabels
+        The tile-label table (None when a registration failed, with ``reason`` saying which
+        and why), each marker's result, the QuPath GeoJSON of positive regions and counts.
+
+    Raises
+    ------
+    ValueError
+        A marker of ``pairs`` that ``cfg`` does not name.
+    SlideError
+        A slide cannot be read.
+
+    Examples
+    --------
+    >>> cfg = cscvision.marker_config(yaml.safe_load(open("markers.yaml")))
+    >>> out = cscvision.ihc_labels("S01", "he/S01.svs", [("CD44", "ihc/S01_CD44.svs")], cfg,
+    ...                            cscvision.GridSpec(mpp=0.5, tile_px=224))
+    """
     results, values, frames = [], {}, {}
     with open_slide(he_path, mpp=slide_mpp) as he:
         grid, mask = he_tiles(he, spec)

@@ -165,7 +165,35 @@ def _zscore(adata: Any, genes: Sequence[str]) -> np.ndarray:
 def score_programmes(
     adata: Any, config: ProgrammeConfig, source: str = ""
 ) -> tuple[np.ndarray, dict[str, list[str]]]:
-    """Scores float32[N, P] (panels in config order) and the genes each panel used."""
+    """Gene-programme scores of every spot of a sample.
+
+    Counts are library-size normalised and log1p'd, then each panel is scored by
+    ``scanpy.tl.score_genes`` or by the mean of per-gene z-scores, as ``config`` says.
+
+    Parameters
+    ----------
+    adata
+        Spots × genes raw counts (``STSample.adata``).
+    config
+        The panels and the scoring method.
+    source
+        What to call the sample in warnings and errors.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, dict[str, list[str]]]
+        Scores float32[N, P] (panels in config order) and the genes each panel used.
+
+    Raises
+    ------
+    STError
+        A panel with fewer than 2 of its genes in the matrix (the message names the panel
+        and its genes).
+
+    Examples
+    --------
+    >>> scores, used = cscvision.score_programmes(sample.adata, cscvision.ProgrammeConfig())
+    """
     sc = require_module("scanpy")
     genes = match_genes(config.panels, adata.var_names, source)
     data = normalise(adata, config.target_sum)

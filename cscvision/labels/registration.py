@@ -438,9 +438,36 @@ def level_mpps(fixed: SlideReader, moving: SlideReader, p: RegistrationParams) -
 def register_slides(
     fixed: SlideReader, moving: SlideReader, params: RegistrationParams | None = None, seed: int = 0
 ) -> tuple[Registration, np.ndarray]:
-    """Register ``moving`` (IHC) onto ``fixed`` (H&E); return the result and a QC picture.
+    """Register an IHC slide (``moving``) onto its H&E slide (``fixed``).
 
+    Coarse to fine on thumbnails, in level-0 µm of both slides: a rigid search over both
+    mirrorings and every rotation, then affine fits of patch matches (RANSAC), optionally a
+    smooth non-rigid field.
+
+    Parameters
+    ----------
+    fixed, moving
+        The open H&E and IHC slides.
+    params
+        Registration settings; the defaults when not given.
+    seed
+        Seed of the random parts (RANSAC, the held-out folds).
+
+    Returns
+    -------
+    tuple[Registration, numpy.ndarray]
+        The result (transform ``matrix_um`` H&E µm → IHC µm, mirroring, rotation, matches,
+        held-out error, tissue Dice, ``ok`` and ``reason``) and a QC picture (uint8 RGB).
+
+    Notes
+    -----
     Never raises for a failed registration: ``ok`` is False and ``reason`` says why.
+
+    Examples
+    --------
+    >>> with cscvision.open_slide("he.svs") as he, cscvision.open_slide("cd44.svs") as ihc:
+    ...     reg, qc = cscvision.register_slides(he, ihc)
+    >>> reg.ok, reg.reason
     """
     p = params or RegistrationParams()
     mpps = level_mpps(fixed, moving, p)

@@ -216,7 +216,32 @@ def read_hest(path: str | Path) -> STSample:
 
 
 def read_st(path: str | Path) -> STSample:
-    """A Space Ranger ``outs/`` folder (or the run folder above it) or a HEST ``.h5ad``."""
+    """Spots in tissue of one spatial-transcriptomics sample.
+
+    Parameters
+    ----------
+    path
+        A Space Ranger ``outs/`` folder (or the run folder above it) or a HEST-1k ``.h5ad``.
+
+    Returns
+    -------
+    STSample
+        Raw counts (AnnData, spots × genes), spot centres in full-resolution image pixels,
+        the spot diameter when the sample gives it, and the number of spots dropped as
+        outside tissue.
+
+    Raises
+    ------
+    STError
+        The files are missing or unreadable; the message names them.
+    ImportError
+        The ``st`` extra is not installed (``pip install "cscvision[st]"``).
+
+    Examples
+    --------
+    >>> sample = cscvision.read_st("spaceranger/P01-A/outs")
+    >>> sample.adata.n_obs, sample.centres_px[:2]
+    """
     path = Path(path)
     if path.is_file() and path.suffix == ".h5ad":
         return read_hest(path)

@@ -82,7 +82,24 @@ def _cell(value: float) -> str:
 
 
 def write_label_table(path: str | Path, table: LabelTable) -> Path:
-    """Write the CSV and its sidecar JSON (both atomically); return the CSV's path."""
+    """Write a tile-label table: the CSV and its sidecar JSON, each atomically.
+
+    Parameters
+    ----------
+    path
+        The CSV to write (``<slide_id>.labels.csv``); the sidecar goes beside it.
+    table
+        The table.
+
+    Returns
+    -------
+    pathlib.Path
+        The CSV's path.
+
+    Examples
+    --------
+    >>> cscvision.write_label_table("labels/S01.labels.csv", table)
+    """
     path = Path(path)
     header = ["x", "y", *table.targets]
     columns = [table.xy_l0[:, 0].astype(np.int64), table.xy_l0[:, 1].astype(np.int64)]
@@ -155,7 +172,30 @@ def _numbers(path: Path, name: str, cells: list[str], *, blank_ok: bool) -> np.n
 
 
 def read_label_table(path: str | Path) -> LabelTable:
-    """Read a table and its sidecar; errors name the file and what is wrong."""
+    """Read a tile-label table (``<slide_id>.labels.csv``) and its sidecar JSON.
+
+    Parameters
+    ----------
+    path
+        The table's CSV; its sidecar ``.labels.json`` must lie beside it.
+
+    Returns
+    -------
+    LabelTable
+        Level-0 ``xy_l0``, one column per target (NaN = unknown), optional weights and
+        validity, and the sidecar's tile px, µm/px, source and provenance.
+
+    Raises
+    ------
+    LabelTableError
+        The CSV or sidecar is missing or malformed; the message names the file and what is
+        wrong.
+
+    Examples
+    --------
+    >>> table = cscvision.read_label_table("labels/S01.labels.csv")
+    >>> table.targets, table.tile_px, table.mpp
+    """
     path = Path(path)
     meta = _read_sidecar(path)
     targets = tuple(str(t) for t in meta["targets"])

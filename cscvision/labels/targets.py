@@ -159,13 +159,45 @@ def tile_targets(
     mask_scale: float | None = None,
     raster_scale: float | None = None,
 ) -> TileTargets:
-    """Soft targets of tiles with top-left corners ``xy_l0`` (int[N, 2]) and side ``tile_l0``.
+    """Soft targets of tiles: the fraction of each tile covered by each target's regions.
 
     With ``tissue_mask`` (bool[h, w], mask_px = l0_px * ``mask_scale``), a target's value is
     area(target ∩ tissue) / area(tissue) within the tile, 0 where the tile has no tissue;
     regions are rasterised on the mask's grid. Without it the value is the covered fraction
     of the whole tile, rasterised at ``raster_scale`` (default: 16 raster pixels per tile
     side). A tile is ``excluded`` if any excluded region covers part of it.
+
+    Parameters
+    ----------
+    regions
+        Annotated regions (``read_annotations``).
+    class_map
+        Which class names feed which target, and which are ignored or excluded.
+    xy_l0
+        Level-0 top-left corners of the tiles, int[N, 2].
+    tile_l0
+        Tile side in level-0 pixels.
+    tissue_mask, mask_scale
+        The tissue mask and its scale (mask pixels per level-0 pixel); both or neither.
+    raster_scale
+        Raster pixels per level-0 pixel when there is no tissue mask.
+
+    Returns
+    -------
+    TileTargets
+        ``targets`` float32[N, T] in ``class_map.targets`` order, ``excluded`` bool[N], and
+        the class names found but not mapped.
+
+    Raises
+    ------
+    ValueError
+        ``xy_l0`` is not int[N, 2], or the mask and its scale do not come together.
+
+    Examples
+    --------
+    >>> regions = cscvision.read_annotations("slide.geojson")
+    >>> t = cscvision.tile_targets(regions, cscvision.ClassMap(), grid.xy_l0, grid.tile_l0)
+    >>> t.targets.shape  # (tiles, targets)
     """
     xy_l0 = np.asarray(xy_l0).reshape(-1, 2)
     if tissue_mask is not None:

@@ -75,9 +75,31 @@ def read_slide_outputs(folder: str | Path) -> SlideOutputs:
 
 
 def read_outputs(out_dir: str | Path) -> dict[str, SlideOutputs]:
-    """Every complete slide under ``out_dir`` (what ``cscvision infer --out`` wrote), by id.
+    """Read a batch's outputs back: every complete slide under ``out_dir``, by id.
 
     Folders without ``summary.json`` (unfinished slides) are left out.
+
+    Parameters
+    ----------
+    out_dir
+        What ``cscvision infer --out`` (or ``write_slide_outputs``) wrote.
+
+    Returns
+    -------
+    dict[str, SlideOutputs]
+        Per slide id: the tile table (pandas), the maps and their level-0 transform, the
+        tissue map, the µm/px and the summary.
+
+    Raises
+    ------
+    OutputsError
+        A slide folder whose files are unreadable.
+
+    Examples
+    --------
+    >>> outputs = cscvision.read_outputs("results")
+    >>> one = outputs["S01"]
+    >>> one.tiles.head(), one.maps["stemness"].shape, one.transform.to_l0(0, 0)
     """
     out = Path(out_dir)
     if not out.is_dir():

@@ -38,7 +38,34 @@ def region_masks(
     targets: Sequence[str],
     thresholds: Sequence[float],
 ) -> dict[str, np.ndarray]:
-    """Per target: scored pixels at/above its threshold; plus the niche (first two targets)."""
+    """Each target's region, and the niche: the one definition every output uses.
+
+    A map pixel is in a target's region when it was scored, holds tissue and its probability
+    is at or above the target's threshold; the niche is where the first two targets' regions
+    overlap.
+
+    Parameters
+    ----------
+    maps
+        Blended maps float[T, rows, cols], NaN where no tile was scored.
+    tissue_map
+        Tissue fraction of each map pixel, float[rows, cols].
+    targets
+        Target names, in map order.
+    thresholds
+        One threshold per target.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        Target name → bool[rows, cols], plus the niche's mask under its class name.
+
+    Examples
+    --------
+    >>> one = cscvision.read_outputs("results")["S01"]
+    >>> maps = np.stack([one.maps[t] for t in one.targets])
+    >>> masks = cscvision.region_masks(maps, one.tissue_map, one.targets, [0.5, 0.5])
+    """
     scored = scored_pixels(maps, tissue_map)
     filled = np.nan_to_num(maps, nan=-np.inf)
     out = {

@@ -248,8 +248,34 @@ def write_slide_outputs(
     model_info: dict | None = None,
     settings: dict | None = None,
 ) -> dict[str, Any]:
-    """Write every per-slide output into ``out_dir`` (the slide's folder); returns the
-    summary. ``summary.json`` goes last and marks the folder complete."""
+    """Write every per-slide output of a prediction into the slide's folder.
+
+    ``tiles.csv``, ``maps.npz``, the overlays, the likelihood TIFFs, the GeoJSON and
+    ``summary.json``, each atomically; ``summary.json`` goes last and marks the folder
+    complete.
+
+    Parameters
+    ----------
+    pred
+        The slide's prediction (``predict_slide``).
+    out_dir
+        The slide's folder (``OUT/<slide_id>``).
+    card
+        The model's card (targets, thresholds, colours, units).
+    thumb
+        The slide's thumbnail for the overlays; the prediction's when not given.
+    model_info, settings
+        What ``summary.json`` records about the model and the run's settings.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``.
+
+    Examples
+    --------
+    >>> cscvision.write_slide_outputs(pred, f"results/{pred.slide_id}", model.card)
+    """
     folder = Path(out_dir)
     names = [
         f"{pred.slide_id}.geojson",

@@ -29,10 +29,33 @@ HOTSPOT_ALPHA = 0.05  # Getis-Ord Gi* hot spots: FDR (Benjamini-Hochberg) at thi
 def within_fraction(
     a: np.ndarray, b: np.ndarray, weight: np.ndarray, cell_um: float, within_um: float
 ) -> float | None:
-    """Share of ``a``'s tissue-weighted area lying within ``within_um`` of ``b``'s region
-    (distance from each part of ``a`` to the nearest edge of ``b``'s pixels; inside ``b``
-    is distance 0). Measured on a raster of ``cell_um / sub`` ≤ ``within_um / 8``, each
-    raster cell counted at its centre. ``None`` when ``a`` or ``b`` is empty."""
+    """Share of region ``a``'s tissue-weighted area within ``within_um`` of region ``b``.
+
+    Distance runs from each part of ``a`` to the nearest edge of ``b``'s pixels (inside ``b``
+    is distance 0), measured on a raster of ``cell_um / sub`` ≤ ``within_um / 8``, each raster
+    cell counted at its centre.
+
+    Parameters
+    ----------
+    a, b
+        The two regions, bool[h, w].
+    weight
+        Tissue weight of each map pixel.
+    cell_um
+        Side of a map pixel in µm.
+    within_um
+        The radius in µm; 0 gives the share of ``a`` inside ``b``.
+
+    Returns
+    -------
+    float or None
+        The share in [0, 1]; None when ``a`` or ``b`` is empty.
+
+    Examples
+    --------
+    >>> cscvision.within_fraction(masks["stemness"], masks["immunosuppressive"],
+    ...     one.tissue_map, cell_um=16.0, within_um=100.0)
+    """
     total = float((weight * a).sum())
     if not b.any() or total <= 0:
         return None
@@ -273,10 +296,45 @@ def colocalisation(
     permutations: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Every co-localisation figure of targets 0 (``a``) and 1 (``b``) of one slide.
+    """Every co-localisation figure of two targets of one slide, each with its null.
 
-    ``maps`` float[2, h, w] (NaN unscored), ``weight`` tissue weight of each scored pixel,
-    ``a``/``b`` the two regions. The null moves target 1's map, regions and hot spots.
+    The colocation quotient, Lee's L, the hot-spot Jaccard and Morisita–Horn, each as
+    ``observed``, ``null_mean``, ``null_sd``, ``z`` and ``p``; the null moves target 1's map,
+    regions and hot spots rigidly (toroidal shifts and symmetries), keeping each map's own
+    spatial structure.
+
+    Parameters
+    ----------
+    maps
+        The two targets' maps, float[2, h, w], NaN where unscored.
+    weight
+        Tissue weight of each scored pixel.
+    a, b
+        The two regions, bool[h, w] (``region_masks``).
+    cell_um
+        Side of a map pixel in µm.
+    within_um
+        Radius of the within-distance share and the colocation quotient.
+    permutations
+        Rigid moves in the null; 0 reports the figures without p-values.
+    seed
+        Seed of the null (the CLI uses a CRC32 of the slide id).
+
+    Returns
+    -------
+    dict
+        Figure name → its observed value and null; ``None`` where a figure is undefined.
+
+    Raises
+    ------
+    ValueError
+        ``maps`` is not float[2, h, w] or the masks' shapes differ from it.
+
+    Examples
+    --------
+    >>> figures = cscvision.colocalisation(maps, weight, masks["stemness"],
+    ...     masks["immunosuppressive"], cell_um=16.0, within_um=100.0, permutations=199, seed=0)
+    >>> figures["colocation_quotient"]["p"]
     """
     scored = weight > 0
     null = rigid_null(scored, permutations, seed)

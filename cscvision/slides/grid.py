@@ -151,7 +151,28 @@ def slide_id_of(path: str | Path) -> str:
 def detect_tissue(
     slide: Slide, mask_mpp: float = DEFAULT_MASK_MPP, params: TissueParams | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Thumbnail at ``mask_mpp`` and its tissue mask."""
+    """A slide's thumbnail and its tissue mask, from the thumbnail (never from level 0).
+
+    Parameters
+    ----------
+    slide
+        An open slide.
+    mask_mpp
+        µm/px of the thumbnail (default 8).
+    params
+        Tissue-detection settings; the defaults when not given.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, numpy.ndarray]
+        The RGB thumbnail (uint8[h, w, 3]) and the tissue mask (bool[h, w]).
+
+    Examples
+    --------
+    >>> with cscvision.open_slide("slide.svs") as slide:
+    ...     thumb, mask = cscvision.detect_tissue(slide)
+    >>> mask.mean()  # share of the thumbnail that is tissue
+    """
     thumb = slide.thumbnail(mask_mpp)
     return thumb, tissue_mask(thumb, mask_mpp, params)
 
@@ -162,7 +183,36 @@ def make_grid(
     mask: np.ndarray | None = None,
     params: TissueParams | None = None,
 ) -> TileGrid:
-    """The tissue tiles of ``slide``; ``mask`` (at ``spec.mask_mpp``) is computed if not given."""
+    """The tissue tiles of a slide at the resolution and tile size ``spec`` names.
+
+    Parameters
+    ----------
+    slide
+        An open slide (``open_slide``).
+    spec
+        Tile µm/px, tile px, overlap, minimum tissue fraction and the mask's µm/px.
+    mask
+        A tissue mask at ``spec.mask_mpp``; computed from a thumbnail when not given.
+    params
+        Tissue-detection settings; the defaults when not given.
+
+    Returns
+    -------
+    TileGrid
+        Level-0 top-left corners ``xy_l0`` (int[N, 2]) of the tiles with at least
+        ``spec.min_tissue`` tissue, their tissue fractions and the read plan.
+
+    Raises
+    ------
+    SlideError
+        The slide cannot be read.
+
+    Examples
+    --------
+    >>> with cscvision.open_slide("slide.svs") as slide:
+    ...     grid = cscvision.make_grid(slide, cscvision.GridSpec(mpp=0.5, tile_px=224))
+    >>> grid.xy_l0[:2]
+    """
     info = slide.info
     if mask is None:
         _, mask = detect_tissue(slide, spec.mask_mpp, params)

@@ -462,9 +462,41 @@ def open_slide(
     fast: bool = True,
     memory_budget: int = MEMORY_BUDGET_BYTES,
 ) -> Slide:
-    """Open a slide (a file, or a folder holding one DICOM WSI). ``mpp`` overrides the
-    level-0 µm/px; without it metadata must say. Reads over ``memory_budget`` bytes are
-    refused."""
+    """Open a whole-slide image for reading, as a context manager.
+
+    Any format OpenSlide opens is a slide (SVS, NDPI, MRXS, SCN, generic tiled TIFF, DICOM
+    WSI, plain images); a folder holding one DICOM WSI is one slide. The level-0 µm/px comes
+    from the metadata, else the TIFF resolution tags, else ``mpp``; never a silent guess.
+
+    Parameters
+    ----------
+    path
+        The slide file, or the folder of a DICOM WSI.
+    mpp
+        Level-0 µm/px for a slide whose metadata gives none (0.05–20). A slide that states
+        its own keeps it, with a warning if the two disagree.
+    fast
+        Decode stored JPEG tiles directly where the file allows (same pixels as OpenSlide).
+    memory_budget
+        Bytes one read may allocate; larger reads are refused before allocating.
+
+    Returns
+    -------
+    Slide
+        The open slide; ``slide.info`` holds its geometry and µm/px. Close it, or use
+        ``with``.
+
+    Raises
+    ------
+    SlideError
+        The file is missing, not a slide, corrupt, or states no plausible µm/px (the message
+        names the file and the fix, e.g. ``--slide-mpp``).
+
+    Examples
+    --------
+    >>> with cscvision.open_slide("slide.svs") as slide:
+    ...     print(slide.info.dimensions, slide.info.mpp)
+    """
     return Slide(path, mpp=mpp, fast=fast, memory_budget=memory_budget)
 
 

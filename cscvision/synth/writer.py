@@ -265,17 +265,51 @@ def write_cohort(
     visium_layout: str = "2.0",
     infiltration: bool = False,
 ) -> Path:
-    """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
+    """Write a synthetic cohort with its ground truth: slides, annotations and ``cohort.csv``.
 
-    ``workers`` > 1 writes slides in parallel processes (same bytes as one worker);
-    ``progress`` shows tqdm bars (slides, and rows of tiles within a slide).
-    ``ihc_markers`` adds paired IHC slides and ``ihc_manifest.csv`` (``IHC_COLUMNS``);
-    ``visium`` adds a synthetic Space Ranger folder per slide and an ``st_path`` column to
-    ``cohort.csv`` (``visium_layout``: Space Ranger "2.0" or "1.x"). ``region_share`` is the
-    range each slide's stemness-rich and immunosuppressive shares of tissue are drawn from
-    (widen it for slide-label cohorts).
-    ``cohort.csv``'s ``cells_path`` names each slide's cell table; ``infiltration`` draws
-    each slide's lymphocyte infiltration of tumour and stroma (cscvision.synth.cells).
+    Parameters
+    ----------
+    out_dir
+        The folder to write.
+    n_slides, n_patients
+        How many slides, spread over how many patients.
+    size_px
+        Slide side in pixels (or width, height).
+    seed
+        Same seed, same bytes.
+    mpp, tile_px, quality
+        Level-0 µm/px, stored tile size and JPEG quality of the pyramidal TIFFs.
+    artefact_rate
+        Scales how many pen marks, folds, bubbles and blurred areas are drawn.
+    overwrite
+        Rewrite slides that exist.
+    workers
+        Processes writing slides in parallel (same bytes as one worker).
+    progress
+        Show progress bars (slides, and rows of tiles within a slide).
+    ihc_markers
+        Add paired IHC slides of these markers and ``ihc_manifest.csv``.
+    visium
+        Add a synthetic Space Ranger folder per slide and an ``st_path`` column.
+    visium_layout
+        Its Space Ranger layout: "2.0" (``tissue_positions.csv`` with a header) or "1.x"
+        (``tissue_positions_list.csv``, no header).
+    infiltration
+        Draw each slide's lymphocyte infiltration of tumour and stroma independently of its
+        regions (cscvision.synth.cells). Every slide gets its cell table either way
+        (``cohort.csv``'s ``cells_path``).
+    region_share
+        Range each slide's stemness-rich and immunosuppressive shares of tissue are drawn
+        from (widen it for slide-label cohorts).
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``cohort.csv``.
+
+    Examples
+    --------
+    >>> csv = cscvision.write_cohort("cohort", n_slides=2, n_patients=2, size_px=2048, seed=0)
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)

@@ -184,7 +184,29 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
 
 
 def read_card(model_dir: str | Path) -> ModelCard:
-    """The card of a model folder or packaged model name (see :func:`resolve_model_dir`)."""
+    """The model card of an exported model.
+
+    Parameters
+    ----------
+    model_dir
+        An exported model folder, or a packaged model name such as ``"demo"``.
+
+    Returns
+    -------
+    ModelCard
+        The checked card.
+
+    Raises
+    ------
+    ModelError
+        No such folder or name, no card, a card that is not JSON or does not fit the schema,
+        or a schema newer than this cscvision.
+
+    Examples
+    --------
+    >>> card = cscvision.read_card("demo")
+    >>> card.targets, card.tile_px, card.mpp
+    """
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / CARD_FILE
     try:

@@ -258,7 +258,32 @@ def resolve_config(name_or_path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (or packaged config name), then overrides."""
+    """A training config: the defaults, then a YAML file, then overrides.
+
+    Parameters
+    ----------
+    path
+        A YAML file, or a packaged config name (``default``, ``cpu_demo``, ``gpu``, ...);
+        None for the defaults alone.
+    overrides
+        Dotted ``KEY=VALUE`` strings, values parsed as YAML (``trainer.max_epochs=3``).
+
+    Returns
+    -------
+    TrainConfig
+        The resolved, checked config.
+
+    Raises
+    ------
+    ConfigError
+        An unknown key (the message lists the valid ones), a value of the wrong type or
+        range, or a file that cannot be read; the message names the file or the key.
+
+    Examples
+    --------
+    >>> cfg = cscvision.load_config("cpu_demo", ["cohort.csv=cohort.csv", "trainer.max_epochs=1"])
+    >>> cfg.grid.tile_px
+    """
     import yaml
 
     data: dict[str, Any] = {}

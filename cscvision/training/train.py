@@ -69,10 +69,39 @@ def train(
     resume: bool | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train, validate, test and export as ``config`` says.
+    """Train, validate, test and export a model as ``config`` says.
 
-    ``resume``: None resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists;
-    True requires it; False starts afresh (overwriting the run's checkpoints).
+    Slides are split by patient; the best checkpoint (by the monitored validation metric) is
+    calibrated and thresholded on validation, scored once on test, and exported.
+
+    Parameters
+    ----------
+    config
+        A config (``load_config``), or a YAML file or packaged config name.
+    resume
+        None resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists; True requires
+        it; False starts afresh (overwriting the run's checkpoints).
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    TrainResult
+        The run folder, the exported model folder, the best checkpoint, validation and test
+        metrics, thresholds and the split summary.
+
+    Raises
+    ------
+    ConfigError
+        The config is invalid.
+    TrainError
+        The cohort cannot be split by patient, a target has no positive training tile, a
+        label table's grid differs from the config's, or a resume does not fit the run.
+
+    Examples
+    --------
+    >>> result = cscvision.train(cscvision.load_config("cpu_demo", ["cohort.csv=cohort.csv"]))
+    >>> result.metrics["test"]
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     cfg = with_encoder_grid(with_absolute_paths(cfg))
