@@ -214,3 +214,26 @@ def test_closing_and_sparse_dilation_equal_scipy():
             want = ndimage.binary_dilation(mask, morphology.disk(radius))
             np.testing.assert_array_equal(tissue._dilate_sparse(mask, radius), want)
     assert not tissue._dilate_sparse(np.zeros((5, 5), bool), 2).any()
+
+
+def test_tinted_glass_is_not_tissue():
+    """Glass of a warm tint (255, 236, 219: summed OD 0.23, saturation 0.14, as on a
+    synthetic slide whose tissue mask covered 97 % of it) is made grey before thresholds; the
+    tissue rectangle is found as on white glass, and neutral glass leaves pixels untouched."""
+    white = tissue_like(400, 300, seed=3)
+    glass = (white == 243).all(axis=-1)
+    tinted = white.copy()
+    tinted[glass] = (255, 236, 219)
+    truth = ~glass
+    mask = tissue_mask(tinted, 8.0)
+    assert (mask == truth).mean() > 0.98
+    unbalanced = tissue_mask(tinted, 8.0, TissueParams(max_tint_gain=10.0))
+    assert unbalanced.mean() > 0.9  # what the thresholds alone make of tinted glass
+    np.testing.assert_allclose(tissue.glass_gains(tinted), [1.0, 255 / 236, 255 / 219], rtol=1e-6)
+    assert np.array_equal(tissue.neutral_glass(white), white)  # grey glass: no change
+    assert np.array_equal(tissue_mask(white, 8.0), tissue_mask(white, 8.0, TissueParams()))
+
+
+def test_a_thumbnail_that_is_all_tissue_is_not_colour_balanced():
+    rgb = tissue_like(200, 200, seed=4, box=(0, 0, 200, 200))  # no glass: Otsu splits tissue
+    np.testing.assert_array_equal(tissue.glass_gains(rgb), np.ones(3))
