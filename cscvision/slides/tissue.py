@@ -28,7 +28,7 @@ class TissueParams:
     min_saturation: float = 0.07  # floor under Otsu's threshold, for near-empty slides
     min_od: float = 0.12  # summed optical density below which a pixel is glass
     min_object_mm2: float = 0.01  # specks smaller than this are dropped
-    max_tint_gain: float = 1.02  # glass whose channels differ by more is colour-balanced first
+    balance_glass: bool = True  # glass that passes the thresholds is made grey first
     max_hole_mm2: float = 0.05  # holes smaller than this are filled
     reject_ink: bool = True
     ink_dilate_um: float = 16.0  # margin removed around pen ink
@@ -149,46 +149,51 @@ def _dilate_sparse(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def glass_gains(rgb: np.ndarray) -> np.ndarray:
-    """Per-channel gains that make the slide's glass neutral: ``max(white) / white``, with
-    ``white`` the median RGB of the pixels under Otsu's threshold on summed optical density
-    (the glass, whatever its tint). Ones when under 2 % of the image is glass or what Otsu
-    leaves is not bright enough to be glass (summed OD over ``MAX_GLASS_OD``: a thumbnail
-    that is all tissue). float64[3]."""
+def glass_white(rgb: np.ndarray) -> np.ndarray | None:
+    """The slide's glass colour: the median RGB of the pixels under Otsu's threshold on
+    summed optical density, whatever its tint. ``None`` when under 2 % of the image is glass
+    or what Otsu leaves is too dense to be glass (summed OD over ``MAX_GLASS_OD``: a
+    thumbnail that is all tissue). float64[3]."""
     rgb = np.asarray(rgb, dtype=np.uint8)
     density = optical_density(rgb)
     if density.max() <= density.min():
-        return np.ones(3)
+        return None
     glass = rgb[density < filters.threshold_otsu(density)]
     if len(glass) < 0.02 * density.size:
-        return np.ones(3)
+        return None
     white = np.maximum(np.median(glass.reshape(-1, 3).astype(np.float64), axis=0), 1.0)
-    if -np.log(white / 255.0).sum() > MAX_GLASS_OD:
-        return np.ones(3)
-    return white.max() / white
+    return None if -np.log(white / 255.0).sum() > MAX_GLASS_OD else white
 
 
-def neutral_glass(rgb: np.ndarray, max_gain: float = 1.02) -> np.ndarray:
-    """``rgb`` colour-balanced so its glass is grey, when the glass is tinted (a gain above
-    ``max_gain``); unchanged otherwise, so neutral glass gives the same pixels."""
-    gains = glass_gains(rgb)
-    if gains.max() <= max_gain:
-        return np.asarray(rgb, dtype=np.uint8)
-    balanced = np.asarray(rgb, np.float32) * gains.astype(np.float32)
+def neutral_glass(rgb: np.ndarray, params: TissueParams | None = None) -> np.ndarray:
+    """``rgb`` colour-balanced (gains ``max(white) / white``) so that its glass is grey, when
+    the glass itself would pass the tissue thresholds (optical density over ``min_od`` and
+    saturation over ``min_saturation``: a tinted slide or mounting medium); unchanged
+    otherwise, so slides whose glass the thresholds already reject keep their pixels."""
+    params = params or TissueParams()
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    white = glass_white(rgb)
+    if white is None:
+        return rgb
+    density = -np.log(white / 255.0).sum()
+    saturation = (white.max() - white.min()) / white.max()
+    if density <= params.min_od or saturation <= params.min_saturation:
+        return rgb
+    balanced = rgb.astype(np.float32) * (white.max() / white).astype(np.float32)
     return np.clip(np.round(balanced), 0, 255).astype(np.uint8)
 
 
 def tissue_mask(rgb: np.ndarray, mask_mpp: float, params: TissueParams | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail at ``mask_mpp`` µm/px.
 
-    Tinted glass (scanner white balance, a coloured slide or mounting medium) is first made
-    grey (:func:`neutral_glass`). Tissue: optical density above ``min_od`` and HSV
-    saturation above half of Otsu's threshold on the stained pixels (saturation from the
+    Glass tinted enough to pass the thresholds below (scanner white balance, a coloured slide
+    or mounting medium) is first made grey (:func:`neutral_glass`). Tissue: optical density
+    above ``min_od`` and HSV saturation above half of Otsu's threshold on the stained pixels (saturation from the
     channels' max and min, no HSV image), minus pen ink and a margin, small holes filled and
     specks dropped.
     """
     params = params or TissueParams()
-    rgb = neutral_glass(rgb, params.max_tint_gain)
+    rgb = neutral_glass(rgb, params) if params.balance_glass else np.asarray(rgb, np.uint8)
     r, g, b, top, low = _channels(rgb)
     stained = optical_density(rgb) > params.min_od
     code = (top.astype(np.uint16) << 8) | low
