@@ -188,9 +188,9 @@ def tissue_mask(rgb: np.ndarray, mask_mpp: float, params: TissueParams | None = 
 
     Glass tinted enough to pass the thresholds below (scanner white balance, a coloured slide
     or mounting medium) is first made grey (:func:`neutral_glass`). Tissue: optical density
-    above ``min_od`` and HSV saturation above half of Otsu's threshold on the stained pixels (saturation from the
-    channels' max and min, no HSV image), minus pen ink and a margin, small holes filled and
-    specks dropped.
+    above ``min_od`` and HSV saturation above half of Otsu's threshold on the stained pixels
+    (saturation from the channels' max and min, no HSV image), minus pen ink and a margin,
+    small holes filled and specks dropped.
     """
     params = params or TissueParams()
     rgb = neutral_glass(rgb, params) if params.balance_glass else np.asarray(rgb, np.uint8)
