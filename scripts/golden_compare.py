@@ -107,22 +107,38 @@ def compare_safetensors(pa: Path, pb: Path, out: list[str]) -> None:
             out.append(f"{k}: not bit-identical (max |diff| {diff:.3g})")
 
 
-def compare_h5(pa: Path, pb: Path, out: list[str]) -> None:
+def compare_h5(pa: Path, pb: Path, out: list[str], roots: tuple[Path, Path]) -> None:
+    """Every dataset (values) and attribute of two HDF5 files, groups included."""
     import h5py
     import numpy as np
 
+    def walk(f: h5py.File, root: Path) -> dict[str, tuple[str, object]]:
+        def plain(attrs: object) -> dict[str, str]:
+            return {
+                k: str(v).replace(str(root), "ROOT") for k, v in attrs.items() if not is_timing(k)
+            }
+
+        items = {"/": ("attrs", plain(f.attrs))}
+
+        def visit(name: str, obj: object) -> None:
+            attrs = plain(obj.attrs)
+            items[f"{name}@"] = ("attrs", attrs)
+            if isinstance(obj, h5py.Dataset):
+                items[name] = ("data", obj[()])
+
+        f.visititems(visit)
+        return items
+
     with h5py.File(pa, "r") as fa, h5py.File(pb, "r") as fb:
-        if sorted(fa) != sorted(fb):
-            out.append(f"datasets {sorted(fa)} != {sorted(fb)}")
-            return
-        for k in fa:
-            if not np.array_equal(fa[k][()], fb[k][()]):
-                out.append(f"dataset {k} differs")
-        attrs = {k: str(v) for k, v in fa.attrs.items() if not is_timing(k)}
-        other = {k: str(v) for k, v in fb.attrs.items() if not is_timing(k)}
-        for k in sorted(set(attrs) | set(other)):
-            if attrs.get(k) != other.get(k):
-                out.append(f"attr {k}: {attrs.get(k)!r:.80} != {other.get(k)!r:.80}")
+        ia, ib = walk(fa, roots[0]), walk(fb, roots[1])
+    if sorted(ia) != sorted(ib):
+        out.append(f"objects differ: {sorted(set(ia) ^ set(ib))[:5]}")
+        return
+    for k in sorted(ia):
+        (kind, va), (_, vb) = ia[k], ib[k]
+        same = va == vb if kind == "attrs" else np.array_equal(va, vb)
+        if not same:
+            out.append(f"{k}: {kind} differ")
 
 
 def text(path: Path, root: Path) -> str:
@@ -136,7 +152,7 @@ def compare_file(rel: Path, a: Path, b: Path, tol: float) -> list[str]:
     if suffix == ".safetensors":
         compare_safetensors(pa, pb, out)
     elif suffix == ".h5":
-        compare_h5(pa, pb, out)
+        compare_h5(pa, pb, out, (a, b))
     elif suffix in (".json", ".geojson"):
         try:
             same_value(json.loads(text(pa, a)), json.loads(text(pb, b)), tol, "$", out)
