@@ -58,8 +58,31 @@ def export_model(
     *,
     state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``net``'s weights (or ``state``, the part of them to keep) and ``card`` into
-    ``out_dir`` (each file atomically)."""
+    """Write a network's weights and its card into a model folder.
+
+    Parameters
+    ----------
+    net
+        The network.
+    card
+        Its model card.
+    out_dir
+        The model folder (created).
+    state
+        The part of the weights to keep, when not all of ``net``'s (a fine-tuned encoder's
+        tuned blocks and head).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``, holding ``model.safetensors`` and ``model.json``, each written
+        atomically.
+
+    Examples
+    --------
+    >>> model = cscvision.load_model("demo")
+    >>> cscvision.export_model(model.net, model.card, "models/copy")
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = net.state_dict() if state is None else state
@@ -76,12 +99,37 @@ def load_model(
     *,
     encoder_weights: str | Path | None = None,
 ) -> LoadedModel:
-    """Build the card's network and load its safetensors weights; eval mode, on ``device``.
+    """Load an exported model: its network with the card's weights, in eval mode.
 
-    ``model_dir`` is an exported model folder or a packaged model name such as ``"demo"``.
-    The card's kind builds the network (:meth:`ModelKind.build`): a head on an encoder is
-    joined to the encoder loaded from ``encoder_weights``
-    (:func:`cscvision.models.heads.load_head_net`). No Lightning is imported.
+    Models load from safetensors and JSON only; nothing is unpickled. The card's kind
+    (``ModelKind.build``, ``cscvision.models.kinds``) builds the network; no Lightning is
+    imported.
+
+    Parameters
+    ----------
+    model_dir
+        An exported model folder, or a packaged model name such as ``"demo"``.
+    device
+        Where to put the network.
+    encoder_weights
+        For a head on a foundation-model encoder (the card names one): the encoder's local
+        weights file; default the file named at training. Its sha256 must equal the card's.
+
+    Returns
+    -------
+    LoadedModel
+        ``net`` (the network), ``card``, ``path`` and ``kind``.
+
+    Raises
+    ------
+    ModelError
+        No model there, a card that does not fit, a kind that is not registered, weights
+        that do not fit the network, or an encoder file whose digest differs from the card's.
+
+    Examples
+    --------
+    >>> model = cscvision.load_model("demo")  # the packaged demo model: synthetic data only
+    >>> model.card.targets, model.kind.name
     """
     model_dir = resolve_model_dir(model_dir)
     card = read_card(model_dir)
