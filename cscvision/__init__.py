@@ -8,16 +8,50 @@ The public API is importable from here and loaded on first use (PEP 562), so
     import cscvision
     with cscvision.open_slide("slide.svs") as slide:
         grid = cscvision.make_grid(slide, cscvision.GridSpec(mpp=0.5, tile_px=224))
-    model = cscvision.load_model("models/demo-synthetic")
+    model = cscvision.load_model("models/demo-synthetic")  # model.kind: its ModelKind
     pred = cscvision.predict_slide("slide.svs", model)
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
+    from cscvision.cells.readers import read_cells
+    from cscvision.cells.table import CellTable, read_cell_table, write_cell_table
+    from cscvision.cells.tiles import tile_cell_features
+    from cscvision.cells.types import cell_types
+    from cscvision.features.store import FeatureStore, read_feature_store, write_feature_store
+    from cscvision.inference.predict import predict_slide
+    from cscvision.labels.annotations import read_annotations
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.labels.ihc import marker_config
+    from cscvision.labels.ihc_labels import ihc_labels
+    from cscvision.labels.programmes import ProgrammeConfig, score_programmes
+    from cscvision.labels.registration import Registration, register_slides
+    from cscvision.labels.st import read_st
+    from cscvision.labels.table import LabelTable, read_label_table, write_label_table
+    from cscvision.labels.targets import ClassMap, tile_targets
+    from cscvision.models.card import ModelCard, read_card
+    from cscvision.models.encoders import load_encoder
+    from cscvision.models.export import LoadedModel, export_model, load_model
+    from cscvision.models.kinds import ModelKind, get_kind, register_kind
+    from cscvision.outputs.cell_batch import CellSettings, run_cells
+    from cscvision.outputs.prediction import SlidePrediction
+    from cscvision.outputs.read import SlideOutputs, read_outputs
+    from cscvision.outputs.regions import region_masks
+    from cscvision.outputs.slide_folder import write_slide_outputs
+    from cscvision.outputs.statistics import colocalisation, within_fraction
+    from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
+    from cscvision.slides.info import CorruptTileError, SlideError, SlideInfo
+    from cscvision.slides.slide import Slide, open_slide
+    from cscvision.slides.stain import StainReference, fit_stain, normalise_batch
+    from cscvision.synth import write_cohort
+    from cscvision.training.config import load_config
+    from cscvision.training.train import train
 
 # name -> module that defines it
 _API = {
@@ -30,9 +64,6 @@ _API = {
     "TileGrid": "cscvision.slides.grid",
     "make_grid": "cscvision.slides.grid",
     "detect_tissue": "cscvision.slides.grid",
-    "fit_stain": "cscvision.slides.stain",
-    "normalise_batch": "cscvision.slides.stain",
-    "StainReference": "cscvision.slides.stain",
     "read_annotations": "cscvision.labels.annotations",
     "tile_targets": "cscvision.labels.targets",
     "ClassMap": "cscvision.labels.targets",
@@ -49,14 +80,14 @@ _API = {
     "ProgrammeConfig": "cscvision.labels.programmes",
     "load_config": "cscvision.training.config",
     "train": "cscvision.training.train",
-    "ModelCard": "cscvision.training.card",
-    "read_card": "cscvision.training.card",
-    "load_model": "cscvision.training.export",
-    "export_model": "cscvision.training.export",
+    "ModelCard": "cscvision.models.card",
+    "read_card": "cscvision.models.card",
+    "load_model": "cscvision.models.export",
+    "export_model": "cscvision.models.export",
     "read_feature_store": "cscvision.features.store",
     "write_feature_store": "cscvision.features.store",
     "FeatureStore": "cscvision.features.store",
-    "load_encoder": "cscvision.features.encoders",
+    "load_encoder": "cscvision.models.encoders",
     "predict_slide": "cscvision.inference.predict",
     "SlidePrediction": "cscvision.outputs.prediction",
     "write_slide_outputs": "cscvision.outputs.slide_folder",
@@ -66,6 +97,13 @@ _API = {
     "within_fraction": "cscvision.outputs.statistics",
     "SlideOutputs": "cscvision.outputs.read",
     "write_cohort": "cscvision.synth",
+    "LoadedModel": "cscvision.models.export",
+    "ModelKind": "cscvision.models.kinds",
+    "get_kind": "cscvision.models.kinds",
+    "register_kind": "cscvision.models.kinds",
+    "fit_stain": "cscvision.slides.stain",
+    "normalise_batch": "cscvision.slides.stain",
+    "StainReference": "cscvision.slides.stain",
     "CellTable": "cscvision.cells.table",
     "read_cell_table": "cscvision.cells.table",
     "write_cell_table": "cscvision.cells.table",
@@ -76,7 +114,66 @@ _API = {
     "CellSettings": "cscvision.outputs.cell_batch",
 }
 
-__all__ = ["__version__", *sorted(_API)]
+__all__ = [
+    "CellSettings",
+    "CellTable",
+    "ClassMap",
+    "CorruptTileError",
+    "FeatureStore",
+    "GridSpec",
+    "LabelTable",
+    "LoadedModel",
+    "ModelCard",
+    "ModelKind",
+    "ProgrammeConfig",
+    "Registration",
+    "Slide",
+    "SlideError",
+    "SlideInfo",
+    "SlideOutputs",
+    "SlidePrediction",
+    "StainReference",
+    "TileGrid",
+    "__version__",
+    "cell_types",
+    "colocalisation",
+    "detect_tissue",
+    "export_model",
+    "fit_stain",
+    "get_kind",
+    "ihc_labels",
+    "load_config",
+    "load_encoder",
+    "load_model",
+    "make_grid",
+    "marker_config",
+    "normalise_batch",
+    "open_slide",
+    "predict_slide",
+    "read_annotations",
+    "read_card",
+    "read_cell_table",
+    "read_cells",
+    "read_cohort",
+    "read_feature_store",
+    "read_label_table",
+    "read_outputs",
+    "read_st",
+    "region_masks",
+    "register_kind",
+    "register_slides",
+    "run_cells",
+    "score_programmes",
+    "tile_cell_features",
+    "tile_targets",
+    "train",
+    "within_fraction",
+    "write_cell_table",
+    "write_cohort",
+    "write_feature_store",
+    "write_label_table",
+    "write_slide_outputs",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,9 +9,9 @@
      HDF5 store written atomically); ratio = end-to-end tiles/s over the model alone
      (target ≥ 0.9).
 2. One training epoch on the same tiles: a linear head on their stored features
-   (:class:`~cscvision.training.heads.HeadClassifier`) against the same encoder and head
-   trained end to end from the images (:class:`~cscvision.training.lit.TileClassifier`
-   holding an :class:`~cscvision.training.heads.EncoderHead`), both with a Lightning
+   (a :class:`~cscvision.training.lit.TileClassifier` over stored features) against the
+   same encoder and head trained end to end from the images (a ``TileClassifier``
+   holding an :class:`~cscvision.models.heads.EncoderHead`), both with a Lightning
    ``Trainer`` (fit, one epoch, no validation); ratio = end-to-end / head (target ≥ 50).
 
     .venv/bin/python scripts/bench_features.py --threads 1 --amp
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cscvision.features.encoders import build_encoder
 from cscvision.features.extract import ExtractSettings, FeatureExtractor, extract_slide
-from cscvision.features.registry import ENCODERS, EncoderSpec
 from cscvision.features.store import read_feature_store
+from cscvision.models.encoders import build_encoder
+from cscvision.models.registry import ENCODERS, EncoderSpec
 from cscvision.testing import texture_tile_fn, write_pyramid
 
 VIT_S16 = dataclasses.replace(
@@ -100,10 +100,10 @@ def epoch_seconds(args: argparse.Namespace, slide: Path, store_path: Path) -> tu
     """One epoch on the tiles of ``store_path``: (head on features, end to end) seconds."""
     import lightning as L
 
+    from cscvision.models.heads import EncoderHead, make_head
     from cscvision.slides.slide import open_slide
     from cscvision.training.data import SlideTiles, TileDataModule
     from cscvision.training.featuredata import FeatureDataModule
-    from cscvision.training.heads import EncoderHead, HeadClassifier, make_head
     from cscvision.training.lit import TileClassifier
 
     store = read_feature_store(store_path)
@@ -132,7 +132,9 @@ def epoch_seconds(args: argparse.Namespace, slide: Path, store_path: Path) -> tu
     features = {"bench": store.features}
     bs = args.batch_size
     head_dm = FeatureDataModule(slides=slides, features=features, batch_size=bs)
-    head = HeadClassifier(net=make_head("linear", VIT_S16.dim, 2), backbone="linear", **kw)
+    head = TileClassifier(
+        net=make_head("linear", VIT_S16.dim, 2), backbone="linear", inputs="features", **kw
+    )
     head_s = fit(head, head_dm)
     torch.manual_seed(0)
     net = EncoderHead(build_encoder(VIT_S16), make_head("linear", VIT_S16.dim, 2))

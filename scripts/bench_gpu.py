@@ -70,8 +70,8 @@ def make_slide(path: Path, size_px: int) -> Path:
 def make_model(name: str):
     import torch
 
-    from cscvision.training.backbones import get_model
-    from cscvision.training.export import LoadedModel, ModelCard
+    from cscvision.models.backbones import get_model
+    from cscvision.models.export import LoadedModel, ModelCard
 
     card = ModelCard(name=name, backbone="resnet18", tile_px=224, mpp=0.5,
                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),

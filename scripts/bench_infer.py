@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from cscvision.inference.predict import TileScorer, cpu_supports_bf16, predict_slide, resolve_device
+from cscvision.models.backbones import get_model
+from cscvision.models.export import ModelCard, export_model, load_model
 from cscvision.outputs.slide_folder import write_slide_outputs
 from cscvision.testing import texture_tile_fn, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import ModelCard, export_model, load_model
 
 
 def disc_tile_fn(size_px: int, seed: int = 0):

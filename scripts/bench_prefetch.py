@@ -26,11 +26,11 @@ from cscvision.inference import predict
 from cscvision.inference.batch import infer_job, prepare_job
 from cscvision.inference.prefetch import NextSlide
 from cscvision.inference.settings import InferSettings
+from cscvision.models.backbones import get_model
+from cscvision.models.export import LoadedModel, ModelCard, export_model, load_model
 from cscvision.outputs.slide_folder import model_identity
 from cscvision.slides.batch import SlideJob
 from cscvision.testing import texture_tile_fn, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import LoadedModel, ModelCard, export_model, load_model
 
 CALLS: list[tuple[float, float]] = []
 

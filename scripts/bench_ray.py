@@ -39,9 +39,9 @@ def _one(args: argparse.Namespace) -> dict:
 
     from cscvision.inference.batch import infer_job, job_complete
     from cscvision.inference.settings import InferSettings
+    from cscvision.models.export import load_model
     from cscvision.outputs.slide_folder import model_identity
     from cscvision.slides.batch import make_jobs, run_batch
-    from cscvision.training.export import load_model
 
     t0 = time.perf_counter()
     if args.threads:
@@ -113,8 +113,8 @@ def _prepare(args: argparse.Namespace) -> None:
         if not args.model.exists():
             import torch
 
-            from cscvision.training.backbones import get_model
-            from cscvision.training.export import ModelCard, export_model
+            from cscvision.models.backbones import get_model
+            from cscvision.models.export import ModelCard, export_model
 
             torch.manual_seed(0)
             card = ModelCard(name=f"random_{args.random}", backbone=args.random)

@@ -25,9 +25,9 @@ from cscvision.inference.predict import predict_slide
 from cscvision.labels.annotations import DEFAULT_CLASS_MAP, read_annotations
 from cscvision.labels.cohort import read_cohort
 from cscvision.labels.targets import tile_targets
+from cscvision.models.calibration import clear_truth, reliability
+from cscvision.models.export import LoadedModel, load_model
 from cscvision.synth import write_cohort
-from cscvision.training.calibration import clear_truth, reliability
-from cscvision.training.export import LoadedModel, load_model
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cscvision.features.encoders import file_sha256, load_encoder
+from cscvision.core.io import file_sha256
 from cscvision.features.extract import (
     ExtractSettings,
     FeatureExtractor,
@@ -39,6 +39,7 @@ from cscvision.labels.annotations import DEFAULT_CLASS_MAP, read_annotations
 from cscvision.labels.cohort import read_cohort
 from cscvision.labels.slide_table import parse_targets, read_slide_labels
 from cscvision.labels.targets import tile_targets
+from cscvision.models.encoders import load_encoder
 from cscvision.slides.grid import make_grid
 from cscvision.slides.slide import open_slide
 from cscvision.synth import write_cohort

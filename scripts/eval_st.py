@@ -45,7 +45,7 @@ def main() -> int:
     args = ap.parse_args()
     model = ["model.backbone=small_cnn", "optim.lr=0.003", "optim.scheduler=onecycle"]
     if args.encoder:
-        from cscvision.features.registry import get_encoder_spec
+        from cscvision.models.registry import get_encoder_spec
 
         if args.weights is None:
             ap.error("--encoder needs --weights FILE")

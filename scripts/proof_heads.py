@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from cscvision.cli import main as cli
-from cscvision.features.encoders import save_random_weights
+from cscvision.models.encoders import save_random_weights
 from cscvision.synth import write_cohort
 from cscvision.training.config import load_config
 from cscvision.training.train import train

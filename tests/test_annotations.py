@@ -16,7 +16,6 @@ from cscvision.labels.annotations import (
     ClassMap,
     Region,
     check_within,
-    dab_mask,
     read_annotations,
     read_tile_labels,
     tile_targets,
@@ -104,6 +103,21 @@ def test_offset_is_added_to_every_coordinate(tmp_path):
     moved = read_annotations(path, offset_xy=(1000, 2000))[0].geometry
     assert moved.bounds == (1000, 2000, 1100, 2100)
     assert moved.interiors[0].bounds == (1025, 2025, 1075, 2075)
+
+
+def test_slide_annotations_add_the_bounds_corner_to_qupath_files_only(tmp_path):
+    """QuPath GeoJSON is relative to the slide's bounds corner, ASAP XML is level-0; a
+    tile-label CSV is not a file of regions."""
+    from cscvision.labels.annotations import is_tile_label_csv, read_slide_annotations
+
+    path = write_json(tmp_path / "a.geojson", [feature(polygon(SQUARE_WITH_HOLE), "Stemness")])
+    moved = read_slide_annotations(path, (300, 40))[0].geometry
+    assert moved.bounds == (300, 40, 400, 140)
+    xml = tmp_path / "slide.xml"
+    xml.write_text(ASAP_XML)
+    as_is = [r.geometry.bounds for r in read_annotations(xml)]
+    assert [r.geometry.bounds for r in read_slide_annotations(xml, (300, 40))] == as_is
+    assert is_tile_label_csv("t.CSV") and not is_tile_label_csv("a.geojson")
 
 
 def test_bow_tie_is_repaired_and_degenerate_polygon_is_rejected(tmp_path):
@@ -337,24 +351,6 @@ def test_read_tile_labels_errors(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(AnnotationError, match=match):
         read_tile_labels(path, ["stemness", "immunosuppressive"])
-
-
-# --- IHC -----------------------------------------------------------------------------------
-
-
-def test_dab_mask_on_real_ihc():
-    path = DATA / "ihc.png"
-    if not path.exists():
-        pytest.skip(f"real test data not found at {path} (shared/data is absent)")
-    from PIL import Image
-
-    rgb = np.asarray(Image.open(path).convert("RGB"))
-    mask = dab_mask(rgb)
-    assert 0.05 < mask.mean() < 0.8
-    r, b = rgb[..., 0].astype(float), rgb[..., 2].astype(float)
-    assert (r - b)[mask].mean() > (r - b)[~mask].mean() + 30  # positives are brown
-    assert not dab_mask(np.full((32, 32, 3), 245, np.uint8)).any()  # blank glass: nothing
-    assert dab_mask(rgb, threshold=10.0).sum() == 0
 
 
 def test_targets_on_a_real_slide_grid(tmp_path):

@@ -49,3 +49,25 @@ def test_read_outputs_matches_what_was_written(tmp_path):
     assert one.transform == pred.map_transform
     assert one.targets == pred.targets
     assert one.summary["slide_id"] == pred.slide_id
+
+
+def test_import_stays_lazy_and_the_api_is_visible_to_type_checkers():
+    """``import cscvision`` loads no torch; every lazy name is in ``__all__`` and imported
+    under TYPE_CHECKING from the module that defines it (what IDEs and mypy read)."""
+    import ast
+    import subprocess
+    import sys
+
+    import cscvision
+
+    heavy = "('torch', 'numpy', 'lightning')"
+    code = f"import sys, cscvision; print(sorted(m for m in {heavy} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    assert set(cscvision.__all__) == {"__version__", *cscvision._API}
+    tree = ast.parse(Path(cscvision.__file__).read_text(encoding="utf-8"))
+    block = next(
+        n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+    )
+    typed = {a.name: n.module for n in block.body for a in n.names}
+    assert typed == cscvision._API

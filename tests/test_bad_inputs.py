@@ -22,10 +22,10 @@ import torch
 from cscvision.cli import main
 from cscvision.core.guard import slide_lock
 from cscvision.core.io import read_csv
+from cscvision.models.backbones import get_model
+from cscvision.models.export import ModelCard, export_model
 from cscvision.slides.grid import path_digest
 from cscvision.testing import output_snapshot, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import ModelCard, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("results", "errors")
@@ -367,7 +367,7 @@ def test_card_that_is_not_json_and_a_missing_model(world, out, tmp_path, capsys)
 
 
 def test_cards_without_schema_version_load_as_version_1():
-    from cscvision.training.card import read_card
+    from cscvision.models.card import read_card
 
     raw = json.loads((ROOT / "models" / "demo-synthetic" / "model.json").read_text())
     card = read_card(ROOT / "models" / "demo-synthetic")

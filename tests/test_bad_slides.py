@@ -427,7 +427,7 @@ def test_corrupt_tiles_cross_reader_processes_and_threads_alike(tmp_path):
 
     torch = pytest.importorskip("torch")
     from cscvision.inference.predict import predict_tiles
-    from cscvision.training.export import load_model
+    from cscvision.models.export import load_model
 
     torch.set_num_threads(1)
     bad = corrupt_svs(tmp_path / "corrupt.svs")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscvision.training.calibration import (
+from cscvision.models.calibration import (
     calibrate,
     calibration_report,
     clear_truth,
@@ -80,8 +80,8 @@ def test_scorer_applies_the_cards_temperature(tmp_path):
     import torch
 
     from cscvision.inference.predict import TileScorer
-    from cscvision.training.card import ModelCard
-    from cscvision.training.export import LoadedModel
+    from cscvision.models.card import ModelCard
+    from cscvision.models.export import LoadedModel
 
     class Constant(torch.nn.Module):
         def forward(self, x):

@@ -9,8 +9,8 @@ import torch
 from cscvision.inference.predict import predict_slide
 from cscvision.labels.annotations import read_annotations, tile_targets
 from cscvision.labels.targets import DEFAULT_CLASS_MAP
+from cscvision.models.export import load_model, resolve_model_dir
 from cscvision.synth import write_slide
-from cscvision.training.export import load_model, resolve_model_dir
 
 DEMO = resolve_model_dir("demo")  # the packaged copy; models/demo-synthetic links to it
 

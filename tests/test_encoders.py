@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cscvision.features.encoders import (
+from cscvision.core.io import file_sha256
+from cscvision.models.encoders import (
     build_encoder,
-    file_sha256,
     load_encoder,
     remap_dinov2_hf,
     save_random_weights,
 )
-from cscvision.features.registry import ENCODERS, EncoderError, configured_weights, get_encoder_spec
+from cscvision.models.registry import ENCODERS, EncoderError, configured_weights, get_encoder_spec
 
 torch.set_num_threads(1)
 REAL = [name for name, spec in ENCODERS.items() if spec.kind != "test"]

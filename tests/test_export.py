@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cscvision.cli import main
-from cscvision.training.backbones import get_model
-from cscvision.training.export import ModelCard, ModelError, export_model, load_model, read_card
+from cscvision.models.backbones import get_model
+from cscvision.models.export import ModelCard, ModelError, export_model, load_model, read_card
 
 
 @pytest.fixture()

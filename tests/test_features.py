@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cscvision.cli import main
-from cscvision.features.encoders import file_sha256, save_random_weights
+from cscvision.core.io import file_sha256
 from cscvision.features.store import (
     FeatureStore,
     FeatureStoreError,
@@ -20,6 +20,7 @@ from cscvision.features.store import (
     store_matches,
     write_feature_store,
 )
+from cscvision.models.encoders import save_random_weights
 from cscvision.synth import write_cohort
 
 torch.set_num_threads(1)
@@ -129,7 +130,7 @@ def test_a_missing_features_extra_says_how_to_install_it(
 
 
 def test_decode_device_choices():
-    from cscvision.features.tiles import decode_device
+    from cscvision.slides.tilebatches import decode_device
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert decode_device("cpu", cuda, in_process=True) is None
@@ -144,11 +145,11 @@ def test_decode_device_choices():
 def test_device_decoded_tiles_give_the_cpu_features(slides):
     # The device decode path on CPU tensors feeds the encoder the same tiles as the CPU
     # fast path, so the features are equal bit for bit; and the device path did serve it.
-    from cscvision.features.encoders import load_encoder
     from cscvision.features.extract import FeatureExtractor, encoder_grid_spec, extract_batches
-    from cscvision.features.tiles import TileBatches, decode_device
+    from cscvision.models.encoders import load_encoder
     from cscvision.slides.grid import make_grid
     from cscvision.slides.slide import open_slide
+    from cscvision.slides.tilebatches import TileBatches, decode_device
 
     weights = slides.parent.parent / "tiny.safetensors"
     extractor = FeatureExtractor(load_encoder("test-vit-tiny", weights), weights_sha256="x")

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from test_heads import head_overrides
 
 from cscvision.cli import main
-from cscvision.features.encoders import load_encoder, save_random_weights
+from cscvision.models.encoders import load_encoder, save_random_weights
+from cscvision.models.export import ModelError, load_model
+from cscvision.models.heads import EncoderHead, encoder_blocks, make_head, tuned_prefixes
 from cscvision.testing import write_toy_cohort
 from cscvision.training.config import ConfigError, load_config
-from cscvision.training.export import ModelError, load_model
-from cscvision.training.heads import EncoderHead, encoder_blocks, make_head, tuned_prefixes
 from cscvision.training.lit import CheckpointMismatch, TileClassifier, check_checkpoint
 from cscvision.training.train import train
 

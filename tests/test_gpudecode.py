@@ -144,8 +144,8 @@ def test_predict_with_device_decode_equals_cpu_decode(slides):
     # The whole inference path with --decode gpu, run on the CPU device: same tiles, so the
     # same probabilities as the CPU fast path (1 µm/px from level 0: a 2x reduction).
     from cscvision.inference.predict import TileBatches, predict_tiles, prepare_slide
-    from cscvision.training.backbones import get_model
-    from cscvision.training.export import LoadedModel, ModelCard
+    from cscvision.models.backbones import get_model
+    from cscvision.models.export import LoadedModel, ModelCard
 
     card = ModelCard(name="random", backbone="small_cnn", tile_px=64, mpp=1.0,
                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from cscvision.cli import main
-from cscvision.features.encoders import file_sha256, save_random_weights
+from cscvision.core.io import file_sha256
 from cscvision.features.store import read_feature_store
+from cscvision.models.encoders import save_random_weights
+from cscvision.models.export import ModelError, load_model
+from cscvision.models.heads import EncoderHead
 from cscvision.testing import write_toy_cohort
 from cscvision.training.config import ConfigError, load_config
-from cscvision.training.export import ModelError, load_model
-from cscvision.training.heads import EncoderHead
 from cscvision.training.train import train
 
 torch.set_num_threads(1)
@@ -139,7 +140,7 @@ def test_bad_head_configs_name_the_key(override, message, tmp_path):
 
 def test_head_learns_separable_features():
     """Known answer: a linear head on features that separate the classes reaches AUROC 1."""
-    from cscvision.training.heads import make_head
+    from cscvision.models.heads import make_head
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 16, generator=g)
@@ -184,13 +185,13 @@ def test_linear_head_on_demo_cnn_features_reaches_auroc_09_on_held_out_patients(
 
 def test_a_regression_head_predicts_in_score_units():
     """Known answer: the head's standardised output z becomes mean + std · z."""
-    from cscvision.training.heads import HeadRegressor
+    from cscvision.training.regression import TileRegressor
 
     head = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.eye(2))
-    module = HeadRegressor(net=head, targets=("a", "b"), target_mean=[10.0, -1.0],
-                           target_std=[2.0, 0.5], augment="none")  # fmt: skip
+    module = TileRegressor(net=head, targets=("a", "b"), target_mean=[10.0, -1.0],
+                           target_std=[2.0, 0.5], augment="none", inputs="features")  # fmt: skip
     z = torch.tensor([[0.0, 1.0], [1.5, -2.0]])
     batch = {"features": z, "xy": torch.zeros(2, 2), "slide_idx": torch.zeros(2)}
     with torch.no_grad():  # as in Trainer.predict

@@ -21,12 +21,12 @@ from cscvision.core.geometry import area_fraction
 from cscvision.core.guard import slide_lock
 from cscvision.inference.predict import predict_grid, predict_slide
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
+from cscvision.models.backbones import get_model
+from cscvision.models.export import ModelCard, export_model, load_model
 from cscvision.outputs.slide_folder import write_slide_outputs
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.slides.slide import open_slide
 from cscvision.testing import output_snapshot, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import ModelCard, export_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TILE = 64  # tile side in px at 0.5 µm/px = level 0 of the planted slides

@@ -14,9 +14,9 @@ from conftest import tissue_like
 
 from cscvision.core.guard import slide_lock
 from cscvision.core.io import read_csv
+from cscvision.models.backbones import get_model
+from cscvision.models.export import ModelCard, export_model
 from cscvision.testing import output_snapshot, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import ModelCard, export_model
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SLIDES = 4

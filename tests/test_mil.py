@@ -128,7 +128,11 @@ def test_terciles_known_answer():
 def test_patient_keyed_labels_apply_to_each_slide(tmp_path):
     path = tmp_path / "by_patient.csv"
     path.write_text("patient_id,subtype,purity\nA,C1,0.5\nB,C2,0.7\n")
-    spec = LabelSpec.from_dict("subtype", {"task": "classification", "classes": ["C1", "C2"]})
+    spec = LabelSpec.from_dict(
+        "subtype", {"target_type": "classification", "classes": ["C1", "C2"]}
+    )
+    old = LabelSpec.from_dict("subtype", {"task": "classification", "classes": ["C1", "C2"]})
+    assert old == spec and spec.target_type == "classification"  # 0.1.0's key still reads
     labels = read_slide_labels(path, [spec], [("s1", "A"), ("s2", "A"), ("s3", "B")], ["purity"])
     assert labels.values["subtype"].tolist() == [0, 0, 1]
     assert labels.covariates["purity"].tolist() == [0.5, 0.5, 0.7]

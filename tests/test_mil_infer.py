@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from cscvision.models.mil import aggregate, rank_percentile, tile_parts
 from cscvision.training.mil import (
     BagTargets,
     GatedAttentionMIL,
     MILConfig,
     make_mil_net,
 )
-from cscvision.training.mil_model import aggregate, rank_percentile, tile_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = ROOT / "models" / "demo-synthetic" / "model.safetensors"
@@ -138,7 +138,7 @@ def test_mil_run_writes_cv_outputs_and_a_card_naming_its_encoder(mil_run):
         metrics["pooled"]
     )
     card = json.loads((root / "model" / "model.json").read_text())
-    assert card["task"] == "mil" and card["backbone"] == "clam_sb"
+    assert card["kind"] == "mil" and card["backbone"] == "clam_sb"
     assert card["encoder"]["name"] == "demo-cnn" and len(card["encoder"]["weights_sha256"]) == 64
     assert card["targets"] == ["attention", "contribution_stemness_fraction"]
     assert card["metrics"]["cv"]["pooled"]["pearson_stemness_fraction"]["ci95"]
@@ -152,9 +152,9 @@ def test_infer_prediction_equals_the_bag_model_on_the_stored_features(mil_run):
     from safetensors.torch import load_file
 
     from cscvision.features.store import read_feature_store
+    from cscvision.models.mil import mil_net_from_record
     from cscvision.training.mil import Bag as MILBag
     from cscvision.training.mil import predict_bags
-    from cscvision.training.mil_model import mil_net_from_record
 
     root = mil_run["root"]
     card = json.loads((root / "model" / "model.json").read_text())
@@ -212,8 +212,8 @@ def test_infer_writes_mil_maps_through_the_ordinary_writers(mil_run):
 def test_a_mil_model_trained_with_covariates_is_refused_by_infer(mil_run, tmp_path):
     import shutil
 
-    from cscvision.training.card import ModelError
-    from cscvision.training.export import load_model
+    from cscvision.models.card import ModelError
+    from cscvision.models.export import load_model
 
     model = tmp_path / "with-cov"
     shutil.copytree(mil_run["root"] / "model", model)

@@ -12,6 +12,7 @@ from conftest import ArraySlide, tissue_like
 from PIL import Image
 
 from cscvision.inference.predict import assemble_prediction
+from cscvision.models.export import ModelCard
 from cscvision.outputs.geojson import AREA_MEASUREMENT, mask_polygons
 from cscvision.outputs.likelihood import level_sizes, write_likelihood_map
 from cscvision.outputs.overlay import colormap
@@ -26,7 +27,6 @@ from cscvision.outputs.slide_folder import (
 )
 from cscvision.outputs.summary import region_statistics
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
-from cscvision.training.export import ModelCard
 
 W, H, TILE, BOUNDS = 4096, 3072, 128, (256, 128)
 TARGETS = ("stemness", "immunosuppressive")
@@ -285,9 +285,9 @@ def test_model_identity_changes_with_the_card_thresholds(tmp_path):
     """Re-tuned thresholds (or µm/px) in model.json change the outputs: no stale skip."""
     import dataclasses
 
+    from cscvision.models.backbones import get_model
+    from cscvision.models.export import export_model, load_model
     from cscvision.outputs.slide_folder import model_identity
-    from cscvision.training.backbones import get_model
-    from cscvision.training.export import export_model, load_model
 
     card = dataclasses.replace(CARD, backbone="small_cnn")
     export_model(get_model("small_cnn", 2), card, tmp_path)

@@ -11,7 +11,7 @@ import cscvision
 from cscvision.cli import main
 from cscvision.cli.doctor import _extras_lines, _missing
 from cscvision.core.resources import packaged_dir
-from cscvision.training.card import ModelError, read_card, resolve_model_dir
+from cscvision.models.card import ModelError, read_card, resolve_model_dir
 from cscvision.training.config import ConfigError, config_names, load_config, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]

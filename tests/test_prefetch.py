@@ -12,11 +12,11 @@ import torch
 
 from cscvision.inference.predict import TileBatches, predict_slide, prepare_slide
 from cscvision.inference.prefetch import NextSlide
+from cscvision.models.backbones import get_model
+from cscvision.models.export import LoadedModel, ModelCard
 from cscvision.slides.batch import SlideJob
 from cscvision.slides.slide import SlideError
 from cscvision.testing import texture_tile_fn, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import LoadedModel, ModelCard
 
 torch.set_num_threads(1)
 

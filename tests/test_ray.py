@@ -18,10 +18,10 @@ from conftest import tissue_like
 
 from cscvision.cli import main
 from cscvision.inference.distributed import WorkerPlan, dispatch, plan_workers
+from cscvision.models.backbones import get_model
+from cscvision.models.export import ModelCard, export_model
 from cscvision.slides.batch import SlideJob
 from cscvision.testing import output_snapshot, write_pyramid
-from cscvision.training.backbones import get_model
-from cscvision.training.export import ModelCard, export_model
 
 SLIDES = ("s0", "s1", "s2")
 
@@ -166,7 +166,7 @@ def test_workers_hold_results_in_order(runs):
 def feature_runs(batch, ray_local, tmp_path_factory) -> dict:
     """``cscvision features`` on the batch, once locally and once on Ray."""
     pytest.importorskip("h5py")
-    from cscvision.features.encoders import save_random_weights
+    from cscvision.models.encoders import save_random_weights
 
     root = tmp_path_factory.mktemp("rayfeatures")
     weights = save_random_weights("test-vit-tiny", root / "tiny.safetensors")

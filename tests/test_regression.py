@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from cscvision.training.card import ModelCard
+from cscvision.models.card import ModelCard
 from cscvision.training.config import ConfigError, load_config
 from cscvision.training.regression import (
     bootstrap_ci,
@@ -69,9 +69,10 @@ def test_standardise_stats():
 
 def test_config_task_and_targets():
     cfg = load_config(None, ["task=regression", "targets=[stemness]", "regression.loss=pearson"])
-    assert cfg.task == "regression" and cfg.targets == ["stemness"]
-    with pytest.raises(ConfigError, match="task: 'regresion' is not one of"):
+    assert cfg.target_type == "regression" and cfg.targets == ["stemness"]  # 0.1.0's task=
+    with pytest.raises(ConfigError, match="target_type: 'regresion' is not one of"):
         load_config(None, ["task=regresion"])
+    assert load_config(None, ["target_type=regression"]).target_type == "regression"
     with pytest.raises(ConfigError, match=r"regression\.loss"):
         load_config(None, ["regression.loss=l1"])
 
@@ -92,14 +93,14 @@ def test_card_units_and_value_range():
         name="m",
         backbone="small_cnn",
         targets=("a", "b"),
-        task="regression",
+        target_type="regression",
         units={"b": "z"},
         output_scale={"mean": [1.0, 0.0], "std": [2.0, 1.0]},
     )
     assert reg.unit("a") == "score" and reg.unit("b") == "z"
     assert reg.value_range("a") == (-4.0, 6.0)
     assert ModelCard.from_json(reg.to_json()) == reg
-    from cscvision.training.card import model_readme
+    from cscvision.models.readme import model_readme
 
     text = model_readme(reg)
     assert "continuous score" in text and "test Pearson" in text and "sigmoid" not in text

@@ -14,6 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from cscvision.labels.cohort import CohortEntry
 from cscvision.labels.table import LabelTable, LabelTableError, read_label_table, write_label_table
+from cscvision.models.heads import make_head
 from cscvision.slides.grid import GridSpec
 from cscvision.slides.slide import open_slide, plan_read
 from cscvision.testing import write_pyramid
@@ -24,7 +25,6 @@ from cscvision.training.data import (
     subsample,
 )
 from cscvision.training.featuredata import FeatureDataModule
-from cscvision.training.heads import HeadClassifier, make_head
 from cscvision.training.lit import TileClassifier
 from cscvision.training.regression import TileRegressor, pearson_loss
 from cscvision.training.tilecache import table_tiles
@@ -216,8 +216,8 @@ def test_a_head_learns_from_the_weighted_tiles_only(weighted):
     L.seed_everything(0, workers=False)
     slides, features = _poisoned(0, weighted)
     dm = FeatureDataModule(slides=slides, features=features, batch_size=64, seed=0)
-    module = HeadClassifier(net=make_head("linear", 8, 1), targets=("stemness",), lr=0.05,
-                            scheduler="none")  # fmt: skip
+    module = TileClassifier(net=make_head("linear", 8, 1), targets=("stemness",), lr=0.05,
+                            scheduler="none", inputs="features")  # fmt: skip
     trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=dm)

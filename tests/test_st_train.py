@@ -14,10 +14,10 @@ pytest.importorskip("scanpy")
 from cscvision.cli import main as cli_main
 from cscvision.inference.predict import TileScorer, predict_slide
 from cscvision.labels.table import read_label_table
+from cscvision.models.export import load_model
 from cscvision.outputs.slide_folder import write_slide_outputs
 from cscvision.slides.slide import open_slide, plan_read
 from cscvision.synth import write_cohort
-from cscvision.training.export import load_model
 from cscvision.training.regression import pearson
 from cscvision.training.train import load_config, train
 
@@ -58,7 +58,7 @@ def test_regression_learns_panel_scores_and_writes_continuous_outputs(tmp_path):
     assert {"pearson_stemness", "spearman_immunosuppressive"} <= set(result.metrics["test"])
     assert result.thresholds == {}
     model = load_model(result.model_dir)
-    assert model.card.task == "regression" and model.card.unit("stemness") == "score"
+    assert model.card.target_type == "regression" and model.card.unit("stemness") == "score"
 
     # it learned: on a training slide's spots, predictions follow the measured scores
     splits = dict(
@@ -119,7 +119,8 @@ def test_a_regression_head_on_stored_features_learns_panel_scores(tmp_path):
     assert {"pearson_stemness", "pearson_immunosuppressive"} <= set(result.metrics["test"])
     model = load_model(result.model_dir)
     card = model.card
-    assert card.task == "regression" and card.encoder["name"] == "demo-cnn"
+    assert card.target_type == "regression" and card.kind == "head"
+    assert card.encoder["name"] == "demo-cnn"
     assert set(card.output_scale) == {"mean", "std"} and result.thresholds == {}
     splits = dict(
         r.split(",")[::2] for r in (tmp_path / "run" / "splits.csv").read_text().split()[1:]

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from cscvision.models.export import load_model
 from cscvision.testing import write_toy_cohort
 from cscvision.training.config import ConfigError, load_config
-from cscvision.training.export import load_model
 from cscvision.training.lit import CheckpointMismatch, TileClassifier, best_f1_threshold, evaluate
 from cscvision.training.train import TrainError, train
 
@@ -156,7 +156,7 @@ def test_train_writes_the_run_folder_and_exports(trained):
 
 
 def test_calibration_is_fitted_on_validation_and_travels_with_the_card(trained):
-    from cscvision.training.calibration import calibrate
+    from cscvision.models.calibration import calibrate
 
     result, run = trained
     run_dir = run / "run"

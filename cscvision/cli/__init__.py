@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Process state is set here, at the entry point, never by the library: timm (encoders)
+    # must never reach the Hugging Face Hub; nothing is downloaded at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.features.registry import ENCODERS, NOT_REGISTERED, configured_weights
+    from cscvision.models.registry import ENCODERS, NOT_REGISTERED, configured_weights
 
     folder: Path | str | None = args.weights_dir or os.environ.get(WEIGHTS_DIR_ENV)
     print(f"weights folder: {folder or f'none (--weights-dir or ${WEIGHTS_DIR_ENV})'}")

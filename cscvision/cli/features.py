@@ -80,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_weights(name: str, weights: Path | None, weights_dir: Path | None) -> Path:
     """``--weights``, else the encoder's file in ``--weights-dir`` / $CSCVISION_WEIGHTS_DIR."""
-    from cscvision.features.registry import EncoderError, configured_weights, get_encoder_spec
+    from cscvision.models.registry import EncoderError, configured_weights, get_encoder_spec
 
     if weights is not None:
         return weights
@@ -99,9 +99,10 @@ def resolve_weights(name: str, weights: Path | None, weights_dir: Path | None) -
 def _extractor(args: argparse.Namespace) -> FeatureExtractor:
     import torch
 
-    from cscvision.features.encoders import file_sha256, load_encoder
+    from cscvision.core.io import file_sha256
     from cscvision.features.extract import FeatureExtractor
     from cscvision.features.store import import_h5py
+    from cscvision.models.encoders import load_encoder
 
     import_h5py()  # say now, not once per slide, when the features extra is missing
 
@@ -140,11 +141,17 @@ def _settings(args: argparse.Namespace) -> ExtractSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.features.encoders import FeaturesUnavailable
     from cscvision.features.extract import extract_slide, extraction_setup, store_path
-    from cscvision.features.registry import EncoderError
     from cscvision.features.store import STORE_SUFFIX, store_matches
-    from cscvision.slides.batch import BatchError, run_batch, summary_lines, write_errors
+    from cscvision.models.encoders import FeaturesUnavailable
+    from cscvision.models.registry import EncoderError
+    from cscvision.slides.batch import (
+        BatchError,
+        run_batch,
+        shard_suffix,
+        summary_lines,
+        write_errors,
+    )
     from cscvision.slides.slide import SlideError
 
     try:
@@ -190,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_batch(jobs, process, complete, overwrite=args.overwrite, desc="features")
         where = f"on {extractor.device}, --decode {args.decode}"
     errors = write_errors(out, report, shard)
-    suffix = "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
+    suffix = shard_suffix(shard)
     results = _write_results(out / f"results{suffix}.csv", jobs, report, store_of)
     for line in summary_lines(report, out, "features", errors):
         print(line)

@@ -30,8 +30,8 @@ from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
+    from cscvision.models.export import LoadedModel
     from cscvision.slides.batch import BatchReport, SlideJob
-    from cscvision.training.export import LoadedModel
 
 __all__ = ["add_parser", "run"]
 
@@ -209,12 +209,18 @@ def _settings(args: argparse.Namespace) -> InferSettings:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cscvision.inference.batch import shard_suffix, write_results
+    from cscvision.inference.batch import write_results
     from cscvision.inference.predict import resolve_device
+    from cscvision.models.export import ModelError, load_model
     from cscvision.outputs.slide_folder import model_identity
-    from cscvision.slides.batch import BatchError, interrupted_line, summary_lines, write_errors
+    from cscvision.slides.batch import (
+        BatchError,
+        interrupted_line,
+        shard_suffix,
+        summary_lines,
+        write_errors,
+    )
     from cscvision.slides.slide import SlideError
-    from cscvision.training.export import ModelError, load_model
 
     try:
         settings = _settings(args)

@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Cross-validate attention MIL (gated attention or CLAM-SB) on bags of stored tile "
             "features (one feature store per slide, from cscvision features) against "
             "slide-level labels, with patient-level k-fold cross-validation; for a model that "
-            "cscvision infer runs on slides, use cscvision train with task: mil. Writes "
+            "cscvision infer runs on slides, use cscvision train with kind: mil. Writes "
             "OUT/cv_metrics.json (per fold and "
             "pooled, with bootstrap 95 % CIs over patients), OUT/predictions.csv (held-out "
             "prediction per slide) and OUT/tiles/<slide_id>.csv (each tile's attention × "
@@ -92,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
     except (CohortError, SlideLabelError, FeatureStoreError, FileNotFoundError, ValueError) as e:
         print(f"cscvision mil: {e}", file=sys.stderr)
         return 2
+    import torch
+
     from cscvision.training.mil import MILConfig
     from cscvision.training.mil_cv import cross_validate, write_cv_outputs
 
+    torch.set_num_threads(1)  # one thread per process: MIL bags are small matrices
     cfg = MILConfig(
         architecture=args.architecture,
         epochs=args.epochs,

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cscvision report: {missing}", file=sys.stderr)
         return 2
     from cscvision.labels.cohort import CohortError
-    from cscvision.training.card import ModelError
+    from cscvision.models.card import ModelError
     from cscvision.views.report import ReportError, write_report
 
     try:

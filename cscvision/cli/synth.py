@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write slide_labels.csv: each slide's true stemness-rich and "
         "immunosuppressive fractions of tissue plus noise, and a stemness tercile class "
-        "(slide-level labels for cscvision train with task mil, or cscvision mil)",
+        "(slide-level labels for cscvision train with kind mil, or cscvision mil)",
     )
     parser.add_argument(
         "--label-noise",

@@ -25,8 +25,8 @@ The best checkpoint is exported to models/<name>/ (or --export): model.safetenso
 model.json (targets, thresholds chosen on validation, tile px, µm/px, normalisation,
 metrics) and README.md, the human model card.
 
-task: mil trains a slide-level model instead: bags of an encoder's tile features
-(model.encoder, model.weights) against a slide-label table (mil.labels, mil.targets),
+kind: mil (0.1.0: task: mil) trains a slide-level model instead: bags of an encoder's tile
+features (model.encoder, model.weights) against a slide-label table (mil.labels, mil.targets),
 cross-validated over patients (cv.folds; runs/<name>/cv/), then exported with the
 pooled CV metrics on its card; cscvision infer writes its slide predictions to results.csv.
 """
@@ -107,18 +107,41 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    package_log = logging.getLogger("cscvision")
-    package_log.addHandler(handler)
-    package_log.setLevel(logging.INFO)
+    _log_to_stderr()
+    if cfg.threads:  # torch CPU threads of this process (the library never sets them)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     return _train(cfg, args)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a message comes."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """The package's INFO messages on stderr: one handler, however often ``train`` runs
+    in this process (it used to add one per call)."""
+    package_log = logging.getLogger("cscvision")
+    package_log.setLevel(logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in package_log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+
+
 def _train(cfg: object, args: argparse.Namespace) -> int:
-    from cscvision.features.registry import EncoderError
     from cscvision.labels.annotations import AnnotationError
     from cscvision.labels.cohort import CohortError
+    from cscvision.models.registry import EncoderError
     from cscvision.slides.slide import SlideError
     from cscvision.training.config import ConfigError
     from cscvision.training.data import DataError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import secrets
@@ -115,6 +116,15 @@ def check_writable(folder: str | Path, flag: str = "--out") -> Path:
             "free space"
         ) from None
     return folder
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -1,2 +1,2 @@
-"""Features: tile encoders (foundation models and CNNs from local weights) and per-slide
-feature stores that heads and MIL models train on."""
+"""Features: tile embeddings from a registered encoder (:mod:`cscvision.models.registry`,
+local weights) written into per-slide feature stores that heads and MIL models train on."""

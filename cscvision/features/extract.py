@@ -2,7 +2,7 @@
 
 The tiles are cut at the encoder's own µm/px and tile size (:func:`encoder_grid_spec`;
 they override a config's ``grid.mpp``/``grid.tile_px``), read ahead of the model by the
-same batch readers inference uses (:mod:`cscvision.features.tiles`), normalised with the
+same batch readers inference uses (:mod:`cscvision.slides.tilebatches`), normalised with the
 encoder's mean and std on the model's device, with channels-last memory for CNNs and, with
 ``amp``, bfloat16 autocast on CPUs that support it or mixed precision on GPUs. With
 ``decode="gpu"`` (or ``"auto"`` on CUDA) stored JPEG tiles are decoded, assembled and
@@ -22,10 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cscvision.features.encoders import Encoder
-from cscvision.features.registry import EncoderSpec
 from cscvision.features.store import STORE_SUFFIX, FeatureStore, write_feature_store
-from cscvision.features.tiles import (
+from cscvision.models.encoders import Encoder
+from cscvision.models.registry import EncoderSpec
+from cscvision.slides.batch import SlideJob
+from cscvision.slides.grid import GridSpec, TileGrid, make_grid
+from cscvision.slides.slide import ReadPlan, SlideError, open_slide
+from cscvision.slides.tilebatches import (
     DECODERS,
     TileBatches,
     autocast,
@@ -33,9 +36,6 @@ from cscvision.features.tiles import (
     resolve_device,
     tile_batches,
 )
-from cscvision.slides.batch import SlideJob
-from cscvision.slides.grid import GridSpec, TileGrid, make_grid
-from cscvision.slides.slide import ReadPlan, SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import numpy as np
 
 from cscvision import __version__
 from cscvision.core.io import atomic_path
-from cscvision.features.registry import FEATURES_INSTALL
+from cscvision.models.registry import FEATURES_INSTALL
 
 STORE_SUFFIX = ".h5"
 

@@ -20,6 +20,7 @@ import torch
 from cscvision.inference.predict import PreparedSlide, predict_slide, prepare_slide
 from cscvision.inference.prefetch import NextSlide
 from cscvision.inference.settings import InferSettings
+from cscvision.models.export import LoadedModel
 from cscvision.outputs.slide_folder import (
     SUMMARY,
     outputs_complete,
@@ -35,7 +36,6 @@ from cscvision.slides.batch import (
     resolved_path,
     slide_dir,
 )
-from cscvision.training.export import LoadedModel
 
 
 def slide_settings(settings: InferSettings, job: SlideJob) -> dict[str, Any]:
@@ -130,10 +130,6 @@ def failure_reason(error: BaseException) -> str:
         trace = traceback.format_exception(type(error), error, error.__traceback__, limit=3)
         reason += " | " + "".join(trace).replace("\n", " ")
     return reason
-
-
-def shard_suffix(shard: tuple[int, int] | None) -> str:
-    return "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
 
 
 def write_results(

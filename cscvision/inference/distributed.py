@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from cscvision.core.guard import slide_lock
 from cscvision.inference.batch import failure_reason, infer_job
 from cscvision.inference.settings import InferSettings
+from cscvision.models.export import LoadedModel
 from cscvision.slides.batch import BatchReport, SlideJob, slide_dir
-from cscvision.training.export import LoadedModel
 
 RAY_INSTALL = 'pip install "cscvision[ray]"'
 LOCAL = "local"  # --ray without an address: start Ray on this machine

@@ -29,7 +29,15 @@ import torch
 from tqdm.auto import tqdm
 
 from cscvision.core.geometry import area_fraction
-from cscvision.features.tiles import (
+from cscvision.inference.settings import READERS
+from cscvision.inference.stitch import choose_sub, map_layout, stitch
+from cscvision.models.card import ModelCard
+from cscvision.models.export import LoadedModel
+from cscvision.outputs.prediction import SlidePrediction
+from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
+from cscvision.slides.info import ON_CORRUPT_TILE
+from cscvision.slides.slide import SlideError, open_slide
+from cscvision.slides.tilebatches import (
     TileBatches,
     autocast,
     channels_last,
@@ -38,16 +46,7 @@ from cscvision.features.tiles import (
     resolve_device,
     threaded_batches,
 )
-from cscvision.inference.settings import READERS
-from cscvision.inference.stitch import choose_sub, map_layout, stitch
-from cscvision.outputs.prediction import SlidePrediction
-from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
-from cscvision.slides.info import ON_CORRUPT_TILE
-from cscvision.slides.slide import SlideError, open_slide
 from cscvision.slides.tissue import DEFAULT_MASK_MPP
-from cscvision.training.calibration import calibrate
-from cscvision.training.card import ModelCard
-from cscvision.training.export import LoadedModel
 
 __all__ = [
     "PreparedSlide",
@@ -65,11 +64,12 @@ __all__ = [
 
 
 class TileScorer:
-    """The model as inference runs it: uint8 tiles [B, 3, H, W] → probabilities [B, T]
-    (regression models: scores in the card's units).
+    """The model as inference runs it: uint8 tiles [B, 3, H, W] → per-tile outputs [B, W]
+    (probabilities, scores in the card's units, or a MIL model's per-tile parts: the
+    model kind's :meth:`~cscvision.models.kinds.ModelKind.tile_outputs`).
 
     Moves the net to ``device`` (eval mode, channels-last where that is faster), applies
-    ``(x / 255 - mean) / std``, autocast with ``amp``, and the sigmoid.
+    ``(x / 255 - mean) / std`` and autocast with ``amp``.
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device = "cpu", amp=False):
@@ -84,27 +84,15 @@ class TileScorer:
         self.mean = torch.tensor(card.mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(card.std, device=self.device).view(1, 3, 1, 1) * 255
         self.amp = amp
-        # Regression models predict standardised scores: back to score units, no sigmoid.
-        scale = card.output_scale if card.is_regression else {}
-        self.out_mean = torch.tensor(scale.get("mean", [0.0]), device=self.device)
-        self.out_std = torch.tensor(scale.get("std", [1.0]), device=self.device)
-        self.regression = card.is_regression
-        self.raw = card.task == "mil"  # per-tile parts, aggregated per slide afterwards
-        self.targets = card.targets
-        self.calibration = card.calibration
+        self.card = card
+        self.kind = model.kind
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
         with torch.inference_mode(), autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
             logits = self.net(x).float()
-            if self.raw:
-                return logits.cpu().numpy()
-            if self.regression:
-                return (logits * self.out_std + self.out_mean).cpu().numpy()
-            if not self.calibration:
-                return torch.sigmoid(logits).cpu().numpy()
-        return calibrate(logits.cpu().numpy(), self.targets, self.calibration)
+            return self.kind.tile_outputs(self.card, logits)
 
 
 def predict_tiles(
@@ -169,14 +157,7 @@ def predict_tiles(
 
 def output_width(model: LoadedModel) -> int:
     """Columns the net gives per tile: one per target, or a MIL model's per-tile parts."""
-    if model.card.task == "mil":
-        mil = model.card.mil
-        return (
-            1
-            + len(mil.get("regression", []))
-            + sum(len(c["classes"]) for c in mil.get("classification", []))
-        )
-    return len(model.card.targets)
+    return model.kind.output_width(model.card)
 
 
 def assemble_prediction(
@@ -252,9 +233,7 @@ def predict_grid(
     )
     predict_seconds = time.perf_counter() - t0
     grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
-    extra: dict = {}
-    if model.card.task == "mil":
-        probs, extra = _mil_maps(model, probs)
+    probs, extra = model.kind.slide_outputs(model.net, model.card, probs)
     pred = assemble_prediction(
         grid,
         probs,
@@ -268,14 +247,6 @@ def predict_grid(
     )
     seconds = time.perf_counter() - started
     return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy, **extra)
-
-
-def _mil_maps(model: LoadedModel, rows: np.ndarray) -> tuple[np.ndarray, dict]:
-    """A MIL model's map channels and the prediction fields from its tiles' rows."""
-    from cscvision.training.mil_model import mil_slide_outputs, slide_prediction_record
-
-    channels, raw, out = mil_slide_outputs(rows, model.net.mil, model.card.mil)
-    return channels, {"tile_values": raw, "slide_prediction": slide_prediction_record(out)}
 
 
 def drop_corrupt_tiles(

@@ -40,7 +40,6 @@ __all__ = [
     "Region",
     "TileTargets",
     "check_within",
-    "dab_mask",
     "read_annotations",
     "read_tile_labels",
     "tile_targets",
@@ -277,6 +276,19 @@ def _hex_color(value: str | None) -> tuple[int, int, int] | None:
 # --- checks --------------------------------------------------------------------------------
 
 
+def is_tile_label_csv(path: str | Path) -> bool:
+    """A tile-label CSV (``x,y,<target>…``), not a file of regions."""
+    return Path(path).suffix.lower() == ".csv"
+
+
+def read_slide_annotations(path: str | Path, bounds_xy: tuple[int, int]) -> list[Region]:
+    """The regions of an annotation file in the slide's level-0 frame: QuPath GeoJSON is
+    relative to the slide's bounds corner (``bounds_xy``, OpenSlide's ``bounds-x/y``;
+    QuPath crops to it), ASAP XML is in level-0 pixels already."""
+    qupath = Path(path).suffix.lower() in GEOJSON_SUFFIXES
+    return read_annotations(path, offset_xy=tuple(bounds_xy) if qupath else (0, 0))
+
+
 def check_within(regions: Sequence[Region], dimensions: tuple[int, int], path: str | Path) -> None:
     """Raise :class:`AnnotationError` if any region lies entirely outside the slide.
 
@@ -349,25 +361,3 @@ def _numeric_column(rows: list[dict[str, str]], columns: tuple[str, ...], path: 
         line = int(np.flatnonzero(~np.isfinite(out).all(axis=1))[0]) + 2
         raise AnnotationError(f"{path}: line {line}: NaN or infinite value")
     return out
-
-
-# --- IHC -----------------------------------------------------------------------------------
-
-
-def dab_mask(rgb: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """Boolean mask of DAB-positive (brown) pixels of an IHC image, by colour deconvolution.
-
-    ``threshold`` applies to the DAB optical density from ``skimage.color.rgb2hed``; by default
-    Otsu's threshold over the stained pixels, floored at 0.05 so a DAB-free image stays empty.
-    """
-    from skimage.color import rgb2hed
-    from skimage.filters import threshold_otsu
-
-    if rgb.ndim != 3 or rgb.shape[-1] < 3:
-        raise ValueError(f"dab_mask needs an RGB image (H, W, 3), got shape {rgb.shape}")
-    dab = rgb2hed(rgb[..., :3])[..., 2]
-    if threshold is None:
-        stained = dab[dab > 0.01]
-        otsu = float(threshold_otsu(stained)) if stained.size > 16 and np.ptp(stained) > 0 else 0
-        threshold = max(0.05, otsu)
-    return dab > threshold

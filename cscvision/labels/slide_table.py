@@ -2,7 +2,7 @@
 
 The table is a CSV keyed by ``slide_id`` or by ``patient_id`` (a patient's labels then
 apply to each of that patient's slides), with one column per label and optional
-covariates. Each label is declared with its task:
+covariates. Each label is declared with its target type:
 
 - ``regression``: a continuous value (``mRNAsi``, ``treg_fraction``, ``m2_fraction``);
 - ``classification``: one of the declared ``classes`` (``immune_subtype``: C1–C6), or the
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("regression", "classification")
+TARGET_TYPES = ("regression", "classification")
 TERCILES = ("low", "mid", "high")
 
 
@@ -34,7 +34,7 @@ class SlideLabelError(ValueError):
 @dataclass(frozen=True)
 class LabelSpec:
     name: str
-    task: str
+    target_type: str  # regression | classification
     classes: tuple[str, ...] = ()
     column: str = ""  # the CSV column (default: ``name``)
     tercile_of: str = ""  # classification by terciles of this continuous column
@@ -46,9 +46,10 @@ class LabelSpec:
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> LabelSpec:
-        task = data.get("task", "regression")
-        if task not in TASKS:
-            raise SlideLabelError(f"labels.{name}.task: {task!r} is not one of {TASKS}")
+        key = "target_type" if "target_type" in data else "task"  # "task": 0.1.0's name
+        task = data.get(key, "regression")
+        if task not in TARGET_TYPES:
+            raise SlideLabelError(f"labels.{name}.{key}: {task!r} is not one of {TARGET_TYPES}")
         classes = tuple(str(c) for c in data.get("classes", ()))
         tercile = str(data.get("tercile_of", ""))
         if task == "classification" and not classes and not tercile:
@@ -145,9 +146,9 @@ def read_slide_labels(
 
 def _values(spec: LabelSpec, cells: list[dict[str, str] | None], path: Path) -> np.ndarray:
     texts = ["" if c is None else c[spec.source] for c in cells]
-    if spec.task == "regression" or spec.tercile_of:
+    if spec.target_type == "regression" or spec.tercile_of:
         numbers = np.array([_number(t, path, 0, spec.source) for t in texts])
-        if spec.task == "regression":
+        if spec.target_type == "regression":
             return numbers
         return terciles(numbers)
     unknown = sorted({t for t in texts if t and t not in spec.classes})
@@ -180,7 +181,8 @@ def terciles(values: np.ndarray) -> np.ndarray:
 def parse_targets(targets: Any, where: str = "--target") -> list[LabelSpec]:
     """Label declarations from ``NAME[:TASK]`` strings (TASK ``regression``, the default, or
     ``tercile``: classes low/mid/high of NAME's terciles, named ``NAME_tercile``) or from a
-    mapping ``{name: {task, classes, column, tercile_of}}`` (a config's ``mil.targets``)."""
+    mapping ``{name: {target_type, classes, column, tercile_of}}`` (a config's
+    ``mil.targets``; ``task`` is 0.1.0's name of ``target_type``)."""
     if isinstance(targets, Mapping):
         return [LabelSpec.from_dict(str(n), d or {}) for n, d in targets.items()]
     if not targets or isinstance(targets, str):

@@ -31,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cscvision.core.io import atomic_path, inside, is_stale_temp, write_csv, write_json, write_png
+from cscvision.core.io import (
+    atomic_path,
+    file_sha256,
+    inside,
+    is_stale_temp,
+    write_csv,
+    write_json,
+    write_png,
+)
+from cscvision.models.card import WEIGHTS_FILE, ModelCard
 from cscvision.outputs.geojson import (
     region_features,
     target_colors,
@@ -44,10 +53,9 @@ from cscvision.outputs.prediction import SlidePrediction
 from cscvision.outputs.regions import region_masks
 from cscvision.outputs.summary import DEFAULT_PERMUTATIONS, DEFAULT_WITHIN_UM, summarize
 from cscvision.slides.slide import MPP_FROM_OVERRIDE
-from cscvision.training.card import WEIGHTS_FILE, ModelCard
 
 if TYPE_CHECKING:
-    from cscvision.training.export import LoadedModel
+    from cscvision.models.export import LoadedModel
 
 SUMMARY = "summary.json"
 TILES = "tiles.csv"
@@ -59,20 +67,26 @@ MAPS = "maps.npz"
 
 # Card fields the outputs depend on: editing one (re-tuned thresholds) makes old outputs stale.
 _CARD_OUTPUT_FIELDS = (
-    "targets", "colors", "thresholds", "tile_px", "mpp", "mean", "std", "calibration",
-    "task", "units", "output_scale",
-)  # fmt: skip
+    "targets",
+    "colors",
+    "thresholds",
+    "tile_px",
+    "mpp",
+    "mean",
+    "std",
+    "calibration",
+    "units",
+    "output_scale",
+)  # fmt: skip  (and the kind's legacy_task, as 0.1.0's "task")
 
 
 def model_identity(model: LoadedModel) -> dict[str, str]:
     """Name, version, a weights digest and a digest of the card fields the outputs use:
     a re-trained model under the same name, or one with re-tuned thresholds, differs."""
-    digest = hashlib.sha256()
-    with (Path(model.path) / WEIGHTS_FILE).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    digest = file_sha256(Path(model.path) / WEIGHTS_FILE)
     card = model.card
     used = {k: v for k, v in card.to_json().items() if k in _CARD_OUTPUT_FIELDS}
+    used["task"] = model.kind.legacy_task(card)  # 0.1.0's name: earlier outputs stay complete
     if not used.get("calibration"):  # uncalibrated cards keep the digest they had before
         used.pop("calibration", None)
     card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
@@ -80,7 +94,7 @@ def model_identity(model: LoadedModel) -> dict[str, str]:
         "name": card.name,
         "version": card.cscvision_version,
         "backbone": card.backbone,
-        "weights_sha256": digest.hexdigest()[:16],
+        "weights_sha256": digest[:16],
         "card_sha256": card_digest[:16],
     }
 

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from cscvision import __version__
+from cscvision.models.card import ModelCard
 from cscvision.outputs.likelihood import DEFAULT_FACTOR
 from cscvision.outputs.nulls import null_seed
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.outputs.regions import niche_name, region_masks, tissue_weights
 from cscvision.outputs.statistics import colocalisation, within_fraction
 from cscvision.slides.tiling import corrupt_tiles_record
-from cscvision.training.card import ModelCard
 
 DEFAULT_WITHIN_UM = 100.0  # "near" for the co-localisation figures (a few cell diameters)
 DEFAULT_PERMUTATIONS = 199

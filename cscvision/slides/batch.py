@@ -242,8 +242,13 @@ def slide_dir(out_dir: str | Path, slide_id: str) -> Path:
     return folder
 
 
+def shard_suffix(shard: tuple[int, int] | None) -> str:
+    """What a shard adds to the name of a table it writes: ``_shard{i}of{N}``."""
+    return "" if shard is None else f"_shard{shard[0]}of{shard[1]}"
+
+
 def errors_name(shard: tuple[int, int] | None) -> str:
-    return "errors.csv" if shard is None else f"errors_shard{shard[0]}of{shard[1]}.csv"
+    return f"errors{shard_suffix(shard)}.csv"
 
 
 def merge_table(

@@ -1,5 +1,7 @@
-"""Training: config, tile datasets and their cache, augmentation, backbones, the Lightning
-system, the training entry point, and the exported model folder (weights + model card).
+"""Training: config, tile datasets and their cache, augmentation, the Lightning systems (each
+holding a network from :mod:`cscvision.models`), the training entry point (``train``, which
+hands a config to its model kind's trainer) and the card a run exports.
 
-:mod:`cscvision.training.card` (the model card) imports no torch, so writers can read it.
+The model itself (card, export and load, networks, kinds) is :mod:`cscvision.models`;
+inference never imports this package.
 """

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cscvision.core.resources import packaged_dir, packaged_names
+from cscvision.models.card import IMAGENET_MEAN, IMAGENET_STD
 from cscvision.slides.grid import GridSpec
-from cscvision.training.card import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class RegressionConfig:
-    """``task: regression``: continuous targets (e.g. spatial-transcriptomics panel scores)."""
+    """``target_type: regression``: continuous targets (e.g. spatial-transcriptomics scores)."""
 
     loss: str = "mse"  # mse | pearson, on targets standardised by the training tiles
     bootstrap: int = 1000  # resamples of held-out patients for the correlations' 95 % CI
@@ -88,11 +88,11 @@ class RegressionConfig:
 
 @dataclass(frozen=True)
 class MILSection:
-    """``task: mil``: a slide-level model over bags of stored encoder features
+    """``kind: mil``: a slide-level model over bags of stored encoder features
     (``model.encoder`` and ``model.weights`` name the encoder; training/mil_train.py)."""
 
     labels: str = ""  # slide-label CSV keyed by slide_id or patient_id
-    targets: Any = None  # ["mRNAsi", "mRNAsi:tercile"] or {name: {task, classes, tercile_of}}
+    targets: Any = None  # ["mRNAsi", "mRNAsi:tercile"] or {name: {target_type, classes, ...}}
     covariates: Any = None  # label-table columns given to the model (CV analyses only)
     architecture: str = "gated_attention"  # gated_attention | clam_sb
     hidden: int = 128
@@ -106,7 +106,7 @@ class MILSection:
 
 @dataclass(frozen=True)
 class CVConfig:
-    folds: int = 5  # k-fold cross-validation over patients (task mil); 0 or 1: none
+    folds: int = 5  # k-fold cross-validation over patients (kind mil); 0 or 1: none
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,10 @@ class TrainConfig:
     name: str = "cscvision"  # run and model name
     seed: int = 0
     threads: int | None = None  # torch CPU threads of the training process; None: all cores
-    task: str = "classification"  # classification | regression | mil (slide-level labels)
+    # the model kind (cscvision.models.kinds): tile, head, finetune, mil or a registered one;
+    # empty: head or finetune when model.encoder is set (finetune with blocks), else tile
+    kind: str = ""
+    target_type: str = "classification"  # classification | regression (tile targets)
     targets: Any = None  # tile-label table columns to train on; default: all of the first
     run_dir: str | None = None  # default runs/<name>
     export_dir: str | None = None  # default models/<name>
@@ -297,6 +300,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
     for override in overrides:
         _set(data, override)
+    data = _from_task(data)
     try:
         cfg = _build(TrainConfig, data, "")
         check_choices(cfg)
@@ -305,14 +309,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def _from_task(data: Any) -> Any:
+    """A 0.1.0 config's ``task`` (classification | regression | mil) held the target type
+    and, for ``mil``, the model kind: read it as ``kind: mil`` or ``target_type``."""
+    if not isinstance(data, Mapping) or "task" not in data:
+        return data
+    from cscvision.models.card import split_task
+
+    data = dict(data)
+    for key, value in split_task(data.pop("task")).items():
+        data.setdefault(key, value)
+    return data
+
+
 def check_choices(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` for a value outside its named choices."""
+    from cscvision.models.backbones import BACKBONES
+    from cscvision.models.calibration import METHODS
+    from cscvision.models.kinds import UnknownKind, kind_of_config
     from cscvision.training.augment import AUGMENT_PRESETS
-    from cscvision.training.backbones import BACKBONES
-    from cscvision.training.calibration import METHODS
     from cscvision.training.data import BALANCE_MODES
     from cscvision.training.lit import SCHEDULERS
-    from cscvision.training.regression import LOSSES, TASKS
+    from cscvision.training.regression import LOSSES, TARGET_TYPES
 
     choices = {
         "model.backbone": (cfg.model.backbone, sorted(BACKBONES)),
@@ -320,7 +338,7 @@ def check_choices(cfg: TrainConfig) -> None:
         "data.balance": (cfg.data.balance, BALANCE_MODES),
         "optim.scheduler": (cfg.optim.scheduler, SCHEDULERS),
         "metrics.monitor_mode": (cfg.metrics.monitor_mode, ("max", "min")),
-        "task": (cfg.task, TASKS),
+        "target_type": (cfg.target_type, TARGET_TYPES),
         "regression.loss": (cfg.regression.loss, LOSSES),
         "metrics.calibration": (cfg.metrics.calibration, METHODS),
     }
@@ -328,7 +346,7 @@ def check_choices(cfg: TrainConfig) -> None:
         if value not in valid:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
     if cfg.model.encoder is not None:
-        from cscvision.training.heads import check_head_config
+        from cscvision.models.heads import check_head_config
 
         try:
             check_head_config(cfg.model)
@@ -348,8 +366,10 @@ def check_choices(cfg: TrainConfig) -> None:
         not isinstance(cfg.targets, list) or not all(isinstance(t, str) for t in cfg.targets)
     ):
         raise ConfigError(f"targets: {cfg.targets!r} must be a list of column names, or null")
-    if cfg.task == "mil":
-        _check_mil(cfg)
+    try:
+        kind_of_config(cfg).check_config(cfg)
+    except (UnknownKind, ValueError) as e:
+        raise ConfigError(f"kind: {e}" if isinstance(e, UnknownKind) else str(e)) from None
     if cfg.data.batch_size < 1 or cfg.data.num_workers < 0:
         raise ConfigError("data.batch_size must be ≥ 1 and data.num_workers ≥ 0")
 
@@ -363,32 +383,15 @@ def _check_finetune(cfg: TrainConfig) -> None:
     if blocks and not cfg.model.encoder:
         raise ConfigError("model.finetune_blocks: name the encoder to fine-tune (model.encoder "
                           "and model.weights; see cscvision encoders)")  # fmt: skip
-    if blocks and cfg.task == "mil":
-        raise ConfigError("model.finetune_blocks: task mil trains on stored features; set it to 0")
     if blocks:  # the block count, on the architecture alone (meta device: no weights, no memory)
-        from cscvision.features.encoders import FeaturesUnavailable, build_encoder
-        from cscvision.features.registry import EncoderError
-        from cscvision.training.heads import tuned_prefixes
+        from cscvision.models.encoders import FeaturesUnavailable, build_encoder
+        from cscvision.models.heads import tuned_prefixes
+        from cscvision.models.registry import EncoderError
 
         try:
             tuned_prefixes(build_encoder(str(cfg.model.encoder), device="meta"), blocks)
         except (ValueError, EncoderError, FeaturesUnavailable) as e:
             raise ConfigError(str(e)) from None
-
-
-def _check_mil(cfg: TrainConfig) -> None:
-    from cscvision.training.mil import ARCHITECTURES
-
-    if not cfg.model.encoder:
-        raise ConfigError("task mil: name the encoder whose features form the bags (model.encoder "
-                          "and model.weights; see cscvision encoders)")  # fmt: skip
-    if not cfg.mil.labels:
-        raise ConfigError("mil.labels: name the slide-label CSV (slide_id or patient_id column)")
-    if cfg.mil.architecture not in ARCHITECTURES:
-        raise ConfigError(f"mil.architecture: {cfg.mil.architecture!r} is not one of "
-                          f"{', '.join(ARCHITECTURES)}")  # fmt: skip
-    if cfg.cv.folds < 0 or min(cfg.mil.epochs, cfg.mil.max_bag, cfg.mil.accumulate) < 1:
-        raise ConfigError("cv.folds must be ≥ 0, mil.epochs, mil.max_bag and mil.accumulate ≥ 1")
 
 
 def with_absolute_paths(cfg: TrainConfig, base: str | Path | None = None) -> TrainConfig:

@@ -1,47 +1,20 @@
-"""Exported models: ``model.safetensors`` + ``model.json`` in one folder.
+"""What a training run returns (:class:`TrainResult`) and the card it exports (:func:`run_card`).
 
-Loading never unpickles: weights come from safetensors, everything else from JSON.
+The exported model folder (export and load) lives in :mod:`cscvision.models.export`; its
+names are imported here too, for callers that still import them from this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from cscvision.models.card import ModelCard
+from cscvision.models.export import LoadedModel, export_model, load_model
 
-from cscvision.core.io import atomic_path, write_json
-from cscvision.training.card import (
-    CARD_FILE,
-    WEIGHTS_FILE,
-    ModelCard,
-    ModelError,
-    read_card,
-    resolve_model_dir,
-)
-
-__all__ = [
-    "CARD_FILE",
-    "WEIGHTS_FILE",
-    "LoadedModel",
-    "ModelCard",
-    "ModelError",
-    "TrainResult",
-    "export_model",
-    "load_model",
-    "read_card",
-    "resolve_model_dir",
-]
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    net: torch.nn.Module
-    card: ModelCard
-    path: Path
+__all__ = ["LoadedModel", "TrainResult", "export_model", "load_model", "run_card"]
 
 
 @dataclass(frozen=True)
@@ -50,117 +23,39 @@ class TrainResult:
 
     run_dir: Path
     model_dir: Path | None  # None on DDP ranks other than 0
-    best_checkpoint: Path  # task mil: the cross-validation folder
+    best_checkpoint: Path  # kind mil: the cross-validation folder
     metrics: dict[str, dict[str, float]]  # "val" and "test": name → value
     thresholds: dict[str, float]
     summary: dict[str, dict[str, Any]]  # per split: slides, patients, tiles
 
 
-def export_model(
-    net: torch.nn.Module,
-    card: ModelCard,
-    out_dir: str | Path,
+def run_card(
+    cfg: Any,
+    kind: Any,
     *,
-    state: Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write a network's weights and its card into a model folder.
+    training: dict[str, Any],
+    metrics: Any,
+    encoder: dict[str, Any],
+    **fields: Any,
+) -> ModelCard:
+    """The model card of a training run of ``kind``: name, kind, what it was trained on
+    (``training`` adds to the cohort's synthetic flag, seed and the run's config),
+    metrics, intended use and the encoder reference, plus the kind's own ``fields``."""
+    from cscvision.training.config import config_to_dict
 
-    Parameters
-    ----------
-    net
-        The network.
-    card
-        Its model card.
-    out_dir
-        The model folder (created).
-    state
-        The part of the weights to keep, when not all of ``net``'s (a fine-tuned encoder's
-        tuned blocks and head).
-
-    Returns
-    -------
-    pathlib.Path
-        ``out_dir``, holding ``model.safetensors``, ``model.json`` and ``README.md``, each
-        written atomically.
-
-    Examples
-    --------
-    >>> model = cscvision.load_model("demo")
-    >>> cscvision.export_model(model.net, model.card, "models/copy")
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = net.state_dict() if state is None else state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"backbone": card.backbone, "name": card.name})
-    write_json(out_dir / CARD_FILE, card.to_json())
-    return out_dir
-
-
-def load_model(
-    model_dir: str | Path,
-    device: str | torch.device = "cpu",
-    *,
-    encoder_weights: str | Path | None = None,
-) -> LoadedModel:
-    """Load an exported model: its network with the card's weights, in eval mode.
-
-    Models load from safetensors and JSON only; nothing is unpickled.
-
-    Parameters
-    ----------
-    model_dir
-        An exported model folder, or a packaged model name such as ``"demo"``.
-    device
-        Where to put the network.
-    encoder_weights
-        For a head on a foundation-model encoder (the card names one): the encoder's local
-        weights file; default the file named at training. Its sha256 must equal the card's.
-
-    Returns
-    -------
-    LoadedModel
-        ``net`` (the network), ``card`` and ``path``.
-
-    Raises
-    ------
-    ModelError
-        No model there, a card that does not fit, weights that do not fit the network, or an
-        encoder file whose digest differs from the card's.
-
-    Examples
-    --------
-    >>> model = cscvision.load_model("demo")  # the packaged demo model: synthetic data only
-    >>> model.card.targets
-    """
-    from cscvision.training.backbones import get_model
-
-    model_dir = resolve_model_dir(model_dir)
-    card = read_card(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.exists():
-        raise ModelError(f"{weights}: weights file missing")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ModelError(f"{weights}: cannot read safetensors weights ({e})") from None
-    if card.task == "mil":
-        from cscvision.training.mil_model import load_mil_net
-
-        net = load_mil_net(card, state, encoder_weights)
-        return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)
-    if card.encoder:
-        from cscvision.training.heads import load_head_net
-
-        net = load_head_net(card, state, encoder_weights)
-        return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)
-    net = get_model(card.backbone, num_outputs=len(card.targets))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ModelError(
-            f"{weights}: weights do not match backbone {card.backbone!r} with "
-            f"{len(card.targets)} outputs ({str(e).splitlines()[0]})"
-        ) from None
-    return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)
+    return ModelCard(
+        name=cfg.name,
+        kind=kind.name,
+        trained_on=cfg.card.trained_on or ("synthetic data only" if cfg.card.synthetic else ""),
+        training={
+            "cohort": training.pop("cohort"),
+            "synthetic": cfg.card.synthetic,
+            "seed": cfg.seed,
+            **training,
+            "config": config_to_dict(cfg),
+        },
+        metrics=json.loads(json.dumps(dict(metrics))),
+        intended_use=cfg.card.intended_use,
+        encoder=dict(encoder),
+        **fields,
+    )

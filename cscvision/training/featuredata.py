@@ -5,7 +5,7 @@
 it); :class:`FeatureDataModule` serves them as batches ``{"features", "xy", "target",
 "slide_idx"}`` with the splits, slide numbering and class balance of
 :class:`~cscvision.training.data.TileDataModule`. :func:`head_pieces` builds both, and the
-:class:`~cscvision.training.heads.HeadClassifier`, from a training config.
+:func:`~cscvision.training.heads.encoder_system`, from a training config.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from cscvision.features.store import (
     store_matches,
     write_feature_store,
 )
-from cscvision.features.tiles import TileBatches
+from cscvision.slides.tilebatches import TileBatches
 from cscvision.training.data import (
     SPLITS,
     SlideTiles,
@@ -210,7 +210,7 @@ class FeatureDataModule(L.LightningDataModule):
 def with_encoder_grid(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``grid.mpp`` and ``grid.tile_px`` set to ``model.encoder``'s geometry."""
     from cscvision.features.extract import encoder_grid_spec
-    from cscvision.features.registry import get_encoder_spec
+    from cscvision.models.registry import get_encoder_spec
 
     if not cfg.model.encoder:
         return cfg
@@ -220,7 +220,8 @@ def with_encoder_grid(cfg: TrainConfig) -> TrainConfig:
 
 
 def _extractor(cfg: TrainConfig) -> FeatureExtractor:
-    from cscvision.features.encoders import file_sha256, load_encoder
+    from cscvision.core.io import file_sha256
+    from cscvision.models.encoders import load_encoder
 
     weights = Path(cfg.model.weights or "")
     encoder = load_encoder(cfg.model.encoder, weights)
@@ -236,17 +237,14 @@ def encoder_reference(
     cfg: TrainConfig, extractor: FeatureExtractor, features_dir: Path
 ) -> dict[str, Any]:
     """The card's ``encoder`` field: which encoder and weights made the stored features."""
-    spec = extractor.spec
-    return {
-        "name": spec.name,
-        "weights_sha256": extractor.weights_sha256,
-        "weights_file": str(cfg.model.weights),
-        "expected_file": spec.weights_file,
-        "timm_name": spec.timm_name,
-        "dim": spec.dim,
-        "pool": spec.pool,
-        "features_dir": str(features_dir),
-    }
+    from cscvision.models.heads import encoder_reference as reference
+
+    return reference(
+        extractor.spec,
+        weights_sha256=extractor.weights_sha256,
+        weights_file=str(cfg.model.weights),
+        features_dir=str(features_dir),
+    )
 
 
 def head_pieces(
@@ -256,12 +254,13 @@ def head_pieces(
     run_dir: Path,
     progress: bool = True,
 ) -> tuple[FeatureDataModule, Any, dict[str, Any]]:
-    """The data module, the :class:`~cscvision.training.heads.HeadClassifier` (or, for
-    ``task: regression``, :class:`~cscvision.training.heads.HeadRegressor`) and the
-    card's encoder reference for a config with ``model.encoder`` (features extracted
+    """Kind ``head``: the data module of stored features, the system training the head on
+    them (:func:`~cscvision.training.heads.encoder_system`) and the card's encoder
+    reference for a config with ``model.encoder`` (features extracted
     into ``model.features_dir``, default ``<run_dir>/features``, where missing)."""
+    from cscvision.models.heads import make_head
     from cscvision.training.data import subsample
-    from cscvision.training.heads import HeadClassifier, HeadRegressor, encoder_system, make_head
+    from cscvision.training.heads import encoder_system
 
     limit = {"train": cfg.data.max_tiles_per_slide}
     limit["val"] = limit["test"] = cfg.data.eval_max_tiles_per_slide
@@ -287,6 +286,7 @@ def head_pieces(
     )
     net = make_head(cfg.model.head, spec.dim, len(targets))
     # features are stored once: no augmentation of the images
-    kinds = (HeadClassifier, HeadRegressor)
-    module = encoder_system(cfg, targets, dm, net, kinds, augment="none", channels_last=False)
+    module = encoder_system(
+        cfg, targets, dm, net, augment="none", channels_last=False, inputs="features"
+    )
     return dm, module, reference

@@ -11,32 +11,39 @@ The exported folder holds the head and the tuned blocks only (a few MB for a ViT
 not the encoder's gigabytes, and none of its licensed weights beyond those blocks); the
 card names the encoder file by its sha256, as for a head, and ``finetune_blocks``. Loading
 rebuilds the encoder from that file and puts the tuned blocks back
-(:func:`cscvision.training.heads.load_head_net`).
+(:func:`cscvision.models.heads.load_head_net`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cscvision.models.heads import EncoderHead, encoder_reference, make_head
 from cscvision.training.config import TrainConfig
 from cscvision.training.data import TileDataModule
-from cscvision.training.heads import EncoderHead, encoder_system, make_head
+from cscvision.training.heads import encoder_system
 from cscvision.training.lit import TileClassifier
-from cscvision.training.regression import TileRegressor
 
 log = logging.getLogger(__name__)
 
 
-def finetune_module(
-    cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule
-) -> tuple[TileClassifier, dict[str, Any]]:
-    """The system that trains ``cfg.model.encoder``'s last blocks with a head on ``dm``'s
-    tile images, and the card's ``encoder`` reference."""
-    from cscvision.features.encoders import file_sha256, load_encoder
+def finetune_pieces(
+    cfg: TrainConfig,
+    targets: Sequence[str],
+    by_split: Mapping[str, Sequence[Any]],
+    run_dir: Path,
+    progress: bool = True,
+) -> tuple[TileDataModule, TileClassifier, dict[str, Any]]:
+    """Kind ``finetune``: tile images, the system that trains ``cfg.model.encoder``'s last
+    blocks with a head on them, and the card's ``encoder`` reference."""
+    from cscvision.core.io import file_sha256
+    from cscvision.models.encoders import load_encoder
+    from cscvision.training.train import tile_datamodule
 
+    dm = tile_datamodule(cfg, by_split)
     weights = Path(cfg.model.weights or "")
     encoder = load_encoder(cfg.model.encoder, weights)
     spec = encoder.spec
@@ -51,19 +58,15 @@ def finetune_module(
     )  # fmt: skip
     log.info("the frozen encoder modules stay in eval mode on purpose (Lightning may warn)")
     module = encoder_system(
-        cfg, targets, dm, net, (TileClassifier, TileRegressor), augment=cfg.data.augment,
-        channels_last=spec.is_cnn, encoder_lr_scale=cfg.model.finetune_lr_scale,
+        cfg, targets, dm, net, augment=cfg.data.augment, channels_last=spec.is_cnn,
+        encoder_lr_scale=cfg.model.finetune_lr_scale,
     )  # fmt: skip
-    reference = {
-        "name": spec.name,
-        "weights_sha256": file_sha256(weights),
-        "weights_file": str(weights),
-        "expected_file": spec.weights_file,
-        "timm_name": spec.timm_name,
-        "dim": spec.dim,
-        "pool": spec.pool,
-        "finetune_blocks": cfg.model.finetune_blocks,
-        "finetune_lr_scale": cfg.model.finetune_lr_scale,
-        "tuned": list(net.tuned),
-    }
-    return module, reference
+    reference = encoder_reference(
+        spec,
+        weights_sha256=file_sha256(weights),
+        weights_file=str(weights),
+        finetune_blocks=cfg.model.finetune_blocks,
+        finetune_lr_scale=cfg.model.finetune_lr_scale,
+        tuned=list(net.tuned),
+    )
+    return dm, module, reference

@@ -31,13 +31,16 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
+from cscvision.models.backbones import get_model, load_pretrained
+from cscvision.models.card import IMAGENET_MEAN, IMAGENET_STD
 from cscvision.training.augment import augment_batch, augment_preset, normalize, to_unit_float
-from cscvision.training.backbones import get_model, load_pretrained
-from cscvision.training.card import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "onecycle", "none")
+# what a batch gives the network: uint8 tile images (augmented in training, normalised), or
+# tile features from a store (a head on a frozen encoder), used as they are
+INPUTS = ("image", "features")
 LABEL_CUTOFF = 0.5  # soft target ≥ this counts as positive for metrics
 
 
@@ -179,7 +182,7 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
 
 
 class TileClassifier(L.LightningModule):
-    """A tile network (``net``, from :func:`~cscvision.training.backbones.get_model`), trained.
+    """A tile network (``net``, from :func:`~cscvision.models.backbones.get_model`), trained.
 
     Batches are ``{"image": uint8 [B,3,H,W], "xy", "target": float [B,T], "slide_idx"}``;
     augmentation (training only) and normalisation ``(x/255 − mean)/std`` run here, on the
@@ -207,10 +210,13 @@ class TileClassifier(L.LightningModule):
         slide_cutoff: float = 0.05,
         channels_last: bool = True,
         encoder_lr_scale: float = 1.0,
+        inputs: str = "image",
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler {scheduler!r}: choose one of {SCHEDULERS}")
+        if inputs not in INPUTS:
+            raise ValueError(f"inputs {inputs!r}: choose one of {INPUTS}")
         self.save_hyperparameters(ignore=["net"])
         self.target_names = tuple(targets)
         self.augment_params = augment_preset(augment)
@@ -272,8 +278,15 @@ class TileClassifier(L.LightningModule):
         ).mean(dim=1)
         return weighted_mean(per_tile, weight)
 
+    def batch_logits(self, batch: dict[str, torch.Tensor], *, train: bool) -> torch.Tensor:
+        """The network's outputs for a batch's images (``inputs="image"``) or stored
+        features (``inputs="features"``)."""
+        if self.hparams.inputs == "features":
+            return self.net(batch["features"].float())
+        return self.net(self.prepare_images(batch["image"], train=train))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.net(self.prepare_images(batch["image"], train=True))
+        logits = self.batch_logits(batch, train=True)
         loss = self._loss(logits, batch["target"], batch.get("weight"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
@@ -281,7 +294,8 @@ class TileClassifier(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, preds: Metric) -> None:
         # The loss, like every evaluation metric, is computed at the epoch's end from the
         # predictions of all ranks (each tile once): see TilePredictions.
-        preds.update(self(batch["image"]), batch["target"], batch["slide_idx"], batch["xy"])
+        logits = self.batch_logits(batch, train=False)
+        preds.update(logits, batch["target"], batch["slide_idx"], batch["xy"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_preds)
@@ -290,7 +304,7 @@ class TileClassifier(L.LightningModule):
         self._eval_step(batch, "test", self.test_preds)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        probs = torch.sigmoid(self(batch["image"]).float())
+        probs = torch.sigmoid(self.batch_logits(batch, train=False).float())
         return {"xy": batch["xy"], "slide_idx": batch["slide_idx"], "probs": probs}
 
     # --- epoch ends: metrics ---------------------------------------------------------------
@@ -329,7 +343,7 @@ class TileClassifier(L.LightningModule):
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.calibration:
             return torch.sigmoid(logits)
-        from cscvision.training.calibration import calibrate
+        from cscvision.models.calibration import calibrate
 
         probs = calibrate(logits.cpu().numpy(), self.target_names, self.calibration)
         return torch.from_numpy(probs).to(logits.device)

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-ARCHITECTURES = ("gated_attention", "clam_sb")
-CLAM_K = 8  # CLAM's k_sample: tiles pseudo-labelled at each end of the attention ranking
+from cscvision.models.mil_net import ARCHITECTURES, GatedAttentionMIL
+
 CLAM_BAG_WEIGHT = 0.7
 
 
@@ -50,7 +50,6 @@ class MILConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    threads: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -69,87 +68,6 @@ class BagTargets:
     classification: np.ndarray
     n_classes: tuple[int, ...]
     covariates: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
-
-
-class GatedAttentionMIL(nn.Module):
-    def __init__(
-        self,
-        in_dim: int,
-        *,
-        n_regression: int,
-        n_classes: Sequence[int] = (),
-        n_covariates: int = 0,
-        hidden: int = 128,
-        attention: int = 64,
-        dropout: float = 0.1,
-        instance_heads: bool = False,
-    ):
-        super().__init__()
-        self.embed = nn.Sequential(
-            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout)
-        )
-        self.attn_v = nn.Linear(hidden, attention)
-        self.attn_u = nn.Linear(hidden, attention)
-        self.attn_w = nn.Linear(attention, 1)
-        width = hidden + n_covariates
-        self.regression = nn.Linear(width, n_regression) if n_regression else None
-        self.classifiers = nn.ModuleList(nn.Linear(width, k) for k in n_classes)
-        # CLAM-SB: one in-the-class/not instance classifier per class of each target
-        self.instance = nn.ModuleList(
-            nn.ModuleList(nn.Linear(hidden, 2) for _ in range(k if instance_heads else 0))
-            for k in n_classes
-        )
-        self.n_covariates = n_covariates
-
-    def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tile embeddings ``h`` [N, H] and attention weights ``a`` [N] (sum 1)."""
-        h = self.embed(x)
-        score = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))
-        return h, torch.softmax(score.squeeze(-1), dim=0)
-
-    def forward(
-        self, x: torch.Tensor, covariates: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
-        return self.pool(*self.attend(x), covariates)
-
-    def pool(
-        self, h: torch.Tensor, a: torch.Tensor, covariates: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
-        """The slide's outputs from tile embeddings ``h`` and attention ``a``."""
-        z = (a[:, None] * h).sum(0)
-        if covariates is not None and covariates.numel():
-            z = torch.cat([z, covariates])
-        reg = self.regression(z) if self.regression is not None else None
-        return reg, [head(z) for head in self.classifiers], a
-
-    def instance_loss(self, h: torch.Tensor, a: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """CLAM's clustering loss over the top/bottom ``CLAM_K`` attended tiles (0 without
-        instance heads or known class labels)."""
-        loss, terms = h.new_zeros(()), 0
-        k = min(CLAM_K, len(a) // 2)
-        if k < 1:
-            return loss
-        order = torch.argsort(a, descending=True)
-        top, bottom = h[order[:k]], h[order[-k:]]
-        ones, zeros = torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
-        for heads, label in zip(self.instance, labels, strict=False):
-            if not len(heads) or label < 0:
-                continue
-            for c, head in enumerate(heads):
-                if c == int(label):  # in-class: attended tiles are the class, the least not
-                    x, y = torch.cat([top, bottom]), torch.cat([ones, zeros])
-                else:  # out-of-class: the attended tiles are not this class
-                    x, y = top, zeros
-                loss = loss + nn.functional.cross_entropy(head(x), y.to(h.device))
-                terms += 1
-        return loss / max(terms, 1)
-
-    def contributions(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-tile share of each regression output ``a_i (W h_i)`` [N, R] (sums, with the
-        bias and any covariate term, to the slide's standardised prediction)."""
-        h, a = self.attend(x)
-        width = h.shape[1]
-        return a[:, None] * (h @ self.regression.weight[:, :width].T)
 
 
 class BagDataset(Dataset):
@@ -238,8 +156,6 @@ def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAtten
 
 def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAttentionMIL:
     """Train a model on ``bags`` (regression targets already standardised)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     net = make_mil_net(cfg, bags[0].features.shape[1], targets)
     loader = DataLoader(

@@ -31,6 +31,7 @@ from cscvision.training.mil import (
     predict_bags,
 )
 from cscvision.training.regression import bootstrap_ci as group_bootstrap_ci
+from cscvision.training.regression import pearson
 
 BOOTSTRAP = 1000
 
@@ -48,10 +49,6 @@ def patient_folds(patients: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
 
 def _varies(y: np.ndarray, p: np.ndarray) -> bool:
     return len(y) > 2 and np.std(y) > 0 and np.std(p) > 0
-
-
-def _pearson(y: np.ndarray, p: np.ndarray) -> float:
-    return float(stats.pearsonr(y, p)[0]) if _varies(y, p) else math.nan
 
 
 def _spearman(y: np.ndarray, p: np.ndarray) -> float:
@@ -88,7 +85,7 @@ def _balanced_accuracy(y: np.ndarray, probs: np.ndarray) -> float:
         return float(balanced_accuracy_score(y, probs.argmax(1)))
 
 
-REGRESSION_METRICS: dict[str, Callable] = {"pearson": _pearson, "spearman": _spearman, "r2": _r2}
+REGRESSION_METRICS: dict[str, Callable] = {"pearson": pearson, "spearman": _spearman, "r2": _r2}
 CLASSIFICATION_METRICS: dict[str, Callable] = {
     "auroc": _auroc,
     "balanced_accuracy": _balanced_accuracy,
@@ -140,14 +137,14 @@ def _subset(targets: BagTargets, rows: np.ndarray) -> BagTargets:
 
 
 def targets_from_labels(labels: SlideLabels, covariates: Sequence[str] = ()) -> BagTargets:
-    reg = [labels.values[s.name] for s in labels.specs if s.task == "regression"]
-    cls = [labels.values[s.name] for s in labels.specs if s.task == "classification"]
+    reg = [labels.values[s.name] for s in labels.specs if s.target_type == "regression"]
+    cls = [labels.values[s.name] for s in labels.specs if s.target_type == "classification"]
     n = len(labels.slide_ids)
     cov = [labels.covariates[c] for c in covariates]
     return BagTargets(
         regression=np.stack(reg, 1).astype(np.float64) if reg else np.zeros((n, 0)),
         classification=np.stack(cls, 1).astype(np.int64) if cls else np.zeros((n, 0), np.int64),
-        n_classes=tuple(len(s.classes) for s in labels.specs if s.task == "classification"),
+        n_classes=tuple(len(s.classes) for s in labels.specs if s.target_type == "classification"),
         covariates=np.stack(cov, 1) if cov else np.zeros((0, 0)),
     )
 
@@ -157,7 +154,7 @@ def _metrics(labels: SlideLabels, preds: list[BagPrediction], rows: np.ndarray) 
     r = c = 0
     for spec in labels.specs:
         y = labels.values[spec.name][rows]
-        if spec.task == "regression":
+        if spec.target_type == "regression":
             p = np.array([preds[i].regression[r] for i in rows])
             known = np.isfinite(y)
             for m, fn in REGRESSION_METRICS.items():
@@ -215,7 +212,7 @@ def cross_validate(
 def _known_rows(labels: SlideLabels, metric_name: str) -> np.ndarray:
     target = next(s for s in labels.specs if metric_name.endswith("_" + s.name))
     v = labels.values[target.name]
-    return np.isfinite(v) if target.task == "regression" else v >= 0
+    return np.isfinite(v) if target.target_type == "regression" else v >= 0
 
 
 def write_cv_outputs(
@@ -223,8 +220,8 @@ def write_cv_outputs(
 ) -> list[Path]:
     """``cv_metrics.json``, ``predictions.csv`` and ``tiles/<slide_id>.csv`` under ``out_dir``."""
     out = Path(out_dir)
-    reg_specs = [s for s in labels.specs if s.task == "regression"]
-    cls_specs = [s for s in labels.specs if s.task == "classification"]
+    reg_specs = [s for s in labels.specs if s.target_type == "regression"]
+    cls_specs = [s for s in labels.specs if s.target_type == "classification"]
     metrics = {
         "folds": int(result.folds.max()) + 1,
         "per_fold": result.per_fold,

@@ -1,5 +1,5 @@
-"""``task: mil`` in ``cscvision train``: slide-level labels, bags of stored features, CV and
-an exported MIL model that ``cscvision infer`` runs on slides.
+"""``kind: mil`` (0.1.0: ``task: mil``) in ``cscvision train``: slide-level labels, bags
+of stored features, CV and an exported MIL model that ``cscvision infer`` runs on slides.
 
 Each cohort slide is tiled at the encoder's geometry (``model.encoder``); its tissue tiles
 are embedded once into ``<features_dir>/<slide_id>.h5`` (extracted where the store lacks
@@ -26,11 +26,15 @@ from tqdm.auto import tqdm
 from cscvision.core.io import write_json
 from cscvision.labels.cohort import CohortEntry, read_cohort
 from cscvision.labels.slide_table import SlideLabels, parse_targets, read_slide_labels
+from cscvision.models.card import ModelCard
+from cscvision.models.export import export_model
+from cscvision.models.kinds import ModelKind
+from cscvision.models.mil import MAP_SCALE, MAP_UNIT, map_targets
+from cscvision.models.readme import write_model_readme
 from cscvision.slides.grid import make_grid
 from cscvision.slides.slide import open_slide
-from cscvision.training.card import ModelCard, write_model_readme
 from cscvision.training.config import TrainConfig, config_to_dict
-from cscvision.training.export import TrainResult, export_model
+from cscvision.training.export import TrainResult, run_card
 from cscvision.training.featuredata import (
     _extractor,
     encoder_reference,
@@ -44,7 +48,6 @@ from cscvision.training.mil_cv import (
     targets_from_labels,
     write_cv_outputs,
 )
-from cscvision.training.mil_model import MAP_SCALE, MAP_UNIT, map_targets
 from cscvision.training.tilecache import SlideTiles
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,6 @@ def mil_settings(cfg: TrainConfig) -> MILConfig:
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         seed=cfg.seed,
-        threads=cfg.threads,
     )
 
 
@@ -98,7 +100,7 @@ def labelled(entries: Sequence[CohortEntry], labels: SlideLabels) -> list[int]:
     keep = np.zeros(len(entries), bool)
     for spec in labels.specs:
         v = labels.values[spec.name]
-        keep |= np.isfinite(v) if spec.task == "regression" else v >= 0
+        keep |= np.isfinite(v) if spec.target_type == "regression" else v >= 0
     return list(np.flatnonzero(keep))
 
 
@@ -113,8 +115,11 @@ def _subset_labels(labels: SlideLabels, rows: Sequence[int]) -> SlideLabels:
     )
 
 
-def train_mil(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train (and cross-validate) a MIL model as ``cfg`` says; a :class:`TrainResult`."""
+def train_mil(
+    cfg: TrainConfig, kind: ModelKind, *, resume: bool | None = None, progress: bool = True
+) -> TrainResult:
+    """Train (and cross-validate) a MIL model as ``cfg`` says; a :class:`TrainResult`.
+    ``resume`` is accepted for the trainer interface; MIL runs start afresh."""
     cfg = with_encoder_grid(cfg)
     run_dir = Path(cfg.run_dir)
     entries = read_cohort(cfg.cohort.csv)
@@ -147,7 +152,7 @@ def train_mil(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     record = mil_record(cfg, labels, bags[0].features.shape[1], mean, sd)
     reference = encoder_reference(cfg, extractor, features_dir)
     counts = counts_of(bags, labels)
-    card = mil_card(cfg, record, reference, metrics, counts)
+    card = mil_card(cfg, kind, record, reference, metrics, counts)
     write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
     out_dir = export_model(net, card, cfg.export_dir)
     write_model_readme(card, out_dir)
@@ -166,7 +171,7 @@ def mil_record(
     cfg: TrainConfig, labels: SlideLabels, in_dim: int, mean: np.ndarray, sd: np.ndarray
 ) -> dict[str, Any]:
     """The card's ``mil`` record: everything inference needs to rebuild and read the net."""
-    reg = [s for s in labels.specs if s.task == "regression"]
+    reg = [s for s in labels.specs if s.target_type == "regression"]
     return {
         "architecture": cfg.mil.architecture,
         "in_dim": int(in_dim),
@@ -180,7 +185,7 @@ def mil_record(
         "classification": [
             {"name": s.name, "classes": list(s.classes), "tercile_of": s.tercile_of}
             for s in labels.specs
-            if s.task == "classification"
+            if s.target_type == "classification"
         ],
         "covariates": list(cfg.mil.covariates or []),
         "map_scale": MAP_SCALE,
@@ -190,19 +195,21 @@ def mil_record(
 
 def mil_card(
     cfg: TrainConfig,
+    kind: ModelKind,
     record: dict[str, Any],
     encoder: dict[str, Any],
     metrics: dict[str, Any],
     counts: dict[str, int],
 ) -> ModelCard:
-    from cscvision.features.registry import get_encoder_spec
+    from cscvision.models.registry import get_encoder_spec
 
     spec = get_encoder_spec(encoder["name"])
     targets = map_targets(record)
-    return ModelCard(
-        name=cfg.name,
+    return run_card(
+        cfg,
+        kind,
         backbone=record["architecture"],
-        task="mil",
+        target_type="rank",
         targets=targets,
         units=dict.fromkeys(targets, MAP_UNIT),
         thresholds={},
@@ -210,16 +217,8 @@ def mil_card(
         mpp=cfg.grid.mpp,
         mean=spec.mean,
         std=spec.std,
-        trained_on=cfg.card.trained_on or ("synthetic data only" if cfg.card.synthetic else ""),
-        training={
-            "cohort": counts,
-            "synthetic": cfg.card.synthetic,
-            "seed": cfg.seed,
-            "pretrained": f"frozen encoder {encoder['name']}",
-            "config": config_to_dict(cfg),
-        },
-        metrics=json.loads(json.dumps(metrics)),
-        intended_use=cfg.card.intended_use,
+        training={"cohort": counts, "pretrained": f"frozen encoder {encoder['name']}"},
+        metrics=metrics,
         encoder=encoder,
         mil=record,
     )

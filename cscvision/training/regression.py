@@ -23,7 +23,7 @@ from torch import nn
 from cscvision.training.lit import TileClassifier, TilePredictions, weighted_mean
 
 LOSSES = ("mse", "pearson")
-TASKS = ("classification", "regression", "mil")
+TARGET_TYPES = ("classification", "regression")  # what a tile target is
 
 
 def standardise_stats(targets: np.ndarray) -> tuple[list[float], list[float]]:
@@ -165,7 +165,7 @@ class TileRegressor(TileClassifier):
         return weighted_mean(squared, weight)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        values = self.to_units(self(batch["image"]).float())
+        values = self.to_units(self.batch_logits(batch, train=False).float())
         return {"xy": batch["xy"], "slide_idx": batch["slide_idx"], "probs": values}
 
     def _epoch_metrics(self, stage: str, preds: TilePredictions, choose: bool) -> None:

@@ -1,5 +1,5 @@
 """Cohorts of tile-label tables (``label_path`` in the cohort CSV): which targets to train,
-and whether their values suit the task. The tables' tiles become samples in
+and whether their values suit the target type. The tables' tiles become samples in
 :func:`cscvision.training.tilecache.table_tiles`.
 """
 
@@ -51,9 +51,10 @@ def cohort_targets(
     return targets
 
 
-def check_target_range(by_split: dict, targets: Sequence[str], task: str) -> None:
-    """Classification trains on fractions in [0, 1]; other values need ``task: regression``."""
-    if task != "classification":
+def check_target_range(by_split: dict, targets: Sequence[str], target_type: str) -> None:
+    """Classification trains on fractions in [0, 1]; other values need ``target_type:
+    regression``."""
+    if target_type != "classification":
         return
     for tiles in by_split.values():
         for t in tiles:
@@ -62,6 +63,6 @@ def check_target_range(by_split: dict, targets: Sequence[str], task: str) -> Non
                 name = targets[int(np.argwhere(bad)[0][1])]
                 raise DataError(
                     f"slide {t.slide_id}: target {name!r} has values outside [0, 1] "
-                    f"(e.g. {float(t.targets[bad][0]):.3g}); set task: regression to learn "
+                    f"(e.g. {float(t.targets[bad][0]):.3g}); set target_type: regression to learn "
                     "continuous scores, or train on binarised columns (<panel>_high)"
                 )

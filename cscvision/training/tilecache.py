@@ -23,12 +23,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cscvision import __version__
-from cscvision.core.io import atomic_path, write_json
+from cscvision.core.io import atomic_path, file_sha256, write_json
 from cscvision.labels.annotations import (
-    GEOJSON_SUFFIXES,
     ClassMap,
     check_within,
+    is_tile_label_csv,
     read_annotations,
+    read_slide_annotations,
     read_tile_labels,
     tile_targets,
 )
@@ -88,7 +89,7 @@ def _content_key(path: str | Path | None) -> dict[str, Any] | None:
     back with its old mtime (``cp -p``, ``rsync -t``, an unzipped archive) must not hit."""
     key = _stat_key(path)
     if key is not None:
-        key["sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        key["sha256"] = file_sha256(path)
     return key
 
 
@@ -125,12 +126,9 @@ def label_slide(
     n = len(grid)
     if annotation_path is None or n == 0:
         return grid, np.zeros((n, len(class_map.targets)), np.float32), np.zeros(n, bool), []
-    if Path(annotation_path).suffix.lower() == ".csv":
+    if is_tile_label_csv(annotation_path):
         return (grid, *_csv_targets(grid, annotation_path, class_map.targets), [])
-    # QuPath GeoJSON is relative to the bounds corner; ASAP XML is in level-0 pixels.
-    qupath = Path(annotation_path).suffix.lower() in GEOJSON_SUFFIXES
-    offset = slide.info.bounds[:2] if qupath else (0, 0)
-    regions = read_annotations(annotation_path, offset_xy=offset)
+    regions = read_slide_annotations(annotation_path, slide.info.bounds[:2])
     check_within(regions, slide.info.dimensions, annotation_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unmapped classes: reported once per cohort, by file

@@ -13,7 +13,6 @@ Configuration: :mod:`cscvision.training.config` (YAML plus dotted ``key=value`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import platform
 import sys
@@ -37,8 +36,10 @@ from cscvision.labels.cohort import (
     split_by_patient,
     write_splits,
 )
-from cscvision.training.calibration import calibration_report, fit_calibration
-from cscvision.training.card import ModelCard, write_model_readme
+from cscvision.models.calibration import calibration_report, fit_calibration
+from cscvision.models.export import export_model
+from cscvision.models.kinds import ModelKind, kind_of_config, resolve
+from cscvision.models.readme import write_model_readme
 from cscvision.training.config import (
     ConfigError,
     TrainConfig,
@@ -47,8 +48,8 @@ from cscvision.training.config import (
     with_absolute_paths,
 )
 from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, subsample
-from cscvision.training.export import TrainResult, export_model
-from cscvision.training.featuredata import head_pieces, with_encoder_grid
+from cscvision.training.export import TrainResult, run_card
+from cscvision.training.featuredata import with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
 from cscvision.training.regression import TileRegressor, standardise_stats
 from cscvision.training.tables import check_target_range, cohort_targets
@@ -108,12 +109,15 @@ def train(
     if not cfg.cohort.csv:
         raise ConfigError("cohort.csv: name the cohort manifest (CSV) to train on")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.task == "mil":  # slide-level labels over bags of stored features
-        from cscvision.training.mil_train import train_mil
+    kind = kind_of_config(cfg)
+    return resolve(kind.trainer)(cfg, kind, resume=resume, progress=progress)
 
-        return train_mil(cfg, progress)
+
+def train_tiles(
+    cfg: TrainConfig, kind: ModelKind, *, resume: bool | None = None, progress: bool = True
+) -> TrainResult:
+    """A model trained on tile targets (every kind but MIL): labels, patient split, the
+    kind's data module and system (``kind.pieces``), fit, evaluate, export."""
     if cfg.model.encoder and not Path(cfg.model.weights or "").is_file():  # before tiling
         raise TrainError(
             f"model.weights: {cfg.model.weights} is not a file; name the local weights file "
@@ -130,32 +134,23 @@ def train(
         entries, splits, spec=cfg.grid, class_map=class_map, cache_dir=cache_dir,
         progress=progress, targets=targets,
     )  # fmt: skip
-    check_target_range(by_split, targets, cfg.task)
-    if cfg.task == "classification":
+    check_target_range(by_split, targets, cfg.target_type)
+    if cfg.target_type == "classification":
         require_positives(by_split["train"], entries, class_map, targets)
-    if cfg.model.encoder and cfg.model.finetune_blocks:  # encoder blocks + head, on images
-        from cscvision.training.finetune import finetune_module
-
-        dm = _datamodule(cfg, by_split)
-        module, encoder = finetune_module(cfg, targets, dm)
-    elif cfg.model.encoder:  # a head on stored features (features extracted where missing)
-        dm, module, encoder = head_pieces(cfg, targets, by_split, run_dir, progress)
-    else:
-        dm, encoder = _datamodule(cfg, by_split), {}
-        module = _module(cfg, targets, dm)
+    dm, module, encoder = resolve(kind.pieces)(cfg, targets, by_split, run_dir, progress)
     ckpt = _resume_checkpoint(run_dir, resume, module)
     trainer, checkpoints = _trainer(cfg, run_dir, progress)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     best = Path(checkpoints.best_model_path or run_dir / "checkpoints" / "last.ckpt")
     metrics = _evaluate(trainer, module, dm, best, cfg.metrics.calibration)
     thresholds = {}
-    if cfg.task == "classification":
+    if cfg.target_type == "classification":
         thresholds = dict(zip(targets, module.thresholds.tolist(), strict=True))
     model_dir = None
     if trainer.is_global_zero:
         write_json(run_dir / "calibration.json", _calibration_figures(module, metrics))
         write_json(run_dir / "metrics.json", {"best_checkpoint": best, **metrics})
-        model_dir = _export(cfg, module, dm, metrics, thresholds, best, encoder)
+        model_dir = _export(cfg, kind, module, dm, metrics, thresholds, best, encoder)
     return TrainResult(run_dir, model_dir, best, metrics, thresholds, dm.summary())
 
 
@@ -241,7 +236,19 @@ def _write_run_files(
 # --- building the pieces -------------------------------------------------------------------------
 
 
-def _datamodule(cfg: TrainConfig, by_split: Mapping[str, Sequence[Any]]) -> TileDataModule:
+def tile_pieces(
+    cfg: TrainConfig,
+    targets: Sequence[str],
+    by_split: Mapping[str, Sequence[Any]],
+    run_dir: Path,
+    progress: bool = True,
+) -> tuple[TileDataModule, TileClassifier, dict[str, Any]]:
+    """Kind ``tile``: tile images and a system holding a backbone; no encoder."""
+    dm = tile_datamodule(cfg, by_split)
+    return dm, _module(cfg, targets, dm), {}
+
+
+def tile_datamodule(cfg: TrainConfig, by_split: Mapping[str, Sequence[Any]]) -> TileDataModule:
     limit = {"train": cfg.data.max_tiles_per_slide}
     limit["val"] = limit["test"] = cfg.data.eval_max_tiles_per_slide
     slides = {s: [subsample(t, limit[s], cfg.seed) for t in tiles] for s, tiles in by_split.items()}
@@ -257,7 +264,7 @@ def _datamodule(cfg: TrainConfig, by_split: Mapping[str, Sequence[Any]]) -> Tile
 
 
 def _module(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> TileClassifier:
-    if cfg.task == "regression":
+    if cfg.target_type == "regression":
         return _regressor(cfg, targets, dm)
     weights = None
     if cfg.data.balance == "pos_weight":
@@ -320,7 +327,7 @@ def _trainer(cfg: TrainConfig, run_dir: Path, progress: bool) -> tuple[L.Trainer
 
     t = cfg.trainer
     monitor = cfg.metrics.monitor
-    if cfg.task == "regression" and monitor == "val/auroc_mean":
+    if cfg.target_type == "regression" and monitor == "val/auroc_mean":
         monitor = "val/pearson_mean"
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -427,15 +434,9 @@ def _calibration_figures(module: TileClassifier, metrics: dict[str, dict[str, fl
     }
 
 
-def _encoder_use(cfg: TrainConfig) -> str:
-    blocks = cfg.model.finetune_blocks
-    if blocks:
-        return f"encoder {cfg.model.encoder}, its last {blocks} block(s) fine-tuned"
-    return f"frozen encoder {cfg.model.encoder}"
-
-
 def _export(
     cfg: TrainConfig,
+    kind: ModelKind,
     module: TileClassifier,
     dm: TileDataModule,
     metrics: Mapping[str, Any],
@@ -449,12 +450,14 @@ def _export(
     scale = {}
     if isinstance(module, TileRegressor):
         scale = {"mean": module.target_mean.tolist(), "std": module.target_std.tolist()}
-    card = ModelCard(
-        name=cfg.name,
-        task=cfg.task,
-        units={t: cfg.regression.units for t in targets} if cfg.task == "regression" else {},
+    regression = cfg.target_type == "regression"
+    card = run_card(
+        cfg,
+        kind,
+        target_type=cfg.target_type,
+        units={t: cfg.regression.units for t in targets} if regression else {},
         output_scale=scale,
-        backbone=cfg.model.head if encoder else cfg.model.backbone,
+        backbone=module.hparams.backbone,
         targets=targets,
         colors=colors,
         thresholds=dict(thresholds),
@@ -464,23 +467,19 @@ def _export(
         # what the weights were trained with (a resumed run keeps the checkpoint's buffers)
         mean=tuple(round(v, 7) for v in module.mean.tolist()),  # float32 → decimal
         std=tuple(round(v, 7) for v in module.std.tolist()),
-        trained_on=cfg.card.trained_on or ("synthetic data only" if cfg.card.synthetic else ""),
         training={
             "cohort": dm.summary(),
-            "synthetic": cfg.card.synthetic,
-            "seed": cfg.seed,
-            "pretrained": (_encoder_use(cfg) if encoder else None)
+            "pretrained": kind.training_note(cfg)
             or cfg.model.pretrained
             or "none (trained from scratch)",
             "best_checkpoint": best.name,
-            "config": config_to_dict(cfg),
         },
-        metrics=json.loads(json.dumps(dict(metrics))),
-        intended_use=cfg.card.intended_use,
+        metrics=metrics,
         encoder=dict(encoder),
     )
     net = module.net.to(memory_format=torch.contiguous_format)
-    state = net.exported_state() if getattr(net, "tuned", None) else None  # tuned blocks + head
+    # a network that keeps only part of its weights (a head and its tuned encoder blocks)
+    state = net.exported_state() if hasattr(net, "exported_state") else None
     export_model(net, card, out_dir, state=state)
     write_model_readme(card, out_dir)
     log.info("exported the model to %s", out_dir)

@@ -354,7 +354,7 @@ def write_report(
     run = read_run(run_dir) if run_dir else None
     card = None
     if model_dir:
-        from cscvision.training.card import CARD_FILE, resolve_model_dir
+        from cscvision.models.card import CARD_FILE, resolve_model_dir
 
         card = json.loads((resolve_model_dir(model_dir) / CARD_FILE).read_text(encoding="utf-8"))
     report = Path(out_dir) / REPORT_DIR

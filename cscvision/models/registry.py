@@ -1,4 +1,5 @@
-"""The encoder registry: one frozen :class:`EncoderSpec` per tile encoder, no torch here.
+"""The network registry: one frozen :class:`NetworkSpec` per network that turns tiles into
+numbers (foundation-model and test encoders; tile backbones), no torch here.
 
 Each entry says how to build the architecture with ``timm`` (model name + keyword
 arguments, always ``pretrained=False``: weights come only from a local file the user
@@ -35,7 +36,14 @@ class EncoderError(ValueError):
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
+class NetworkSpec:
+    """One network that turns tiles into numbers, as timm's pretrained config records one:
+    architecture (``timm_name``, or ``torchvision.<name>`` for a tile backbone), input
+    (``tile_px`` at ``mpp`` µm/px, normalised with ``mean``/``std``), output width
+    (``dim``: the embedding, or the features a backbone's head reads) and provenance.
+    ``role``: an ``encoder`` (frozen features from a local weights file) or a ``backbone``
+    (a tile CNN whose head is replaced by one logit per target)."""
+
     name: str
     timm_name: str
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +61,8 @@ class EncoderSpec:
     weights_url: str = ""  # where the weights are published
     licence: str = ""
     source: str = ""  # where the kwargs come from
-    kind: str = "foundation"  # foundation | imagenet | test
+    kind: str = "foundation"  # foundation | imagenet | test | scratch
+    role: str = "encoder"  # encoder | backbone
 
     @property
     def is_cnn(self) -> bool:
@@ -68,7 +77,7 @@ _HF = "https://huggingface.co/"
 ENCODERS: dict[str, EncoderSpec] = {
     spec.name: spec
     for spec in (
-        EncoderSpec(
+        NetworkSpec(
             name="uni",
             timm_name="vit_large_patch16_224",
             timm_kwargs=_vit(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
@@ -81,7 +90,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             licence="CC-BY-NC-ND 4.0, gated: academic research only, agree on the Hub",
             source=_HF + "MahmoodLab/UNI (model card: timm.create_model kwargs)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="uni2-h",
             timm_name="vit_giant_patch14_224",
             timm_kwargs=_vit(
@@ -107,7 +116,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             licence="CC-BY-NC-ND 4.0, gated: academic research only, agree on the Hub",
             source=_HF + "MahmoodLab/UNI2-h (model card: timm_kwargs)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="virchow2",
             timm_name="vit_huge_patch14_224",
             timm_kwargs=_vit(
@@ -130,7 +139,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source=_HF + "paige-ai/Virchow2 (config.json model_args; card: class token + "
             "mean of patch tokens 5: = 2560)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="h-optimus-0",
             timm_name="vit_giant_patch14_reg4_dinov2",
             timm_kwargs=_vit(img_size=224, init_values=1e-5, dynamic_img_size=False),
@@ -146,7 +155,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source=_HF + "bioptimus/H-optimus-0 (config.json; github.com/bioptimus/releases "
             "params: ViT-g/14, 4 registers, SwiGLU, init_values 1e-5)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="h-optimus-1",
             timm_name="vit_giant_patch14_reg4_dinov2",
             timm_kwargs=_vit(img_size=224, init_values=1e-5, dynamic_img_size=False),
@@ -161,7 +170,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             licence="non-commercial, gated: agree to Bioptimus' terms on the Hub",
             source=_HF + "bioptimus/H-optimus-1 (config.json, as H-optimus-0)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="prov-gigapath",
             timm_name="vit_giant_patch14_dinov2",
             timm_kwargs=_vit(
@@ -184,7 +193,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source=_HF + "prov-gigapath/prov-gigapath (config.json model_args; tile encoder "
             "only, the slide encoder is not used)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="phikon-v2",
             timm_name="vit_large_patch16_224",
             timm_kwargs=_vit(img_size=224, init_values=1e-5),
@@ -199,7 +208,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source=_HF + "owkin/phikon-v2 (config.json: Dinov2Model, hidden 1024, 24 layers, "
             "patch 16, layerscale 1e-5; CLS of last_hidden_state)",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="resnet18",
             timm_name="resnet18",
             timm_kwargs={"num_classes": 0},
@@ -213,7 +222,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source="timm resnet18; torchvision key names are the same",
             kind="imagenet",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="resnet50",
             timm_name="resnet50",
             timm_kwargs={"num_classes": 0},
@@ -227,7 +236,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source="timm resnet50; torchvision key names are the same",
             kind="imagenet",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="test-vit-tiny",
             timm_name="vit_tiny_patch16_224",
             timm_kwargs=_vit(img_size=224),
@@ -238,7 +247,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             source="timm vit_tiny_patch16_224; stands in for the real encoders in tests",
             kind="test",
         ),
-        EncoderSpec(
+        NetworkSpec(
             name="demo-cnn",
             timm_name="cscvision.small_cnn",
             dim=128,
@@ -252,6 +261,48 @@ ENCODERS: dict[str, EncoderSpec] = {
         ),
     )
 }
+
+EncoderSpec = NetworkSpec  # the name of 0.1.0
+
+_TV = "torchvision.models (weights=None: from scratch, or model.pretrained, a local file)"
+# Tile backbones: trained on the tile targets (cscvision.models.backbones builds them); any
+# tile size works, tile_px/mpp are the config's defaults; dim = the width the head reads.
+BACKBONE_SPECS: dict[str, NetworkSpec] = {
+    spec.name: spec
+    for spec in (
+        NetworkSpec(name="small_cnn", timm_name="cscvision.small_cnn", dim=128, pool="avg",
+                    params=470_840, source="cscvision.models.cnn (0.4 M parameters, CPUs)",
+                    kind="scratch", role="backbone"),
+        NetworkSpec(name="resnet18", timm_name="torchvision.resnet18", dim=512, pool="avg",
+                    source=_TV, kind="scratch", role="backbone"),
+        NetworkSpec(name="resnet34", timm_name="torchvision.resnet34", dim=512, pool="avg",
+                    source=_TV, kind="scratch", role="backbone"),
+        NetworkSpec(name="resnet50", timm_name="torchvision.resnet50", dim=2048, pool="avg",
+                    source=_TV, kind="scratch", role="backbone"),
+        NetworkSpec(name="efficientnet_b0", timm_name="torchvision.efficientnet_b0",
+                    dim=1280, pool="avg", source=_TV, kind="scratch", role="backbone"),
+        NetworkSpec(name="convnext_tiny", timm_name="torchvision.convnext_tiny", dim=768,
+                    pool="avg", source=_TV, kind="scratch", role="backbone"),
+        NetworkSpec(name="mobilenet_v3_large", timm_name="torchvision.mobilenet_v3_large",
+                    dim=1280, pool="avg", source=_TV, kind="scratch", role="backbone"),
+    )
+}  # fmt: skip
+# The one registry: every network by role, then name (resnet18 is both a frozen ImageNet
+# encoder read from a weights file and a tile backbone trained on the targets).
+NETWORKS: dict[str, dict[str, NetworkSpec]] = {"encoder": ENCODERS, "backbone": BACKBONE_SPECS}
+
+
+def get_network_spec(name: str, role: str = "encoder") -> NetworkSpec:
+    """The registered network ``name`` of ``role``; a ``ValueError`` lists the known ones."""
+    if role == "encoder":
+        return get_encoder_spec(name)
+    known = NETWORKS.get(role)
+    if known is None:
+        raise ValueError(f"network role {role!r}: choose one of {', '.join(NETWORKS)}")
+    if name not in known:
+        raise ValueError(f"unknown {role} {name!r}; choose one of {', '.join(sorted(known))}")
+    return known[name]
+
 
 # CONCH is not registered: its image embedding comes from CoCa's attentional pooler and
 # projection defined in the `conch` package (GitHub only, not on PyPI) and absent from

@@ -1,4 +1,7 @@
-"""Tile networks: torchvision backbones by name, with one output (a logit) per target."""
+"""Tile networks: torchvision backbones by name, with one output (a logit) per target.
+
+Each has its record in the network registry (:data:`cscvision.models.registry.BACKBONE_SPECS`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from cscvision.features.cnn import small_cnn
+from cscvision.models.cnn import small_cnn
+from cscvision.models.registry import BACKBONE_SPECS
 
 
 def _torchvision(name: str, head: Callable[[nn.Module, int], None]) -> Callable[[int], nn.Module]:
@@ -39,6 +43,11 @@ BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "convnext_tiny": _torchvision("convnext_tiny", _classifier_head),
     "mobilenet_v3_large": _torchvision("mobilenet_v3_large", _classifier_head),
 }
+
+
+missing = set(BACKBONES) ^ set(BACKBONE_SPECS)
+if missing:  # pragma: no cover - a programming error, caught on import
+    raise RuntimeError(f"backbones and their registry records differ: {sorted(missing)}")
 
 
 def get_model(name: str, num_outputs: int) -> nn.Module:

@@ -2,18 +2,16 @@
 
 ``load_encoder("uni", "weights/uni/pytorch_model.bin")`` builds the architecture on the
 meta device (no random initialisation, no download: ``pretrained=False`` and
-``HF_HUB_OFFLINE=1``), reads the file (``.safetensors``, or a ``.bin``/``.pth`` state dict
-with ``torch.load(weights_only=True)``: nothing is unpickled), translates its key names
-where the checkpoint uses another convention (Phikon-v2's transformers Dinov2 → timm
-ViT) and loads it key by key. A file that does not fit raises :class:`EncoderError`
-naming the encoder, the file and the first mismatched key.
+``HF_HUB_OFFLINE=1``, which the CLI sets), reads the file (``.safetensors``, or a
+``.bin``/``.pth`` state dict with ``torch.load(weights_only=True)``: nothing is unpickled),
+translates its key names where the checkpoint uses another convention (Phikon-v2's
+transformers Dinov2 → timm ViT) and loads it key by key. A file that does not fit raises
+:class:`EncoderError` naming the encoder, the file and the first mismatched key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cscvision.features.registry import (
+from cscvision.models.registry import (
     FEATURES_INSTALL,
     EncoderError,
     EncoderSpec,
@@ -39,7 +37,6 @@ class FeaturesUnavailable(ImportError):
 
 
 def import_timm() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never reach the Hub
     try:
         import timm
     except ImportError:
@@ -84,7 +81,7 @@ def build_encoder(spec: EncoderSpec | str, *, device: str | torch.device = "cpu"
     """The architecture of ``spec`` on ``device`` (``"meta"``: shapes only), untrained."""
     spec = get_encoder_spec(spec) if isinstance(spec, str) else spec
     if spec.timm_name == "cscvision.small_cnn":
-        from cscvision.features.cnn import SmallCnnTrunk
+        from cscvision.models.cnn import SmallCnnTrunk
 
         with torch.device(device):
             return Encoder(spec, SmallCnnTrunk())
@@ -93,14 +90,6 @@ def build_encoder(spec: EncoderSpec | str, *, device: str | torch.device = "cpu"
     with torch.device(device):
         trunk = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     return Encoder(spec, trunk)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path, encoder: str) -> dict[str, torch.Tensor]:

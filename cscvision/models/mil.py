@@ -1,7 +1,7 @@
 """MIL models as ``cscvision infer`` runs them: per-tile parts scored in batches, then one
 aggregation per slide.
 
-A trained :class:`~cscvision.training.mil.GatedAttentionMIL` (either architecture) splits
+A trained :class:`~cscvision.models.mil_net.GatedAttentionMIL` (either architecture) splits
 exactly into a per-tile part and a slide-level sum, because its pooling is a softmax
 weighting and its heads are linear: tile ``i`` yields its attention score ``s_i`` and
 ``W h_i`` for every head, and the slide's outputs are ``b + Σ_i softmax(s)_i W h_i``
@@ -28,7 +28,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from cscvision.training.mil import GatedAttentionMIL
+from cscvision.models.mil_net import GatedAttentionMIL
 
 ATTENTION = "attention"
 MAP_UNIT = "within-slide percentile"  # short: colour-bar label
@@ -164,8 +164,8 @@ def load_mil_net(
 ) -> MILTileNet:
     """The card's encoder joined to its MIL model's per-tile part; ``ModelError`` when the
     weights do not fit or the model needs covariates (inference has none to give it)."""
-    from cscvision.training.card import ModelError
-    from cscvision.training.heads import load_card_encoder
+    from cscvision.models.card import ModelError
+    from cscvision.models.heads import load_card_encoder
 
     record = card.mil
     if record.get("covariates"):
