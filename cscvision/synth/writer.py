@@ -13,7 +13,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from cscvision.core.io import atomic_path, write_csv
-from cscvision.synth.cells import Infiltration, draw_infiltration, write_slide_cells
+from cscvision.synth.cells import (
+    INFILTRATION_MODES,
+    Infiltration,
+    draw_infiltration,
+    write_slide_cells,
+)
 from cscvision.synth.ihc import write_ihc_slide
 from cscvision.synth.layout import REGION_CLASSES, REGION_SHARE, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
@@ -263,7 +268,7 @@ def write_cohort(
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
     visium_layout: str = "2.0",
-    infiltration: bool = False,
+    infiltration: bool | str = False,
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
@@ -275,7 +280,9 @@ def write_cohort(
     range each slide's stemness-rich and immunosuppressive shares of tissue are drawn from
     (widen it for slide-label cohorts).
     ``cohort.csv``'s ``cells_path`` names each slide's cell table; ``infiltration`` draws
-    each slide's lymphocyte infiltration of tumour and stroma (cscvision.synth.cells).
+    each slide's lymphocyte infiltration of tumour and stroma (cscvision.synth.cells): True
+    or "uniform" independently, "phenotype" from a per-slide phenotype design (inflamed,
+    excluded, desert; ``_truth.json`` records it).
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
@@ -292,7 +299,13 @@ def write_cohort(
         kwargs["visium_layout"] = VisiumSpec(layout=visium_layout).layout  # checked up front
     kwargs["ihc_markers"] = tuple(ihc_markers)
     kwargs["region_share"] = tuple(region_share)
-    kwargs["infiltration"] = bool(infiltration)
+    kwargs["infiltration"] = (
+        ("uniform" if infiltration is True else str(infiltration)) if infiltration else None
+    )
+    if kwargs["infiltration"] not in (None, *INFILTRATION_MODES):
+        raise ValueError(
+            f"infiltration {infiltration!r}: one of {', '.join(INFILTRATION_MODES)} (or False)"
+        )
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
         if workers > 1:
@@ -342,11 +355,8 @@ def _write_planned(
     path: Path, s: CohortSlide, kwargs: dict, on_row: Callable[[], None] | None = None
 ) -> SlideTruth:
     kwargs = dict(kwargs)
-    drawn = (
-        draw_infiltration(np.random.default_rng([s.seed, 9]))
-        if kwargs.pop("infiltration")
-        else None
-    )
+    mode = kwargs.pop("infiltration")
+    drawn = draw_infiltration(np.random.default_rng([s.seed, 9]), mode) if mode else None
     return write_slide(
         path,
         seed=s.seed,
