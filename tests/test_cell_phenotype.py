@@ -164,3 +164,17 @@ def test_thresholds_are_per_source_and_never_borrowed():
     assert til_rule().cells == ("lymphocyte", "plasma_cell")
     assert til_rule(source="he_inflammatory").cells == ("inflammatory",)
     assert til_rule(source="he_lymphocyte").cells == ("lymphocyte", "plasma_cell")
+
+
+def test_polygon_mask_keeps_holes_and_islands():
+    from shapely.geometry import MultiPolygon, Polygon
+
+    from cscvision.cells.compartments import polygon_mask
+
+    r = Raster((100, 100), px_um=10.0, mpp=MPP)  # 1 mm square; 20 level-0 px per pixel
+    outer = [(0, 0), (1600, 0), (1600, 1600), (0, 1600)]  # 80 × 80 pixels
+    hole = [(400, 400), (1200, 400), (1200, 1200), (400, 1200)]  # 40 × 40
+    island = Polygon([(600, 600), (1000, 600), (1000, 1000), (600, 1000)])  # 20 × 20
+    mask = polygon_mask(r, MultiPolygon([Polygon(outer, [hole]), island]))
+    assert abs(int(mask.sum()) - (80 * 80 - 40 * 40 + 20 * 20)) <= 2 * 80  # a border row
+    assert mask[5, 5] and not mask[25, 25] and mask[40, 40] and not mask[90, 90]

@@ -204,3 +204,26 @@ def test_phenotype_design_of_synth():
     assert DESIGN_RANGES["low"][1] * per_keep < 0.1 * rule.tumour_min_mm2
     with pytest.raises(ValueError, match="uniform, phenotype"):
         draw_infiltration(np.random.default_rng(0), "inflamed")
+
+
+def test_infer_maps_give_the_tumour_and_the_stemness_rich_phenotype(demo_batch, tmp_path):
+    """The demo model's maps: its stemness map stands in for a tumour map here (the demo
+    model has no tumour target), and is also the stemness-rich region phenotyped alone."""
+    out = tmp_path / "out"
+    code = main(["cells", *demo_batch["slides"], "--cells", str(demo_batch["cohort"].parent),
+                 "--out", str(out), "--infer", str(demo_batch["out"]),
+                 "--tumour-target", "stemness"])  # fmt: skip
+    assert code == 0
+    sid = json.loads(next(out.glob("*/summary.json")).read_text())["slide_id"]
+    imm = json.loads((out / sid / "summary.json").read_text())["immune"]
+    assert imm["slide"]["compartments_from"] == "infer:stemness"
+    tiles = _rows(demo_batch["out"] / sid / "tiles.csv")
+    high = sum(float(t["prob_stemness"]) >= 0.5 for t in tiles) * TILE_MM2  # no overlap
+    assert high > 0
+    assert imm["slide"]["areas_mm2"]["tumour"] == pytest.approx(high, rel=0.3, abs=0.02)
+    stem = imm["regions"]["stemness_rich"]
+    assert stem["areas_mm2"]["tumour"] == pytest.approx(imm["slide"]["areas_mm2"]["tumour"])
+    rows = {(r["slide_id"], r["scope"]) for r in _rows(out / "immune_phenotypes.csv")}
+    assert (sid, "stemness_rich") in rows
+    res = {r["slide_id"]: r for r in _rows(out / "cells_results.csv")}
+    assert res[sid]["phenotype_stemness_rich"] == stem["phenotype"]

@@ -255,21 +255,23 @@ def compartment_counts(comp: Compartments, x: np.ndarray, y: np.ndarray) -> dict
 
 def polygon_mask(raster: Raster, geometry) -> np.ndarray:
     """Raster pixels whose centre lies in ``geometry`` (a shapely (Multi)Polygon in level-0
-    px; None or empty: none)."""
+    px; None or empty: none; a pixel a border passes through may go either way). Scan-line
+    filled (Pillow): each part's outline, then its holes, larger parts first, so an island
+    inside a hole stays."""
     import shapely
+    from PIL import Image, ImageDraw
 
     if geometry is None or geometry.is_empty:
         return np.zeros(raster.shape, bool)
-    shapely.prepare(geometry)
-    out = np.zeros(raster.shape, bool)
-    xs = (np.arange(raster.shape[1]) + 0.5) * raster.px_l0
-    minx, miny, maxx, maxy = geometry.bounds
-    for r in range(raster.shape[0]):  # row by row: memory stays one row wide
-        y = (r + 0.5) * raster.px_l0
-        if miny <= y <= maxy:
-            sel = (xs >= minx) & (xs <= maxx)
-            out[r, sel] = shapely.contains_xy(geometry, xs[sel], np.full(sel.sum(), y))
-    return out
+    image = Image.new("1", (raster.shape[1], raster.shape[0]), 0)
+    draw = ImageDraw.Draw(image)
+    parts = [g for g in shapely.get_parts(geometry) if g.geom_type == "Polygon" and g.area > 0]
+    for part in sorted(parts, key=lambda g: -g.area):
+        for ring, fill in ((part.exterior, 1), *((r, 0) for r in part.interiors)):
+            xy = np.asarray(ring.coords) / raster.px_l0 - 0.5  # pixel centres at k + 0.5
+            if len(xy) >= 3:
+                draw.polygon([tuple(p) for p in xy], fill=fill)
+    return np.asarray(image, dtype=bool)
 
 
 def map_mask(raster: Raster, values: np.ndarray, transform, threshold: float) -> np.ndarray:
