@@ -100,10 +100,9 @@ def test_annotations_replace_the_cells_tumour_and_add_regions(made_up, tmp_path)
            "features": [feature("Tumor", 800, 1600), feature("ROI", 0, 1024)]}  # fmt: skip
     (ann / "S-EXC.geojson").write_text(json.dumps(doc))
     out = tmp_path / "out"
-    code = main(["cells", str(made_up["slides"] / "S-EXC.tiff"), "--cells",
-                 str(made_up["cells"]), "--out", str(out), "--annotations", str(ann),
-                 "--min-tissue", "0.1"])  # fmt: skip
-    assert code == 0
+    args = ["cells", str(made_up["slides"] / "S-EXC.tiff"), "--cells", str(made_up["cells"]),
+            "--out", str(out), "--annotations", str(ann), "--min-tissue", "0.1"]  # fmt: skip
+    assert main(args) == 0
     imm = json.loads((out / "S-EXC" / "summary.json").read_text())["immune"]
     assert imm["slide"]["compartments_from"] == "annotations:S-EXC.geojson"
     assert imm["slide"]["phenotype"] == "inflamed"  # lymphocytes now lie in the "tumour"
@@ -111,6 +110,12 @@ def test_annotations_replace_the_cells_tumour_and_add_regions(made_up, tmp_path)
     assert "region:ROI" in imm["regions"]
     scopes = {r["scope"] for r in _rows(out / "immune_phenotypes.csv")}
     assert scopes == {"slide", "region:ROI"}
+    # a changed annotation file makes the slide's outputs stale: the rerun redoes it
+    doc["features"][0] = feature("Tumor", 0, 800)  # now where the tumour cells are
+    (ann / "S-EXC.geojson").write_text(json.dumps(doc))
+    assert main(args) == 0
+    imm = json.loads((out / "S-EXC" / "summary.json").read_text())["immune"]
+    assert imm["slide"]["phenotype"] == "excluded"
 
 
 def test_cd8_source_without_cut_offs_is_refused(made_up, tmp_path, capsys):

@@ -25,7 +25,7 @@ from cscvision.cells.readers import FORMATS, TABLE_FORMAT, read_cells, source_su
 from cscvision.cells.table import CellTable
 from cscvision.cells.tiles import CellFeatureSpec, tile_cell_features
 from cscvision.cells.types import cell_types
-from cscvision.outputs.cell_immune import ImmuneSettings, slide_immune
+from cscvision.outputs.cell_immune import ImmuneSettings, immune_inputs, slide_immune
 from cscvision.outputs.cell_maps import SUMMARY, cell_outputs_complete, write_cell_outputs
 from cscvision.slides.batch import (
     BatchError,
@@ -133,6 +133,9 @@ def slide_record(job: SlideJob, table_path: Path, settings: CellSettings) -> dic
         "settings": settings.as_dict(),
         "slide_mpp_override": job.mpp,
         "cell_table": table_identity(table_path),
+        "immune_inputs": {
+            k: table_identity(p) for k, p in immune_inputs(settings.immune, job.slide_id).items()
+        },
     }
 
 

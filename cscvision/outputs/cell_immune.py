@@ -122,6 +122,21 @@ def _from_annotations(path: Path, raster, tissue, spec) -> tuple[Compartments, d
     return comp, others
 
 
+def immune_inputs(settings: ImmuneSettings | None, slide_id: str) -> dict[str, Path]:
+    """The files a slide's phenotype reads besides its cells (annotations, a model's maps,
+    a phenotype config), so a changed one makes earlier outputs stale."""
+    found: dict[str, Path] = {}
+    if settings is None:
+        return found
+    ann = _annotation_file(settings.annotations, slide_id) if settings.annotations else None
+    maps = Path(settings.infer) / slide_id / "maps.npz" if settings.infer else None
+    config = Path(settings.config) if settings.config else None
+    for key, path in (("annotations", ann), ("infer_maps", maps), ("config", config)):
+        if path is not None and path.is_file():
+            found[key] = path
+    return found
+
+
 def _infer_maps(folder: str, slide_id: str):
     from cscvision.outputs.read import OutputsError, read_slide_outputs
 
@@ -216,4 +231,10 @@ def _no_source_cells(table: CellTable, hierarchy: CellTypes, rule) -> str:
     )
 
 
-__all__ = ["ImmuneSettings", "PhenotypeError", "slide_compartments", "slide_immune"]
+__all__ = [
+    "ImmuneSettings",
+    "PhenotypeError",
+    "immune_inputs",
+    "slide_compartments",
+    "slide_immune",
+]
