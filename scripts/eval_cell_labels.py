@@ -2,8 +2,9 @@
 
 synth (lymphocyte infiltration drawn per slide independently of the regions, seed 505: no
 test uses it) → ``cscvision labels cells --feature density_lymphocyte`` (labels from the
-generator's cell tables, cells / mm² of tissue per 224 px tile at 0.5 µm/px) → ``cscvision
-train`` (the cpu_demo config as regression: small_cnn, few epochs) → ``cscvision infer`` of
+generator's cell tables, cells / mm² of tissue per tile of 112 µm: 112 px at 1 µm/px by
+default) → ``cscvision train`` (the cpu_demo config as regression: small_cnn, 16 epochs of
+at most 300 tiles per slide, at the labels' tile size) → ``cscvision infer`` of
 the trained model and of the packaged demo model on the held-out test slides. Prints Pearson
 r, over all tissue tiles of the test slides, between the label and (a) the trained model's
 predicted density, (b) the demo model's immunosuppressive probability used as the predictor
@@ -14,7 +15,7 @@ Splits are fixed by patient: one slide per patient, the last ``--test`` slides a
 (no detector error), and the demo model was trained on other synthetic slides of the same
 generator, so both numbers are on synthetic data only.
 
-    .venv/bin/python scripts/eval_cell_labels.py --slides 16 --size 4096 --epochs 6
+    .venv/bin/python scripts/eval_cell_labels.py --slides 16 --size 4096 --epochs 16
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/eval_cell_labels"))
     ap.add_argument("--slides", type=int, default=16)
     ap.add_argument("--size", type=int, default=4096, help="slide side, level-0 px (0.5 µm/px)")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--tiles-per-slide", type=int, default=150, help="cap per epoch")
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--tiles-per-slide", type=int, default=300, help="cap per epoch")
+    ap.add_argument("--mpp", type=float, default=1.0, help="tile µm/px (label and model)")
+    ap.add_argument("--tile-px", type=int, default=112, help="tile px (112 µm at 1 µm/px)")
     ap.add_argument("--val", type=int, default=3)
     ap.add_argument("--test", type=int, default=4)
     ap.add_argument("--seed", type=int, default=505)
@@ -84,14 +87,16 @@ def main() -> int:
            "--infiltration", "--workers", str(args.workers))  # fmt: skip
     labels = args.out / "labels"
     sh("labels", "cells", str(cohort / "cohort.csv"), "--feature", "lymphocyte_density",
-       "--out", str(labels), "--overwrite")  # fmt: skip
+       "--out", str(labels), "--overwrite", "--mpp", str(args.mpp),
+       "--tile-px", str(args.tile_px))  # fmt: skip
     test = _split_cohort(labels / "cohort.csv", args.val, args.test)
     t1 = time.perf_counter()
     model = args.out / "model"
     sh("train", "--config", "cpu_demo", f"cohort.csv={labels / 'cohort.csv'}",
        "task=regression", "name=eval_cell_labels", f"run_dir={args.out / 'run'}",
        f"export_dir={model}", f"trainer.max_epochs={args.epochs}",
-       f"data.max_tiles_per_slide={args.tiles_per_slide}",
+       f"data.max_tiles_per_slide={args.tiles_per_slide}", f"grid.mpp={args.mpp}",
+       f"grid.tile_px={args.tile_px}",
        "regression.units=lymphocytes / mm² of tissue",
        "card.trained_on=synthetic slides with cell-derived lymphocyte-density labels "
        "from cscvision labels cells",
@@ -108,7 +113,8 @@ def main() -> int:
     r_demo = float(np.corrcoef(y2, demo)[0, 1])
     print(
         f"\n{args.slides} synthetic slides of {args.size}² px (seed {args.seed}), one per "
-        f"patient; test slides {', '.join(test)}; {len(y)} test tiles of 224 px at 0.5 µm/px"
+        f"patient; test slides {', '.join(test)}; {len(y)} test tiles of {args.tile_px} px at "
+        f"{args.mpp:g} µm/px"
         f"\nlymphocyte density of the labels on test tiles: mean {y.mean():.0f}, sd "
         f"{y.std():.0f} cells / mm²"
         f"\nPearson r, label vs trained model's predicted density:         {r_trained:.3f}"
