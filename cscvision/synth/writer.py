@@ -280,9 +280,7 @@ def write_cohort(
     range each slide's stemness-rich and immunosuppressive shares of tissue are drawn from
     (widen it for slide-label cohorts).
     ``cohort.csv``'s ``cells_path`` names each slide's cell table; ``infiltration`` draws
-    each slide's lymphocyte infiltration of tumour and stroma (cscvision.synth.cells): True
-    or "uniform" independently, "phenotype" from a per-slide phenotype design (inflamed,
-    excluded, desert; ``_truth.json`` records it).
+    each slide's lymphocyte infiltration of tumour and stroma (cscvision.synth.cells).
     """
     out_dir = Path(out_dir)
     plan = plan_cohort(n_slides, n_patients, seed)
