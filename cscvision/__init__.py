@@ -112,6 +112,10 @@ _API = {
     "tile_cell_features": "cscvision.cells.tiles",
     "run_cells": "cscvision.outputs.cell_batch",
     "CellSettings": "cscvision.outputs.cell_batch",
+    "ImmuneSettings": "cscvision.outputs.cell_immune",
+    "compartments_from_cells": "cscvision.cells.compartments",
+    "immune_report": "cscvision.cells.phenotype",
+    "cell_label_table": "cscvision.cells.labels",
 }
 
 __all__ = [

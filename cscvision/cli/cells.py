@@ -12,8 +12,9 @@ __all__ = ["add_parser", "run"]
 
 PER_SLIDE = (
     "tiles.csv, maps.npz, overlay_density_<type>.png, <id>_density_<type>.tif, <id>.geojson, "
-    "summary.json"
+    "summary.json (with the immune phenotype)"
 )
+COHORT = "cells_results.csv (one row per slide), immune_phenotypes.csv (slide and regions)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "For each slide, find its tissue tiles (as cscvision tile does, no overlap), "
             "read its cells and write OUT/<slide_id>/ "
-            f"({PER_SLIDE}), plus OUT/cells_results.csv and OUT/errors.csv. Slides are "
+            f"({PER_SLIDE}), plus OUT/cells_results.csv, OUT/immune_phenotypes.csv and "
+            "OUT/errors.csv. Slides are "
             "matched to cell tables by slide id: slide S (its file stem, or the manifest's "
             "slide_id) takes the file S.cells.parquet among --cells (with --format F, the "
             "tool's export S.geojson / S.json / S.parquet / S.csv). Densities are cells "
@@ -80,11 +82,91 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"cell types drawn as density maps (default {','.join(DEFAULT_MAPS)}; "
         "types with no cell on a slide are left out)",
     )
+    add_immune_args(p)
     add_hardening_args(p)
     p.set_defaults(func=run)
 
 
+def add_immune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "compartments, TIL score and immune phenotype",
+        "Tumour, tumour-associated stroma and invasive margin per slide, the immune cells' "
+        "density in each, the TIL score and a call inflamed / excluded / desert. The rule "
+        "and its per-source thresholds: `cscvision config show immune_phenotype`.",
+    )
+    g.add_argument(
+        "--immune-source",
+        default="he_lymphocyte",
+        help="whose thresholds and which immune cells: he_lymphocyte (default: lymphocytes "
+        "and plasma cells), he_inflammatory (PanNuke 'inflammatory'), cd8 (cd8_t; set its "
+        "cut-offs first), or a source of --phenotype-config",
+    )
+    g.add_argument(
+        "--phenotype-config", default=None, metavar="YAML",
+        help="immune-phenotype config (default: the packaged immune_phenotype.yaml)",
+    )  # fmt: skip
+    g.add_argument(
+        "--margin-um", type=float, default=500.0,
+        help="invasive-margin band, total width in µm centred on the tumour border (500)",
+    )  # fmt: skip
+    g.add_argument(
+        "--stroma-reach-um", type=float, default=500.0,
+        help="tumour-associated stroma: non-tumour tissue within this many µm of tumour (500)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tumour-cells-min", type=float, default=500.0, metavar="CELLS_PER_MM2",
+        help="tumour from the cells: tumour cells the majority of non-immune cells and "
+        "their smoothed density at least this (500 / mm²)",
+    )  # fmt: skip
+    g.add_argument(
+        "--compartment-um", type=float, default=10.0,
+        help="pixel of the compartment masks, µm (10)",
+    )  # fmt: skip
+    g.add_argument(
+        "--annotations", default=None, metavar="DIR",
+        help="take tumour (class tumour/tumor) and stroma from <slide_id>.geojson/.xml in "
+        "DIR; every other class is a region with its own phenotype",
+    )  # fmt: skip
+    g.add_argument(
+        "--infer", default=None, metavar="DIR",
+        help="a cscvision infer --out folder: its --tumour-target map (>= --map-threshold) "
+        "is the tumour where the model has one; its stemness map gets its own phenotype",
+    )  # fmt: skip
+    g.add_argument("--tumour-target", default="tumour", help="tumour map of --infer (tumour)")
+    g.add_argument(
+        "--stemness-target", default="stemness", help="stemness map of --infer (stemness)"
+    )
+    g.add_argument("--map-threshold", type=float, default=0.5, help="of the --infer maps")
+    g.add_argument(
+        "--no-phenotype", action="store_true", help="per-tile features only (part 1 outputs)"
+    )
+
+
+def immune_settings(args: argparse.Namespace):
+    from cscvision.outputs.cell_immune import ImmuneSettings
+
+    if args.no_phenotype:
+        return None
+    for flag, folder in (("--annotations", args.annotations), ("--infer", args.infer)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder}: no such folder")
+    return ImmuneSettings(
+        source=args.immune_source,
+        config=args.phenotype_config,
+        px_um=args.compartment_um,
+        margin_um=args.margin_um,
+        stroma_reach_um=args.stroma_reach_um,
+        tumour_cells_min_mm2=args.tumour_cells_min,
+        annotations=None if args.annotations is None else str(Path(args.annotations).resolve()),
+        infer=None if args.infer is None else str(Path(args.infer).resolve()),
+        tumour_target=args.tumour_target,
+        stemness_target=args.stemness_target,
+        map_threshold=args.map_threshold,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from cscvision.cells.phenotype import PhenotypeError
     from cscvision.cells.types import CellTypeError, cell_types
     from cscvision.outputs.cell_batch import CellSettings, mpp_overrides_from, run_cells
     from cscvision.slides.batch import BatchError, interrupted_line, parse_shard, summary_lines
@@ -104,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             maps=maps,
             fmt=args.fmt,
             class_map=args.class_map,
+            immune=immune_settings(args),
         )
         check_batch_args(args)
         report, _ = run_cells(
@@ -117,12 +200,13 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             wait=args.wait,
         )
-    except (BatchError, SlideError, CellTypeError, ValueError) as e:
+    except (BatchError, SlideError, CellTypeError, PhenotypeError, ValueError) as e:
         print(f"cscvision cells: {e}", file=sys.stderr)
         return 2
     for line in summary_lines(report, args.out, "cells", args.out / "errors.csv"):
         print(line)
     print(f"per slide, in {args.out}/<slide_id>/: {PER_SLIDE}")
+    print(f"cohort, in {args.out}/: {COHORT}")
     if report.interrupted:
         print(interrupted_line(report, "cells"), file=sys.stderr)
         return 128 + report.interrupted

@@ -6,13 +6,13 @@ import argparse
 import importlib
 
 # Label sources, each a module cli/labels_<source>.py with add_parser(subparsers) and run(args).
-SOURCES = ("ihc", "st")
+SOURCES = ("ihc", "st", "cells")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "labels",
-        help="make tile-label tables (training targets) from IHC or spatial transcriptomics",
+        help="make tile-label tables (training targets) from IHC, spatial transcriptomics or cells",
         description=(
             "Write one tile-label table per slide (<slide_id>.labels.csv + .labels.json) and a "
             "cohort CSV with a label_path column that `cscvision train` accepts."

@@ -90,9 +90,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--infiltration",
-        action="store_true",
+        nargs="?",
+        const="uniform",
+        default=None,
+        choices=("uniform", "phenotype"),
         help="add infiltrating lymphocytes to tumour and stroma, at densities drawn per slide "
-        "independently of the regions (the cell tables and _cells_truth.csv record them)",
+        "independently of the regions (the cell tables and _cells_truth.csv record them): "
+        "uniform (the default when given bare) draws both independently; phenotype draws a "
+        "design per slide (inflamed, excluded, desert; in _truth.json) and densities to fit",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist in --out"

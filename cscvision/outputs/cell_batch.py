@@ -24,6 +24,8 @@ import numpy as np
 from cscvision.cells.readers import FORMATS, TABLE_FORMAT, read_cells, source_suffixes
 from cscvision.cells.table import CellTable
 from cscvision.cells.tiles import CellFeatureSpec, tile_cell_features
+from cscvision.cells.types import cell_types
+from cscvision.outputs.cell_immune import ImmuneSettings, immune_inputs, slide_immune
 from cscvision.outputs.cell_maps import SUMMARY, cell_outputs_complete, write_cell_outputs
 from cscvision.slides.batch import (
     BatchError,
@@ -58,6 +60,7 @@ class CellSettings:
     maps: tuple[str, ...] = DEFAULT_MAPS
     fmt: str = TABLE_FORMAT
     class_map: str | None = None
+    immune: ImmuneSettings | None = dataclasses.field(default_factory=ImmuneSettings)
 
     def __post_init__(self) -> None:
         GridSpec(
@@ -130,6 +133,9 @@ def slide_record(job: SlideJob, table_path: Path, settings: CellSettings) -> dic
         "settings": settings.as_dict(),
         "slide_mpp_override": job.mpp,
         "cell_table": table_identity(table_path),
+        "immune_inputs": {
+            k: table_identity(p) for k, p in immune_inputs(settings.immune, job.slide_id).items()
+        },
     }
 
 
@@ -168,6 +174,11 @@ def cell_job(job: SlideJob, table_path: Path, out_dir: Path, settings: CellSetti
         grid = make_grid(slide, spec, mask)
     grid = dataclasses.replace(grid, slide_id=job.slide_id)
     check_scale(table, table_path, job.slide_path, grid)
+    extra = {}
+    if settings.immune is not None:
+        extra["immune"] = slide_immune(
+            table, grid.dimensions, grid.slide_mpp, job.slide_id, settings.immune, cell_types()
+        )
     feats = tile_cell_features(
         table,
         grid.xy_l0,
@@ -185,6 +196,7 @@ def cell_job(job: SlideJob, table_path: Path, out_dir: Path, settings: CellSetti
         mask=mask,
         map_nodes=settings.maps,
         record=slide_record(job, table_path, settings),
+        extra=extra,
     )
 
 
@@ -257,10 +269,10 @@ def write_results(
 ) -> Path:
     """One row per slide: counts, and density per mm² of each mapped type (or the error)."""
     density_cols = [f"density_{n}" for n in ("all", *settings.maps)]
-    columns = [*RESULT_COLUMNS, *density_cols, "error"]
+    columns = [*RESULT_COLUMNS, *density_cols, *IMMUNE_COLUMNS, "error"]
     failed = {sid: reason for sid, _, reason in report.failed}
     settled = set(report.done) | set(report.skipped)
-    rows = []
+    rows, scope_rows = [], []
     for job in jobs:
         base = {"slide_id": job.slide_id, "slide_path": str(resolved_path(Path(job.slide_path)))}
         if job.slide_id in failed:
@@ -277,10 +289,54 @@ def write_results(
             area = s["tissue_mm2_tiles"]
             base["density_all"] = round(s["cells"]["in_tiles"] / area, 3) if area else None
             base.update({f"density_{n}": dens.get(n) for n in settings.maps})
+            base.update(immune_columns(s.get("immune") or {}))
+            scope_rows.extend(immune_rows(job.slide_id, s.get("immune") or {}))
         else:
             continue
         rows.append(base)
+    merge_table(
+        path.with_name(path.name.replace("cells_results", "immune_phenotypes")),
+        SCOPE_COLUMNS,
+        ([_cell(r.get(c)) for c in SCOPE_COLUMNS] for r in scope_rows),
+    )
     return merge_table(path, columns, ([_cell(r.get(c)) for c in columns] for r in rows))
+
+
+IMMUNE_COLUMNS = (
+    "phenotype", "immune_source", "compartments_from", "til_density_mm2", "til_area_pct",
+    "immune_density_tumour", "immune_density_stroma", "immune_density_margin",
+    "tumour_mm2", "stroma_mm2", "margin_mm2", "phenotype_stemness_rich",
+)  # fmt: skip
+SCOPE_COLUMNS = ("slide_id", "scope", *IMMUNE_COLUMNS[:-1])
+
+
+def _scope_columns(rep: dict) -> dict[str, Any]:
+    dens, areas = rep.get("immune_density_mm2", {}), rep.get("areas_mm2", {})
+    out = {k: rep.get(k) for k in ("phenotype", "til_density_mm2", "til_area_pct")}
+    out["immune_source"] = rep.get("immune_source")
+    out["compartments_from"] = rep.get("compartments_from")
+    for c in ("tumour", "stroma", "margin"):
+        out[f"immune_density_{c}"] = dens.get(c)
+        out[f"{c}_mm2"] = areas.get(c)
+    return out
+
+
+def immune_columns(immune: dict) -> dict[str, Any]:
+    """The slide's phenotype columns of cells_results.csv (empty where none was called)."""
+    if "slide" not in immune:
+        return {"phenotype": "none" if immune else None}
+    out = _scope_columns(immune["slide"])
+    stem = (immune.get("regions") or {}).get("stemness_rich")
+    out["phenotype_stemness_rich"] = stem["phenotype"] if stem else None
+    return out
+
+
+def immune_rows(slide_id: str, immune: dict) -> list[dict[str, Any]]:
+    """Rows of immune_phenotypes.csv: the slide, then each region phenotyped on its own."""
+    if "slide" not in immune:
+        return []
+    scopes = {"slide": immune["slide"], **(immune.get("regions") or {})}
+    return [{"slide_id": slide_id, "scope": k, **_scope_columns(v)} for k, v in scopes.items()]
 
 
 def _cell(value: Any) -> Any:

@@ -135,9 +135,11 @@ def write_cell_outputs(
     mask: np.ndarray,
     map_nodes: Sequence[str],
     record: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write every output of one slide into ``folder``; returns the summary (written last).
-    ``record`` (settings, the cell table's identity) goes into the summary as it is."""
+    ``record`` (settings, the cell table's identity) and ``extra`` (the immune phenotype)
+    go into the summary as they are."""
     folder = Path(folder)
     geojson_name = f"{grid.slide_id}.geojson"
     if inside(folder, folder / geojson_name).parent != folder.resolve():
@@ -178,6 +180,7 @@ def write_cell_outputs(
         written.append(write_png(folder / f"overlay_density_{node}.png", image))
     written.append(write_geojson(folder / geojson_name, _geojson_tiles(grid, feats)))
     summary = _summary(grid, feats, table, ranges, record, [p.name for p in written])
+    summary.update(extra or {})
     write_json(folder / SUMMARY, summary)
     return summary
 

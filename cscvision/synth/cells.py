@@ -45,6 +45,19 @@ CELL_TYPE_OF = {
 }
 INFILTRATE_STREAM = 18
 INFILTRATION_RANGE = (0.0, 0.35)  # keep probability of an infiltrating lymphocyte candidate
+# The phenotype design: each slide is drawn inflamed, excluded or desert, then its keep
+# probabilities from a "high" range where the design lets lymphocytes in and a "low" one
+# where it keeps them out (tumour, stroma). Candidates sit one per 9.5 µm square (11,080 /
+# mm² at keep 1): high = 3,900-6,600 infiltrating lymphocytes / mm², low = 0-220. High
+# clears the immunosuppressive regions' own aggregates, which add up to ~2,100 / mm² to a
+# slide's tumour-associated stroma whatever its design.
+PHENOTYPE_DESIGN = {
+    "inflamed": ("high", "high"),
+    "excluded": ("low", "high"),
+    "desert": ("low", "low"),
+}
+DESIGN_RANGES = {"high": (0.35, 0.60), "low": (0.0, 0.02)}
+INFILTRATION_MODES = ("uniform", "phenotype")
 TRUTH_TILE_UM = 112.0
 TRUTH_TYPES = ("lymphocyte", "macrophage", "inflammatory", "tumour", "csc_like", "stroma",
                "dead", "all")  # fmt: skip
@@ -58,20 +71,36 @@ class Infiltration:
 
     tumour: float
     stroma: float
+    design: str | None = None  # the phenotype the slide was drawn as (phenotype mode)
 
     def population(self) -> Population:
         lymphocyte = next(p for p in POPULATIONS if p.name == "lymphocyte")
         keep = _keep(tumour=self.tumour, stem=self.tumour, stroma=self.stroma)
         return replace(lymphocyte, stream=INFILTRATE_STREAM, keep=keep)
 
-    def as_dict(self) -> dict[str, float]:
-        return {"tumour": round(self.tumour, 6), "stroma": round(self.stroma, 6)}
+    def as_dict(self) -> dict[str, float | str]:
+        out: dict[str, float | str] = {
+            "tumour": round(self.tumour, 6), "stroma": round(self.stroma, 6)
+        }  # fmt: skip
+        if self.design is not None:
+            out["design"] = self.design
+        return out
 
 
-def draw_infiltration(rng: np.random.Generator) -> Infiltration:
-    """Tumour and stroma infiltration drawn independently (uniform on INFILTRATION_RANGE)."""
-    lo, hi = INFILTRATION_RANGE
-    return Infiltration(tumour=float(rng.uniform(lo, hi)), stroma=float(rng.uniform(lo, hi)))
+def draw_infiltration(rng: np.random.Generator, mode: str = "uniform") -> Infiltration:
+    """``uniform``: tumour and stroma infiltration drawn independently (uniform on
+    INFILTRATION_RANGE). ``phenotype``: a design drawn first (inflamed, excluded, desert,
+    equally likely), then each compartment's keep probability from its DESIGN_RANGES.
+    Both are drawn per slide from its own seed, independently of its region classes."""
+    if mode == "uniform":
+        lo, hi = INFILTRATION_RANGE
+        return Infiltration(tumour=float(rng.uniform(lo, hi)), stroma=float(rng.uniform(lo, hi)))
+    if mode != "phenotype":
+        raise ValueError(f"infiltration {mode!r}: one of {', '.join(INFILTRATION_MODES)}")
+    design = list(PHENOTYPE_DESIGN)[int(rng.integers(len(PHENOTYPE_DESIGN)))]
+    levels = PHENOTYPE_DESIGN[design]
+    tumour, stroma = (float(rng.uniform(*DESIGN_RANGES[lv])) for lv in levels)
+    return Infiltration(tumour=tumour, stroma=stroma, design=design)
 
 
 def population_cells(renderer, pop: Population) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from cscvision.core.io import atomic_path, write_csv
-from cscvision.synth.cells import Infiltration, draw_infiltration, write_slide_cells
+from cscvision.synth.cells import (
+    INFILTRATION_MODES,
+    Infiltration,
+    draw_infiltration,
+    write_slide_cells,
+)
 from cscvision.synth.ihc import write_ihc_slide
 from cscvision.synth.layout import REGION_CLASSES, REGION_SHARE, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
@@ -263,7 +268,7 @@ def write_cohort(
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
     visium_layout: str = "2.0",
-    infiltration: bool = False,
+    infiltration: bool | str = False,
 ) -> Path:
     """Write a synthetic cohort with its ground truth: slides, annotations and ``cohort.csv``.
 
@@ -326,7 +331,13 @@ def write_cohort(
         kwargs["visium_layout"] = VisiumSpec(layout=visium_layout).layout  # checked up front
     kwargs["ihc_markers"] = tuple(ihc_markers)
     kwargs["region_share"] = tuple(region_share)
-    kwargs["infiltration"] = bool(infiltration)
+    kwargs["infiltration"] = (
+        ("uniform" if infiltration is True else str(infiltration)) if infiltration else None
+    )
+    if kwargs["infiltration"] not in (None, *INFILTRATION_MODES):
+        raise ValueError(
+            f"infiltration {infiltration!r}: one of {', '.join(INFILTRATION_MODES)} (or False)"
+        )
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
         if workers > 1:
@@ -376,11 +387,8 @@ def _write_planned(
     path: Path, s: CohortSlide, kwargs: dict, on_row: Callable[[], None] | None = None
 ) -> SlideTruth:
     kwargs = dict(kwargs)
-    drawn = (
-        draw_infiltration(np.random.default_rng([s.seed, 9]))
-        if kwargs.pop("infiltration")
-        else None
-    )
+    mode = kwargs.pop("infiltration")
+    drawn = draw_infiltration(np.random.default_rng([s.seed, 9]), mode) if mode else None
     return write_slide(
         path,
         seed=s.seed,
