@@ -301,7 +301,9 @@ def write_cohort(
         (``tissue_positions_list.csv``, no header).
     infiltration
         Draw each slide's lymphocyte infiltration of tumour and stroma independently of its
-        regions (cscvision.synth.cells). Every slide gets its cell table either way
+        regions (cscvision.synth.cells): ``True`` or ``"uniform"`` draws the two levels
+        uniformly, ``"phenotype"`` draws a design per slide (inflamed, excluded or desert,
+        recorded in its ``_truth.json``). Every slide gets its cell table either way
         (``cohort.csv``'s ``cells_path``).
     region_share
         Range each slide's stemness-rich and immunosuppressive shares of tissue are drawn
