@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
+    from cscvision.cells.compartments import compartments_from_cells
+    from cscvision.cells.labels import cell_label_table
+    from cscvision.cells.phenotype import immune_report
     from cscvision.cells.readers import read_cells
     from cscvision.cells.table import CellTable, read_cell_table, write_cell_table
     from cscvision.cells.tiles import tile_cell_features
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
     from cscvision.models.export import LoadedModel, export_model, load_model
     from cscvision.models.kinds import ModelKind, get_kind, register_kind
     from cscvision.outputs.cell_batch import CellSettings, run_cells
+    from cscvision.outputs.cell_immune import ImmuneSettings
     from cscvision.outputs.prediction import SlidePrediction
     from cscvision.outputs.read import SlideOutputs, read_outputs
     from cscvision.outputs.regions import region_masks
@@ -125,6 +129,7 @@ __all__ = [
     "CorruptTileError",
     "FeatureStore",
     "GridSpec",
+    "ImmuneSettings",
     "LabelTable",
     "LoadedModel",
     "ModelCard",
@@ -139,13 +144,16 @@ __all__ = [
     "StainReference",
     "TileGrid",
     "__version__",
+    "cell_label_table",
     "cell_types",
     "colocalisation",
+    "compartments_from_cells",
     "detect_tissue",
     "export_model",
     "fit_stain",
     "get_kind",
     "ihc_labels",
+    "immune_report",
     "load_config",
     "load_encoder",
     "load_model",
