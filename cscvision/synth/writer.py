@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cscvision.core.io import atomic_path, write_csv
-from cscvision.synth.ihc import write_ihc_slide
+from cscvision.synth.ihc import IhcOptions, write_ihc_slide
 from cscvision.synth.layout import REGION_CLASSES, REGION_SHARE, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer
@@ -94,12 +94,14 @@ def write_slide(
     ihc_markers: tuple[str, ...] = (),
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
+    ihc_options: IhcOptions | None = None,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
     ``lab`` is the stain profile of the lab batch (shared by a patient's slides); without it
     one is drawn from ``seed``. The same arguments write the same bytes. Each of
-    ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc);
+    ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc;
+    ``ihc_options`` how far it departs from the H&E section);
     ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger layout, cscvision.synth.visium).
     """
     path = Path(path)
@@ -130,7 +132,7 @@ def write_slide(
         ihc_path = path.with_name(f"{slide_id}_{marker}{SLIDE_SUFFIX}")
         write_ihc_slide(ihc_path, he_id=slide_id, layout=layout, he_renderer=renderer,
                         marker=marker, seed=seed + 101 * (k + 1), lab=lab, tile_px=tile_px,
-                        quality=quality)  # fmt: skip
+                        quality=quality, options=ihc_options)  # fmt: skip
     if visium:
         write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed, levels=levels)
     return truth
@@ -245,6 +247,7 @@ def write_cohort(
     ihc_markers: tuple[str, ...] = (),
     visium: bool = False,
     region_share: tuple[float, float] = REGION_SHARE,
+    ihc_options: IhcOptions | None = None,
 ) -> Path:
     """Write ``n_slides`` slides of ``n_patients`` patients and ``cohort.csv``; return its path.
 
@@ -266,7 +269,7 @@ def write_cohort(
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"size_px": size_px, "mpp": mpp, "tile_px": tile_px, "quality": quality}
     kwargs["artefact_rate"], kwargs["visium"] = artefact_rate, visium
-    kwargs["ihc_markers"] = tuple(ihc_markers)
+    kwargs["ihc_markers"], kwargs["ihc_options"] = tuple(ihc_markers), ihc_options
     kwargs["region_share"] = tuple(region_share)
     jobs = [(out_dir / f"{s.slide_id}{SLIDE_SUFFIX}", s) for s in plan]
     with tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress) as bar:
