@@ -89,7 +89,8 @@ def score_pairs(manifest: dict, labels: Path) -> list[dict]:
                          "true_median": med, "true_p90": float(np.percentile(err, 90)),
                          "estimate": est, "estimate_p90": reg.error_um.get("p90"),
                          "ratio": (est / med) if est else float("nan"),
-                         "agreement": reg.agreement, "nonrigid": reg.flow_um is not None})  # fmt: skip
+                         "agreement": reg.agreement,
+                         "nonrigid": reg.flow_um is not None})  # fmt: skip
     return rows
 
 
@@ -160,11 +161,12 @@ def main() -> None:
               f"{r['estimate']} / {r['estimate_p90']} | {r['ratio']:.2f} | {r['agreement']:.3f}"
               f" | {r['nonrigid']}{'' if r['ok'] else ' | ' + r['reason']}")  # fmt: skip
     ratios = np.array([r["ratio"] for r in rows], float)
+    on_target = sum(r["true_median"] <= 5 and r["true_p90"] <= 10 for r in rows)
+    within = int(((ratios >= 0.5) & (ratios <= 2)).sum())
     print(f"true pairs accepted {sum(r['ok'] for r in rows)} of {len(rows)}; pairs with "
-          f"median <= 5 and p90 <= 10 µm: "
-          f"{sum(r['true_median'] <= 5 and r['true_p90'] <= 10 for r in rows)} of {len(rows)}; "
-          f"estimate/true ratio {np.nanmin(ratios):.2f}-{np.nanmax(ratios):.2f} "
-          f"(within 2x: {int(((ratios >= 0.5) & (ratios <= 2)).sum())} of {len(rows)})")  # fmt: skip
+          f"median <= 5 and p90 <= 10 µm: {on_target} of {len(rows)}; estimate/true ratio "
+          f"{np.nanmin(ratios):.2f}-{np.nanmax(ratios):.2f} (within 2x: {within} of "
+          f"{len(rows)})")  # fmt: skip
     import yaml
 
     min_ihc = float((yaml.safe_load(args.markers.read_text()) or {}).get("min_ihc_tissue", 0.6))

@@ -93,8 +93,10 @@ def _write_threshold_qc(out: Path, measures, cfg, spec, thresholds) -> None:
         x = pooled([m.densities(name, spec, cfg.map_mpp) for m in measures])
         counts, edges = histogram(x, thr.value)
         title = f"{name}: {len(x)} cells"
-        write_png(out / "qc" / f"{name}_density.png", histogram_png(counts, edges, thr.value, title))
-        rows = [(f"{a:.4f}", f"{b:.4f}", int(c)) for a, b, c in zip(edges, edges[1:], counts, strict=False)]
+        picture = histogram_png(counts, edges, thr.value, title)
+        write_png(out / "qc" / f"{name}_density.png", picture)
+        bins = zip(edges[:-1], edges[1:], counts, strict=True)
+        rows = [(f"{a:.4f}", f"{b:.4f}", int(c)) for a, b, c in bins]
         write_csv(out / "qc" / f"{name}_density.csv", ("density_from", "density_to", "cells"), rows)
 
 

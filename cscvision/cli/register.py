@@ -56,10 +56,18 @@ def add_registration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-inlier-ratio", type=float, default=0.0,
                         help="refuse when fewer of the finest level's matches agree (default 0: "
                         "not checked; it refused true pairs under a strong warp)")  # fmt: skip
-    parser.add_argument("--max-stretch", type=float, default=1.25,
-                        help="refuse an affine that scales or shears by more (default 1.25)")  # fmt: skip
-    parser.add_argument("--min-dice", type=float, default=0.5,
-                        help="refuse when the registered tissues overlap less (default 0.5)")  # fmt: skip
+    parser.add_argument(
+        "--max-stretch",
+        type=float,
+        default=1.25,
+        help="refuse an affine that scales or shears more (default 1.25)",
+    )
+    parser.add_argument(
+        "--min-dice",
+        type=float,
+        default=0.5,
+        help="refuse when registered tissues overlap less (default 0.5)",
+    )
     parser.add_argument("--slide-mpp", type=float, default=None, metavar="UM_PER_PX",
                         help="level-0 µm/px for slides whose metadata gives none")  # fmt: skip
 

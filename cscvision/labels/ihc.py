@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, filters
 
-from cscvision.labels.registration import Registration
+from cscvision.labels.registration import Registration, glass_white
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.slides.slide import Slide, plan_read
 
@@ -90,19 +90,6 @@ def od(rgb: np.ndarray, white: Sequence[float] | None = None) -> np.ndarray:
     """Optical density per channel against ``white`` (the glass RGB; default 255)."""
     ref = np.asarray(white if white is not None else (255.0,) * 3, np.float32)
     return np.maximum(-np.log(np.clip(rgb.astype(np.float32), 1, 255) / ref), 0.0)
-
-
-def glass_white(thumb: np.ndarray) -> tuple[tuple[float, float, float], str]:
-    """The slide's white point: the median RGB of its glass, the pixels under Otsu's
-    threshold on the summed optical density of a thumbnail (any tint). Falls back to 255
-    (and says so) when under 2 % of the thumbnail is glass."""
-    density = -np.log(np.clip(thumb.astype(np.float32), 1, 255) / 255.0).sum(axis=-1)
-    cut = filters.threshold_otsu(density) if density.max() > density.min() else np.inf
-    glass = thumb[density < cut]
-    if len(glass) < 0.02 * density.size:
-        return (255.0, 255.0, 255.0), "255 (too little glass on the slide to measure it)"
-    white = np.median(glass.reshape(-1, 3).astype(np.float64), axis=0)
-    return tuple(float(round(v, 1)) for v in white), "median of the slide's glass (Otsu on OD)"
 
 
 def macenko_vectors(

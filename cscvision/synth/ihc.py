@@ -224,7 +224,8 @@ class IhcRenderer:
         # stained cells outside the marked regions: blobs of about one cell covering
         # ``background_positive`` of the tissue (a standard normal field above its quantile)
         self.cells = periodic_noise(rng, 512, sigma_px=3 / renderer.mpp)
-        self.cells_cut = float(stats.norm.ppf(1 - background_positive)) if background_positive else None
+        cut = stats.norm.ppf(1 - background_positive) if background_positive else None
+        self.cells_cut = None if cut is None else float(cut)
         art = renderer.layout.artefacts
         self.fold = PreparedFill(art.fold) if not art.fold.is_empty else None
         self.bubbles = art.bubbles
