@@ -52,7 +52,8 @@ class RegistrationParams:
     max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
     nonrigid: bool = True  # kept only where it lowers the held-out error
     flow_smooth_um: float = 40.0
-    ransac_um: float = 0.0  # RANSAC residual threshold floor, µm (else 1.5 px of each level)
+    ransac_um: float = 8.0  # RANSAC residual floor, µm: the affine follows the whole section
+    # under a warp, not the largest patch that fits within 1.5 px
 
 
 @dataclass(frozen=True)
