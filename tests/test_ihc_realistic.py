@@ -99,13 +99,15 @@ def _measure(markers_ok: dict[str, bool]):
 
 
 def test_a_refused_marker_drops_only_its_own_columns():
-    from cscvision.labels.ihc_labels import label_slide, thresholds_for
+    from cscvision.labels.ihc_labels import label_slide, slide_thresholds, thresholds_for
 
     cfg = marker_config({"markers": {"CD44": "stemness", "FOXP3": "immunosuppressive"}})
     spec = GridSpec(mpp=1.0, tile_px=80, mask_mpp=16.0)
     measure = _measure({"CD44": True, "FOXP3": False})
     thresholds = thresholds_for([measure], cfg, spec)
     assert set(thresholds) == {"CD44"} and 0 < thresholds["CD44"].value <= 0.5
+    own = slide_thresholds(measure, thresholds, cfg, spec)["CD44"]
+    assert "this slide" in own.rule and 0 < own.value <= 0.5  # its densities separate
     result = label_slide(measure, cfg, spec, thresholds)
     table = result.table
     assert table is not None and "FOXP3" in result.reason

@@ -130,7 +130,12 @@ def _label_all(args, todo: dict, cfg, spec, errors: list):
     """Measure every slide, choose the thresholds from all of them, then write the tables."""
     from tqdm import tqdm
 
-    from cscvision.labels.ihc_labels import label_slide, measure_slide, thresholds_for
+    from cscvision.labels.ihc_labels import (
+        label_slide,
+        measure_slide,
+        slide_thresholds,
+        thresholds_for,
+    )
     from cscvision.labels.ihc_threshold import positive_share_warning
 
     params = registration_params(args)
@@ -145,8 +150,10 @@ def _label_all(args, todo: dict, cfg, spec, errors: list):
     if measures:
         _write_threshold_qc(args.out, measures, cfg, spec, thresholds)
     counts, positive, tiles = defaultdict(int), defaultdict(float), defaultdict(int)
+    slide_warnings = []
     for measure in measures:
-        result = label_slide(measure, cfg, spec, thresholds)
+        own = slide_thresholds(measure, thresholds, cfg, spec)
+        result = label_slide(measure, cfg, spec, own)
         written = _write_slide(args.out, measure.slide_id, result)
         if result.reason:
             errors.append((measure.slide_id, result.reason))
@@ -156,10 +163,13 @@ def _label_all(args, todo: dict, cfg, spec, errors: list):
             counts[k] += v
         for name, share in result.positive_share.items():
             n = int(result.counts.get("valid", 0))
+            line = positive_share_warning(name, share, n) if share == share else None
+            if line:
+                slide_warnings.append(f"{measure.slide_id}: {line}")
             positive[name] += share * n if share == share else 0.0
             tiles[name] += n
     warned = [w for name in tiles if (w := positive_share_warning(
-        name, positive[name] / max(tiles[name], 1), tiles[name]))]  # fmt: skip
+        name, positive[name] / max(tiles[name], 1), tiles[name]))] + slide_warnings  # fmt: skip
     counts["thresholds"] = {k: round(v.value, 4) for k, v in thresholds.items()}
     return counts, warned
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,12 @@ from cscvision.labels.ihc import (
     stain_setup,
     tile_values,
 )
-from cscvision.labels.ihc_threshold import Threshold, mixture_threshold, pooled
+from cscvision.labels.ihc_threshold import (
+    MIN_SEPARATION,
+    Threshold,
+    mixture_threshold,
+    pooled,
+)
 from cscvision.labels.registration import Registration, RegistrationParams, register_slides
 from cscvision.labels.table import LabelTable
 from cscvision.slides.grid import GridSpec
@@ -126,6 +132,28 @@ def thresholds_for(
     return out
 
 
+def slide_thresholds(
+    measure: SlideMeasure, cohort: dict[str, Threshold], cfg: MarkerConfig, spec: GridSpec
+) -> dict[str, Threshold]:
+    """The thresholds for one slide: its own mixture threshold where its densities separate
+    into two components (Ashman's D ≥ ``MIN_SEPARATION``, the upper one ≥ 2 % of its
+    tissue), since a slide's DAB threshold and stain strength shift its densities; else
+    the cohort's (:func:`thresholds_for`), and always a threshold the config fixes."""
+    out = dict(cohort)
+    for name in cohort:
+        if cfg.markers[name].min_density is not None:
+            continue
+        x = measure.densities(name, spec, cfg.map_mpp)
+        try:
+            own = mixture_threshold(name, x)
+        except ValueError:
+            continue
+        if own.separation >= MIN_SEPARATION and own.weights[1] >= 0.02:
+            out[name] = dataclasses.replace(own, rule="two-component Gaussian mixture on this "
+                                            "slide's densities (they separate)")  # fmt: skip
+    return out
+
+
 def label_slide(
     measure: SlideMeasure, cfg: MarkerConfig, spec: GridSpec, thresholds: dict[str, Threshold]
 ) -> IhcLabels:
@@ -165,7 +193,8 @@ def ihc_labels(
 
     ``slide_mpp``: level-0 µm/px for slides whose metadata gives none."""
     measure = measure_slide(slide_id, he_path, pairs, cfg, spec, reg_params, slide_mpp)
-    return label_slide(measure, cfg, spec, thresholds_for([measure], cfg, spec))
+    cohort = thresholds_for([measure], cfg, spec)
+    return label_slide(measure, cfg, spec, slide_thresholds(measure, cohort, cfg, spec))
 
 
 def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, thresholds):

@@ -1,9 +1,13 @@
 """A marker's positivity threshold from the data, and its QC.
 
-The rule: pool the marker's positive densities (DAB-positive share of the tissue, smoothed
-over the marker's ``smooth_um``) of every H&E-frame map cell that lies on H&E and IHC tissue,
-over all slides of the cohort; fit a two-component Gaussian mixture to them; the threshold
-is the density between the two means where the upper component becomes the more probable.
+The rule: take the marker's positive densities (DAB-positive share of the tissue, smoothed
+over the marker's ``smooth_um``) of every H&E-frame map cell that lies on H&E and IHC tissue;
+fit a two-component Gaussian mixture to them; the threshold is the density between the two
+means where the upper component becomes the more probable. Each slide gets its own such
+threshold when its densities separate (Ashman's D ≥ ``MIN_SEPARATION``, the upper component
+≥ 2 % of its tissue: a slide's own DAB threshold and stain strength shift its densities, and
+one cohort threshold labelled 97 % of one slide positive), else the threshold of the
+densities pooled over the cohort's slides.
 Stained background cells lift the lower component; they no longer decide what is positive,
 as a fixed 0.05 did (it took 94-99 % of tissue for positive with 10-20 % of cells stained).
 
@@ -22,6 +26,7 @@ import numpy as np
 MAX_POSITIVE = 0.5  # share of tissue tiles positive above which a marker is flagged
 MIN_POSITIVE = 0.01  # ... and under which
 MAX_SAMPLES = 200_000
+MIN_SEPARATION = 2.0  # Ashman's D over which a slide's own two components are trusted
 BINS = 60
 
 
