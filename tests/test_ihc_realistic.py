@@ -174,3 +174,28 @@ def test_the_readme_ihc_commands_run_as_written(tmp_path, monkeypatch):
     sidecar = json.loads((tmp_path / "ihc_labels" / "SYN-P001-S01.labels.json").read_text())
     assert sidecar["label_targets"] == ["stemness", "immunosuppressive"]
     assert (tmp_path / "ihc_labels" / "qc" / "CD44_density.png").exists()
+
+
+def test_labels_ihc_keeps_the_manifest_split(tmp_path):
+    import argparse
+    import time
+
+    from cscvision.cli.labels_ihc import _summary, read_manifest
+    from cscvision.labels.cohort import read_cohort
+
+    for name in ("a.tiff", "a_CD44.tiff", "b.tiff", "b_CD44.tiff"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "m.csv").write_text(
+        "slide_id,patient_id,slide_path,ihc_path,marker,split\n"
+        "a,P1,a.tiff,a_CD44.tiff,CD44,train\nb,P2,b.tiff,b_CD44.tiff,CD44,val\n"
+    )
+    slides = read_manifest(tmp_path / "m.csv")
+    assert [v["split"] for v in slides.values()] == ["train", "val"]
+    rows = [(k, v["patient_id"], str(v["slide_path"]), f"{k}.labels.csv", v["split"])
+            for k, v in slides.items()]  # fmt: skip
+    args = argparse.Namespace(out=tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    for k in slides:
+        (tmp_path / "out" / f"{k}.labels.csv").write_text("x,y\n")
+    _summary(args, slides, rows, [], {"valid": 0, "excluded": 0}, [], time.perf_counter())
+    assert [e.split for e in read_cohort(tmp_path / "out" / "cohort.csv")] == ["train", "val"]
