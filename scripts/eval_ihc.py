@@ -1,12 +1,20 @@
-"""Figures for IHC labels on synthetic pairs (issue 14), against the *true* transforms.
+"""The IHC road scored against an independent truth, on any cohort in the documented layout.
 
-    python scripts/eval_ihc.py [--out eval_ihc] [--slides 6] [--size 3072] [--seed 11]
+    cscvision synth --out C --slides 4 --patients 4 --size 6144 --seed 2024 --ihc realistic
+    python scripts/eval_ihc.py C [--out eval_ihc] [--markers configs/ihc_markers.yaml]
 
-Prints, per (H&E, IHC) pair: mirrored/rotation, the registration error against the true
-transform over the H&E tissue (median, p90, µm) next to the method's own held-out estimate;
-per target the AUROC of the IHC-derived tile targets against the H&E ground truth
-(a tile is positive when ≥ half its tissue is in the target); and whether an unrelated
-slide given as the pair is refused. Synthetic data only.
+The cohort folder needs ``ihc_manifest.csv`` (slide_id,patient_id,slide_path,ihc_path,marker)
+and, beside every IHC slide ``X.tiff``, its point map ``X_pointmap.npz`` (the true H&E -> IHC
+map, H&E and IHC tissue flags and the region truth: layout in
+:mod:`cscvision.synth.ihc_truth`), so a cohort made by other code can be scored.
+
+Runs ``cscvision labels ihc`` with every setting at its default, then prints per pair the true
+registration error over H&E tissue that the IHC section holds (median, p90, µm), the tool's
+own estimate and their ratio; per target the AUROC of the tile targets against the region
+truth (a tile is positive when ≥ half of its tissue points are in the target); excluded
+tiles against the truth (a tile should be excluded when under ``min_ihc_tissue`` of its
+tissue lies on IHC tissue); and, for each H&E slide given another slide's IHC of the same
+marker, whether that unrelated pair is refused. Synthetic data only, unless you bring yours.
 """
 
 from __future__ import annotations
@@ -16,93 +24,165 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cscvision.labels.ihc import marker_config
-from cscvision.labels.ihc_labels import ihc_labels
-from cscvision.labels.registration import register_slides
-from cscvision.slides.grid import GridSpec
+from cscvision.cli import main as cli
+from cscvision.cli.labels_ihc import read_manifest
+from cscvision.labels.registration import Registration, register_slides
+from cscvision.labels.table import read_label_table, table_path
 from cscvision.slides.slide import open_slide
-from cscvision.synth import write_cohort
-from cscvision.synth.ihc import read_pair_transform
+from cscvision.synth.ihc_truth import read_point_map
 
+ROOT = Path(__file__).resolve().parents[1]
 BITS = {"stemness": 8, "immunosuppressive": 16}
-MARKERS = {"CD44": "stemness", "FOXP3": "immunosuppressive"}
 
 
-def true_error_um(reg, truth: dict, labels: np.ndarray, label_px: float, mpp: float) -> np.ndarray:
-    """|T(reg(p)) - p| over the H&E tissue, µm: T is the true IHC -> H&E map."""
-    T = read_pair_transform(truth)
-    ys, xs = np.nonzero(labels & 1)
-    p = (np.stack([xs, ys], axis=1) + 0.5) * label_px
-    q = reg.map_l0(p)
-    bx, by = T(q[:, 0], q[:, 1])
-    return np.hypot(bx - p[:, 0], by - p[:, 1]) * mpp
+def pointmap_path(ihc_path: Path) -> Path:
+    return ihc_path.with_name(ihc_path.stem + "_pointmap.npz")
 
 
-def tile_truth(labels: np.ndarray, xy: np.ndarray, tile_l0: float, label_px: float, bit: int):
-    out = np.zeros(len(xy), bool)
-    for i, (x, y) in enumerate(xy):
-        win = labels[int(y // label_px) : int((y + tile_l0) // label_px),
-                     int(x // label_px) : int((x + tile_l0) // label_px)]  # fmt: skip
-        tissue = (win & 1) > 0
-        out[i] = tissue.any() and ((win & bit) > 0)[tissue].mean() >= 0.5
+def true_error_um(reg: Registration, pm: dict) -> np.ndarray:
+    """|reg(p) - truth(p)| (IHC µm) over H&E tissue points that the IHC section holds."""
+    keep = (pm["he_tissue"] > 0) & (pm["ihc_tissue"] > 0)
+    rr, cc = np.nonzero(keep)
+    p = (np.stack([cc, rr], 1) + 0.5) * float(pm["step_um"])
+    truth = pm["ihc_xy_um"][:, rr, cc].T
+    return np.linalg.norm(reg.map_um(p) - truth, axis=1)
+
+
+def tile_points(pm: dict, xy_l0: np.ndarray, tile_um: float, he_mpp: float):
+    """Per tile, the point-map cells it covers: (rows, cols) slices."""
+    step = float(pm["step_um"])
+    for x, y in xy_l0:
+        c0, r0 = int(x * he_mpp / step), int(y * he_mpp / step)
+        n = max(1, round(tile_um / step))
+        yield slice(r0, r0 + n), slice(c0, c0 + n)
+
+
+def tile_truth(pm: dict, table, min_ihc: float) -> dict[str, np.ndarray]:
+    """Per tile of ``table``: region truth per target, and whether it should be excluded."""
+    he_mpp = float(pm["he_mpp"])
+    out = {t: np.zeros(len(table), bool) for t in BITS}
+    out["exclude"] = np.zeros(len(table), bool)
+    tile_um = table.tile_px * table.mpp
+    for i, (rs, cs) in enumerate(tile_points(pm, table.xy_l0, tile_um, he_mpp)):
+        tissue = pm["he_tissue"][rs, cs] > 0
+        if not tissue.any():
+            out["exclude"][i] = True
+            continue
+        for t, bit in BITS.items():
+            out[t][i] = ((pm["region"][rs, cs] & bit) > 0)[tissue].mean() >= 0.5
+        out["exclude"][i] = (pm["ihc_tissue"][rs, cs] > 0)[tissue].mean() < min_ihc
+    return out
+
+
+def score_pairs(manifest: dict, labels: Path) -> list[dict]:
+    rows = []
+    for slide_id, entry in manifest.items():
+        for marker, ihc in entry["pairs"]:
+            reg_path = labels / "registration" / f"{slide_id}_{marker}.json"
+            reg = Registration.from_dict(json.loads(reg_path.read_text()))
+            err = true_error_um(reg, read_point_map(pointmap_path(ihc)))
+            est = reg.error_um.get("median")
+            med = float(np.median(err))
+            rows.append({"pair": f"{slide_id} {marker}", "ok": reg.ok, "reason": reg.reason,
+                         "true_median": med, "true_p90": float(np.percentile(err, 90)),
+                         "estimate": est, "estimate_p90": reg.error_um.get("p90"),
+                         "ratio": (est / med) if est else float("nan"),
+                         "agreement": reg.agreement,
+                         "nonrigid": reg.flow_um is not None})  # fmt: skip
+    return rows
+
+
+def score_labels(manifest: dict, labels: Path, min_ihc: float) -> dict:
+    ys = {t: [] for t in BITS}
+    ss = {t: [] for t in BITS}
+    excl = {"tool": 0, "truth": 0, "both": 0, "tiles": 0}
+    for slide_id, entry in manifest.items():
+        path = table_path(labels, slide_id)
+        if not path.exists():
+            continue
+        table = read_label_table(path)
+        pm = read_point_map(pointmap_path(entry["pairs"][0][1]))
+        truth = tile_truth(pm, table, min_ihc)
+        for _, ihc in entry["pairs"][1:]:  # a tile is excluded when any marker misses it
+            truth["exclude"] |= tile_truth(read_point_map(pointmap_path(ihc)), table,
+                                           min_ihc)["exclude"]  # fmt: skip
+        tool = ~table.valid
+        excl["tiles"] += len(table)
+        excl["tool"] += int(tool.sum())
+        excl["truth"] += int(truth["exclude"].sum())
+        excl["both"] += int((tool & truth["exclude"]).sum())
+        for t in BITS:
+            if t in table.targets:
+                j = table.targets.index(t)
+                keep = table.valid & np.isfinite(table.values[:, j])
+                ys[t].append(truth[t][keep])
+                ss[t].append(table.values[keep, j])
+    auroc = {}
+    for t in BITS:
+        if ys[t]:
+            y, s = np.concatenate(ys[t]), np.concatenate(ss[t])
+            auroc[t] = (roc_auc_score(y, s) if 0 < y.sum() < len(y) else float("nan"),
+                        int(y.sum()), len(y))  # fmt: skip
+    return {"auroc": auroc, "excluded": excl}
+
+
+def unrelated(manifest: dict) -> list[tuple[str, bool, float, str]]:
+    """Each H&E slide with the next slide's IHC of the same marker."""
+    ids = list(manifest)
+    out = []
+    for i, sid in enumerate(ids):
+        other = manifest[ids[(i + 1) % len(ids)]]
+        _marker, ihc = other["pairs"][0]
+        with open_slide(manifest[sid]["slide_path"]) as he, open_slide(ihc) as moving:
+            reg, _ = register_slides(he, moving)
+        out.append((f"{sid} + {ihc.name}", reg.ok, reg.agreement, reg.reason))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("cohort", type=Path, help="folder with ihc_manifest.csv and point maps")
     ap.add_argument("--out", type=Path, default=Path("eval_ihc"))
-    ap.add_argument("--slides", type=int, default=6)
-    ap.add_argument("--size", type=int, default=3072)
-    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--markers", type=Path, default=ROOT / "configs" / "ihc_markers.yaml")
+    ap.add_argument("--no-unrelated", action="store_true", help="skip the unrelated pairs")
+    ap.add_argument("labels_args", nargs="*", help="extra `cscvision labels ihc` flags after --")
     args = ap.parse_args()
-    folder = args.out / "cohort"
-    if not (folder / "ihc_manifest.csv").exists():
-        write_cohort(folder, n_slides=args.slides, n_patients=args.slides, size_px=args.size,
-                     seed=args.seed, ihc_markers=tuple(MARKERS), progress=True)  # fmt: skip
-    cfg = marker_config({"markers": MARKERS})
-    spec = GridSpec(mpp=0.5, tile_px=224)
-    ids = sorted(p.name[: -len(".tiff")] for p in folder.glob("SYN-*-S??.tiff"))
-    errors, scores, truths = [], {t: [] for t in BITS}, {t: [] for t in BITS}
-    for sid in ids:
-        pairs = [(m, folder / f"{sid}_{m}.tiff") for m in MARKERS]
-        result = ihc_labels(sid, folder / f"{sid}.tiff", pairs, cfg, spec)
-        meta = json.loads((folder / f"{sid}_truth.json").read_text())
-        labels = np.asarray(Image.open(folder / f"{sid}_labels.png"))
-        label_px = meta["label_mask"]["mpp"] / meta["mpp"]
-        for m in result.markers:
-            truth = json.loads((folder / f"{sid}_{m.marker}_truth.json").read_text())
-            err = true_error_um(m.registration, truth, labels, label_px, meta["mpp"])
-            errors.append(err)
-            t = truth["transform"]
-            print(f"{sid} {m.marker:5s} true flip {t['flip']!s:5s} angle {t['angle_deg']:6.1f}° | "
-                  f"found flip {m.registration.flip!s:5s} ok {m.registration.ok} | true error "
-                  f"median {np.median(err):5.1f} p90 {np.percentile(err, 90):5.1f} µm | own "
-                  f"estimate {m.registration.error_um}")  # fmt: skip
-        table = result.table
-        if table is None:
-            print(f"{sid}: no table ({result.reason})")
-            continue
-        tile_l0 = spec.tile_px * spec.mpp / meta["mpp"]
-        for j, target in enumerate(BITS):
-            gt = tile_truth(labels, table.xy_l0, tile_l0, label_px, BITS[target])
-            scores[target].append(table.values[table.valid, j])
-            truths[target].append(gt[table.valid])
-        print(f"{sid}: {result.counts}")
-    all_err = np.concatenate(errors)
-    print(f"\nregistration vs the true transform, {len(errors)} pairs: median "
-          f"{np.median(all_err):.1f} µm, p90 {np.percentile(all_err, 90):.1f} µm; worst pair "
-          f"p90 {max(np.percentile(e, 90) for e in errors):.1f} µm")  # fmt: skip
-    for target in BITS:
-        y, s = np.concatenate(truths[target]), np.concatenate(scores[target])
-        print(f"IHC-derived {target}: tile AUROC {roc_auc_score(y, s):.3f} vs H&E ground truth "
-              f"({y.sum()} positive of {len(y)} valid tiles)")  # fmt: skip
-    other = folder / f"{ids[1]}_CD44.tiff"
-    with open_slide(folder / f"{ids[0]}.tiff") as he, open_slide(other) as ihc:
-        reg, _ = register_slides(he, ihc)
-    print(f"unrelated pair {ids[0]} + {ids[1]}_CD44: ok={reg.ok} ({reg.reason})")
+    manifest = read_manifest(args.cohort / "ihc_manifest.csv")
+    labels = args.out / "labels"
+    cli(["labels", "ihc", str(args.cohort / "ihc_manifest.csv"), "--markers", str(args.markers),
+         "--out", str(labels), "--overwrite", *args.labels_args])  # fmt: skip
+    rows = score_pairs(manifest, labels)
+    print("\npair | accepted | true error median / p90 (µm) | estimate median / p90 | "
+          "estimate / true median | patch agreement | non-rigid")  # fmt: skip
+    for r in rows:
+        print(f"{r['pair']} | {r['ok']} | {r['true_median']:.1f} / {r['true_p90']:.1f} | "
+              f"{r['estimate']} / {r['estimate_p90']} | {r['ratio']:.2f} | {r['agreement']:.3f}"
+              f" | {r['nonrigid']}{'' if r['ok'] else ' | ' + r['reason']}")  # fmt: skip
+    ratios = np.array([r["ratio"] for r in rows], float)
+    on_target = sum(r["true_median"] <= 5 and r["true_p90"] <= 10 for r in rows)
+    within = int(((ratios >= 0.5) & (ratios <= 2)).sum())
+    print(f"true pairs accepted {sum(r['ok'] for r in rows)} of {len(rows)}; pairs with "
+          f"median <= 5 and p90 <= 10 µm: {on_target} of {len(rows)}; estimate/true ratio "
+          f"{np.nanmin(ratios):.2f}-{np.nanmax(ratios):.2f} (within 2x: {within} of "
+          f"{len(rows)})")  # fmt: skip
+    import yaml
+
+    min_ihc = float((yaml.safe_load(args.markers.read_text()) or {}).get("min_ihc_tissue", 0.6))
+    lab = score_labels(manifest, labels, min_ihc)
+    for t, (auc, pos, n) in lab["auroc"].items():
+        print(f"IHC-derived {t}: tile AUROC {auc:.3f} vs region truth ({pos} positive of "
+              f"{n} valid tiles)")  # fmt: skip
+    e = lab["excluded"]
+    print(f"excluded tiles: tool {e['tool']}, truth {e['truth']}, both {e['both']} "
+          f"(of {e['tiles']} tiles)")  # fmt: skip
+    if not args.no_unrelated:
+        found = unrelated(manifest)
+        for name, ok, agreement, reason in found:
+            print(f"unrelated {name}: {'ACCEPTED' if ok else 'refused'} (agreement "
+                  f"{agreement:.3f}) {reason}")  # fmt: skip
+        print(f"unrelated pairs refused {sum(not f[1] for f in found)} of {len(found)}")
 
 
 if __name__ == "__main__":

@@ -1,85 +1,101 @@
-"""Train on IHC-derived labels only, score held-out H&E slides against their ground truth.
+"""Train on IHC-derived labels only; score labels and the model against region truth.
 
-    python scripts/eval_ihc_train.py [--out eval_ihc_train] [--slides 8] [--size 3072]
+    cscvision synth --out T --slides 4 --patients 4 --size 4096 --seed 7 --ihc realistic
+    cscvision synth --out H --slides 2 --patients 2 --size 6144 --seed 2024 --ihc realistic
+    python scripts/eval_ihc_train.py T H [--out eval_ihc_train] [--epochs 8]
 
-Synthetic cohort with paired IHC (`cscvision synth --ihc`) -> `cscvision labels ihc` ->
-`cscvision train` with configs/cpu_demo.yaml (no annotation is read) -> predictions on
-fresh synthetic H&E slides -> tile AUROC per target against their ground-truth masks
-(a tile is positive when ≥ half its tissue is in the target). Synthetic data only.
+Both folders are cohorts in the layout ``scripts/eval_ihc.py`` reads (``ihc_manifest.csv``
+and a ``<ihc>_pointmap.npz`` beside every IHC slide: :mod:`cscvision.synth.ihc_truth`).
+``cscvision labels ihc`` (every setting at its default) labels T; the label tables are
+scored against T's region truth (tile AUROC, excluded tiles against the truth); then
+``cscvision train`` with ``configs/cpu_demo.yaml`` learns from them alone (no annotation
+is read; 3/4 of T's patients train, 1/4 validate) and the model is scored on H's H&E
+slides, which it never saw, against their region truth (tile AUROC per target).
+Synthetic data only, unless you bring yours.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_ihc import BITS, pointmap_path, score_labels
+
 from cscvision.cli import main as cli
-from cscvision.synth import write_cohort
+from cscvision.cli.labels_ihc import read_manifest
+from cscvision.synth.ihc_truth import read_point_map
 
 ROOT = Path(__file__).resolve().parents[1]
-BITS = {"stemness": 8, "immunosuppressive": 16}
 
 
-def tile_truth(labels: np.ndarray, xy: np.ndarray, tile_l0: float, label_px: float, bit: int):
-    out = np.zeros(len(xy), bool)
-    for i, (x, y) in enumerate(xy):
-        win = labels[int(y // label_px) : int((y + tile_l0) // label_px),
-                     int(x // label_px) : int((x + tile_l0) // label_px)]  # fmt: skip
-        tissue = (win & 1) > 0
-        out[i] = tissue.any() and ((win & bit) > 0)[tissue].mean() >= 0.5
+def tile_region_truth(pm: dict, xy_l0: np.ndarray, tile_l0: float, bit: int) -> np.ndarray:
+    """A tile is positive when ≥ half of its tissue points lie in the target's regions."""
+    step_px = float(pm["step_um"]) / float(pm["he_mpp"])
+    out = np.zeros(len(xy_l0), bool)
+    for i, (x, y) in enumerate(xy_l0):
+        rs = slice(int(y / step_px), int((y + tile_l0) / step_px))
+        cs = slice(int(x / step_px), int((x + tile_l0) / step_px))
+        tissue = pm["he_tissue"][rs, cs] > 0
+        out[i] = tissue.any() and ((pm["region"][rs, cs] & bit) > 0)[tissue].mean() >= 0.5
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("train_cohort", type=Path)
+    ap.add_argument("heldout_cohort", type=Path)
     ap.add_argument("--out", type=Path, default=Path("eval_ihc_train"))
-    ap.add_argument("--slides", type=int, default=8)
-    ap.add_argument("--size", type=int, default=3072)
+    ap.add_argument("--epochs", type=int, default=8)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    cohort = args.out / "cohort"
-    if not (cohort / "ihc_manifest.csv").exists():
-        write_cohort(cohort, n_slides=args.slides, n_patients=args.slides, size_px=args.size,
-                     seed=21, ihc_markers=("CD44", "FOXP3"), progress=True)  # fmt: skip
     labels = args.out / "labels"
-    cli(["labels", "ihc", str(cohort / "ihc_manifest.csv"), "--markers",
-         str(ROOT / "configs" / "ihc_markers.yaml"), "--out", str(labels)])  # fmt: skip
+    markers = ROOT / "configs" / "ihc_markers.yaml"
+    cli(["labels", "ihc", str(args.train_cohort / "ihc_manifest.csv"), "--markers",
+         str(markers), "--out", str(labels), "--overwrite"])  # fmt: skip
+    lab = score_labels(read_manifest(args.train_cohort / "ihc_manifest.csv"), labels, 0.6)
     from cscvision.training.config import load_config
     from cscvision.training.train import train
 
     cfg = load_config(ROOT / "configs" / "cpu_demo.yaml", [
         f"cohort.csv={labels / 'cohort.csv'}", "cohort.split_fractions=[0.75, 0.25, 0.0]",
         f"run_dir={args.out / 'run'}", f"export_dir={args.out / 'model'}",
-        "name=ihc_labels", "card.trained_on=synthetic slides labelled from synthetic IHC only",
+        f"trainer.max_epochs={args.epochs}", "name=ihc_labels",
+        "card.trained_on=synthetic slides labelled from synthetic IHC only",
     ])  # fmt: skip
     result = train(cfg)
-    held = args.out / "heldout"
-    if not (held / "cohort.csv").exists():
-        write_cohort(held, n_slides=2, n_patients=2, size_px=4096, seed=99, progress=True)
     from cscvision.inference.predict import predict_slide
     from cscvision.training.export import load_model
 
     model = load_model(result.model_dir)
     ys = {t: [] for t in BITS}
     ps = {t: [] for t in BITS}
-    for slide in sorted(held.glob("SYN-*.tiff")):
-        pred = predict_slide(slide, model)
-        mask = np.asarray(Image.open(slide.with_name(slide.stem + "_labels.png")))
+    held = read_manifest(args.heldout_cohort / "ihc_manifest.csv")
+    for entry in held.values():
+        pm = read_point_map(pointmap_path(entry["pairs"][0][1]))
+        pred = predict_slide(entry["slide_path"], model)
         for j, target in enumerate(pred.targets):
-            gt = tile_truth(mask, pred.grid.xy_l0, pred.grid.plan.tile_l0, 16, BITS[target])
-            ys[target].append(gt)
+            ys[target].append(tile_region_truth(pm, pred.grid.xy_l0, pred.grid.plan.tile_l0,
+                                                BITS[target]))  # fmt: skip
             ps[target].append(pred.probs[:, j])
-    print(f"\ntrained on IHC-derived labels of {args.slides} synthetic slides; "
-          f"{time.perf_counter() - t0:.0f} s in all")  # fmt: skip
+    print(f"\nlabels of {len(read_manifest(args.train_cohort / 'ihc_manifest.csv'))} slides, "
+          f"training and scoring took {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    for t, (auc, pos, n) in lab["auroc"].items():
+        print(f"IHC-derived {t} labels: tile AUROC {auc:.3f} vs region truth ({pos} positive "
+              f"of {n} valid tiles)")  # fmt: skip
+    e = lab["excluded"]
+    print(f"excluded tiles: tool {e['tool']}, truth {e['truth']}, both {e['both']} "
+          f"(of {e['tiles']} tiles)")  # fmt: skip
     for target in BITS:
         y, p = np.concatenate(ys[target]), np.concatenate(ps[target])
-        print(f"held-out H&E tile AUROC vs ground truth, {target}: {roc_auc_score(y, p):.3f} "
-              f"({y.sum()} positive of {len(y)} tiles, 2 unseen slides)")  # fmt: skip
+        print(f"model trained on IHC labels, held-out H&E tile AUROC {target}: "
+              f"{roc_auc_score(y, p):.3f} ({y.sum()} positive of {len(y)} tiles, "
+              f"{len(held)} unseen slides)")  # fmt: skip
 
 
 if __name__ == "__main__":

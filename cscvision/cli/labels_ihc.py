@@ -18,11 +18,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ihc",
         help="register IHC slides to their H&E slides and turn DAB into tile targets",
         description=(
-            "MANIFEST.csv: slide_id,patient_id,slide_path,ihc_path,marker (one row per IHC "
-            "slide; several per H&E slide for several markers; paths relative to the CSV). "
+            "MANIFEST.csv: slide_id,patient_id,slide_path,ihc_path,marker[,split] (one row per "
+            "IHC slide; several per H&E slide for several markers; paths relative to the CSV). "
             "Writes per slide <slide_id>.labels.csv/.labels.json (tile-label table), "
             "<slide_id>.ihc.geojson (QuPath, positive regions), registration/ JSON + QC PNG; "
-            "and cohort.csv (label_path column) that `cscvision train` reads as is."
+            "qc/<marker>_density.png/.csv (densities and the marker's threshold); and "
+            "cohort.csv (label_path column, split kept) that `cscvision train` reads as is."
         ),
     )
     parser.add_argument("manifest", type=Path, help="CSV: " + ",".join(MANIFEST_COLUMNS))
@@ -64,6 +65,8 @@ def read_manifest(path: Path) -> dict[str, dict]:
                 raise ValueError(f"{path}: line {line}: {k} {p} not found")
         entry = slides[row["slide_id"].strip()]
         entry.update(patient_id=row["patient_id"].strip(), slide_path=paths["slide_path"])
+        if (row.get("split") or "").strip():
+            entry["split"] = row["split"].strip()
         entry["pairs"].append((row["marker"].strip(), paths["ihc_path"]))
     return dict(slides)
 
@@ -82,12 +85,25 @@ def _write_slide(out: Path, slide_id: str, result) -> Path | None:
     return write_label_table(table_path(out, slide_id), result.table)
 
 
+def _write_threshold_qc(out: Path, measures, cfg, spec, thresholds) -> None:
+    from cscvision.core.io import write_csv, write_png
+    from cscvision.labels.ihc_threshold import histogram, histogram_png, pooled
+
+    for name, thr in thresholds.items():
+        x = pooled([m.densities(name, spec, cfg.map_mpp) for m in measures])
+        counts, edges = histogram(x, thr.value)
+        title = f"{name}: {len(x)} cells"
+        picture = histogram_png(counts, edges, thr.value, title)
+        write_png(out / "qc" / f"{name}_density.png", picture)
+        bins = zip(edges[:-1], edges[1:], counts, strict=True)
+        rows = [(f"{a:.4f}", f"{b:.4f}", int(c)) for a, b, c in bins]
+        write_csv(out / "qc" / f"{name}_density.csv", ("density_from", "density_to", "cells"), rows)
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from cscvision.core.io import write_csv
     from cscvision.labels.ihc import marker_config
-    from cscvision.labels.ihc_labels import ihc_labels
     from cscvision.labels.table import table_path
     from cscvision.slides.grid import GridSpec
 
@@ -100,39 +116,85 @@ def run(args: argparse.Namespace) -> int:
         print(f"cscvision labels ihc: {e}", file=sys.stderr)
         return 2
     spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
-    params = registration_params(args)
-    t0, rows, errors, counts = time.perf_counter(), [], [], defaultdict(int)
+    t0, errors = time.perf_counter(), []
+    todo = {k: v for k, v in slides.items()
+            if args.overwrite or not table_path(args.out, k).exists()}  # fmt: skip
+    counts, warned = _label_all(args, todo, cfg, spec, errors)
+    rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
+             v.get("split", "")) for k, v in slides.items()
+            if table_path(args.out, k).exists()]  # fmt: skip
+    return _summary(args, slides, rows, errors, counts, warned, t0)
+
+
+def _label_all(args, todo: dict, cfg, spec, errors: list):
+    """Measure every slide, choose the thresholds from all of them, then write the tables."""
     from tqdm import tqdm
 
-    for slide_id, entry in tqdm(slides.items(), desc="slides", unit="slide"):
-        path = table_path(args.out, slide_id)
-        if not (path.exists() and not args.overwrite):
-            try:
-                result = ihc_labels(
-                    slide_id, entry["slide_path"], entry["pairs"], cfg, spec, params,
-                    slide_mpp=args.slide_mpp,
-                )  # fmt: skip
-            except Exception as e:  # one bad slide must not stop the batch
-                errors.append((slide_id, f"{type(e).__name__}: {e}"))
-                continue
-            if _write_slide(args.out, slide_id, result) is None:
-                errors.append((slide_id, result.reason))
-                continue
-            for k, v in result.counts.items():
-                counts[k] += v
-        rows.append((slide_id, entry["patient_id"], str(entry["slide_path"]), path.name))
-    header = ("slide_id", "patient_id", "slide_path", "label_path")
+    from cscvision.labels.ihc_labels import (
+        label_slide,
+        measure_slide,
+        slide_thresholds,
+        thresholds_for,
+    )
+    from cscvision.labels.ihc_threshold import positive_share_warning
+
+    params = registration_params(args)
+    measures = []
+    for slide_id, entry in tqdm(todo.items(), desc="registering", unit="slide"):
+        try:
+            measures.append(measure_slide(slide_id, entry["slide_path"], entry["pairs"], cfg,
+                                          spec, params, slide_mpp=args.slide_mpp))  # fmt: skip
+        except Exception as e:  # one bad slide must not stop the batch
+            errors.append((slide_id, f"{type(e).__name__}: {e}"))
+    thresholds = thresholds_for(measures, cfg, spec) if measures else {}
+    if measures:
+        _write_threshold_qc(args.out, measures, cfg, spec, thresholds)
+    counts, positive, tiles = defaultdict(int), defaultdict(float), defaultdict(int)
+    slide_warnings = []
+    for measure in measures:
+        own = slide_thresholds(measure, thresholds, cfg, spec)
+        result = label_slide(measure, cfg, spec, own)
+        written = _write_slide(args.out, measure.slide_id, result)
+        if result.reason:
+            errors.append((measure.slide_id, result.reason))
+        if written is None:
+            continue
+        for k, v in result.counts.items():
+            counts[k] += v
+        for name, share in result.positive_share.items():
+            n = int(result.counts.get("valid", 0))
+            line = positive_share_warning(name, share, n) if share == share else None
+            if line:
+                slide_warnings.append(f"{measure.slide_id}: {line}")
+            positive[name] += share * n if share == share else 0.0
+            tiles[name] += n
+    warned = [w for name in tiles if (w := positive_share_warning(
+        name, positive[name] / max(tiles[name], 1), tiles[name]))] + slide_warnings  # fmt: skip
+    counts["thresholds"] = {k: round(v.value, 4) for k, v in thresholds.items()}
+    return counts, warned
+
+
+def _summary(args, slides, rows, errors, counts, warned, t0) -> int:
+    from cscvision.core.io import write_csv
+
+    header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
+    if not any(r[4] for r in rows):
+        header, rows = header[:4], [r[:4] for r in rows]
     cohort = write_csv(args.out / "cohort.csv", header, rows)
     errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
+    thresholds = ", ".join(f"{k} {v}" for k, v in counts.get("thresholds", {}).items())
     print(
         f"labelled {len(rows)} of {len(slides)} slides in {time.perf_counter() - t0:.0f} s "
         f"(tiles: {counts['valid']} valid, {counts['excluded']} excluded as uncertain)\n"
+        f"  density thresholds  {thresholds or '-'}  (QC: {args.out}/qc/<marker>_density.png)\n"
         f"  tables    {args.out}/<slide_id>.labels.csv (+ .labels.json)\n"
         f"  QuPath    {args.out}/<slide_id>.ihc.geojson\n"
         f"  QC        {args.out}/registration/<slide_id>_<marker>_qc.png\n"
         f"  cohort    {cohort}  (cscvision train cohort.csv={cohort})\n"
-        f"  errors    {errors_path} ({len(errors)} slide(s) not labelled)"
+        f"  errors    {errors_path} ({len(errors)} slide(s) with a refused or failed marker)"
     )
+    for line in warned:
+        print(f"  WARNING: {line}", file=sys.stderr)
     for slide_id, reason in errors:
-        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+        print(f"  not labelled (all or part): {slide_id}: {reason}", file=sys.stderr)
     return 1 if errors else 0

@@ -60,9 +60,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, help="slides written in parallel")
     parser.add_argument(
         "--ihc",
-        action="store_true",
-        help="add paired IHC slides (<id>_CD44.tiff membranous, <id>_FOXP3.tiff nuclear DAB) "
-        "and ihc_manifest.csv for `cscvision labels ihc`",
+        nargs="?",
+        const="mild",
+        choices=("mild", "realistic"),
+        default=None,
+        help="add paired IHC slides (<id>_CD44.tiff membranous, <id>_FOXP3.tiff nuclear DAB), "
+        "their truth (<id>_<marker>_truth.json, _pointmap.npz) and ihc_manifest.csv for "
+        "`cscvision labels ihc`; 'realistic': another scanner (0.2527 µm/px, tinted glass), "
+        "scale ±3 %%, a 20-40 µm elastic warp, a fold, an air bubble, more missing tissue "
+        "and 10-20 %% of unmarked cells stained for CD44",
+    )
+    parser.add_argument(
+        "--ihc-warp-um",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="sd of the IHC elastic warp, drawn per pair in [LO, HI] µm (default 4 4 for "
+        "--ihc, 20 40 for --ihc realistic)",
     )
     parser.add_argument(
         "--slide-labels",
@@ -119,9 +134,22 @@ def _check(args: argparse.Namespace) -> str | None:
     lo, hi = args.region_share
     if not 0 <= lo <= hi <= 0.8:
         return f"--region-share {lo:g} {hi:g}: use 0 <= LO <= HI <= 0.8"
+    if args.ihc_warp_um and not 0 <= args.ihc_warp_um[0] <= args.ihc_warp_um[1]:
+        return f"--ihc-warp-um {args.ihc_warp_um}: use 0 <= LO <= HI"
     if not 0 <= args.label_noise < 1:
         return f"--label-noise {args.label_noise:g}: use a standard deviation in [0, 1)"
     return None
+
+
+def _ihc_options(args: argparse.Namespace):
+    import dataclasses
+
+    from cscvision.synth.ihc import REALISTIC, IhcOptions
+
+    options = REALISTIC if args.ihc == "realistic" else IhcOptions()
+    if args.ihc_warp_um:
+        options = dataclasses.replace(options, warp_um=tuple(args.ihc_warp_um))
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             visium=args.visium,
             visium_layout=args.visium_layout,
             ihc_markers=("CD44", "FOXP3") if args.ihc else (),
+            ihc_options=_ihc_options(args),
             region_share=tuple(args.region_share),
             infiltration=args.infiltration,
         )

@@ -3,11 +3,14 @@
 Per IHC slide: haematoxylin/DAB stain vectors (Macenko on the slide's own pixels, or fixed),
 a DAB optical-density threshold (Otsu on the slide's DAB channel, or fixed), then, tile by
 tile at the marker's µm/px, the fraction of tissue pixels that are DAB-positive, kept as
-two small maps (tissue and positive pixels per map cell). Through the registration the
-maps are sampled in the H&E frame; positive regions are where the smoothed positive
-density reaches the marker's ``min_density``; a tile's value is the fraction of its H&E
-tissue inside positive regions. Tiles whose H&E tissue mostly falls off the IHC tissue
-(tears, missing pieces, edges) are marked invalid and counted.
+two small maps (tissue and positive pixels per map cell). Optical densities are taken
+against the slide's own glass (its white point, from its background), so a tinted glass
+is not tissue. Through the registration the maps are sampled in the H&E frame; positive
+regions are where the smoothed positive density reaches the marker's threshold
+(``min_density``, or from the cohort's densities: :mod:`cscvision.labels.ihc_threshold`);
+a tile's value is the fraction of its H&E tissue inside positive regions. Tiles whose H&E
+tissue mostly falls off the IHC tissue (tears, missing pieces, edges) are marked invalid
+and counted.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, filters
 
-from cscvision.labels.registration import Registration
+from cscvision.labels.registration import Registration, glass_white
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.slides.slide import Slide, plan_read
 
 COMBINE = ("max", "mean", "min")  # any marker, the average, all markers
-OD_TISSUE = 0.05  # summed optical density under which an IHC pixel is glass (pale IHC stroma
-# reaches 0.06-0.1; glass, JPEG noise included, stays under 0.025)
+OD_TISSUE = 0.05  # summed optical density over the slide's own glass under which an IHC pixel
+# is glass (pale IHC stroma reaches 0.06-0.1; glass, JPEG noise included, stays under 0.025)
 FIXED_HD = (color.hed_from_rgb, "skimage rgb2hed (Ruifrok & Johnston)")
 
 
@@ -34,7 +37,8 @@ class Marker:
     name: str
     target: str
     mpp: float = 1.0  # µm/px at which DAB is thresholded (nuclear stains want ≤ 1)
-    min_density: float = 0.05  # positive pixel fraction that makes a region positive
+    min_density: float | None = None  # positive pixel fraction that makes a region positive
+    # (None: chosen from the cohort's densities, cscvision.labels.ihc_threshold)
     smooth_um: float = 12.0  # scale over which the density is taken
 
 
@@ -107,15 +111,19 @@ def marker_config(d: Mapping, source: str = "marker config") -> MarkerConfig:
 # --- stains -------------------------------------------------------------------------------
 
 
-def od(rgb: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(rgb.astype(np.float32), 1, 255) / 255.0)
+def od(rgb: np.ndarray, white: Sequence[float] | None = None) -> np.ndarray:
+    """Optical density per channel against ``white`` (the glass RGB; default 255)."""
+    ref = np.asarray(white if white is not None else (255.0,) * 3, np.float32)
+    return np.maximum(-np.log(np.clip(rgb.astype(np.float32), 1, 255) / ref), 0.0)
 
 
-def macenko_vectors(rgb_pixels: np.ndarray, beta: float = 0.15, alpha: float = 1.0) -> np.ndarray:
+def macenko_vectors(
+    rgb_pixels: np.ndarray, beta: float = 0.15, alpha: float = 1.0, white=None
+) -> np.ndarray:
     """Haematoxylin and DAB OD vectors (rows, unit length) by Macenko's method: the plane of
     the two largest principal directions of the tissue ODs, and its robust extreme angles.
     The vector with the larger blue share is DAB. Raises ValueError when too few pixels."""
-    x = od(rgb_pixels.reshape(-1, 3))
+    x = od(rgb_pixels.reshape(-1, 3), white)
     x = x[(x > beta).all(axis=1)]
     if len(x) < 100:
         raise ValueError("too few stained pixels for Macenko stain vectors")
@@ -143,9 +151,11 @@ def deconvolution_matrix(vectors: np.ndarray | None) -> np.ndarray:
     return np.linalg.inv(np.stack([h, dab, residual]))
 
 
-def dab_channel(rgb: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """DAB concentration (OD units) and a tissue mask per pixel."""
-    x = od(rgb)
+def dab_channel(
+    rgb: np.ndarray, matrix: np.ndarray, white: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """DAB concentration (OD units) and a tissue mask per pixel, against ``white``."""
+    x = od(rgb, white)
     conc = x.reshape(-1, 3) @ matrix
     return conc[:, 1].reshape(rgb.shape[:2]), x.sum(axis=-1) > OD_TISSUE
 
@@ -165,7 +175,7 @@ def _tiles(slide: Slide, mpp: float, tile_px: int = 512):
 def stain_setup(slide: Slide, cfg: MarkerConfig, marker: Marker) -> dict:
     """Stain matrix and DAB threshold of one IHC slide, from a sample of its tissue tiles."""
     thumb, mask = detect_tissue(slide, 8.0)
-    del thumb
+    white, white_how = glass_white(thumb)
     rng = np.random.default_rng(0)
     tiles = list(_tiles(slide, marker.mpp))
     scale = mask.shape[1] / slide.info.dimensions[0]
@@ -177,11 +187,11 @@ def stain_setup(slide: Slide, cfg: MarkerConfig, marker: Marker) -> dict:
     vectors, how = None, FIXED_HD[1]
     if cfg.stain_vectors == "macenko":
         try:
-            vectors, how = macenko_vectors(pixels), "macenko"
+            vectors, how = macenko_vectors(pixels, white=white), "macenko"
         except ValueError as e:
             how = f"fixed ({e})"
     matrix = deconvolution_matrix(vectors)
-    dab, tissue = dab_channel(pixels.reshape(-1, 1, 3), matrix)
+    dab, tissue = dab_channel(pixels.reshape(-1, 1, 3), matrix, white)
     if cfg.dab_threshold is not None:
         threshold, thr_how = float(cfg.dab_threshold), "config"
     else:
@@ -194,6 +204,8 @@ def stain_setup(slide: Slide, cfg: MarkerConfig, marker: Marker) -> dict:
         "vectors_from": how,
         "dab_threshold": round(threshold, 4),
         "threshold_from": thr_how,
+        "white": list(white),
+        "white_from": white_how,
     }
 
 
@@ -208,7 +220,7 @@ def positivity_maps(
     counts = np.zeros(maps.shape[1:], np.float64)
     for xy, plan in _tiles(slide, marker.mpp):
         rgb = slide.read_tile(xy, plan)
-        dab, tissue = dab_channel(rgb, setup["matrix"])
+        dab, tissue = dab_channel(rgb, setup["matrix"], setup.get("white"))
         pos = tissue & (dab > setup["dab_threshold"])
         per_cell = plan.tile_px / (plan.tile_l0 / cell_l0)  # marker pixels per map cell
         rr, cc = np.mgrid[0 : plan.tile_px, 0 : plan.tile_px]
@@ -234,8 +246,9 @@ def n_ihc_tiles(slide: Slide, marker: Marker) -> int:
 def he_frame_maps(
     maps: np.ndarray, reg: Registration, he_dims: tuple[int, int], map_mpp: float, marker: Marker
 ) -> dict[str, np.ndarray]:
-    """IHC tissue, raw positive fraction and positive regions sampled on an H&E-frame raster
-    of ``map_mpp`` (cell (r, c) centred at ((c + .5) * map_mpp, (r + .5) * map_mpp) µm)."""
+    """IHC tissue, raw positive fraction and the positive density (smoothed over
+    ``marker.smooth_um``) sampled on an H&E-frame raster of ``map_mpp`` (cell (r, c) centred
+    at ((c + .5) * map_mpp, (r + .5) * map_mpp) µm)."""
     cols = int(np.ceil(he_dims[0] * reg.fixed_mpp / map_mpp))
     rows = int(np.ceil(he_dims[1] * reg.fixed_mpp / map_mpp))
     rr, cc = np.mgrid[0:rows, 0:cols]
@@ -248,8 +261,12 @@ def he_frame_maps(
     tissue, pos = sample
     sigma = marker.smooth_um / map_mpp
     density = ndimage.gaussian_filter(pos, sigma) / (ndimage.gaussian_filter(tissue, sigma) + 1e-6)
-    region = (density >= marker.min_density) & (tissue > 0.5)
-    return {"tissue": tissue, "positive": pos, "region": region}
+    return {"tissue": tissue, "positive": pos, "density": density.astype(np.float32)}
+
+
+def positive_regions(frame: dict[str, np.ndarray], threshold: float) -> np.ndarray:
+    """Cells of an H&E-frame map whose density reaches ``threshold``, on IHC tissue."""
+    return (frame["density"] >= threshold) & (frame["tissue"] > 0.5)
 
 
 def tile_values(
@@ -276,7 +293,7 @@ def tile_values(
 
     he = look(he_mask, he_mask_mpp).astype(np.float64)
     on_ihc = he * (look(frame["tissue"], map_mpp) > 0.5)
-    region = on_ihc * look(frame["region"], map_mpp)
+    region = on_ihc * look(frame["region"], map_mpp)  # frame["region"]: positive_regions()
     pos = on_ihc * look(frame["positive"], map_mpp)
     tis = on_ihc * look(frame["tissue"], map_mpp)
     n_he, n_on = he.sum(axis=1), on_ihc.sum(axis=1)

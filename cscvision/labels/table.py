@@ -5,7 +5,10 @@ column per target (a soft fraction in [0, 1] or a continuous score; empty = unkn
 optional ``weight`` (≥ 0: each tile's share of the training loss, 1 if absent) and
 ``valid`` (0/1; 0 = excluded, counted but not trained on). The
 sidecar ``<slide_id>.labels.json`` says the tile px and µm/px the tiles are defined at,
-the source ("annotations", "ihc", "st", ...) and how the table was made (provenance).
+the source ("annotations", "ihc", "st", ...) and how the table was made (provenance);
+``label_targets`` (optional) names the columns that are training targets, when the table
+also holds measurements (``<marker>_positive`` of an IHC table): ``train`` takes those by
+default, other columns only when the config's ``targets`` asks for them.
 """
 
 from __future__ import annotations
@@ -41,9 +44,13 @@ class LabelTable:
     weight: np.ndarray | None = None  # float32[N] sample weights
     valid: np.ndarray | None = None  # bool[N]; False = excluded (counted, not trained on)
     provenance: dict = field(default_factory=dict)  # how it was made (inputs, parameters)
+    label_targets: tuple[str, ...] | None = None  # the training targets among ``targets``
 
     def __post_init__(self) -> None:
         n = len(self.xy_l0)
+        if self.label_targets is not None and not set(self.label_targets) <= set(self.targets):
+            extra = sorted(set(self.label_targets) - set(self.targets))
+            raise ValueError(f"{self.slide_id}: label_targets {extra} are not columns")
         if np.shape(self.xy_l0) != (n, 2):
             raise ValueError(f"{self.slide_id}: xy_l0 must be [N, 2], got {np.shape(self.xy_l0)}")
         if np.shape(self.values) != (n, len(self.targets)):
@@ -65,6 +72,13 @@ class LabelTable:
     @property
     def n_valid(self) -> int:
         return len(self) if self.valid is None else int(np.count_nonzero(self.valid))
+
+
+def declared_targets(sidecar: dict) -> list[str]:
+    """The columns a table's sidecar offers for training: ``label_targets`` when it declares
+    them, else every target column."""
+    declared = sidecar.get("label_targets")
+    return [str(t) for t in (declared if declared else sidecar["targets"])]
 
 
 def table_path(folder: str | Path, slide_id: str) -> Path:
@@ -124,6 +138,7 @@ def write_label_table(path: str | Path, table: LabelTable) -> Path:
         {
             "slide_id": table.slide_id,
             "targets": list(table.targets),
+            **({"label_targets": list(table.label_targets)} if table.label_targets else {}),
             "tile_px": int(table.tile_px),
             "mpp": float(table.mpp),
             "source": table.source,
@@ -238,4 +253,5 @@ def read_label_table(path: str | Path) -> LabelTable:
         weight=None if weight is None else weight.astype(np.float32),
         valid=None if valid is None else valid.astype(bool),
         provenance=dict(meta.get("provenance") or {}),
+        label_targets=tuple(declared_targets(meta)) if meta.get("label_targets") else None,
     )

@@ -19,7 +19,7 @@ from cscvision.synth.cells import (
     draw_infiltration,
     write_slide_cells,
 )
-from cscvision.synth.ihc import write_ihc_slide
+from cscvision.synth.ihc import IhcOptions, write_ihc_slide
 from cscvision.synth.layout import REGION_CLASSES, REGION_SHARE, SlideLayout, make_layout
 from cscvision.synth.pyramid import LEVEL_FACTOR, PyramidSpec, write_pyramid
 from cscvision.synth.render import SlideRenderer
@@ -105,12 +105,14 @@ def write_slide(
     region_share: tuple[float, float] = REGION_SHARE,
     visium_layout: str = "2.0",
     infiltration: Infiltration | None = None,
+    ihc_options: IhcOptions | None = None,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
     ``lab`` is the stain profile of the lab batch (shared by a patient's slides); without it
     one is drawn from ``seed``. The same arguments write the same bytes. Each of
-    ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc);
+    ``ihc_markers`` adds a paired IHC slide ``<id>_<marker>.tiff`` (see cscvision.synth.ihc;
+    ``ihc_options`` how far it departs from the H&E section);
     ``visium`` adds ``<slide_id>_visium/outs/`` (Space Ranger layout ``visium_layout``,
     "2.0" or "1.x": cscvision.synth.visium).
     Every slide gets its cell table ``<slide_id>.cells.parquet`` and per-tile density truth
@@ -147,7 +149,7 @@ def write_slide(
         ihc_path = path.with_name(f"{slide_id}_{marker}{SLIDE_SUFFIX}")
         write_ihc_slide(ihc_path, he_id=slide_id, layout=layout, he_renderer=renderer,
                         marker=marker, seed=seed + 101 * (k + 1), lab=lab, tile_px=tile_px,
-                        quality=quality)  # fmt: skip
+                        quality=quality, options=ihc_options)  # fmt: skip
     if visium:
         write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed,
                      levels=levels, spec=VisiumSpec(layout=visium_layout))  # fmt: skip
@@ -269,6 +271,7 @@ def write_cohort(
     region_share: tuple[float, float] = REGION_SHARE,
     visium_layout: str = "2.0",
     infiltration: bool | str = False,
+    ihc_options: IhcOptions | None = None,
 ) -> Path:
     """Write a synthetic cohort with its ground truth: slides, annotations and ``cohort.csv``.
 
@@ -294,6 +297,9 @@ def write_cohort(
         Show progress bars (slides, and rows of tiles within a slide).
     ihc_markers
         Add paired IHC slides of these markers and ``ihc_manifest.csv``.
+    ihc_options
+        How far the IHC sections depart from the H&E (``synth.ihc.IhcOptions``: the mild
+        default, or the realistic preset of ``synth --ihc realistic``).
     visium
         Add a synthetic Space Ranger folder per slide and an ``st_path`` column.
     visium_layout
@@ -331,7 +337,7 @@ def write_cohort(
     kwargs["artefact_rate"], kwargs["visium"] = artefact_rate, visium
     if visium:
         kwargs["visium_layout"] = VisiumSpec(layout=visium_layout).layout  # checked up front
-    kwargs["ihc_markers"] = tuple(ihc_markers)
+    kwargs["ihc_markers"], kwargs["ihc_options"] = tuple(ihc_markers), ihc_options
     kwargs["region_share"] = tuple(region_share)
     kwargs["infiltration"] = (
         ("uniform" if infiltration is True else str(infiltration)) if infiltration else None

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cscvision.labels.cohort import CohortEntry
-from cscvision.labels.table import sidecar_path
+from cscvision.labels.table import declared_targets, sidecar_path
 from cscvision.training.tilecache import DataError
 
 
@@ -20,8 +20,9 @@ def cohort_targets(
 ) -> tuple[str, ...] | None:
     """The targets to train on when the cohort has tile-label tables, else None.
 
-    ``requested`` (config ``targets``) picks columns; by default the first table's targets.
-    Every table must hold them.
+    ``requested`` (config ``targets``) picks columns; by default the first table's declared
+    training targets (its sidecar's ``label_targets``, else all its columns). Every table
+    must hold them.
     """
     tables = [e for e in entries if e.label_path is not None]
     if not tables:
@@ -32,15 +33,16 @@ def cohort_targets(
             f"slide {plain!r} has no label_path while others do; give every slide of the "
             "cohort a tile-label table, or none"
         )
-    found = {}
+    found, declared = {}, {}
     for e in tables:
         try:
-            found[e.slide_id] = json.loads(sidecar_path(e.label_path).read_text())["targets"]
+            meta = json.loads(sidecar_path(e.label_path).read_text())
+            found[e.slide_id], declared[e.slide_id] = meta["targets"], declared_targets(meta)
         except (OSError, KeyError, ValueError) as err:
             raise DataError(
                 f"{sidecar_path(e.label_path)}: cannot read its targets ({err})"
             ) from None
-    targets = tuple(requested) if requested else tuple(found[tables[0].slide_id])
+    targets = tuple(requested) if requested else tuple(declared[tables[0].slide_id])
     for e in tables:
         missing = [t for t in targets if t not in found[e.slide_id]]
         if missing:

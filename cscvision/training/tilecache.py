@@ -347,6 +347,15 @@ def require_positives(
     if not empty:
         return
     ids = {t.slide_id for t in train}
+    tables = [e for e in entries if e.slide_id in ids and e.label_path is not None]
+    if tables:
+        raise DataError(
+            f"target(s) {empty} have no positive training tile (value ≥ 0.5) in the tile-label "
+            f"tables of the {len(train)} training slides (e.g. {tables[0].label_path}), so a "
+            "model could not learn them. Check how the tables were made (for IHC tables: the "
+            "marker's threshold in the sidecar and qc/<marker>_density.png), or train on other "
+            "columns (the config's targets)"
+        )
     found: set[str] = set()
     for entry in entries:
         if entry.slide_id in ids and entry.annotation_path is not None:
