@@ -143,39 +143,6 @@ def test_train_takes_the_declared_targets_and_speaks_of_label_tables(tmp_path):
     assert "stemness" in str(e.value) and "Annotation classes" not in str(e.value)
 
 
-@pytest.mark.slow
-def test_the_readme_ihc_commands_run_as_written(tmp_path, monkeypatch):
-    """The README's synthetic IHC path, smaller (4 slides of 1536 px, 1 epoch), in a fresh
-    folder: synth, labels ihc, train."""
-    import shlex
-    from pathlib import Path
-
-    from cscvision.cli import main
-
-    root = Path(__file__).resolve().parents[1]
-    text = (root / "README.md").read_text(encoding="utf-8")
-    block = text[text.index("The whole path on synthetic data") :]
-    block = block[block.index("```bash") + 7 : block.index("```", block.index("```bash") + 7)]
-    lines = [ln for ln in block.strip().splitlines() if ln.startswith("cscvision ")]
-    assert [ln.split()[1] for ln in lines] == ["synth", "labels", "train"]
-    (tmp_path / "configs").symlink_to(root / "configs")
-    monkeypatch.chdir(tmp_path)
-    small = {
-        "--slides 8": "--slides 4",
-        "--patients 8": "--patients 4",
-        "--size 3072": "--size 1536",
-    }
-    for old, new in small.items():
-        assert old in lines[0]
-        lines[0] = lines[0].replace(old, new)
-    lines[2] += " trainer.max_epochs=1 data.max_tiles_per_slide=40"
-    for line in lines:
-        assert main(shlex.split(line)[1:]) == 0, line
-    sidecar = json.loads((tmp_path / "ihc_labels" / "SYN-P001-S01.labels.json").read_text())
-    assert sidecar["label_targets"] == ["stemness", "immunosuppressive"]
-    assert (tmp_path / "ihc_labels" / "qc" / "CD44_density.png").exists()
-
-
 def test_labels_ihc_keeps_the_manifest_split(tmp_path):
     import argparse
     import time
