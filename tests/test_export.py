@@ -30,6 +30,23 @@ def test_round_trip_gives_the_same_network(exported):
     assert loaded.card.targets == ("stemness", "immunosuppressive")
 
 
+def test_the_same_weights_export_to_the_same_bytes(exported, tmp_path):
+    """Exports of one network are byte-identical, so ``weights_sha256`` (which marks outputs
+    complete or stale) does not change when nothing changed. With two safetensors metadata
+    keys the header's order followed a hash map, and 6 exports gave 2 different files."""
+    import hashlib
+
+    folder, net = exported
+    card = read_card(folder)
+    digests = {
+        hashlib.sha256(
+            (export_model(net, card, tmp_path / f"again{i}") / "model.safetensors").read_bytes()
+        ).hexdigest()
+        for i in range(6)
+    }
+    assert len(digests) == 1
+
+
 def test_backbone_that_does_not_match_the_weights(exported):
     folder, _ = exported
     card = json.loads((folder / "model.json").read_text())

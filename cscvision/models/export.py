@@ -5,6 +5,7 @@ Loading never unpickles: weights come from safetensors, everything else from JSO
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,10 @@ def export_model(
     state = net.state_dict() if state is None else state
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"backbone": card.backbone, "name": card.name})
+        # one metadata key: safetensors writes several in hash-map order, so the same
+        # weights gave files (and weights_sha256 digests) that differed from export to export
+        about = json.dumps({"backbone": card.backbone, "name": card.name}, sort_keys=True)
+        save_file(state, str(tmp), metadata={"cscvision": about})
     write_json(out_dir / CARD_FILE, card.to_json())
     return out_dir
 
