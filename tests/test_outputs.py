@@ -299,3 +299,11 @@ def test_model_identity_changes_with_the_card_thresholds(tmp_path):
     card["thresholds"]["stemness"] = 0.7
     (tmp_path / "model.json").write_text(json.dumps(card))
     assert model_identity(load_model(tmp_path)) != before
+
+
+def test_colour_bar_ticks_read_as_numbers_not_exponents():
+    from cscvision.outputs.overlay import tick_label
+
+    assert [tick_label(v) for v in (0.0, 0.25, 1.0, 2500.0, 10000.0)] == [
+        "0", "0.25", "1", "2,500", "10,000"
+    ]  # fmt: skip

@@ -121,6 +121,11 @@ def _region_at(region: np.ndarray, transform, x_l0: np.ndarray, y_l0: np.ndarray
     return looked & ok_r[:, None] & ok_c[None, :]
 
 
+def tick_label(value: float) -> str:
+    """A colour-bar value as a reader writes it: 0.25, 7,500, 10,000 (not 7.5e+03)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
 def _colour_bar(
     draw: ImageDraw.ImageDraw,
     x: int,
@@ -139,7 +144,7 @@ def _colour_bar(
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         ty = y + round((1 - tick) * (height - 1))
         draw.line([(x + BAR_W, ty), (x + BAR_W + 4, ty)], fill=(40, 40, 40))
-        _text(draw, (x + BAR_W + 7, ty), f"{lo + tick * (hi - lo):.3g}", 13, (30, 30, 30),
+        _text(draw, (x + BAR_W + 7, ty), tick_label(lo + tick * (hi - lo)), 13, (30, 30, 30),
               anchor="lm")  # fmt: skip
     if threshold is not None:
         ty = y + round((1 - threshold) * (height - 1))
