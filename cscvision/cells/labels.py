@@ -24,13 +24,14 @@ from cscvision.cells import features as f
 from cscvision.cells.table import CellTable
 from cscvision.cells.tiles import CellFeatureSpec, tile_cell_features
 from cscvision.cells.types import cell_types
+from cscvision.core.errors import CscvisionError
 from cscvision.labels.table import LabelTable
 
 HIGH_SUFFIX = "_high"
 KINDS = ("density", "share", "count")
 
 
-class CellLabelError(ValueError):
+class CellLabelError(CscvisionError, ValueError):
     """A feature name that no cell feature answers."""
 
 

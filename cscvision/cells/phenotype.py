@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from cscvision.cells.compartments import Compartments, compartment_counts
+from cscvision.core.errors import CscvisionError
 from cscvision.core.resources import packaged_dir
 
 CONFIG_NAME = "immune_phenotype.yaml"
@@ -36,7 +37,7 @@ PHENOTYPES = ("inflamed", "excluded", "desert")
 NO_CALL = "none"
 
 
-class PhenotypeError(ValueError):
+class PhenotypeError(CscvisionError, ValueError):
     """A phenotype config or cell source that cannot be used as it is."""
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from cscvision.cells.table import CellTable, make_table, read_cell_table
 from cscvision.cells.types import class_map as load_class_map
 from cscvision.cells.types import map_classes
+from cscvision.core.errors import CscvisionError
 
 TABLE_FORMAT = "table"
 FORMATS = (TABLE_FORMAT, "qupath", "hovernet", "cellvit", "histolytics", "csv")
@@ -64,7 +65,7 @@ PANNUKE_TYPE_INFO = {0: "nolabe", 1: "neopla", 2: "inflam", 3: "connec", 4: "nec
 CHUNK = 1024  # rows held as Python objects before they become numpy columns
 
 
-class CellReadError(ValueError):
+class CellReadError(CscvisionError, ValueError):
     """A detector export that cannot be read (names the file and what to do)."""
 
 

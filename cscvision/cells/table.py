@@ -30,6 +30,7 @@ import numpy as np
 
 from cscvision import __version__
 from cscvision.cells.types import CellTypeError, cell_types
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_json
 
 FORMAT = "cscvision cell table"
@@ -38,7 +39,7 @@ SUFFIX = ".cells.parquet"
 BASE_COLUMNS = ("cell_id", "x", "y", "polygon", "cell_type", "type_prob")
 
 
-class CellTableError(ValueError):
+class CellTableError(CscvisionError, ValueError):
     """A cell table that cannot be read or written as the contract says."""
 
 

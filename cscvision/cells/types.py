@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.resources import packaged_dir
 
 CONFIG_NAME = "cell_types.yaml"
 
 
-class CellTypeError(ValueError):
+class CellTypeError(CscvisionError, ValueError):
     """A class a cell table or a class map names is not in the hierarchy."""
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from cscvision.core.errors import CscvisionError
+
 LOCK_FILE = ".cscvision.lock"
 TABLES_LOCK_FILE = ".cscvision-tables.lock"
 
 
-class SlideBusy(Exception):
+class SlideBusy(CscvisionError):
     """Another run holds the lock of this slide's folder."""
 
 

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path
 from cscvision.models.registry import FEATURES_INSTALL
 
 STORE_SUFFIX = ".h5"
 
 
-class FeatureStoreError(ValueError):
+class FeatureStoreError(CscvisionError, ValueError):
     """A feature store that is missing, unreadable or not what it is asked to be."""
 
 

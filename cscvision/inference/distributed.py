@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.guard import slide_lock
 from cscvision.inference.batch import failure_reason, infer_job
 from cscvision.inference.settings import InferSettings
@@ -40,11 +41,11 @@ RAY_INSTALL = 'pip install "cscvision[ray]"'
 LOCAL = "local"  # --ray without an address: start Ray on this machine
 
 
-class RayUnavailable(RuntimeError):
+class RayUnavailable(CscvisionError, RuntimeError):
     """Ray is not installed."""
 
 
-class DistributedError(RuntimeError):
+class DistributedError(CscvisionError, RuntimeError):
     """The Ray batch cannot start: no cluster, no resources, or workers that fail to start."""
 
 

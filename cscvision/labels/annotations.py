@@ -23,6 +23,7 @@ import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, box, shape
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import read_csv
 from cscvision.labels.regions import Region
 from cscvision.labels.targets import (
@@ -58,7 +59,7 @@ _QUPATH_ID_TYPES = {  # QuPath 0.2 wrote the object type as the feature id
 _ASAP_AREA_TYPES = ("polygon", "rectangle", "spline")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(CscvisionError, ValueError):
     """An annotation or label file that cannot be used as it is."""
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import read_csv, write_csv
 from cscvision.slides.grid import slide_id_of
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 
 
-class CohortError(ValueError):
+class CohortError(CscvisionError, ValueError):
     """A cohort manifest or split file that cannot be used as it is."""
 
 

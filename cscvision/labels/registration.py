@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, filters, measure, transform
 
+from cscvision.core.errors import CscvisionError
 from cscvision.slides.slide import SlideReader
 from cscvision.slides.tissue import optical_density
 
@@ -36,7 +37,7 @@ MIN_TISSUE_OD = 0.08  # summed OD over the glass under which a pixel is glass, w
 MAX_TISSUE_OD = 0.15  # ... and over which it is tissue (pale IHC stroma: 0.1-0.3)
 
 
-class RegistrationError(ValueError):
+class RegistrationError(CscvisionError, ValueError):
     """Two slides could not be registered; the message says why and what to check."""
 
 

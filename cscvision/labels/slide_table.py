@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
+
 TARGET_TYPES = ("regression", "classification")
 TERCILES = ("low", "mid", "high")
 
 
-class SlideLabelError(ValueError):
+class SlideLabelError(CscvisionError, ValueError):
     """A slide-label table or its declaration is wrong; the message names the file/column."""
 
 

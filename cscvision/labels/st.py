@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
+
 POSITION_COLUMNS = (
     "barcode",
     "in_tissue",
@@ -45,7 +47,7 @@ SCALEFACTORS_FILE = "scalefactors_json.json"
 INSTALL_HINT = 'pip install "cscvision[st]"'
 
 
-class STError(ValueError):
+class STError(CscvisionError, ValueError):
     """Spatial transcriptomics input that cannot be used; the message names the file."""
 
 

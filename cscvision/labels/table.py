@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_json
 
 TABLE_SUFFIX = ".labels.csv"
@@ -28,7 +29,7 @@ SIDECAR_SUFFIX = ".labels.json"
 _RESERVED = ("x", "y", "weight", "valid")
 
 
-class LabelTableError(ValueError):
+class LabelTableError(CscvisionError, ValueError):
     """A tile-label table that cannot be read; the message names the file and the fix."""
 
 

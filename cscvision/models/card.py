@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
 from cscvision.core.resources import packaged_dir, packaged_names
 from cscvision.core.validate import describe_error
 from cscvision.models.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -54,7 +55,7 @@ Positive = Annotated[float, Field(gt=0)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class ModelError(Exception):
+class ModelError(CscvisionError):
     """A model folder is missing, malformed, or does not match what is asked of it."""
 
 

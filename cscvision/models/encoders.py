@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cscvision.core.errors import CscvisionError
 from cscvision.models.registry import (
     FEATURES_INSTALL,
     EncoderError,
@@ -32,7 +33,7 @@ _WRAPPERS = ("module.", "model.", "trunk.", "dinov2.")
 _HEADS = ("fc.", "head.", "classifier.")
 
 
-class FeaturesUnavailable(ImportError):
+class FeaturesUnavailable(CscvisionError, ImportError):
     """timm or h5py is missing; the message says how to install them."""
 
 

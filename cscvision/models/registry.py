@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cscvision.core.errors import CscvisionError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES_INSTALL = 'pip install "cscvision[features]"'
@@ -31,7 +33,7 @@ SWIGLU = "timm.layers.SwiGLUPacked"
 SILU = "torch.nn.SiLU"
 
 
-class EncoderError(ValueError):
+class EncoderError(CscvisionError, ValueError):
     """An unknown encoder, or a weights file that does not fit it (the message says which)."""
 
 

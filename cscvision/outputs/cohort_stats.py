@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
 from cscvision.outputs.summary import NULL_STATISTICS, result_row
 
 MIN_PATIENTS = 5
@@ -33,7 +34,7 @@ BOOTSTRAP = 2000
 CI_LEVEL = 0.95
 
 
-class StatsError(ValueError):
+class StatsError(CscvisionError, ValueError):
     """An output folder that holds no statistics to tabulate."""
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.geometry import MapTransform
 from cscvision.outputs.slide_folder import MAPS, SUMMARY, TILES
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-class OutputsError(ValueError):
+class OutputsError(CscvisionError, ValueError):
     """An output folder is missing or not one ``cscvision infer`` wrote."""
 
 

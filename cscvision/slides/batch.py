@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.guard import (
     Interrupted,
     SlideBusy,
@@ -35,7 +36,7 @@ SLIDE_SUFFIXES = (
 PLAIN_IMAGES = (".png", ".jpg", ".jpeg")  # slides only in a folder without whole-slide files
 
 
-class BatchError(Exception):
+class BatchError(CscvisionError):
     """The batch itself cannot start (no inputs, clashing slide ids, bad shard)."""
 
 

@@ -18,6 +18,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
 from cscvision.slides.info import CorruptTileError, SlideInfo
 from cscvision.slides.storedtiles import (
     StoredLevel,
@@ -53,7 +54,7 @@ def _fits(out: np.ndarray, size: tuple[int, int]) -> bool:
     )
 
 
-class StoredTileError(Exception):
+class StoredTileError(CscvisionError):
     """A stored tile's bytes cannot be read or decoded (the message names the tile)."""
 
 

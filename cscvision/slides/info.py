@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cscvision.core.errors import CscvisionError
+
 # A pyramid level whose µm/px lies within this relative distance of the target is read
 # as is (0.499 µm/px counts as 0.5): resizing by 0.2 % only blurs.
 MPP_TOLERANCE = 0.02
@@ -34,7 +36,7 @@ MIN_BYTES_PER_MEGAPIXEL = 1.0
 ON_CORRUPT_TILE = ("fail", "skip")
 
 
-class SlideError(Exception):
+class SlideError(CscvisionError):
     """A slide cannot be used; the message names the file and what to do."""
 
 

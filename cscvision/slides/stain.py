@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
+
 if TYPE_CHECKING:
     import torch
 
@@ -49,7 +51,7 @@ HE_REFERENCE = np.array([[0.5626, 0.7201, 0.4062], [0.2159, 0.8012, 0.5581]])
 HE_REFERENCE_MAX_CONC = np.array([1.9705, 1.0308])
 
 
-class StainError(ValueError):
+class StainError(CscvisionError, ValueError):
     """Pixels a stain model cannot be fitted on; the message says what to give instead."""
 
 

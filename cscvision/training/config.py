@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.resources import packaged_dir, packaged_names
 from cscvision.models.card import IMAGENET_MEAN, IMAGENET_STD
 from cscvision.slides.grid import GridSpec
 
 
-class ConfigError(ValueError):
+class ConfigError(CscvisionError, ValueError):
     """A configuration that does not fit; the message names the key and the valid choices."""
 
 

@@ -31,6 +31,7 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
+from cscvision.core.errors import CscvisionError
 from cscvision.models.backbones import get_model, load_pretrained
 from cscvision.models.card import IMAGENET_MEAN, IMAGENET_STD
 from cscvision.training.augment import augment_batch, augment_preset, normalize, to_unit_float
@@ -407,7 +408,7 @@ class WarmupCosine:
         return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CscvisionError, ValueError):
     """A checkpoint that belongs to a different model than the one configured."""
 
 

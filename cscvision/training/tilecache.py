@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, file_sha256, write_json
 from cscvision.labels.annotations import (
     ClassMap,
@@ -44,7 +45,7 @@ _KEY_FILE = "key.json"
 _LABEL_FILE = "labels.npz"
 
 
-class DataError(ValueError):
+class DataError(CscvisionError, ValueError):
     """Training data that cannot be used; the message names the file and what to do."""
 
 

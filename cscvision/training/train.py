@@ -24,6 +24,7 @@ import lightning as L
 import torch
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import write_json, write_text
 from cscvision.core.palette import target_colors
 from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ConfigError", "TrainConfig", "TrainError", "TrainResult", "load_config", "train"]
 
 
-class TrainError(RuntimeError):
+class TrainError(CscvisionError, RuntimeError):
     """A training run that cannot go on; the message says which file and what to do."""
 
 

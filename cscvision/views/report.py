@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_text
 from cscvision.views.plots import (
     calibration_svg,
@@ -30,7 +31,7 @@ REPORT_DIR = "report"
 ASSETS = "assets"
 
 
-class ReportError(ValueError):
+class ReportError(CscvisionError, ValueError):
     """The folder given is not a cscvision output folder, or a run folder is malformed."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.geometry import MapTransform
 from cscvision.core.palette import target_colors
 
@@ -34,7 +35,7 @@ MAP_RENDER_PX = 2048  # heatmap images are drawn about this wide, so outlines st
 HEATMAP_ALPHA = 200  # opacity of a probability-1 pixel; lower probabilities fade out
 
 
-class ViewerError(ValueError):
+class ViewerError(CscvisionError, ValueError):
     """The folder given holds no finished slide."""
 
 
