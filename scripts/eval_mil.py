@@ -105,7 +105,12 @@ def main() -> None:
         help="tiles sampled per training step: about half a small slide's bag, as 2,048 is a "
         "fraction of a real slide's (random sub-bags are the augmentation)",
     )
-    ap.add_argument("--architecture", choices=ARCHITECTURES, default="gated_attention")
+    ap.add_argument(
+        "--architecture",
+        choices=("auto", *ARCHITECTURES),
+        default="auto",
+        help="auto: mean pooling for this regression-only label (gated attention with --tercile)",
+    )
     ap.add_argument(
         "--tercile",
         action="store_true",
@@ -235,11 +240,12 @@ def report(result, truth, folds: int) -> None:
         positive = soft >= 0.5
         if 0 < positive.mean() < 1:
             contrib.append(roc_auc_score(positive, pred.contributions[:, 0]))
-            attn.append(roc_auc_score(positive, pred.attention))
+            if np.ptp(pred.attention) > 0:  # mean pooling weighs every tile alike
+                attn.append(roc_auc_score(positive, pred.attention))
+    attention = f"{np.median(attn):.3f}" if attn else "n/a (mean pooling)"
     print(
         f"held-out tiles (soft stemness ≥ 0.5 positive), {len(contrib)} slides with both: "
-        f"median AUROC per-tile contribution {np.median(contrib):.3f}, attention "
-        f"{np.median(attn):.3f}"
+        f"median AUROC per-tile contribution {np.median(contrib):.3f}, attention {attention}"
     )
 
 

@@ -42,7 +42,7 @@ def planted():
     return planted_bags()
 
 
-def cv(planted, tmp_path, values, epochs=25):
+def cv(planted, tmp_path, values, epochs=25, architecture="gated_attention"):
     bags, _, _ = planted
     ids = [b.slide_id for b in bags]
     patients = [f"P{i // 2:03d}" for i in range(len(bags))]  # two slides per patient
@@ -50,7 +50,8 @@ def cv(planted, tmp_path, values, epochs=25):
     labels = read_slide_labels(
         path, [LabelSpec("score", "regression")], list(zip(ids, patients, strict=True))
     )
-    return cross_validate(bags, labels, MILConfig(epochs=epochs, hidden=32, attention=16), k=5)
+    cfg = MILConfig(architecture=architecture, epochs=epochs, hidden=32, attention=16)
+    return cross_validate(bags, labels, cfg, k=5)
 
 
 @pytest.mark.slow
@@ -74,6 +75,56 @@ def test_mil_learns_the_planted_fraction_and_attends_to_its_tiles(planted, tmp_p
     one = result.predictions[0]
     assert one.contributions.shape == (len(bags[0].features), 1)
     np.testing.assert_allclose(attention_scale(one.attention).mean(), 1.0)
+
+
+def test_mean_pooling_is_the_mean_of_per_tile_predictions_and_infer_agrees():
+    """Known answer: under mean pooling the slide's output is b + mean_i(W h_i), the
+    attention is 1/N, and inference's batch-by-batch aggregate gives the same numbers."""
+    import torch
+
+    from cscvision.models.mil import aggregate, tile_parts
+    from cscvision.models.mil_net import GatedAttentionMIL
+
+    torch.manual_seed(0)
+    net = GatedAttentionMIL(8, n_regression=1, n_classes=[3], hidden=6, attention=4, mean_pool=True)
+    net.eval()
+    x = torch.randn(37, 8)
+    with torch.no_grad():
+        reg, logits, a = net(x)
+        h = net.embed(x)
+        per_tile = h @ net.regression.weight.T + net.regression.bias
+        rows = torch.cat([tile_parts(net, x[:20]), tile_parts(net, x[20:])]).numpy()
+    np.testing.assert_allclose(a.numpy(), np.full(37, 1 / 37), rtol=1e-6)
+    np.testing.assert_allclose(reg.numpy(), per_tile.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    record = {"regression": [{"name": "t", "mean": 0.0, "sd": 1.0}],
+              "classification": [{"name": "c", "classes": ["a", "b", "c"]}]}  # fmt: skip
+    out = aggregate(rows, net, record)
+    np.testing.assert_allclose(out.regression["t"], float(reg[0]), rtol=1e-5)
+    probs = torch.softmax(logits[0], 0).numpy()
+    np.testing.assert_allclose(list(out.class_probs["c"].values()), probs, rtol=1e-5)
+
+
+def test_auto_architecture_is_mean_for_fractions_and_attention_for_classes():
+    from cscvision.training.mil import resolve_architecture
+
+    assert resolve_architecture("auto", has_classes=False) == "mean"
+    assert resolve_architecture("auto", has_classes=True) == "gated_attention"
+    assert resolve_architecture("clam_sb", has_classes=True) == "clam_sb"
+    with pytest.raises(ValueError, match=r"mil\.architecture 'max'"):
+        resolve_architecture("max", has_classes=False)
+
+
+@pytest.mark.slow
+def test_mean_pooling_learns_the_planted_fraction(planted, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    _, fractions, signal = planted
+    noisy = fractions + np.random.default_rng(1).normal(0, 0.02, len(fractions))
+    result = cv(planted, tmp_path, noisy, epochs=15, architecture="mean")
+    assert result.pooled["pearson_score"]["value"] >= 0.9
+    pairs = list(zip(result.predictions, signal, strict=True))
+    contrib = [roc_auc_score(s, p.contributions[:, 0]) for p, s in pairs if 0 < s.mean() < 1]
+    assert np.median(contrib) >= 0.9
 
 
 @pytest.mark.slow

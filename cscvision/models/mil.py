@@ -48,7 +48,7 @@ def tile_parts(net: GatedAttentionMIL, features: torch.Tensor) -> torch.Tensor:
     """Per-tile rows ``[N, 1 + R + ΣK]``: attention score, ``W h`` of the regression head
     (standardised units) and of each classifier (logit parts), in that order."""
     h = net.embed(features)
-    score = net.attn_w(torch.tanh(net.attn_v(h)) * torch.sigmoid(net.attn_u(h)))
+    score = net.tile_scores(h)
     width = h.shape[1]
     parts = [score]
     heads = ([net.regression] if net.regression is not None else []) + list(net.classifiers)
@@ -156,6 +156,7 @@ def mil_net_from_record(record: dict[str, Any]) -> GatedAttentionMIL:
         attention=int(record["attention"]),
         dropout=float(record.get("dropout", 0.0)),
         instance_heads=record.get("architecture") == "clam_sb",
+        mean_pool=record.get("architecture") == "mean",
     )
 
 

@@ -1,5 +1,11 @@
-"""The attention-MIL network over a bag of tile features: gated attention (Ilse et al.
-2018), with CLAM-SB's instance classifiers (Lu et al. 2021) when asked.
+"""The MIL network over a bag of tile features: gated attention (Ilse et al. 2018), with
+CLAM-SB's instance classifiers (Lu et al. 2021) when asked, or mean pooling.
+
+``mean`` is the same network with every tile weighted ``1/N``: the slide's regression
+output is then the mean of per-tile predictions ``W h_i``, which is what a fraction label
+(the share of tissue that is stemness-rich) is. On such labels it matches or beats ridge
+regression on mean-pooled features, where attention does not (``scripts/eval_mil.py``);
+attention stays the choice for presence labels, where a few tiles decide the slide.
 
 The training system that holds it is :class:`cscvision.training.mil.MILSystem`; the
 per-tile split that inference runs is :mod:`cscvision.models.mil`.
@@ -12,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-ARCHITECTURES = ("gated_attention", "clam_sb")
+ARCHITECTURES = ("gated_attention", "clam_sb", "mean")
 CLAM_K = 8  # CLAM's k_sample: tiles pseudo-labelled at each end of the attention ranking
 
 
@@ -28,8 +34,10 @@ class GatedAttentionMIL(nn.Module):
         attention: int = 64,
         dropout: float = 0.1,
         instance_heads: bool = False,
+        mean_pool: bool = False,
     ):
         super().__init__()
+        self.mean_pool = mean_pool
         self.embed = nn.Sequential(
             nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout)
         )
@@ -49,8 +57,14 @@ class GatedAttentionMIL(nn.Module):
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tile embeddings ``h`` [N, H] and attention weights ``a`` [N] (sum 1)."""
         h = self.embed(x)
-        score = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))
-        return h, torch.softmax(score.squeeze(-1), dim=0)
+        return h, torch.softmax(self.tile_scores(h).squeeze(-1), dim=0)
+
+    def tile_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised attention scores ``[N, 1]`` of tile embeddings (zeros, so equal
+        weights, under mean pooling)."""
+        if self.mean_pool:
+            return h.new_zeros((h.shape[0], 1))
+        return self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h)))
 
     def forward(
         self, x: torch.Tensor, covariates: torch.Tensor | None = None

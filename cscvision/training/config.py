@@ -95,7 +95,7 @@ class MILSection:
     labels: str = ""  # slide-label CSV keyed by slide_id or patient_id
     targets: Any = None  # ["mRNAsi", "mRNAsi:tercile"] or {name: {target_type, classes, ...}}
     covariates: Any = None  # label-table columns given to the model (CV analyses only)
-    architecture: str = "gated_attention"  # gated_attention | clam_sb
+    architecture: str = "auto"  # auto (mean if regression only) | gated_attention | clam_sb | mean
     hidden: int = 128
     attention: int = 64
     dropout: float = 0.1

@@ -40,7 +40,7 @@ CLAM_BAG_WEIGHT = 0.7
 
 @dataclass(frozen=True)
 class MILConfig:
-    architecture: str = "gated_attention"  # gated_attention | clam_sb
+    architecture: str = "auto"  # auto | gated_attention | clam_sb | mean
     hidden: int = 128
     attention: int = 64
     dropout: float = 0.1
@@ -132,11 +132,8 @@ class MILSystem(L.LightningModule):
 def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAttentionMIL:
     """An untrained net of ``cfg.architecture`` for ``targets``; ``ValueError`` naming the
     setting when the two do not fit."""
-    if cfg.architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"mil.architecture {cfg.architecture!r}: choose one of {', '.join(ARCHITECTURES)}"
-        )
-    clam = cfg.architecture == "clam_sb"
+    architecture = resolve_architecture(cfg.architecture, has_classes=bool(targets.n_classes))
+    clam = architecture == "clam_sb"
     if clam and not targets.n_classes:
         raise ValueError(
             "mil.architecture clam_sb: its instance loss needs a classification target; add "
@@ -151,7 +148,20 @@ def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAtten
         attention=cfg.attention,
         dropout=cfg.dropout,
         instance_heads=clam,
+        mean_pool=architecture == "mean",
     )
+
+
+def resolve_architecture(architecture: str, *, has_classes: bool) -> str:
+    """``auto``: mean pooling when every target is a regression (a fraction or score of the
+    whole section), gated attention when any is a class (presence: a few tiles decide)."""
+    if architecture == "auto":
+        return "gated_attention" if has_classes else "mean"
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"mil.architecture {architecture!r}: choose auto or one of {', '.join(ARCHITECTURES)}"
+        )
+    return architecture
 
 
 def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAttentionMIL:
