@@ -9,6 +9,7 @@ segregated targets: negative).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pytest
 
 from cscvision.cli import main
 from cscvision.core.geometry import MapTransform
+from cscvision.models.card import read_card
+from cscvision.outputs.anndata import ExportError, card_json
 from cscvision.outputs.read import BatchOutputs, SlideOutputs, read_outputs
 from cscvision.outputs.statistics import colocation_quotient, gap_kernel
 from cscvision.outputs.summary import DEFAULT_WITHIN_UM
@@ -31,7 +34,8 @@ anndata = pytest.importorskip("anndata")
 def exported(demo_batch, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("scverse")
     h5ad = out / "tiles.h5ad"
-    assert main(["export", "anndata", str(demo_batch["out"]), "--out", str(h5ad)]) == 0
+    argv = ["export", "anndata", str(demo_batch["out"]), "--out", str(h5ad)]
+    assert main([*argv, "--model", str(demo_batch["model"])]) == 0
     return {"h5ad": h5ad, "out": out, "outputs": read_outputs(demo_batch["out"])}
 
 
@@ -59,6 +63,16 @@ def test_h5ad_has_one_observation_per_tile_with_centres_in_um(exported):
         )
         assert entry["scalefactors"]["spot_diameter_fullres"] == pytest.approx(side * mpp)
     assert adata.uns["cscvision"]["X"] == "scores"
+    card = json.loads(adata.uns["cscvision"]["model_card"])
+    want = read_card(exported["outputs"]["SYN-P001-S01"].summary["model"]["name"]).to_json()
+    assert card == json.loads(json.dumps(want))  # tuples read back as lists
+
+
+def test_a_card_of_another_model_is_refused(exported):
+    card = read_card("demo")
+    other = dataclasses.replace(card, name="someone-else")
+    with pytest.raises(ExportError, match=r"someone-else.*made by demo-synthetic"):
+        card_json(other, exported["outputs"])
 
 
 def test_h5ad_reads_back_equal(exported):

@@ -63,6 +63,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cohort", type=Path, default=None, help="manifest (slide_path, patient_id[, slide_id])"
     )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the model that made the outputs (folder or packaged name): its whole card "
+        "goes into uns['cscvision']['model_card']",
+    )
 
 
 def _stores(items: list[Path] | None) -> dict | None:
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> list[Path]:
+    from cscvision.models.card import read_card
     from cscvision.outputs.anndata import ExportError
     from cscvision.outputs.cohort_stats import read_patients
     from cscvision.outputs.read import read_outputs
@@ -105,6 +112,7 @@ def _export(args: argparse.Namespace) -> list[Path]:
         "stores": _stores(args.features),
         "patients": None if args.cohort is None else read_patients(args.cohort),
         "cells": None if args.cells is None else read_outputs(args.cells),
+        "card": None if args.model is None else read_card(args.model),
     }
     if args.kind == "anndata":
         return _anndata(args, outputs, kw)
@@ -127,7 +135,8 @@ def _anndata(args: argparse.Namespace, outputs, kw: dict) -> list[Path]:
     adata = outputs_anndata(outputs, images=images, **kw)
     written = [write_h5ad(adata, args.out)]
     if args.cells_out is not None and kw["cells"]:
-        cells = cells_anndata(kw["cells"], patients=kw["patients"], spatial=adata.uns["spatial"])
+        spatial = adata.uns["spatial"]
+        cells = cells_anndata(kw["cells"], patients=kw["patients"], spatial=spatial)
         written.append(write_h5ad(cells, args.cells_out))
     return written
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from cscvision.features.store import FeatureStore
+    from cscvision.models.card import ModelCard
     from cscvision.outputs.slide_outputs import SlideOutputs
 
 SCVERSE_INSTALL = 'pip install "cscvision[scverse]"'
@@ -180,6 +181,7 @@ def outputs_anndata(
     patients: Mapping[str, str] | None = None,
     cells: Mapping[str, SlideOutputs] | None = None,
     images: bool = True,
+    card: ModelCard | None = None,
 ) -> anndata.AnnData:
     """The tiles of a batch's outputs as one AnnData (see the module doc).
 
@@ -196,6 +198,9 @@ def outputs_anndata(
         ``read_outputs`` of a ``cscvision cells`` folder: per-tile cell features joined.
     images
         Put each slide's thumbnail in ``uns["spatial"]`` (opens the slide files).
+    card
+        The card of the model that made the outputs, kept whole in ``uns["cscvision"]``
+        (its name must be the one ``summary.json`` records).
 
     Returns
     -------
@@ -241,7 +246,20 @@ def outputs_anndata(
     adata.obsm["spatial"] = obs[["x_um", "y_um"]].to_numpy(np.float64)
     adata.uns["spatial"] = spatial
     adata.uns["cscvision"] = provenance(outputs, stores)
+    if card is not None:
+        adata.uns["cscvision"]["model_card"] = card_json(card, outputs)
     return adata
+
+
+def card_json(card: ModelCard, outputs: Mapping[str, SlideOutputs]) -> str:
+    """The card as JSON, once its name matches every slide's ``summary.json`` model."""
+    made_by = {str(s.summary.get("model", {}).get("name")) for s in outputs.values()}
+    if made_by != {card.name}:
+        raise ExportError(
+            f"--model: model {card.name!r}, but the outputs were made by "
+            f"{', '.join(sorted(made_by))}; pass that model or leave --model out"
+        )
+    return json.dumps(card.to_json(), sort_keys=True)
 
 
 def provenance(

@@ -40,6 +40,7 @@ from cscvision.outputs.anndata import (
 
 if TYPE_CHECKING:
     from cscvision.features.store import FeatureStore
+    from cscvision.models.card import ModelCard
     from cscvision.outputs.slide_outputs import SlideOutputs
     from cscvision.slides.slide import Slide
 
@@ -167,6 +168,7 @@ def outputs_spatialdata(
     stores: Mapping[str, FeatureStore] | None = None,
     patients: Mapping[str, str] | None = None,
     cells: Mapping[str, SlideOutputs] | None = None,
+    card: ModelCard | None = None,
 ):
     """The batch as a SpatialData object (see the module doc); ``image="full"`` needs the
     open ``slides`` (slide id → :class:`Slide`), which must stay open until it is written."""
@@ -185,7 +187,9 @@ def outputs_spatialdata(
             images[f"{sid}_image"] = thumbnail_image(slide)
         if cells is not None and sid in cells:
             points[f"{sid}_cells"] = cell_points(cells[sid])
-    adata = outputs_anndata(outputs, stores=stores, patients=patients, cells=cells, images=False)
+    adata = outputs_anndata(
+        outputs, stores=stores, patients=patients, cells=cells, images=False, card=card
+    )
     adata.obs["region"] = [f"{s}_tiles" for s in adata.obs["slide_id"]]
     adata.obs["instance_id"] = np.concatenate([np.arange(len(s.tiles)) for s in outputs.values()])
     adata.obs = h5ad_ready(adata.obs, ("region",))
