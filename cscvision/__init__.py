@@ -42,12 +42,14 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
     from cscvision.models.encoders import load_encoder
     from cscvision.models.export import LoadedModel, export_model, load_model
     from cscvision.models.kinds import ModelKind, get_kind, register_kind
+    from cscvision.outputs.anndata import outputs_anndata
     from cscvision.outputs.cell_batch import CellSettings, run_cells
     from cscvision.outputs.cell_immune import ImmuneSettings
     from cscvision.outputs.prediction import SlidePrediction
     from cscvision.outputs.read import SlideOutputs, read_outputs
     from cscvision.outputs.regions import region_masks
     from cscvision.outputs.slide_folder import write_slide_outputs
+    from cscvision.outputs.spatialdata import outputs_spatialdata
     from cscvision.outputs.statistics import colocalisation, within_fraction
     from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
     from cscvision.slides.info import CorruptTileError, SlideError, SlideInfo
@@ -96,6 +98,8 @@ _API = {
     "SlidePrediction": "cscvision.outputs.prediction",
     "write_slide_outputs": "cscvision.outputs.slide_folder",
     "read_outputs": "cscvision.outputs.read",
+    "outputs_anndata": "cscvision.outputs.anndata",
+    "outputs_spatialdata": "cscvision.outputs.spatialdata",
     "region_masks": "cscvision.outputs.regions",
     "colocalisation": "cscvision.outputs.statistics",
     "within_fraction": "cscvision.outputs.statistics",
@@ -161,6 +165,8 @@ __all__ = [
     "marker_config",
     "normalise_batch",
     "open_slide",
+    "outputs_anndata",
+    "outputs_spatialdata",
     "predict_slide",
     "read_annotations",
     "read_card",

@@ -25,6 +25,7 @@ COMMANDS = (
     "encoders",
     "mil",
     "stats",
+    "export",
     "report",
     "view",
     "config",

@@ -61,6 +61,7 @@ EXTRA_FEATURES = {
     "viewer": "cscvision report and cscvision view (plots, local web server)",
     "dicom": "DICOM WSI conversion (wsidicomizer)",
     "test": "the test suite and wheel builds (pytest, ruff, build, selenium)",
+    "scverse": "cscvision export anndata/spatialdata (anndata, scanpy, squidpy, spatialdata)",
     "all": "every extra that runs on a CPU machine",
 }
 

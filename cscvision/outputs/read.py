@@ -8,40 +8,27 @@ For notebooks: ``read_outputs("out")["SLIDE"].tiles`` is the tile table as a Dat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from cscvision.core.errors import CscvisionError
 from cscvision.core.geometry import MapTransform
 from cscvision.outputs.slide_folder import MAPS, SUMMARY, TILES
+from cscvision.outputs.slide_outputs import OutputsError, SlideOutputs
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-
-class OutputsError(CscvisionError, ValueError):
-    """An output folder is missing or not one ``cscvision infer`` wrote."""
+__all__ = ["BatchOutputs", "OutputsError", "SlideOutputs", "read_outputs", "read_slide_outputs"]
 
 
-@dataclass(frozen=True)
-class SlideOutputs:
-    """One slide's outputs as arrays: the tile table, the maps and their frame, the summary."""
+class BatchOutputs(dict):
+    """Slide id → :class:`SlideOutputs` of one batch (a dict), convertible to AnnData."""
 
-    slide_id: str
-    folder: Path
-    tiles: pd.DataFrame  # x, y (level-0 top-left), tissue, prob_<target> per tile
-    maps: dict[str, np.ndarray]  # target -> float32[rows, cols]; NaN where no tile reached
-    tissue_map: np.ndarray  # float32[rows, cols], tissue fraction of each map pixel
-    transform: MapTransform  # map pixel (col, row) -> level-0 (x, y) of its corner
-    slide_mpp: float
-    summary: dict[str, Any]
+    def to_anndata(self, **kwargs: Any) -> Any:
+        """The tiles as one AnnData (:func:`cscvision.outputs.anndata.outputs_anndata`;
+        needs the ``scverse`` extra)."""
+        from cscvision.outputs.anndata import outputs_anndata
 
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(self.maps)
+        return outputs_anndata(self, **kwargs)
 
 
 def read_slide_outputs(folder: str | Path) -> SlideOutputs:
@@ -75,7 +62,7 @@ def read_slide_outputs(folder: str | Path) -> SlideOutputs:
     )
 
 
-def read_outputs(out_dir: str | Path) -> dict[str, SlideOutputs]:
+def read_outputs(out_dir: str | Path) -> BatchOutputs:
     """Read a batch's outputs back: every complete slide under ``out_dir``, by id.
 
     Folders without ``summary.json`` (unfinished slides) are left out.
@@ -87,9 +74,10 @@ def read_outputs(out_dir: str | Path) -> dict[str, SlideOutputs]:
 
     Returns
     -------
-    dict[str, SlideOutputs]
-        Per slide id: the tile table (pandas), the maps and their level-0 transform, the
-        tissue map, the µm/px and the summary.
+    BatchOutputs
+        A dict: per slide id, the tile table (pandas), the maps and their level-0
+        transform, the tissue map, the µm/px and the summary; ``.to_anndata()`` makes the
+        tiles one AnnData (``scverse`` extra).
 
     Raises
     ------
@@ -105,7 +93,7 @@ def read_outputs(out_dir: str | Path) -> dict[str, SlideOutputs]:
     out = Path(out_dir)
     if not out.is_dir():
         raise OutputsError(f"{out}: not a folder; pass the --out folder of cscvision infer")
-    found = {}
+    found = BatchOutputs()
     for summary in sorted(out.glob(f"*/{SUMMARY}")):
         slide = read_slide_outputs(summary.parent)
         found[slide.slide_id] = slide
