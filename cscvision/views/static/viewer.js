@@ -71,6 +71,9 @@
     fetch("/api/slides/" + encodeURIComponent(sid)).then(function (r) { return r.json(); })
       .then(function (info) {
         state.info = info; state.layers = {};
+        var banner = document.getElementById("banner");
+        banner.textContent = info.warning || "";
+        banner.hidden = !info.warning;
         var bar = document.getElementById("layers");
         bar.innerHTML = "";
         info.targets.forEach(function (t) {
