@@ -138,3 +138,29 @@ def test_mc_on_a_network_without_dropout_is_refused(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "no dropout layer" in err or "none.svs" in err
+
+
+def test_the_cards_stain_template_is_applied_by_inference_unasked(tmp_path):
+    """A card with a Reinhard template: scoring a tile equals scoring the tile normalised by
+    hand with a card that has none; without the template the score differs."""
+    from cscvision.inference.predict import TileScorer
+    from cscvision.models.backbones import get_model
+    from cscvision.models.card import ModelCard
+    from cscvision.models.export import export_model, load_model
+    from cscvision.slides.stain import fit_stain, normalise_batch
+    from cscvision.training.refit import attach_stain
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    card = ModelCard(name="m", backbone="small_cnn", tile_px=32)
+    net = get_model("small_cnn", 2)
+    net[-1].weight.data *= 1000  # a random net's scores hardly move: make them
+    folder = export_model(net, card, tmp_path / "m")
+    plain = TileScorer(load_model(folder))
+    reference = fit_stain(rng.integers(60, 200, (64, 64, 3), dtype=np.uint8), "reinhard")
+    assert attach_stain(folder, reference).stain["method"] == "reinhard"
+    stained = TileScorer(load_model(folder))
+    tiles = torch.as_tensor(rng.integers(120, 255, (3, 3, 32, 32), dtype=np.uint8))
+    by_hand = plain(normalise_batch(tiles, reference))
+    np.testing.assert_allclose(stained(tiles), by_hand, rtol=1e-5, atol=1e-6)
+    assert np.abs(plain(tiles) - by_hand).max() > 1e-3

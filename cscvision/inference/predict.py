@@ -32,6 +32,7 @@ from cscvision.core.geometry import area_fraction
 from cscvision.inference.settings import READERS
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
 from cscvision.inference.trust import (
+    card_stain,
     check_uncertainty,
     has_ood,
     ood_scorer,
@@ -46,6 +47,7 @@ from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.slide import SlideError, open_slide
+from cscvision.slides.stain import normalise_batch
 from cscvision.slides.tilebatches import (
     TileBatches,
     autocast,
@@ -105,6 +107,7 @@ class TileScorer:
         self.ood = ood_scorer(model)
         self.ood = self.ood.to(self.device) if self.ood is not None else None
         self.uncertainty = check_uncertainty(model, uncertainty)
+        self.stain = card_stain(card)  # the template the model was trained with, or None
         # appended after the outputs (inference.trust): the OOD ratio, std_<t>, mi_<t>
         self.trust = trust_columns(card, ood=self.ood is not None, uncertainty=uncertainty)
 
@@ -117,6 +120,8 @@ class TileScorer:
         """Per-tile outputs [B, W], then the trust columns ``self.trust`` [B, K]."""
         with torch.inference_mode(), autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
+            if self.stain is not None:
+                x = normalise_batch(x, self.stain)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
             if self.uncertainty is not None:
                 return scored_with_uncertainty(self, x)

@@ -19,6 +19,15 @@ from cscvision.models.ood import OODScorer, feature_tap, load_ood
 OOD_COLUMN = "ood"
 
 
+def card_stain(card: ModelCard):
+    """The card's stain normalisation template (:class:`~cscvision.slides.stain.StainReference`),
+    or None. Macenko/Vahadane use the template's own stains as the tiles' (per-tile
+    concentration scaling); Reinhard matches each tile's L*a*b* statistics."""
+    from cscvision.slides.stain import StainReference
+
+    return StainReference.from_dict(card.stain) if card.stain else None
+
+
 def has_ood(model: LoadedModel) -> bool:
     """Whether inference scores ``model``'s tiles for OOD (see :func:`ood_scorer`)."""
     return bool(model.card.ood) and not model.kind.slide_level

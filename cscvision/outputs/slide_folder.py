@@ -80,6 +80,7 @@ _CARD_OUTPUT_FIELDS = (
     "units",
     "output_scale",
     "ood",
+    "stain",
 )  # fmt: skip  (and the kind's legacy_task, as 0.1.0's "task")
 
 
@@ -92,8 +93,9 @@ def model_identity(model: LoadedModel) -> dict[str, str]:
     used["task"] = model.kind.legacy_task(card)  # 0.1.0's name: earlier outputs stay complete
     if not used.get("calibration"):  # uncalibrated cards keep the digest they had before
         used.pop("calibration", None)
-    if not used.get("ood"):  # nor do cards without an OOD record
-        used.pop("ood", None)
+    for key in ("ood", "stain"):  # nor do cards without an OOD record or stain template
+        if not used.get(key):
+            used.pop(key, None)
     card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
     return {
         "name": card.name,

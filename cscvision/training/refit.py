@@ -63,3 +63,18 @@ def _check_same_tiles(card: ModelCard, summary: dict, model_dir: Path) -> str:
             )
         notes.append(f"{split} {got.get('tiles')} tiles (card: {want.get('tiles')})")
     return "refitted after export on the training cohort made again: " + ", ".join(notes)
+
+
+def attach_stain(model_dir: str | Path, reference: Any) -> ModelCard:
+    """Store a stain normalisation template (:class:`~cscvision.slides.stain.StainReference`)
+    in an exported model's card: inference then applies it to every tile, unasked. The
+    weights are untouched; use it for the template the model was trained with."""
+    import json
+
+    from cscvision.core.io import write_json
+    from cscvision.models.card import CARD_FILE, read_card
+
+    path = Path(model_dir) / CARD_FILE
+    raw = json.loads(path.read_text())
+    write_json(path, {**raw, "stain": reference.to_dict()})
+    return read_card(model_dir)
