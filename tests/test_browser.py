@@ -135,7 +135,7 @@ def test_viewer_shows_tiles_toggles_and_thresholds(browser, viewer_url):
         "s.dispatchEvent(new Event('change'));"
     )
     wait_for(lambda: browser.execute_script(
-        f"return window.cscv.layers['{target}'].loaded || ''").endswith("threshold=0.250"),
+        f"return window.cscv.layers['{target}'].loaded || ''").endswith("threshold=0.25"),
         what="the layer reloaded at the new threshold")  # fmt: skip
     assert browser.find_element("id", f"threshold-value-{target}").text == "0.25"
 
@@ -148,3 +148,45 @@ def test_viewer_shows_tiles_toggles_and_thresholds(browser, viewer_url):
     assert readout and target in browser.find_element("id", "readout").text
     screenshot(browser, "viewer_threshold.png")
     assert console_errors(browser) == []
+
+
+@pytest.fixture(scope="module")
+def ood_batch(cmu_svs, tmp_path_factory):
+    """The real CMU slide scored by the demo model: out of distribution for it."""
+    out = tmp_path_factory.mktemp("ood") / "infer"
+    assert main(["infer", str(cmu_svs), "--model", "demo", "--out", str(out),
+                 "--workers", "0", "--threads", "1"]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_ood_slide_has_a_banner_in_report_and_viewer(browser, ood_batch):
+    import uvicorn
+
+    from cscvision.views.app import create_app
+    from cscvision.views.server import Catalogue
+
+    assert main(["report", str(ood_batch), "--model", "demo"]) == 0
+    browser.get((ood_batch / "report" / "index.html").as_uri())
+    banner = browser.find_element("css selector", "article.slide-card .ood-banner")
+    assert banner.is_displayed() and "Out of distribution" in banner.text
+    browser.execute_script("arguments[0].scrollIntoView()", banner)
+    screenshot(browser, "report_ood.png")
+    srv = uvicorn.Server(uvicorn.Config(create_app(Catalogue(ood_batch)), host="127.0.0.1",
+                                        port=0, log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: srv.started, what="the viewer server")
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        browser.get(f"http://127.0.0.1:{port}/")
+        shown = wait_for(
+            lambda: browser.find_element("id", "banner").is_displayed(), what="the OOD banner"
+        )
+        assert shown and "Do not trust" in browser.find_element("id", "banner").text
+        time.sleep(1.5)  # the slide's tiles load
+        screenshot(browser, "viewer_ood.png")
+        assert console_errors(browser) == []
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

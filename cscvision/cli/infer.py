@@ -26,7 +26,7 @@ from cscvision.cli.common import (
     run_on_ray,
 )
 from cscvision.core.validate import check_flags
-from cscvision.inference.settings import MAX_OVERLAP, READERS, InferSettings
+from cscvision.inference.settings import MAX_OVERLAP, READERS, UNCERTAINTY_HELP, InferSettings
 from cscvision.slides.info import ON_CORRUPT_TILE
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_statistics_args(p)
     _add_decode_args(p)
     add_hardening_args(p)
+    _add_trust_args(p)
     add_ray_args(p)
     p.set_defaults(func=run)
 
@@ -203,7 +204,19 @@ def _settings(args: argparse.Namespace) -> InferSettings:
         within_um=args.within_um,
         permutations=args.permutations,
         asap_target=args.asap_target,
+        uncertainty=args.uncertainty,
     )
+
+
+def _add_trust_args(p: argparse.ArgumentParser) -> None:
+    """Per-tile uncertainty; the OOD score needs no flag (the model's card keeps it)."""
+    g = p.add_argument_group(
+        "trust",
+        "A model whose card keeps an OOD record also writes an ood score per tile, an "
+        "overlay_ood.png and an 'ood' verdict per slide (summary.json, results.csv, a "
+        "warning line).",
+    )
+    g.add_argument("--uncertainty", metavar="mc:N|tta", default=None, help=UNCERTAINTY_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,8 +224,11 @@ def run(args: argparse.Namespace) -> int:
 
     from cscvision.inference.batch import write_results
     from cscvision.inference.predict import resolve_device
+    from cscvision.inference.trust import check_uncertainty
     from cscvision.models.export import ModelError, load_model
+    from cscvision.models.thresholds import threshold_warnings
     from cscvision.outputs.slide_folder import model_identity
+    from cscvision.outputs.trust import ood_run_line
     from cscvision.slides.batch import (
         BatchError,
         interrupted_line,
@@ -237,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.ray:
             check_decode(settings.decode, device.type)
         model = load_model(args.model, device, encoder_weights=args.encoder_weights)
+        check_uncertainty(model, settings.uncertainty)
+        for warning in threshold_warnings(model.card):
+            print(f"warning: model {model.card.name}: {warning}", file=sys.stderr)
         if settings.asap_target not in (None, *model.card.targets):
             raise ValueError(
                 f"--asap-target {settings.asap_target!r}: the model's targets are "
@@ -263,6 +282,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if skipped := corrupt_tiles_line(out, report.done, "summary.json"):
         print(skipped)
+    if flagged := ood_run_line(out, [*report.done, *report.skipped]):
+        print(flagged, file=sys.stderr)
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
     print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")

@@ -20,6 +20,7 @@ import torch
 from cscvision.inference.predict import PreparedSlide, predict_slide, prepare_slide
 from cscvision.inference.prefetch import NextSlide
 from cscvision.inference.settings import InferSettings
+from cscvision.inference.trust import has_ood
 from cscvision.models.export import LoadedModel
 from cscvision.outputs.slide_folder import (
     SUMMARY,
@@ -48,6 +49,7 @@ def slide_settings(settings: InferSettings, job: SlideJob) -> dict[str, Any]:
         within_um=settings.within_um,
         permutations=settings.permutations,
         asap_target=settings.asap_target,
+        uncertainty=settings.uncertainty,
     )
 
 
@@ -106,6 +108,7 @@ def infer_job(
         prepared=prepared,
         decode=settings.decode,
         on_corrupt_tile=settings.on_corrupt_tile,
+        uncertainty=settings.uncertainty,
     )
     # The job's id (safe, or the manifest's) names the folder and the files in it.
     pred = dataclasses.replace(pred, grid=dataclasses.replace(pred.grid, slide_id=job.slide_id))
@@ -158,5 +161,5 @@ def write_results(
         else:
             continue
         rows.append(row)
-    columns = result_columns(targets, within_um, model.card.mil)
+    columns = result_columns(targets, within_um, model.card.mil, ood=has_ood(model))
     return merge_table(path, columns, ([r.get(c, "") for c in columns] for r in rows))

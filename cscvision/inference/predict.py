@@ -31,12 +31,23 @@ from tqdm.auto import tqdm
 from cscvision.core.geometry import area_fraction
 from cscvision.inference.settings import READERS
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
+from cscvision.inference.trust import (
+    card_stain,
+    check_uncertainty,
+    has_ood,
+    ood_scorer,
+    run_with_ood,
+    scored_with_uncertainty,
+    split_trust,
+    trust_columns,
+)
 from cscvision.models.card import ModelCard
 from cscvision.models.export import LoadedModel
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.slide import SlideError, open_slide
+from cscvision.slides.stain import normalise_batch
 from cscvision.slides.tilebatches import (
     TileBatches,
     autocast,
@@ -72,7 +83,14 @@ class TileScorer:
     ``(x / 255 - mean) / std`` and autocast with ``amp``.
     """
 
-    def __init__(self, model: LoadedModel, *, device: str | torch.device = "cpu", amp=False):
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        device: str | torch.device = "cpu",
+        amp=False,
+        uncertainty: str | None = None,
+    ):
         self.device = resolve_device(device)
         card = model.card
         self.memory = (
@@ -86,13 +104,31 @@ class TileScorer:
         self.amp = amp
         self.card = card
         self.kind = model.kind
+        self.ood = ood_scorer(model)
+        self.ood = self.ood.to(self.device) if self.ood is not None else None
+        self.uncertainty = check_uncertainty(model, uncertainty)
+        self.stain = card_stain(card)  # the template the model was trained with, or None
+        # appended after the outputs (inference.trust): the OOD ratio, std_<t>, mi_<t>
+        self.trust = trust_columns(card, ood=self.ood is not None, uncertainty=uncertainty)
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
+        """Per-tile outputs [B, W] (with ``uncertainty``: the predictive mean)."""
+        rows = self.scored(image)
+        return rows[:, : rows.shape[1] - len(self.trust)]
+
+    def scored(self, image: torch.Tensor) -> np.ndarray:
+        """Per-tile outputs [B, W], then the trust columns ``self.trust`` [B, K]."""
         with torch.inference_mode(), autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
+            if self.stain is not None:
+                x = normalise_batch(x, self.stain)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
-            logits = self.net(x).float()
-            return self.kind.tile_outputs(self.card, logits)
+            if self.uncertainty is not None:
+                return scored_with_uncertainty(self, x)
+            if self.ood is None:
+                return self.kind.tile_outputs(self.card, self.net(x).float())
+            logits, ratio = run_with_ood(self.net, x, self.ood)
+            return np.column_stack([self.kind.tile_outputs(self.card, logits), ratio])
 
 
 def predict_tiles(
@@ -108,8 +144,10 @@ def predict_tiles(
     dataset: TileBatches | None = None,
     decode: str = "cpu",
     on_corrupt_tile: str = "fail",
+    uncertainty: str | None = None,
 ) -> np.ndarray:
-    """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order.
+    """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order, then
+    the trust columns (:func:`cscvision.inference.trust.trust_columns`) if any.
 
     ``workers`` > 0 reads ahead of the model in that many DataLoader processes
     (``reader="processes"``) or threads of this process (``reader="threads"``). A tile
@@ -124,8 +162,9 @@ def predict_tiles(
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
     if on_corrupt_tile not in ON_CORRUPT_TILE:
         raise ValueError(f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}")
-    scorer = TileScorer(model, device=device, amp=amp)
-    probs = np.full((len(grid), output_width(model)), np.nan, np.float32)
+    scorer = TileScorer(model, device=device, amp=amp, uncertainty=uncertainty)
+    width = output_width(model) + len(scorer.trust)
+    probs = np.full((len(grid), width), np.nan, np.float32)
     corrupt = np.zeros(len(grid), bool)
     dataset = dataset or TileBatches(grid, batch_size)
     in_process = workers == 0 or reader == "threads"  # no CUDA in DataLoader processes
@@ -143,7 +182,7 @@ def predict_tiles(
             if batch["errors"] and on_corrupt_tile == "fail":
                 raise batch["errors"][0]
             index = batch["index"].numpy()
-            probs[index] = scorer(batch["image"])
+            probs[index] = scorer.scored(batch["image"])
             corrupt[index] = batch["corrupt"].numpy()
             bar.update(len(index))
     finally:
@@ -172,9 +211,11 @@ def assemble_prediction(
     predict_seconds: float = 0.0,
     device: str = "cpu",
     amp: bool = False,
+    trust: dict[str, np.ndarray] | None = None,
 ) -> SlidePrediction:
     """Stitch tile probabilities ``probs`` [N, T] of ``grid`` into a :class:`SlidePrediction`
-    (pure: no model, no slide). ``mask`` is the tissue mask over the whole slide."""
+    (pure: no model, no slide). ``mask`` is the tissue mask over the whole slide; ``trust``
+    per-tile trust columns (OOD, uncertainty), stitched like the scores."""
     layout = map_layout(
         grid.origin_l0,
         grid.shape(),
@@ -183,6 +224,11 @@ def assemble_prediction(
         sub=sub or choose_sub(grid.spec.overlap),
     )
     mask_scale = mask.shape[1] / grid.dimensions[0]
+    trust = trust or {}
+    trust_maps = {}
+    if trust:
+        stacked = stitch(grid.cells(), np.column_stack(list(trust.values())), layout)
+        trust_maps = dict(zip(trust, stacked, strict=True))
     mask_px_um = grid.slide_mpp / mask_scale
     return SlidePrediction(
         grid=grid,
@@ -199,6 +245,8 @@ def assemble_prediction(
         predict_seconds=predict_seconds,
         device=device,
         amp=amp,
+        trust={k: np.asarray(v, np.float32) for k, v in trust.items()},
+        trust_maps=trust_maps,
     )
 
 
@@ -219,6 +267,7 @@ def predict_grid(
     batches: TileBatches | None = None,
     decode: str = "cpu",
     on_corrupt_tile: str = "fail",
+    uncertainty: str | None = None,
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
     came from (covering the whole slide), ``thumb`` its thumbnail. With
@@ -227,12 +276,14 @@ def predict_grid(
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
-    kw["decode"] = decode
+    kw.update(decode=decode, uncertainty=uncertainty)
     probs = predict_tiles(
         grid, model, progress=progress, dataset=batches, on_corrupt_tile=on_corrupt_tile, **kw
     )
     predict_seconds = time.perf_counter() - t0
     grid, probs, corrupt_xy = drop_corrupt_tiles(grid, probs)
+    names = trust_columns(model.card, ood=has_ood(model), uncertainty=uncertainty)
+    probs, trust = split_trust(probs, names)
     probs, extra = model.kind.slide_outputs(model.net, model.card, probs)
     pred = assemble_prediction(
         grid,
@@ -244,6 +295,7 @@ def predict_grid(
         predict_seconds=predict_seconds,
         device=str(resolve_device(device)),
         amp=amp,
+        trust=trust,
     )
     seconds = time.perf_counter() - started
     return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy, **extra)
@@ -327,6 +379,7 @@ def predict_slide(
     prepared: PreparedSlide | None = None,
     decode: str = "cpu",
     on_corrupt_tile: str = "fail",
+    uncertainty: str | None = None,
 ) -> SlidePrediction:
     """Score one slide with a model: tile it at the card's µm/px and tile size, score every
     tissue tile and blend the tiles into maps.
@@ -361,6 +414,9 @@ def predict_slide(
     on_corrupt_tile
         ``fail`` the slide at a tile that cannot be decoded, or ``skip`` it
         (see ``predict_grid``).
+    uncertainty
+        ``mc:N`` or ``tta``: per-tile uncertainty (:mod:`cscvision.inference.uncertainty`),
+        at N or 8 forward passes per tile.
 
     Returns
     -------
@@ -404,4 +460,5 @@ def predict_slide(
         batches=prepared.batches,
         decode=decode,
         on_corrupt_tile=on_corrupt_tile,
+        uncertainty=uncertainty,
     )

@@ -19,6 +19,12 @@ MAX_OVERLAP = 0.75
 MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
 MAX_WITHIN_UM = 10_000.0
 MAX_PERMUTATIONS = 9_999
+UNCERTAINTY_HELP = (
+    "per-tile uncertainty: mc:N (N forward passes with dropout active, so N times the "
+    "model's cost, plus one pass for the OOD score) or tta (the 8 flips/rotations: 8 "
+    "passes); writes std_<target> and mi_<target> (mutual information) columns, maps, "
+    "overlays and TIFFs; the score becomes the mean of the passes"
+)
 
 
 @dataclass(frozen=True, config=FLAG_CONFIG)
@@ -40,6 +46,8 @@ class InferSettings:
     within_um: float = Field(100.0, ge=0, le=MAX_WITHIN_UM)  # co-localisation radius
     permutations: int = Field(199, ge=0, le=MAX_PERMUTATIONS)  # rigid moves in each null
     asap_target: str | None = None  # also write this target as <slide>_likelihood_map.tif
+    # per-tile uncertainty (inference.uncertainty): "mc:N" or "tta"; None: none
+    uncertainty: str | None = Field(None, pattern=r"^(mc:\d+|tta)$")
 
     def check(self) -> None:
         """Kept for callers of the dataclass version: the values were checked when made."""

@@ -96,6 +96,11 @@ class ModelCard:
     # kind mil: architecture, sizes, slide targets (regression: name, mean, sd, units;
     # classification: name, classes), covariates, map scale (models.mil)
     mil: dict[str, Any] = Field(default_factory=dict)
+    # out-of-distribution record (models.ood): method, features, thresholds, rule, file digest
+    ood: dict[str, Any] = Field(default_factory=dict)
+    # stain normalisation template (slides.stain.StainReference.to_dict), applied to every
+    # tile before the model by inference; empty: tiles as read
+    stain: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("targets")
     @classmethod

@@ -8,6 +8,7 @@ from typing import Any
 from cscvision.core.io import write_text
 from cscvision.models.card import ModelCard
 from cscvision.models.kinds import get_kind
+from cscvision.models.thresholds import threshold_rule, threshold_text, threshold_warnings
 
 README_FILE = "README.md"
 
@@ -70,7 +71,9 @@ def _metric_rows(card: ModelCard) -> list[str]:
         keys = [(val, f"auroc_{t}"), (val, f"ap_{t}"), (val, f"f1_{t}"), (test, f"auroc_{t}")]
         keys += [(test, f"ap_{t}"), (test, f"f1_{t}"), (test, f"slide_auroc_{t}")]
         cells = " | ".join(cell(m, k) for m, k in keys)
-        rows.append(f"| {t} | {card.threshold(t):.3f} | {cells} |")
+        rows.append(f"| {t} | {threshold_text(card.threshold(t))} | {cells} |")
+    rows += ["", f"Thresholds: {threshold_rule(card)}."]
+    rows += [f"- **Warning**: {w}" for w in threshold_warnings(card)]
     return rows
 
 
@@ -137,6 +140,7 @@ def model_readme(card: ModelCard) -> str:
         )
     level = "slide level" if get_kind(card.kind).slide_level else "tile level unless stated"
     lines += ["", f"## Metrics ({level})", *_metric_rows(card), ""]
+    lines += _ood_lines(card)
     lines += [
         "## To train a model for real use",
         "Bring whole-slide images with either annotations or stains:",
@@ -153,6 +157,21 @@ def model_readme(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ood_lines(card: ModelCard) -> list[str]:
+    ood = card.ood
+    if not ood:
+        return []
+    return [
+        "## Out-of-distribution record",
+        f"Each tile's {ood.get('features')} features are compared with the training tiles' "
+        f"({ood.get('method')}, {ood.get('groups')} group(s), {ood.get('dim')} dimensions); "
+        f"the tile threshold is the {ood.get('tile_quantile'):.0%} quantile of "
+        f"{ood.get('val_tiles')} validation tiles' scores. Verdict: {ood.get('rule')}; here "
+        f"{ood.get('slide_share_threshold'):.0%}. {ood.get('note', '')}".rstrip(),
+        "",
+    ]
 
 
 def write_model_readme(card: ModelCard, out_dir: str | Path) -> Path:

@@ -178,9 +178,11 @@ def render_overlay(
     min_tissue: float,
     value_range: tuple[float, float] = (0.0, 1.0),
     unit: str = "probability",
+    threshold_label: str | None = None,
 ) -> np.ndarray:
     """Frame ``heat`` (from :func:`heat_image`) with title, colour bar and legend; the bar's
-    ticks span ``value_range`` in ``unit`` (a regression target's scores)."""
+    ticks span ``value_range`` in ``unit`` (a regression target's scores); ``threshold``
+    is the outline's place on the bar (0-1), ``threshold_label`` its legend line."""
     dh, dw = heat.shape[:2]
     top, bottom = 64, 84
     right = max(110, 24 + _text_width(unit, 13) + 8)  # the colour bar's unit label fits
@@ -197,6 +199,7 @@ def render_overlay(
         ("box", "no heatmap: glass, or tissue not scored", (235, 235, 235)),
     ]
     if threshold is not None:
-        items.insert(0, ("line", f"{target} ≥ {threshold:.2f} (threshold outline)", contour_rgb))
+        label = threshold_label or f"{target} ≥ {threshold:.2f} (threshold outline)"
+        items.insert(0, ("line", label, contour_rgb))
     _legend(draw, PAD, top + dh + 12, items)
     return np.asarray(canvas)

@@ -34,6 +34,10 @@ class SlidePrediction:
     # prediction (the summary's ``slide_prediction``)
     tile_values: dict[str, np.ndarray] = field(default_factory=dict)
     slide_prediction: dict[str, Any] | None = None
+    # trust columns (inference.trust): per tile float32[N] and stitched maps [rows, cols] by
+    # name: ``ood`` (OOD score / validation 99th percentile), ``std_<t>``, ``mi_<t>``
+    trust: dict[str, np.ndarray] = field(default_factory=dict)
+    trust_maps: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def slide_id(self) -> str:

@@ -41,6 +41,7 @@ from cscvision.core.io import (
     write_png,
 )
 from cscvision.models.card import WEIGHTS_FILE, ModelCard
+from cscvision.models.thresholds import legend_threshold
 from cscvision.outputs.geojson import (
     region_features,
     target_colors,
@@ -52,6 +53,7 @@ from cscvision.outputs.overlay import heat_image, render_overlay
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.outputs.regions import region_masks
 from cscvision.outputs.summary import DEFAULT_PERMUTATIONS, DEFAULT_WITHIN_UM, summarize
+from cscvision.outputs.trust import write_trust_maps
 from cscvision.slides.slide import MPP_FROM_OVERRIDE
 
 if TYPE_CHECKING:
@@ -77,6 +79,8 @@ _CARD_OUTPUT_FIELDS = (
     "calibration",
     "units",
     "output_scale",
+    "ood",
+    "stain",
 )  # fmt: skip  (and the kind's legacy_task, as 0.1.0's "task")
 
 
@@ -89,6 +93,9 @@ def model_identity(model: LoadedModel) -> dict[str, str]:
     used["task"] = model.kind.legacy_task(card)  # 0.1.0's name: earlier outputs stay complete
     if not used.get("calibration"):  # uncalibrated cards keep the digest they had before
         used.pop("calibration", None)
+    for key in ("ood", "stain"):  # nor do cards without an OOD record or stain template
+        if not used.get(key):
+            used.pop(key, None)
     card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
     return {
         "name": card.name,
@@ -144,10 +151,11 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 def write_tile_table(path: str | Path, pred: SlidePrediction) -> Path:
     """``tiles.csv``: corner, tissue fraction, ``prob_<target>`` per map channel (MIL: its
     within-slide percentile), then any raw per-tile columns (MIL: attention × N and the
-    contributions in label units)."""
-    extra = list(pred.tile_values)
+    contributions in label units), then the trust columns (``ood``, ``std_<t>``, ``mi_<t>``)."""
+    values = {**pred.tile_values, **pred.trust}
+    extra = list(values)
     header = ["x", "y", "tissue", *(f"prob_{t}" for t in pred.targets), *extra]
-    columns = np.stack([pred.tile_values[k] for k in extra], 1) if extra else None
+    columns = np.stack([values[k] for k in extra], 1) if extra else None
     rows = (
         [
             int(x),
@@ -165,10 +173,11 @@ def write_tile_table(path: str | Path, pred: SlidePrediction) -> Path:
 
 def write_maps(path: str | Path, pred: SlidePrediction) -> Path:
     reserved = {"tissue", "transform", "targets", "slide_mpp", "bounds", "dimensions"}
-    clash = reserved & set(pred.targets)
+    clash = reserved & set(pred.targets) | set(pred.targets) & set(pred.trust_maps)
     if clash:
         raise ValueError(f"target names {sorted(clash)} clash with maps.npz keys; rename them")
     arrays = {t: pred.maps[i] for i, t in enumerate(pred.targets)}
+    arrays.update(pred.trust_maps)  # ood, std_<t>, mi_<t>: their values, not scaled
     arrays.update(
         tissue=pred.tissue_map,
         transform=pred.map_transform.as_array(),
@@ -211,6 +220,7 @@ def write_overlays(folder: Path, pred: SlidePrediction, card: ModelCard, thumb) 
             min_tissue=pred.grid.spec.min_tissue,
             value_range=card.value_range(target),
             unit=card.unit(target),
+            threshold_label=legend_threshold(card, target) if card.thresholded else None,
         )
         paths.append(write_png(folder / f"overlay_{target}.png", image))
     return paths
@@ -231,6 +241,7 @@ def run_settings(
     within_um: float = DEFAULT_WITHIN_UM,
     permutations: int = DEFAULT_PERMUTATIONS,
     asap_target: str | None = None,
+    uncertainty: str | None = None,
 ) -> dict[str, Any]:
     """What must match for earlier outputs of a slide to count as complete
     (``slide_mpp``: the level-0 µm/px override given for the slide, if any)."""
@@ -242,6 +253,7 @@ def run_settings(
         "within_um": within_um,
         "permutations": permutations,
         "asap_target": asap_target,
+        **({"uncertainty": uncertainty} if uncertainty else {}),  # absent: as before
     }
 
 
@@ -318,6 +330,7 @@ def write_slide_outputs(
             )
         )
     written += write_overlays(folder, pred, card, pred.thumb if thumb is None else thumb)
+    written += write_trust_maps(folder, pred, card)
     written.append(folder / f"{pred.slide_id}.geojson")
     write_geojson(written[-1], _geojson_features(pred, card))
 
@@ -330,9 +343,10 @@ def _geojson_features(pred: SlidePrediction, card: ModelCard) -> Iterator[dict]:
     grid = pred.grid
     offset = (int(grid.bounds[0]), int(grid.bounds[1]))
     names, values = list(pred.targets), pred.probs
-    if pred.tile_values:  # MIL: the raw values are measurements too
-        names += list(pred.tile_values)
-        values = np.column_stack([values, *pred.tile_values.values()])
+    extra = {**pred.tile_values, **pred.trust}  # MIL's raw values, trust: measurements too
+    if extra:
+        names += list(extra)
+        values = np.column_stack([values, *extra.values()])
     tiles = tile_features(
         grid.xy_l0, values, grid.plan.tile_l0, names, offset, slide_id=pred.slide_id
     )

@@ -22,6 +22,7 @@ from cscvision.outputs.nulls import null_seed
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.outputs.regions import niche_name, region_masks, tissue_weights
 from cscvision.outputs.statistics import colocalisation, within_fraction
+from cscvision.outputs.trust import ood_columns, ood_row, ood_summary
 from cscvision.slides.tiling import corrupt_tiles_record
 
 DEFAULT_WITHIN_UM = 100.0  # "near" for the co-localisation figures (a few cell diameters)
@@ -167,6 +168,7 @@ def summarize(
         **stats,
         **({"slide_prediction": pred.slide_prediction} if pred.slide_prediction else {}),
         **corrupt_tile_fields(pred),
+        **({"ood": ood} if (ood := ood_summary(pred, card)) else {}),
         "outputs": outputs,
         "device": pred.device,
         "amp": pred.amp,
@@ -180,10 +182,15 @@ def summarize(
 
 
 def result_columns(
-    targets: Sequence[str], within_um: float = DEFAULT_WITHIN_UM, mil: dict | None = None
+    targets: Sequence[str],
+    within_um: float = DEFAULT_WITHIN_UM,
+    mil: dict | None = None,
+    ood: bool = False,
 ) -> list[str]:
-    """``results.csv`` columns; ``mil`` (a MIL card's record) adds the slide predictions."""
+    """``results.csv`` columns; ``mil`` (a MIL card's record) adds the slide predictions,
+    ``ood`` (the model keeps an OOD record) the slide's OOD share and flag."""
     cols = ["slide_id", "slide_path", "status", "n_tiles", "tissue_mm2", "analysed_tissue_mm2"]
+    cols += ood_columns() if ood else []
     if mil:  # a MIL model's maps are within-slide ranks: no areas, no niche
         return [*cols, *slide_prediction_columns(mil), "seconds", "error"]
     for t in targets:
@@ -203,6 +210,7 @@ def result_row(summary: dict, targets: Sequence[str]) -> dict[str, Any]:
     row.update(status="ok", tissue_mm2=summary.get("tissue_mm2"), error="")
     row["analysed_tissue_mm2"] = summary.get("analysed_tissue_mm2")
     row.update(slide_prediction_row(summary))
+    row.update(ood_row(summary))
     for t in targets:
         stats = summary.get("targets", {}).get(t, {})
         row[f"{t}_area_mm2"] = stats.get("area_mm2")

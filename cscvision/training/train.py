@@ -52,6 +52,7 @@ from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, 
 from cscvision.training.export import TrainResult, run_card
 from cscvision.training.featuredata import with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
+from cscvision.training.ood import export_run_ood
 from cscvision.training.regression import TileRegressor, standardise_stats
 from cscvision.training.tables import check_target_range, cohort_targets
 from cscvision.training.tilecache import require_positives
@@ -482,6 +483,7 @@ def _export(
     # a network that keeps only part of its weights (a head and its tuned encoder blocks)
     state = net.exported_state() if hasattr(net, "exported_state") else None
     export_model(net, card, out_dir, state=state)
+    card = export_run_ood(net, card, dm, out_dir)  # the OOD record beside the weights
     write_model_readme(card, out_dir)
     log.info("exported the model to %s", out_dir)
     return out_dir

@@ -17,6 +17,7 @@ from typing import Any
 
 from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_text
+from cscvision.outputs.trust import card_warnings, ood_banner_text, threshold_rows
 from cscvision.views.plots import (
     calibration_svg,
     colocalisation_svg,
@@ -133,8 +134,7 @@ def _card_section(model: dict[str, Any], card: dict[str, Any] | None, settings: 
     if card:
         keys = ("backbone", "tile_px", "mpp", "trained_on")
         rows.update({k: card[k] for k in keys if k in card})
-        thresholds = card.get("thresholds", {})
-        rows["thresholds"] = ", ".join(f"{t} {v:.3f}" for t, v in thresholds.items())
+        rows.update(threshold_rows(card))
     synthetic = "synthetic" in json.dumps(card or model).lower()
     warn = (
         (
@@ -143,7 +143,7 @@ def _card_section(model: dict[str, Any], card: dict[str, Any] | None, settings: 
         )
         if synthetic
         else ""
-    )
+    ) + "".join(f'<p class="warn">{_e(w)}</p>' for w in card_warnings(card))
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows.items())
     sets = "".join(f"<tr><th>{_e(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in settings.items())
     return (
@@ -225,8 +225,10 @@ def _slide_card(record: SlideRecord, assets: Path, out_dir: Path) -> str:
     )
     figures = _slide_figures(record.summary)
     patient = f" · patient {_e(record.patient_id)}" if record.patient_id else ""
+    banner = ood_banner_text(record.summary)
+    banner = f"<p class='warn ood-banner'>{_e(banner)}</p>" if banner else ""
     return (
-        f"<article class='slide-card' id='slide-{_e(sid)}'><h3>{_e(sid)}{patient}</h3>"
+        f"<article class='slide-card' id='slide-{_e(sid)}'><h3>{_e(sid)}{patient}</h3>{banner}"
         f"<div class='figs'>{''.join(images)}</div><ul>{figures}</ul>"
         f"<p class='files'>{files}</p></article>"
     )

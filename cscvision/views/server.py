@@ -27,6 +27,7 @@ from PIL import Image
 from cscvision.core.errors import CscvisionError
 from cscvision.core.geometry import MapTransform
 from cscvision.core.palette import target_colors
+from cscvision.outputs.trust import ood_banner_text
 
 STATIC = Path(__file__).parent / "static"
 TILE_PX = 254
@@ -185,6 +186,7 @@ class Catalogue:
             "slide_id": sid,
             "dimensions": entry.summary.get("dimensions"),
             "mpp": entry.summary.get("resolution", {}).get("slide_mpp"),
+            "warning": ood_banner_text(entry.summary),  # an OOD slide's banner, or None
             "targets": [
                 {
                     "name": name,

@@ -20,9 +20,16 @@
     return e;
   }
 
+  // a threshold with the digits it carries: 0.99973, not 1.00 (models/thresholds.py)
+  function thresholdText(v) {
+    var gap = Math.min(v, 1 - v);
+    var digits = (gap <= 0 || gap >= 0.1) ? 2 : Math.max(2, Math.ceil(-Math.log10(gap)) + 1);
+    return v.toFixed(Math.min(digits, 8));
+  }
+
   function mapUrl(target, threshold) {
     return "/dzi/" + encodeURIComponent(state.slide) + "/map/" + encodeURIComponent(target) +
-      ".dzi?threshold=" + threshold.toFixed(3);
+      ".dzi?threshold=" + thresholdText(threshold);
   }
 
   function mapRect() {  // the map's footprint in viewport units (slide width = 1)
@@ -49,14 +56,14 @@
     var toggle = el("input", { type: "checkbox", id: "toggle-" + t.name, checked: "checked" });
     var thr = el("input", { type: "range", min: "0", max: "1", step: "0.01",
                             value: String(t.threshold), id: "threshold-" + t.name });
-    var thrText = el("span", { id: "threshold-value-" + t.name }, t.threshold.toFixed(2));
+    var thrText = el("span", { id: "threshold-value-" + t.name }, thresholdText(t.threshold));
     toggle.addEventListener("change", function () {
       layer.visible = toggle.checked;
       if (layer.item) { layer.item.setOpacity(layer.visible ? state.opacity : 0); }
     });
     thr.addEventListener("change", function () {
       layer.threshold = parseFloat(thr.value);
-      thrText.textContent = layer.threshold.toFixed(2);
+      thrText.textContent = thresholdText(layer.threshold);
       addLayer(t.name);
     });
     box.appendChild(sw); box.appendChild(toggle);
@@ -71,6 +78,9 @@
     fetch("/api/slides/" + encodeURIComponent(sid)).then(function (r) { return r.json(); })
       .then(function (info) {
         state.info = info; state.layers = {};
+        var banner = document.getElementById("banner");
+        banner.textContent = info.warning || "";
+        banner.hidden = !info.warning;
         var bar = document.getElementById("layers");
         bar.innerHTML = "";
         info.targets.forEach(function (t) {

@@ -1,0 +1,164 @@
+"""Out-of-distribution record: Mahalanobis known answers, the record beside the weights, and
+the packaged demo model on a real slide (flagged) and held-out synthetic ones (not)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from cscvision.models.backbones import get_model
+from cscvision.models.card import ModelCard, ModelError
+from cscvision.models.export import export_model, load_model
+from cscvision.models.ood import (
+    GaussianRecord,
+    export_ood,
+    feature_source,
+    feature_tap,
+    fit_gaussians,
+    ledoit_wolf,
+    load_ood,
+    mahalanobis,
+    ood_block,
+    ood_scores_of,
+)
+
+
+def test_mahalanobis_of_a_known_gaussian_is_its_closed_form():
+    # diagonal: (3-1)²/4 + (5-2)²/9 = 1 + 1 = 2, by hand
+    mean = torch.tensor([[1.0, 2.0]])
+    precision = torch.diag(torch.tensor([1 / 4, 1 / 9]))
+    assert mahalanobis(torch.tensor([[3.0, 5.0]]), mean, precision).item() == pytest.approx(2.0)
+    # full covariance: (x-μ)ᵀ Σ⁻¹ (x-μ) by a linear solve
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+    cov = a @ a.T + 5 * np.eye(5)
+    mu = rng.normal(size=5)
+    x = rng.normal(size=(7, 5)) * 3
+    want = np.einsum("nd,nd->n", x - mu, np.linalg.solve(cov, (x - mu).T).T)
+    got = mahalanobis(torch.tensor(x), torch.tensor(mu[None]).float(),
+                      torch.tensor(np.linalg.inv(cov)).float())  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4)
+
+
+def test_fitted_gaussian_scores_follow_chi_square():
+    """Fitted on samples of a known Gaussian (no shrinkage), the precision is Σ⁻¹ and fresh
+    samples' squared distances are χ² with D degrees of freedom: their 99th percentile is
+    χ²₀.₉₉(D)."""
+    rng = np.random.default_rng(1)
+    d = 4
+    a = rng.normal(size=(d, d))
+    cov = a @ a.T + np.eye(d)
+    mu = rng.normal(size=d) * 5
+    record = fit_gaussians(rng.multivariate_normal(mu, cov, 20000), shrinkage=0.0)
+    np.testing.assert_allclose(record.precision, np.linalg.inv(cov), rtol=0.05, atol=0.02)
+    scores = ood_scores_of(record, rng.multivariate_normal(mu, cov, 20000))
+    assert np.quantile(scores, 0.99) == pytest.approx(stats.chi2.ppf(0.99, d), rel=0.06)
+    assert scores.mean() == pytest.approx(d, rel=0.03)
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.covariance")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 10)) * np.linspace(1, 3, 10)
+    x -= x.mean(0)
+    cov, a = ledoit_wolf(x)
+    want, want_a = sklearn.ledoit_wolf(x, assume_centered=True)
+    assert a == pytest.approx(want_a, rel=1e-6)
+    np.testing.assert_allclose(cov, want, rtol=1e-6)
+
+
+def test_class_conditional_score_is_distance_to_the_nearest_mean():
+    rng = np.random.default_rng(3)
+    second = rng.normal(size=(200, 2)) + np.array([10.0, 0.0])
+    x = np.concatenate([rng.normal(size=(200, 2)), second])
+    groups = np.repeat([0, 1], 200)
+    record = fit_gaussians(x, groups, shrinkage=0.0)
+    near_second = ood_scores_of(record, np.array([[10.0, 0.0], [5.0, 0.0]]))
+    assert near_second[0] < 0.1 < 10 < near_second[1]  # midway is far from both
+    single = fit_gaussians(x, None, shrinkage=0.0)  # one Gaussian: the midpoint is central
+    assert ood_scores_of(single, np.array([[5.0, 0.0]]))[0] < 0.1
+
+
+def test_feature_tap_reads_the_input_of_the_last_linear_layer():
+    torch.manual_seed(0)
+    net = get_model("small_cnn", 2).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad(), feature_tap(net, "penultimate") as seen:
+        logits = net(x)
+    assert seen[0].shape == (3, 128)
+    torch.testing.assert_close(net[-1](seen[0]), logits)
+
+
+def test_texture_features_are_the_first_blocks_channel_spread():
+    torch.manual_seed(0)
+    net = get_model("small_cnn", 2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), feature_tap(net) as seen:  # the default for a tile CNN
+        net(x)
+        maps = net[3](net[2](net[1](net[0](x))))  # the stem, then the first block
+    torch.testing.assert_close(seen[0], maps.std(dim=(2, 3)))
+    assert feature_source(get_model("resnet18", 2))[0].__class__.__name__ == "Sequential"
+
+
+def _record(dim: int = 128) -> tuple[GaussianRecord, dict]:
+    rng = np.random.default_rng(4)
+    record = fit_gaussians(rng.normal(size=(300, dim)))
+    val = rng.normal(size=(200, dim))
+    scores = ood_scores_of(record, val)
+    block = ood_block(
+        record, features="penultimate", train_tiles=300, val_scores=scores,
+        val_slide_idx=np.arange(200) % 4,
+    )  # fmt: skip
+    return record, block
+
+
+def test_ood_record_travels_beside_the_weights(tmp_path):
+    card = ModelCard(name="m", backbone="small_cnn", tile_px=64)
+    folder = export_model(get_model("small_cnn", 2), card, tmp_path / "m")
+    weights = (folder / "model.safetensors").read_bytes()
+    record, block = _record()
+    card = export_ood(folder, card, record, block)
+    assert (folder / "model.safetensors").read_bytes() == weights  # weights untouched
+    loaded = load_model(folder)
+    assert loaded.card.ood["tile_threshold"] == pytest.approx(block["tile_threshold"])
+    assert block["slide_share_threshold"] >= 0.10
+    scorer = load_ood(folder, loaded.card)
+    torch.testing.assert_close(scorer.precision, torch.as_tensor(record.precision))
+    (folder / "ood.safetensors").write_bytes(b"x" + (folder / "ood.safetensors").read_bytes())
+    with pytest.raises(ModelError, match="sha256"):
+        load_ood(folder, loaded.card)
+
+
+# --- the packaged demo model -------------------------------------------------------------
+
+
+def test_demo_model_flags_the_real_slide(cmu_svs, tmp_path, capsys):
+    from cscvision.cli import main
+
+    out = tmp_path / "out"
+    code = main(["infer", str(cmu_svs), "--model", "demo", "--out", str(out),
+                 "--workers", "0", "--threads", "1"])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "cmu_small_region" / "summary.json").read_text())
+    block = summary["ood"]
+    assert block["out_of_distribution"] is True
+    assert block["share_beyond_p99"] > block["slide_share_threshold"]
+    assert "out of distribution" in capsys.readouterr().err
+    tiles = (out / "cmu_small_region" / "tiles.csv").read_text().splitlines()
+    assert tiles[0].split(",")[-1] == "ood"
+    assert (out / "cmu_small_region" / "overlay_ood.png").is_file()
+    results = (out / "results.csv").read_text().splitlines()
+    header, row = results[0].split(","), results[1].split(",")
+    assert row[header.index("ood_flag")] == "yes"
+
+
+def test_demo_model_does_not_flag_held_out_synthetic_slides(demo_batch):
+    for slide in demo_batch["slides"]:
+        slide_id = slide.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        block = json.loads((demo_batch["out"] / slide_id / "summary.json").read_text())["ood"]
+        assert block["out_of_distribution"] is False, (slide_id, block)
+        assert block["share_beyond_p99"] < block["slide_share_threshold"]
