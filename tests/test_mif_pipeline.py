@@ -100,3 +100,19 @@ def test_labels_mif_names_the_missing_channel(cohort, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "no channel 'Opal 545'" in err and "markers[2] (CD8)" in err and "_mif.ome.tiff" in err
+
+
+def test_register_cli_takes_an_mif_image_with_its_panel(cohort, tmp_path):
+    out = tmp_path / "reg"
+    argv = ["register", str(cohort / f"{SLIDE}.tiff"), str(cohort / f"{SLIDE}_mif.ome.tiff"),
+            "--out", str(out), "--panel", str(cohort / "mif_panel.yaml")]  # fmt: skip
+    assert main(argv) == 0
+    from cscvision.labels.registration import Registration
+
+    reg = Registration.from_dict(json.loads((out / "registration.json").read_text()))
+    record = json.loads((cohort / f"{SLIDE}_mif_truth.json").read_text())
+    true_map = MifTransform(np.asarray(record["transform"]["matrix"]))
+    he_xy = np.array([[400.0, 500.0], [1000.0, 900.0], [700.0, 300.0]])
+    true_mif = np.column_stack(true_map.inverse(he_xy[:, 0], he_xy[:, 1]))
+    err_um = np.linalg.norm(reg.map_l0(he_xy) - true_mif, axis=1) * 0.5
+    assert err_um.max() < 5.0
