@@ -64,14 +64,17 @@ NUCLEUS_UM = {"csc_like": 3.2, "tumour": 5.0, "lymphocyte": 2.5, "macrophage": 3
               "stroma": 3.3, "dead": 1.8}  # fmt: skip
 BODY_UM = {"csc_like": 4.4, "tumour": 7.5, "lymphocyte": 3.8, "macrophage": 8.0,
            "stroma": 5.0, "dead": 2.2}  # fmt: skip
+# (type, all, any, none): lineage markers exclude each other, as real panels gate them
+# (a tumour cell touching CD8+ lymphocytes picks up some of their membrane signal).
+T_NOT, MAC_NOT = ("panCK", "CD68"), ("panCK",)
 PANEL_RULES = (
-    ("treg", ("CD4", "FOXP3"), ()),
-    ("cd8_t", ("CD8",), ()),
-    ("t_cell", ("CD4",), ()),
-    ("m2_macrophage", ("CD68", "CD163"), ()),
-    ("macrophage", ("CD68",), ()),
-    ("csc_like", ("panCK",), ("CD44",)),
-    ("tumour", ("panCK",), ()),
+    ("treg", ("CD4", "FOXP3"), (), T_NOT),
+    ("cd8_t", ("CD8",), (), T_NOT),
+    ("t_cell", ("CD4",), (), T_NOT),
+    ("m2_macrophage", ("CD68", "CD163"), (), MAC_NOT),
+    ("macrophage", ("CD68",), (), MAC_NOT),
+    ("csc_like", ("panCK",), ("CD44",), ()),
+    ("tumour", ("panCK",), (), ()),
 )
 SUFFIX = "_mif.ome.tiff"
 TRUTH_CELLS = "_mif_truth.cells.parquet"
@@ -153,9 +156,10 @@ def panel_yaml() -> str:
              "markers:"]  # fmt: skip
     lines += [f"  - {{channel: {c}, marker: {m}, compartment: {p}}}" for c, m, p in CHANNELS]
     lines += ["phenotypes:"]
-    for t, all_of, any_of in PANEL_RULES:
+    for t, all_of, any_of, none_of in PANEL_RULES:
         rule = f"  - {{type: {t}, all: [{', '.join(all_of)}]"
-        lines.append(rule + (f", any: [{', '.join(any_of)}]}}" if any_of else "}"))
+        rule += f", any: [{', '.join(any_of)}]" if any_of else ""
+        lines.append(rule + (f", none: [{', '.join(none_of)}]}}" if none_of else "}"))
     lines.append("default_type: other")
     return "\n".join(lines) + "\n"
 
