@@ -34,9 +34,10 @@ def test_mif_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
                 else:
                     subprocess.run(["bash", "-ec", line], check=True)
         ran.append(lang)
-    assert ran.count("bash") == 3 and ran.count("python") == 2
+    assert ran.count("bash") == 4 and ran.count("python") == 2
     out = capsys.readouterr().out
     sensitivity = float(re.search(r"Treg sensitivity ([\d.]+)", out)[1])
     specificity = float(re.search(r"specificity ([\d.]+)", out)[1])
     assert sensitivity > 0.85 and specificity > 0.95
     assert (tmp_path / "mif_labels" / "cohort.csv").exists()
+    assert (tmp_path / "mif_cells" / "SYN-P001-S01" / "overlay_density_treg.png").exists()
