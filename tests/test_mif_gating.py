@@ -114,3 +114,27 @@ def test_panel_errors_name_the_entry(change, message):
     change(doc)
     with pytest.raises(PanelError, match=message):
         parse_panel(doc, "panel.yaml")
+
+
+def test_spillover_is_estimated_and_removed():
+    """Channel B sees 6 % of its neighbour A (bright, 30 % of cells positive); B itself is
+    dim on its 20 % positive cells, so uncompensated, A's bright cells pass as B+."""
+    from cscvision.cells.mif_gating import compensate, spill_coefficient
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    a_pos, b_pos = rng.uniform(size=n) < 0.3, rng.uniform(size=n) < 0.2
+    a = 200 + np.where(
+        a_pos, rng.lognormal(np.log(20000), 0.3, n), rng.lognormal(np.log(100), 0.3, n)
+    )
+    b_true = 200 + np.where(
+        b_pos, rng.lognormal(np.log(1500), 0.3, n), rng.lognormal(np.log(100), 0.3, n)
+    )
+    b = b_true + 0.06 * (a - 200)
+    assert spill_coefficient(a, b) == pytest.approx(0.06, abs=0.012)
+    assert spill_coefficient(b_true, a) < 0.01  # nothing flows the other way
+    fixed, coef = compensate({"A": a, "B": b, "DAPI": a}, ["DAPI", "A", "B"], skip=("DAPI",))
+    assert "DAPI>A" not in coef and coef["A>B"] == pytest.approx(0.06, abs=0.012)
+    before = (gate(b)[1] == b_pos).mean()
+    after = (gate(fixed["B"])[1] == b_pos).mean()
+    assert before < 0.95 < 0.99 < after

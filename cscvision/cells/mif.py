@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cscvision.cells.mif_gating import phenotype_table
-from cscvision.cells.mif_panel import Panel, PanelError
+from cscvision.cells.mif_panel import Panel, PanelError, channel_indices
 from cscvision.cells.mif_read import MifImage
 from cscvision.cells.mif_segment import MeasuredCells, SegmentParams, segment_and_measure
 from cscvision.cells.table import CellTable
@@ -82,14 +82,18 @@ def mif_cell_table(
     segment: SegmentParams | None = None,
     measured: MeasuredCells | None = None,
     registration_params=None,
+    compensate: bool = False,
 ) -> MifResult:
     """Cells of ``image`` (segmented unless ``measured`` is given), gated and typed by the
     panel; with ``he_slide`` (an open slide) registered onto it and carried into its
-    level-0 px (cells that land off the slide are dropped)."""
+    level-0 px (cells that land off the slide are dropped). ``compensate``: remove the
+    spillover between neighbouring channels before gating (cscvision.cells.mif_gating)."""
     cells = measured or segment_and_measure(image, panel, segment)
+    index = channel_indices(panel, image.channels, str(image.path))
+    order = sorted(index, key=index.get) if compensate else None
     table, thresholds = phenotype_table(
         cells.x, cells.y, cells.intensity, panel, method=method, mpp=image.mpp,
-        slide_id=slide_id, source=f"cscvision mif ({image.kind})",
+        slide_id=slide_id, source=f"cscvision mif ({image.kind})", spill_order=order,
     )  # fmt: skip
     if he_slide is None:
         return MifResult(table, thresholds, None, len(table))

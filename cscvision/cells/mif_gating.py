@@ -8,6 +8,14 @@ negative cells are roughly log-normal, so the split is found where they are sepa
   the higher component's posterior reaches 1/2 between the two means;
 - a ``threshold`` given in the panel (intensity units) wins over both.
 
+**Spillover compensation** (optional, :func:`compensate`): before gating, each marker's
+intensity loses what its neighbouring channels of the image (file order: the spectral order
+of Akoya, Orion and most exports) spill into it. The coefficient from channel A into B is
+estimated per slide from the cells brightest in A (top ``TOP_SHARE``): the
+``RATIO_QUANTILE``-th percentile of (B - background) / (A - background), i.e. what cells
+positive for A but not for B show in B; backgrounds are each channel's 10th percentile;
+coefficients are capped at ``MAX_SPILL``.
+
 **Phenotypes**: the panel's rules in order; the first rule a cell meets gives its type
 (``all`` positive, at least one ``any`` when given, no ``none``); cells no rule takes get
 ``default_type``. The result is a cell table (:mod:`cscvision.cells.table`): ``cell_type``,
@@ -25,6 +33,9 @@ from cscvision.core.errors import CscvisionError
 
 METHODS = ("otsu", "gmm")
 LOG_FLOOR = 1e-3
+TOP_SHARE = 0.03
+RATIO_QUANTILE = 10.0
+MAX_SPILL = 0.2
 
 
 class GatingError(CscvisionError, ValueError):
@@ -80,6 +91,39 @@ def gate(
     return float(threshold), np.nan_to_num(v, nan=-np.inf) > threshold
 
 
+def spill_coefficient(source: np.ndarray, target: np.ndarray) -> float:
+    """Share of ``source`` seen in ``target`` (module doc), from the cells brightest in
+    ``source``; 0 when too few cells."""
+    a = np.nan_to_num(np.asarray(source, np.float64), nan=0.0)
+    b = np.nan_to_num(np.asarray(target, np.float64), nan=0.0)
+    if len(a) < 50:
+        return 0.0
+    a, b = a - np.percentile(a, 10), b - np.percentile(b, 10)
+    top = a > max(np.percentile(a, 100 * (1 - TOP_SHARE)), 0)
+    if top.sum() < 5:
+        return 0.0
+    return float(np.clip(np.percentile(b[top] / a[top], RATIO_QUANTILE), 0, MAX_SPILL))
+
+
+def compensate(
+    intensity: dict[str, np.ndarray], order: list[str], skip: tuple[str, ...] = ()
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Intensities less the spillover from their neighbours in ``order`` (the image's channel
+    order of the markers); ``skip``: markers never used as a source (the nuclear stain).
+    Returns the new intensities and the coefficients (``"A>B"``: from A into B)."""
+    out, coef = dict(intensity), {}
+    for k, target in enumerate(order):
+        v = np.asarray(intensity[target], np.float64).copy()
+        for j in (k - 1, k + 1):
+            if 0 <= j < len(order) and order[j] not in skip and target not in skip:
+                src = np.asarray(intensity[order[j]], np.float64)
+                c = spill_coefficient(src, intensity[target])
+                coef[f"{order[j]}>{target}"] = round(c, 4)
+                v -= c * np.clip(src - np.nanpercentile(src, 10), 0, None)
+        out[target] = v
+    return out, coef
+
+
 def _meets(rule: PhenotypeRule, positive: dict[str, np.ndarray], n: int) -> np.ndarray:
     ok = np.ones(n, bool)
     for m in rule.all:
@@ -115,11 +159,16 @@ def phenotype_table(
     mpp: float | None = None,
     slide_id: str = "",
     source: str = "cscvision mif",
+    spill_order: list[str] | None = None,
 ) -> tuple[CellTable, dict[str, float]]:
-    """The cell table of gated, phenotyped cells, and each marker's threshold."""
-    positive, thresholds = {}, {}
+    """The cell table of gated, phenotyped cells, and each marker's threshold. With
+    ``spill_order`` (the markers in the image's channel order) the intensities are first
+    compensated (:func:`compensate`); the table keeps the measured ones."""
+    gated, positive, thresholds = intensity, {}, {}
+    if spill_order:
+        gated, _ = compensate(intensity, spill_order, skip=(panel.nuclear_marker,))
     for m in panel.measured:
-        thresholds[m.marker], positive[m.marker] = gate(intensity[m.marker], method, m.threshold)
+        thresholds[m.marker], positive[m.marker] = gate(gated[m.marker], method, m.threshold)
     types = apply_rules(positive, panel.rules, panel.default_type)
     markers = {m: np.asarray(v, np.float64) for m, v in intensity.items()}
     markers |= {f"{m}_pos": p for m, p in positive.items()}

@@ -56,6 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="segment",
         help="segment nuclei on the nuclear marker (default) or read cells_path",
     )
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="remove spillover between neighbouring channels (estimated per slide from the "
+        "cells brightest in each channel) before gating",
+    )
     p.add_argument("--expand-um", type=float, default=4.0,
                    help="nucleus → cell body growth, µm (default 4)")  # fmt: skip
     p.add_argument("--mif-mpp", type=float, default=None, help="µm/px of mIF images without one")
@@ -106,6 +112,7 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
         result = mif_cell_table(
             image, panel, he_slide=slide, slide_id=entry.slide_id, method=args.gating,
             segment=SegmentParams(expand_um=args.expand_um), measured=measured,
+            compensate=args.compensate,
         )  # fmt: skip
         _, mask = detect_tissue(slide, spec.mask_mpp)
         grid = dataclasses.replace(make_grid(slide, spec, mask), slide_id=entry.slide_id)
@@ -130,7 +137,8 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
     record = {
         "slide_id": entry.slide_id, "mif_path": str(mif_path), "kind": image.kind,
         "channels": list(image.channels), "mif_mpp": image.mpp, "gating": args.gating,
-        "thresholds": result.thresholds, "cells_found": result.n_cells,
+        "thresholds": result.thresholds, "compensated": args.compensate,
+        "cells_found": result.n_cells,
         "cells_on_he": len(result.table), "type_counts": result.table.counts(),
         "registration": result.registration.to_dict(),
     }  # fmt: skip
