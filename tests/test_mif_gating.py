@@ -138,3 +138,26 @@ def test_spillover_is_estimated_and_removed():
     before = (gate(b)[1] == b_pos).mean()
     after = (gate(fixed["B"])[1] == b_pos).mean()
     assert before < 0.95 < 0.99 < after
+
+
+def test_lineage_markers_keep_the_strongest_call():
+    from cscvision.cells.mif_gating import resolve_lineage
+
+    positive = {"CD8": np.array([1, 1, 0, 1], bool), "panCK": np.array([1, 1, 1, 0], bool),
+                "FOXP3": np.array([1, 1, 1, 1], bool)}  # fmt: skip
+    score = {"CD8": np.array([0.2, 2.0, -1.0, 0.1]), "panCK": np.array([1.5, 0.3, 0.4, -2.0]),
+             "FOXP3": np.zeros(4)}  # fmt: skip
+    out = resolve_lineage(positive, score, ("CD8", "panCK"))
+    assert out["CD8"].tolist() == [False, True, False, True]
+    assert out["panCK"].tolist() == [True, False, True, False]
+    assert out["FOXP3"].all()  # not a lineage marker: untouched
+    fixed = [{**m, "threshold": 1000.0} if m["marker"] != "DAPI" else m for m in PANEL["markers"]]
+    panel = parse_panel({**PANEL, "markers": fixed, "lineage": ["CD8", "panCK"]}, "panel.yaml")
+    n = 4
+    intensity = {m.marker: np.full(n, 10.0) for m in panel.markers}
+    intensity["CD8"] = np.array([2000.0, 9000.0, 10.0, 10.0]) * np.ones(n)
+    intensity["panCK"] = np.array([9000.0, 2000.0, 10.0, 10.0])
+    table, _ = phenotype_table(np.zeros(n), np.zeros(n), intensity, panel)
+    assert table.cell_type.tolist() == ["tumour", "cd8_t", "other", "other"]
+    with pytest.raises(PanelError, match="lineage"):
+        parse_panel({**PANEL, "lineage": ["CD3"]}, "panel.yaml")

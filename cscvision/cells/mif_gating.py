@@ -16,6 +16,10 @@ estimated per slide from the cells brightest in A (top ``TOP_SHARE``): the
 positive for A but not for B show in B; backgrounds are each channel's 10th percentile;
 coefficients are capped at ``MAX_SPILL``.
 
+**Lineage**: where the panel lists mutually exclusive lineage markers, a cell positive for
+several keeps the one furthest above its threshold (log intensity over threshold) and is
+made negative for the others (:func:`resolve_lineage`).
+
 **Phenotypes**: the panel's rules in order; the first rule a cell meets gives its type
 (``all`` positive, at least one ``any`` when given, no ``none``); cells no rule takes get
 ``default_type``. The result is a cell table (:mod:`cscvision.cells.table`): ``cell_type``,
@@ -124,6 +128,19 @@ def compensate(
     return out, coef
 
 
+def resolve_lineage(positive: dict[str, np.ndarray], score: dict[str, np.ndarray],
+                    lineage: tuple[str, ...]) -> dict[str, np.ndarray]:  # fmt: skip
+    """``positive`` with at most one of ``lineage`` per cell: the highest ``score``."""
+    if len(lineage) < 2:
+        return positive
+    s = np.stack([np.where(positive[m], score[m], -np.inf) for m in lineage])
+    best, hit = np.argmax(s, axis=0), np.isfinite(s).any(axis=0)
+    out = dict(positive)
+    for k, m in enumerate(lineage):
+        out[m] = positive[m] & (~hit | (best == k))
+    return out
+
+
 def _meets(rule: PhenotypeRule, positive: dict[str, np.ndarray], n: int) -> np.ndarray:
     ok = np.ones(n, bool)
     for m in rule.all:
@@ -167,8 +184,12 @@ def phenotype_table(
     gated, positive, thresholds = intensity, {}, {}
     if spill_order:
         gated, _ = compensate(intensity, spill_order, skip=(panel.nuclear_marker,))
+    score = {}
     for m in panel.measured:
         thresholds[m.marker], positive[m.marker] = gate(gated[m.marker], method, m.threshold)
+        ratio = np.asarray(gated[m.marker], np.float64) / max(thresholds[m.marker], LOG_FLOOR)
+        score[m.marker] = np.log(np.maximum(np.nan_to_num(ratio, nan=0.0), LOG_FLOOR))
+    positive = resolve_lineage(positive, score, panel.lineage)
     types = apply_rules(positive, panel.rules, panel.default_type)
     markers = {m: np.asarray(v, np.float64) for m, v in intensity.items()}
     markers |= {f"{m}_pos": p for m, p in positive.items()}

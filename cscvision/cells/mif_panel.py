@@ -11,13 +11,17 @@ A YAML file (docs/reference/mif-panel.md)::
       - {type: treg, all: [CD4, FOXP3]}
       - {type: csc_like, all: [panCK], any: [CD44, CD133], none: [CD45]}
     default_type: other             # cells no rule types
+    lineage: [CD8, CD4, CD68, panCK] # optional: at most one of these per cell
 
 ``channel`` is the image's channel name (OME ``Channel/@Name``, the qptiff ``<Name>``, or
 the file stem of a one-TIFF-per-channel folder), matched ignoring case and surrounding
 spaces; ``compartment`` is ``nucleus``, ``membrane``, ``cytoplasm`` or ``cell``;
 ``threshold`` (optional) is the positivity threshold in the image's intensity units
 (the mean of the compartment), else it is found per slide. ``type`` is a node of the
-cell-type hierarchy (``cscvision/resources/configs/cell_types.yaml``).
+cell-type hierarchy (``cscvision/resources/configs/cell_types.yaml``). ``lineage``
+(optional) lists markers of mutually exclusive lineages: a cell called positive for several
+keeps only the one furthest above its threshold (in log intensity), the rest become
+negative; a tumour cell touching CD8+ lymphocytes is then not a CD8 T cell.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Panel:
     rules: tuple[PhenotypeRule, ...]
     default_type: str = "other"
     path: str = ""
+    lineage: tuple[str, ...] = ()
 
     @property
     def measured(self) -> tuple[PanelMarker, ...]:
@@ -137,6 +142,10 @@ def parse_panel(doc: dict, source: str = "panel") -> Panel:
     known = {m.marker for m in markers} - {nuclear}
     rules = tuple(_rule(e, f"{source}: phenotypes[{i}]", known)
                   for i, e in enumerate(doc.get("phenotypes") or []))  # fmt: skip
+    lineage = _names(doc.get("lineage"), f"{source}: lineage")
+    stray = [m for m in lineage if m not in known]
+    if stray:
+        raise PanelError(f"{source}: lineage names {stray}, which are no gated marker of the panel")
     default = str(doc.get("default_type", "other"))
     hierarchy = cell_types()
     try:
@@ -144,7 +153,7 @@ def parse_panel(doc: dict, source: str = "panel") -> Panel:
             hierarchy.check(t)
     except CellTypeError as e:
         raise PanelError(f"{source}: {e}") from None
-    return Panel(markers, nuclear, rules, default, source)
+    return Panel(markers, nuclear, rules, default, source, lineage)
 
 
 def read_panel(path: str | Path) -> Panel:

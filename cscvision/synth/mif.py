@@ -64,18 +64,18 @@ NUCLEUS_UM = {"csc_like": 3.2, "tumour": 5.0, "lymphocyte": 2.5, "macrophage": 3
               "stroma": 3.3, "dead": 1.8}  # fmt: skip
 BODY_UM = {"csc_like": 4.4, "tumour": 7.5, "lymphocyte": 3.8, "macrophage": 8.0,
            "stroma": 5.0, "dead": 2.2}  # fmt: skip
-# (type, all, any, none): lineage markers exclude each other, as real panels gate them
-# (a tumour cell touching CD8+ lymphocytes picks up some of their membrane signal).
-T_NOT, MAC_NOT = ("panCK", "CD68"), ("panCK",)
-PANEL_RULES = (
-    ("treg", ("CD4", "FOXP3"), (), T_NOT),
-    ("cd8_t", ("CD8",), (), T_NOT),
-    ("t_cell", ("CD4",), (), T_NOT),
-    ("m2_macrophage", ("CD68", "CD163"), (), MAC_NOT),
-    ("macrophage", ("CD68",), (), MAC_NOT),
-    ("csc_like", ("panCK",), ("CD44",), ()),
-    ("tumour", ("panCK",), (), ()),
+PANEL_RULES = (  # (type, all, any)
+    ("treg", ("CD4", "FOXP3"), ()),
+    ("cd8_t", ("CD8",), ()),
+    ("t_cell", ("CD4",), ()),
+    ("m2_macrophage", ("CD68", "CD163"), ()),
+    ("macrophage", ("CD68",), ()),
+    ("csc_like", ("panCK",), ("CD44",)),
+    ("tumour", ("panCK",), ()),
 )
+# lineage markers exclude each other (a tumour cell touching CD8+ lymphocytes picks up some
+# of their membrane signal): cscvision.cells.mif_panel
+LINEAGE = ("CD8", "CD4", "CD68", "panCK")
 SUFFIX = "_mif.ome.tiff"
 TRUTH_CELLS = "_mif_truth.cells.parquet"
 
@@ -156,11 +156,11 @@ def panel_yaml() -> str:
              "markers:"]  # fmt: skip
     lines += [f"  - {{channel: {c}, marker: {m}, compartment: {p}}}" for c, m, p in CHANNELS]
     lines += ["phenotypes:"]
-    for t, all_of, any_of, none_of in PANEL_RULES:
+    for t, all_of, any_of in PANEL_RULES:
         rule = f"  - {{type: {t}, all: [{', '.join(all_of)}]"
-        rule += f", any: [{', '.join(any_of)}]" if any_of else ""
-        lines.append(rule + (f", none: [{', '.join(none_of)}]}}" if none_of else "}"))
+        lines.append(rule + (f", any: [{', '.join(any_of)}]}}" if any_of else "}"))
     lines.append("default_type: other")
+    lines.append(f"lineage: [{', '.join(LINEAGE)}]")
     return "\n".join(lines) + "\n"
 
 
