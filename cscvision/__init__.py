@@ -22,6 +22,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
     from cscvision.cells.compartments import compartments_from_cells
     from cscvision.cells.labels import cell_label_table
+    from cscvision.cells.mif import mif_cell_table
+    from cscvision.cells.mif_panel import read_panel
+    from cscvision.cells.mif_read import open_mif
     from cscvision.cells.phenotype import immune_report
     from cscvision.cells.readers import read_cells
     from cscvision.cells.table import CellTable, read_cell_table, write_cell_table
@@ -124,6 +127,9 @@ _API = {
     "compartments_from_cells": "cscvision.cells.compartments",
     "immune_report": "cscvision.cells.phenotype",
     "cell_label_table": "cscvision.cells.labels",
+    "open_mif": "cscvision.cells.mif_read",
+    "read_panel": "cscvision.cells.mif_panel",
+    "mif_cell_table": "cscvision.cells.mif",
 }
 
 __all__ = [
@@ -163,7 +169,9 @@ __all__ = [
     "load_model",
     "make_grid",
     "marker_config",
+    "mif_cell_table",
     "normalise_batch",
+    "open_mif",
     "open_slide",
     "outputs_anndata",
     "outputs_spatialdata",
@@ -176,6 +184,7 @@ __all__ = [
     "read_feature_store",
     "read_label_table",
     "read_outputs",
+    "read_panel",
     "read_st",
     "region_masks",
     "register_kind",

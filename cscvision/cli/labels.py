@@ -6,13 +6,14 @@ import argparse
 import importlib
 
 # Label sources, each a module cli/labels_<source>.py with add_parser(subparsers) and run(args).
-SOURCES = ("ihc", "st", "cells")
+SOURCES = ("ihc", "st", "cells", "mif")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "labels",
-        help="make tile-label tables (training targets) from IHC, spatial transcriptomics or cells",
+        help="make tile-label tables (training targets) from IHC, spatial transcriptomics, cells "
+        "or multiplex IF",
         description=(
             "Write one tile-label table per slide (<slide_id>.labels.csv + .labels.json) and a "
             "cohort CSV with a label_path column that `cscvision train` accepts."

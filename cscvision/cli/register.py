@@ -21,6 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("he", type=Path, help="the fixed slide (H&E)")
     parser.add_argument("ihc", type=Path, help="the moving slide (IHC)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument(
+        "--panel",
+        type=Path,
+        default=None,
+        help="the moving image is multiplex IF (OME-TIFF, .qptiff or a folder of one TIFF per "
+        "channel) with this panel file: its nuclear marker is registered against haematoxylin",
+    )
     add_registration_args(parser)
     parser.set_defaults(func=run)
 
@@ -98,9 +105,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         mpp = args.slide_mpp
-        with open_slide(args.he, mpp=mpp) as he, open_slide(args.ihc, mpp=mpp) as ihc:
-            reg, qc = register_slides(he, ihc, registration_params(args))
-    except SlideError as e:
+        if args.panel is not None:
+            with open_slide(args.he, mpp=mpp) as he:
+                reg, qc = register_slides(he, _mif(args), registration_params(args))
+        else:
+            with open_slide(args.he, mpp=mpp) as he, open_slide(args.ihc, mpp=mpp) as ihc:
+                reg, qc = register_slides(he, ihc, registration_params(args))
+    except (SlideError, ValueError) as e:
         print(f"cscvision register: {e}", file=sys.stderr)
         return 1
     json_path = write_json(args.out / "registration.json", reg.to_dict())
@@ -116,3 +127,11 @@ def run(args: argparse.Namespace) -> int:
         f"  transform {json_path}\n  QC        {qc_path}"
     )
     return 0 if reg.ok else 1
+
+
+def _mif(args: argparse.Namespace):
+    from cscvision.cells.mif_panel import read_panel
+    from cscvision.cells.mif_read import open_mif
+    from cscvision.cells.mif_register import VirtualBrightfield
+
+    return VirtualBrightfield(open_mif(args.ihc, mpp=args.slide_mpp), read_panel(args.panel))

@@ -80,6 +80,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--ihc, 20 40 for --ihc realistic)",
     )
     parser.add_argument(
+        "--mif",
+        action="store_true",
+        help="add a multiplex IF image of each section (<id>_mif.ome.tiff: DAPI and 7 "
+        "markers, under a small known transform), its truth (<id>_mif_truth.json, "
+        "<id>_mif_truth.cells.parquet: true phenotypes), mif_panel.yaml and "
+        "mif_manifest.csv for `cscvision labels mif`",
+    )
+    parser.add_argument(
         "--slide-labels",
         action="store_true",
         help="also write slide_labels.csv: each slide's true stemness-rich and "
@@ -178,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             ihc_options=_ihc_options(args),
             region_share=tuple(args.region_share),
             infiltration=args.infiltration,
+            mif=args.mif,
         )
         labels = None
         if args.slide_labels:

@@ -106,6 +106,7 @@ def write_slide(
     visium_layout: str = "2.0",
     infiltration: Infiltration | None = None,
     ihc_options: IhcOptions | None = None,
+    mif: bool = False,
 ) -> SlideTruth:
     """Render one slide to ``path`` (a pyramidal TIFF) with its truth files beside it.
 
@@ -118,6 +119,7 @@ def write_slide(
     Every slide gets its cell table ``<slide_id>.cells.parquet`` and per-tile density truth
     ``<slide_id>_cells_truth.csv``; ``infiltration`` adds infiltrating lymphocytes to tumour
     and stroma (cscvision.synth.cells), without it the slide's pixels are as before.
+    ``mif`` adds ``<slide_id>_mif.ome.tiff`` and its truth (cscvision.synth.mif).
     """
     path = Path(path)
     slide_id = slide_id or path.stem
@@ -150,6 +152,11 @@ def write_slide(
         write_ihc_slide(ihc_path, he_id=slide_id, layout=layout, he_renderer=renderer,
                         marker=marker, seed=seed + 101 * (k + 1), lab=lab, tile_px=tile_px,
                         quality=quality, options=ihc_options)  # fmt: skip
+    if mif:
+        from cscvision.synth.mif import SUFFIX, write_mif_slide
+
+        write_mif_slide(path.with_name(slide_id + SUFFIX), he_id=slide_id, renderer=renderer,
+                        seed=seed + 7919, tile_px=tile_px)  # fmt: skip
     if visium:
         write_visium(paths["slide"].parent / f"{slide_id}_visium", layout, seed=seed,
                      levels=levels, spec=VisiumSpec(layout=visium_layout))  # fmt: skip
@@ -272,6 +279,7 @@ def write_cohort(
     visium_layout: str = "2.0",
     infiltration: bool | str = False,
     ihc_options: IhcOptions | None = None,
+    mif: bool = False,
 ) -> Path:
     """Write a synthetic cohort with its ground truth: slides, annotations and ``cohort.csv``.
 
@@ -311,6 +319,9 @@ def write_cohort(
         uniformly, ``"phenotype"`` draws a design per slide (inflamed, excluded or desert,
         recorded in its ``_truth.json``). Every slide gets its cell table either way
         (``cohort.csv``'s ``cells_path``).
+    mif
+        Add a multiplex IF OME-TIFF per slide, ``mif_panel.yaml`` and ``mif_manifest.csv``
+        (cscvision.synth.mif).
     region_share
         Range each slide's stemness-rich and immunosuppressive shares of tissue are drawn
         from (widen it for slide-label cohorts).
@@ -338,7 +349,7 @@ def write_cohort(
     if visium:
         kwargs["visium_layout"] = VisiumSpec(layout=visium_layout).layout  # checked up front
     kwargs["ihc_markers"], kwargs["ihc_options"] = tuple(ihc_markers), ihc_options
-    kwargs["region_share"] = tuple(region_share)
+    kwargs["region_share"], kwargs["mif"] = tuple(region_share), mif
     kwargs["infiltration"] = (
         ("uniform" if infiltration is True else str(infiltration)) if infiltration else None
     )
@@ -372,6 +383,12 @@ def write_cohort(
     if ihc_markers:
         ihc_rows = [(*r[:3], f"{r[0]}_{m}{SLIDE_SUFFIX}", m) for r in records for m in ihc_markers]
         write_csv(out_dir / "ihc_manifest.csv", IHC_COLUMNS, ihc_rows)
+    if mif:
+        from cscvision.synth.mif import SUFFIX, write_panel
+
+        write_panel(out_dir / "mif_panel.yaml")
+        mif_rows = [(*r[:3], f"{r[0]}{SUFFIX}") for r in records]
+        write_csv(out_dir / "mif_manifest.csv", (*IHC_COLUMNS[:3], "mif_path"), mif_rows)
     if visium:
         records = [(*r, f"{r[0]}_visium/outs") for r in records]
         return write_csv(out_dir / "cohort.csv", (*COHORT_COLUMNS, "st_path"), records)

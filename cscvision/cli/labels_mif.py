@@ -1,0 +1,194 @@
+"""``cscvision labels mif``: multiplex IF images → cell phenotypes → H&E tile-label tables.
+
+Thin on purpose: per slide it calls :func:`cscvision.cells.mif.mif_cell_table` (cells,
+gating, phenotypes, registration) and :func:`cscvision.cells.labels.cell_label_table`
+(the tile labels); the loop is the ``labels cells`` loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+HELP = """\
+Turn multiplex immunofluorescence (mIF) images of the H&E sections into training targets.
+
+MANIFEST.csv: slide_id, patient_id, slide_path (the H&E) and mif_path (an OME-TIFF, a
+.qptiff or a folder of one TIFF per channel), relative to the CSV; optional split, and
+cells_path (a QuPath measurement export of the mIF cells, read with --cells qupath).
+PANEL.yaml maps the image's channels to markers and compartments and gives the phenotype
+rules (docs/reference/mif-panel.md). Per slide: nuclei segmented on the nuclear marker
+(or the export read), each marker's compartment mean gated per slide (Otsu or a Gaussian
+mixture on log intensities, or the panel's threshold), phenotypes by the panel's rules,
+the mIF registered onto the H&E (nuclear stain against haematoxylin) and the cells carried
+into H&E level-0 px. Writes into --out: cells/<slide_id>.cells.parquet (+ .json; the cell
+table, `cscvision cells` reads it), cells/<slide_id>_mif.json (thresholds, registration),
+<slide_id>.labels.csv + .json (one column per --feature) and cohort.csv for `cscvision train`.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "mif",
+        help="multiplex IF (OME-TIFF, qptiff) → phenotypes → H&E tile labels",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("manifest", type=Path, metavar="MANIFEST.csv")
+    p.add_argument("--panel", type=Path, required=True, help="the panel YAML")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--feature",
+        action="append",
+        default=None,
+        help="a per-tile cell feature (repeatable; default density_treg): density_<type>, "
+        "share_<type>, share_<marker>_pos, ... (as `labels cells`)",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="0/1 targets: feature >= T")
+    p.add_argument("--gating", choices=("otsu", "gmm"), default="otsu")
+    p.add_argument(
+        "--cells",
+        choices=("segment", "qupath"),
+        default="segment",
+        help="segment nuclei on the nuclear marker (default) or read cells_path",
+    )
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="remove spillover between neighbouring channels (estimated per slide from the "
+        "cells brightest in each channel) before gating",
+    )
+    p.add_argument("--expand-um", type=float, default=4.0,
+                   help="nucleus → cell body growth, µm (default 4)")  # fmt: skip
+    p.add_argument("--mif-mpp", type=float, default=None, help="µm/px of mIF images without one")
+    p.add_argument("--mpp", type=float, default=0.5, help="tile µm/px (default 0.5)")
+    p.add_argument("--tile-px", type=int, default=224, help="tile size in px (default 224)")
+    p.add_argument("--min-tissue", type=float, default=0.5)
+    p.add_argument("--mask-mpp", type=float, default=8.0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing tables")
+    p.set_defaults(func=run)
+
+
+def _jobs(manifest: Path, cells: str) -> list[tuple]:
+    from cscvision.core.io import read_csv
+    from cscvision.labels.cohort import CohortError, read_cohort
+
+    entries, rows = read_cohort(manifest), read_csv(manifest)
+    need = ["mif_path"] + (["cells_path"] if cells == "qupath" else [])
+    for col in need:
+        if col not in rows[0]:
+            raise CohortError(f"{manifest}: no {col} column; add each slide's {col}")
+    jobs = []
+    for line, (entry, row) in enumerate(zip(entries, rows, strict=True), start=2):
+        paths = []
+        for col in need:
+            text = (row.get(col) or "").strip()
+            path = Path(text) if Path(text).is_absolute() else manifest.parent / text
+            if not text or not path.exists():
+                raise CohortError(f"{manifest}: line {line}: {col} {text!r} does not exist")
+            paths.append(path.resolve())
+        jobs.append((entry, *paths, *([None] * (2 - len(paths)))))
+    return jobs
+
+
+def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
+    """One slide: its mIF cell table in H&E px, the record, and its tile-label table."""
+    from cscvision.cells.labels import CellLabelSpec, cell_label_table
+    from cscvision.cells.mif import mif_cell_table, read_qupath_measurements
+    from cscvision.cells.mif_read import open_mif
+    from cscvision.cells.mif_segment import SegmentParams
+    from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
+    from cscvision.slides.slide import open_slide
+
+    image = open_mif(mif_path, mpp=args.mif_mpp)
+    measured = read_qupath_measurements(cells_path, image, panel) if cells_path else None
+    spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue,
+                    mask_mpp=args.mask_mpp)  # fmt: skip
+    with open_slide(entry.slide_path) as slide:
+        result = mif_cell_table(
+            image, panel, he_slide=slide, slide_id=entry.slide_id, method=args.gating,
+            segment=SegmentParams(expand_um=args.expand_um), measured=measured,
+            compensate=args.compensate,
+        )  # fmt: skip
+        _, mask = detect_tissue(slide, spec.mask_mpp)
+        grid = dataclasses.replace(make_grid(slide, spec, mask), slide_id=entry.slide_id)
+    tables = [
+        cell_label_table(
+            result.table, grid.xy_l0, grid.tissue, tile_l0=grid.plan.tile_l0,
+            slide_mpp=grid.slide_mpp, tile_px=args.tile_px, mpp=args.mpp,
+            spec=CellLabelSpec(f, args.threshold), slide_id=entry.slide_id,
+            provenance={"mif_path": str(mif_path), "panel": str(args.panel)},
+        )
+        for f in args.feature or ["density_treg"]
+    ]  # fmt: skip
+    import numpy as np
+
+    merged = dataclasses.replace(
+        tables[0],
+        targets=tuple(t.targets[0] for t in tables),
+        values=np.hstack([t.values for t in tables]),
+        source="mif",
+        provenance={**tables[0].provenance, "features": [t.provenance["feature"] for t in tables]},
+    )
+    record = {
+        "slide_id": entry.slide_id, "mif_path": str(mif_path), "kind": image.kind,
+        "channels": list(image.channels), "mif_mpp": image.mpp, "gating": args.gating,
+        "thresholds": result.thresholds, "compensated": args.compensate,
+        "cells_found": result.n_cells,
+        "cells_on_he": len(result.table), "type_counts": result.table.counts(),
+        "registration": result.registration.to_dict(),
+    }  # fmt: skip
+    return result.table, record, merged
+
+
+def run(args: argparse.Namespace) -> int:
+    from cscvision.cells.mif_panel import read_panel
+    from cscvision.cells.table import write_cell_table
+    from cscvision.core.io import write_csv, write_json
+    from cscvision.labels.table import table_path, write_label_table
+    from cscvision.slides.slide import SlideError
+
+    t0 = time.perf_counter()
+    try:
+        panel = read_panel(args.panel)
+        jobs = _jobs(args.manifest, args.cells)
+    except (ValueError, OSError) as e:
+        print(f"cscvision labels mif: {e}", file=sys.stderr)
+        return 2
+    existing = [p for e, *_ in jobs if (p := table_path(args.out, e.slide_id)).exists()]
+    if existing and not args.overwrite:
+        print(f"cscvision labels mif: {existing[0]} exists; pass --overwrite", file=sys.stderr)
+        return 2
+    rows, errors, n_cells = [], [], 0
+    for entry, mif_path, cells_path in jobs:
+        try:
+            table, record, labels = label_slide(entry, mif_path, cells_path, panel, args)
+        except (ValueError, SlideError, OSError) as err:
+            errors.append((entry.slide_id, f"{type(err).__name__}: {err}"))
+            continue
+        write_cell_table(args.out / "cells" / f"{entry.slide_id}.cells.parquet", table)
+        write_json(args.out / "cells" / f"{entry.slide_id}_mif.json", record)
+        path = write_label_table(table_path(args.out, entry.slide_id), labels)
+        n_cells += len(table)
+        rows.append((entry.slide_id, entry.patient_id, _rel(entry.slide_path, args.out),
+                     _rel(path, args.out), entry.split or ""))  # fmt: skip
+    header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
+    cohort = write_csv(args.out / "cohort.csv", header, rows)
+    errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
+    print(
+        f"wrote {len(rows)} of {len(jobs)} tile-label tables ({n_cells} mIF cells on the H&E; "
+        f"targets {', '.join(args.feature or ['density_treg'])}) to {args.out} in "
+        f"{time.perf_counter() - t0:.1f} s\n  {cohort.name}  for cscvision train\n"
+        f"  {errors_path.name}  {len(errors)} slide(s) not labelled"
+    )
+    for slide_id, reason in errors:
+        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _rel(path: Path, folder: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), folder.resolve())
