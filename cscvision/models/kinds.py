@@ -155,8 +155,19 @@ class FineTunedEncoder(EncoderHeadKind):
     pieces = "cscvision.training.finetune:finetune_pieces"
 
     def check_config(self, cfg: Any) -> None:
-        if not cfg.model.finetune_blocks:
+        """The block count against the encoder's architecture, built on the meta device (no
+        weights, no memory): at the start of training, not while the config is read."""
+        from cscvision.models.encoders import FeaturesUnavailable, build_encoder
+        from cscvision.models.heads import tuned_prefixes
+        from cscvision.models.registry import EncoderError
+
+        blocks = cfg.model.finetune_blocks
+        if not blocks:
             raise ValueError("kind finetune: set model.finetune_blocks to the blocks to tune")
+        try:
+            tuned_prefixes(build_encoder(str(cfg.model.encoder), device="meta"), blocks)
+        except (EncoderError, FeaturesUnavailable) as e:
+            raise ValueError(str(e)) from None
 
     def training_note(self, cfg: Any) -> str | None:
         blocks = cfg.model.finetune_blocks
