@@ -184,3 +184,14 @@ def test_config_show_resolved_prints_the_values(capsys):
 def test_default_config_is_the_schema_default():
     assert load_config("default") == TrainConfig()
     assert resolve_config("default").name == "default.yaml"
+
+
+@pytest.mark.parametrize("name", ["default", "cpu_head_demo"])
+def test_a_resolved_config_reads_back_as_itself(name, tmp_path):
+    """The run folder's config.yaml (train --print-config) is a config train takes again."""
+    import yaml
+
+    cfg = load_config(name)
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert load_config(written) == cfg
