@@ -62,6 +62,8 @@ class ModelKind:
     # -> (datamodule, Lightning system holding a models/ network, card["encoder"] record)
     pieces: ClassVar[str] = ""
     slide_level: ClassVar[bool] = False  # predicts slide labels (its maps explain them)
+    # the card's typed parts this kind needs (models.card.CARD_RECORDS: encoder, mil)
+    card_records: ClassVar[tuple[str, ...]] = ()
 
     def reads(self, card: ModelCard) -> ModelInput:
         return ModelInput(card.tile_px, card.mpp, tuple(card.mean), tuple(card.std))
@@ -138,6 +140,7 @@ class EncoderHeadKind(ModelKind):
 
     name = "head"
     pieces = "cscvision.training.featuredata:head_pieces"
+    card_records = ("encoder",)
 
     def build(self, card, state, encoder_weights=None):
         from cscvision.models.heads import load_head_net
@@ -180,6 +183,7 @@ class AttentionMIL(ModelKind):
     name = "mil"
     trainer = "cscvision.training.mil_train:train_mil"
     slide_level = True
+    card_records = ("encoder", "mil")
 
     def build(self, card, state, encoder_weights=None):
         from cscvision.models.mil import load_mil_net
