@@ -199,21 +199,23 @@ def test_a_resolved_config_reads_back_as_itself(name, tmp_path):
 
 def test_the_model_card_parts_are_typed_per_kind():
     """Issue 23's gap: the card's encoder and mil parts were loose dicts."""
-    from cscvision.models.card import ModelCard
+    from cscvision.models.card import ModelCard, ModelError
+    from cscvision.models.kinds import get_kind
 
     ref = {"name": "demo-cnn", "weights_sha256": "ab" * 32, "dim": 64, "features_dir": "f"}
     card = ModelCard(name="h", backbone="linear", kind="head", encoder=ref)
     assert card.encoder == ref  # extra keys of a kind stay
-    with pytest.raises(ValueError, match=r"encoder: a model of kind head needs its encoder"):
-        ModelCard(name="h", backbone="linear", kind="head")
+    with pytest.raises(ModelError, match=r"h: a model of kind head needs its encoder record"):
+        get_kind("head").check_card(ModelCard(name="h", backbone="linear", kind="head"))
     with pytest.raises(ValueError, match=r"encoder\.weights_sha256\s+Field required"):
         ModelCard(name="h", backbone="linear", kind="head", encoder={"name": "demo-cnn"})
     with pytest.raises(ValueError, match=r"encoder\.dim\s+Input should be greater"):
         ModelCard(name="h", backbone="linear", kind="head", encoder={**ref, "dim": 0})
     mil = {"architecture": "gated_attention", "in_dim": 64, "hidden": 8, "attention": 4}
     assert ModelCard(name="m", backbone="gated_attention", kind="mil", encoder=ref, mil=mil).mil
-    with pytest.raises(ValueError, match=r"mil: a model of kind mil needs its mil record"):
-        ModelCard(name="m", backbone="gated_attention", kind="mil", encoder=ref)
+    no_mil = ModelCard(name="m", backbone="gated_attention", kind="mil", encoder=ref)
+    with pytest.raises(ModelError, match=r"m: a model of kind mil needs its mil record"):
+        get_kind("mil").check_card(no_mil)  # load_model runs it
     with pytest.raises(ValueError, match=r"mil\.architecture"):
         ModelCard(name="m", backbone="x", kind="mil", encoder=ref,
                   mil={**mil, "architecture": "transmil"})  # fmt: skip

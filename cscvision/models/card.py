@@ -178,20 +178,6 @@ class ModelCard:
         data.setdefault("target_type", "rank" if task == "mil" else task)
         return data
 
-    @model_validator(mode="after")
-    def _kind_records(self) -> ModelCard:
-        """The parts the card's kind needs (``ModelKind.card_records``) are there."""
-        from cscvision.models.kinds import KINDS
-
-        kind = KINDS.get(self.kind)  # a kind registered later is checked when it loads
-        for part in getattr(kind, "card_records", ()):
-            if not getattr(self, part):
-                raise ValueError(
-                    f"{part}: a model of kind {self.kind} needs its {part} record "
-                    f"({NEEDS[part]}); was it exported by cscvision train?"
-                )
-        return self
-
     def threshold(self, target: str) -> float:
         return float(self.thresholds.get(target, 0.5))
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cscvision.models.card import ModelCard, ModelError, legacy_kind
+from cscvision.models.card import NEEDS, ModelCard, ModelError, legacy_kind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,6 +107,16 @@ class ModelKind:
 
     def check_config(self, cfg: Any) -> None:
         """Raise ``ValueError`` for a training config this kind cannot train."""
+
+    def check_card(self, card: ModelCard, where: str = "") -> None:
+        """Raise :class:`ModelError` when ``card`` lacks a part this kind needs
+        (``card_records``; each part's own types are checked by the card)."""
+        for part in self.card_records:
+            if not getattr(card, part):
+                raise ModelError(
+                    f"{where or card.name}: a model of kind {self.name} needs its {part} "
+                    f"record ({NEEDS[part]}); was it exported by cscvision train?"
+                )
 
     def training_note(self, cfg: Any) -> str | None:
         """What the card's ``training.pretrained`` says of the starting weights."""
