@@ -9,7 +9,8 @@ The public API is importable from here and loaded on first use (PEP 562), so
     with cscvision.open_slide("slide.svs") as slide:
         grid = cscvision.make_grid(slide, cscvision.GridSpec(mpp=0.5, tile_px=224))
     model = cscvision.load_model("models/demo-synthetic")  # model.kind: its ModelKind
-    pred = cscvision.predict_slide("slide.svs", model)
+    with cscvision.open_slide("slide.svs") as slide:  # opened and tiled once
+        pred = cscvision.predict_slide(slide, model, cscvision.InferSettings(device="cpu"))
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
     from cscvision.cells.types import cell_types
     from cscvision.features.store import FeatureStore, read_feature_store, write_feature_store
     from cscvision.inference.predict import predict_slide
+    from cscvision.inference.settings import InferSettings
     from cscvision.labels.annotations import read_annotations
     from cscvision.labels.cohort import read_cohort
     from cscvision.labels.ihc import marker_config
@@ -98,6 +100,7 @@ _API = {
     "FeatureStore": "cscvision.features.store",
     "load_encoder": "cscvision.models.encoders",
     "predict_slide": "cscvision.inference.predict",
+    "InferSettings": "cscvision.inference.settings",
     "SlidePrediction": "cscvision.outputs.prediction",
     "write_slide_outputs": "cscvision.outputs.slide_folder",
     "read_outputs": "cscvision.outputs.read",
@@ -140,6 +143,7 @@ __all__ = [
     "FeatureStore",
     "GridSpec",
     "ImmuneSettings",
+    "InferSettings",
     "LabelTable",
     "LoadedModel",
     "ModelCard",

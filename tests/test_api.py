@@ -29,6 +29,47 @@ def test_readme_python_api_example_runs(tmp_path, capsys):
     assert (tmp_path / "api_demo/infer").is_dir()
 
 
+def test_readme_example_opens_and_tiles_the_slide_once(tmp_path, monkeypatch, capsys):
+    """Counted on the real reader: one open, one thumbnail (tissue), each tile read once."""
+    from cscvision.slides.slide import Slide
+
+    calls = {"open": 0, "thumbnail": 0, "read_tile": 0}
+
+    def counting(name, method):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Slide, "__init__", counting("open", Slide.__init__))
+    monkeypatch.setattr(Slide, "thumbnail", counting("thumbnail", Slide.thumbnail))
+    monkeypatch.setattr(Slide, "read_tile", counting("read_tile", Slide.read_tile))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    tiles = len(namespace["pred"].grid)
+    assert tiles > 10 and calls == {"open": 1, "thumbnail": 1, "read_tile": tiles}
+
+
+def test_predict_slide_keywords_still_work_with_a_warning(tmp_path):
+    import numpy as np
+    import pytest
+
+    import cscvision
+
+    cohort = cscvision.write_cohort(tmp_path / "c", n_slides=1, n_patients=1, size_px=2048, seed=1)
+    path = next(cohort.parent.glob("*.tiff"))
+    model = cscvision.load_model("demo")
+    new = cscvision.predict_slide(path, model, cscvision.InferSettings(batch_size=16, workers=0),
+                                  progress=False)  # fmt: skip
+    with pytest.warns(DeprecationWarning, match=r"predict_slide\(\.\.\., batch_size="):
+        old = cscvision.predict_slide(path, model, batch_size=16, device="cpu", progress=False)
+    np.testing.assert_allclose(new.probs, old.probs, atol=1e-6)
+    with pytest.raises(ValueError, match=r"--mask-mpp 0\.01"):
+        cscvision.predict_slide(path, model, mask_mpp=0.01)  # the flags' ranges
+
+
 def test_read_outputs_matches_what_was_written(tmp_path):
     import numpy as np
 

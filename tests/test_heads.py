@@ -128,7 +128,7 @@ def test_a_head_without_its_encoder_file_says_what_to_pass(trained, tmp_path):
     ("override", "message"),
     [
         ("model.encoder=unii", "model.encoder: unknown encoder 'unii'"),
-        ("model.head=transformer", "model.head: 'transformer' is not one of linear, mlp"),
+        ("model.head=transformer", "model.head 'transformer': input should be 'linear' or 'mlp'"),
         ("model.weights=", "model.weights: name the local weights file"),
     ],
 )

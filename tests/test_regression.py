@@ -70,7 +70,7 @@ def test_standardise_stats():
 def test_config_task_and_targets():
     cfg = load_config(None, ["task=regression", "targets=[stemness]", "regression.loss=pearson"])
     assert cfg.target_type == "regression" and cfg.targets == ["stemness"]  # 0.1.0's task=
-    with pytest.raises(ConfigError, match="target_type: 'regresion' is not one of"):
+    with pytest.raises(ConfigError, match="target_type 'regresion': input should be"):
         load_config(None, ["task=regresion"])
     assert load_config(None, ["target_type=regression"]).target_type == "regression"
     with pytest.raises(ConfigError, match=r"regression\.loss"):

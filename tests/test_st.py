@@ -193,7 +193,7 @@ def test_labels_st_cli_writes_tables_and_a_train_cohort(visium_cohort, tmp_path,
     # centred on the spots: tile of 56 px at 2 µm/px = 224 level-0 px
     sample = read_spaceranger(visium_cohort.parent / "SYN-P001-S01_visium" / "outs")
     np.testing.assert_array_equal(table.xy_l0, np.round(sample.centres_px - 112).astype(int))
-    assert cli_main(args) == 1  # exists: needs --overwrite
+    assert cli_main(args) == 2  # exists: needs --overwrite (bad input, as every command)
     from cscvision.labels.annotations import DEFAULT_CLASS_MAP
     from cscvision.slides.grid import GridSpec
 

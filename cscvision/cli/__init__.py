@@ -9,6 +9,11 @@ import sys
 from collections.abc import Sequence
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
+from cscvision.core.guard import Interrupted
+
+# The exit statuses of every command (docs/reference/cli.md).
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 # Subcommand modules, each with add_parser(subparsers) and run(args) -> int.
 COMMANDS = (
@@ -80,12 +85,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_BAD_INPUT
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command and turn how it ended into the exit status, for every command:
+    its own status (0, or 1 when some slides failed); 2 with one line on stderr for bad
+    input (any :class:`~cscvision.core.errors.CscvisionError`: a flag, a file, a config,
+    a model; an input file that cannot be opened); 128 + the signal's number when SIGTERM
+    or SIGINT stopped it (143, 130). Anything else is a bug and keeps its traceback."""
+    name = " ".join(str(p) for p in (args.command, getattr(args, "source", None)) if p)
     try:
         return int(args.func(args) or 0)
+    except Interrupted as e:
+        print(f"cscvision {name}: stopped by {e}; completed work is kept, re-run to resume",
+              file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted; completed slides are kept, re-run to resume", file=sys.stderr)
-        return 130
+        print(f"cscvision {name}: interrupted; completed work is kept, re-run to resume",
+              file=sys.stderr)  # fmt: skip
+        return 128 + 2
+    except (CscvisionError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"cscvision {name}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Flags shared by the commands that read slides, and the driver of their ``--ray`` batches."""
+"""Flags shared by the commands that read slides, and the driver of their ``--ray`` batches.
+
+The settings flags are generated from the settings records' fields
+(:func:`add_settings_args`): help, default, choices and range come from one place
+(:mod:`cscvision.slides.settings`), so ``tile``, ``infer`` and ``features`` declare each
+shared flag once and the Python API takes the same defaults.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,12 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import Field
 
 from cscvision.core.io import check_writable
-from cscvision.core.validate import Flags, check_flags
+from cscvision.core.validate import FlagError, Flags, check_flags
 from cscvision.slides.batch import (
     BatchReport,
     SlideJob,
@@ -22,8 +28,80 @@ from cscvision.slides.batch import (
     parse_shard,
     shard_jobs,
 )
-from cscvision.slides.info import DECODERS, MPP_RANGE
+from cscvision.slides.info import MPP_RANGE
 from cscvision.slides.slide import load_mpp_overrides
+
+S = TypeVar("S")
+
+
+def _fields(schema: type) -> dict[str, Any]:
+    return getattr(schema, "model_fields", None) or schema.__pydantic_fields__
+
+
+def _value_type(annotation: Any) -> Any:
+    """``int`` of ``int | None``; the type argparse converts a flag's word with."""
+    if get_origin(annotation) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_settings_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    schema: type,
+    names: Sequence[str],
+    *,
+    group: str | None = None,
+) -> None:
+    """One flag per field ``names`` of ``schema`` (a settings record or a flag schema):
+    ``min_tissue`` is ``--min-tissue``, its help the field's description, its default and
+    choices the field's; a bool field defaulting to true is ``--no-<name>``. ``group`` (or
+    the field's own) names its section of ``--help``."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name in names:
+        info = _fields(schema)[name]
+        extra = info.json_schema_extra or {}
+        section = group or extra.get("group")
+        target = parser
+        if section and isinstance(parser, argparse.ArgumentParser):
+            if section not in groups:
+                found = [g for g in parser._action_groups if g.title == section]
+                groups[section] = found[0] if found else parser.add_argument_group(section)
+            target = groups[section]
+        flag = "--" + name.replace("_", "-")
+        kind = _value_type(info.annotation)
+        kw: dict[str, Any] = {"dest": name, "default": info.default, "help": info.description}
+        if kind is bool:
+            flag = f"--no-{name.replace('_', '-')}" if info.default else flag
+            target.add_argument(flag, action="store_false" if info.default else "store_true",
+                                **kw)  # fmt: skip
+            continue
+        if get_origin(kind) is Literal or "choices" in extra:
+            kw["choices"] = extra.get("choices") or get_args(kind)
+        else:
+            kw["type"] = kind
+        if "metavar" in extra:
+            kw["metavar"] = extra["metavar"]
+        target.add_argument(flag, **kw)
+
+
+def settings_from_args(schema: type[S], args: argparse.Namespace) -> S:
+    """``schema`` made from the flags :func:`add_settings_args` added (the other fields keep
+    their defaults), checked once: a :class:`FlagError` names the flag and its range."""
+    given = {n: getattr(args, n) for n in _fields(schema) if hasattr(args, n)}
+    return check_flags(schema, **given)
+
+
+class ThreadFlags(Flags):
+    """``--threads`` of the commands that run a model (the process's torch threads, set at
+    the entry point, never by the library)."""
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch CPU threads for the model (default: torch's choice); on a shared or "
+        "busy machine fewer threads can be much faster",
+    )
 
 
 def add_slide_args(parser: argparse.ArgumentParser) -> None:
@@ -64,22 +142,10 @@ def add_slide_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_decode_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--decode cpu|gpu|auto`` (``infer``, ``features``)."""
-    parser.add_argument(
-        "--decode",
-        choices=DECODERS,
-        default="cpu",
-        help="where stored JPEG tiles are decoded: cpu (default), gpu (batched on the CUDA "
-        "device, for JPEG-tiled TIFF/SVS slides; others fall back to cpu), or auto (gpu when "
-        "CUDA is there and the slide supports it)",
-    )
-
-
 def check_decode(decode: str, device_type: str) -> None:
-    """``--decode gpu`` needs the model on a CUDA device: ``ValueError`` naming the flag."""
+    """``--decode gpu`` needs the model on a CUDA device: :class:`FlagError` naming the flag."""
     if decode == "gpu" and device_type != "cuda":
-        raise ValueError(
+        raise FlagError(
             f"--decode gpu needs a CUDA device (the model runs on {device_type}); "
             "use --decode cpu or auto"
         )
@@ -111,7 +177,7 @@ class BatchFlags(Flags):
 
 
 def check_batch_args(args: argparse.Namespace) -> None:
-    """Validate the shared flags and probe-write ``--out``; ``ValueError`` naming the flag."""
+    """Validate the shared flags and probe-write ``--out``; :class:`FlagError` naming the flag."""
     check_flags(BatchFlags, slide_mpp=args.slide_mpp)
     check_writable(args.out)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cscvision.cli.demo_pipeline import DEMO_CONFIG, run_demo, summary_lines
@@ -35,13 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.training.config import ConfigError, resolve_config
+    from cscvision.training.config import resolve_config
 
-    try:
-        resolve_config(args.config)
-    except ConfigError as e:
-        print(f"cscvision demo: {e}", file=sys.stderr)
-        return 2
+    resolve_config(args.config)  # a ConfigError before anything is made
     result = run_demo(
         args.out,
         slides=args.slides,

@@ -7,24 +7,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cscvision.cli.common import (
     RayFlags,
-    add_decode_arg,
+    ThreadFlags,
     add_ray_args,
+    add_settings_args,
     add_slide_args,
     check_decode,
     jobs_from_args,
     run_on_ray,
+    settings_from_args,
 )
 from cscvision.core.validate import check_flags
-from cscvision.inference.settings import READERS
+from cscvision.features.settings import ExtractSettings
 
 if TYPE_CHECKING:
-    from cscvision.features.extract import ExtractSettings, FeatureExtractor
+    from cscvision.features.extract import FeatureExtractor
     from cscvision.slides.batch import BatchReport, SlideJob
 
 __all__ = ["WEIGHTS_DIR_ENV", "add_parser", "resolve_weights", "run"]
@@ -61,21 +62,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", required=True, help="encoder name (see cscvision encoders)")
     p.add_argument("--weights", type=Path, default=None, help="the encoder's weights file")
     add_weights_dir_arg(p)
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="reader threads or processes")
-    p.add_argument("--reader", choices=READERS, default="threads", help="as for infer")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    add_decode_arg(p)
-    p.add_argument(
-        "--amp",
-        action="store_true",
-        help="bfloat16 autocast on CPUs that support it, mixed precision on GPUs",
-    )
-    p.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction of a tile")
-    p.add_argument("--mask-mpp", type=float, default=8.0, help="µm/px of the tissue thumbnail")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model")
+    add_settings_args(p, ExtractSettings, FLAGS)
+    add_settings_args(p, ThreadFlags, ["threads"])
     add_ray_args(p, holds="the encoder")
     p.set_defaults(func=run)
+
+
+# the read settings features takes (no overlap: one embedding per tile; corrupt tiles fail)
+FLAGS = ("batch_size", "workers", "reader", "device", "decode", "amp", "min_tissue", "mask_mpp")
 
 
 def resolve_weights(name: str, weights: Path | None, weights_dir: Path | None) -> Path:
@@ -107,8 +101,6 @@ def _extractor(args: argparse.Namespace) -> FeatureExtractor:
     import_h5py()  # say now, not once per slide, when the features extra is missing
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError("--threads must be ≥ 1")
         torch.set_num_threads(args.threads)
     weights = resolve_weights(args.encoder, args.weights, args.weights_dir)
     encoder = load_encoder(args.encoder, weights)
@@ -122,56 +114,24 @@ def _extractor(args: argparse.Namespace) -> FeatureExtractor:
 
 
 def _settings(args: argparse.Namespace) -> ExtractSettings:
-    from cscvision.features.extract import ExtractSettings
-
-    if args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--batch-size must be ≥ 1 and --workers ≥ 0")
+    """The flags, checked once with the ranges every slide command has (:class:`FlagError`)."""
+    settings_from_args(ThreadFlags, args)
     check_flags(RayFlags, ray_workers=args.ray_workers, ray_cpus=args.ray_cpus)
-    if not 0 <= args.min_tissue <= 1:
-        raise ValueError(f"--min-tissue {args.min_tissue}: a fraction in [0, 1]")
-    return ExtractSettings(
-        batch_size=args.batch_size,
-        workers=args.workers,
-        reader=args.reader,
-        amp=args.amp,
-        min_tissue=args.min_tissue,
-        mask_mpp=args.mask_mpp,
-        decode=args.decode,
-    )
+    return settings_from_args(ExtractSettings, args)
 
 
 def run(args: argparse.Namespace) -> int:
     from cscvision.features.extract import extract_slide, extraction_setup, store_path
     from cscvision.features.store import STORE_SUFFIX, store_matches
-    from cscvision.models.encoders import FeaturesUnavailable
-    from cscvision.models.registry import EncoderError
-    from cscvision.slides.batch import (
-        BatchError,
-        run_batch,
-        shard_suffix,
-        summary_lines,
-        write_errors,
-    )
-    from cscvision.slides.slide import SlideError
+    from cscvision.slides.batch import run_batch, shard_suffix, summary_lines, write_errors
 
-    try:
-        settings = _settings(args)
-        jobs, shard = jobs_from_args(args)
-        if args.ray:
-            from cscvision.inference.distributed import import_ray
+    settings = _settings(args)  # bad input raises, before anything is written (cli.run_command)
+    jobs, shard = jobs_from_args(args)
+    if args.ray:
+        from cscvision.inference.distributed import import_ray
 
-            import_ray()  # before --out is made: without Ray nothing is written
-        extractor = _extractor(args)
-    except (
-        FeaturesUnavailable,
-        BatchError,
-        SlideError,
-        EncoderError,
-        ValueError,
-        RuntimeError,
-    ) as e:
-        print(f"cscvision features: {e}", file=sys.stderr)
-        return 2
+        import_ray()  # before --out is made: without Ray nothing is written
+    extractor = _extractor(args)
     out: Path = args.out
     spec = extractor.spec
     wanted = {"mpp": spec.mpp, "tile_px": spec.tile_px, "min_tissue": settings.min_tissue}

@@ -11,23 +11,22 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field
-
 from cscvision.cli.common import (
     RayFlags,
-    add_decode_arg,
+    ThreadFlags,
     add_hardening_args,
     add_ray_args,
+    add_settings_args,
     add_slide_args,
     check_batch_args,
     check_decode,
     corrupt_tiles_line,
     jobs_from_args,
     run_on_ray,
+    settings_from_args,
 )
-from cscvision.core.validate import check_flags
-from cscvision.inference.settings import MAX_OVERLAP, READERS, UNCERTAINTY_HELP, InferSettings
-from cscvision.slides.info import ON_CORRUPT_TILE
+from cscvision.core.validate import FlagError, check_flags
+from cscvision.inference.settings import STATISTICS, InferSettings
 
 if TYPE_CHECKING:
     from cscvision.models.export import LoadedModel
@@ -60,47 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR_OR_NAME",
         help="exported model folder, or a packaged model name: demo (synthetic data only)",
     )
-    p.add_argument(
-        "--overlap",
-        type=float,
-        default=0.0,
-        help=f"fraction of a tile shared with its neighbour, 0 to {MAX_OVERLAP} (default 0); "
-        "0.5 gives smoother maps for 4x the tiles",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default 64)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="readers working ahead of the model (default 2; 0 reads between batches)",
-    )
-    p.add_argument(
-        "--reader",
-        choices=READERS,
-        default="threads",
-        help="readers are threads of this process filling each batch (default; measured "
-        "as fast or faster on CPU and GPU, memory flat), or DataLoader processes returning "
-        "whole batches",
-    )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument(
-        "--amp",
-        action="store_true",
-        help="bfloat16 autocast on CPUs that support it, mixed precision on GPUs",
-    )
-    p.add_argument(
-        "--min-tissue", type=float, default=0.5, help="score tiles with this tissue fraction"
-    )
-    p.add_argument(
-        "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads for the model (default: torch's choice); on a shared or busy "
-        "machine fewer threads can be much faster",
-    )
+    add_settings_args(p, InferSettings, ["overlap", "batch_size", "workers", "reader", "device",
+                                         "amp", "min_tissue", "mask_mpp"])  # fmt: skip
+    add_settings_args(p, ThreadFlags, ["threads"])
     _add_encoder_args(p)
     _add_corrupt_tile_args(p)
     _add_statistics_args(p)
@@ -124,99 +85,38 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_corrupt_tile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--on-corrupt-tile",
-        choices=ON_CORRUPT_TILE,
-        default="fail",
-        help="a tile whose stored data cannot be decoded fails its slide, naming the level "
-        "and level-0 x, y (default), or is skipped: dropped from the outputs and listed "
-        "in summary.json (corrupt_tiles)",
-    )
+    add_settings_args(p, InferSettings, ["on_corrupt_tile"])
 
 
 def _add_statistics_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "co-localisation statistics and viewer files",
+    p.add_argument_group(
+        STATISTICS,
         "Part of the settings a slide's outputs are complete for: changing one redoes "
         "the slides. See the README's Statistics section.",
     )
-    g.add_argument(
-        "--within-um",
-        type=float,
-        default=100.0,
-        metavar="UM",
-        help="radius of the within-distance share and the colocation quotient, edge to edge "
-        "(default 100 µm; the summary field names carry it)",
-    )
-    g.add_argument(
-        "--permutations",
-        type=int,
-        default=199,
-        metavar="N",
-        help="rigid moves (toroidal shifts, flips, rotations) of the second target's map in "
-        "the null of each co-localisation figure, seeded by the slide id (default 199; "
-        "0 reports the figures without p-values)",
-    )
-    g.add_argument(
-        "--asap-target",
-        default=None,
-        metavar="TARGET",
-        help="also write TARGET's likelihood map as OUT/<slide_id>/<slide>_likelihood_map.tif, "
-        "the name ASAP opens by itself when the file sits beside the slide",
-    )
+    add_settings_args(p, InferSettings, ["within_um", "permutations", "asap_target"])
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding and prefetch")
-    add_decode_arg(g)
-    g.add_argument(
-        "--no-prefetch",
-        dest="prefetch",
-        action="store_false",
-        help="do not prepare the next slide (open, tissue, grid, first batches) while the "
-        "model scores the current one",
-    )
-
-
-class RunFlags(RayFlags):
-    """``cscvision infer`` flags that are not :class:`InferSettings`."""
-
-    threads: int | None = Field(None, ge=1, le=1024)
+    add_settings_args(p, InferSettings, ["decode", "prefetch"], group="decoding and prefetch")
 
 
 def _settings(args: argparse.Namespace) -> InferSettings:
-    """The flags, checked before any slide or the model is read (``ValueError`` naming one)."""
-    check_flags(
-        RunFlags, threads=args.threads, ray_workers=args.ray_workers, ray_cpus=args.ray_cpus
-    )
-    return check_flags(
-        InferSettings,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        reader=args.reader,
-        amp=args.amp,
-        min_tissue=args.min_tissue,
-        mask_mpp=args.mask_mpp,
-        decode=args.decode,
-        prefetch=args.prefetch,
-        on_corrupt_tile=args.on_corrupt_tile,
-        within_um=args.within_um,
-        permutations=args.permutations,
-        asap_target=args.asap_target,
-        uncertainty=args.uncertainty,
-    )
+    """The flags, checked before any slide or the model is read (:class:`FlagError`)."""
+    settings_from_args(ThreadFlags, args)
+    check_flags(RayFlags, ray_workers=args.ray_workers, ray_cpus=args.ray_cpus)
+    return settings_from_args(InferSettings, args)
 
 
 def _add_trust_args(p: argparse.ArgumentParser) -> None:
     """Per-tile uncertainty; the OOD score needs no flag (the model's card keeps it)."""
-    g = p.add_argument_group(
+    p.add_argument_group(
         "trust",
         "A model whose card keeps an OOD record also writes an ood score per tile, an "
         "overlay_ood.png and an 'ood' verdict per slide (summary.json, results.csv, a "
         "warning line).",
     )
-    g.add_argument("--uncertainty", metavar="mc:N|tta", default=None, help=UNCERTAINTY_HELP)
+    add_settings_args(p, InferSettings, ["uncertainty"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,45 +125,39 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.inference.batch import write_results
     from cscvision.inference.predict import resolve_device
     from cscvision.inference.trust import check_uncertainty
-    from cscvision.models.export import ModelError, load_model
+    from cscvision.models.export import load_model
     from cscvision.models.thresholds import threshold_warnings
     from cscvision.outputs.slide_folder import model_identity
     from cscvision.outputs.trust import ood_run_line
     from cscvision.slides.batch import (
-        BatchError,
         interrupted_line,
         shard_suffix,
         summary_lines,
         write_errors,
     )
-    from cscvision.slides.slide import SlideError
 
-    try:
-        settings = _settings(args)
-        jobs, shard = jobs_from_args(args)
-        if args.ray:
-            from cscvision.inference.distributed import import_ray
+    settings = _settings(args)  # bad input raises, before anything is written (cli.run_command)
+    jobs, shard = jobs_from_args(args)
+    if args.ray:
+        from cscvision.inference.distributed import import_ray
 
-            import_ray()  # before --out is made: without Ray nothing is written
-        check_batch_args(args)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        # With --ray the workers pick their own device; the driver only reads the card.
-        device = resolve_device("cpu" if args.ray else args.device)
-        if not args.ray:
-            check_decode(settings.decode, device.type)
-        model = load_model(args.model, device, encoder_weights=args.encoder_weights)
-        check_uncertainty(model, settings.uncertainty)
-        for warning in threshold_warnings(model.card):
-            print(f"warning: model {model.card.name}: {warning}", file=sys.stderr)
-        if settings.asap_target not in (None, *model.card.targets):
-            raise ValueError(
-                f"--asap-target {settings.asap_target!r}: the model's targets are "
-                f"{', '.join(model.card.targets)}"
-            )
-    except (BatchError, SlideError, ModelError, ValueError, RuntimeError) as e:
-        print(f"cscvision infer: {e}", file=sys.stderr)  # RayUnavailable is a RuntimeError
-        return 2
+        import_ray()  # before --out is made: without Ray nothing is written
+    check_batch_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # With --ray the workers pick their own device; the driver only reads the card.
+    device = resolve_device("cpu" if args.ray else settings.device)
+    if not args.ray:
+        check_decode(settings.decode, device.type)
+    model = load_model(args.model, device, encoder_weights=args.encoder_weights)
+    check_uncertainty(model, settings.uncertainty)
+    for warning in threshold_warnings(model.card):
+        print(f"warning: model {model.card.name}: {warning}", file=sys.stderr)
+    if settings.asap_target not in (None, *model.card.targets):
+        raise FlagError(
+            f"--asap-target {settings.asap_target!r}: the model's targets are "
+            f"{', '.join(model.card.targets)}"
+        )
     out: Path = args.out
     model_info = model_identity(model)
     if args.ray:
@@ -286,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(flagged, file=sys.stderr)
     print(f"per slide, in {out}/<slide_id>/: {PER_SLIDE}")
     print(f"one row per slide: {results}")
-    print(f"model {model.card.name} {where}{' with amp' if args.amp else ''}")
+    print(f"model {model.card.name} {where}{' with amp' if settings.amp else ''}")
     if report.interrupted:
         print(interrupted_line(report, "infer"), file=sys.stderr)
         return 128 + report.interrupted

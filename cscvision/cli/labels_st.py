@@ -111,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
         jobs = _jobs(args.manifest)
     except (ValueError, OSError) as e:
         print(f"cscvision labels st: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as every command (cli.run_command)
     existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
     existing = [p for p in existing if p.exists()]
     if existing and not args.overwrite:
         print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
-        return 1
+        return 2
     scored, errors = [], []
     for job in tqdm(jobs, desc="scoring spots", unit="slide"):
         e = job["entry"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -100,20 +99,15 @@ def registration_params(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from cscvision.core.io import write_json, write_png
     from cscvision.labels.registration import register_slides
-    from cscvision.slides.info import SlideError
     from cscvision.slides.slide import open_slide
 
-    try:
-        mpp = args.slide_mpp
-        if args.panel is not None:
-            with open_slide(args.he, mpp=mpp) as he:
-                reg, qc = register_slides(he, _mif(args), registration_params(args))
-        else:
-            with open_slide(args.he, mpp=mpp) as he, open_slide(args.ihc, mpp=mpp) as ihc:
-                reg, qc = register_slides(he, ihc, registration_params(args))
-    except (SlideError, ValueError) as e:
-        print(f"cscvision register: {e}", file=sys.stderr)
-        return 1
+    mpp = args.slide_mpp  # a slide that cannot be read: exit 2 (cli.run_command)
+    if args.panel is not None:
+        with open_slide(args.he, mpp=mpp) as he:
+            reg, qc = register_slides(he, _mif(args), registration_params(args))
+    else:
+        with open_slide(args.he, mpp=mpp) as he, open_slide(args.ihc, mpp=mpp) as ihc:
+            reg, qc = register_slides(he, ihc, registration_params(args))
     json_path = write_json(args.out / "registration.json", reg.to_dict())
     qc_path = write_png(args.out / "qc.png", qc)
     e = reg.error_um

@@ -9,15 +9,15 @@ from pydantic import Field
 
 from cscvision.cli.common import (
     add_hardening_args,
+    add_settings_args,
     add_slide_args,
     check_batch_args,
     corrupt_tiles_line,
     jobs_from_args,
+    settings_from_args,
 )
-from cscvision.core.validate import Flags, check_flags
-from cscvision.inference.settings import MASK_MPP_RANGE
+from cscvision.core.validate import Flags
 from cscvision.slides.batch import (
-    BatchError,
     interrupted_line,
     run_batch,
     slide_dir,
@@ -25,8 +25,7 @@ from cscvision.slides.batch import (
     write_errors,
 )
 from cscvision.slides.grid import GridSpec
-from cscvision.slides.info import MPP_RANGE, ON_CORRUPT_TILE
-from cscvision.slides.slide import SlideError
+from cscvision.slides.settings import Mpp, ReadSettings, TilePx
 from cscvision.slides.tiling import tile_slide, tiling_complete
 
 
@@ -41,58 +40,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_slide_args(p)
-    p.add_argument("--mpp", type=float, default=0.5, help="µm/px of the tiles (default 0.5, '20x')")
-    p.add_argument("--tile-px", type=int, default=224, help="tile side in pixels at --mpp")
-    p.add_argument(
-        "--overlap", type=float, default=0.0, help="fraction shared by neighbours, [0, 1)"
-    )
-    p.add_argument(
-        "--min-tissue",
-        type=float,
-        default=0.5,
-        help="keep tiles with at least this tissue fraction",
-    )
-    p.add_argument(
-        "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
-    )
+    add_settings_args(p, TileFlags, ["mpp", "tile_px"])
+    add_settings_args(p, ReadSettings, SHARED)
     p.add_argument("--export-tiles", action="store_true", help="also write every tile as a PNG")
-    p.add_argument(
-        "--on-corrupt-tile",
-        choices=ON_CORRUPT_TILE,
-        default="fail",
-        help="with --export-tiles: a tile that cannot be decoded fails its slide (default) "
-        "or is skipped: dropped from tiles.csv and listed in tiles.json (corrupt_tiles)",
-    )
     add_hardening_args(p)
     p.set_defaults(func=run)
 
 
-class TileFlags(Flags):
-    """The ``cscvision tile`` flags, checked before any slide is read."""
+SHARED = ("overlap", "min_tissue", "mask_mpp", "on_corrupt_tile")  # flags of ReadSettings
 
-    mpp: float = Field(ge=MPP_RANGE[0], le=MPP_RANGE[1])
-    tile_px: int = Field(ge=8, le=8192)
-    overlap: float = Field(ge=0, lt=1)
-    min_tissue: float = Field(ge=0, le=1)
-    mask_mpp: float = Field(ge=MASK_MPP_RANGE[0], le=MASK_MPP_RANGE[1])
+
+class TileFlags(Flags):
+    """What tiles ``cscvision tile`` cuts (``infer`` and ``features`` take them from the
+    model or the encoder)."""
+
+    mpp: Mpp = Field(0.5, description="µm/px of the tiles (default %(default)s, '20x')")
+    tile_px: TilePx = Field(224, description="tile side in pixels at --mpp")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        flags = check_flags(
-            TileFlags,
-            mpp=args.mpp,
-            tile_px=args.tile_px,
-            overlap=args.overlap,
-            min_tissue=args.min_tissue,
-            mask_mpp=args.mask_mpp,
-        )
-        spec = GridSpec(**flags.model_dump())
-        jobs, shard = jobs_from_args(args)
-        check_batch_args(args)
-    except (BatchError, SlideError, ValueError) as e:
-        print(f"cscvision tile: {e}", file=sys.stderr)
-        return 2
+    flags = settings_from_args(TileFlags, args)
+    read = settings_from_args(ReadSettings, args)
+    tissue = {k: getattr(read, k) for k in ("overlap", "min_tissue", "mask_mpp")}
+    spec = GridSpec(mpp=flags.mpp, tile_px=flags.tile_px, **tissue)
+    jobs, shard = jobs_from_args(args)
+    check_batch_args(args)
     n_tiles = 0
 
     def process(job):
@@ -102,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             spec,
             export_tiles=args.export_tiles,
-            on_corrupt_tile=args.on_corrupt_tile,
+            on_corrupt_tile=read.on_corrupt_tile,
         )
         n_tiles += len(grid)
 

@@ -92,18 +92,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from cscvision.training.config import ConfigError, config_to_dict, load_config
+    from cscvision.training.config import config_to_dict, load_config
 
     overrides = list(args.overrides) + list(args.set_overrides)
     if args.run_dir is not None:
         overrides.append(f"run_dir={args.run_dir}")
     if args.export is not None:
         overrides.append(f"export_dir={args.export}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
@@ -139,29 +135,9 @@ def _log_to_stderr() -> None:
 
 
 def _train(cfg: object, args: argparse.Namespace) -> int:
-    from cscvision.labels.annotations import AnnotationError
-    from cscvision.labels.cohort import CohortError
-    from cscvision.models.registry import EncoderError
-    from cscvision.slides.slide import SlideError
-    from cscvision.training.config import ConfigError
-    from cscvision.training.data import DataError
-    from cscvision.training.lit import CheckpointMismatch
-    from cscvision.training.train import TrainError, train
+    from cscvision.training.train import train
 
-    try:
-        result = train(cfg, resume=args.resume, progress=not args.quiet)
-    except (
-        AnnotationError,
-        CheckpointMismatch,
-        CohortError,
-        ConfigError,
-        DataError,
-        EncoderError,  # an encoder weights file that cannot be read or does not fit
-        SlideError,
-        TrainError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = train(cfg, resume=args.resume, progress=not args.quiet)  # errors: cli.run_command
     if result.model_dir is not None:  # under DDP only rank 0 exports, and reports
         print(_summary(result))
     return 0

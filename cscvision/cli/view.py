@@ -46,13 +46,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cscvision view: --port {args.port}: choose 1-65535", file=sys.stderr)
         return 2
     from cscvision.views.app import serve
-    from cscvision.views.server import Catalogue, ViewerError
+    from cscvision.views.server import Catalogue
 
-    try:
-        catalogue = Catalogue(args.out_dir)
-    except ViewerError as e:
-        print(f"cscvision view: {e}", file=sys.stderr)
-        return 2
+    catalogue = Catalogue(args.out_dir)  # a ViewerError: exit 2 (cli.run_command)
     if args.slide and args.slide not in catalogue.slides:
         print(
             f"cscvision view: --slide {args.slide}: not in {args.out_dir} (have "

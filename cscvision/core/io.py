@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cscvision.core.errors import CscvisionError
+
 
 def _umask_file_mode() -> int:
     mask = os.umask(0o022)
@@ -95,9 +97,14 @@ def inside(root: str | Path, path: str | Path) -> Path:
     return path_r
 
 
+class NotWritable(CscvisionError, ValueError):
+    """An output folder that cannot be written (read-only, full, not a folder)."""
+
+
 def check_writable(folder: str | Path, flag: str = "--out") -> Path:
     """Create ``folder`` and write (then remove) a probe file in it, so a read-only or full
-    output folder is one clear error before any slide is read; raises ``ValueError``."""
+    output folder is one clear error before any slide is read; raises :class:`NotWritable`
+    (a ``ValueError``)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -111,7 +118,7 @@ def check_writable(folder: str | Path, flag: str = "--out") -> Path:
             probe.unlink(missing_ok=True)
     except OSError as e:
         reason = e.strerror or str(e)
-        raise ValueError(
+        raise NotWritable(
             f"{flag} {folder}: cannot write there ({reason}); choose a writable folder with "
             "free space"
         ) from None

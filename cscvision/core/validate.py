@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from cscvision.core.errors import CscvisionError
+
 FLAG_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -24,12 +26,17 @@ class Flags(BaseModel):
 F = TypeVar("F")
 
 
+class FlagError(CscvisionError, ValueError):
+    """A flag's value that does not fit; the message names the flag, the value and the range."""
+
+
 def check_flags(schema: type[F], **values: Any) -> F:  # a model or a pydantic dataclass
-    """``schema(**values)``, or ``ValueError("--flag value: what is wrong (allowed ...)")``."""
+    """``schema(**values)``, or ``FlagError("--flag value: what is wrong (allowed ...)")``
+    (a ``ValueError``)."""
     try:
         return schema(**values)
     except ValidationError as e:
-        raise ValueError(describe_error(e, schema, flag=True)) from None
+        raise FlagError(describe_error(e, schema, flag=True)) from None
 
 
 def describe_error(error: ValidationError, schema: type, *, flag: bool) -> str:

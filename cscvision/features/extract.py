@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cscvision.features.settings import ExtractSettings
 from cscvision.features.store import STORE_SUFFIX, FeatureStore, write_feature_store
 from cscvision.models.encoders import Encoder
 from cscvision.models.registry import EncoderSpec
@@ -29,33 +29,14 @@ from cscvision.slides.batch import SlideJob
 from cscvision.slides.grid import GridSpec, TileGrid, make_grid
 from cscvision.slides.slide import ReadPlan, SlideError, open_slide
 from cscvision.slides.tilebatches import (
-    DECODERS,
     TileBatches,
     autocast,
     decode_device,
     resolve_device,
     tile_batches,
 )
-from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExtractSettings:
-    """How tiles are cut and read (the ``cscvision features`` flags)."""
-
-    batch_size: int = 64
-    workers: int = 2
-    reader: str = "threads"
-    amp: bool = False
-    min_tissue: float = 0.5
-    mask_mpp: float = DEFAULT_MASK_MPP
-    decode: str = "cpu"  # cpu | gpu | auto: where stored JPEG tiles are decoded
-
-    def __post_init__(self) -> None:
-        if self.decode not in DECODERS:
-            raise ValueError(f"decode {self.decode!r}: choose one of {DECODERS}")
 
 
 def encoder_grid_spec(spec: EncoderSpec, base: GridSpec | None = None) -> GridSpec:
@@ -146,7 +127,7 @@ def extract_slide(
     slide_path: str | Path,
     extractor: FeatureExtractor,
     out_path: str | Path,
-    settings: ExtractSettings = ExtractSettings(),
+    settings: ExtractSettings | None = None,
     *,
     slide_mpp: float | None = None,
     progress: bool = True,
@@ -154,6 +135,7 @@ def extract_slide(
     """Tile ``slide_path`` at the encoder's geometry, embed every tissue tile, write the
     store to ``out_path`` atomically and return it. Raises ``SlideError`` for a slide that
     cannot be read or has no tile with ``settings.min_tissue`` tissue."""
+    settings = settings or ExtractSettings()
     spec = encoder_grid_spec(extractor.spec)
     spec = dataclasses.replace(spec, min_tissue=settings.min_tissue, mask_mpp=settings.mask_mpp)
     with open_slide(slide_path, mpp=slide_mpp) as slide:

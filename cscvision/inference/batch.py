@@ -65,16 +65,9 @@ def job_complete(
 def prepare_job(job: SlideJob, model: LoadedModel, settings: InferSettings) -> PreparedSlide:
     """``job``'s slide opened, its tissue and grid found and (read by threads) its first
     batches read: what :class:`~cscvision.inference.prefetch.NextSlide` runs ahead."""
-    return prepare_slide(
-        job.slide_path,
-        model.card,
-        overlap=settings.overlap,
-        batch_size=settings.batch_size,
-        min_tissue=settings.min_tissue,
-        slide_mpp=job.mpp,
-        mask_mpp=settings.mask_mpp,
-        read_ahead=2 if settings.reader == "threads" else 0,
-    )
+    read_ahead = 2 if settings.reader == "threads" else 0
+    return prepare_slide(job.slide_path, model.card, settings, slide_mpp=job.mpp,
+                         read_ahead=read_ahead)  # fmt: skip
 
 
 def infer_job(
@@ -92,24 +85,9 @@ def infer_job(
     summary. ``prefetch`` hands over the slide prepared ahead (and starts on the next).
     Raises what :func:`~cscvision.inference.predict.predict_slide` raises for a bad slide."""
     prepared = prefetch.take(job) if prefetch is not None else None
-    pred = predict_slide(
-        job.slide_path,
-        model,
-        overlap=settings.overlap,
-        batch_size=settings.batch_size,
-        workers=settings.workers,
-        reader=settings.reader,
-        device=device,
-        amp=settings.amp,
-        min_tissue=settings.min_tissue,
-        slide_mpp=job.mpp,
-        mask_mpp=settings.mask_mpp,
-        progress=progress,
-        prepared=prepared,
-        decode=settings.decode,
-        on_corrupt_tile=settings.on_corrupt_tile,
-        uncertainty=settings.uncertainty,
-    )
+    on_device = dataclasses.replace(settings, device=str(device))  # resolved once, by the caller
+    pred = predict_slide(job.slide_path, model, on_device, slide_mpp=job.mpp,
+                         progress=progress, prepared=prepared)  # fmt: skip
     # The job's id (safe, or the manifest's) names the folder and the files in it.
     pred = dataclasses.replace(pred, grid=dataclasses.replace(pred.grid, slide_id=job.slide_id))
     return write_slide_outputs(

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from cscvision.core.geometry import area_fraction
-from cscvision.inference.settings import READERS
+from cscvision.core.validate import check_flags
+from cscvision.inference.settings import READERS, InferSettings
 from cscvision.inference.stitch import choose_sub, map_layout, stitch
 from cscvision.inference.trust import (
     card_stain,
@@ -46,7 +49,7 @@ from cscvision.models.export import LoadedModel
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.info import ON_CORRUPT_TILE
-from cscvision.slides.slide import SlideError, open_slide
+from cscvision.slides.slide import Slide, SlideError, open_slide
 from cscvision.slides.stain import normalise_batch
 from cscvision.slides.tilebatches import (
     TileBatches,
@@ -57,7 +60,6 @@ from cscvision.slides.tilebatches import (
     resolve_device,
     threaded_batches,
 )
-from cscvision.slides.tissue import DEFAULT_MASK_MPP
 
 __all__ = [
     "PreparedSlide",
@@ -326,97 +328,99 @@ class PreparedSlide:
     started: float  # perf_counter when its preparation began
 
 
-def prepare_slide(
-    slide_path: str | Path,
-    card: ModelCard,
-    *,
-    overlap: float = 0.0,
-    batch_size: int = 64,
-    min_tissue: float = 0.5,
-    slide_mpp: float | None = None,
-    mask_mpp: float = DEFAULT_MASK_MPP,
-    read_ahead: int = 0,
-) -> PreparedSlide:
-    """Open ``slide_path``, detect tissue, make the grid at the card's µm/px and tile size
-    and read its first ``read_ahead`` batches; raises ``SlideError`` for a slide with no
-    tile reaching ``min_tissue``. What a prefetch thread does for the next slide."""
-    started = time.perf_counter()
-    spec = GridSpec(
-        mpp=card.mpp,
-        tile_px=card.tile_px,
-        overlap=overlap,
-        min_tissue=min_tissue,
-        mask_mpp=mask_mpp,
+# predict_slide's keywords before the settings record (0.2): still read, with a warning
+_SETTINGS_KEYWORDS = ("overlap", "batch_size", "workers", "device", "amp", "min_tissue",
+                      "mask_mpp", "reader", "decode", "on_corrupt_tile")  # fmt: skip
+
+
+def _settings(settings: InferSettings | None, legacy: dict[str, Any], caller: str) -> InferSettings:
+    """``settings`` (default :class:`InferSettings`) with the old keywords applied."""
+    unknown = sorted(set(legacy) - set(_SETTINGS_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {unknown}")
+    settings = settings or InferSettings()
+    if not legacy:
+        return settings
+    warnings.warn(
+        f"{caller}(..., {', '.join(f'{k}=' for k in legacy)}) is deprecated: pass "
+        f"{caller}(slide, model, InferSettings(...))",
+        DeprecationWarning,
+        stacklevel=3,
     )
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
+    if isinstance(legacy.get("device"), torch.device):
+        legacy["device"] = str(legacy["device"])
+    return check_flags(InferSettings, **{**dataclasses.asdict(settings), **legacy})
+
+
+def prepare_slide(
+    slide: Slide | str | Path,
+    card: ModelCard,
+    settings: InferSettings | None = None,
+    *,
+    slide_mpp: float | None = None,
+    read_ahead: int = 0,
+    **legacy: Any,
+) -> PreparedSlide:
+    """Detect tissue on ``slide`` (an open :class:`Slide`, or a path opened here with
+    ``slide_mpp``), make the grid at the card's µm/px and tile size and read its first
+    ``read_ahead`` batches; raises ``SlideError`` for a slide with no tile reaching
+    ``settings.min_tissue``. What a prefetch thread does for the next slide. An open slide
+    stays open and its batches read from it."""
+    started = time.perf_counter()
+    settings = _settings(settings, legacy, "prepare_slide")
+    spec = GridSpec(mpp=card.mpp, tile_px=card.tile_px, overlap=settings.overlap,
+                    min_tissue=settings.min_tissue, mask_mpp=settings.mask_mpp)  # fmt: skip
+    if isinstance(slide, Slide):
         thumb, mask = detect_tissue(slide, spec.mask_mpp)
         grid = make_grid(slide, spec, mask=mask)
+    else:
+        with open_slide(slide, mpp=slide_mpp) as opened:
+            thumb, mask = detect_tissue(opened, spec.mask_mpp)
+            grid = make_grid(opened, spec, mask=mask)
     if len(grid) == 0:
         raise SlideError(
-            f"{slide_path}: no tile reaches --min-tissue {min_tissue} (tissue covers "
-            f"{mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide"
+            f"{grid.slide_path}: no tile reaches --min-tissue {settings.min_tissue} (tissue "
+            f"covers {mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide"
         )
-    batches = TileBatches(grid, batch_size)
+    batches = TileBatches(grid, settings.batch_size)
+    if isinstance(slide, Slide):
+        batches.use_slide(slide)
     for index in range(min(read_ahead, len(batches))):
         batches.ready[index] = batches.read(index)
     return PreparedSlide(grid, thumb, mask, batches, started)
 
 
 def predict_slide(
-    slide_path: str | Path,
+    slide: Slide | str | Path,
     model: LoadedModel,
+    settings: InferSettings | None = None,
     *,
-    overlap: float = 0.0,
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    min_tissue: float = 0.5,
     slide_mpp: float | None = None,
-    mask_mpp: float = DEFAULT_MASK_MPP,
-    reader: str = "threads",
     progress: bool = True,
     prepared: PreparedSlide | None = None,
-    decode: str = "cpu",
-    on_corrupt_tile: str = "fail",
-    uncertainty: str | None = None,
+    **legacy: Any,
 ) -> SlidePrediction:
     """Score one slide with a model: tile it at the card's µm/px and tile size, score every
     tissue tile and blend the tiles into maps.
 
     Parameters
     ----------
-    slide_path
-        The slide.
+    slide
+        An open :class:`~cscvision.slides.slide.Slide` (``open_slide``; opened once for
+        tissue, grid and tiles, left open), or a slide file's path.
     model
         A loaded model (``load_model``).
-    overlap
-        Fraction of a tile shared with its neighbour, 0–0.75.
-    batch_size
-        Tiles per batch.
-    workers, reader
-        Readers working ahead of the model: threads filling whole batches, or DataLoader
-        processes (see ``predict_tiles``).
-    device, amp
-        Where the model runs; bf16 autocast on CPUs that support it, mixed precision on GPUs.
-    min_tissue
-        Tissue fraction a tile needs to be scored.
+    settings
+        How the slide is read and scored (:class:`InferSettings`: overlap, batch size,
+        readers, device, amp, tissue, decoder; the defaults of ``cscvision infer``'s
+        flags). The 0.1.0 keywords (``overlap=``, ``batch_size=``, ...) still work, with a
+        ``DeprecationWarning``.
     slide_mpp
-        Level-0 µm/px for a slide whose metadata gives none.
-    mask_mpp
-        µm/px of the tissue-detection thumbnail.
+        Level-0 µm/px for a slide (path) whose metadata gives none.
     progress
         Show a progress bar.
     prepared
         This slide made ready ahead (``prepare_slide``).
-    decode
-        Where stored JPEG tiles are decoded: ``cpu``, ``gpu`` or ``auto``.
-    on_corrupt_tile
-        ``fail`` the slide at a tile that cannot be decoded, or ``skip`` it
-        (see ``predict_grid``).
-    uncertainty
-        ``mc:N`` or ``tta``: per-tile uncertainty (:mod:`cscvision.inference.uncertainty`),
-        at N or 8 forward passes per tile.
 
     Returns
     -------
@@ -432,33 +436,27 @@ def predict_slide(
     Examples
     --------
     >>> model = cscvision.load_model("demo")
-    >>> pred = cscvision.predict_slide("slide.svs", model)
+    >>> with cscvision.open_slide("slide.svs") as slide:
+    ...     pred = cscvision.predict_slide(slide, model, cscvision.InferSettings(device="cpu"))
     >>> pred.probs.shape, pred.maps.shape
     """
+    settings = _settings(settings, legacy, "predict_slide")
     if prepared is None:
-        prepared = prepare_slide(
-            slide_path,
-            model.card,
-            overlap=overlap,
-            batch_size=batch_size,
-            min_tissue=min_tissue,
-            slide_mpp=slide_mpp,
-            mask_mpp=mask_mpp,
-        )
+        prepared = prepare_slide(slide, model.card, settings, slide_mpp=slide_mpp)
     return predict_grid(
         prepared.grid,
         model,
         thumb=prepared.thumb,
         mask=prepared.mask,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        amp=amp,
-        reader=reader,
+        batch_size=settings.batch_size,
+        workers=settings.workers,
+        device=settings.device,
+        amp=settings.amp,
+        reader=settings.reader,
         progress=progress,
         started=prepared.started,
         batches=prepared.batches,
-        decode=decode,
-        on_corrupt_tile=on_corrupt_tile,
-        uncertainty=uncertainty,
+        decode=settings.decode,
+        on_corrupt_tile=settings.on_corrupt_tile,
+        uncertainty=settings.uncertainty,
     )

@@ -1,22 +1,24 @@
 """How a batch of slides is scored (the ``cscvision infer`` flags), without importing torch.
 
-A validated schema (pydantic): a value out of range is refused when the settings are made,
-before any slide is read, with the flag's name (:func:`cscvision.core.validate.check_flags`).
+:class:`InferSettings` is the read settings every slide command shares
+(:class:`cscvision.slides.settings.ReadSettings`: tissue, grid, readers, decoder, device,
+batch) plus what only scoring needs. A validated record (a pydantic dataclass): a value
+out of range is refused when the settings are made, before any slide is read, with the
+flag's name (:func:`cscvision.core.validate.check_flags`). Each field is one flag of
+``cscvision infer`` (:func:`cscvision.cli.common.add_settings_args`); a new setting is one
+field here.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from cscvision.core.validate import FLAG_CONFIG
-from cscvision.slides.tissue import DEFAULT_MASK_MPP
+from cscvision.slides.settings import MASK_MPP_RANGE, MAX_OVERLAP, ReadSettings, flag
+
+__all__ = ["MASK_MPP_RANGE", "MAX_OVERLAP", "READERS", "InferSettings"]
 
 READERS = ("processes", "threads")
-MAX_OVERLAP = 0.75
-MASK_MPP_RANGE = (1.0, 100.0)  # tissue thumbnails: never level 0, never a few pixels
 MAX_WITHIN_UM = 10_000.0
 MAX_PERMUTATIONS = 9_999
 UNCERTAINTY_HELP = (
@@ -25,29 +27,50 @@ UNCERTAINTY_HELP = (
     "passes); writes std_<target> and mi_<target> (mutual information) columns, maps, "
     "overlays and TIFFs; the score becomes the mean of the passes"
 )
+STATISTICS = "co-localisation statistics and viewer files"
 
 
 @dataclass(frozen=True, config=FLAG_CONFIG)
-class InferSettings:
-    """How every slide of a batch is scored (the ``cscvision infer`` flags); a dataclass
-    checked by pydantic when made."""
+class InferSettings(ReadSettings):
+    """How every slide of a batch is scored (the ``cscvision infer`` flags)."""
 
-    overlap: float = Field(0.0, ge=0, le=MAX_OVERLAP)
-    batch_size: int = Field(64, ge=1, le=65536)
-    workers: int = Field(2, ge=0, le=256)
-    reader: Literal["processes", "threads"] = "threads"
-    amp: bool = False
-    min_tissue: float = Field(0.5, ge=0, le=1)
-    mask_mpp: float = Field(DEFAULT_MASK_MPP, ge=MASK_MPP_RANGE[0], le=MASK_MPP_RANGE[1])
-    decode: Literal["auto", "cpu", "gpu"] = "cpu"  # where stored JPEG tiles are decoded
-    prefetch: bool = True  # prepare the next slide while the model scores this one
-    # "skip": drop undecodable tiles, list them in the summary (slides.info.ON_CORRUPT_TILE)
-    on_corrupt_tile: Literal["fail", "skip"] = "fail"
-    within_um: float = Field(100.0, ge=0, le=MAX_WITHIN_UM)  # co-localisation radius
-    permutations: int = Field(199, ge=0, le=MAX_PERMUTATIONS)  # rigid moves in each null
-    asap_target: str | None = None  # also write this target as <slide>_likelihood_map.tif
+    prefetch: bool = flag(
+        True,
+        "do not prepare the next slide (open, tissue, grid, first batches) while the model "
+        "scores the current one",
+        group="decoding and prefetch",
+    )
+    within_um: float = flag(
+        100.0,
+        "radius of the within-distance share and the colocation quotient, edge to edge "
+        "(default 100 µm; the summary field names carry it)",
+        ge=0,
+        le=MAX_WITHIN_UM,
+        group=STATISTICS,
+        metavar="UM",
+    )
+    permutations: int = flag(
+        199,
+        "rigid moves (toroidal shifts, flips, rotations) of the second target's map in the "
+        "null of each co-localisation figure, seeded by the slide id (default 199; 0 reports "
+        "the figures without p-values)",
+        ge=0,
+        le=MAX_PERMUTATIONS,
+        group=STATISTICS,
+        metavar="N",
+    )
+    asap_target: str | None = flag(
+        None,
+        "also write TARGET's likelihood map as OUT/<slide_id>/<slide>_likelihood_map.tif, the "
+        "name ASAP opens by itself when the file sits beside the slide",
+        group=STATISTICS,
+        metavar="TARGET",
+    )
     # per-tile uncertainty (inference.uncertainty): "mc:N" or "tta"; None: none
-    uncertainty: str | None = Field(None, pattern=r"^(mc:\d+|tta)$")
-
-    def check(self) -> None:
-        """Kept for callers of the dataclass version: the values were checked when made."""
+    uncertainty: str | None = flag(
+        None,
+        UNCERTAINTY_HELP,
+        pattern=r"^(mc:\d+|tta)$",
+        group="trust",
+        metavar="mc:N|tta",
+    )

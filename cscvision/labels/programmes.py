@@ -88,18 +88,14 @@ def load_programme_config(path: str | None) -> ProgrammeConfig:
     too), or the defaults when ``path`` is None."""
     if path is None:
         return ProgrammeConfig()
-    import yaml
-
+    from cscvision.core.config_files import read_yaml
     from cscvision.core.resources import packaged_dir
 
     packaged = packaged_dir("configs") / f"{Path(path).name.removesuffix('.yaml')}.yaml"
     if not Path(path).exists() and packaged.exists():
         path = str(packaged)
 
-    try:
-        data = yaml.safe_load(open(path, encoding="utf-8").read()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read the panel config ({e})") from None
+    data = read_yaml(path) or {}  # a ConfigFileError (ValueError) naming the file; aliases bounded
     return ProgrammeConfig.from_dict(data, source=str(path))
 
 

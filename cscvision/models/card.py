@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -26,8 +27,10 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_validator,
+    with_config,
 )
 from pydantic.dataclasses import dataclass
+from typing_extensions import Required, TypedDict
 
 from cscvision import __version__
 from cscvision.core.errors import CscvisionError
@@ -57,6 +60,50 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 class ModelError(CscvisionError):
     """A model folder is missing, malformed, or does not match what is asked of it."""
+
+
+@with_config(ConfigDict(extra="allow"))
+class EncoderRecord(TypedDict, total=False):
+    """The card's ``encoder`` part (kinds head, finetune, mil; ``heads.encoder_reference``):
+    the registered encoder and the weights file it was trained with, by sha256."""
+
+    name: Required[Name]
+    weights_sha256: Required[Annotated[str, Field(min_length=1)]]
+    weights_file: str | None
+    expected_file: str | None  # the file as published
+    timm_name: str | None
+    dim: Annotated[int, Field(ge=1)]  # embedding width
+    pool: str | None
+    features_dir: str | None  # kind head: the feature stores it was trained on
+    finetune_blocks: Annotated[int, Field(ge=0)]  # kind finetune: the encoder blocks tuned
+
+
+@with_config(ConfigDict(extra="allow"))
+class MILRecord(TypedDict, total=False):
+    """The card's ``mil`` part (kind mil; ``models.mil``): the network's shape and the slide
+    targets (regression: name, mean, sd, units; classification: name, classes)."""
+
+    architecture: Required[Literal["gated_attention", "clam_sb"]]
+    in_dim: Required[Annotated[int, Field(ge=1)]]
+    hidden: Required[Annotated[int, Field(ge=1)]]
+    attention: Required[Annotated[int, Field(ge=1)]]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    regression: list[dict[str, Any]]
+    classification: list[dict[str, Any]]
+    covariates: list[str]
+
+
+CARD_RECORDS: dict[str, Any] = {"encoder": EncoderRecord, "mil": MILRecord}
+NEEDS = {
+    "encoder": "name, weights_sha256, ...",
+    "mil": "architecture, in_dim, hidden, attention, ...",
+}
+
+
+def _typed(record: type) -> Any:
+    """A card part checked as ``record`` when it is there (``{}``: the kind has none)."""
+    adapter = TypeAdapter(record)
+    return AfterValidator(lambda value: dict(adapter.validate_python(value)) if value else value)
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="ignore", allow_inf_nan=False))
@@ -92,10 +139,10 @@ class ModelCard:
     metrics: dict[str, Any] = Field(default_factory=dict)  # validation / held-out metrics
     intended_use: str = "Research use only; not for diagnosis."
     # a head on a frozen encoder: name, weights_sha256, weights_file, expected_file, dim
-    encoder: dict[str, Any] = Field(default_factory=dict)
+    encoder: Annotated[dict[str, Any], _typed(EncoderRecord)] = Field(default_factory=dict)
     # kind mil: architecture, sizes, slide targets (regression: name, mean, sd, units;
     # classification: name, classes), covariates, map scale (models.mil)
-    mil: dict[str, Any] = Field(default_factory=dict)
+    mil: Annotated[dict[str, Any], _typed(MILRecord)] = Field(default_factory=dict)
     # out-of-distribution record (models.ood): method, features, thresholds, rule, file digest
     ood: dict[str, Any] = Field(default_factory=dict)
     # stain normalisation template (slides.stain.StainReference.to_dict), applied to every

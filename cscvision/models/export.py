@@ -148,5 +148,6 @@ def load_model(
         kind = get_kind(card.kind)
     except UnknownKind as e:
         raise ModelError(f"{model_dir / CARD_FILE}: {e}") from None
+    kind.check_card(card, str(model_dir / CARD_FILE))
     net = kind.build(card, state, encoder_weights)
     return LoadedModel(net=net.eval().to(device), card=card, path=model_dir)

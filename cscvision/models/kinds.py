@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cscvision.models.card import ModelCard, ModelError, legacy_kind
+from cscvision.models.card import NEEDS, ModelCard, ModelError, legacy_kind
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,6 +62,8 @@ class ModelKind:
     # -> (datamodule, Lightning system holding a models/ network, card["encoder"] record)
     pieces: ClassVar[str] = ""
     slide_level: ClassVar[bool] = False  # predicts slide labels (its maps explain them)
+    # the card's typed parts this kind needs (models.card.CARD_RECORDS: encoder, mil)
+    card_records: ClassVar[tuple[str, ...]] = ()
 
     def reads(self, card: ModelCard) -> ModelInput:
         return ModelInput(card.tile_px, card.mpp, tuple(card.mean), tuple(card.std))
@@ -106,6 +108,16 @@ class ModelKind:
     def check_config(self, cfg: Any) -> None:
         """Raise ``ValueError`` for a training config this kind cannot train."""
 
+    def check_card(self, card: ModelCard, where: str = "") -> None:
+        """Raise :class:`ModelError` when ``card`` lacks a part this kind needs
+        (``card_records``; each part's own types are checked by the card)."""
+        for part in self.card_records:
+            if not getattr(card, part):
+                raise ModelError(
+                    f"{where or card.name}: a model of kind {self.name} needs its {part} "
+                    f"record ({NEEDS[part]}); was it exported by cscvision train?"
+                )
+
     def training_note(self, cfg: Any) -> str | None:
         """What the card's ``training.pretrained`` says of the starting weights."""
         return None
@@ -138,6 +150,7 @@ class EncoderHeadKind(ModelKind):
 
     name = "head"
     pieces = "cscvision.training.featuredata:head_pieces"
+    card_records = ("encoder",)
 
     def build(self, card, state, encoder_weights=None):
         from cscvision.models.heads import load_head_net
@@ -155,8 +168,19 @@ class FineTunedEncoder(EncoderHeadKind):
     pieces = "cscvision.training.finetune:finetune_pieces"
 
     def check_config(self, cfg: Any) -> None:
-        if not cfg.model.finetune_blocks:
+        """The block count against the encoder's architecture, built on the meta device (no
+        weights, no memory): at the start of training, not while the config is read."""
+        from cscvision.models.encoders import FeaturesUnavailable, build_encoder
+        from cscvision.models.heads import tuned_prefixes
+        from cscvision.models.registry import EncoderError
+
+        blocks = cfg.model.finetune_blocks
+        if not blocks:
             raise ValueError("kind finetune: set model.finetune_blocks to the blocks to tune")
+        try:
+            tuned_prefixes(build_encoder(str(cfg.model.encoder), device="meta"), blocks)
+        except (EncoderError, FeaturesUnavailable) as e:
+            raise ValueError(str(e)) from None
 
     def training_note(self, cfg: Any) -> str | None:
         blocks = cfg.model.finetune_blocks
@@ -169,6 +193,7 @@ class AttentionMIL(ModelKind):
     name = "mil"
     trainer = "cscvision.training.mil_train:train_mil"
     slide_level = True
+    card_records = ("encoder", "mil")
 
     def build(self, card, state, encoder_weights=None):
         from cscvision.models.mil import load_mil_net

@@ -19,9 +19,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cscvision.core.errors import CscvisionError
 from cscvision.slides.grid import TileGrid
 from cscvision.slides.info import DECODERS, CorruptTileError
 from cscvision.slides.slide import ReadPlan, Slide, open_slide
+
+
+class DeviceError(CscvisionError, RuntimeError):
+    """A device that is not there (``--device cuda`` without a visible GPU)."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -32,7 +37,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+        raise DeviceError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     return device
 
 
@@ -112,7 +117,19 @@ class TileBatches(Dataset):
         self.ready: dict[int, dict[str, torch.Tensor]] = {}  # batches read ahead (prefetch)
         self.decode_device: torch.device | None = None  # decode stored JPEG tiles there
         self._slide: Slide | None = None
+        self._borrowed = False  # _slide is the caller's (use_slide): left open at close
         self._device_reader = None
+
+    def use_slide(self, slide: Slide) -> None:
+        """Read from ``slide``, open already (its owner closes it): the slide is opened
+        once for tissue, grid and tiles. Reader processes still open their own."""
+        self._slide, self._borrowed = slide, True
+        slide.reserve_raster(self.plan)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)  # a reader process opens the slide itself
+        state.update(_slide=None, _borrowed=False, _device_reader=None)
+        return state
 
     def __len__(self) -> int:
         return math.ceil(len(self.xy_l0) / self.batch_size)
@@ -198,9 +215,9 @@ class TileBatches(Dataset):
         if self._device_reader is not None:
             self._device_reader.close()
             self._device_reader = None
-        if self._slide is not None:
+        if self._slide is not None and not self._borrowed:
             self._slide.close()
-            self._slide = None
+        self._slide, self._borrowed = None, False
 
 
 def process_batches(dataset: TileBatches, workers: int, device: torch.device) -> DataLoader:

@@ -26,30 +26,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import lightning as L
 import numpy as np
 import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cscvision.models.mil_net import ARCHITECTURES, GatedAttentionMIL
+from cscvision.training.config_sections import SECTION, MILNetConfig, OptimConfig
 
 CLAM_BAG_WEIGHT = 0.7
 
 
-@dataclass(frozen=True)
-class MILConfig:
-    architecture: str = "auto"  # auto | gated_attention | clam_sb | mean
-    hidden: int = 128
-    attention: int = 64
-    dropout: float = 0.1
-    max_bag: int = 2048  # tiles sampled from a bag per training step
-    accumulate: int = 8  # bags whose gradients make one optimiser step (one bag per step is noisy)
-    epochs: int = 40
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
+@pydantic_dataclass(frozen=True, config=SECTION)
+class MILConfig(MILNetConfig):
+    """The network and schedule (:class:`~cscvision.training.config_sections.MILNetConfig`,
+    the defaults of the training config's ``mil`` section) with the optimiser and seed."""
+
+    lr: Annotated[float, Field(gt=0)] = OptimConfig.lr
+    weight_decay: Annotated[float, Field(ge=0)] = OptimConfig.weight_decay
+    seed: Annotated[int, Field(ge=0)] = 0
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,15 @@ def train(
     >>> result.metrics["test"]
     """
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
+    kind = kind_of_config(cfg)
+    try:  # what the kind checks beyond the config's schema, before any file is read
+        kind.check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     cfg = with_encoder_grid(with_absolute_paths(cfg))
     if not cfg.cohort.csv:
         raise ConfigError("cohort.csv: name the cohort manifest (CSV) to train on")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    kind = kind_of_config(cfg)
     return resolve(kind.trainer)(cfg, kind, resume=resume, progress=progress)
 
 

@@ -137,9 +137,49 @@ _KEY = re.compile(
 _COMMENT = re.compile(r"^(?P<indent> *)#\s?(?P<text>.*)$")
 
 
+def _allowed(prop: dict, defs: dict) -> str:
+    """What a JSON Schema property allows, in a few words: choices, type and range."""
+    if "$ref" in prop:
+        return ""
+    if "enum" in prop:
+        return " | ".join(str(v) for v in prop["enum"])
+    if "anyOf" in prop:
+        parts = [_allowed(p, defs) for p in prop["anyOf"] if p.get("type") != "null"]
+        nullable = " or null" if any(p.get("type") == "null" for p in prop["anyOf"]) else ""
+        return " or ".join(p for p in parts if p) + nullable
+    kind = prop.get("type", "")
+    if kind == "array":
+        items = prop.get("prefixItems") or [prop.get("items", {})]
+        return f"list of {_allowed(items[0], defs) or 'values'}"
+    bounds = [f"{sign} {prop[key]}" for key, sign in (("minimum", "≥"), ("exclusiveMinimum", ">"),
+              ("maximum", "≤"), ("exclusiveMaximum", "<")) if key in prop]  # fmt: skip
+    return " ".join([{"integer": "integer", "number": "number", "string": "text",
+                      "boolean": "true/false", "object": "mapping"}.get(kind, kind)]
+                    + ([", ".join(bounds)] if bounds else []))  # fmt: skip
+
+
+def allowed_by_key() -> dict[str, str]:
+    """Dotted config key → what its schema allows (``cscvision config schema``)."""
+    from cscvision.training.config import config_schema
+
+    schema = config_schema()
+    defs = schema.get("$defs", {})
+    out: dict[str, str] = {}
+    for key, prop in schema["properties"].items():
+        ref = prop.get("$ref", "").rsplit("/", 1)[-1] or ("ModelSection" if key == "model" else "")
+        if ref in defs:
+            for sub, p in defs[ref].get("properties", {}).items():
+                out[f"{key}.{sub}"] = _allowed(p, defs)
+        else:
+            out[key] = _allowed(prop, defs)
+    return out
+
+
 def config_markdown(path: Path | None = None) -> str:
-    """One table per section of the packaged default config: key, default and its comment."""
+    """One table per section of the packaged default config: key, default, what the schema
+    allows and the key's comment."""
     path = path or ROOT / "cscvision" / "resources" / "configs" / "default.yaml"
+    allowed = allowed_by_key()
     lines = path.read_text(encoding="utf-8").splitlines()
     out: list[str] = []
     stack: list[tuple[int, str]] = []  # (indent, key) of the open sections
@@ -149,8 +189,9 @@ def config_markdown(path: Path | None = None) -> str:
 
     def flush() -> None:
         if rows:
-            out.extend(["| key | default | meaning |", "|---|---|---|"])
-            out.extend(f"| `{k}` | {f'`{v}`' if v else ''} | {_cell(m)} |" for k, v, m in rows)
+            out.extend(["| key | default | allowed | meaning |", "|---|---|---|---|"])
+            out.extend(f"| `{k}` | {f'`{v}`' if v else ''} | {_cell(allowed.get(k, ''))} | "
+                       f"{_cell(m)} |" for k, v, m in rows)  # fmt: skip
             out.append("")
             rows.clear()
 
