@@ -59,13 +59,21 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.models.card import ModelError
     from cscvision.views.report import ReportError, write_report
 
+    skipped: list[str] = []
     try:
         page = write_report(
-            args.out_dir, run_dir=args.run, cohort_csv=args.cohort, model_dir=args.model
+            args.out_dir,
+            run_dir=args.run,
+            cohort_csv=args.cohort,
+            model_dir=args.model,
+            skipped=skipped,
         )
-    except (ReportError, CohortError, ModelError, FileNotFoundError) as e:
+    except (ReportError, CohortError, ModelError, OSError, ValueError) as e:
         print(f"cscvision report: {e}", file=sys.stderr)
         return 2
+    finally:
+        for line in skipped:
+            print(f"cscvision report: WARNING: {line}", file=sys.stderr)
     print(f"report: {page}")
     print(f"open it in a browser (file://{page.resolve()}); copy {page.parent} anywhere")
     return 0
