@@ -834,7 +834,7 @@ def test_sigterm_during_mil_exits_143_and_the_rerun_matches(world, tmp_path):
 
     def args(out: Path) -> list:
         return ["mil", cohort, "--labels", labels, "--target", "score", "--features", feats,
-                "--out", out, "--folds", "2", "--epochs", "60"]  # fmt: skip
+                "--out", out, "--folds", "2", "--epochs", "30"]  # fmt: skip
 
     status, err = _Running(args(box.out), tmp_path).term_when(lambda e: "fold 1/2" in e)
     _stopped_cleanly(status, err, "mil")
