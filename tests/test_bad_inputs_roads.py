@@ -193,6 +193,15 @@ def test_labels_st_refuses_a_cohort_slide_id_that_is_a_path(world, box, capsys, 
     assert "line 2" in text and "cannot name a file" in text
 
 
+@pytest.mark.parametrize("bad_id", UNSAFE_IDS)
+def test_labels_cells_refuses_a_cohort_slide_id_that_is_a_path(world, box, capsys, bad_id):
+    (box.inputs / "cells.csv").write_text("x,y\n1,2\n")
+    cohort = _cohort(box, world, [(bad_id, "a")], extra="cells_path|cells.csv")
+    argv = ["labels", "cells", cohort, "--feature", "density", "--out", box.out]
+    status, text = box.run(argv, capsys)
+    assert status == 2 and "line 2" in text and "cannot name a file" in text
+
+
 def _mil_args(box: Box, cohort: Path, labels: Path, features: Path, *extra) -> list:
     return ["mil", cohort, "--labels", labels, "--target", "score", "--features", features,
             "--out", box.out, "--folds", "2", "--epochs", "1", *extra]  # fmt: skip
