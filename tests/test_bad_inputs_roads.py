@@ -169,6 +169,13 @@ def test_labels_ihc_refuses_marker_config_names_that_are_paths(world, box, capsy
     assert status == 2 and "markers.yaml" in text and "cannot name a file" in text
 
 
+def test_labels_ihc_marker_config_that_is_not_yaml_names_the_file(world, box, capsys):
+    manifest = _ihc_manifest(box, world, "S1")
+    (box.inputs / "markers.yaml").write_text("markers: [CD44: {\n")
+    status, text = _ihc(box, manifest, capsys)
+    assert status == 2 and "markers.yaml: not valid YAML" in text and "Traceback" not in text
+
+
 def _cohort(box: Box, world, rows: list[tuple[str, str]], extra: str = "", name="cohort.csv"):
     """A cohort manifest: (slide_id, slide letter) rows, one patient per row."""
     header = "slide_id,patient_id,slide_path" + ("," + extra.split("|")[0] if extra else "")

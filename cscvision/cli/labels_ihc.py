@@ -125,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
         slides = read_manifest(args.manifest)
         params = registration_params(args)  # its flags checked before any slide is read
         check_writable(args.out)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        print(f"cscvision labels ihc: {args.markers}: not valid YAML ({reason})", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
         print(f"cscvision labels ihc: {e}", file=sys.stderr)
         return 2
     spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
