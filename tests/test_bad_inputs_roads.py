@@ -609,6 +609,13 @@ def test_features_into_a_read_only_folder_is_one_message(world, encoder, box, ca
     assert "Traceback" not in text
 
 
+def test_features_into_a_file_as_out_is_one_message(world, encoder, box, capsys):
+    box.out.write_text("a file, not a folder")
+    status, text = box.run(_features_args(world, encoder, box.out), capsys)
+    assert status == 2 and "--out" in text and "cannot write there" in text
+    assert "Traceback" not in text and box.out.read_text() == "a file, not a folder"
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_features_refuses_mask_mpp_up_front(world, encoder, box, capsys, value):
     status, text = box.run([*_features_args(world, encoder, box.out), "--mask-mpp", value],
