@@ -190,3 +190,42 @@ def test_ood_slide_has_a_banner_in_report_and_viewer(browser, ood_batch):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_viewer_shows_the_maps_alone_when_the_slide_file_is_gone(browser, demo_batch, tmp_path):
+    import json
+
+    import uvicorn
+
+    from cscvision.views.app import create_app
+    from cscvision.views.server import Catalogue
+
+    out = tmp_path / "out"
+    shutil.copytree(demo_batch["out"], out)
+    for summary in out.glob("*/summary.json"):
+        record = json.loads(summary.read_text())
+        record["slide_path"] = str(tmp_path / "moved-away.svs")
+        summary.write_text(json.dumps(record))
+    app = create_app(Catalogue(out))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: srv.started, what="the viewer server")
+        port = srv.servers[0].sockets[0].getsockname()[1]
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait_for(
+            lambda: browser.execute_script(
+                "return window.cscv && Object.values(window.cscv.layers).length > 0 && "
+                "Object.values(window.cscv.layers).every(l => l.item)"
+            ),
+            what="the heatmap layers without their slide",
+        )
+        wait_for(lambda: any(k == "map" for k, *_ in list(app.state.requests)), what="map tiles")
+        assert "slide file not found" in browser.find_element("id", "readout").text
+        assert not any(k == "slide" for k, *_ in list(app.state.requests))
+        assert screenshot(browser, "viewer_slide_gone.png").std() > 3, "the maps are drawn"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ __all__ = ["WEIGHTS_DIR_ENV", "add_parser", "resolve_weights", "run"]
 
 WEIGHTS_DIR_ENV = "CSCVISION_WEIGHTS_DIR"
 RESULT_COLUMNS = ["slide_id", "slide_path", "status", "n_tiles", "dim", "store", "error"]
+MIN_FREE_PER_SLIDE = 8 << 20  # a store of ~5,000 tiles × 768 features (float16), plus room
 
 
 def add_weights_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -121,9 +123,16 @@ def _settings(args: argparse.Namespace) -> ExtractSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cscvision.core.io import check_free_space, check_writable
     from cscvision.features.extract import extract_slide, extraction_setup, store_path
     from cscvision.features.store import STORE_SUFFIX, store_matches
-    from cscvision.slides.batch import run_batch, shard_suffix, summary_lines, write_errors
+    from cscvision.slides.batch import (
+        interrupted_line,
+        run_batch,
+        shard_suffix,
+        summary_lines,
+        write_errors,
+    )
 
     settings = _settings(args)  # bad input raises, before anything is written (cli.run_command)
     jobs, shard = jobs_from_args(args)
@@ -133,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         import_ray()  # before --out is made: without Ray nothing is written
     extractor = _extractor(args)
     out: Path = args.out
+    if not args.ray:  # with --ray the workers write: the folder may be theirs alone
+        check_writable(out)
+        check_free_space(out, MIN_FREE_PER_SLIDE * len(jobs))
     spec = extractor.spec
     wanted = {"mpp": spec.mpp, "tile_px": spec.tile_px, "min_tissue": settings.min_tissue}
     wanted["mask_mpp"] = settings.mask_mpp
@@ -161,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
     results = _write_results(out / f"results{suffix}.csv", jobs, report, store_of)
     for line in summary_lines(report, out, "features", errors):
         print(line)
+    if report.interrupted:
+        print(interrupted_line(report, "features"), file=sys.stderr)
+        return 128 + report.interrupted
     print(f"per slide: {out}/<slide_id>{STORE_SUFFIX} ({spec.name}, {spec.dim} features per tile)")
     print(f"one row per slide: {results}")
     print(f"tiles of {spec.tile_px} px at {spec.mpp} µm/px {where}")
@@ -168,20 +183,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_results(path: Path, jobs: list[SlideJob], report: BatchReport, store_of: Any) -> Path:
-    from cscvision.core.io import write_csv
-    from cscvision.features.store import read_store_attrs
+    """``results.csv``: a row per slide this run settled (done, skipped as complete, failed),
+    merged by slide id with the rows earlier runs wrote (as ``infer``'s); slides another run
+    held, or that a signal left unreached, keep their earlier row."""
+    from cscvision.features.store import FeatureStoreError, read_store_attrs
+    from cscvision.slides.batch import merge_table
 
     failed = {sid: reason.split(" | ")[0] for sid, _, reason in report.failed}
-    skipped = set(report.skipped)
+    skipped, done = set(report.skipped), set(report.done)
     rows = []
     for job in jobs:
         row = {"slide_id": job.slide_id, "slide_path": str(Path(job.slide_path).resolve())}
         if job.slide_id in failed:
             row.update(status="failed", error=failed[job.slide_id])
+        elif job.slide_id in skipped or job.slide_id in done:
+            try:
+                attrs = read_store_attrs(store_of(job))
+            except FeatureStoreError as e:  # removed since: say so, do not stop
+                row.update(status="failed", error=str(e))
+            else:
+                status = "skipped" if job.slide_id in skipped else "done"
+                row.update(status=status, n_tiles=attrs["n_tiles"], dim=attrs["dim"])
+                row["store"] = str(store_of(job))
         else:
-            attrs = read_store_attrs(store_of(job))
-            status = "skipped" if job.slide_id in skipped else "done"
-            row.update(status=status, n_tiles=attrs["n_tiles"], dim=attrs["dim"])
-            row["store"] = str(store_of(job))
+            continue
         rows.append(row)
-    return write_csv(path, RESULT_COLUMNS, ([r.get(c, "") for c in RESULT_COLUMNS] for r in rows))
+    return merge_table(path, RESULT_COLUMNS, ([r.get(c, "") for c in RESULT_COLUMNS] for r in rows))

@@ -112,8 +112,14 @@ def label_slide(entry, cells_path: Path, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.core.io import write_csv
-    from cscvision.labels.table import table_path, write_label_table
+    from cscvision.core.guard import (
+        Interrupted,
+        defer_signals,
+        interrupt_on_signals,
+        interrupted_notice,
+    )
+    from cscvision.labels.table import table_path
+    from cscvision.slides.batch import went_away_reason
     from cscvision.slides.slide import SlideError
 
     t0 = time.perf_counter()
@@ -126,13 +132,34 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         print(f"cscvision labels cells: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
-    rows, errors, n_tiles, target = [], [], 0, None
-    for entry, cells_path in jobs:
-        try:
-            table = label_slide(entry, cells_path, args)
-        except (ValueError, SlideError, OSError) as err:
-            errors.append((entry.slide_id, f"{type(err).__name__}: {err}"))
-            continue
+    labelled, errors = [], []
+    try:
+        with interrupt_on_signals():  # tables are kept in memory until every slide is done
+            for entry, cells_path in jobs:
+                try:
+                    labelled.append((entry, label_slide(entry, cells_path, args)))
+                except (ValueError, SlideError, OSError) as err:
+                    gone = went_away_reason(entry.slide_path)
+                    errors.append((entry.slide_id, gone or f"{type(err).__name__}: {err}"))
+    except Interrupted as e:
+        done = "no table written (tables are written once every slide is labelled)"
+        print(interrupted_notice("labels cells", e.signum, done), file=sys.stderr)
+        return 128 + e.signum
+    try:
+        with defer_signals():  # written all, or not at all
+            return _write_all(args, jobs, labelled, errors, t0)
+    except Interrupted as e:
+        print(interrupted_notice("labels cells", e.signum, "every table written"),
+              file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
+
+
+def _write_all(args: argparse.Namespace, jobs: list, labelled: list, errors: list, t0) -> int:
+    from cscvision.core.io import write_csv
+    from cscvision.labels.table import table_path, write_label_table
+
+    rows, n_tiles, target = [], 0, None
+    for entry, table in labelled:
         path = write_label_table(table_path(args.out, entry.slide_id), table)
         n_tiles, target = n_tiles + len(table), table.targets[0]
         rows.append((entry.slide_id, entry.patient_id, _rel(entry.slide_path, args.out),

@@ -9,6 +9,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from cscvision.cli.register import add_registration_args, registration_params
+from cscvision.core.guard import (
+    Interrupted,
+    defer_signals,
+    interrupt_on_signals,
+    interrupted_notice,
+)
 
 MANIFEST_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 
@@ -51,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def read_manifest(path: Path) -> dict[str, dict]:
     """slide_id -> {patient_id, slide_path, pairs: [(marker, ihc_path)]}; paths resolved."""
     from cscvision.core.io import read_csv
+    from cscvision.core.names import check_name
 
     rows = read_csv(path)
     missing = [c for c in MANIFEST_COLUMNS if rows and c not in rows[0]]
@@ -63,11 +70,14 @@ def read_manifest(path: Path) -> dict[str, dict]:
         for k, p in paths.items():
             if not p.exists():
                 raise ValueError(f"{path}: line {line}: {k} {p} not found")
-        entry = slides[row["slide_id"].strip()]
+        where = f"{path}: line {line}"
+        slide_id = check_name(row["slide_id"].strip(), "slide_id", where)
+        marker = check_name(row["marker"].strip(), "marker", where)
+        entry = slides[slide_id]
         entry.update(patient_id=row["patient_id"].strip(), slide_path=paths["slide_path"])
         if (row.get("split") or "").strip():
             entry["split"] = row["split"].strip()
-        entry["pairs"].append((row["marker"].strip(), paths["ihc_path"]))
+        entry["pairs"].append((marker, paths["ihc_path"]))
     return dict(slides)
 
 
@@ -103,6 +113,7 @@ def _write_threshold_qc(out: Path, measures, cfg, spec, thresholds) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from cscvision.core.io import check_writable
     from cscvision.labels.ihc import marker_config
     from cscvision.labels.table import table_path
     from cscvision.slides.grid import GridSpec
@@ -112,40 +123,66 @@ def run(args: argparse.Namespace) -> int:
             yaml.safe_load(args.markers.read_text(encoding="utf-8")) or {}, str(args.markers)
         )
         slides = read_manifest(args.manifest)
-    except (OSError, ValueError, yaml.YAMLError) as e:
+        params = registration_params(args)  # its flags checked before any slide is read
+        check_writable(args.out)
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        print(f"cscvision labels ihc: {args.markers}: not valid YAML ({reason})", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
         print(f"cscvision labels ihc: {e}", file=sys.stderr)
         return 2
     spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
     t0, errors = time.perf_counter(), []
     todo = {k: v for k, v in slides.items()
             if args.overwrite or not table_path(args.out, k).exists()}  # fmt: skip
-    counts, warned = _label_all(args, todo, cfg, spec, errors)
-    rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
-             v.get("split", "")) for k, v in slides.items()
-            if table_path(args.out, k).exists()]  # fmt: skip
-    return _summary(args, slides, rows, errors, counts, warned, t0)
+    try:
+        with interrupt_on_signals():
+            measures = _measure_all(args, todo, cfg, spec, params, errors)
+    except Interrupted as e:  # nothing written yet: thresholds need every slide measured
+        done = "no table written (the density thresholds are chosen from all slides together)"
+        print(interrupted_notice("labels ihc", e.signum, done), file=sys.stderr)
+        return 128 + e.signum
+    try:
+        with defer_signals():  # the tables share thresholds: written all, or not at all
+            counts, warned = _label_all(args, measures, cfg, spec, errors)
+            rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
+                     v.get("split", "")) for k, v in slides.items()
+                    if table_path(args.out, k).exists()]  # fmt: skip
+            status = _summary(args, slides, rows, errors, counts, warned, t0)
+    except Interrupted as e:
+        print(interrupted_notice("labels ihc", e.signum, "every table written"), file=sys.stderr)
+        return 128 + e.signum
+    return status
 
 
-def _label_all(args, todo: dict, cfg, spec, errors: list):
-    """Measure every slide, choose the thresholds from all of them, then write the tables."""
+def _measure_all(args, todo: dict, cfg, spec, params, errors: list) -> list:
+    """Register and measure every slide to do; a failing slide is recorded and skipped."""
     from tqdm import tqdm
 
-    from cscvision.labels.ihc_labels import (
-        label_slide,
-        measure_slide,
-        slide_thresholds,
-        thresholds_for,
-    )
-    from cscvision.labels.ihc_threshold import positive_share_warning
+    from cscvision.labels.ihc_labels import measure_slide
 
-    params = registration_params(args)
     measures = []
     for slide_id, entry in tqdm(todo.items(), desc="registering", unit="slide"):
         try:
             measures.append(measure_slide(slide_id, entry["slide_path"], entry["pairs"], cfg,
                                           spec, params, slide_mpp=args.slide_mpp))  # fmt: skip
         except Exception as e:  # one bad slide must not stop the batch
-            errors.append((slide_id, f"{type(e).__name__}: {e}"))
+            errors.append((slide_id, _reason(entry["slide_path"], e)))
+    return measures
+
+
+def _reason(slide_path: Path, error: Exception) -> str:
+    from cscvision.slides.batch import went_away_reason
+
+    return went_away_reason(slide_path) or f"{type(error).__name__}: {error}"
+
+
+def _label_all(args, measures: list, cfg, spec, errors: list):
+    """Choose the thresholds from every measured slide, then write the tables."""
+    from cscvision.labels.ihc_labels import label_slide, slide_thresholds, thresholds_for
+    from cscvision.labels.ihc_threshold import positive_share_warning
+
     thresholds = thresholds_for(measures, cfg, spec) if measures else {}
     if measures:
         _write_threshold_qc(args.out, measures, cfg, spec, thresholds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -55,9 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _float(row: dict, name: str, default: float, where: str) -> float:
     text = (row.get(name) or "").strip()
     try:
-        return float(text) if text else default
+        value = float(text) if text else default
     except ValueError:
         raise ValueError(f"{where}: {name} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {name} {text!r} is not a finite number; give a number")
+    return value
 
 
 def _jobs(manifest: Path) -> list[dict]:
@@ -79,6 +83,8 @@ def _jobs(manifest: Path) -> list[dict]:
             raise CohortError(f"{where}: st_path {st_path} not found")
         offset = (_float(row, "st_offset_x", 0.0, where), _float(row, "st_offset_y", 0.0, where))
         scale = _float(row, "st_scale", 1.0, where)
+        if scale <= 0:
+            raise CohortError(f"{where}: st_scale {scale:g} must be > 0 (level-0 px per image px)")
         jobs.append(
             {"entry": entry, "st_path": st_path.resolve(), "scale": scale, "offset": offset}
         )
@@ -97,18 +103,21 @@ def run(args: argparse.Namespace) -> int:
         hint = 'pip install "cscvision[st]"'
         print(f"cscvision labels st: needs anndata and scanpy: {hint}", file=sys.stderr)
         return 2
-    from tqdm.auto import tqdm
-
-    from cscvision.core.io import write_csv
+    from cscvision.core.guard import (
+        Interrupted,
+        defer_signals,
+        interrupt_on_signals,
+        interrupted_notice,
+    )
+    from cscvision.core.io import check_writable
     from cscvision.labels.programmes import load_programme_config
-    from cscvision.labels.st_labels import binarize, st_label_table
-    from cscvision.labels.table import table_path, write_label_table
-    from cscvision.slides.info import SlideError
+    from cscvision.labels.table import table_path
 
     t0 = time.perf_counter()
     try:
         config = load_programme_config(str(args.panels) if args.panels else None)
         jobs = _jobs(args.manifest)
+        check_writable(args.out)
     except (ValueError, OSError) as e:
         print(f"cscvision labels st: {e}", file=sys.stderr)
         return 2  # bad input, as every command (cli.run_command)
@@ -117,6 +126,29 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
+    try:
+        with interrupt_on_signals():
+            scored, errors = _score_all(jobs, config, args.slide_mpp)
+    except Interrupted as e:  # nothing written yet: binarising quantiles need every sample
+        done = "no table written (tables are written once every sample is scored)"
+        print(interrupted_notice("labels st", e.signum, done), file=sys.stderr)
+        return 128 + e.signum
+    try:
+        with defer_signals():  # written all, or not at all
+            return _write_all(args, config, jobs, scored, errors, t0)
+    except Interrupted as e:
+        print(interrupted_notice("labels st", e.signum, "every table written"), file=sys.stderr)
+        return 128 + e.signum
+
+
+def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list, list]:
+    """Each sample's spot-score table; a failing sample is recorded and skipped."""
+    from tqdm.auto import tqdm
+
+    from cscvision.labels.st_labels import st_label_table
+    from cscvision.slides.batch import went_away_reason
+    from cscvision.slides.info import SlideError
+
     scored, errors = [], []
     for job in tqdm(jobs, desc="scoring spots", unit="slide"):
         e = job["entry"]
@@ -126,14 +158,23 @@ def run(args: argparse.Namespace) -> int:
                 job["st_path"],
                 config,
                 slide_id=e.slide_id,
-                mpp_override=args.slide_mpp,
+                mpp_override=slide_mpp,
                 scale=job["scale"],
                 offset_px=job["offset"],
             )
         except (ValueError, SlideError, OSError, KeyError) as err:  # one bad sample: go on
-            errors.append((e.slide_id, f"{type(err).__name__}: {err}"))
+            gone = went_away_reason(e.slide_path)
+            errors.append((e.slide_id, gone or f"{type(err).__name__}: {err}"))
             continue
         scored.append((job, table))
+    return scored, errors
+
+
+def _write_all(args, config, jobs, scored, errors, t0) -> int:
+    from cscvision.core.io import write_csv
+    from cscvision.labels.st_labels import binarize
+    from cscvision.labels.table import table_path, write_label_table
+
     tables = [t for _, t in scored]
     if config.binarize_quantile is not None and tables:  # quantiles of the samples scored
         tables = binarize(tables, config.binarize_quantile)

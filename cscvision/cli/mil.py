@@ -6,6 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import Field
+
+from cscvision.core.io import check_writable
+from cscvision.core.validate import Flags, check_flags
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -62,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _bags(entries, folder: Path):
     import numpy as np
 
-    from cscvision.features.store import read_feature_store
+    from cscvision.features.store import check_bag, check_same_source, read_feature_store
     from cscvision.training.mil import Bag
 
     missing = [e.slide_id for e in entries if not (folder / f"{e.slide_id}.h5").is_file()]
@@ -72,11 +77,22 @@ def _bags(entries, folder: Path):
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run cscvision "
             f"features on them with --out {folder}, or drop them from the cohort"
         )
-    out = []
+    stores = []
     for e in entries:
-        store = read_feature_store(folder / f"{e.slide_id}.h5")
-        out.append(Bag(e.slide_id, store.features.astype(np.float32), store.xy_l0))
-    return out
+        path = folder / f"{e.slide_id}.h5"
+        stores.append((path, check_bag(path, e.slide_id, read_feature_store(path))))
+    check_same_source(stores)
+    return [Bag(e.slide_id, store.features.astype(np.float32), store.xy_l0)
+            for e, (_, store) in zip(entries, stores, strict=True)]  # fmt: skip
+
+
+class MILFlags(Flags):
+    """``cscvision mil``'s counts, checked before any file is read."""
+
+    folds: int = Field(5, ge=2, le=1000)
+    epochs: int = Field(30, ge=1, le=100_000)
+    max_bag: int = Field(2048, ge=1)
+    accumulate: int = Field(8, ge=1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.labels.slide_table import SlideLabelError, parse_targets, read_slide_labels
 
     try:
+        check_flags(MILFlags, folds=args.folds, epochs=args.epochs, max_bag=args.max_bag,
+                    accumulate=args.accumulate)  # fmt: skip
+        check_writable(args.out)
         entries = read_cohort(args.cohort)
         specs = parse_targets(args.target)
         labels = read_slide_labels(
@@ -96,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from cscvision.core.guard import (
+        Interrupted,
+        defer_signals,
+        interrupt_on_signals,
+        interrupted_notice,
+    )
     from cscvision.training.mil import MILConfig
     from cscvision.training.mil_cv import cross_validate, write_cv_outputs
 
@@ -107,19 +132,26 @@ def run(args: argparse.Namespace) -> int:
         accumulate=args.accumulate,
         seed=args.seed,
     )
+    written = None
     try:
-        result = cross_validate(
-            bags,
-            labels,
-            cfg,
-            k=args.folds,
-            covariates=args.covariate,
-            progress=lambda line: print(line, file=sys.stderr),
-        )
+        with interrupt_on_signals():
+            result = cross_validate(
+                bags,
+                labels,
+                cfg,
+                k=args.folds,
+                covariates=args.covariate,
+                progress=lambda line: print(line, file=sys.stderr),
+            )
+        with defer_signals():  # the outputs of one cross-validation: all, or none
+            written = write_cv_outputs(args.out, bags, labels, result)
     except ValueError as e:
         print(f"cscvision mil: {e}", file=sys.stderr)
         return 2
-    written = write_cv_outputs(args.out, bags, labels, result)
+    except Interrupted as e:
+        done = "nothing written" if written is None else "every output written"
+        print(interrupted_notice("mil", e.signum, done), file=sys.stderr)
+        return 128 + e.signum
     for name, rec in result.pooled.items():
         lo, hi = rec["ci95"]
         print(

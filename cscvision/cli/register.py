@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pydantic import Field
+
+from cscvision.core.validate import Flags, check_flags
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -80,9 +84,27 @@ def add_registration_args(parser: argparse.ArgumentParser) -> None:
                         help="level-0 µm/px for slides whose metadata gives none")  # fmt: skip
 
 
+class RegistrationFlags(Flags):
+    """Ranges of the registration flags, checked before any slide is read."""
+
+    fine_um: float = Field(2.0, gt=0, le=1000)
+    max_error_um: float = Field(50.0, gt=0)
+    flow_smooth_um: float = Field(40.0, gt=0)
+    max_stretch: float = Field(1.25, ge=1)
+    min_inliers: int = Field(0, ge=0)
+    min_agreement: float = Field(0.0, ge=0, le=1)
+    min_inlier_ratio: float = Field(0.0, ge=0, le=1)
+    min_dice: float = Field(0.0, ge=0, le=1)
+
+
 def registration_params(args: argparse.Namespace):
+    """The registration flags as parameters; ``ValueError`` naming a flag out of range."""
     from cscvision.labels.registration import RegistrationParams
 
+    check_flags(
+        RegistrationFlags,
+        **{k: getattr(args, k) for k in RegistrationFlags.model_fields if hasattr(args, k)},
+    )
     return RegistrationParams(
         max_error_um=args.max_error_um,
         min_inliers=args.min_inliers,
@@ -101,13 +123,14 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.labels.registration import register_slides
     from cscvision.slides.slide import open_slide
 
+    params = registration_params(args)  # bad flags: exit 2 (cli.run_command)
     mpp = args.slide_mpp  # a slide that cannot be read: exit 2 (cli.run_command)
     if args.panel is not None:
         with open_slide(args.he, mpp=mpp) as he:
-            reg, qc = register_slides(he, _mif(args), registration_params(args))
+            reg, qc = register_slides(he, _mif(args), params)
     else:
         with open_slide(args.he, mpp=mpp) as he, open_slide(args.ihc, mpp=mpp) as ihc:
-            reg, qc = register_slides(he, ihc, registration_params(args))
+            reg, qc = register_slides(he, ihc, params)
     json_path = write_json(args.out / "registration.json", reg.to_dict())
     qc_path = write_png(args.out / "qc.png", qc)
     e = reg.error_um

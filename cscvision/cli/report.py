@@ -57,10 +57,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from cscvision.views.report import write_report
 
-    # ReportError, CohortError, ModelError, a missing file: exit 2 (cli.run_command)
-    page = write_report(
-        args.out_dir, run_dir=args.run, cohort_csv=args.cohort, model_dir=args.model
-    )
+    skipped: list[str] = []
+    try:  # ReportError, CohortError, ModelError, a missing file: exit 2 (cli.run_command)
+        page = write_report(
+            args.out_dir,
+            run_dir=args.run,
+            cohort_csv=args.cohort,
+            model_dir=args.model,
+            skipped=skipped,
+        )
+    finally:
+        for line in skipped:
+            print(f"cscvision report: WARNING: {line}", file=sys.stderr)
     print(f"report: {page}")
     print(f"open it in a browser (file://{page.resolve()}); copy {page.parent} anywhere")
     return 0

@@ -47,12 +47,16 @@ def run(args: argparse.Namespace) -> int:
         slide_table,
     )
 
+    skipped: list[str] = []
     try:
-        summaries = read_summaries(args.out_dir)
+        summaries = read_summaries(args.out_dir, skipped)
         patients = None if args.cohort is None else read_patients(args.cohort)
     except (StatsError, OSError) as e:
         print(f"cscvision stats: {e}", file=sys.stderr)
         return 2
+    finally:
+        for line in skipped:
+            print(f"cscvision stats: WARNING: {line}", file=sys.stderr)
     if any("slide_prediction" in s for s in summaries):
         print(
             f"cscvision stats: {args.out_dir} holds outputs of a slide-level MIL model: its "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -135,12 +136,36 @@ def _log_to_stderr() -> None:
 
 
 def _train(cfg: object, args: argparse.Namespace) -> int:
+    from cscvision.core.guard import Interrupted, interrupt_on_signals
     from cscvision.training.train import train
 
-    result = train(cfg, resume=args.resume, progress=not args.quiet)  # errors: cli.run_command
+    try:  # errors: exit 2 (cli.run_command)
+        with interrupt_on_signals():
+            result = train(cfg, resume=args.resume, progress=not args.quiet)
+    except Interrupted as e:
+        print(_stopped(cfg, e.signum), file=sys.stderr)
+        return 128 + e.signum
+    except SystemExit as e:  # Lightning's SIGTERMException, should it stop the fit itself
+        if type(e).__name__ != "SIGTERMException":
+            raise
+        print(_stopped(cfg, signal.SIGTERM), file=sys.stderr)
+        return 128 + signal.SIGTERM
     if result.model_dir is not None:  # under DDP only rank 0 exports, and reports
         print(_summary(result))
     return 0
+
+
+def _stopped(cfg: object, signum: int) -> str:
+    """The notice of a run stopped by a signal: nothing exported, and how it resumes."""
+    from cscvision.core.guard import interrupted_notice
+
+    run_dir = getattr(cfg, "run_dir", None) or "the run folder"
+    return interrupted_notice(
+        "train",
+        signum,
+        f"no model exported; checkpoints in {run_dir}/checkpoints (last.ckpt, if an epoch "
+        "finished)",
+    )
 
 
 def _summary(result: object) -> str:

@@ -25,7 +25,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback: the slides become visible to anyone who "
+        "can reach the port, and the server has no authentication",
+    )
     p.set_defaults(func=run)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+REMOTE_WARNING = (
+    "the slides and maps become visible to anyone who can reach this port, and the viewer "
+    "has no authentication"
+)
 
 
 def _missing_extra() -> str | None:
@@ -45,10 +58,26 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"cscvision view: --port {args.port}: choose 1-65535", file=sys.stderr)
         return 2
+    remote = args.host not in LOOPBACK
+    if remote and not args.allow_remote:
+        print(
+            f"cscvision view: --host {args.host} binds beyond this machine: {REMOTE_WARNING}; "
+            "pass --allow-remote to do it anyway, or tunnel (ssh -L) to 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
     from cscvision.views.app import serve
     from cscvision.views.server import Catalogue
 
     catalogue = Catalogue(args.out_dir)  # a ViewerError: exit 2 (cli.run_command)
+    for line in catalogue.skipped:
+        print(f"cscvision view: WARNING: {line}", file=sys.stderr)
+    for sid in catalogue.missing_slides():
+        path = catalogue.slides[sid].slide_path
+        print(f"cscvision view: {sid}: slide file {path} not found; showing its maps alone",
+              file=sys.stderr)  # fmt: skip
+    if remote:
+        print(f"cscvision view: WARNING: --host {args.host}: {REMOTE_WARNING}", file=sys.stderr)
     if args.slide and args.slide not in catalogue.slides:
         print(
             f"cscvision view: --slide {args.slide}: not in {args.out_dir} (have "

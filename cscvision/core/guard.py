@@ -82,3 +82,33 @@ def interrupt_on_signals() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def defer_signals() -> Iterator[None]:
+    """Within the block SIGTERM and SIGINT are noted, not acted on; :class:`Interrupted` is
+    raised when the block ends. For short phases that must finish as a whole (writing a
+    cohort's tables after their shared thresholds), so a signal never leaves half of them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        got.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        raise Interrupted(got[0])
+
+
+def interrupted_notice(command: str, signum: int, done: str) -> str:
+    """The one line a command ended by a signal prints (to stderr): what was kept, and that
+    the same command resumes."""
+    name = signal.Signals(signum).name
+    return f"cscvision {command}: stopped by {name}; {done}; re-run the same command to resume"

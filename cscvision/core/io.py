@@ -125,6 +125,19 @@ def check_writable(folder: str | Path, flag: str = "--out") -> Path:
     return folder
 
 
+def check_free_space(folder: str | Path, need_bytes: int, flag: str = "--out") -> None:
+    """``ValueError`` naming ``flag`` when ``folder``'s filesystem has less than
+    ``need_bytes`` free (an estimate of what the command will write), before any work."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise ValueError(
+            f"{flag} {folder}: {free / 2**20:.0f} MiB free, about {need_bytes / 2**20:.0f} MiB "
+            "needed; free space or choose another folder"
+        )
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 (hex) of a file's bytes, read in 4 MiB chunks."""
     digest = hashlib.sha256()

@@ -20,7 +20,9 @@ file that exists is complete. ``read_feature_store(path)`` returns a frozen
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,11 @@ def write_feature_store(path: str | Path, store: FeatureStore) -> Path:
         raise FeatureStoreError(
             f"{path}: need xy_l0 [N, 2] and features [N, D], got {xy.shape} and {feats.shape}"
         )
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # The HDF5 file is built in memory and written with plain file I/O: a full disk or a
+    # failing device is an OSError here, never an HDF5 error inside the library (which
+    # could end the process with a segmentation fault).
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         f.create_dataset("xy_l0", data=xy.astype(np.int32))
         f.create_dataset("features", data=feats.astype(np.float16), chunks=True)
         f.attrs["encoder"] = store.encoder
@@ -123,6 +129,17 @@ def write_feature_store(path: str | Path, store: FeatureStore) -> Path:
         f.attrs["slide_path"] = store.slide_path
         f.attrs["slide_mpp"] = float(store.slide_mpp)
         f.attrs["cscvision_version"] = store.cscvision_version
+    try:
+        with atomic_path(path) as tmp, tmp.open("wb") as out:
+            out.write(image.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as e:
+        raise FeatureStoreError(
+            f"{path}: cannot write the feature store ({e.strerror or e}); free space "
+            f"({image.getbuffer().nbytes / 2**20:.1f} MiB needed) or choose another --out, "
+            "then re-run"
+        ) from None
     return Path(path)
 
 
@@ -198,3 +215,50 @@ def store_matches(
     same = attrs.get("encoder") == encoder and attrs.get("weights_sha256") == weights_sha256
     want = json.loads(json.dumps(grid or {}))
     return same and all(attrs["grid"].get(k) == v for k, v in want.items())
+
+
+def check_bag(path: str | Path, slide_id: str, store: FeatureStore) -> FeatureStore:
+    """``store`` if it can be ``slide_id``'s bag: tiles, finite features, and its own
+    ``slide_id`` attribute (when it has one) naming that slide; else
+    :class:`FeatureStoreError` naming the file and the fix."""
+    if len(store) == 0 or store.features.ndim != 2 or store.features.shape[1] == 0:
+        raise FeatureStoreError(
+            f"{path}: no tiles (features {store.features.shape}); re-run cscvision features "
+            "on the slide (lower --min-tissue if it has little tissue), or drop it from the "
+            "cohort"
+        )
+    bad = ~np.isfinite(store.features).all(axis=1)
+    if bad.any():
+        raise FeatureStoreError(
+            f"{path}: {int(bad.sum())} of {len(store)} tiles have NaN or infinite features "
+            f"(first at x, y {tuple(int(v) for v in store.xy_l0[np.argmax(bad)])}); re-run "
+            "cscvision features --overwrite on the slide"
+        )
+    if store.slide_id and store.slide_id != slide_id:
+        raise FeatureStoreError(
+            f"{path}: attribute slide_id is {store.slide_id!r}, not {slide_id!r} (a store "
+            "copied under another slide's name?); run cscvision features on the slide of "
+            f"{slide_id!r}, or fix the cohort row"
+        )
+    return store
+
+
+def check_same_source(stores: list[tuple[Path, FeatureStore]]) -> None:
+    """Refuse stores of one cohort made by different encoders or weights, on different grids,
+    or of different widths: :class:`FeatureStoreError` naming a file of each side."""
+    if not stores:
+        return
+    first_path, first = stores[0]
+    for path, store in stores[1:]:
+        for what, a, b in (
+            ("encoder", first.encoder, store.encoder),
+            ("weights_sha256", first.weights_sha256, store.weights_sha256),
+            ("feature dimension", first.dim, store.dim),
+            ("grid", first.grid, store.grid),
+        ):
+            if a != b:
+                raise FeatureStoreError(
+                    f"{path}: {what} {b!r} differs from {first_path}'s {a!r}: the stores of "
+                    "one cohort must come from one encoder, one weights file and one grid; "
+                    "re-run cscvision features with the same encoder and flags on every slide"
+                )

@@ -21,6 +21,7 @@ import numpy as np
 
 from cscvision.core.errors import CscvisionError
 from cscvision.core.io import read_csv, write_csv
+from cscvision.core.names import UnsafeNameError, check_name
 from cscvision.slides.grid import slide_id_of
 
 if TYPE_CHECKING:
@@ -89,12 +90,14 @@ def read_cohort(csv_path: str | Path) -> list[CohortEntry]:
     entries = [_entry(row, csv_path, line) for line, row in enumerate(rows, start=2)]
     seen: dict[str, int] = {}
     for line, entry in enumerate(entries, start=2):
-        if entry.slide_id in seen:
+        key = entry.slide_id.casefold()  # one file name on macOS and Windows
+        if key in seen:
             raise CohortError(
                 f"{csv_path}: line {line}: slide id {entry.slide_id!r} already on line "
-                f"{seen[entry.slide_id]}; give each slide a distinct slide_id"
+                f"{seen[key]} (ids that differ only in case name one file); give each "
+                "slide a distinct slide_id"
             )
-        seen[entry.slide_id] = line
+        seen[key] = line
     return entries
 
 
@@ -119,8 +122,14 @@ def _entry(row: Mapping[str, str | None], csv_path: Path, line: int) -> CohortEn
     split = cell("split").lower() or None
     if split is not None and split not in SPLITS:
         raise CohortError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+    slide_id = cell("slide_id")
+    if slide_id:
+        try:
+            check_name(slide_id, "slide_id", where)
+        except UnsafeNameError as e:
+            raise CohortError(str(e)) from None
     return CohortEntry(
-        slide_id=cell("slide_id") or slide_id_of(slide_path),
+        slide_id=slide_id or slide_id_of(slide_path),
         patient_id=cell("patient_id"),
         slide_path=slide_path,
         annotation_path=annotation_path,

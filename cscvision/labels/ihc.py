@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, filters
 
+from cscvision.core.names import check_name
 from cscvision.labels.registration import Registration, glass_white
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.slides.slide import Slide, plan_read
@@ -95,6 +96,8 @@ def marker_config(d: Mapping, source: str = "marker config") -> MarkerConfig:
         unknown = set(spec) - {"target", "mpp", "min_density", "smooth_um"}
         if unknown:
             raise ValueError(f"{source}: marker {name!r}: unknown key(s) {sorted(unknown)}")
+        check_name(str(name), "marker", source)
+        check_name(spec["target"], f"marker {name!r}: target", source)
         markers[str(name)] = Marker(name=str(name), **spec)
     extra = {k: v for k, v in d.items() if k != "markers"}
     unknown = set(extra) - set(MarkerConfig.__dataclass_fields__)

@@ -117,13 +117,22 @@ def read_positions(path: str | Path) -> Any:
     if numeric.isna().any().any():
         raise STError(f"{path}: non-numeric values in the position columns")
     table[list(POSITION_COLUMNS[1:])] = numeric
+    twice = table["barcode"][table["barcode"].duplicated()]
+    if len(twice):
+        raise STError(
+            f"{path}: barcode {twice.iloc[0]!r} is listed more than once ({len(twice)} repeated "
+            "rows); each spot needs one row: use the file Space Ranger wrote"
+        )
     return table.set_index("barcode")
 
 
 def read_scalefactors(spatial_dir: str | Path) -> dict[str, float]:
     path = Path(spatial_dir) / SCALEFACTORS_FILE
     try:
-        return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+        factors = json.loads(path.read_text())
+        if not isinstance(factors, dict):
+            raise TypeError(f"a JSON object of numbers is needed, not a {type(factors).__name__}")
+        return {k: float(v) for k, v in factors.items()}
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, TypeError) as e:
@@ -152,6 +161,11 @@ def read_spaceranger(outs: str | Path) -> STSample:
         )
     spots = positions.loc[list(adata.obs_names)]
     in_tissue = spots["in_tissue"].to_numpy() == 1
+    if not in_tissue.any():
+        raise STError(
+            f"{positions_path}: no spot has in_tissue = 1 ({len(spots)} spots), so there is "
+            "nothing to label; check that the positions file belongs to this sample"
+        )
     adata = adata[in_tissue].copy()
     spots = spots[in_tissue]
     centres = spots[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)

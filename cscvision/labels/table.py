@@ -23,6 +23,7 @@ import numpy as np
 from cscvision import __version__
 from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_json
+from cscvision.core.names import UnsafeNameError, check_distinct, check_name, child
 
 TABLE_SUFFIX = ".labels.csv"
 SIDECAR_SUFFIX = ".labels.json"
@@ -83,7 +84,9 @@ def declared_targets(sidecar: dict) -> list[str]:
 
 
 def table_path(folder: str | Path, slide_id: str) -> Path:
-    return Path(folder) / f"{slide_id}{TABLE_SUFFIX}"
+    """``folder/<slide_id>.labels.csv``; an id that is not an allowed name
+    (:mod:`cscvision.core.names`) raises :class:`~cscvision.core.names.UnsafeNameError`."""
+    return child(folder, slide_id, TABLE_SUFFIX, what="slide_id")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -152,6 +155,11 @@ def write_label_table(path: str | Path, table: LabelTable) -> Path:
     return path
 
 
+def read_sidecar(path: str | Path) -> dict:
+    """The checked sidecar of the table ``path`` (:class:`LabelTableError` naming it)."""
+    return _read_sidecar(Path(path))
+
+
 def _read_sidecar(path: Path) -> dict:
     import json
 
@@ -165,9 +173,41 @@ def _read_sidecar(path: Path) -> dict:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LabelTableError(f"{side}: cannot read the label-table sidecar ({e})") from None
+    if not isinstance(meta, dict):
+        raise LabelTableError(
+            f"{side}: the sidecar must be a JSON object, not {type(meta).__name__}"
+        )
     missing = {"slide_id", "targets", "tile_px", "mpp", "source"} - set(meta)
     if missing:
         raise LabelTableError(f"{side}: the sidecar lacks {sorted(missing)}")
+    return _checked_sidecar(side, meta)
+
+
+def _checked_sidecar(side: Path, meta: dict) -> dict:
+    """The sidecar's geometry as numbers and its names as allowed names (else an error
+    naming the field): its slide id and targets become file names and model-card fields."""
+    meta = dict(meta)
+    for name, kind, low in (("tile_px", int, 1), ("mpp", float, 0.0)):
+        value = meta[name]
+        try:
+            number = kind(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number) or number <= low - (kind is int):
+            raise LabelTableError(
+                f"{side}: {name} {value!r} is not a positive {kind.__name__}; write the grid "
+                "the tiles were cut at (tile side in px, µm/px)"
+            )
+        meta[name] = number
+    if not isinstance(meta["targets"], list) or not meta["targets"]:
+        raise LabelTableError(f"{side}: targets must be a non-empty list of names")
+    try:
+        check_name(meta["slide_id"], "slide_id", str(side))
+        for target in meta["targets"]:
+            check_name(target, "target", str(side))
+        check_distinct(meta["targets"], "target", str(side))
+    except UnsafeNameError as e:
+        raise LabelTableError(str(e)) from None
     return meta
 
 
@@ -184,7 +224,29 @@ def _numbers(path: Path, name: str, cells: list[str], *, blank_ok: bool) -> np.n
             raise LabelTableError(
                 f"{path}: line {i + 2}: column {name!r} holds {cell!r}, not a number"
             ) from None
+        if np.isinf(out[i]) or (np.isnan(out[i]) and not blank_ok):
+            raise LabelTableError(
+                f"{path}: line {i + 2}: column {name!r} holds {cell!r}; give a finite number"
+                + (" (blank = unknown)" if blank_ok else "")
+            )
     return out
+
+
+def _check_duplicates(path: Path, xy: np.ndarray, values: np.ndarray) -> None:
+    """Refuse a tile listed twice with different labels (which one would be learned?)."""
+    if len(xy) < 2:
+        return
+    _, first, inverse = np.unique(xy, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for row in np.flatnonzero(first[inverse] != np.arange(len(xy))):
+        other = first[inverse[row]]
+        a, b = values[other], values[row]
+        if not np.array_equal(a, b, equal_nan=True):
+            x, y = (int(v) for v in xy[row])
+            raise LabelTableError(
+                f"{path}: lines {other + 2} and {row + 2} both list the tile at x {x}, y {y} "
+                "with different labels; keep one row per tile"
+            )
 
 
 def read_label_table(path: str | Path) -> LabelTable:
@@ -236,6 +298,7 @@ def read_label_table(path: str | Path) -> LabelTable:
     if len(xy) and (xy != np.round(xy)).any():
         raise LabelTableError(f"{path}: x and y must be integer level-0 pixels")
     values = np.stack([_numbers(path, t, cols[t], blank_ok=True) for t in targets], axis=1)
+    _check_duplicates(path, xy.reshape(-1, 2), values.reshape(len(body), len(targets)))
     weight = _numbers(path, "weight", cols["weight"], blank_ok=False) if "weight" in cols else None
     if weight is not None and len(bad := np.flatnonzero(~(np.isfinite(weight) & (weight >= 0)))):
         raise LabelTableError(

@@ -34,6 +34,7 @@ from typing_extensions import Required, TypedDict
 
 from cscvision import __version__
 from cscvision.core.errors import CscvisionError
+from cscvision.core.names import check_distinct, check_name
 from cscvision.core.resources import packaged_dir, packaged_names
 from cscvision.core.validate import describe_error
 from cscvision.models.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -154,6 +155,9 @@ class ModelCard:
     def _unique_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(targets)) != len(targets):
             raise ValueError(f"target names must be unique, got {list(targets)}")
+        for target in targets:  # they name files and folders of every slide's outputs
+            check_name(target, "target", "targets")
+        check_distinct(targets, "target", "targets")
         return targets
 
     @field_validator("thresholds")

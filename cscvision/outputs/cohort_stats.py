@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,16 +37,24 @@ class StatsError(CscvisionError, ValueError):
     """An output folder that holds no statistics to tabulate."""
 
 
-def read_summaries(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``OUT/<slide_id>/summary.json`` (complete slides), sorted by slide id."""
+def read_summaries(out_dir: str | Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every ``OUT/<slide_id>/summary.json`` (complete slides), sorted by slide id; an
+    unreadable one is left out with a line in ``skipped``; summaries of models with
+    different targets are refused (:func:`~cscvision.outputs.read.check_one_model`)."""
+    from cscvision.outputs.read import OutputsError, check_one_model, read_summary_files
+
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise StatsError(f"{out_dir}: no such folder; give the --out folder of cscvision infer")
-    summaries = []
-    for path in sorted(out_dir.glob("*/summary.json")):
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        if summary.get("status") == "complete":
-            summaries.append(summary)
+    found, unread = read_summary_files(out_dir)
+    if skipped is not None:
+        skipped.extend(unread)
+    found = [f for f in found if f.summary.get("status") == "complete"]
+    try:
+        check_one_model(found)
+    except OutputsError as e:
+        raise StatsError(str(e)) from None
+    summaries = [f.summary for f in found]
     if not summaries:
         raise StatsError(
             f"{out_dir}: no complete slide (no <slide_id>/summary.json); run cscvision infer "

@@ -8,6 +8,7 @@ For notebooks: ``read_outputs("out")["SLIDE"].tiles`` is the tile table as a Dat
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,61 @@ def read_outputs(out_dir: str | Path) -> BatchOutputs:
         slide = read_slide_outputs(summary.parent)
         found[slide.slide_id] = slide
     return found
+
+
+@dataclass(frozen=True)
+class SummaryFile:
+    """One ``OUT/<slide_id>/summary.json`` read by :func:`read_summary_files`."""
+
+    path: Path
+    slide_id: str
+    summary: dict[str, Any]
+
+
+def read_summary_files(out_dir: str | Path) -> tuple[list[SummaryFile], list[str]]:
+    """Every readable ``OUT/<slide_id>/summary.json``, sorted, and one warning line for each
+    one left out: unreadable (truncated, not JSON, not an object), or whose ``slide_id`` is
+    not its folder's name (a copied or edited summary: its id would name files elsewhere).
+    ``stats``, ``report`` and ``view`` print the warnings and go on with the rest."""
+    found, skipped = [], []
+    for path in sorted(Path(out_dir).glob(f"*/{SUMMARY}")):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            skipped.append(f"{path}: unreadable ({e}); skipped: re-run cscvision infer on it")
+            continue
+        if not isinstance(summary, dict):
+            skipped.append(f"{path}: not a JSON object; skipped: re-run cscvision infer on it")
+            continue
+        slide_id = summary.get("slide_id", path.parent.name)
+        if slide_id != path.parent.name:
+            skipped.append(
+                f"{path}: slide_id {slide_id!r} is not its folder's name "
+                f"{path.parent.name!r}; skipped: re-run cscvision infer on the slide"
+            )
+            continue
+        found.append(SummaryFile(path, str(slide_id), summary))
+    return found, skipped
+
+
+def check_one_model(found: list[SummaryFile]) -> None:
+    """Refuse summaries of models with different targets in one table (``OutputsError``
+    naming one slide of each)."""
+    first = None
+    for item in found:
+        targets = tuple(item.summary.get("targets", {}))
+        if first is None:
+            first = (item, targets)
+        elif targets != first[1]:
+            a, b = first[0], item
+            raise OutputsError(
+                f"{a.path.parent.parent}: outputs of two models with different targets: "
+                f"{a.slide_id} ({_model_name(a)}: {', '.join(first[1])}) and {b.slide_id} "
+                f"({_model_name(b)}: {', '.join(targets)}); give each model its own --out, "
+                "or re-run infer with one model"
+            )
+
+
+def _model_name(item: SummaryFile) -> str:
+    model = item.summary.get("model", {})
+    return str(model.get("name", "model")) if isinstance(model, dict) else "model"

@@ -313,6 +313,7 @@ def run_batch(
 
 
 def _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, wait) -> None:
+    existed = os.path.lexists(job.slide_path)
     try:
         problem = input_problem(job.slide_path)
         if problem is not None:
@@ -331,6 +332,8 @@ def _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, 
         reason = f"{type(e).__name__}: {e}"
         if isinstance(e, MemoryError):  # the last resort: reads over budget are refused
             reason = out_of_memory_reason(job.slide_path)
+        elif (gone := went_away_reason(job.slide_path, existed)) is not None:
+            reason = gone
         elif not _is_expected(e):
             reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
         report.failed.append((job.slide_id, str(job.slide_path), reason))
@@ -338,6 +341,18 @@ def _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, 
             on_error(job, e)
     else:
         report.done.append(job.slide_id)
+
+
+def went_away_reason(slide_path: str | Path, existed: bool = True) -> str | None:
+    """The ``errors.csv`` reason for a slide whose file was there when its job started and is
+    gone now (deleted or moved while the batch ran), whatever error the reader gave; None
+    when the file is still there."""
+    if not existed or os.path.lexists(slide_path):
+        return None
+    return (
+        f"SlideError: {slide_path}: the slide file went away while it was read (deleted or "
+        "moved during the run); put it back and re-run to resume"
+    )
 
 
 def out_of_memory_reason(slide_path: str | Path) -> str:

@@ -7,7 +7,6 @@ everything needed to read the same tiles again and to trust them.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import numpy as np
 
 from cscvision import __version__
 from cscvision.core.io import read_csv, write_csv, write_json
+from cscvision.core.names import MAX_NAME_CHARS, name_digest, safe_name
 from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, SlideError, plan_read
 from cscvision.slides.tissue import DEFAULT_MASK_MPP, TissueParams, tissue_fraction, tissue_mask
 
@@ -102,39 +102,17 @@ def grid_coords(
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-MAX_ID_CHARS = 100
-_UNSAFE_ID_CHARS = set('/\\:*?"<>|')
-_RESERVED_IDS = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
-                 *(f"lpt{i}" for i in range(10))}  # fmt: skip
+MAX_ID_CHARS = MAX_NAME_CHARS
 
 
 def safe_slide_id(text: str) -> str:
-    """``text`` made safe as a folder and file name on every filesystem.
-
-    Separators, control characters and ``: * ? " < > |`` become ``_``; leading dots and
-    spaces (``.``, ``..``, hidden names) and trailing dots and spaces become ``_``; an empty
-    name becomes ``slide``; Windows device names get a ``_`` prefix; a name longer than
-    :data:`MAX_ID_CHARS` is cut and ends with 8 hex digits of a digest of the whole name.
-    A safe name comes back unchanged.
-    """
-    chars = ["_" if c in _UNSAFE_ID_CHARS or not c.isprintable() else c for c in text]
-    name = "".join(chars)
-    core = name.lstrip(". ")
-    name = "_" * (len(name) - len(core)) + core
-    core = name.rstrip(". ")
-    name = core + "_" * (len(name) - len(core)) if core else name
-    if not name.strip("_"):
-        name = name or "slide"
-    if name.split(".")[0].casefold() in _RESERVED_IDS:
-        name = "_" + name
-    if len(name) > MAX_ID_CHARS:
-        name = f"{name[: MAX_ID_CHARS - 9]}-{path_digest(text)}"
-    return name
+    """``text`` made safe as a folder and file name: :func:`cscvision.core.names.safe_name`."""
+    return safe_name(text)
 
 
 def path_digest(text: str | Path) -> str:
     """8 hex digits of SHA-256 of ``text``: a short, stable tag for a name or path."""
-    return hashlib.sha256(str(text).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return name_digest(text)
 
 
 def slide_id_of(path: str | Path) -> str:

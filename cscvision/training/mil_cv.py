@@ -20,6 +20,7 @@ import numpy as np
 from scipy import stats
 
 from cscvision.core.io import write_csv, write_json
+from cscvision.core.names import child
 from cscvision.labels.slide_table import SlideLabels
 from cscvision.training.mil import (
     Bag,
@@ -253,5 +254,6 @@ def write_cv_outputs(
             [int(x), int(y), f"{a:.5g}", *(f"{v:.5g}" for v in contrib)]
             for (x, y), a, contrib in zip(bag.xy_l0, scaled, pred.contributions, strict=True)
         )
-        written.append(write_csv(out / "tiles" / f"{bag.slide_id}.csv", tile_header, tile_rows))
+        path = child(out / "tiles", bag.slide_id, ".csv", what="slide_id")
+        written.append(write_csv(path, tile_header, tile_rows))
     return [*written[:2], out / "tiles"]

@@ -5,13 +5,17 @@ and whether their values suit the target type. The tables' tiles become samples 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from cscvision.labels.cohort import CohortEntry
-from cscvision.labels.table import declared_targets, sidecar_path
+from cscvision.labels.table import (
+    LabelTableError,
+    declared_targets,
+    read_sidecar,
+    sidecar_path,
+)
 from cscvision.training.tilecache import DataError
 
 
@@ -36,8 +40,10 @@ def cohort_targets(
     found, declared = {}, {}
     for e in tables:
         try:
-            meta = json.loads(sidecar_path(e.label_path).read_text())
+            meta = read_sidecar(e.label_path)
             found[e.slide_id], declared[e.slide_id] = meta["targets"], declared_targets(meta)
+        except LabelTableError as err:
+            raise DataError(str(err)) from None
         except (OSError, KeyError, ValueError) as err:
             raise DataError(
                 f"{sidecar_path(e.label_path)}: cannot read its targets ({err})"

@@ -261,9 +261,15 @@ def table_tiles(
     keep = ~np.isnan(values).any(axis=1)
     if table.valid is not None:
         keep &= table.valid
+    if table.slide_id != entry.slide_id:
+        raise DataError(
+            f"{path}: its sidecar names slide {table.slide_id!r}, but the cohort row is "
+            f"{entry.slide_id!r} ({entry.slide_path}); point label_path at that slide's table"
+        )
     with open_slide(entry.slide_path, mpp=mpp_override) as slide:
         plan = plan_read(slide.info, mpp=spec.mpp, tile_px=spec.tile_px)
         override = slide.info.mpp if slide.info.mpp_source == MPP_FROM_OVERRIDE else None
+        _check_on_slide(path, table.xy_l0, plan.tile_l0, slide.info.dimensions, entry.slide_path)
     return SlideTiles(
         slide_id=entry.slide_id,
         patient_id=entry.patient_id,
@@ -277,6 +283,24 @@ def table_tiles(
         n_excluded=int((~keep).sum()),
         weight=None if table.weight is None else table.weight[keep].astype(np.float32),
     )
+
+
+def _check_on_slide(
+    path: Path, xy_l0: np.ndarray, tile_l0: float, dimensions: tuple[int, int], slide: Path
+) -> None:
+    """Refuse a table with a tile wholly off the slide (another slide's table, or
+    coordinates at another level or scale); a tile over the edge (a spot near it) is kept."""
+    w, h = dimensions
+    x, y = xy_l0[:, 0], xy_l0[:, 1]
+    off = (x + tile_l0 <= 0) | (y + tile_l0 <= 0) | (x >= w) | (y >= h)
+    if off.any():
+        row = int(np.argmax(off))
+        x0, y0 = (int(v) for v in xy_l0[row])
+        raise DataError(
+            f"{path}: line {row + 2}: tile at x {x0}, y {y0} lies off the slide {slide} "
+            f"({w} x {h} level-0 px; {int(off.sum())} such rows); x, y must be level-0 "
+            "pixels of this slide"
+        )
 
 
 def prepare_cohort(

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from typing import Any
 
-from cscvision.views.server import STATIC, Catalogue, jpeg_bytes, map_tile, png_bytes
+from cscvision.views.server import (
+    STATIC,
+    Catalogue,
+    ViewerError,
+    jpeg_bytes,
+    map_tile,
+    png_bytes,
+)
+
+LOG = logging.getLogger("cscvision.view")
 
 TILE_FORMATS = {"jpeg": ("image/jpeg", jpeg_bytes), "png": ("image/png", png_bytes)}
 
@@ -31,6 +41,25 @@ def create_app(catalogue: Catalogue) -> Any:
             raise HTTPException(404, f"slide {sid!r} has no target {target!r}")
         return target
 
+    @app.middleware("http")
+    async def one_line_errors(request, call_next):
+        """A failing request is a 500 with one log line, never a traceback in the log."""
+        from fastapi.responses import PlainTextResponse
+
+        try:
+            return await call_next(request)
+        except Exception as e:  # every request error ends here, whatever raised it
+            LOG.error("%s %s: 500 %s: %s", request.method, request.url.path,
+                      type(e).__name__, e)  # fmt: skip
+            return PlainTextResponse(f"500 {type(e).__name__}: {e}", status_code=500)
+
+    def open_slide_dz(sid: str) -> Any:
+        try:
+            return catalogue.slide_dz(sid)
+        except ViewerError as e:  # slide moved or unreadable: the maps still show
+            LOG.warning("%s", e)
+            raise HTTPException(404, str(e)) from None
+
     def log(kind: str, sid: str, detail: str) -> None:
         with lock:
             app.state.requests.append((kind, sid, detail))
@@ -51,16 +80,13 @@ def create_app(catalogue: Catalogue) -> Any:
     @app.get("/dzi/{sid}/slide.dzi")
     def slide_dzi(sid: str) -> Response:
         entry(sid)
-        try:
-            dz = catalogue.slide_dz(sid)
-        except Exception as e:  # slide moved or unreadable: the maps still show
-            raise HTTPException(404, f"slide file of {sid!r} cannot be opened: {e}") from None
+        dz = open_slide_dz(sid)
         return Response(dz.get_dzi("jpeg"), media_type="application/xml")
 
     @app.get("/dzi/{sid}/slide_files/{level}/{col}_{row}.jpeg")
     def slide_tile(sid: str, level: int, col: int, row: int) -> Response:
         entry(sid)
-        dz = catalogue.slide_dz(sid)
+        dz = open_slide_dz(sid)
         try:
             tile = dz.get_tile(level, (col, row))
         except ValueError:

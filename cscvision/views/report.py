@@ -17,6 +17,7 @@ from typing import Any
 
 from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_text
+from cscvision.outputs.read import OutputsError, check_one_model, read_summary_files
 from cscvision.outputs.trust import card_warnings, ood_banner_text, threshold_rows
 from cscvision.views.plots import (
     calibration_svg,
@@ -70,15 +71,25 @@ def _merge_tables(out_dir: Path, pattern: str) -> list[dict[str, str]]:
     return list(rows.values())
 
 
-def read_batch(out_dir: str | Path, patients: dict[str, str] | None = None) -> Batch:
+def read_batch(
+    out_dir: str | Path,
+    patients: dict[str, str] | None = None,
+    skipped: list[str] | None = None,
+) -> Batch:
+    """The batch under ``out_dir``; unreadable summaries are left out with a line in
+    ``skipped``."""
     out = Path(out_dir)
     if not out.is_dir():
         raise ReportError(f"{out}: not a folder; pass the --out folder of cscvision infer")
-    slides = []
-    for path in sorted(out.glob("*/summary.json")):
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        sid = str(summary.get("slide_id", path.parent.name))
-        slides.append(SlideRecord(sid, path.parent, summary, (patients or {}).get(sid)))
+    found, unread = read_summary_files(out)
+    if skipped is not None:
+        skipped.extend(unread)
+    try:
+        check_one_model(found)
+    except OutputsError as e:
+        raise ReportError(str(e)) from None
+    slides = [SlideRecord(f.slide_id, f.path.parent, f.summary, (patients or {}).get(f.slide_id))
+              for f in found]  # fmt: skip
     results = _merge_tables(out, "results*.csv")
     errors = [r for r in _merge_tables(out, "errors*.csv") if r.get("slide_id")]
     if not slides and not errors:
@@ -350,10 +361,12 @@ def write_report(
     run_dir: str | Path | None = None,
     cohort_csv: str | Path | None = None,
     model_dir: str | Path | None = None,
+    skipped: list[str] | None = None,
 ) -> Path:
-    """Write ``out_dir/report/index.html`` and its assets; returns the page's path."""
+    """Write ``out_dir/report/index.html`` and its assets; returns the page's path.
+    Unreadable summaries are left out with a line in ``skipped``."""
     patients = read_patients(cohort_csv) if cohort_csv else None
-    batch = read_batch(out_dir, patients)
+    batch = read_batch(out_dir, patients, skipped)
     run = read_run(run_dir) if run_dir else None
     card = None
     if model_dir:

@@ -13,7 +13,6 @@ static files come from the package's own folder.
 from __future__ import annotations
 
 import io
-import json
 import math
 import threading
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from PIL import Image
 from cscvision.core.errors import CscvisionError
 from cscvision.core.geometry import MapTransform
 from cscvision.core.palette import target_colors
+from cscvision.outputs.read import read_summary_files
 from cscvision.outputs.trust import ood_banner_text
 
 STATIC = Path(__file__).parent / "static"
@@ -129,13 +129,15 @@ class Catalogue:
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir).resolve()
         self.slides: dict[str, SlideEntry] = {}
-        for path in sorted(self.out_dir.glob("*/summary.json")):
-            summary = json.loads(path.read_text(encoding="utf-8"))
-            sid = str(summary.get("slide_id", path.parent.name))
-            self.slides[sid] = SlideEntry(sid, path.parent, Path(summary["slide_path"]), summary)
+        found, self.skipped = read_summary_files(self.out_dir)
+        for f in found:
+            slide_path = Path(str(f.summary.get("slide_path", "")))
+            self.slides[f.slide_id] = SlideEntry(f.slide_id, f.path.parent, slide_path, f.summary)
         if not self.slides:
+            unread = f" ({'; '.join(self.skipped)})" if self.skipped else ""
             raise ViewerError(
-                f"{self.out_dir}: no <slide_id>/summary.json; pass the --out "
+                f"{self.out_dir}: no <slide_id>/summary.json that can be read{unread}; "
+                "pass the --out "
                 "folder of cscvision infer"
             )
         self._maps: dict[str, SlideMaps] = {}
@@ -149,13 +151,27 @@ class Catalogue:
                 self._maps[sid] = SlideMaps(self.slides[sid])
             return self._maps[sid]
 
+    def missing_slides(self) -> list[str]:
+        """Ids of slides whose slide file is not where ``summary.json`` says (moved or
+        deleted after inference): the viewer shows their maps alone."""
+        return [sid for sid, e in self.slides.items() if not e.slide_path.is_file()]
+
     def slide_dz(self, sid: str) -> Any:
+        """The slide's Deep Zoom generator; :class:`ViewerError` when its file cannot be
+        opened (moved, deleted, unreadable)."""
         import openslide
         from openslide.deepzoom import DeepZoomGenerator
 
         with self._lock:
             if sid not in self._dz:
-                slide = openslide.open_slide(str(self.slides[sid].slide_path))
+                path = self.slides[sid].slide_path
+                try:
+                    slide = openslide.open_slide(str(path))
+                except (OSError, openslide.OpenSlideError) as e:
+                    raise ViewerError(
+                        f"slide file {path} of {sid!r} not found or unreadable ({e}); the "
+                        "maps are shown alone"
+                    ) from None
                 self._dz[sid] = DeepZoomGenerator(slide, TILE_PX, OVERLAP, limit_bounds=False)
             return self._dz[sid]
 
@@ -184,6 +200,7 @@ class Catalogue:
         t = maps.transform
         return {
             "slide_id": sid,
+            "slide_found": entry.slide_path.is_file(),
             "dimensions": entry.summary.get("dimensions"),
             "mpp": entry.summary.get("resolution", {}).get("slide_mpp"),
             "warning": ood_banner_text(entry.summary),  # an OOD slide's banner, or None

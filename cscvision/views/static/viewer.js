@@ -73,6 +73,13 @@
     return box;
   }
 
+  var BLANK = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7";
+
+  function blankSlide(dims) {  // an empty tile source of the slide's size, under the maps
+    return { width: dims[0], height: dims[1], tileSize: 256,
+             getTileUrl: function () { return BLANK; } };
+  }
+
   function openSlide(sid) {
     state.slide = sid;
     fetch("/api/slides/" + encodeURIComponent(sid)).then(function (r) { return r.json(); })
@@ -90,7 +97,13 @@
         viewer.addOnceHandler("open", function () {
           info.targets.forEach(function (t) { addLayer(t.name); });
         });
-        viewer.open("/dzi/" + encodeURIComponent(sid) + "/slide.dzi");
+        if (info.slide_found === false) {  // slide file moved or deleted: the maps alone
+          document.getElementById("readout").textContent =
+            "slide file not found: showing its maps alone";
+          viewer.open(blankSlide(info.dimensions));
+        } else {
+          viewer.open("/dzi/" + encodeURIComponent(sid) + "/slide.dzi");
+        }
       });
   }
 
