@@ -80,7 +80,13 @@ def test_train_takes_the_tables_tiles(toy_entry, tmp_path):
     assert tiles.n_excluded == 1 and tiles.plan.tile_px == 32
     both = table_tiles(entry, split="train", spec=GridSpec(mpp=2.0, tile_px=32),
                        targets=("stemness", "immunosuppressive"))  # fmt: skip
-    assert len(both) == 1 and both.n_excluded == 2  # the NaN row is dropped too
+    # row 0 lacks immunosuppressive but has stemness: kept, its NaN masked in the loss
+    np.testing.assert_array_equal(both.xy_l0, [[0, 0], [0, 64]])
+    np.testing.assert_array_equal(both.targets, [[0.5, np.nan], [0.0, 0.25]])
+    assert both.n_excluded == 1
+    lacking = table_tiles(entry, split="train", spec=GridSpec(mpp=2.0, tile_px=32),
+                          targets=("immunosuppressive",))  # fmt: skip
+    assert len(lacking) == 1 and lacking.n_excluded == 2  # no label at all: dropped
     values = _table(valid=None).values.copy()
     values[:, 2] = 7.5  # a continuous score outside [0, 1] is accepted
     path = write_label_table(tmp_path / "b.labels.csv", _table(values=values, valid=None))

@@ -10,9 +10,10 @@ Coarse to fine, in level-0 µm of both slides:
    with the most inliers wins, so any rotation and mirroring is handled;
 3. RANSAC affine on the matches, then again at a finer µm/px with matches gated to lie
    near where the coarse transform puts them;
-4. non-rigid refinement (on by default, kept where it lowers the held-out error): TV-L1
-   optical flow between the registered fine images, smoothed robustly and kept as a
-   displacement grid (:mod:`cscvision.labels.registration_flow` documents the grid);
+4. non-rigid refinement (on by default, kept where it lowers the held-out error): dense
+   patch matches, outliers dropped, smoothed over a scale chosen by held-out error, five
+   rounds, kept as a displacement grid (:mod:`cscvision.labels.registration_flow`
+   documents the grid);
 5. the error: patches on a lattice held out of every fit, measured after the full
    transform (median, 90th percentile and per region, µm); failure when too few patches
    agree on one transform, the error is above a limit, or the tissue masks do not overlap
@@ -453,11 +454,13 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
     )  # fmt: skip
 
     f, shape = fixed.mpp, fixed.image.shape
-    field, s, d, good = match_field(fixed, moving, m, p.flow_smooth_um, patch_matches,
-                                    iterations=3 if p.nonrigid else 1)  # fmt: skip
+    rounds = 5 if p.nonrigid else 1
+    field, s, d, good, smooth, scores = match_field(
+        fixed, moving, m, p.flow_smooth_um, patch_matches, iterations=rounds, choose=p.nonrigid
+    )
     out = {"flow_um": None, "flow_step_um": 0.0}
-    affine = error_summary(s, held_out_lengths(s, d, m, good, shape, f, p.flow_smooth_um,
-                                                False), shape, f)  # fmt: skip
+    affine = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, False),
+                           shape, f)  # fmt: skip
     if affine["measured"] < MIN_MATCHES:
         errors = held_out_error(src, dst, seed=seed)
         finite = np.isfinite(errors).all()
@@ -470,12 +473,13 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
         return out
     chosen, detail = affine, {"affine": {k: affine[k] for k in ("median", "p90")}}
     if p.nonrigid:
-        flowed = error_summary(s, held_out_lengths(s, d, m, good, shape, f, p.flow_smooth_um,
-                                                   True), shape, f)  # fmt: skip
+        flowed = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, True),
+                               shape, f)  # fmt: skip
         detail["nonrigid"] = {k: flowed[k] for k in ("median", "p90", "measured")}
         detail["consistent_matches"] = int(good.sum())
+        detail["flow_smooth_um"] = {"chosen": smooth, "held_out_median_by_smoothing": scores}
         if flowed["median"] is not None and flowed["median"] < affine["median"]:
-            step_um = max(f, p.flow_smooth_um / 4)
+            step_um = max(f, smooth / 4)
             chosen, out["flow_um"] = flowed, flow_grid(field, f, step_um)
             out["flow_step_um"] = step_um
     out["error_um"] = {"median": chosen["median"], "p90": chosen["p90"]}

@@ -187,9 +187,11 @@ def pass_batch(batch: Any) -> Any:
 
 
 def pos_weight(targets: np.ndarray, max_weight: float = 50.0) -> np.ndarray:
-    """BCE ``pos_weight`` per target: negative / positive soft mass, float32[T]."""
-    pos = np.asarray(targets, np.float64).sum(axis=0)
-    neg = len(targets) - pos
+    """BCE ``pos_weight`` per target: negative / positive soft mass over the tiles that have
+    the target (NaN: no label), float32[T]."""
+    t = np.asarray(targets, np.float64)
+    pos = np.nansum(t, axis=0)
+    neg = (~np.isnan(t)).sum(axis=0) - pos
     return np.clip(neg / np.maximum(pos, 1e-6), 1.0 / max_weight, max_weight).astype(np.float32)
 
 
@@ -199,7 +201,7 @@ def sample_weights(targets: np.ndarray, max_weight: float = 50.0) -> np.ndarray:
     ``w = 1 + Σ_t y_t (w_t − 1)`` with ``w_t = max(1, pos_weight_t)``.
     """
     w_t = np.maximum(pos_weight(targets, max_weight), 1.0)
-    return 1.0 + np.asarray(targets, np.float64) @ (w_t - 1.0)
+    return 1.0 + np.nan_to_num(np.asarray(targets, np.float64)) @ (w_t - 1.0)
 
 
 # --- the DataModule ------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Loss: BCE-with-logits on soft targets (fractions of each tile's tissue per target), with an
 optional ``pos_weight``, averaged over targets and then over tiles, each tile counted by its
-sample weight where batches carry one (``"weight"``: a tile-label table's column). Metrics
+sample weight where batches carry one (``"weight"``: a tile-label table's column). A target
+a tile has no label for (NaN, e.g. a marker whose registration was refused) is left out of
+the loss and of that target's metrics; the tile still trains the targets it has. Metrics
 per target, at tile and slide level, on validation and test: AUROC, average precision, and
 F1 at the threshold that maximises F1 on validation; they count every held-out tile once,
 whatever its weight. Soft targets are binarised at 0.5 for metrics; a slide is positive
@@ -111,13 +113,15 @@ def _both_classes(labels: torch.Tensor) -> bool:
 
 
 def slide_means(values: torch.Tensor, slide_idx: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` [N, T] per slide, in the order of ``slide_idx.unique()``."""
+    """Mean of ``values`` [N, T] per slide, in the order of ``slide_idx.unique()``; NaN
+    values (no label) are left out, and a slide with none of a column's values gets NaN."""
     _, inverse = torch.unique(slide_idx, return_inverse=True)
     n = int(inverse.max()) + 1 if len(inverse) else 0
+    known = ~torch.isnan(values)
     sums = torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device)
-    sums.index_add_(0, inverse, values)
-    counts = torch.bincount(inverse, minlength=n).clamp_min(1).unsqueeze(1)
-    return sums / counts
+    sums.index_add_(0, inverse, torch.where(known, values, torch.zeros_like(values)))
+    counts = torch.zeros_like(sums).index_add_(0, inverse, known.to(values.dtype))
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))
 
 
 def target_metrics(
@@ -160,10 +164,12 @@ def evaluate(
     slide_targets = slide_means(targets, slide_idx)
     for t, name in enumerate(target_names):
         given = None if thresholds is None else float(thresholds[t])
-        tile = target_metrics(probs[:, t], targets[:, t] >= LABEL_CUTOFF, given)
+        known = ~torch.isnan(targets[:, t])  # tiles without this target's label count not
+        tile = target_metrics(probs[known, t], targets[known, t] >= LABEL_CUTOFF, given)
         out |= {f"{k}_{name}": v for k, v in tile.items()}
+        known = ~torch.isnan(slide_targets[:, t])
         slide = target_metrics(
-            slide_probs[:, t], slide_targets[:, t] > slide_cutoff, tile["threshold"]
+            slide_probs[known, t], slide_targets[known, t] > slide_cutoff, tile["threshold"]
         )
         out |= {f"slide_{k}_{name}": v for k, v in slide.items() if k in ("auroc", "ap")}
     out["n_tiles"] = float(len(probs))
@@ -171,6 +177,19 @@ def evaluate(
     aurocs = [out[f"auroc_{n}"] for n in target_names if f"auroc_{n}" in out]
     out["auroc_mean"] = sum(aurocs) / len(aurocs) if aurocs else 0.5  # undefined: chance
     return out
+
+
+def masked_mean(
+    values: torch.Tensor, known: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean of per-(tile, target) ``values`` [B, T] over the entries ``known`` [B, T] holds,
+    each counted by its tile's ``weight`` [B]: Σ w·m·v / Σ w·m; with every entry known, the
+    tiles' weighted mean of their per-target means. 0 where nothing counts."""
+    w = known.to(values.dtype)
+    if weight is not None:
+        w = w * weight.to(values).reshape(-1, 1)
+    total = (w * torch.where(known, values, torch.zeros_like(values))).sum()
+    return total / w.sum().clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -274,10 +293,15 @@ class TileClassifier(L.LightningModule):
     def _loss(
         self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
     ) -> torch.Tensor:
-        per_tile = nn.functional.binary_cross_entropy_with_logits(
-            logits.float(), target.float(), pos_weight=self.pos_weight, reduction="none"
-        ).mean(dim=1)
-        return weighted_mean(per_tile, weight)
+        target = target.float()
+        known = ~torch.isnan(target)
+        losses = nn.functional.binary_cross_entropy_with_logits(
+            logits.float(),
+            torch.where(known, target, torch.zeros_like(target)),
+            pos_weight=self.pos_weight,
+            reduction="none",
+        )
+        return masked_mean(losses, known, weight)
 
     def batch_logits(self, batch: dict[str, torch.Tensor], *, train: bool) -> torch.Tensor:
         """The network's outputs for a batch's images (``inputs="image"``) or stored

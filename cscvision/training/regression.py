@@ -20,27 +20,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from cscvision.training.lit import TileClassifier, TilePredictions, weighted_mean
+from cscvision.training.lit import TileClassifier, TilePredictions, masked_mean
 
 LOSSES = ("mse", "pearson")
 TARGET_TYPES = ("classification", "regression")  # what a tile target is
 
 
 def standardise_stats(targets: np.ndarray) -> tuple[list[float], list[float]]:
-    """Mean and standard deviation (≥ 1e-6) per target of the training tiles."""
+    """Mean and standard deviation (≥ 1e-6) per target of the training tiles that have it
+    (NaN: no label); a target no tile has gets 0 and 1."""
     t = np.asarray(targets, np.float64)
-    return t.mean(axis=0).tolist(), np.maximum(t.std(axis=0), 1e-6).tolist()
+    known = ~np.isnan(t)
+    n = known.sum(axis=0)
+    mean = np.where(known, t, 0).sum(axis=0) / np.maximum(n, 1)
+    var = np.where(known, (t - mean) ** 2, 0).sum(axis=0) / np.maximum(n, 1)
+    std = np.where(n > 0, np.maximum(np.sqrt(var), 1e-6), 1.0)
+    return mean.tolist(), std.tolist()
 
 
 def pearson_loss(
     pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """1 − Pearson correlation per column, averaged over columns; with ``weight`` [B], the
-    weighted correlation (weighted means, covariance and variances)."""
-    w = torch.ones(len(pred), 1, dtype=pred.dtype, device=pred.device)
+    weighted correlation (weighted means, covariance and variances). A NaN target (no
+    label) leaves its tile out of that column; a column with no label at all is left out."""
+    known = ~torch.isnan(target)
+    w = known.to(pred.dtype)
     if weight is not None:
-        w = weight.to(pred).reshape(-1, 1)
-    w = w / w.sum().clamp_min(torch.finfo(pred.dtype).tiny)
+        w = w * weight.to(pred).reshape(-1, 1)
+    target = torch.where(known, target, torch.zeros_like(target))
+    present = known.any(dim=0)
+    w = w / w.sum(dim=0, keepdim=True).clamp_min(torch.finfo(pred.dtype).tiny)
     p = pred - (w * pred).sum(dim=0, keepdim=True)
     t = target - (w * target).sum(dim=0, keepdim=True)
     cov = (w * p * t).sum(dim=0)
@@ -48,6 +58,8 @@ def pearson_loss(
     # (a batch of one tile, all weights 0, a constant column) and would make every step NaN
     sw = w.sqrt()
     r = cov / ((sw * p).norm(dim=0) * (sw * t).norm(dim=0)).clamp_min(1e-8)
+    if not bool(present.all()):
+        return (1 - r[present]).sum() / present.sum().clamp_min(1)
     return (1 - r).mean()
 
 
@@ -112,10 +124,11 @@ def regression_metrics(
     """``pearson_<t>``, ``spearman_<t>`` (+ ``_ci_low``/``_ci_high``), ``mse_<t>``, means."""
     out: dict[str, float] = {}
     for j, name in enumerate(target_names):
-        p, t = pred[:, j], target[:, j]
+        known = ~np.isnan(target[:, j])  # tiles without this target's label count not
+        p, t, g = pred[known, j], target[known, j], groups[known]
         for stat_name, stat in (("pearson", pearson), ("spearman", spearman)):
             out[f"{stat_name}_{name}"] = stat(p, t)
-            low, high = bootstrap_ci(p, t, groups, stat, n_boot=n_boot, seed=seed)
+            low, high = bootstrap_ci(p, t, g, stat, n_boot=n_boot, seed=seed)
             out[f"{stat_name}_{name}_ci_low"], out[f"{stat_name}_{name}_ci_high"] = low, high
         out[f"mse_{name}"] = float(np.mean((p - t) ** 2)) if len(p) else float("nan")
     for stat_name in ("pearson", "spearman"):
@@ -161,8 +174,10 @@ class TileRegressor(TileClassifier):
         z = (target.float() - self.target_mean) / self.target_std
         if self.hparams.loss == "pearson":
             return pearson_loss(logits.float(), z, weight)
-        squared = nn.functional.mse_loss(logits.float(), z, reduction="none").mean(dim=1)
-        return weighted_mean(squared, weight)
+        known = ~torch.isnan(z)
+        z = torch.where(known, z, torch.zeros_like(z))
+        squared = nn.functional.mse_loss(logits.float(), z, reduction="none")
+        return masked_mean(squared, known, weight)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         values = self.to_units(self.batch_logits(batch, train=False).float())

@@ -240,9 +240,10 @@ def table_tiles(
     targets: Sequence[str],
     mpp_override: float | None = None,
 ) -> SlideTiles:
-    """The tiles of ``entry``'s tile-label table: rows with ``valid == 0`` or an unknown (NaN)
-    target are dropped and counted; values outside [0, 1] are kept (regression targets); a
-    ``weight`` column becomes the tiles' sample weights."""
+    """The tiles of ``entry``'s tile-label table: rows with ``valid == 0`` or with no known
+    value of any of ``targets`` are dropped and counted; a row missing some targets (NaN) is
+    kept, and training leaves those targets out of its loss; values outside [0, 1] are kept
+    (regression targets); a ``weight`` column becomes the tiles' sample weights."""
     path = entry.label_path
     try:
         table = read_label_table(path)
@@ -258,7 +259,7 @@ def table_tiles(
     if missing:
         raise DataError(f"{path}: no column for target(s) {missing} (it has {table.targets})")
     values = table.values[:, [table.targets.index(t) for t in targets]]
-    keep = ~np.isnan(values).any(axis=1)
+    keep = ~np.isnan(values).all(axis=1)
     if table.valid is not None:
         keep &= table.valid
     if table.slide_id != entry.slide_id:
