@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -17,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from cscvision.cli import synth as synth_cli
+from cscvision.cli import main as cli_main
 from cscvision.slides.slide import open_slide
 from cscvision.synth import (
     COHORT_COLUMNS,
@@ -181,10 +180,7 @@ def test_parallel_workers_write_the_same_bytes(tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    synth_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["synth", *argv])
-    return args.func(args)
+    return cli_main(["synth", *argv])  # through the one wrapper (exit statuses)
 
 
 def test_cli(tmp_path, capsys):
@@ -193,8 +189,9 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote 2 slides" in out and "cohort.csv" in out
     assert (tmp_path / "SYN-P001-S02.tiff").is_file()
-    assert _cli(argv) == 1  # refuses to overwrite
-    assert "--overwrite" in capsys.readouterr().err
+    assert _cli(argv) == 2  # refuses to overwrite: bad input, one line
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and err.startswith("cscvision synth: ") and err.count("\n") == 1
     assert _cli([*argv, "--overwrite"]) == 0
     assert _cli([*argv, "--tile", "100"]) == 2
 

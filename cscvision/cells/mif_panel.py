@@ -29,9 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cscvision.cells.types import CellTypeError, cell_types
+from cscvision.core.config_files import ConfigFileError, read_yaml
 from cscvision.core.errors import CscvisionError
 
 COMPARTMENTS = ("nucleus", "membrane", "cytoplasm", "cell")
@@ -160,9 +159,9 @@ def read_panel(path: str | Path) -> Panel:
     """Read and check a panel YAML file (module doc)."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise PanelError(f"{path}: cannot read the panel file ({e})") from None
+        doc = read_yaml(path)
+    except ConfigFileError as e:
+        raise PanelError(f"panel file {e}") from None
     return parse_panel(doc, str(path))
 
 

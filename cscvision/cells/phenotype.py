@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from cscvision.cells.compartments import Compartments, compartment_counts
+from cscvision.core.config_files import ConfigFileError, read_yaml
 from cscvision.core.errors import CscvisionError
 from cscvision.core.resources import packaged_dir
 
@@ -66,9 +66,9 @@ def default_config() -> dict:
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise PhenotypeError(f"{path}: cannot read the immune-phenotype config ({e})") from None
+        doc = read_yaml(path)
+    except ConfigFileError as e:
+        raise PhenotypeError(f"immune-phenotype config {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), dict):
         raise PhenotypeError(
             f"{path}: needs a 'sources' mapping (see `cscvision config show immune_phenotype`)"

@@ -41,6 +41,7 @@ import numpy as np
 from cscvision.cells.table import CellTable, make_table, read_cell_table
 from cscvision.cells.types import class_map as load_class_map
 from cscvision.cells.types import map_classes
+from cscvision.core.config_files import ConfigFileError, read_yaml
 from cscvision.core.errors import CscvisionError
 
 TABLE_FORMAT = "table"
@@ -156,12 +157,10 @@ def _finish(columns: _Columns, path: Path, source: str, mapping: dict, **kw) -> 
 
 def _mapping(fmt: str, class_map: str | Mapping | None) -> dict:
     if isinstance(class_map, str) and class_map.lower().endswith((".yaml", ".yml")):
-        import yaml
-
         try:
-            class_map = yaml.safe_load(Path(class_map).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise CellReadError(f"--class-map {class_map}: cannot read it ({e})") from None
+            class_map = read_yaml(class_map)
+        except ConfigFileError as e:
+            raise CellReadError(f"--class-map {e}") from None
         if not isinstance(class_map, dict):
             raise CellReadError("--class-map: a YAML mapping of 'tool class: cell type'")
     return load_class_map(class_map or DEFAULT_CLASS_MAP[fmt])

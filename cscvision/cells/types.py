@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from cscvision.core.config_files import ConfigFileError, read_yaml
 from cscvision.core.errors import CscvisionError
 from cscvision.core.resources import packaged_dir
 
@@ -69,9 +69,9 @@ class CellTypes:
 
 def _read_config(path: Path) -> dict:
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise CellTypeError(f"{path}: cannot read the cell-type config ({e})") from None
+        doc = read_yaml(path)
+    except ConfigFileError as e:
+        raise CellTypeError(f"cell-type config {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("types"), dict):
         raise CellTypeError(f"{path}: needs a 'types' mapping of child: parent")
     return doc

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from cscvision.cli.common import add_hardening_args, add_slide_args, check_batch_args
+from cscvision.cli.common import (
+    add_hardening_args,
+    add_settings_args,
+    add_slide_args,
+    check_batch_args,
+    settings_from_args,
+)
+from cscvision.core.validate import FlagError
+from cscvision.slides.settings import ReadSettings
 
 __all__ = ["add_parser", "run"]
 
@@ -63,12 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--mpp", type=float, default=0.5, help="tile µm/px (default 0.5)")
     p.add_argument("--tile-px", type=int, default=224, help="tile size in px (default 224)")
-    p.add_argument(
-        "--min-tissue", type=float, default=0.5, help="keep tiles with this tissue fraction"
-    )
-    p.add_argument(
-        "--mask-mpp", type=float, default=8.0, help="µm/px of the tissue-detection thumbnail"
-    )
+    add_settings_args(p, ReadSettings, ["min_tissue", "mask_mpp"])  # as tile, infer, features
     p.add_argument(
         "--radius-um",
         type=float,
@@ -149,7 +152,7 @@ def immune_settings(args: argparse.Namespace):
         return None
     for flag, folder in (("--annotations", args.annotations), ("--infer", args.infer)):
         if folder is not None and not Path(folder).is_dir():
-            raise ValueError(f"{flag} {folder}: no such folder")
+            raise FlagError(f"{flag} {folder}: no such folder")
     return ImmuneSettings(
         source=args.immune_source,
         config=args.phenotype_config,
@@ -166,43 +169,38 @@ def immune_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.cells.phenotype import PhenotypeError
-    from cscvision.cells.types import CellTypeError, cell_types
+    from cscvision.cells.types import cell_types
     from cscvision.outputs.cell_batch import CellSettings, mpp_overrides_from, run_cells
-    from cscvision.slides.batch import BatchError, interrupted_line, parse_shard, summary_lines
-    from cscvision.slides.slide import SlideError
+    from cscvision.slides.batch import interrupted_line, parse_shard, summary_lines
 
-    try:
-        maps = tuple(m.strip() for m in args.maps.split(",") if m.strip())
-        hierarchy = cell_types()
-        for m in maps:
-            hierarchy.check(m)
-        settings = CellSettings(
-            mpp=args.mpp,
-            tile_px=args.tile_px,
-            min_tissue=args.min_tissue,
-            mask_mpp=args.mask_mpp,
-            radius_um=args.radius_um,
-            maps=maps,
-            fmt=args.fmt,
-            class_map=args.class_map,
-            immune=immune_settings(args),
-        )
-        check_batch_args(args)
-        report, _ = run_cells(
-            args.slides,
-            args.cells,
-            args.out,
-            settings,
-            slide_mpp=args.slide_mpp,
-            mpp_overrides=mpp_overrides_from(args.mpp_override),
-            shard=parse_shard(args.shard) if args.shard else None,
-            overwrite=args.overwrite,
-            wait=args.wait,
-        )
-    except (BatchError, SlideError, CellTypeError, PhenotypeError, ValueError) as e:
-        print(f"cscvision cells: {e}", file=sys.stderr)
-        return 2
+    read = settings_from_args(ReadSettings, args)  # --min-tissue, --mask-mpp: their ranges
+    maps = tuple(m.strip() for m in args.maps.split(",") if m.strip())
+    hierarchy = cell_types()
+    for m in maps:
+        hierarchy.check(m)
+    settings = CellSettings(
+        mpp=args.mpp,
+        tile_px=args.tile_px,
+        min_tissue=read.min_tissue,
+        mask_mpp=read.mask_mpp,
+        radius_um=args.radius_um,
+        maps=maps,
+        fmt=args.fmt,
+        class_map=args.class_map,
+        immune=immune_settings(args),
+    )
+    check_batch_args(args)
+    report, _ = run_cells(
+        args.slides,
+        args.cells,
+        args.out,
+        settings,
+        slide_mpp=args.slide_mpp,
+        mpp_overrides=mpp_overrides_from(args.mpp_override),
+        shard=parse_shard(args.shard) if args.shard else None,
+        overwrite=args.overwrite,
+        wait=args.wait,
+    )
     for line in summary_lines(report, args.out, "cells", args.out / "errors.csv"):
         print(line)
     print(f"per slide, in {args.out}/<slide_id>/: {PER_SLIDE}")

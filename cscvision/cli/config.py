@@ -87,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(path.read_text(encoding="utf-8"), end="")
         return 0
+    if args.dest.is_dir():  # --overwrite replaces a file, never a folder
+        raise ConfigError(
+            f"{args.dest} is a folder; give the file to write, e.g. {args.dest / path.name}"
+        )
     if args.dest.exists() and not args.overwrite:
         raise ConfigError(f"{args.dest} exists; pass --overwrite to replace it")
     write_text(args.dest, path.read_text(encoding="utf-8"))

@@ -123,11 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.slides.slide import SlideError
 
     t0 = time.perf_counter()
-    try:
-        jobs = _jobs(args.manifest)
-    except (ValueError, OSError) as e:
-        print(f"cscvision labels cells: {e}", file=sys.stderr)
-        return 2
+    jobs = _jobs(args.manifest)
     existing = [p for e, _ in jobs if (p := table_path(args.out, e.slide_id)).exists()]
     if existing and not args.overwrite:
         print(f"cscvision labels cells: {existing[0]} exists; pass --overwrite", file=sys.stderr)

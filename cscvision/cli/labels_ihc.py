@@ -58,18 +58,19 @@ def read_manifest(path: Path) -> dict[str, dict]:
     """slide_id -> {patient_id, slide_path, pairs: [(marker, ihc_path)]}; paths resolved."""
     from cscvision.core.io import read_csv
     from cscvision.core.names import check_name
+    from cscvision.labels.cohort import CohortError
 
     rows = read_csv(path)
     missing = [c for c in MANIFEST_COLUMNS if rows and c not in rows[0]]
     if not rows or missing:
-        raise ValueError(f"{path}: needs columns {','.join(MANIFEST_COLUMNS)} (missing {missing})")
+        raise CohortError(f"{path}: needs columns {','.join(MANIFEST_COLUMNS)} (missing {missing})")
     slides: dict[str, dict] = defaultdict(lambda: {"pairs": []})
     for line, row in enumerate(rows, start=2):
         paths = {k: Path(row[k].strip()) for k in ("slide_path", "ihc_path")}
         paths = {k: p if p.is_absolute() else (path.parent / p).resolve() for k, p in paths.items()}
         for k, p in paths.items():
             if not p.exists():
-                raise ValueError(f"{path}: line {line}: {k} {p} not found")
+                raise CohortError(f"{path}: line {line}: {k} {p} not found")
         where = f"{path}: line {line}"
         slide_id = check_name(row["slide_id"].strip(), "slide_id", where)
         marker = check_name(row["marker"].strip(), "marker", where)
@@ -111,27 +112,19 @@ def _write_threshold_qc(out: Path, measures, cfg, spec, thresholds) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
+    from cscvision.core.config_files import read_yaml
     from cscvision.core.io import check_writable
-    from cscvision.labels.ihc import marker_config
+    from cscvision.labels.ihc import MarkerConfigError, marker_config
     from cscvision.labels.table import table_path
     from cscvision.slides.grid import GridSpec
 
-    try:
-        cfg = marker_config(
-            yaml.safe_load(args.markers.read_text(encoding="utf-8")) or {}, str(args.markers)
-        )
-        slides = read_manifest(args.manifest)
-        params = registration_params(args)  # its flags checked before any slide is read
-        check_writable(args.out)
-    except yaml.YAMLError as e:
-        reason = " ".join(str(e).split())
-        print(f"cscvision labels ihc: {args.markers}: not valid YAML ({reason})", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:
-        print(f"cscvision labels ihc: {e}", file=sys.stderr)
-        return 2
+    raw = read_yaml(args.markers) or {}
+    if not isinstance(raw, dict):
+        raise MarkerConfigError(f"{args.markers}: needs 'markers:' mapping marker names to targets")
+    cfg = marker_config(raw, str(args.markers))
+    slides = read_manifest(args.manifest)
+    params = registration_params(args)  # its flags checked before any slide is read
+    check_writable(args.out)
     spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
     t0, errors = time.perf_counter(), []
     todo = {k: v for k, v in slides.items()

@@ -153,12 +153,8 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.slides.slide import SlideError
 
     t0 = time.perf_counter()
-    try:
-        panel = read_panel(args.panel)
-        jobs = _jobs(args.manifest, args.cells)
-    except (ValueError, OSError) as e:
-        print(f"cscvision labels mif: {e}", file=sys.stderr)
-        return 2
+    panel = read_panel(args.panel)
+    jobs = _jobs(args.manifest, args.cells)
     existing = [p for e, *_ in jobs if (p := table_path(args.out, e.slide_id)).exists()]
     if existing and not args.overwrite:
         print(f"cscvision labels mif: {existing[0]} exists; pass --overwrite", file=sys.stderr)

@@ -54,13 +54,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _float(row: dict, name: str, default: float, where: str) -> float:
+    from cscvision.labels.cohort import CohortError
+
     text = (row.get(name) or "").strip()
     try:
         value = float(text) if text else default
     except ValueError:
-        raise ValueError(f"{where}: {name} {text!r} is not a number") from None
+        raise CohortError(f"{where}: {name} {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{where}: {name} {text!r} is not a finite number; give a number")
+        raise CohortError(f"{where}: {name} {text!r} is not a finite number; give a number")
     return value
 
 
@@ -114,13 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.labels.table import table_path
 
     t0 = time.perf_counter()
-    try:
-        config = load_programme_config(str(args.panels) if args.panels else None)
-        jobs = _jobs(args.manifest)
-        check_writable(args.out)
-    except (ValueError, OSError) as e:
-        print(f"cscvision labels st: {e}", file=sys.stderr)
-        return 2  # bad input, as every command (cli.run_command)
+    config = load_programme_config(str(args.panels) if args.panels else None)
+    jobs = _jobs(args.manifest)
+    check_writable(args.out)
     existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
     existing = [p for p in existing if p.exists()]
     if existing and not args.overwrite:

@@ -96,23 +96,18 @@ class MILFlags(Flags):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.features.store import FeatureStoreError
-    from cscvision.labels.cohort import CohortError, read_cohort
-    from cscvision.labels.slide_table import SlideLabelError, parse_targets, read_slide_labels
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.labels.slide_table import parse_targets, read_slide_labels
 
-    try:
-        check_flags(MILFlags, folds=args.folds, epochs=args.epochs, max_bag=args.max_bag,
-                    accumulate=args.accumulate)  # fmt: skip
-        check_writable(args.out)
-        entries = read_cohort(args.cohort)
-        specs = parse_targets(args.target)
-        labels = read_slide_labels(
-            args.labels, specs, [(e.slide_id, e.patient_id) for e in entries], args.covariate
-        )
-        bags = _bags(entries, args.features)
-    except (CohortError, SlideLabelError, FeatureStoreError, FileNotFoundError, ValueError) as e:
-        print(f"cscvision mil: {e}", file=sys.stderr)
-        return 2
+    check_flags(MILFlags, folds=args.folds, epochs=args.epochs, max_bag=args.max_bag,
+                accumulate=args.accumulate)  # fmt: skip
+    check_writable(args.out)
+    entries = read_cohort(args.cohort)
+    specs = parse_targets(args.target)
+    labels = read_slide_labels(
+        args.labels, specs, [(e.slide_id, e.patient_id) for e in entries], args.covariate
+    )
+    bags = _bags(entries, args.features)
     import torch
 
     from cscvision.core.guard import (
@@ -145,9 +140,6 @@ def run(args: argparse.Namespace) -> int:
             )
         with defer_signals():  # the outputs of one cross-validation: all, or none
             written = write_cv_outputs(args.out, bags, labels, result)
-    except ValueError as e:
-        print(f"cscvision mil: {e}", file=sys.stderr)
-        return 2
     except Interrupted as e:
         done = "nothing written" if written is None else "every output written"
         print(interrupted_notice("mil", e.signum, done), file=sys.stderr)

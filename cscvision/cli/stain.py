@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from cscvision.core.validate import FlagError
 
 HELP = """\
 fit: draw tissue tiles from one or more slides (or one region of a slide), fit a
@@ -56,12 +57,12 @@ def _region(text: str | None, n_slides: int) -> tuple[int, int, int, int] | None
         return None
     parts = text.split(",")
     if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise ValueError(f"--region {text!r}: give X,Y,W,H in level-0 pixels, e.g. 0,0,4096,4096")
+        raise FlagError(f"--region {text!r}: give X,Y,W,H in level-0 pixels, e.g. 0,0,4096,4096")
     x, y, w, h = (int(p) for p in parts)
     if w <= 0 or h <= 0 or x < 0 or y < 0:
-        raise ValueError(f"--region {text!r}: X, Y must be ≥ 0 and W, H > 0")
+        raise FlagError(f"--region {text!r}: X, Y must be ≥ 0 and W, H > 0")
     if n_slides != 1:
-        raise ValueError("--region applies to one slide; give one SLIDE with it")
+        raise FlagError("--region applies to one slide; give one SLIDE with it")
     return x, y, w, h
 
 
@@ -73,9 +74,9 @@ def _fit(args: argparse.Namespace) -> int:
     from cscvision.slides.stain import fit_stain, sample_tissue_tiles
 
     if args.out.exists() and not args.overwrite:
-        raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+        raise FlagError(f"{args.out} exists; pass --overwrite to replace it")
     if not 0.1 <= args.mpp <= 16 or args.tiles < 1:
-        raise ValueError("--mpp must lie in [0.1, 16] µm/px and --tiles be ≥ 1")
+        raise FlagError("--mpp must lie in [0.1, 16] µm/px and --tiles be ≥ 1")
     region = _region(args.region, len(args.slides))
     tiles = []
     for path in args.slides:
@@ -115,19 +116,14 @@ def _describe(ref) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.slides.slide import SlideError
     from cscvision.slides.stain import StainError, StainReference
 
+    if args.action == "fit":
+        return _fit(args)
     try:
-        if args.action == "fit":
-            return _fit(args)
-        try:
-            data = json.loads(args.reference.read_text(encoding="utf-8"))
-            ref = StainReference.from_dict(data)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StainError(f"{args.reference}: not a readable stain reference ({e})") from None
-        print(_describe(ref))
-        return 0
-    except (StainError, SlideError, ValueError) as e:
-        print(f"cscvision stain: {e}", file=sys.stderr)
-        return 2
+        data = json.loads(args.reference.read_text(encoding="utf-8"))
+        ref = StainReference.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StainError(f"{args.reference}: not a readable stain reference ({e})") from None
+    print(_describe(ref))
+    return 0

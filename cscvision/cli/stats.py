@@ -40,7 +40,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cscvision.core.io import write_csv, write_json
     from cscvision.outputs.cohort_stats import (
-        StatsError,
         cohort_tests,
         read_patients,
         read_summaries,
@@ -51,9 +50,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         summaries = read_summaries(args.out_dir, skipped)
         patients = None if args.cohort is None else read_patients(args.cohort)
-    except (StatsError, OSError) as e:
-        print(f"cscvision stats: {e}", file=sys.stderr)
-        return 2
     finally:
         for line in skipped:
             print(f"cscvision stats: WARNING: {line}", file=sys.stderr)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from cscvision.core.validate import FlagError
 from cscvision.synth import write_cohort
 from cscvision.synth.layout import REGION_SHARE
 from cscvision.synth.slide_labels import COLUMNS, TERCILE_COLUMN, write_slide_labels
@@ -163,37 +163,32 @@ def _ihc_options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     problem = _check(args)
     if problem:
-        print(f"cscvision synth: {problem}", file=sys.stderr)
-        return 2
+        raise FlagError(problem)
     t0 = time.perf_counter()
-    try:
-        csv_path = write_cohort(
-            args.out,
-            n_slides=args.slides,
-            n_patients=args.patients,
-            size_px=args.size,
-            seed=args.seed,
-            mpp=args.mpp,
-            tile_px=args.tile,
-            quality=args.quality,
-            artefact_rate=args.artefact_rate,
-            overwrite=args.overwrite,
-            workers=max(1, args.workers),
-            progress=True,
-            visium=args.visium,
-            visium_layout=args.visium_layout,
-            ihc_markers=("CD44", "FOXP3") if args.ihc else (),
-            ihc_options=_ihc_options(args),
-            region_share=tuple(args.region_share),
-            infiltration=args.infiltration,
-            mif=args.mif,
-        )
-        labels = None
-        if args.slide_labels:
-            labels = write_slide_labels(csv_path, noise_sd=args.label_noise, seed=args.seed)
-    except FileExistsError as e:
-        print(f"cscvision synth: {e}", file=sys.stderr)
-        return 1
+    csv_path = write_cohort(
+        args.out,
+        n_slides=args.slides,
+        n_patients=args.patients,
+        size_px=args.size,
+        seed=args.seed,
+        mpp=args.mpp,
+        tile_px=args.tile,
+        quality=args.quality,
+        artefact_rate=args.artefact_rate,
+        overwrite=args.overwrite,
+        workers=max(1, args.workers),
+        progress=True,
+        visium=args.visium,
+        visium_layout=args.visium_layout,
+        ihc_markers=("CD44", "FOXP3") if args.ihc else (),
+        ihc_options=_ihc_options(args),
+        region_share=tuple(args.region_share),
+        infiltration=args.infiltration,
+        mif=args.mif,
+    )
+    labels = None
+    if args.slide_labels:
+        labels = write_slide_labels(csv_path, noise_sd=args.label_noise, seed=args.seed)
     seconds = time.perf_counter() - t0
     slides = sorted(args.out.glob(f"SYN-*{SLIDE_SUFFIX}"))
     mib = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file()) / 2**20

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, filters
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.names import check_name
 from cscvision.labels.registration import Registration, glass_white
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
@@ -31,6 +32,10 @@ COMBINE = ("max", "mean", "min")  # any marker, the average, all markers
 OD_TISSUE = 0.05  # summed optical density over the slide's own glass under which an IHC pixel
 # is glass (pale IHC stroma reaches 0.06-0.1; glass, JPEG noise included, stays under 0.025)
 FIXED_HD = (color.hed_from_rgb, "skimage rgb2hed (Ruifrok & Johnston)")
+
+
+class MarkerConfigError(CscvisionError, ValueError):
+    """A marker config (``--markers`` YAML) that cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +82,9 @@ def marker_config(d: Mapping, source: str = "marker config") -> MarkerConfig:
 
     Raises
     ------
-    ValueError
-        An unknown key, a missing ``target`` or a value out of range; the message names
-        ``source``.
+    MarkerConfigError
+        (a ``ValueError``) An unknown key, a missing ``target`` or a value out of
+        range; the message names ``source``.
 
     Examples
     --------
@@ -87,27 +92,27 @@ def marker_config(d: Mapping, source: str = "marker config") -> MarkerConfig:
     """
     raw = d.get("markers")
     if not isinstance(raw, Mapping) or not raw:
-        raise ValueError(f"{source}: needs 'markers:' mapping marker names to targets")
+        raise MarkerConfigError(f"{source}: needs 'markers:' mapping marker names to targets")
     markers = {}
     for name, spec in raw.items():
         spec = {"target": spec} if isinstance(spec, str) else dict(spec or {})
         if "target" not in spec:
-            raise ValueError(f"{source}: marker {name!r} needs a 'target'")
+            raise MarkerConfigError(f"{source}: marker {name!r} needs a 'target'")
         unknown = set(spec) - {"target", "mpp", "min_density", "smooth_um"}
         if unknown:
-            raise ValueError(f"{source}: marker {name!r}: unknown key(s) {sorted(unknown)}")
+            raise MarkerConfigError(f"{source}: marker {name!r}: unknown key(s) {sorted(unknown)}")
         check_name(str(name), "marker", source)
         check_name(spec["target"], f"marker {name!r}: target", source)
         markers[str(name)] = Marker(name=str(name), **spec)
     extra = {k: v for k, v in d.items() if k != "markers"}
     unknown = set(extra) - set(MarkerConfig.__dataclass_fields__)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}")
+        raise MarkerConfigError(f"{source}: unknown key(s) {sorted(unknown)}")
     cfg = MarkerConfig(markers=markers, **extra)
     if cfg.combine not in COMBINE:
-        raise ValueError(f"{source}: combine {cfg.combine!r} is not one of {COMBINE}")
+        raise MarkerConfigError(f"{source}: combine {cfg.combine!r} is not one of {COMBINE}")
     if cfg.stain_vectors not in ("macenko", "fixed"):
-        raise ValueError(f"{source}: stain_vectors must be 'macenko' or 'fixed'")
+        raise MarkerConfigError(f"{source}: stain_vectors must be 'macenko' or 'fixed'")
     return cfg
 
 

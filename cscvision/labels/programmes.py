@@ -68,19 +68,19 @@ class ProgrammeConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid: {sorted(known)}")
+            raise STError(f"{source}: unknown key(s) {unknown}; valid: {sorted(known)}")
         values = dict(data)
         if "panels" in values:
             panels = values["panels"]
             if not isinstance(panels, Mapping) or not all(
                 isinstance(g, (list, tuple)) for g in panels.values()
             ):
-                raise ValueError(f"{source}: panels maps each panel name to a list of genes")
+                raise STError(f"{source}: panels maps each panel name to a list of genes")
             values["panels"] = {str(k): tuple(str(g) for g in v) for k, v in panels.items()}
         try:
             return cls(**values)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise STError(f"{source}: {e}") from None
 
 
 def load_programme_config(path: str | None) -> ProgrammeConfig:

@@ -25,7 +25,12 @@ from cscvision.cells.readers import FORMATS, TABLE_FORMAT, read_cells, source_su
 from cscvision.cells.table import CellTable
 from cscvision.cells.tiles import CellFeatureSpec, tile_cell_features
 from cscvision.cells.types import cell_types
-from cscvision.outputs.cell_immune import ImmuneSettings, immune_inputs, slide_immune
+from cscvision.outputs.cell_immune import (
+    CellSettingsError,
+    ImmuneSettings,
+    immune_inputs,
+    slide_immune,
+)
 from cscvision.outputs.cell_maps import SUMMARY, cell_outputs_complete, write_cell_outputs
 from cscvision.slides.batch import (
     BatchError,
@@ -67,8 +72,11 @@ class CellSettings:
             mpp=self.mpp, tile_px=self.tile_px, min_tissue=self.min_tissue, mask_mpp=self.mask_mpp
         )  # raises on a bad value
         if self.fmt not in FORMATS:
-            raise ValueError(f"--format {self.fmt!r}: one of {', '.join(FORMATS)}")
-        CellFeatureSpec(radius_um=self.radius_um)
+            raise CellSettingsError(f"--format {self.fmt!r}: one of {', '.join(FORMATS)}")
+        try:
+            CellFeatureSpec(radius_um=self.radius_um)
+        except ValueError as e:
+            raise CellSettingsError(f"--radius-um: {e}") from None
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -42,11 +42,16 @@ from cscvision.cells.phenotype import (
 )
 from cscvision.cells.table import CellTable
 from cscvision.cells.types import CellTypes
+from cscvision.core.errors import CscvisionError
 
 TUMOUR_NAMES = ("tumour", "tumor", "invasive tumour", "invasive tumor", "tumour region",
                 "tumor region", "neoplastic")  # fmt: skip
 STROMA_NAMES = ("stroma", "tumour-associated stroma", "tumor-associated stroma",
                 "tumour stroma", "tumor stroma")  # fmt: skip
+
+
+class CellSettingsError(CscvisionError, ValueError):
+    """A cell or immune-phenotype setting out of range; the message names the value."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,10 @@ class ImmuneSettings:
     map_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        self.spec()  # raises on a bad value
+        try:
+            self.spec()  # raises on a bad value
+        except ValueError as e:
+            raise CellSettingsError(str(e)) from None
         source_rule(self.source, self.load_config())  # unknown source, unset cut-offs
 
     def spec(self) -> CompartmentSpec:
@@ -232,6 +240,7 @@ def _no_source_cells(table: CellTable, hierarchy: CellTypes, rule) -> str:
 
 
 __all__ = [
+    "CellSettingsError",
     "ImmuneSettings",
     "PhenotypeError",
     "immune_inputs",

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cscvision import __version__
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import read_csv, write_csv, write_json
 from cscvision.core.names import MAX_NAME_CHARS, name_digest, safe_name
 from cscvision.slides.slide import MPP_FROM_OVERRIDE, ReadPlan, Slide, SlideError, plan_read
@@ -23,6 +24,10 @@ from cscvision.slides.tissue import DEFAULT_MASK_MPP, TissueParams, tissue_fract
 
 GRID_TABLE = "tiles.csv"
 GRID_SIDECAR = "tiles.json"
+
+
+class GridError(CscvisionError, ValueError):
+    """A tile grid asked for with a value out of range (tile size, µm/px, tissue share)."""
 
 
 @dataclass(frozen=True)
@@ -37,13 +42,13 @@ class GridSpec:
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must lie in [0, 1), got {self.overlap}")
+            raise GridError(f"overlap must lie in [0, 1), got {self.overlap}")
         if self.tile_px < 8 or self.mpp <= 0:
-            raise ValueError(f"tile_px ≥ 8 and mpp > 0 required, got {self.tile_px}, {self.mpp}")
+            raise GridError(f"tile_px ≥ 8 and mpp > 0 required, got {self.tile_px}, {self.mpp}")
         if not self.mask_mpp > 0:
-            raise ValueError(f"mask_mpp must be positive, got {self.mask_mpp}")
+            raise GridError(f"mask_mpp must be positive, got {self.mask_mpp}")
         if not 0 <= self.min_tissue <= 1:
-            raise ValueError(f"min_tissue is a fraction in [0, 1], got {self.min_tissue}")
+            raise GridError(f"min_tissue is a fraction in [0, 1], got {self.min_tissue}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cscvision.core.errors import CscvisionError
 from cscvision.core.io import atomic_path, write_csv
 from cscvision.synth.cells import (
     INFILTRATION_MODES,
@@ -39,6 +40,10 @@ IHC_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 SLIDE_SUFFIX = ".tiff"
 THUMB_MAX_PX = 1024
 NICHE = "niche"
+
+
+class CohortExistsError(CscvisionError, FileExistsError):
+    """The cohort's output files exist already and ``overwrite`` is off."""
 
 
 @dataclass(frozen=True)
@@ -339,7 +344,7 @@ def write_cohort(
     plan = plan_cohort(n_slides, n_patients, seed)
     existing = [p for p in _cohort_outputs(out_dir, plan) if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(
+        raise CohortExistsError(
             f"{out_dir}: {len(existing)} output files exist already (e.g. {existing[0].name}); "
             "pass --overwrite (overwrite=True) or choose another folder"
         )

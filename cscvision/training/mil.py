@@ -36,10 +36,15 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cscvision.core.errors import CscvisionError
 from cscvision.models.mil_net import ARCHITECTURES, GatedAttentionMIL
 from cscvision.training.config_sections import SECTION, MILNetConfig, OptimConfig
 
 CLAM_BAG_WEIGHT = 0.7
+
+
+class MILError(CscvisionError, ValueError):
+    """MIL settings that do not fit the data (architecture, folds); the message names them."""
 
 
 @pydantic_dataclass(frozen=True, config=SECTION)
@@ -130,12 +135,12 @@ class MILSystem(L.LightningModule):
 
 
 def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAttentionMIL:
-    """An untrained net of ``cfg.architecture`` for ``targets``; ``ValueError`` naming the
+    """An untrained net of ``cfg.architecture`` for ``targets``; ``MILError`` naming the
     setting when the two do not fit."""
     architecture = resolve_architecture(cfg.architecture, has_classes=bool(targets.n_classes))
     clam = architecture == "clam_sb"
     if clam and not targets.n_classes:
-        raise ValueError(
+        raise MILError(
             "mil.architecture clam_sb: its instance loss needs a classification target; add "
             "one (e.g. NAME:tercile) or use gated_attention"
         )
@@ -158,7 +163,7 @@ def resolve_architecture(architecture: str, *, has_classes: bool) -> str:
     if architecture == "auto":
         return "gated_attention" if has_classes else "mean"
     if architecture not in ARCHITECTURES:
-        raise ValueError(
+        raise MILError(
             f"mil.architecture {architecture!r}: choose auto or one of {', '.join(ARCHITECTURES)}"
         )
     return architecture

@@ -27,6 +27,7 @@ from cscvision.training.mil import (
     BagPrediction,
     BagTargets,
     MILConfig,
+    MILError,
     attention_scale,
     fit_mil,
     predict_bags,
@@ -42,7 +43,7 @@ def patient_folds(patients: Sequence[str], k: int, seed: int = 0) -> np.ndarray:
     and dealt round-robin, so fold sizes differ by at most one patient."""
     unique = sorted(set(patients))
     if len(unique) < k:
-        raise ValueError(f"cv.folds {k}: only {len(unique)} patients; use at most that many")
+        raise MILError(f"cv.folds {k}: only {len(unique)} patients; use at most that many")
     order = np.random.default_rng(seed).permutation(len(unique))
     fold_of = {unique[p]: i % k for i, p in enumerate(order)}
     return np.array([fold_of[p] for p in patients])
@@ -181,7 +182,7 @@ def cross_validate(
 ) -> CVResult:
     """k-fold CV over patients; ``bags`` in ``labels.slide_ids`` order."""
     if [b.slide_id for b in bags] != list(labels.slide_ids):
-        raise ValueError("bags and slide labels must list the same slides in the same order")
+        raise MILError("bags and slide labels must list the same slides in the same order")
     folds = patient_folds(labels.patient_ids, k, cfg.seed)
     targets = targets_from_labels(labels, covariates)
     held: dict[int, BagPrediction] = {}
