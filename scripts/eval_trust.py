@@ -2,8 +2,11 @@
 
 A cohort built for it (synthetic only; truth from the generator, never from the model):
 - ``id``: held-out synthetic slides of the demo generator (new seeds, new patients);
-- ``shift``: the same slides after a scanner/stain shift the training slides never had
-  (optical densities re-mixed towards blue-purple and 40 % stronger, a gamma of 0.8);
+- ``shift``: the same slides after a scanner/stain shift the training slides never had:
+  optical densities re-mixed towards blue-purple and 40 % stronger (a site's haematoxylin
+  and staining time), a gamma of 0.8 (another scanner's tone curve), then a Gaussian blur
+  of σ = 1.5 px = 0.75 µm (optics of a 20× scanner resampled to 0.5 µm/px, or slight
+  defocus) and JPEG quality 60 (scanners' lossy presets go down to about that);
 - ``unseen``: adipose-like tissue (:mod:`cscvision.synth.unseen`), stained like the rest.
 
 Prints (a) tile AUROC and ECE on ``id`` and ``shift`` without and with each normaliser
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from cscvision.inference.predict import TileScorer, prepare_slide
@@ -43,6 +47,7 @@ from cscvision.testing import write_pyramid
 TARGETS = ("stemness", "immunosuppressive")
 BITS = {"stemness": 8, "immunosuppressive": 16}
 SHIFT = np.array([[1.0, 0.15, -0.1], [0.1, 0.85, 0.1], [-0.05, 0.2, 1.1]])  # OD mixing
+SHIFT_BLUR_PX, SHIFT_JPEG = 1.5, 60  # the scanner's optics and compression
 
 
 def build(work: Path, n: int, size: int) -> dict[str, list[tuple[str, Path, Path | None]]]:
@@ -59,9 +64,10 @@ def build(work: Path, n: int, size: int) -> dict[str, list[tuple[str, Path, Path
             with open_slide(p) as s:
                 rgb = s.read_region((0, 0), 0, s.info.dimensions)
             od = -np.log(np.maximum(rgb.astype(np.float32), 1) / 255) @ SHIFT.T * 1.4
-            shifted = np.clip(255 * np.exp(-od) ** 0.8, 0, 255).astype(np.uint8)
+            shifted = np.clip(255 * np.exp(-od) ** 0.8, 0, 255)
+            shifted = ndimage.gaussian_filter(shifted, (SHIFT_BLUR_PX, SHIFT_BLUR_PX, 0))
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_pyramid(out, shifted, mpp=0.5)
+            write_pyramid(out, shifted.round().astype(np.uint8), mpp=0.5, quality=SHIFT_JPEG)
         groups["shift"].append((out.stem, out, work / "id" / f"{p.stem}_labels.png"))
     groups["unseen"] = []
     for i in range(max(2, n - 1)):

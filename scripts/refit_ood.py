@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--features",
-        choices=("texture", "penultimate"),
+        choices=("block_stats", "texture", "penultimate"),
         default=None,
         help="OOD features (default: texture for tile CNNs)",
     )
