@@ -2,8 +2,11 @@
 
 A cohort built for it (synthetic only; truth from the generator, never from the model):
 - ``id``: held-out synthetic slides of the demo generator (new seeds, new patients);
-- ``shift``: the same slides after a scanner/stain shift the training slides never had
-  (optical densities re-mixed towards blue-purple and 40 % stronger, a gamma of 0.8);
+- ``shift``: the same slides after a scanner/stain shift the training slides never had:
+  optical densities re-mixed towards blue-purple and 40 % stronger (a site's haematoxylin
+  and staining time), a gamma of 0.8 (another scanner's tone curve), then a Gaussian blur
+  of σ = 1.5 px = 0.75 µm (optics of a 20× scanner resampled to 0.5 µm/px, or slight
+  defocus) and JPEG quality 60 (scanners' lossy presets go down to about that);
 - ``unseen``: adipose-like tissue (:mod:`cscvision.synth.unseen`), stained like the rest.
 
 Prints (a) tile AUROC and ECE on ``id`` and ``shift`` without and with each normaliser
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from cscvision.inference.predict import TileScorer, prepare_slide
@@ -43,9 +47,12 @@ from cscvision.testing import write_pyramid
 TARGETS = ("stemness", "immunosuppressive")
 BITS = {"stemness": 8, "immunosuppressive": 16}
 SHIFT = np.array([[1.0, 0.15, -0.1], [0.1, 0.85, 0.1], [-0.05, 0.2, 1.1]])  # OD mixing
+SHIFT_BLUR_PX, SHIFT_JPEG = 1.5, 60  # the scanner's optics and compression
 
 
-def build(work: Path, n: int, size: int) -> dict[str, list[tuple[str, Path, Path | None]]]:
+def build(
+    work: Path, n: int, size: int, blur: float = SHIFT_BLUR_PX, jpeg: int = SHIFT_JPEG
+) -> dict[str, list[tuple[str, Path, Path | None]]]:
     """The three groups: (slide id, slide path, label mask path or None)."""
     csv = work / "id" / "cohort.csv"
     if not csv.exists():
@@ -54,14 +61,15 @@ def build(work: Path, n: int, size: int) -> dict[str, list[tuple[str, Path, Path
     groups = {"id": [(p.stem, p, work / "id" / f"{p.stem}_labels.png") for p in ids]}
     groups["shift"] = []
     for p in ids:
-        out = work / "shift" / f"{p.stem}-shift.tiff"
+        out = work / f"shift-b{blur:g}-q{jpeg}" / f"{p.stem}-shift.tiff"
         if not out.exists():
             with open_slide(p) as s:
                 rgb = s.read_region((0, 0), 0, s.info.dimensions)
             od = -np.log(np.maximum(rgb.astype(np.float32), 1) / 255) @ SHIFT.T * 1.4
-            shifted = np.clip(255 * np.exp(-od) ** 0.8, 0, 255).astype(np.uint8)
+            shifted = np.clip(255 * np.exp(-od) ** 0.8, 0, 255)
+            shifted = ndimage.gaussian_filter(shifted, (blur, blur, 0))
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_pyramid(out, shifted, mpp=0.5)
+            write_pyramid(out, shifted.round().astype(np.uint8), mpp=0.5, quality=jpeg)
         groups["shift"].append((out.stem, out, work / "id" / f"{p.stem}_labels.png"))
     groups["unseen"] = []
     for i in range(max(2, n - 1)):
@@ -173,10 +181,13 @@ def main() -> None:
     )
     p.add_argument("--model", default="demo", help="the model (default: the packaged demo)")
     p.add_argument("--only-ood", action="store_true", help="print (c) only")
+    p.add_argument("--only-stain", action="store_true", help="print (a) only")
+    p.add_argument("--shift-blur", type=float, default=SHIFT_BLUR_PX, help="σ in px")
+    p.add_argument("--shift-jpeg", type=int, default=SHIFT_JPEG, help="JPEG quality")
     args = p.parse_args()
     torch.manual_seed(0)
     model = load_model(args.model)
-    groups = build(args.work, args.slides, args.size)
+    groups = build(args.work, args.slides, args.size, args.shift_blur, args.shift_jpeg)
     if args.only_ood:
         return ood_section(model, groups)
     train = train_slides(args.train_cohort)[:3]
@@ -200,6 +211,8 @@ def main() -> None:
             print(f"  {norm or 'none':9s} {group:6s} {n:4d} tiles: "
                   f"{metrics(np.concatenate(probs), np.concatenate(truth))}")  # fmt: skip
 
+    if args.only_stain:
+        return None
     print("(b) selective prediction (tta std of the target; most uncertain tiles dropped)")
     for group in ("id", "shift"):
         rows, truth, seconds, n = [], [], 0.0, 0
