@@ -107,9 +107,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--architecture",
-        choices=("auto", *ARCHITECTURES),
-        default="auto",
-        help="auto: mean pooling for this regression-only label (gated attention with --tercile)",
+        choices=ARCHITECTURES,
+        default="gated_attention",
+        help="gated_attention, clam_sb (needs --tercile) or mean (every tile weighted 1/N)",
     )
     ap.add_argument(
         "--tercile",

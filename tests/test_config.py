@@ -101,7 +101,7 @@ def test_the_schema_names_the_same_choices_as_the_code():
     assert set(s.BACKBONES) == set(BACKBONES) and set(s.AUGMENTS) == set(AUGMENT_PRESETS)
     assert s.BALANCE == BALANCE_MODES and s.SCHEDULERS == SCHEDULERS
     assert s.CALIBRATION == METHODS and s.LOSSES == LOSSES and s.TARGET_TYPES == TARGET_TYPES
-    assert s.HEADS == HEADS and s.MIL_ARCHITECTURES == ("auto", *ARCHITECTURES)
+    assert s.HEADS == HEADS and s.MIL_ARCHITECTURES == ARCHITECTURES
     assert set(MODEL_SECTIONS) == set(KINDS)
 
 

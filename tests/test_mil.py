@@ -104,14 +104,14 @@ def test_mean_pooling_is_the_mean_of_per_tile_predictions_and_infer_agrees():
     np.testing.assert_allclose(list(out.class_probs["c"].values()), probs, rtol=1e-5)
 
 
-def test_auto_architecture_is_mean_for_fractions_and_attention_for_classes():
-    from cscvision.training.mil import resolve_architecture
+def test_an_unknown_architecture_is_refused_naming_the_choices():
+    from cscvision.training.mil import check_architecture
 
-    assert resolve_architecture("auto", has_classes=False) == "mean"
-    assert resolve_architecture("auto", has_classes=True) == "gated_attention"
-    assert resolve_architecture("clam_sb", has_classes=True) == "clam_sb"
-    with pytest.raises(ValueError, match=r"mil\.architecture 'max'"):
-        resolve_architecture("max", has_classes=False)
+    assert check_architecture("mean") == "mean"
+    with pytest.raises(
+        ValueError, match=r"mil\.architecture 'max'.*gated_attention, clam_sb, mean"
+    ):
+        check_architecture("max")
 
 
 @pytest.mark.slow

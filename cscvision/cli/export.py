@@ -67,7 +67,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="the model that made the outputs (folder or packaged name): its whole card "
-        "goes into uns['cscvision']['model_card']",
+        "goes into the AnnData's uns, under cscvision / model_card",
     )
 
 

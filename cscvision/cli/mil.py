@@ -54,12 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of folds, sampling and weights")
     p.add_argument(
         "--architecture",
-        choices=("auto", "gated_attention", "clam_sb", "mean"),
-        default="auto",
-        help="auto (default): mean pooling when every target is a regression (a fraction of "
-        "the section), gated attention when any is a class; gated attention (Ilse et al. "
-        "2018), CLAM-SB (its instance loss needs a NAME:tercile or other classification "
-        "target) or mean pooling",
+        choices=("gated_attention", "clam_sb", "mean"),
+        default="gated_attention",
+        help="gated attention (Ilse et al. 2018, the default), CLAM-SB (its instance loss "
+        "needs a NAME:tercile or other classification target) or mean pooling (every tile "
+        "weighted 1/N: the slide is the mean of per-tile predictions)",
     )
     p.set_defaults(func=run)
 

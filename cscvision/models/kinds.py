@@ -228,9 +228,9 @@ class AttentionMIL(ModelKind):
             )
         if not cfg.mil.labels:
             raise ValueError("mil.labels: name the slide-label CSV (slide_id or patient_id column)")
-        if cfg.mil.architecture not in ("auto", *ARCHITECTURES):
+        if cfg.mil.architecture not in ARCHITECTURES:
             raise ValueError(f"mil.architecture: {cfg.mil.architecture!r} is not one of "
-                             f"auto, {', '.join(ARCHITECTURES)}")  # fmt: skip
+                             f"{', '.join(ARCHITECTURES)}")  # fmt: skip
         if cfg.cv.folds < 0 or min(cfg.mil.epochs, cfg.mil.max_bag, cfg.mil.accumulate) < 1:
             raise ValueError("cv.folds must be ≥ 0, mil.epochs, mil.max_bag and mil.accumulate ≥ 1")
 

@@ -137,7 +137,7 @@ class MILSystem(L.LightningModule):
 def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAttentionMIL:
     """An untrained net of ``cfg.architecture`` for ``targets``; ``MILError`` naming the
     setting when the two do not fit."""
-    architecture = resolve_architecture(cfg.architecture, has_classes=bool(targets.n_classes))
+    architecture = check_architecture(cfg.architecture)
     clam = architecture == "clam_sb"
     if clam and not targets.n_classes:
         raise MILError(
@@ -157,14 +157,11 @@ def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAtten
     )
 
 
-def resolve_architecture(architecture: str, *, has_classes: bool) -> str:
-    """``auto``: mean pooling when every target is a regression (a fraction or score of the
-    whole section), gated attention when any is a class (presence: a few tiles decide)."""
-    if architecture == "auto":
-        return "gated_attention" if has_classes else "mean"
+def check_architecture(architecture: str) -> str:
+    """``architecture`` when it is one of :data:`ARCHITECTURES`, else ``MILError``."""
     if architecture not in ARCHITECTURES:
         raise MILError(
-            f"mil.architecture {architecture!r}: choose auto or one of {', '.join(ARCHITECTURES)}"
+            f"mil.architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}"
         )
     return architecture
 

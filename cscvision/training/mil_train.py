@@ -41,7 +41,7 @@ from cscvision.training.featuredata import (
     slide_features,
     with_encoder_grid,
 )
-from cscvision.training.mil import Bag, MILConfig, fit_mil, resolve_architecture
+from cscvision.training.mil import Bag, MILConfig, fit_mil
 from cscvision.training.mil_cv import (
     _standardise,
     cross_validate,
@@ -173,10 +173,7 @@ def mil_record(
     """The card's ``mil`` record: everything inference needs to rebuild and read the net."""
     reg = [s for s in labels.specs if s.target_type == "regression"]
     return {
-        "architecture": resolve_architecture(
-            cfg.mil.architecture,
-            has_classes=any(s.target_type == "classification" for s in labels.specs),
-        ),
+        "architecture": cfg.mil.architecture,
         "in_dim": int(in_dim),
         "hidden": cfg.mil.hidden,
         "attention": cfg.mil.attention,
