@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import Field
 
-from cscvision.core.io import check_writable
+from cscvision.core.io import check_writable, write_csv
 from cscvision.core.validate import FlagError, Flags, check_flags
 from cscvision.slides.batch import (
     BatchReport,
@@ -292,3 +292,30 @@ def run_on_ray(
     finally:
         if owned:
             distributed.disconnect()
+
+
+LABEL_COHORT_HEADER = ("slide_id", "patient_id", "slide_path", "label_path", "split")
+
+
+def label_cohort_row(entry: Any, label_path: Path, out: Path) -> tuple[str, ...]:
+    """A ``cohort.csv`` row of a labelled slide (a ``CohortEntry``), its paths relative to
+    ``out`` so the label folder can move whole."""
+    return (entry.slide_id, entry.patient_id, _relative(entry.slide_path, out),
+            _relative(label_path, out), entry.split or "")  # fmt: skip
+
+
+def write_label_cohort(
+    out: Path, rows: Iterable[Sequence[str]], errors: Iterable[Sequence[str]]
+) -> tuple[Path, Path]:
+    """``out/cohort.csv`` (for ``cscvision train``) and ``out/errors.csv`` of a labels run."""
+    cohort = write_csv(out / "cohort.csv", LABEL_COHORT_HEADER, rows)
+    return cohort, write_csv(out / "errors.csv", ("slide_id", "reason"), errors)
+
+
+def print_not_labelled(errors: Iterable[Sequence[str]]) -> None:
+    for slide_id, reason in errors:
+        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+
+
+def _relative(path: str | Path, folder: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), folder.resolve())

@@ -9,10 +9,11 @@ is a per-slide reporting batch (maps, phenotypes, resume) with its own output fo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
+
+from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
 
 HELP = """\
 Turn a per-tile cell feature into training targets that `cscvision train` learns from H&E.
@@ -151,28 +152,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_all(args: argparse.Namespace, jobs: list, labelled: list, errors: list, t0) -> int:
-    from cscvision.core.io import write_csv
     from cscvision.labels.table import table_path, write_label_table
 
     rows, n_tiles, target = [], 0, None
     for entry, table in labelled:
         path = write_label_table(table_path(args.out, entry.slide_id), table)
         n_tiles, target = n_tiles + len(table), table.targets[0]
-        rows.append((entry.slide_id, entry.patient_id, _rel(entry.slide_path, args.out),
-                     _rel(path, args.out), entry.split or ""))  # fmt: skip
-    header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
-    cohort = write_csv(args.out / "cohort.csv", header, rows)
-    errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
+        rows.append(label_cohort_row(entry, path, args.out))
+    cohort, errors_path = write_label_cohort(args.out, rows, errors)
     print(
         f"wrote {len(rows)} of {len(jobs)} tile-label tables ({n_tiles} tiles of "
         f"{args.tile_px} px at {args.mpp} µm/px; target {target or '-'}) to {args.out} in "
         f"{time.perf_counter() - t0:.1f} s\n  {cohort.name}  for cscvision train\n"
         f"  {errors_path.name}  {len(errors)} slide(s) not labelled"
     )
-    for slide_id, reason in errors:
-        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+    print_not_labelled(errors)
     return 1 if errors else 0
-
-
-def _rel(path: Path, folder: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), folder.resolve())

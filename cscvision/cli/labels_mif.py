@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
+
+from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
 
 HELP = """\
 Turn multiplex immunofluorescence (mIF) images of the H&E sections into training targets.
@@ -148,7 +149,7 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
 def run(args: argparse.Namespace) -> int:
     from cscvision.cells.mif_panel import read_panel
     from cscvision.cells.table import write_cell_table
-    from cscvision.core.io import write_csv, write_json
+    from cscvision.core.io import write_json
     from cscvision.labels.table import table_path, write_label_table
     from cscvision.slides.slide import SlideError
 
@@ -170,21 +171,13 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.out / "cells" / f"{entry.slide_id}_mif.json", record)
         path = write_label_table(table_path(args.out, entry.slide_id), labels)
         n_cells += len(table)
-        rows.append((entry.slide_id, entry.patient_id, _rel(entry.slide_path, args.out),
-                     _rel(path, args.out), entry.split or ""))  # fmt: skip
-    header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
-    cohort = write_csv(args.out / "cohort.csv", header, rows)
-    errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
+        rows.append(label_cohort_row(entry, path, args.out))
+    cohort, errors_path = write_label_cohort(args.out, rows, errors)
     print(
         f"wrote {len(rows)} of {len(jobs)} tile-label tables ({n_cells} mIF cells on the H&E; "
         f"targets {', '.join(args.feature or ['density_treg'])}) to {args.out} in "
         f"{time.perf_counter() - t0:.1f} s\n  {cohort.name}  for cscvision train\n"
         f"  {errors_path.name}  {len(errors)} slide(s) not labelled"
     )
-    for slide_id, reason in errors:
-        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+    print_not_labelled(errors)
     return 1 if errors else 0
-
-
-def _rel(path: Path, folder: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), folder.resolve())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
 
 HELP = """\
 Score gene programmes per spatial-transcriptomics spot and write training targets.
@@ -93,10 +94,6 @@ def _jobs(manifest: Path) -> list[dict]:
     return jobs
 
 
-def _rel(path: Path, folder: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), folder.resolve())
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         import anndata  # noqa: F401
@@ -169,7 +166,6 @@ def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list,
 
 
 def _write_all(args, config, jobs, scored, errors, t0) -> int:
-    from cscvision.core.io import write_csv
     from cscvision.labels.st_labels import binarize
     from cscvision.labels.table import table_path, write_label_table
 
@@ -180,18 +176,8 @@ def _write_all(args, config, jobs, scored, errors, t0) -> int:
     for (job, _), table in zip(scored, tables, strict=True):
         e = job["entry"]
         path = write_label_table(table_path(args.out, e.slide_id), table)
-        rows.append(
-            (
-                e.slide_id,
-                e.patient_id,
-                _rel(e.slide_path, args.out),
-                _rel(path, args.out),
-                e.split or "",
-            )
-        )
-    header = ("slide_id", "patient_id", "slide_path", "label_path", "split")
-    cohort = write_csv(args.out / "cohort.csv", header, rows)
-    errors_path = write_csv(args.out / "errors.csv", ("slide_id", "reason"), errors)
+        rows.append(label_cohort_row(e, path, args.out))
+    cohort, errors_path = write_label_cohort(args.out, rows, errors)
     n = sum(len(t) for t in tables)
     print(
         f"wrote {len(tables)} of {len(jobs)} tile-label tables ({n} spot tiles of "
@@ -201,6 +187,5 @@ def _write_all(args, config, jobs, scored, errors, t0) -> int:
         f"  {cohort.name}  slide_id,patient_id,slide_path,label_path,split (for cscvision "
         f"train)\n  {errors_path.name}  {len(errors)} sample(s) not labelled"
     )
-    for slide_id, reason in errors:
-        print(f"  not labelled: {slide_id}: {reason}", file=sys.stderr)
+    print_not_labelled(errors)
     return 1 if errors else 0
