@@ -97,14 +97,14 @@ def test_block_features_are_the_first_blocks_channel_mean_and_spread():
     torch.manual_seed(0)
     net = get_model("small_cnn", 2).eval()
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad(), feature_tap(net) as seen, feature_tap(net, "block_stats") as seen2:
+    with torch.no_grad(), feature_tap(net, "texture") as seen, feature_tap(net) as seen2:
         net(x)
         seen.append(seen2[0])
         maps = net[3](net[2](net[1](net[0](x))))  # the stem, then the first block
-    torch.testing.assert_close(seen[0], maps.std(dim=(2, 3)))  # the default: texture
-    # block_stats: per-channel mean, then standard deviation, of the same maps
+    torch.testing.assert_close(seen[0], maps.std(dim=(2, 3)))  # texture
+    # block_stats (the default): per-channel mean, then standard deviation, of the same maps
     torch.testing.assert_close(seen[1], torch.cat([maps.mean(dim=(2, 3)), maps.std(dim=(2, 3))], 1))
-    assert feature_source(net)[1] == "texture"
+    assert feature_source(net)[1] == "block_stats"
     assert feature_source(get_model("resnet18", 2))[0].__class__.__name__ == "Sequential"
 
 

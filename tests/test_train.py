@@ -333,3 +333,31 @@ def test_a_target_without_positive_training_tiles_is_refused(cohort_csv, tmp_pat
     assert "'Immunosuppressive'" in err and "'Stemness-rich'" in err  # the classes found
     assert "mapping {'Stemness-rich': 'stemness'}" in err
     assert not (tmp_path / "model" / "model.json").exists()
+
+
+def test_ood_thresholds_come_from_validation_slides_read_as_inference_reads_them(trained):
+    """The exported OOD tile threshold is the 99th percentile of every tissue tile of the
+    validation slides as ``predict_slide`` scores them (artefact and unlabelled tiles
+    included), so inference's OOD ratio over those tiles has its 99th percentile at 1; and
+    no held-out slide of the run is flagged by its own model."""
+    from cscvision.inference.predict import predict_slide
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.training.ood import CALIBRATED_ON
+
+    result, run = trained
+    model = load_model(result.model_dir)
+    block = model.card.ood
+    assert block["features"] == "block_stats" and block["calibrated_on"] == CALIBRATED_ON
+    rows = [r.split(",") for r in (run / "run" / "splits.csv").read_text().splitlines()[1:]]
+    csv = Path(load_config(run / "run" / "config.yaml").cohort.csv)
+    paths = {e.slide_id: csv.parent / e.slide_path for e in read_cohort(csv)}
+    assert all(p.is_file() for p in paths.values()), paths
+    preds = {sid: predict_slide(paths[sid], model, progress=False) for sid, *_ in rows}
+    val = [sid for sid, _, split in rows if split == "val"]
+    assert block["val_slides"] == len(val)
+    ratios = np.concatenate([preds[sid].trust["ood"] for sid in val])
+    assert len(ratios) == block["val_tiles"]
+    assert np.quantile(ratios, 0.99) == pytest.approx(1.0, abs=1e-4)
+    for sid, _, split in rows:
+        share = float(np.mean(preds[sid].trust["ood"] > 1))
+        assert share < block["slide_share_threshold"], (sid, split, share)

@@ -1,17 +1,18 @@
 """Out-of-distribution record of a model: is a tile (a slide) unlike what it was trained on?
 
 At export a model keeps a compact description of its training tiles' features: Gaussians
-on, for a tile CNN, statistics of its first block's feature maps (``texture``: their
-per-channel standard deviation; ``block_stats``: their mean and standard deviation;
-low-level colour and texture, which the head learns to ignore: on the penultimate layer
-an unseen tissue type scored AUROC 0.2-0.6 against held-out tiles, as the network maps
-it onto its negatives), for a head on a foundation
-encoder the encoder's features, else the penultimate layer (the input of the last linear
-layer, one mean per group of training tiles: the pattern of targets ≥ 0.5); one shared
-covariance, shrunk towards a scaled identity (Ledoit-Wolf).
+on, for a tile CNN, statistics of its first block's feature maps (``block_stats``, the
+default: their per-channel mean and standard deviation; ``texture``: the standard
+deviation only; low-level colour and texture, which the head learns to ignore: on the
+penultimate layer an unseen tissue type scored AUROC 0.2-0.6 against held-out tiles, as
+the network maps it onto its negatives), for a head on a foundation encoder the
+encoder's features, else the penultimate layer (the input of the last linear layer, one
+mean per group of training tiles: the pattern of targets ≥ 0.5); one shared covariance,
+shrunk towards a scaled identity (Ledoit-Wolf).
 A tile's OOD score is its squared Mahalanobis distance to the nearest group mean
 (Lee et al., NeurIPS 2018). The 99th percentile of the validation tiles' scores is the
-tile threshold; a slide is flagged when more of its tissue tiles lie beyond it than the
+tile threshold (for a tile CNN, of every tissue tile of its validation slides read as
+inference reads them: :mod:`cscvision.training.ood`); a slide is flagged when more of its tissue tiles lie beyond it than the
 stated share (:data:`SLIDE_SHARE_FLOOR`, or twice the highest share of a validation slide).
 
 The record lives beside the weights: ``ood.safetensors`` (means, precision) and the
@@ -126,16 +127,17 @@ def early_block(net: nn.Module) -> nn.Module | None:
 
 def feature_source(net: nn.Module, features: str | None = None) -> tuple[nn.Module, str]:
     """Where a network's OOD features are read, and their name: an encoder's output
-    (``encoder``, always for heads on an encoder); ``texture``, the per-channel spatial
-    standard deviation of the first block's feature maps (the default for tile CNNs);
-    ``block_stats``, their mean and standard deviation (more sensitive to an unseen tissue
-    type, and to artefact tiles and stain outliers); ``penultimate``, the input of its last
+    (``encoder``, always for heads on an encoder); ``block_stats``, the per-channel spatial
+    mean and standard deviation of the first block's feature maps (the default for tile
+    CNNs: the most sensitive to an unseen tissue type, and to artefact tiles and stain
+    outliers, which thresholds set on whole validation slides allow for); ``texture``, their
+    standard deviation only; ``penultimate``, the input of its last
     linear layer."""
     if isinstance(getattr(net, "encoder", None), nn.Module):
         return net.encoder, "encoder"
     block = early_block(net)
     if features in (None, *BLOCK_FEATURES) and block is not None:
-        return block, features or "texture"
+        return block, features or "block_stats"
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ModelError(f"{type(net).__name__}: no linear layer to read OOD features from")
