@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs; never run
     from cscvision.labels.targets import ClassMap, tile_targets
     from cscvision.models.card import ModelCard, read_card
     from cscvision.models.encoders import load_encoder
+    from cscvision.models.ensemble import LoadedEnsemble, load_models
     from cscvision.models.export import LoadedModel, export_model, load_model
     from cscvision.models.kinds import ModelKind, get_kind, register_kind
     from cscvision.outputs.anndata import outputs_anndata
@@ -94,6 +95,8 @@ _API = {
     "ModelCard": "cscvision.models.card",
     "read_card": "cscvision.models.card",
     "load_model": "cscvision.models.export",
+    "load_models": "cscvision.models.ensemble",
+    "LoadedEnsemble": "cscvision.models.ensemble",
     "export_model": "cscvision.models.export",
     "read_feature_store": "cscvision.features.store",
     "write_feature_store": "cscvision.features.store",
@@ -145,6 +148,7 @@ __all__ = [
     "ImmuneSettings",
     "InferSettings",
     "LabelTable",
+    "LoadedEnsemble",
     "LoadedModel",
     "ModelCard",
     "ModelKind",
@@ -171,6 +175,7 @@ __all__ = [
     "load_config",
     "load_encoder",
     "load_model",
+    "load_models",
     "make_grid",
     "marker_config",
     "mif_cell_table",

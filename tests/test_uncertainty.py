@@ -84,11 +84,12 @@ def test_predictive_stats_by_hand():
     assert s["mi"][0, 0] == pytest.approx(np.log(2), rel=1e-4)
 
 
-@pytest.mark.parametrize("bad", ["mc", "mc:1", "mc:x", "ensemble", "tta:3"])
+@pytest.mark.parametrize("bad", ["mc", "mc:1", "mc:x", "ensemble:3", "tta:3"])
 def test_bad_uncertainty_values_are_refused(bad):
     with pytest.raises(UncertaintyError, match="--uncertainty"):
         parse_uncertainty(bad)
     assert parse_uncertainty("mc:10") == ("mc", 10) and parse_uncertainty("tta") == ("tta", 8)
+    assert parse_uncertainty("ensemble") == ("ensemble", 0)
 
 
 def test_infer_with_uncertainty_writes_it_like_a_target(demo_batch, tmp_path):

@@ -56,8 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         required=True,
         type=Path,
+        action="append",
         metavar="DIR_OR_NAME",
-        help="exported model folder, or a packaged model name: demo (synthetic data only)",
+        help="exported model folder, or a packaged model name: demo (synthetic data only); "
+        "give it twice or more (or a folder holding several model folders) for an ensemble: "
+        "the score is the members' mean, and --uncertainty ensemble adds their spread "
+        "(members must share tile px, µm/px, normalisation and targets)",
     )
     add_settings_args(p, InferSettings, ["overlap", "batch_size", "workers", "reader", "device",
                                          "amp", "min_tissue", "mask_mpp"])  # fmt: skip
@@ -125,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.inference.batch import write_results
     from cscvision.inference.predict import resolve_device
     from cscvision.inference.trust import check_uncertainty
-    from cscvision.models.export import load_model
+    from cscvision.models.ensemble import LoadedEnsemble, load_models
     from cscvision.models.thresholds import threshold_warnings
     from cscvision.outputs.slide_folder import model_identity
     from cscvision.outputs.trust import ood_run_line
@@ -149,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device("cpu" if args.ray else settings.device)
     if not args.ray:
         check_decode(settings.decode, device.type)
-    model = load_model(args.model, device, encoder_weights=args.encoder_weights)
+    model = load_models(args.model, device, encoder_weights=args.encoder_weights)
+    if args.ray and isinstance(model, LoadedEnsemble):
+        raise FlagError("--ray: ensembles run on one machine; give --ray one --model")
     check_uncertainty(model, settings.uncertainty)
     for warning in threshold_warnings(model.card):
         print(f"warning: model {model.card.name}: {warning}", file=sys.stderr)

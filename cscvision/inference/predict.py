@@ -40,11 +40,13 @@ from cscvision.inference.trust import (
     has_ood,
     ood_scorer,
     run_with_ood,
+    scored_ensemble,
     scored_with_uncertainty,
     split_trust,
     trust_columns,
 )
 from cscvision.models.card import ModelCard
+from cscvision.models.ensemble import LoadedEnsemble
 from cscvision.models.export import LoadedModel
 from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
@@ -106,6 +108,7 @@ class TileScorer:
         self.amp = amp
         self.card = card
         self.kind = model.kind
+        self.model = model
         self.ood = ood_scorer(model)
         self.ood = self.ood.to(self.device) if self.ood is not None else None
         self.uncertainty = check_uncertainty(model, uncertainty)
@@ -125,6 +128,8 @@ class TileScorer:
             if self.stain is not None:
                 x = normalise_batch(x, self.stain)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
+            if isinstance(self.model, LoadedEnsemble):
+                return scored_ensemble(self, x)
             if self.uncertainty is not None:
                 return scored_with_uncertainty(self, x)
             if self.ood is None:

@@ -23,9 +23,11 @@ MAX_WITHIN_UM = 10_000.0
 MAX_PERMUTATIONS = 9_999
 UNCERTAINTY_HELP = (
     "per-tile uncertainty: mc:N (N forward passes with dropout active, so N times the "
-    "model's cost, plus one pass for the OOD score) or tta (the 8 flips/rotations: 8 "
-    "passes); writes std_<target> and mi_<target> (mutual information) columns, maps, "
-    "overlays and TIFFs; the score becomes the mean of the passes"
+    "model's cost, plus one pass for the OOD score), tta (the 8 flips/rotations: 8 "
+    "passes) or ensemble (the spread across two or more --model; one pass per member, "
+    "which the ensemble's score costs anyway); writes std_<target> and mi_<target> "
+    "(mutual information) columns, maps, overlays and TIFFs; the score becomes the mean "
+    "of the passes"
 )
 STATISTICS = "co-localisation statistics and viewer files"
 
@@ -66,11 +68,11 @@ class InferSettings(ReadSettings):
         group=STATISTICS,
         metavar="TARGET",
     )
-    # per-tile uncertainty (inference.uncertainty): "mc:N" or "tta"; None: none
+    # per-tile uncertainty (inference.uncertainty): "mc:N", "tta" or "ensemble"; None: none
     uncertainty: str | None = flag(
         None,
         UNCERTAINTY_HELP,
-        pattern=r"^(mc:\d+|tta)$",
+        pattern=r"^(mc:\d+|tta|ensemble)$",
         group="trust",
-        metavar="mc:N|tta",
+        metavar="mc:N|tta|ensemble",
     )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cscvision.models.card import ModelCard
+from cscvision.models.ensemble import LoadedEnsemble
 from cscvision.models.export import LoadedModel
 from cscvision.models.ood import OODScorer, feature_tap, load_ood
 
@@ -68,6 +69,13 @@ def check_uncertainty(model: LoadedModel, spec: str | None) -> tuple[str, int] |
             f"--uncertainty: model {model.card.name!r} is a slide-level ({model.kind.name}) "
             "model; per-tile uncertainty is for tile-scoring models"
         )
+    ensemble = isinstance(model, LoadedEnsemble)
+    if ensemble != (parsed[0] == "ensemble"):
+        raise UncertaintyError(
+            f"--uncertainty {spec}: give two or more --model for an ensemble"
+            if not ensemble
+            else f"--uncertainty {spec}: with an ensemble of models use --uncertainty ensemble"
+        )
     if parsed[0] == "mc" and not dropout_layers(model.net):
         raise UncertaintyError(
             f"--uncertainty {spec}: model {model.card.name!r} has no dropout layer; "
@@ -96,6 +104,28 @@ def scored_with_uncertainty(scorer, x: torch.Tensor) -> np.ndarray:
     if scorer.ood is not None and method == "tta":
         ratio = [ood_ratio(scorer.ood, seen[0])]
     return np.column_stack([mean, *ratio, columns])
+
+
+def scored_ensemble(scorer, x: torch.Tensor) -> np.ndarray:
+    """A :class:`~cscvision.inference.predict.TileScorer` batch of an ensemble: the mean of
+    the members' outputs, then the OOD ratio (from the first member's network) and, with
+    ``--uncertainty ensemble``, the spread across members."""
+    from cscvision.inference.uncertainty import predictive_stats
+
+    model = scorer.model
+    probabilities = not scorer.card.is_regression
+    ratio = []
+    if scorer.ood is not None:
+        with feature_tap(model.members[0].net, scorer.ood.features) as seen:
+            outputs = model.member_outputs(x)
+        ratio = [ood_ratio(scorer.ood, seen[0])]
+    else:
+        outputs = model.member_outputs(x)
+    stats = predictive_stats(outputs, probabilities=probabilities)
+    columns = []
+    if scorer.uncertainty is not None:
+        columns = [stats["std"]] + ([stats["mi"]] if probabilities else [])
+    return np.column_stack([stats["mean"], *ratio, *columns])
 
 
 def ood_ratio(scorer: OODScorer, features: torch.Tensor) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Per-tile uncertainty of tile-scoring models (``cscvision infer --uncertainty``).
 
-Two methods, each costing several forward passes per batch:
+Three methods, each costing several forward passes per batch:
 
 - ``mc:N``: Monte Carlo dropout (Gal & Ghahramani 2016). N passes with the network's
   dropout layers active and everything else in eval mode (batch norm uses, and never
@@ -8,6 +8,9 @@ Two methods, each costing several forward passes per batch:
   is also computed (its features are read with dropout off).
 - ``tta``: test-time augmentation over the 8 flips and rotations of each tile (the
   dihedral group; stain and rotation do not change a tile's biology). Cost: 8 passes.
+- ``ensemble``: the spread across the members of an ensemble of exported models
+  (:mod:`cscvision.models.ensemble`; ``--model A --model B ...``). Cost: one pass per member,
+  which an ensemble pays for its score anyway.
 
 Per target, from the passes' probabilities ``p_i``: the predictive mean (written as the
 score), the standard deviation across passes (``std_<t>``) and, for probabilities, the
@@ -37,16 +40,20 @@ class UncertaintyError(CscvisionError, ValueError):
 
 
 def parse_uncertainty(spec: str | None) -> tuple[str, int] | None:
-    """``"mc:N"`` → ``("mc", N)``, ``"tta"`` → ``("tta", 8)``, None → None."""
+    """``"mc:N"`` → ``("mc", N)``, ``"tta"`` → ``("tta", 8)``, ``"ensemble"`` →
+    ``("ensemble", 0)`` (one pass per member), None → None."""
     if spec is None:
         return None
     if spec == "tta":
         return "tta", 8
+    if spec == "ensemble":
+        return "ensemble", 0
     match = re.fullmatch(r"mc:(\d+)", spec)
     if match and 2 <= int(match.group(1)) <= MAX_PASSES:
         return "mc", int(match.group(1))
     raise UncertaintyError(
-        f"--uncertainty {spec!r}: use mc:N with 2 ≤ N ≤ {MAX_PASSES} (e.g. mc:10) or tta"
+        f"--uncertainty {spec!r}: use mc:N with 2 ≤ N ≤ {MAX_PASSES} (e.g. mc:10), tta, "
+        "or ensemble (with two or more --model)"
     )
 
 

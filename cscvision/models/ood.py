@@ -12,8 +12,9 @@ shrunk towards a scaled identity (Ledoit-Wolf).
 A tile's OOD score is its squared Mahalanobis distance to the nearest group mean
 (Lee et al., NeurIPS 2018). The 99th percentile of the validation tiles' scores is the
 tile threshold (for a tile CNN, of every tissue tile of its validation slides read as
-inference reads them: :mod:`cscvision.training.ood`); a slide is flagged when more of its tissue tiles lie beyond it than the
-stated share (:data:`SLIDE_SHARE_FLOOR`, or twice the highest share of a validation slide).
+inference reads them: :mod:`cscvision.training.ood`); a slide is flagged when more of its
+tissue tiles lie beyond it than the stated share (:data:`SLIDE_SHARE_FLOOR`, or twice the
+highest share of a validation slide).
 
 The record lives beside the weights: ``ood.safetensors`` (means, precision) and the
 card's ``ood`` block (dimension, thresholds, rule, digest of the file). Never pickled.

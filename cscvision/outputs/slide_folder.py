@@ -87,7 +87,12 @@ _CARD_OUTPUT_FIELDS = (
 def model_identity(model: LoadedModel) -> dict[str, str]:
     """Name, version, a weights digest and a digest of the card fields the outputs use:
     a re-trained model under the same name, or one with re-tuned thresholds, differs."""
-    digest = file_sha256(Path(model.path) / WEIGHTS_FILE)
+    from cscvision.models.ensemble import LoadedEnsemble, ensemble_weights_digest
+
+    if isinstance(model, LoadedEnsemble):
+        digest = ensemble_weights_digest(model)
+    else:
+        digest = file_sha256(Path(model.path) / WEIGHTS_FILE)
     card = model.card
     used = {k: v for k, v in card.to_json().items() if k in _CARD_OUTPUT_FIELDS}
     used["task"] = model.kind.legacy_task(card)  # 0.1.0's name: earlier outputs stay complete
