@@ -361,3 +361,17 @@ def test_ood_thresholds_come_from_validation_slides_read_as_inference_reads_them
     for sid, _, split in rows:
         share = float(np.mean(preds[sid].trust["ood"] > 1))
         assert share < block["slide_share_threshold"], (sid, split, share)
+
+
+def test_confidence_thresholds_are_chosen_on_validation_and_kept_in_the_card(trained):
+    """The exported card keeps a confidence block for tta and, the small CNN having
+    dropout, mc; each target has a threshold or the reason it has none."""
+    from cscvision.training.confidence import RULE
+
+    result, _ = trained
+    block = load_model(result.model_dir).card.confidence
+    assert block["rule"] == RULE and block["val_tiles"] == result.summary["val"]["tiles"]
+    for method in ("tta", "mc"):
+        for t in ("stemness", "immunosuppressive"):
+            chosen = block[method][t]
+            assert chosen["tiles"] > 0 and (chosen["std"] is not None or chosen["reason"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cscvision.inference.uncertainty import (
+from cscvision.models.uncertainty import (
     UncertaintyError,
     dihedral_views,
     mc_passes,

@@ -68,7 +68,7 @@ class InferSettings(ReadSettings):
         group=STATISTICS,
         metavar="TARGET",
     )
-    # per-tile uncertainty (inference.uncertainty): "mc:N", "tta" or "ensemble"; None: none
+    # per-tile uncertainty (models.uncertainty): "mc:N", "tta" or "ensemble"; None: none
     uncertainty: str | None = flag(
         None,
         UNCERTAINTY_HELP,

@@ -1,6 +1,6 @@
 """Per-tile trust columns at inference: the OOD score (when the model keeps an OOD record,
 :mod:`cscvision.models.ood`) and, when asked, per-target uncertainty
-(:mod:`cscvision.inference.uncertainty`).
+(:mod:`cscvision.models.uncertainty`).
 
 The scorer appends them to a batch's per-tile outputs, so corrupt tiles, tile order and
 process boundaries treat them as they treat the scores; :func:`split_trust` takes them off
@@ -46,7 +46,7 @@ def trust_columns(card: ModelCard, *, ood: bool, uncertainty: str | None = None)
     """Names of the trust columns a scorer appends, in order."""
     names = [OOD_COLUMN] if ood else []
     if uncertainty:
-        from cscvision.inference.uncertainty import uncertainty_columns
+        from cscvision.models.uncertainty import uncertainty_columns
 
         names += uncertainty_columns(card.targets, regression=card.is_regression)
     return names
@@ -55,7 +55,7 @@ def trust_columns(card: ModelCard, *, ood: bool, uncertainty: str | None = None)
 def check_uncertainty(model: LoadedModel, spec: str | None) -> tuple[str, int] | None:
     """The parsed ``--uncertainty`` value, refused for MIL models (OOD only) and for
     ``mc`` on a network without dropout."""
-    from cscvision.inference.uncertainty import (
+    from cscvision.models.uncertainty import (
         UncertaintyError,
         dropout_layers,
         parse_uncertainty,
@@ -88,7 +88,7 @@ def scored_with_uncertainty(scorer, x: torch.Tensor) -> np.ndarray:
     """A :class:`~cscvision.inference.predict.TileScorer` batch with uncertainty: the
     predictive mean, then the OOD ratio (read with dropout off: from view 0 for ``tta``,
     from one plain pass more for ``mc``) and the uncertainty columns."""
-    from cscvision.inference.uncertainty import uncertain_outputs
+    from cscvision.models.uncertainty import uncertain_outputs
 
     method = scorer.uncertainty[0]
     ratio = []
@@ -110,7 +110,7 @@ def scored_ensemble(scorer, x: torch.Tensor) -> np.ndarray:
     """A :class:`~cscvision.inference.predict.TileScorer` batch of an ensemble: the mean of
     the members' outputs, then the OOD ratio (from the first member's network) and, with
     ``--uncertainty ensemble``, the spread across members."""
-    from cscvision.inference.uncertainty import predictive_stats
+    from cscvision.models.uncertainty import predictive_stats
 
     model = scorer.model
     probabilities = not scorer.card.is_regression

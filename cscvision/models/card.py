@@ -149,6 +149,9 @@ class ModelCard:
     # stain normalisation template (slides.stain.StainReference.to_dict), applied to every
     # tile before the model by inference; empty: tiles as read
     stain: dict[str, Any] = Field(default_factory=dict)
+    # per uncertainty method (models.uncertainty: tta, mc), per target: the standard
+    # deviation above which validation tiles were much less accurate (training.confidence)
+    confidence: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("targets")
     @classmethod

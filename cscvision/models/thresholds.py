@@ -66,3 +66,13 @@ def legend_threshold(card: ModelCard, target: str) -> str:
 
 def threshold_warnings_of(card: ModelCard, target: str) -> list[str]:
     return [w for w in threshold_warnings(card) if w.startswith(f"{target} ")]
+
+
+def confidence_thresholds(card: ModelCard, method: str | None) -> dict[str, float]:
+    """Per target, the card's confidence threshold (``card.confidence``, chosen on
+    validation tiles at export: :mod:`cscvision.training.confidence`) for an
+    ``--uncertainty`` method (``mc:N`` → ``mc``), where one was chosen."""
+    if not method or not card.confidence:
+        return {}
+    per_target = card.confidence.get(method.split(":")[0], {})
+    return {t: float(v["std"]) for t, v in per_target.items() if v.get("std") is not None}

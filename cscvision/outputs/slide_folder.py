@@ -81,6 +81,7 @@ _CARD_OUTPUT_FIELDS = (
     "output_scale",
     "ood",
     "stain",
+    "confidence",
 )  # fmt: skip  (and the kind's legacy_task, as 0.1.0's "task")
 
 
@@ -98,7 +99,7 @@ def model_identity(model: LoadedModel) -> dict[str, str]:
     used["task"] = model.kind.legacy_task(card)  # 0.1.0's name: earlier outputs stay complete
     if not used.get("calibration"):  # uncalibrated cards keep the digest they had before
         used.pop("calibration", None)
-    for key in ("ood", "stain"):  # nor do cards without an OOD record or stain template
+    for key in ("ood", "stain", "confidence"):  # nor do cards without these records
         if not used.get(key):
             used.pop(key, None)
     card_digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()

@@ -17,6 +17,7 @@ import numpy as np
 
 from cscvision import __version__
 from cscvision.models.card import ModelCard
+from cscvision.models.thresholds import confidence_thresholds
 from cscvision.outputs.likelihood import DEFAULT_FACTOR
 from cscvision.outputs.nulls import null_seed
 from cscvision.outputs.prediction import SlidePrediction
@@ -125,21 +126,8 @@ def summarize(
 ) -> dict[str, Any]:
     grid, plan = pred.grid, pred.grid.plan
     cell_um = pred.map_transform.px_l0 * grid.slide_mpp
-    if not card.thresholded:  # no threshold: no areas, niche or co-localisation figures
-        units = [card.unit(t) for t in pred.targets]
-        stats = score_statistics(pred.maps, pred.tissue_map, targets=pred.targets, units=units)
-    else:
-        stats = region_statistics(
-            pred.maps,
-            pred.tissue_map,
-            targets=pred.targets,
-            thresholds=[card.threshold(t) for t in pred.targets],
-            cell_mm2=pred.map_cell_mm2,
-            cell_um=cell_um,
-            within_um=float(settings.get("within_um", DEFAULT_WITHIN_UM)),
-            permutations=int(settings.get("permutations", DEFAULT_PERMUTATIONS)),
-            seed=null_seed(grid.slide_id),
-        )
+    stats = _map_statistics(pred, card, settings, pred.maps, pred.tissue_map)
+    uncertainty = uncertainty_summary(pred, card, settings)
     return {
         "slide_id": grid.slide_id,
         "slide_path": str(Path(grid.slide_path).resolve()),
@@ -169,12 +157,77 @@ def summarize(
         **({"slide_prediction": pred.slide_prediction} if pred.slide_prediction else {}),
         **corrupt_tile_fields(pred),
         **({"ood": ood} if (ood := ood_summary(pred, card)) else {}),
+        **({"uncertainty": uncertainty} if uncertainty else {}),
         "outputs": outputs,
         "device": pred.device,
         "amp": pred.amp,
         "seconds": round(pred.seconds, 3),
         "predict_seconds": round(pred.predict_seconds, 3),
         "cscvision_version": __version__,
+    }
+
+
+def _map_statistics(
+    pred: SlidePrediction, card: ModelCard, settings: dict, maps: np.ndarray, tissue: np.ndarray
+) -> dict[str, Any]:
+    """Area, niche and co-localisation figures of ``maps`` (score statistics for a model
+    without thresholds)."""
+    grid = pred.grid
+    if not card.thresholded:  # no threshold: no areas, niche or co-localisation figures
+        units = [card.unit(t) for t in pred.targets]
+        return score_statistics(maps, tissue, targets=pred.targets, units=units)
+    return region_statistics(
+        maps,
+        tissue,
+        targets=pred.targets,
+        thresholds=[card.threshold(t) for t in pred.targets],
+        cell_mm2=pred.map_cell_mm2,
+        cell_um=pred.map_transform.px_l0 * grid.slide_mpp,
+        within_um=float(settings.get("within_um", DEFAULT_WITHIN_UM)),
+        permutations=int(settings.get("permutations", DEFAULT_PERMUTATIONS)),
+        seed=null_seed(grid.slide_id),
+    )
+
+
+def uncertainty_summary(
+    pred: SlidePrediction, card: ModelCard, settings: dict
+) -> dict[str, Any] | None:
+    """With ``--uncertainty``: per target the card's confidence threshold (chosen on
+    validation tiles), the share of tissue tiles above it, and the slide's statistics
+    again without the map cells where any target's standard deviation is above its
+    threshold (``without_uncertain``), with the share of tissue left out. None without
+    ``--uncertainty``."""
+    method = settings.get("uncertainty")
+    if not method or not any(k.startswith("std_") for k in pred.trust):
+        return None
+    thresholds = confidence_thresholds(card, method)
+    block: dict[str, Any] = {"method": method, "thresholds": thresholds}
+    if not thresholds:
+        block["note"] = (
+            "the model's card keeps no confidence threshold for this method (trained before "
+            "they existed, or its validation tiles did not separate): nothing is left out"
+        )
+        return block
+    uncertain = np.zeros(pred.tissue_map.shape, bool)
+    shares = {}
+    for t, limit in thresholds.items():
+        std = pred.trust.get(f"std_{t}")
+        if std is None:
+            continue
+        shares[t] = round(float(np.mean(std > limit)), 4) if len(std) else 0.0
+        uncertain |= np.nan_to_num(pred.trust_maps[f"std_{t}"], nan=0.0) > limit
+    tissue = np.nan_to_num(pred.tissue_map, nan=0.0)
+    total = float(tissue.sum()) or 1.0
+    kept_tissue = np.where(uncertain, 0.0, tissue)
+    kept_maps = np.where(uncertain[None], np.nan, pred.maps)
+    return {
+        **block,
+        "share_of_tiles_above": shares,
+        "share_of_tissue_left_out": round(1 - float(kept_tissue.sum()) / total, 4)
+        if total
+        else 0.0,
+        "rule": card.confidence.get("rule", ""),
+        "without_uncertain": _map_statistics(pred, card, settings, kept_maps, kept_tissue),
     }
 
 

@@ -41,6 +41,7 @@ from cscvision.models.calibration import calibration_report, fit_calibration
 from cscvision.models.export import export_model
 from cscvision.models.kinds import ModelKind, kind_of_config, resolve
 from cscvision.models.readme import write_model_readme
+from cscvision.training.confidence import export_confidence
 from cscvision.training.config import (
     ConfigError,
     TrainConfig,
@@ -488,6 +489,7 @@ def _export(
     state = net.exported_state() if hasattr(net, "exported_state") else None
     export_model(net, card, out_dir, state=state)
     card = export_run_ood(net, card, dm, out_dir)  # the OOD record beside the weights
+    card = export_confidence(net, card, dm._loader("val"), out_dir)  # uncertainty thresholds
     write_model_readme(card, out_dir)
     log.info("exported the model to %s", out_dir)
     return out_dir
