@@ -165,3 +165,26 @@ def test_the_cards_stain_template_is_applied_by_inference_unasked(tmp_path):
     by_hand = plain(normalise_batch(tiles, reference))
     np.testing.assert_allclose(stained(tiles), by_hand, rtol=1e-5, atol=1e-6)
     assert np.abs(plain(tiles) - by_hand).max() > 1e-3
+
+
+def test_head_dropout_gives_mc_to_a_backbone_without_dropout(tmp_path):
+    """``model.head_dropout`` puts a dropout before resnet18's last linear layer: the
+    weights keep a plain resnet's names (they load into one), the exported model rebuilds
+    it from its card, and MC passes then differ where plain passes do not."""
+    from cscvision.models.backbones import get_model
+    from cscvision.models.card import ModelCard
+    from cscvision.models.export import export_model, load_model
+    from cscvision.models.uncertainty import dropout_layers, mc_passes
+
+    torch.manual_seed(0)
+    net = get_model("resnet18", 2, head_dropout=0.5)
+    assert len(dropout_layers(net)) == 1 and not dropout_layers(get_model("resnet18", 2))
+    get_model("resnet18", 2).load_state_dict(net.state_dict())  # same names, strict
+    card = ModelCard(name="r", backbone="resnet18", tile_px=32, head_dropout=0.5)
+    loaded = load_model(export_model(net, card, tmp_path / "m"))
+    assert len(dropout_layers(loaded.net)) == 1
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        passes = mc_passes(loaded.net.eval(), x, 4)
+        torch.testing.assert_close(loaded.net(x), net.eval()(x))  # eval: dropout off
+    assert passes.std(0).max() > 0

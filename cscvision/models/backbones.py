@@ -50,11 +50,41 @@ if missing:  # pragma: no cover - a programming error, caught on import
     raise RuntimeError(f"backbones and their registry records differ: {sorted(missing)}")
 
 
-def get_model(name: str, num_outputs: int) -> nn.Module:
-    """A backbone by name with a fresh head of ``num_outputs`` logits (no weights downloaded)."""
+class DropoutLinear(nn.Linear):
+    """A linear layer whose input passes a dropout first (its ``dropout`` child). Its
+    parameters keep a plain linear layer's names, so weights load either way; the dropout
+    is what ``--uncertainty mc`` switches on at inference."""
+
+    def __init__(self, in_features: int, out_features: int, p: float, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.dropout(x))
+
+
+def add_head_dropout(net: nn.Module, p: float) -> nn.Module:
+    """Put a dropout of rate ``p`` before ``net``'s last linear layer (in place)."""
+    parent, name, last = None, "", None
+    for module in net.modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                parent, name, last = module, child_name, child
+    if last is None:
+        raise ValueError(f"{type(net).__name__}: no linear layer to put a dropout before")
+    head = DropoutLinear(last.in_features, last.out_features, p, bias=last.bias is not None)
+    head.load_state_dict(last.state_dict())
+    setattr(parent, name, head)
+    return net
+
+
+def get_model(name: str, num_outputs: int, head_dropout: float = 0.0) -> nn.Module:
+    """A backbone by name with a fresh head of ``num_outputs`` logits (no weights
+    downloaded); ``head_dropout`` > 0 puts a dropout of that rate before the head."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[name](num_outputs)
+    net = BACKBONES[name](num_outputs)
+    return add_head_dropout(net, head_dropout) if head_dropout > 0 else net
 
 
 def load_pretrained(net: nn.Module, weights_path: str | Path) -> tuple[list[str], list[str]]:

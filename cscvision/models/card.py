@@ -149,6 +149,8 @@ class ModelCard:
     # stain normalisation template (slides.stain.StainReference.to_dict), applied to every
     # tile before the model by inference; empty: tiles as read
     stain: dict[str, Any] = Field(default_factory=dict)
+    # tile CNNs: rate of the dropout before the last linear layer (0: none), for mc
+    head_dropout: float = Field(0.0, ge=0, lt=1)
     # per uncertainty method (models.uncertainty: tta, mc), per target: the standard
     # deviation above which validation tiles were much less accurate (training.confidence)
     confidence: dict[str, Any] = Field(default_factory=dict)

@@ -134,7 +134,7 @@ class TileCNN(ModelKind):
     def build(self, card, state, encoder_weights=None):
         from cscvision.models.backbones import get_model
 
-        net = get_model(card.backbone, num_outputs=len(card.targets))
+        net = get_model(card.backbone, len(card.targets), head_dropout=card.head_dropout)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as e:

@@ -114,6 +114,9 @@ class ModelSection:
     mean: Normalisation = IMAGENET_MEAN
     std: Normalisation = IMAGENET_STD
     channels_last: Bool = True
+    # tile CNNs: a dropout of this rate before the last linear layer (0: none), so that
+    # infer --uncertainty mc works on backbones without dropout (resnet, convnext, ...)
+    head_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     # A head on a frozen encoder's stored features instead of a backbone (training/heads.py)
     encoder: Text | None = None  # registered encoder name (cscvision encoders)
     weights: Text | None = None  # the encoder's local weights file

@@ -231,6 +231,7 @@ class TileClassifier(L.LightningModule):
         channels_last: bool = True,
         encoder_lr_scale: float = 1.0,
         inputs: str = "image",
+        head_dropout: float = 0.0,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -240,7 +241,11 @@ class TileClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.target_names = tuple(targets)
         self.augment_params = augment_preset(augment)
-        self.net = net if net is not None else self._build(backbone, len(targets), pretrained)
+        self.net = (
+            net
+            if net is not None
+            else self._build(backbone, len(targets), pretrained, head_dropout)
+        )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
@@ -258,8 +263,10 @@ class TileClassifier(L.LightningModule):
         self.calibration: dict[str, Any] = {}  # set after training; see training.calibration
 
     @staticmethod
-    def _build(backbone: str, n_outputs: int, pretrained: str | None) -> nn.Module:
-        net = get_model(backbone, n_outputs)
+    def _build(
+        backbone: str, n_outputs: int, pretrained: str | None, head_dropout: float = 0.0
+    ) -> nn.Module:
+        net = get_model(backbone, n_outputs, head_dropout=head_dropout)
         if pretrained:
             missing, _ = load_pretrained(net, pretrained)
             log.info(

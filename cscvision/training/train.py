@@ -298,6 +298,7 @@ def _system_kwargs(cfg: TrainConfig, targets: Sequence[str]) -> dict[str, Any]:
         "std": cfg.model.std,
         "augment": cfg.data.augment,
         "channels_last": cfg.model.channels_last,
+        "head_dropout": cfg.model.head_dropout,
     }
 
 
@@ -465,6 +466,7 @@ def _export(
         units={t: cfg.regression.units for t in targets} if regression else {},
         output_scale=scale,
         backbone=module.hparams.backbone,
+        head_dropout=float(module.hparams.get("head_dropout", 0.0)),
         targets=targets,
         colors=colors,
         thresholds=dict(thresholds),
