@@ -328,3 +328,24 @@ def test_cache_key_follows_annotation_content_even_with_size_and_mtime_kept(tmp_
     ann.write_text('{"type": "FeatureCollection", "features": [], "v": 2}')
     os.utime(ann, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert cache_key(slide, ann, SPEC, DEFAULT_CLASS_MAP) != key
+
+
+def test_lab_jitter_moves_each_tiles_lab_statistics_by_its_draw():
+    """RandStainNA-style jitter: with no spread a tile is unchanged; with a mean shift only,
+    the tile's L*a*b* mean moves by the drawn shift (the generator's own draw, replayed)
+    and its standard deviations stay."""
+    from cscvision.slides.stain import rgb_to_lab
+    from cscvision.training.augment import lab_jitter
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.tensor([0.75, 0.55, 0.7]).view(1, 3, 1, 1)
+    x = (base + 0.08 * torch.rand(3, 3, 16, 16, generator=g)).clamp(0, 1)
+    torch.testing.assert_close(lab_jitter(x, (0.0, 0.0, 0.0), 0.0), x, atol=2e-4, rtol=0)
+    torch.manual_seed(5)
+    out = lab_jitter(x, (3.0, 2.0, 2.0), 0.0)
+    torch.manual_seed(5)
+    shift = torch.randn(3, 3, 1, 1) * torch.tensor([3.0, 2.0, 2.0]).view(1, 3, 1, 1)
+    before, after = rgb_to_lab(x * 255), rgb_to_lab(out * 255)
+    moved = after.mean((2, 3)) - before.mean((2, 3))
+    torch.testing.assert_close(moved, shift.view(3, 3), atol=0.05, rtol=0)
+    torch.testing.assert_close(after.std((2, 3)), before.std((2, 3)), atol=0.05, rtol=0)

@@ -9,6 +9,13 @@ HED stain jitter is done in optical-density space as one 3×3 matrix per tile:
 ``OD' = OD · (M⁻¹ diag(α) M) + β M`` with ``M`` the H, E, DAB stain vectors (Ruifrok &
 Johnston, as skimage's ``rgb_from_hed``), ``α ~ U(1 − a, 1 + a)``, ``β ~ U(−b, b)``: the
 same transform as ``hed2rgb(rgb2hed(x) · α + β)`` at the cost of a batched matmul.
+
+L*a*b* jitter (the ``stain`` preset) is RandStainNA-style stain augmentation (Shen et al.,
+MICCAI 2022): each tile is Reinhard-transferred to a random virtual template, its per-
+channel L*a*b* mean shifted by ``N(0, lab_mean_sd)`` and its standard deviation scaled by
+``exp(N(0, lab_std_sd))``. RandStainNA draws the templates from statistics fitted on the
+training set; here the spread is a fixed prior (a few L*a*b* units, about the spread of
+per-slide means between H&E sites), so nothing is fitted before training.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class AugmentParams:
     contrast: float = 0.0  # multiplicative about the tile mean, ~ U(1 − v, 1 + v)
     blur_p: float = 0.0  # probability of a Gaussian blur
     blur_sigma_px: float = 1.0  # its largest σ in pixels
+    lab_mean_sd: tuple[float, float, float] = (0.0, 0.0, 0.0)  # L*a*b* mean shift sd
+    lab_std_sd: float = 0.0  # sd of the log scale of the L*a*b* standard deviations
 
 
 AUGMENT_PRESETS: dict[str, AugmentParams] = {
@@ -48,6 +57,15 @@ AUGMENT_PRESETS: dict[str, AugmentParams] = {
     ),
     "strong": AugmentParams(
         hed_alpha=0.1, hed_beta=0.03, brightness=0.1, contrast=0.2, blur_p=0.3, blur_sigma_px=1.5
+    ),
+    "stain": AugmentParams(
+        hed_alpha=0.05,
+        hed_beta=0.01,
+        brightness=0.05,
+        contrast=0.1,
+        blur_p=0.1,
+        lab_mean_sd=(4.0, 3.0, 3.0),
+        lab_std_sd=0.1,
     ),
 }
 
@@ -98,6 +116,22 @@ def hed_jitter(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return torch.exp(-od).clamp(0, 1).view_as(x)
 
 
+def lab_jitter(x: torch.Tensor, mean_sd: tuple[float, float, float], std_sd: float) -> torch.Tensor:
+    """Each tile Reinhard-transferred to a random L*a*b* template around its own statistics:
+    mean + ``N(0, mean_sd)`` per channel, standard deviation × ``exp(N(0, std_sd))``."""
+    from cscvision.slides.stain import lab_to_rgb, rgb_to_lab
+
+    n = x.shape[0]
+    lab = rgb_to_lab(x * 255.0)
+    mean = lab.mean((2, 3), keepdim=True)
+    shift = torch.randn(n, 3, 1, 1, device=x.device) * torch.tensor(mean_sd, device=x.device).view(
+        1, 3, 1, 1
+    )
+    scale = torch.exp(torch.randn(n, 3, 1, 1, device=x.device) * std_sd)
+    out = lab_to_rgb((lab - mean) * scale + mean + shift) / 255.0
+    return out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
 def brightness_contrast(x: torch.Tensor, brightness: float, contrast: float) -> torch.Tensor:
     n = x.shape[0]
     c = _uniform(n, 1 - contrast, 1 + contrast, x).view(-1, 1, 1, 1)
@@ -137,6 +171,8 @@ def augment_batch(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         x = dihedral(x)
     if params.hed_alpha or params.hed_beta:
         x = hed_jitter(x, params.hed_alpha, params.hed_beta)
+    if any(params.lab_mean_sd) or params.lab_std_sd:
+        x = lab_jitter(x, params.lab_mean_sd, params.lab_std_sd)
     if params.brightness or params.contrast:
         x = brightness_contrast(x, params.brightness, params.contrast)
     if params.blur_p > 0:

@@ -58,7 +58,7 @@ Normalisation = tuple[Float, Float, Float]
 BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50", "efficientnet_b0",
              "convnext_tiny", "mobilenet_v3_large")  # fmt: skip
 Backbone = Literal[BACKBONES]  # type: ignore[valid-type]
-AUGMENTS = ("none", "flips", "histo", "strong")
+AUGMENTS = ("none", "flips", "histo", "strong", "stain")
 BALANCE = ("none", "pos_weight", "sampler")
 SCHEDULERS = ("cosine", "onecycle", "none")
 CALIBRATION = ("temperature", "isotonic", "none")
