@@ -1,5 +1,6 @@
 """Stain normalisation on tile batches: tiles/s of each method beside the batch's float
-conversion (what every model input costs anyway), measured in the same run.
+conversion (what every model input costs anyway), measured in the same run; and the
+training augmentation presets ``histo`` and ``stain`` (RandStainNA-style L*a*b* jitter).
 
 Tiles are real H&E pixels: 224 px crops of ``../shared/data/cmu_small_region.svs`` at
 0.5 µm/px (skipped with a message where the file is absent: then a synthetic H&E tile).
@@ -63,6 +64,15 @@ def main() -> None:
         source = ref if method == "reinhard" else fit_stain(pixels, method)
         tps = rate(lambda b, r=ref, s=source: normalise_batch(b, r, source=s), batch, args.repeats)
         print(f"{method:28s} {tps:10.0f} tiles/s  ({floor / tps:.0f}x the floor's time)")
+    from cscvision.training.augment import augment_batch, augment_preset
+
+    unit = batch.float().div(255.0)
+    for preset in ("histo", "stain"):
+        params = augment_preset(preset)
+        tps = rate(lambda b, p=params: augment_batch(b, p), unit, args.repeats)
+        print(
+            f"{'augment ' + preset:28s} {tps:10.0f} tiles/s  ({floor / tps:.0f}x the floor's time)"
+        )
 
 
 if __name__ == "__main__":
