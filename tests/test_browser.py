@@ -186,6 +186,11 @@ def test_ood_slide_has_a_banner_in_report_and_viewer(browser, ood_batch):
         assert shown and "Do not trust" in browser.find_element("id", "banner").text
         time.sleep(1.5)  # the slide's tiles load
         screenshot(browser, "viewer_ood.png")
+        toggle = browser.find_element("id", "toggle-ood")  # the OOD map: a layer, off at first
+        assert not toggle.is_selected()
+        toggle.click()
+        time.sleep(1.5)
+        screenshot(browser, "viewer_ood_layer.png")
         assert console_errors(browser) == []
     finally:
         srv.should_exit = True

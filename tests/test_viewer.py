@@ -58,8 +58,13 @@ def test_slide_list_and_description(server):
     sid = slides[0]["slide_id"]
     info = json.loads(get(server, f"/api/slides/{sid}")[1])
     summary = json.loads((server["out"] / sid / "summary.json").read_text())
-    assert [t["name"] for t in info["targets"]] == list(summary["targets"])
+    targets = [t["name"] for t in info["targets"] if not t.get("trust")]
+    assert targets == list(summary["targets"])
     maps = np.load(server["out"] / sid / "maps.npz")
+    # the demo model keeps an OOD record: its map is a layer, raw values for the readout
+    ood = next(t for t in info["targets"] if t["name"] == "ood")
+    assert ood["trust"] and ood["threshold"] == 0.5  # the ratio 1 on the 0-2 scale
+    np.testing.assert_allclose(np.array(ood["values"], dtype=float), maps["ood"], atol=1e-4)
     grid = np.array(info["targets"][0]["values"], dtype=float)
     np.testing.assert_allclose(grid, maps["stemness"], atol=1e-4)  # NaN where no tile either way
     assert info["map"]["px_l0"] == pytest.approx(float(maps["transform"][2]))
@@ -103,6 +108,8 @@ def test_path_traversal_is_refused(server, path):
 def test_unknown_target_and_bad_threshold(server):
     sid = first_slide(server)
     assert get(server, f"/dzi/{sid}/map/nope.dzi")[0] == 404
+    assert get(server, f"/dzi/{sid}/map/ood.dzi?threshold=0.5")[0] == 200
+    assert get(server, "/dzi/nope/map/ood.dzi")[0] == 404
     assert get(server, f"/dzi/{sid}/map/stemness.dzi?threshold=7")[0] == 422
 
 

@@ -37,7 +37,8 @@ def create_app(catalogue: Catalogue) -> Any:
         return catalogue.slides[sid]
 
     def target_of(sid: str, target: str) -> str:
-        if target not in entry(sid).targets:
+        entry(sid)  # an unknown slide is a 404 before its maps are read
+        if target not in catalogue.maps(sid).layers:
             raise HTTPException(404, f"slide {sid!r} has no target {target!r}")
         return target
 

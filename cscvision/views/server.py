@@ -27,7 +27,7 @@ from cscvision.core.errors import CscvisionError
 from cscvision.core.geometry import MapTransform
 from cscvision.core.palette import target_colors
 from cscvision.outputs.read import read_summary_files
-from cscvision.outputs.trust import ood_banner_text
+from cscvision.outputs.trust import OOD, OOD_SPAN, display_range, ood_banner_text
 
 STATIC = Path(__file__).parent / "static"
 TILE_PX = 254
@@ -64,13 +64,26 @@ class SlideMaps:
             self.maps = {t: npz[t].astype(np.float32) for t in self.targets}
             self.tissue = npz["tissue"].astype(np.float32)
             self.transform = MapTransform(*(float(v) for v in npz["transform"]))
+            # trust maps (outputs.trust): raw values for the readout, drawn over their range
+            self.trust = tuple(n for n in npz.files if is_trust_layer(n))
+            self.raw = {n: npz[n].astype(np.float32) for n in self.trust}
+        for n in self.trust:
+            lo, hi, _ = display_range(n)
+            self.maps[n] = np.clip((self.raw[n] - np.float32(lo)) / np.float32(hi - lo), 0, 1)
         for t in self.targets:  # a map in other units (cells/mm²) is drawn over its range
             lo, hi = entry.summary.get("targets", {}).get(t, {}).get("value_range", (0.0, 1.0))
             if (lo, hi) != (0.0, 1.0) and hi > lo:
                 self.maps[t] = (self.maps[t] - np.float32(lo)) / np.float32(hi - lo)
         self.colors = target_colors(self.targets, entry.summary.get("colors") or {})
+        self.colors.update({n: TRUST_RGB[n.split("_")[0]] for n in self.trust})
+        self.trust_thresholds = {n: trust_threshold(entry.summary, n) for n in self.trust}
         self._images: OrderedDict[tuple[str, float], Image.Image] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The targets, then the trust maps (OOD, std_<t>, mi_<t>) the slide has."""
+        return (*self.targets, *self.trust)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,6 +108,26 @@ class SlideMaps:
             while len(self._images) > 16:
                 self._images.popitem(last=False)
         return img
+
+
+TRUST_RGB = {OOD: (255, 0, 255), "std": (90, 90, 90), "mi": (120, 60, 160)}
+
+
+def is_trust_layer(name: str) -> bool:
+    return name == OOD or name.startswith(("std_", "mi_"))
+
+
+def trust_threshold(summary: dict[str, Any], name: str) -> float:
+    """Where a trust layer's outline starts, on its 0-1 display scale: the OOD ratio 1
+    (the validation 99th percentile); a standard deviation's confidence threshold when the
+    summary has one (infer --uncertainty with a card that keeps them); else no outline."""
+    if name == OOD:
+        return 1.0 / OOD_SPAN
+    limits = (summary.get("uncertainty") or {}).get("thresholds") or {}
+    if name.startswith("std_") and name[4:] in limits:
+        lo, hi, _ = display_range(name)
+        return float(np.clip((limits[name[4:]] - lo) / (hi - lo), 0, 1))
+    return 1.0
 
 
 def heatmap_image(
@@ -212,6 +245,17 @@ class Catalogue:
                     "values": _json_grid(maps.maps[name]),
                 }
                 for name in maps.targets
+            ]
+            + [
+                {
+                    "name": name,
+                    "trust": True,  # hidden until switched on; the readout shows raw values
+                    "unit": display_range(name)[2],
+                    "threshold": maps.trust_thresholds[name],
+                    "color": "#" + "".join(f"{c:02x}" for c in maps.colors[name]),
+                    "values": _json_grid(maps.raw[name]),
+                }
+                for name in maps.trust
             ],
             "map": {
                 "rows": rows,

@@ -53,7 +53,9 @@
     var layer = state.layers[t.name];
     var box = el("span", { "class": "layer", "data-target": t.name });
     var sw = el("span", { "class": "swatch" }); sw.style.background = t.color;
-    var toggle = el("input", { type: "checkbox", id: "toggle-" + t.name, checked: "checked" });
+    var attrs = { type: "checkbox", id: "toggle-" + t.name };
+    if (!t.trust) { attrs.checked = "checked"; }  // trust layers (OOD, std, mi) start hidden
+    var toggle = el("input", attrs);
     var thr = el("input", { type: "range", min: "0", max: "1", step: "0.01",
                             value: String(t.threshold), id: "threshold-" + t.name });
     var thrText = el("span", { id: "threshold-value-" + t.name }, thresholdText(t.threshold));
@@ -67,7 +69,9 @@
       addLayer(t.name);
     });
     box.appendChild(sw); box.appendChild(toggle);
-    box.appendChild(el("label", { "for": toggle.id }, t.name + " "));
+    // a trust layer's slider runs over its display range (OOD 0-2 x p99 shown as 0-1)
+    var name = t.trust ? t.name + " [" + t.unit + "; slider over its display range] " : t.name + " ";
+    box.appendChild(el("label", { "for": toggle.id }, name));
     box.appendChild(document.createTextNode("threshold "));
     box.appendChild(thr); box.appendChild(thrText);
     return box;
@@ -91,7 +95,7 @@
         var bar = document.getElementById("layers");
         bar.innerHTML = "";
         info.targets.forEach(function (t) {
-          state.layers[t.name] = { threshold: t.threshold, visible: true, item: null };
+          state.layers[t.name] = { threshold: t.threshold, visible: !t.trust, item: null };
           bar.appendChild(layerControls(t));
         });
         viewer.addOnceHandler("open", function () {
