@@ -103,6 +103,7 @@ def main() -> int:
             str(args.seed),
             "--visium",
         )
+    args.out.mkdir(parents=True, exist_ok=True)
     panels = args.out / "panels.yaml"
     panels.write_text(f"tile_px: {args.tile_px}\nmpp: {args.mpp}\n")
     labels = args.out / "labels"
