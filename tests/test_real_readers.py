@@ -10,7 +10,7 @@
   (or ``names``) AND ``color`` (an object without color raises ``JsonParseException``),
   ``measurements`` an object of name → number (0.4+; "NaN"/"Infinity" as strings) or the
   0.3 list of {name, value}; strict JSON (no bare NaN). Applied to synth's annotations and
-  to ``cscvision infer``'s output.
+  to ``cscvision infer``'s and ``cscvision cells``' outputs.
 - Cell tables: synth's Parquet read by pyarrow, carried through ``cscvision cells`` and
   ``cscvision export anndata --cells-out`` and read back by anndata and scanpy, cell for
   cell.
@@ -184,6 +184,7 @@ def test_cell_table_round_trips_through_anndata_and_scanpy(demo_batch, tmp_path)
     cells = tmp_path / "cells"
     assert main(["cells", str(slide), "--cells", str(folder), "--out", str(cells),
                  "--no-phenotype"]) == 0  # fmt: skip
+    assert check_qupath_geojson(cells / sid / f"{sid}.geojson")  # its output, QuPath's rules
     h5ad = tmp_path / "cells.h5ad"
     argv = ["export", "anndata", str(demo_batch["out"]), "--out", str(tmp_path / "tiles.h5ad"),
             "--cells", str(cells), "--cells-out", str(h5ad), "--no-image"]  # fmt: skip
