@@ -13,11 +13,8 @@ intensity loses what its neighbouring channels of the image (file order: the spe
 of Akoya, Orion and most exports) spill into it. The coefficient from channel A into B is
 estimated per slide from the cells brightest in A (top ``TOP_SHARE``): the
 ``RATIO_QUANTILE``-th percentile of (B - background) / (A - background), i.e. what cells
-positive for A but not for B show in B; backgrounds are each channel's 10th percentile.
-An estimate reaching ``MAX_SPILL`` means that even those cells carry B themselves (the
-markers are co-expressed, as CD68 on CD163+ macrophages or panCK on CD44+ tumour cells):
-it measures B, not spill, so that pair is left uncompensated (coefficient 0) rather than
-stripping B from the very cells that express it.
+positive for A but not for B show in B; backgrounds are each channel's 10th percentile;
+coefficients are capped at ``MAX_SPILL``.
 
 **Lineage**: where the panel lists mutually exclusive lineage markers, a cell positive for
 several keeps the one furthest above its threshold (log intensity over threshold) and is
@@ -100,7 +97,7 @@ def gate(
 
 def spill_coefficient(source: np.ndarray, target: np.ndarray) -> float:
     """Share of ``source`` seen in ``target`` (module doc), from the cells brightest in
-    ``source``; 0 when too few cells or when those cells express ``target`` themselves."""
+    ``source``; 0 when too few cells."""
     a = np.nan_to_num(np.asarray(source, np.float64), nan=0.0)
     b = np.nan_to_num(np.asarray(target, np.float64), nan=0.0)
     if len(a) < 50:
@@ -109,8 +106,7 @@ def spill_coefficient(source: np.ndarray, target: np.ndarray) -> float:
     top = a > max(np.percentile(a, 100 * (1 - TOP_SHARE)), 0)
     if top.sum() < 5:
         return 0.0
-    ratio = float(np.percentile(b[top] / a[top], RATIO_QUANTILE))
-    return 0.0 if ratio >= MAX_SPILL else max(ratio, 0.0)  # at the cap: co-expression
+    return float(np.clip(np.percentile(b[top] / a[top], RATIO_QUANTILE), 0, MAX_SPILL))
 
 
 def compensate(
