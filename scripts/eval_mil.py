@@ -13,6 +13,14 @@ ground-truth tile targets).
 
     .venv/bin/python scripts/eval_mil.py [--slides 200 --patients 100 --size 2048] [--cache DIR]
 
+Against the truth it also prints the pooled CV prediction's Pearson with each slide's TRUE
+stemness-rich share of tissue, beside the label's own. The truth is the synthetic cohort's
+own (``<id>_truth.json``, tiles from the GeoJSON), or with ``--cohort DIR`` (a cohort made
+elsewhere: ``DIR/cohort.csv``, ``DIR/slide_labels.csv``, no synth) the layout
+``DIR/truth/slides.csv`` and, for the per-tile AUROC, ``DIR/truth/tiles/<slide_id>.csv``
+(docs: reference/truth-layout.md). ``--write-truth`` writes the synthetic cohort's truth
+in that layout (tiles at the encoder's grid), so ``--cohort`` can score it too.
+
 Synthetic data only: these figures test the method and the plumbing, not biology.
 """
 
@@ -26,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _truth import layout_slide_truth, pearson, synth_slide_truth, write_synth_truth
 
 from cscvision.core.io import file_sha256
 from cscvision.features.extract import (
@@ -37,13 +46,14 @@ from cscvision.features.extract import (
 from cscvision.features.store import read_feature_store
 from cscvision.labels.annotations import DEFAULT_CLASS_MAP, read_annotations
 from cscvision.labels.cohort import read_cohort
+from cscvision.labels.cohort_truth import read_tile_truth
 from cscvision.labels.slide_table import parse_targets, read_slide_labels
 from cscvision.labels.targets import tile_targets
 from cscvision.models.encoders import load_encoder
 from cscvision.slides.grid import make_grid
 from cscvision.slides.slide import open_slide
 from cscvision.synth import write_cohort
-from cscvision.synth.slide_labels import write_slide_labels
+from cscvision.synth.slide_labels import SLIDE_LABELS, write_slide_labels
 from cscvision.training.mil import ARCHITECTURES, Bag, MILConfig
 from cscvision.training.mil_cv import cross_validate
 
@@ -134,6 +144,17 @@ def main() -> None:
     ap.add_argument(
         "--cache", type=Path, help="keep the cohort, labels and features here and reuse them"
     )
+    ap.add_argument(
+        "--cohort",
+        type=Path,
+        help="score a cohort made elsewhere: DIR/cohort.csv, DIR/slide_labels.csv and "
+        "DIR/truth/ (no synth; docs: reference/truth-layout)",
+    )
+    ap.add_argument(
+        "--write-truth",
+        action="store_true",
+        help="write the synthetic cohort's truth in the layout --cohort reads (cohort/truth/)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -144,10 +165,22 @@ def main() -> None:
                 args.cache / f"s{args.slides}-p{args.patients}-px{args.size}-seed{args.seed}"
                 f"-share{args.share[0]}-{args.share[1]}-mt{args.min_tissue}"
             )
-        bags, truth, entries, labels_csv = cohort_bags(args, Path(tmp), encoder)
+            if args.cohort:
+                tmp = str(args.cache / f"cohort-{args.cohort.resolve().name}-mt{args.min_tissue}")
+        if args.cohort:
+            bags, truth, entries = external_bags(args.cohort, Path(tmp), encoder, args.min_tissue)
+            labels_csv, slide_truth = args.cohort / SLIDE_LABELS, layout_slide_truth(args.cohort)
+        else:
+            bags, truth, entries, labels_csv = cohort_bags(args, Path(tmp), encoder)
+            slide_truth = synth_slide_truth(labels_csv.parent / "cohort.csv")
+            if args.write_truth:
+                tiles = {b.slide_id: (b.xy_l0, t) for b, t in zip(bags, truth, strict=True)}
+                folder = write_synth_truth(labels_csv.parent / "cohort.csv", tiles)
+                print(f"wrote the truth layout to {folder}")
         print(
-            f"{len(bags)} slides of {args.patients} patients, {sum(len(b.features) for b in bags)}"
-            f" tiles, features in {time.perf_counter() - start:.0f} s"
+            f"{len(bags)} slides of {len({e.patient_id for e in entries})} patients, "
+            f"{sum(len(b.features) for b in bags)} tiles, features in "
+            f"{time.perf_counter() - start:.0f} s"
         )
         targets = ["stemness_fraction"] + (["stemness_fraction:tercile"] if args.tercile else [])
         labels = read_slide_labels(
@@ -166,10 +199,17 @@ def main() -> None:
         result = cross_validate(bags, labels, cfg, k=args.folds, progress=print)
         baseline = mean_pool_baseline(bags, labels, result.folds)
     report(result, truth, args.folds)
+    label = labels.values["stemness_fraction"]
+    tile_mean = np.array([np.nanmean(t) if np.isfinite(t).any() else np.nan for t in truth])
     print(
         f"baseline, the same folds: ridge regression on mean-pooled features, pooled "
         f"Pearson {baseline:.3f}; the mean of the tiles' true stemness vs the label: "
-        f"{np.corrcoef([t.mean() for t in truth], labels.values['stemness_fraction'])[0, 1]:.3f}"
+        f"{pearson(tile_mean, label):.3f}"
+    )
+    figures = slide_truth_figures(result, label, slide_truth, [e.slide_id for e in entries])
+    print(
+        f"against the TRUE stemness-rich share of tissue ({figures['slides']} slides): pooled "
+        f"CV prediction Pearson {figures['model']:.3f}, the label {figures['label']:.3f}"
     )
     print(f"total {time.perf_counter() - start:.0f} s")
 
@@ -192,17 +232,11 @@ def mean_pool_baseline(bags, labels, folds: np.ndarray) -> float:
 def cohort_bags(args, tmp: Path, encoder):
     """The synthetic cohort's bags, per-tile truth, entries and label table (reused from
     ``tmp`` when an earlier run with the same settings finished there)."""
-    done = tmp / "bags.npz"
     csv = tmp / "cohort" / "cohort.csv"
-    if done.exists():
+    if (tmp / "bags.npz").exists():
         entries = read_cohort(csv)
-        data = np.load(done)
-        bags = [
-            Bag(e.slide_id, data[f"f{i}"].astype(np.float32), data[f"xy{i}"])
-            for i, e in enumerate(entries)
-        ]
-        truth = [data[f"t{i}"] for i in range(len(entries))]
-        return bags, truth, entries, csv.parent / "slide_labels.csv"
+        bags, truth = _bags(entries, tmp, encoder, args.min_tissue, tile_truth=tile_truth)
+        return bags, truth, entries, csv.parent / SLIDE_LABELS
     csv = write_cohort(
         tmp / "cohort",
         n_slides=args.slides,
@@ -214,19 +248,57 @@ def cohort_bags(args, tmp: Path, encoder):
     )
     labels_csv = write_slide_labels(csv, noise_sd=0.02, seed=args.seed)
     entries = read_cohort(csv)
-    stores = tmp / "features"
+    bags, truth = _bags(entries, tmp, encoder, args.min_tissue, tile_truth=tile_truth)
+    return bags, truth, entries, labels_csv
+
+
+def _bags(entries, tmp: Path, encoder, min_tissue: float, *, tile_truth=None):
+    """Each slide's bag (features extracted to ``tmp/features``) and, with ``tile_truth``
+    (entry, grid, path) -> float[N], its tiles' truth (else NaN); all kept in
+    ``tmp/bags.npz`` and reused from there."""
+    done = tmp / "bags.npz"
+    if done.exists():
+        data = np.load(done)  # np.load's default allow_pickle=False
+        bags = [
+            Bag(e.slide_id, data[f"f{i}"].astype(np.float32), data[f"xy{i}"])
+            for i, e in enumerate(entries)
+        ]
+        return bags, [data[f"t{i}"] for i in range(len(entries))]
     bags, truth = [], []
     for e in entries:
-        path = stores / f"{e.slide_id}.h5"
-        _, grid = extract(e.slide_path, path, encoder, args.min_tissue)
+        path = tmp / "features" / f"{e.slide_id}.h5"
+        _, grid = extract(e.slide_path, path, encoder, min_tissue)
         store = read_feature_store(path)  # as MIL reads it
         bags.append(Bag(e.slide_id, store.features.astype(np.float32), store.xy_l0))
-        truth.append(tile_truth(e, grid, e.slide_path))
+        none = np.full(len(store.xy_l0), np.nan)
+        truth.append(none if tile_truth is None else tile_truth(e, grid, e.slide_path))
     arrays = {f"f{i}": b.features for i, b in enumerate(bags)}
     arrays |= {f"xy{i}": b.xy_l0 for i, b in enumerate(bags)}
     arrays |= {f"t{i}": t for i, t in enumerate(truth)}
-    np.savez(done, **arrays)  # read back with np.load's default allow_pickle=False
-    return bags, truth, entries, labels_csv
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.savez(done, **arrays)
+    return bags, truth
+
+
+def slide_truth_figures(result, label: np.ndarray, slide_truth, slide_ids: list[str]) -> dict:
+    """Pearson of the pooled held-out predictions (label units) and of the label itself with
+    each slide's true stemness share, over the slides the truth lists."""
+    true = slide_truth.lookup(slide_ids)[:, slide_truth.targets.index("stemness")]
+    pred = np.array([p.regression[0] for p in result.predictions])
+    known = int(np.isfinite(true).sum())
+    return {"slides": known, "model": pearson(pred, true), "label": pearson(label, true)}
+
+
+def external_bags(cohort_dir: Path, tmp: Path, encoder, min_tissue: float):
+    """A cohort made elsewhere: its bags (features extracted here), per-tile true stemness
+    from ``truth/tiles/<slide_id>.csv`` at each bag tile (NaN where none), and entries."""
+    entries = read_cohort(cohort_dir / "cohort.csv")
+    bags, _ = _bags(entries, tmp, encoder, min_tissue)
+    truth = []
+    for b in bags:
+        table = read_tile_truth(cohort_dir, b.slide_id)
+        truth.append(np.full(len(b.xy_l0), np.nan) if table is None else table.at(b.xy_l0)[:, 0])
+    return bags, truth, entries
 
 
 def report(result, truth, folds: int) -> None:
@@ -237,11 +309,15 @@ def report(result, truth, folds: int) -> None:
 
     contrib, attn = [], []
     for pred, soft in zip(result.predictions, truth, strict=True):
-        positive = soft >= 0.5
-        if 0 < positive.mean() < 1:
-            contrib.append(roc_auc_score(positive, pred.contributions[:, 0]))
+        known = np.isfinite(soft)  # a cohort's tile truth may not cover every tile
+        positive = soft[known] >= 0.5
+        if 0 < positive.sum() < len(positive):
+            contrib.append(roc_auc_score(positive, pred.contributions[known, 0]))
             if np.ptp(pred.attention) > 0:  # mean pooling weighs every tile alike
-                attn.append(roc_auc_score(positive, pred.attention))
+                attn.append(roc_auc_score(positive, pred.attention[known]))
+    if not contrib:
+        print("held-out tiles: no slide has per-tile truth with both classes (no AUROC)")
+        return
     attention = f"{np.median(attn):.3f}" if attn else "n/a (mean pooling)"
     print(
         f"held-out tiles (soft stemness ≥ 0.5 positive), {len(contrib)} slides with both: "

@@ -10,6 +10,16 @@ Synthetic data only: this checks the pipeline, not the biology.
 
 With ``--encoder`` the spot tiles are cut at the encoder's tile size and µm/px (they replace
 ``--tile-px`` and ``--mpp``) and a head is trained on the encoder's stored features.
+
+Then, against the truth: per target, the Pearson of the held-out spots' predicted score with
+each spot's TRUE region fraction, beside the measured panel score's own (the label's
+ceiling). The truth is synth's ``<id>_visium/spot_truth.csv``, or with ``--cohort DIR`` (a
+cohort made elsewhere: ``DIR/cohort.csv`` with ``st_path``, no synth) the layout
+``DIR/truth/spots/<slide_id>.csv`` (docs: reference/truth-layout.md). ``--write-truth``
+writes the synthetic cohort's truth in that layout, so ``--cohort`` can score it too:
+
+    python scripts/eval_st.py --out /tmp/eval_st --write-truth
+    python scripts/eval_st.py --out /tmp/eval_st_ext --cohort /tmp/eval_st/cohort
 """
 
 from __future__ import annotations
@@ -20,6 +30,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+from _truth import TARGETS, layout_spot_truth, pearson, synth_spot_truth, write_synth_truth
+
+from cscvision.labels.cohort import read_splits
 
 
 def sh(*args: str) -> None:
@@ -42,6 +57,17 @@ def main() -> int:
     ap.add_argument("--encoder", help="train a head on this encoder's features (registry name)")
     ap.add_argument("--weights", type=Path, help="the encoder's local weights file")
     ap.add_argument("--head", default="linear", choices=("linear", "mlp"))
+    ap.add_argument(
+        "--cohort",
+        type=Path,
+        help="score a cohort made elsewhere: DIR/cohort.csv (slide_id,patient_id,slide_path,"
+        "st_path) and DIR/truth/spots/<slide_id>.csv (no synth; docs: reference/truth-layout)",
+    )
+    ap.add_argument(
+        "--write-truth",
+        action="store_true",
+        help="write the synthetic cohort's truth in the layout --cohort reads (cohort/truth/)",
+    )
     args = ap.parse_args()
     model = ["model.backbone=small_cnn", "optim.lr=0.003", "optim.scheduler=onecycle"]
     if args.encoder:
@@ -61,8 +87,8 @@ def main() -> int:
             "trainer.precision=32-true",
         ]
     t0 = time.perf_counter()
-    cohort = args.out / "cohort"
-    if not (cohort / "cohort.csv").exists():
+    cohort = args.cohort or args.out / "cohort"
+    if args.cohort is None and not (cohort / "cohort.csv").exists():
         sh(
             "synth",
             "--out",
@@ -77,6 +103,7 @@ def main() -> int:
             str(args.seed),
             "--visium",
         )
+    args.out.mkdir(parents=True, exist_ok=True)
     panels = args.out / "panels.yaml"
     panels.write_text(f"tile_px: {args.tile_px}\nmpp: {args.mpp}\n")
     labels = args.out / "labels"
@@ -122,8 +149,76 @@ def main() -> int:
         lo, hi = metrics.get(f"pearson_{target}_ci_low"), metrics.get(f"pearson_{target}_ci_high")
         ci = f" (95 % CI over patients {lo:.3f}-{hi:.3f})" if lo is not None else ""
         print(f"{target:18s} Pearson {r:.3f}{ci}, Spearman {rho:.3f}")
+    if args.write_truth and args.cohort is None:
+        print(f"wrote the truth layout to {write_synth_truth(cohort / 'cohort.csv')}")
+    truth_of = layout_spot_truth(cohort) if args.cohort else synth_spot_truth(cohort / "cohort.csv")
+    test_ids = sorted(s for s, split in read_splits(run / "splits.csv").items() if split == "test")
+    preds = predict_spots(args.out / "model", labels, cohort / "cohort.csv", test_ids)
+    where = f"{cohort}/truth/spots" if args.cohort else "synth's spot_truth.csv"
+    print_truth_figures(spot_truth_figures(labels, test_ids, truth_of, preds), where)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def predict_spots(model_dir: Path, labels: Path, cohort_csv: Path, slide_ids: list[str]) -> dict:
+    """The exported model's scores of each slide's spot tiles, in its label table's order."""
+    import dataclasses
+
+    from cscvision.inference.predict import predict_tiles
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.labels.table import read_label_table, table_path
+    from cscvision.models.export import load_model
+    from cscvision.slides.grid import GridSpec, make_grid
+    from cscvision.slides.slide import open_slide
+
+    model, entries = load_model(model_dir), {e.slide_id: e for e in read_cohort(cohort_csv)}
+    out = {}
+    for sid in slide_ids:
+        table = read_label_table(table_path(labels, sid))
+        with open_slide(entries[sid].slide_path) as slide:
+            grid = make_grid(slide, GridSpec(mpp=table.mpp, tile_px=table.tile_px, min_tissue=0))
+        xy = table.xy_l0.astype(np.int64)
+        grid = dataclasses.replace(
+            grid, slide_id=sid, xy_l0=xy, tissue=np.ones(len(xy), np.float32)
+        )
+        scores = predict_tiles(grid, model, progress=False)
+        out[sid] = scores[:, [list(model.card.targets).index(t) for t in TARGETS]]
+    return out
+
+
+def spot_truth_figures(labels: Path, slide_ids, truth_of, predictions=None) -> dict:
+    """Pooled over the spots of ``slide_ids``, per target: Pearson of the measured panel
+    score (the label) and, given ``predictions`` ({slide id: float[N, T] in label-table
+    order}), of the model's score with each spot's true fraction; and the spots scored."""
+    from cscvision.labels.table import read_label_table, table_path
+
+    label, truth, pred = [], [], []
+    for sid in slide_ids:
+        table = read_label_table(table_path(labels, sid))
+        barcodes = table.provenance["barcodes"]
+        known = truth_of(sid)
+        rows = known.lookup(barcodes)
+        truth.append(np.column_stack([rows[:, known.targets.index(t)] for t in TARGETS]))
+        label.append(table.values[:, [table.targets.index(t) for t in TARGETS]])
+        if predictions is not None:
+            pred.append(predictions[sid])
+    truth_all, label_all = np.concatenate(truth), np.concatenate(label)
+    pred_all = np.concatenate(pred) if pred else None
+    figures = {}
+    for j, t in enumerate(TARGETS):
+        figures[t] = {
+            "spots": int(np.isfinite(truth_all[:, j]).sum()),
+            "label": pearson(label_all[:, j], truth_all[:, j]),
+            "model": pearson(pred_all[:, j], truth_all[:, j]) if pred_all is not None else None,
+        }
+    return figures
+
+
+def print_truth_figures(figures: dict, where: str) -> None:
+    print(f"against the TRUE spot fractions ({where}), held-out spots:")
+    for t, f in figures.items():
+        model = "" if f["model"] is None else f"model {f['model']:.3f}, "
+        print(f"{t:18s} Pearson {model}measured panel score {f['label']:.3f} ({f['spots']} spots)")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,22 @@ def test_openslide_reads_the_dicom_folder_as_the_tiff(pair):
                 assert one.info.level_dimensions == tiff.info.level_dimensions
 
 
+def test_wsidicom_reads_the_dicom_folder_as_the_tiff(pair):
+    """wsidicom (the DICOM WSI library) parses the converted folder: its levels, pixel
+    spacing and pixels are the TIFF's."""
+    wsidicom = pytest.importorskip("wsidicom")
+    with wsidicom.WsiDicom.open(pair["dicom"]) as wsi, open_slide(pair["svs"]) as tiff:
+        sizes = [(lv.size.width, lv.size.height) for lv in wsi.levels]
+        assert sizes == list(tiff.info.level_dimensions)
+        assert wsi.mpp.width == pytest.approx(tiff.info.mpp, rel=1e-6)
+        for level, (w, h) in enumerate(sizes):
+            ours = tiff.read_region((0, 0), level, (w, h))
+            theirs = np.asarray(wsi.read_region((0, 0), level, (w, h)).convert("RGB"))
+            assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2, f"level {level}"
+        inner = np.asarray(wsi.read_region((300, 132), 0, (224, 224)).convert("RGB"))
+        assert np.abs(inner.astype(int) - tiff.read_region((300, 132), 0, (224, 224))).max() <= 2
+
+
 def test_a_folder_of_dicom_slides_lists_each_folder_once(pair):
     assert collect_slides([pair["dicom"].parent]) == [pair["dicom"]]
     assert collect_slides([pair["dicom"]]) == [pair["dicom"]]

@@ -4,6 +4,7 @@ pairs against known transforms, synthetic IHC pairs, and `cscvision labels ihc` 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,11 +95,20 @@ def pair(tmp_path_factory):
     return folder
 
 
-def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(tmp_path):
-    from cscvision.slides.slide import open_slide
+@pytest.fixture(scope="module")
+def one_pair(tmp_path_factory) -> Path:
+    """``S.tiff`` and its synthetic CD44 IHC slide ``S_CD44.tiff`` with the truth."""
     from cscvision.synth import write_slide
 
-    write_slide(tmp_path / "S.tiff", size_px=1280, seed=3, ihc_markers=("CD44",))
+    folder = tmp_path_factory.mktemp("one_pair")
+    write_slide(folder / "S.tiff", size_px=1280, seed=3, ihc_markers=("CD44",))
+    return folder
+
+
+def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(one_pair):
+    from cscvision.slides.slide import open_slide
+
+    tmp_path = one_pair
     truth = json.loads((tmp_path / "S_CD44_truth.json").read_text())
     assert truth["marker"] == "CD44" and truth["marks"] == "Stemness-rich"
     labels = np.asarray(Image.open(tmp_path / "S_labels.png"))
@@ -111,6 +121,32 @@ def test_synthetic_pair_truth_maps_ihc_tissue_onto_he_tissue(tmp_path):
     inside = (labels[np.clip(hy // 16, 0, labels.shape[0] - 1).astype(int),
                      np.clip(hx // 16, 0, labels.shape[1] - 1).astype(int)] & 1) > 0  # fmt: skip
     assert inside.mean() > 0.95
+
+
+def test_ihc_pyramid_is_read_by_tifffile_as_by_openslide(one_pair):
+    """tifffile's own parser (pages, SubIFD-free pyramid, resolution tags, JPEG tiles via
+    imagecodecs) reads the IHC slide as OpenSlide does: same levels, µm/px, pixels."""
+    import tifffile
+
+    from cscvision.slides.slide import open_slide
+
+    path = one_pair / "S_CD44.tiff"
+    truth = json.loads((one_pair / "S_CD44_truth.json").read_text())
+    with tifffile.TiffFile(path) as tif, open_slide(path) as slide:
+        series = tif.series[0]
+        assert series.axes == "YXS" and series.dtype == np.uint8
+        dims = [(lv.shape[1], lv.shape[0]) for lv in series.levels]
+        assert dims == list(slide.info.level_dimensions) and len(dims) >= 3
+        page = series.levels[0].keyframe
+        assert page.is_tiled and page.compression == tifffile.COMPRESSION.JPEG
+        x_res, unit = page.get_resolution(), page.resolutionunit
+        assert unit == tifffile.RESUNIT.CENTIMETER
+        assert 1e4 / x_res[0] == pytest.approx(truth["mpp"], rel=1e-4) == slide.info.mpp
+        pixels = series.levels[1].asarray()
+        w, h = dims[1]
+        theirs = np.asarray(slide.read_region((0, 0), 1, (w, h)))[..., :3]
+    diff = np.abs(pixels.astype(int) - theirs.astype(int))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8  # two JPEG decoders
 
 
 @pytest.mark.slow

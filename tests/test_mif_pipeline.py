@@ -50,6 +50,34 @@ def test_synthetic_mif_is_an_ome_pyramid_with_its_truth(cohort):
     assert (cohort / "mif_manifest.csv").read_text().splitlines()[0].endswith("mif_path")
 
 
+def test_synthetic_ome_xml_is_read_by_tifffile_and_ome_types(cohort):
+    """The OME-XML synth writes, parsed by tifffile and by ome-types (the OME data model):
+    channel names as the panel file names them, physical pixel size in µm, a CYX pyramid."""
+    import tifffile
+    import yaml
+
+    ome_types = pytest.importorskip("ome_types")
+    record = json.loads((cohort / f"{SLIDE}_mif_truth.json").read_text())
+    with tifffile.TiffFile(cohort / f"{SLIDE}_mif.ome.tiff") as tif:
+        assert tif.is_ome and not tif.is_qpi
+        series = tif.series[0]
+        assert series.axes == "CYX" and series.shape == (8, record["height_px"],
+                                                         record["width_px"])  # fmt: skip
+        assert len(series.levels) >= 2
+        assert series.levels[1].shape[1:] == tuple(-(-n // 2) for n in series.shape[1:])
+        ome = ome_types.from_xml(tif.ome_metadata)
+        dapi = series.levels[0].asarray()[0]
+    pixels = ome.images[0].pixels
+    names = [c.name for c in pixels.channels]
+    assert pixels.size_c == len(names) == 8
+    assert names == [c["name"] for c in record["channels"]]
+    assert pixels.physical_size_x == pixels.physical_size_y == pytest.approx(record["mpp"])
+    assert pixels.physical_size_x_unit.value == "µm"
+    panel = yaml.safe_load((cohort / "mif_panel.yaml").read_text())
+    assert [m["channel"] for m in panel["markers"]] == names  # the panel names them so
+    assert dapi.std() > 0
+
+
 def test_phenotypes_and_registration_against_the_truth(cohort, result):
     truth = read_cell_table(cohort / f"{SLIDE}_mif_truth.cells.parquet")
     record = json.loads((cohort / f"{SLIDE}_mif_truth.json").read_text())
