@@ -1,4 +1,5 @@
-"""Add an OOD record to an exported model, its weights untouched (``make demo-model-ood``).
+"""Add an OOD record and confidence thresholds to an exported model, its weights untouched
+(``make demo-model-ood``).
 
 The run's tiles are made again as training made them: for the packaged demo model, the
 cohort of ``cscvision demo`` (16 synthetic slides of 8 patients, 4096 px, seed 0) and the

@@ -8,15 +8,17 @@ from typing import Any
 
 from cscvision.models.card import ModelCard
 from cscvision.models.export import load_model
+from cscvision.training.confidence import export_confidence
 from cscvision.training.ood import export_run_ood
 
 
 def refit_ood(
     cfg: Any, model_dir: str | Path, *, progress: bool = True, features: str | None = None
 ) -> ModelCard:
-    """Add an OOD record to the model ``model_dir`` that ``cfg`` trained: the run's tiles
-    are made again as training made them (same cohort, split, grid, subsampling and seed),
-    the weights file is left as it is."""
+    """Add an OOD record and confidence thresholds to the model ``model_dir`` that ``cfg``
+    trained, as ``train`` now does at export: the run's tiles are made again as training
+    made them (same cohort, split, grid, subsampling and seed), the weights file is left
+    as it is."""
     from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
     from cscvision.labels.cohort import read_cohort
     from cscvision.models.kinds import kind_of_config, resolve
@@ -39,7 +41,8 @@ def refit_ood(
     dm, _, _ = resolve(kind.pieces)(cfg, targets, by_split, run_dir, progress)
     model = load_model(model_dir)
     note = _check_same_tiles(model.card, dm.summary(), model.path)
-    return export_run_ood(model.net, model.card, dm, model.path, note=note, features=features)
+    card = export_run_ood(model.net, model.card, dm, model.path, note=note, features=features)
+    return export_confidence(model.net, card, dm._loader("val"), model.path)
 
 
 def _check_same_tiles(card: ModelCard, summary: dict, model_dir: Path) -> str:
