@@ -37,22 +37,35 @@ class Interrupted(BaseException):
 
 @contextlib.contextmanager
 def slide_lock(folder: str | Path, *, wait: bool = False) -> Iterator[Path]:
-    """Hold ``folder/.cscvision.lock`` (created with the folder) for the block.
-
-    Raises :class:`SlideBusy` at once when another process holds it, or waits for it with
-    ``wait``. The lock is an ``fcntl`` lock (``filelock``): the kernel drops it when the
-    process dies, so a killed run never leaves a slide locked. The lock file stays (deleting
-    it would let two runs lock two different files of one name).
-    """
+    """Hold ``folder/.cscvision.lock`` (created with the folder) for the block
+    (:func:`item_lock`)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / LOCK_FILE, timeout=-1 if wait else 0, thread_local=False)
+    with item_lock(folder / LOCK_FILE, wait=wait, busy=folder):
+        yield folder
+
+
+@contextlib.contextmanager
+def item_lock(
+    lock_file: str | Path, *, wait: bool = False, busy: str | Path | None = None
+) -> Iterator[Path]:
+    """Hold the lock file ``lock_file`` (its folder created) for the block.
+
+    Raises :class:`SlideBusy` (naming ``busy``, default the lock file) at once when another
+    process holds it, or waits for it with ``wait``. The lock is an ``fcntl`` lock
+    (``filelock``): the kernel drops it when the process dies, so a killed run never leaves
+    an item locked. The lock file stays (deleting it would let two runs lock two different
+    files of one name).
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file, timeout=-1 if wait else 0, thread_local=False)
     try:
         lock.acquire(poll_interval=0.2)
     except Timeout:
-        raise SlideBusy(f"{folder}: another run is processing this slide") from None
+        what = busy or lock_file
+        raise SlideBusy(f"{what}: another run is processing this slide") from None
     try:
-        yield folder
+        yield lock_file
     finally:
         lock.release()
 
