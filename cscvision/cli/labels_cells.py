@@ -113,14 +113,9 @@ def label_slide(entry, cells_path: Path, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.core.guard import (
-        Interrupted,
-        defer_signals,
-        interrupt_on_signals,
-        interrupted_notice,
-    )
+    from cscvision.core.batch import BatchItem, run_items
+    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
     from cscvision.labels.table import table_path
-    from cscvision.slides.batch import went_away_reason
     from cscvision.slides.slide import SlideError
 
     t0 = time.perf_counter()
@@ -129,19 +124,20 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         print(f"cscvision labels cells: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
-    labelled, errors = [], []
-    try:
-        with interrupt_on_signals():  # tables are kept in memory until every slide is done
-            for entry, cells_path in jobs:
-                try:
-                    labelled.append((entry, label_slide(entry, cells_path, args)))
-                except (ValueError, SlideError, OSError) as err:
-                    gone = went_away_reason(entry.slide_path)
-                    errors.append((entry.slide_id, gone or f"{type(err).__name__}: {err}"))
-    except Interrupted as e:
+
+    def label(item: BatchItem):
+        entry, cells_path = item.data
+        return entry, label_slide(entry, cells_path, args)
+
+    items = [BatchItem(e.slide_id, e.slide_path, (e, p)) for e, p in jobs]
+    # tables are kept in memory until every slide is done
+    report = run_items(items, label, desc="labelling", record=(ValueError, SlideError, OSError))
+    if report.interrupted is not None:
         done = "no table written (tables are written once every slide is labelled)"
-        print(interrupted_notice("labels cells", e.signum, done), file=sys.stderr)
-        return 128 + e.signum
+        print(interrupted_notice("labels cells", report.interrupted, done), file=sys.stderr)
+        return 128 + report.interrupted
+    labelled = list(report.results.values())
+    errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
     try:
         with defer_signals():  # written all, or not at all
             return _write_all(args, jobs, labelled, errors, t0)

@@ -102,12 +102,7 @@ def run(args: argparse.Namespace) -> int:
         hint = 'pip install "cscvision[st]"'
         print(f"cscvision labels st: needs anndata and scanpy: {hint}", file=sys.stderr)
         return 2
-    from cscvision.core.guard import (
-        Interrupted,
-        defer_signals,
-        interrupt_on_signals,
-        interrupted_notice,
-    )
+    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
     from cscvision.core.io import check_writable
     from cscvision.labels.programmes import load_programme_config
     from cscvision.labels.table import table_path
@@ -121,13 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.overwrite:
         print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
-    try:
-        with interrupt_on_signals():
-            scored, errors = _score_all(jobs, config, args.slide_mpp)
-    except Interrupted as e:  # nothing written yet: binarising quantiles need every sample
+    scored, errors, signum = _score_all(jobs, config, args.slide_mpp)
+    if signum is not None:  # nothing written yet: binarising quantiles need every sample
         done = "no table written (tables are written once every sample is scored)"
-        print(interrupted_notice("labels st", e.signum, done), file=sys.stderr)
-        return 128 + e.signum
+        print(interrupted_notice("labels st", signum, done), file=sys.stderr)
+        return 128 + signum
     try:
         with defer_signals():  # written all, or not at all
             return _write_all(args, config, jobs, scored, errors, t0)
@@ -136,33 +129,25 @@ def run(args: argparse.Namespace) -> int:
         return 128 + e.signum
 
 
-def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list, list]:
-    """Each sample's spot-score table; a failing sample is recorded and skipped."""
-    from tqdm.auto import tqdm
-
+def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list, list, int | None]:
+    """Each sample's spot-score table (:func:`cscvision.core.batch.run_items`); a failing
+    sample is recorded and skipped. The tables, the failures and the signal that stopped the
+    loop, if one did."""
+    from cscvision.core.batch import BatchItem, run_items
     from cscvision.labels.st_labels import st_label_table
-    from cscvision.slides.batch import went_away_reason
     from cscvision.slides.info import SlideError
 
-    scored, errors = [], []
-    for job in tqdm(jobs, desc="scoring spots", unit="slide"):
-        e = job["entry"]
-        try:
-            table = st_label_table(
-                e.slide_path,
-                job["st_path"],
-                config,
-                slide_id=e.slide_id,
-                mpp_override=slide_mpp,
-                scale=job["scale"],
-                offset_px=job["offset"],
-            )
-        except (ValueError, SlideError, OSError, KeyError) as err:  # one bad sample: go on
-            gone = went_away_reason(e.slide_path)
-            errors.append((e.slide_id, gone or f"{type(err).__name__}: {err}"))
-            continue
-        scored.append((job, table))
-    return scored, errors
+    def score(item: BatchItem):
+        job = item.data
+        return job, st_label_table(item.slide_path, job["st_path"], config,
+                                   slide_id=item.slide_id, mpp_override=slide_mpp,
+                                   scale=job["scale"], offset_px=job["offset"])  # fmt: skip
+
+    items = [BatchItem(j["entry"].slide_id, j["entry"].slide_path, j) for j in jobs]
+    record = (ValueError, SlideError, OSError, KeyError)  # one bad sample: go on
+    report = run_items(items, score, desc="scoring spots", record=record)
+    errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
+    return list(report.results.values()), errors, report.interrupted
 
 
 def _write_all(args, config, jobs, scored, errors, t0) -> int:

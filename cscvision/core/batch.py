@@ -42,6 +42,16 @@ class Item(Protocol):
 T = TypeVar("T", bound=Item)
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """An item of a command whose rows carry more than a slide (a manifest row's entry, its
+    other input paths): ``data`` is what the command's ``process`` needs."""
+
+    slide_id: str
+    slide_path: Path
+    data: Any = None
+
+
 @dataclass
 class BatchReport:
     done: list[str] = field(default_factory=list)
