@@ -641,6 +641,50 @@ def test_features_second_batch_merges_results_by_slide_id(world, encoder, box, c
     assert set(rows) == {"a", "c"} and {r["status"] for r in rows.values()} == {"done"}
 
 
+def test_features_leaves_a_store_another_run_holds_alone(world, encoder, box, capsys):
+    from cscvision.core.guard import item_lock
+    from cscvision.core.io import read_csv
+    from cscvision.features.extract import store_lock_path
+
+    with item_lock(store_lock_path(box.out, "c")):  # as another run writing c's store
+        status, text = box.run(_features_args(world, encoder, box.out), capsys)
+    assert status == 0 and "left to the other run holding them" in text and ": c" in text
+    assert (box.out / "a.h5").is_file() and not (box.out / "c.h5").exists()
+    assert [r["slide_id"] for r in read_csv(box.out / "results.csv")] == ["a"]
+    status, text = box.run(_features_args(world, encoder, box.out), capsys)  # lock gone
+    assert status == 0 and "1 done, 1 skipped" in text
+    assert {r["slide_id"] for r in read_csv(box.out / "results.csv")} == {"a", "c"}
+
+
+@pytest.mark.slow
+def test_two_features_runs_on_one_out_write_each_store_once(world, encoder, tmp_path):
+    import re
+
+    from cscvision.core.io import read_csv
+
+    many = tmp_path / "slides"
+    many.mkdir()
+    for i in range(3):
+        shutil.copy(world["slides"]["ac"[i % 2]], many / f"s{i}.tif")
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    argv = [sys.executable, "-m", "cscvision", "features", many, "--encoder", "test-vit-tiny",
+            "--weights", encoder, "--threads", "1", "--workers", "0",
+            "--min-tissue", "0.2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipe = subprocess.PIPE
+    runs = [subprocess.Popen([*map(str, argv), "--out", str(out)], stdout=pipe, stderr=pipe,
+                             env=env, text=True) for _ in range(2)]  # fmt: skip
+    done = 0
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+        done += int(re.search(r"features: (\d+) done", stdout).group(1))
+    assert done == 3  # each store written by one run: the other found it busy or complete
+    assert _cli([*argv[3:], "--out", whole])[0] == 0
+    assert _stores(out) == _stores(whole) and len(_stores(out)) == 3
+    assert sorted(r["slide_id"] for r in read_csv(out / "results.csv")) == ["s0", "s1", "s2"]
+
+
 @pytest.mark.parametrize("flag", ["--fine-um", "--flow-smooth-um", "--max-error-um"])
 def test_register_refuses_a_zero_scale(world, box, capsys, flag):
     slides = world["slides"]
@@ -894,6 +938,35 @@ def test_sigterm_during_labels_st_exits_143_and_the_rerun_matches(visium3, tmp_p
     assert _cli(args(out))[0] == 0
     whole = tmp_path / "c" / "d" / "whole"  # as deep as out: cohort.csv holds relative paths
     assert _cli(args(whole))[0] == 0
+    _same_tree(out, whole)
+
+
+@pytest.fixture(scope="module")
+def ihc2(tmp_path_factory) -> Path:
+    from cscvision.synth import write_cohort
+
+    out = tmp_path_factory.mktemp("ihc2")
+    write_cohort(out, n_slides=2, n_patients=2, size_px=1024, seed=4, ihc_markers=("CD44",))
+    (out / "markers.yaml").write_text(MARKERS_YAML)
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_during_labels_ihc_exits_143_and_the_rerun_matches(ihc2, tmp_path):
+    def args(out: Path) -> list:
+        return ["labels", "ihc", ihc2 / "ihc_manifest.csv", "--markers", ihc2 / "markers.yaml",
+                "--out", out]  # fmt: skip
+
+    out = tmp_path / "a" / "b" / "out"  # stopped once the first of two slides is measured
+    status, err = _Running(args(out), tmp_path).term_when(lambda e: "1/2" in e)
+    _stopped_cleanly(status, err, "labels ihc")
+    assert "no table written" in err
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and
+                                    not p.name.startswith(".")]  # fmt: skip
+    assert _cli(args(out))[0] == 0
+    whole = tmp_path / "c" / "d" / "whole"
+    assert _cli(args(whole))[0] == 0
+    assert len(list(out.glob("*.labels.csv"))) == 2
     _same_tree(out, whole)
 
 
