@@ -694,6 +694,53 @@ def test_register_refuses_a_zero_scale(world, box, capsys, flag):
     assert not box.out.exists()
 
 
+LABEL_FLAGS = [
+    ("cells", "--mpp", "0"), ("cells", "--tile-px", "4"), ("cells", "--min-tissue", "1.5"),
+    ("cells", "--mask-mpp", "0"), ("cells", "--slide-mpp", "-1"), ("cells", "--threshold", "nan"),
+    ("ihc", "--mpp", "0"), ("ihc", "--tile-px", "4"), ("ihc", "--slide-mpp", "0"),
+    ("ihc", "--min-tissue", "-0.5"), ("mif", "--mif-mpp", "0"), ("mif", "--expand-um", "-1"),
+    ("mif", "--mask-mpp", "1e9"), ("st", "--slide-mpp", "inf"),
+]  # fmt: skip
+
+
+def _labels_argv(world, box: Box, command: str) -> list:
+    """A ``labels`` command on a manifest good enough to reach its slides."""
+    if command == "ihc":
+        manifest = _ihc_manifest(box, world, "S1")
+        return ["labels", "ihc", manifest, "--markers", box.inputs / "markers.yaml"]
+    column = {"cells": "cells_path", "mif": "mif_path", "st": "st_path"}[command]
+    (box.inputs / "side.csv").write_text("x,y\n1,2\n")
+    cohort = _cohort(box, world, [("S1", "a")], extra=f"{column}|side.csv")
+    extra = {"cells": ["--feature", "density_lymphocyte"],
+             "mif": ["--panel", box.inputs / "side.csv"], "st": []}[command]  # fmt: skip
+    return ["labels", command, cohort, *extra]
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), LABEL_FLAGS)
+def test_labels_flags_are_checked_up_front_with_the_shared_ranges(world, box, capsys, command,
+                                                                  flag, value):  # fmt: skip
+    if command == "st":
+        pytest.importorskip("scanpy")
+    argv = [*_labels_argv(world, box, command), "--out", box.out, flag, value]
+    status, text = box.run(argv, capsys)
+    assert status == 2 and f"cscvision labels {command}: {flag} " in text, text
+    assert not box.out.exists()
+
+
+@pytest.mark.parametrize("command", ["ihc", "cells", "st"])
+def test_a_labels_run_into_an_out_another_labels_run_holds_is_refused(world, box, capsys,
+                                                                      command):  # fmt: skip
+    from cscvision.core.guard import run_lock
+
+    if command == "st":
+        pytest.importorskip("scanpy")
+    argv = [*_labels_argv(world, box, command), "--out", box.out]
+    with run_lock(box.out, "labels"):  # as a run that is choosing thresholds there
+        status, text = box.run(argv, capsys)
+    assert status == 2 and f"another cscvision labels {command} run is writing there" in text
+    assert [p.name for p in box.out.iterdir()] == [".cscvision-run.lock"]
+
+
 def test_labels_ihc_refuses_a_zero_fine_um_up_front(world, box, capsys):
     status, text = _ihc(box, _ihc_manifest(box, world, "S1"), capsys, "--fine-um", "0")
     assert status == 2 and "--fine-um" in text

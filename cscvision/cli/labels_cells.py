@@ -13,7 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
+from cscvision.cli.common import (
+    check_label_flags,
+    label_cohort_row,
+    print_not_labelled,
+    write_label_cohort,
+)
 
 HELP = """\
 Turn a per-tile cell feature into training targets that `cscvision train` learns from H&E.
@@ -113,17 +118,26 @@ def label_slide(entry, cells_path: Path, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.core.batch import BatchItem, run_items
-    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
+    from cscvision.core.guard import run_lock
+    from cscvision.core.io import check_writable
     from cscvision.labels.table import table_path
-    from cscvision.slides.slide import SlideError
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     t0 = time.perf_counter()
     jobs = _jobs(args.manifest)
     existing = [p for e, _ in jobs if (p := table_path(args.out, e.slide_id)).exists()]
     if existing and not args.overwrite:
         print(f"cscvision labels cells: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
+    check_writable(args.out)
+    with run_lock(args.out, "labels cells"):  # one cohort.csv: one run at a time
+        return _run_locked(args, jobs, t0)
+
+
+def _run_locked(args: argparse.Namespace, jobs: list, t0: float) -> int:
+    from cscvision.core.batch import BatchItem, run_items
+    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
+    from cscvision.slides.slide import SlideError
 
     def label(item: BatchItem):
         entry, cells_path = item.data

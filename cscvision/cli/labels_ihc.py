@@ -8,8 +8,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from cscvision.cli.common import check_label_flags
 from cscvision.cli.register import add_registration_args, registration_params
-from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
+from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice, run_lock
 
 MANIFEST_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 
@@ -110,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.core.config_files import read_yaml
     from cscvision.core.io import check_writable
     from cscvision.labels.ihc import MarkerConfigError, marker_config
-    from cscvision.labels.table import table_path
     from cscvision.slides.grid import GridSpec
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     raw = read_yaml(args.markers) or {}
     if not isinstance(raw, dict):
         raise MarkerConfigError(f"{args.markers}: needs 'markers:' mapping marker names to targets")
@@ -121,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
     params = registration_params(args)  # its flags checked before any slide is read
     check_writable(args.out)
     spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
+    with run_lock(args.out, "labels ihc"):  # the tables share thresholds: one run at a time
+        return _run_locked(args, slides, cfg, spec, params)
+
+
+def _run_locked(args: argparse.Namespace, slides: dict, cfg, spec, params) -> int:
+    from cscvision.labels.table import table_path
+
     t0 = time.perf_counter()
     todo = {k: v for k, v in slides.items()
             if args.overwrite or not table_path(args.out, k).exists()}  # fmt: skip

@@ -13,7 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
+from cscvision.cli.common import (
+    check_label_flags,
+    label_cohort_row,
+    print_not_labelled,
+    write_label_cohort,
+)
 
 HELP = """\
 Turn multiplex immunofluorescence (mIF) images of the H&E sections into training targets.
@@ -152,14 +157,24 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
 
 def run(args: argparse.Namespace) -> int:
     from cscvision.cells.mif_panel import read_panel
+    from cscvision.core.guard import run_lock
+    from cscvision.core.io import check_writable
+
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
+    t0 = time.perf_counter()
+    panel = read_panel(args.panel)
+    jobs = _jobs(args.manifest, args.cells)
+    check_writable(args.out)
+    with run_lock(args.out, "labels mif"):  # one cohort.csv: one run at a time
+        return _run_locked(args, panel, jobs, t0)
+
+
+def _run_locked(args: argparse.Namespace, panel, jobs: list, t0: float) -> int:
     from cscvision.core.batch import BatchItem, run_items
     from cscvision.core.guard import interrupted_notice
     from cscvision.labels.table import table_path
     from cscvision.slides.slide import SlideError
 
-    t0 = time.perf_counter()
-    panel = read_panel(args.panel)
-    jobs = _jobs(args.manifest, args.cells)
     items = [BatchItem(e.slide_id, e.slide_path, (e, m, c)) for e, m, c in jobs]
     report = run_items(
         items,

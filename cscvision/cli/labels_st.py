@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
+from cscvision.cli.common import (
+    check_label_flags,
+    label_cohort_row,
+    print_not_labelled,
+    write_label_cohort,
+)
 
 HELP = """\
 Score gene programmes per spatial-transcriptomics spot and write training targets.
@@ -102,15 +107,23 @@ def run(args: argparse.Namespace) -> int:
         hint = 'pip install "cscvision[st]"'
         print(f"cscvision labels st: needs anndata and scanpy: {hint}", file=sys.stderr)
         return 2
-    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
+    from cscvision.core.guard import run_lock
     from cscvision.core.io import check_writable
     from cscvision.labels.programmes import load_programme_config
-    from cscvision.labels.table import table_path
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     t0 = time.perf_counter()
     config = load_programme_config(str(args.panels) if args.panels else None)
     jobs = _jobs(args.manifest)
     check_writable(args.out)
+    with run_lock(args.out, "labels st"):  # quantiles over every sample: one run at a time
+        return _run_locked(args, config, jobs, t0)
+
+
+def _run_locked(args: argparse.Namespace, config, jobs: list[dict], t0: float) -> int:
+    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
+    from cscvision.labels.table import table_path
+
     existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
     existing = [p for p in existing if p.exists()]
     if existing and not args.overwrite:

@@ -21,6 +21,7 @@ from cscvision.core.errors import CscvisionError
 
 LOCK_FILE = ".cscvision.lock"
 TABLES_LOCK_FILE = ".cscvision-tables.lock"
+RUN_LOCK_FILE = ".cscvision-run.lock"
 
 
 class SlideBusy(CscvisionError):
@@ -66,6 +67,32 @@ def item_lock(
         raise SlideBusy(f"{what}: another run is processing this slide") from None
     try:
         yield lock_file
+    finally:
+        lock.release()
+
+
+class OutBusy(CscvisionError):
+    """Another run of a command whose outputs are one whole holds the output folder."""
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path, command: str) -> Iterator[None]:
+    """Hold ``out/.cscvision-run.lock`` for a whole run of ``command``: for commands whose
+    outputs belong together (``labels``: thresholds and quantiles chosen from every slide,
+    one ``cohort.csv``), the run, not the slide, is what two runs must not share.
+    :class:`OutBusy` at once when another run holds it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK_FILE, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutBusy(
+            f"--out {out}: another cscvision {command} run is writing there; wait for it to "
+            "end, or give this run another --out"
+        ) from None
+    try:
+        yield
     finally:
         lock.release()
 
