@@ -4,8 +4,9 @@
 and ``labels ihc|st|cells|mif`` run their items through :func:`run_items`, so each keeps the
 same promises:
 
-- an item is anything with a ``slide_id`` (an allowed name, :mod:`cscvision.core.names`) and
-  a ``slide_path``; the caller resolves output paths inside ``--out`` before it writes;
+- an item is anything with a ``slide_id`` and a ``slide_path``; the ids must be allowed
+  names (:mod:`cscvision.core.names`), checked again before the first item runs, so an id
+  joined to ``--out`` names one file inside it;
 - with ``lock_of`` each item runs under its own lock file (:func:`~cscvision.core.guard.item_lock`):
   an item another run holds is skipped as busy, or waited for;
 - an item whose outputs are complete is skipped (resume) unless ``overwrite``;
@@ -27,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from cscvision.core.guard import Interrupted, SlideBusy, interrupt_on_signals, item_lock, table_lock
 from cscvision.core.io import read_csv, write_csv
+from cscvision.core.names import check_distinct, check_name
 
 
 class Item(Protocol):
@@ -91,7 +93,9 @@ def run_items(
     """Run ``process`` on each item with a progress bar; what it returns (not None) is kept
     in :attr:`BatchReport.results` by id, in item order.
 
-    Per item, in order: ``check`` (raises for an input refused before anything opens it),
+    Every id must be an allowed name, no two differing only in case
+    (:class:`~cscvision.core.names.UnsafeNameError` before any item runs). Per item, in
+    order: ``check`` (raises for an input refused before anything opens it),
     the lock ``lock_of`` names (:class:`SlideBusy`: recorded as busy), ``is_complete``
     (skipped unless ``overwrite``), ``process``. An error of a ``record`` type is recorded as
     failed with ``reason(item, error, existed)`` (``existed``: the slide file was there when
@@ -100,6 +104,9 @@ def run_items(
     """
     from tqdm.auto import tqdm
 
+    for item in items:  # ids name files: data, never paths (their readers check them first)
+        check_name(item.slide_id, "slide_id", str(item.slide_path))
+    check_distinct((item.slide_id for item in items), "slide_id", "this batch")
     report = BatchReport()
     start = time.perf_counter()
     bar = tqdm(items, desc=desc, unit="slide", dynamic_ncols=True)
