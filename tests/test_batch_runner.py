@@ -99,3 +99,31 @@ def test_merge_table_keeps_other_ids_and_the_newest_row_of_each(tmp_path):
     merge_table(path, ["slide_id", "status"], [("b", "done"), ("c", "done")], drop=["x"])
     rows = {r["slide_id"]: r["status"] for r in read_csv(path)}
     assert rows == {"a": "done", "b": "done", "c": "done"}
+
+
+@pytest.mark.parametrize("when", ["measuring", "between", "writing"])
+def test_a_labels_run_stopped_at_any_point_writes_all_tables_or_none(capsys, when):
+    from cscvision.cli.common import measure_then_write
+
+    written = []
+
+    def measure() -> tuple[list, int | None]:
+        if when == "measuring":  # as run_items reports a signal that stopped its loop
+            return [], signal.SIGTERM
+        if when == "between":  # after the loop, before the writing: no handler of its own
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ["a", "b"], None
+
+    def write(found: list) -> int:
+        if when == "writing":
+            os.kill(os.getpid(), signal.SIGINT)  # acted on once every table is written
+        written.extend(found)
+        return 0
+
+    status = measure_then_write("labels x", measure, write, unwritten="no table written")
+    err = capsys.readouterr().err
+    if when == "writing":
+        assert status == 130 and written == ["a", "b"] and "every table written" in err
+    else:
+        assert status == 143 and not written and "no table written" in err
+    assert "cscvision labels x: stopped by" in err

@@ -16,6 +16,7 @@ from pathlib import Path
 from cscvision.cli.common import (
     check_label_flags,
     label_cohort_row,
+    measure_then_write,
     print_not_labelled,
     write_label_cohort,
 )
@@ -136,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_locked(args: argparse.Namespace, jobs: list, t0: float) -> int:
     from cscvision.core.batch import BatchItem, run_items
-    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
     from cscvision.slides.slide import SlideError
 
     def label(item: BatchItem):
@@ -144,21 +144,19 @@ def _run_locked(args: argparse.Namespace, jobs: list, t0: float) -> int:
         return entry, label_slide(entry, cells_path, args)
 
     items = [BatchItem(e.slide_id, e.slide_path, (e, p)) for e, p in jobs]
-    # tables are kept in memory until every slide is done
-    report = run_items(items, label, desc="labelling", record=(ValueError, SlideError, OSError))
-    if report.interrupted is not None:
-        done = "no table written (tables are written once every slide is labelled)"
-        print(interrupted_notice("labels cells", report.interrupted, done), file=sys.stderr)
-        return 128 + report.interrupted
-    labelled = list(report.results.values())
-    errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
-    try:
-        with defer_signals():  # written all, or not at all
-            return _write_all(args, jobs, labelled, errors, t0)
-    except Interrupted as e:
-        print(interrupted_notice("labels cells", e.signum, "every table written"),
-              file=sys.stderr)  # fmt: skip
-        return 128 + e.signum
+
+    def measure() -> tuple[tuple[list, list], int | None]:
+        # tables are kept in memory until every slide is done
+        report = run_items(items, label, desc="labelling",
+                           record=(ValueError, SlideError, OSError))  # fmt: skip
+        errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
+        return (list(report.results.values()), errors), report.interrupted
+
+    def write(found: tuple[list, list]) -> int:
+        return _write_all(args, jobs, *found, t0)
+
+    unwritten = "no table written (tables are written once every slide is labelled)"
+    return measure_then_write("labels cells", measure, write, unwritten=unwritten)
 
 
 def _write_all(args: argparse.Namespace, jobs: list, labelled: list, errors: list, t0) -> int:

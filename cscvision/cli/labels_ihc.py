@@ -8,9 +8,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from cscvision.cli.common import check_label_flags
+from cscvision.cli.common import check_label_flags, measure_then_write
 from cscvision.cli.register import add_registration_args, registration_params
-from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice, run_lock
+from cscvision.core.guard import run_lock
 
 MANIFEST_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 
@@ -132,22 +132,21 @@ def _run_locked(args: argparse.Namespace, slides: dict, cfg, spec, params) -> in
     t0 = time.perf_counter()
     todo = {k: v for k, v in slides.items()
             if args.overwrite or not table_path(args.out, k).exists()}  # fmt: skip
-    measures, errors, signum = _measure_all(args, todo, cfg, spec, params)
-    if signum is not None:  # nothing written yet: thresholds need every slide measured
-        done = "no table written (the density thresholds are chosen from all slides together)"
-        print(interrupted_notice("labels ihc", signum, done), file=sys.stderr)
-        return 128 + signum
-    try:
-        with defer_signals():  # the tables share thresholds: written all, or not at all
-            counts, warned = _label_all(args, measures, cfg, spec, errors)
-            rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
-                     v.get("split", "")) for k, v in slides.items()
-                    if table_path(args.out, k).exists()]  # fmt: skip
-            status = _summary(args, slides, rows, errors, counts, warned, t0)
-    except Interrupted as e:
-        print(interrupted_notice("labels ihc", e.signum, "every table written"), file=sys.stderr)
-        return 128 + e.signum
-    return status
+
+    def measure() -> tuple[tuple[list, list], int | None]:
+        measures, errors, signum = _measure_all(args, todo, cfg, spec, params)
+        return (measures, errors), signum
+
+    def write(found: tuple[list, list]) -> int:
+        measures, errors = found
+        counts, warned = _label_all(args, measures, cfg, spec, errors)
+        rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
+                 v.get("split", "")) for k, v in slides.items()
+                if table_path(args.out, k).exists()]  # fmt: skip
+        return _summary(args, slides, rows, errors, counts, warned, t0)
+
+    unwritten = "no table written (the density thresholds are chosen from all slides together)"
+    return measure_then_write("labels ihc", measure, write, unwritten=unwritten)
 
 
 def _measure_all(args, todo: dict, cfg, spec, params) -> tuple[list, list, int | None]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from cscvision.cli.common import (
     check_label_flags,
     label_cohort_row,
+    measure_then_write,
     print_not_labelled,
     write_label_cohort,
 )
@@ -121,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, config, jobs: list[dict], t0: float) -> int:
-    from cscvision.core.guard import Interrupted, defer_signals, interrupted_notice
     from cscvision.labels.table import table_path
 
     existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
@@ -129,17 +129,16 @@ def _run_locked(args: argparse.Namespace, config, jobs: list[dict], t0: float) -
     if existing and not args.overwrite:
         print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
-    scored, errors, signum = _score_all(jobs, config, args.slide_mpp)
-    if signum is not None:  # nothing written yet: binarising quantiles need every sample
-        done = "no table written (tables are written once every sample is scored)"
-        print(interrupted_notice("labels st", signum, done), file=sys.stderr)
-        return 128 + signum
-    try:
-        with defer_signals():  # written all, or not at all
-            return _write_all(args, config, jobs, scored, errors, t0)
-    except Interrupted as e:
-        print(interrupted_notice("labels st", e.signum, "every table written"), file=sys.stderr)
-        return 128 + e.signum
+
+    def measure() -> tuple[tuple[list, list], int | None]:
+        scored, errors, signum = _score_all(jobs, config, args.slide_mpp)
+        return (scored, errors), signum
+
+    def write(found: tuple[list, list]) -> int:
+        return _write_all(args, config, jobs, *found, t0)
+
+    unwritten = "no table written (tables are written once every sample is scored)"
+    return measure_then_write("labels st", measure, write, unwritten=unwritten)
 
 
 def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list, list, int | None]:
