@@ -641,6 +641,50 @@ def test_features_second_batch_merges_results_by_slide_id(world, encoder, box, c
     assert set(rows) == {"a", "c"} and {r["status"] for r in rows.values()} == {"done"}
 
 
+def test_features_leaves_a_store_another_run_holds_alone(world, encoder, box, capsys):
+    from cscvision.core.guard import item_lock
+    from cscvision.core.io import read_csv
+    from cscvision.features.extract import store_lock_path
+
+    with item_lock(store_lock_path(box.out, "c")):  # as another run writing c's store
+        status, text = box.run(_features_args(world, encoder, box.out), capsys)
+    assert status == 0 and "left to the other run holding them" in text and ": c" in text
+    assert (box.out / "a.h5").is_file() and not (box.out / "c.h5").exists()
+    assert [r["slide_id"] for r in read_csv(box.out / "results.csv")] == ["a"]
+    status, text = box.run(_features_args(world, encoder, box.out), capsys)  # lock gone
+    assert status == 0 and "1 done, 1 skipped" in text
+    assert {r["slide_id"] for r in read_csv(box.out / "results.csv")} == {"a", "c"}
+
+
+@pytest.mark.slow
+def test_two_features_runs_on_one_out_write_each_store_once(world, encoder, tmp_path):
+    import re
+
+    from cscvision.core.io import read_csv
+
+    many = tmp_path / "slides"
+    many.mkdir()
+    for i in range(3):
+        shutil.copy(world["slides"]["ac"[i % 2]], many / f"s{i}.tif")
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    argv = [sys.executable, "-m", "cscvision", "features", many, "--encoder", "test-vit-tiny",
+            "--weights", encoder, "--threads", "1", "--workers", "0",
+            "--min-tissue", "0.2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipe = subprocess.PIPE
+    runs = [subprocess.Popen([*map(str, argv), "--out", str(out)], stdout=pipe, stderr=pipe,
+                             env=env, text=True) for _ in range(2)]  # fmt: skip
+    done = 0
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+        done += int(re.search(r"features: (\d+) done", stdout).group(1))
+    assert done == 3  # each store written by one run: the other found it busy or complete
+    assert _cli([*argv[3:], "--out", whole])[0] == 0
+    assert _stores(out) == _stores(whole) and len(_stores(out)) == 3
+    assert sorted(r["slide_id"] for r in read_csv(out / "results.csv")) == ["s0", "s1", "s2"]
+
+
 @pytest.mark.parametrize("flag", ["--fine-um", "--flow-smooth-um", "--max-error-um"])
 def test_register_refuses_a_zero_scale(world, box, capsys, flag):
     slides = world["slides"]
@@ -648,6 +692,53 @@ def test_register_refuses_a_zero_scale(world, box, capsys, flag):
                            capsys)  # fmt: skip
     assert status == 2 and flag in text
     assert not box.out.exists()
+
+
+LABEL_FLAGS = [
+    ("cells", "--mpp", "0"), ("cells", "--tile-px", "4"), ("cells", "--min-tissue", "1.5"),
+    ("cells", "--mask-mpp", "0"), ("cells", "--slide-mpp", "-1"), ("cells", "--threshold", "nan"),
+    ("ihc", "--mpp", "0"), ("ihc", "--tile-px", "4"), ("ihc", "--slide-mpp", "0"),
+    ("ihc", "--min-tissue", "-0.5"), ("mif", "--mif-mpp", "0"), ("mif", "--expand-um", "-1"),
+    ("mif", "--mask-mpp", "1e9"), ("st", "--slide-mpp", "inf"),
+]  # fmt: skip
+
+
+def _labels_argv(world, box: Box, command: str) -> list:
+    """A ``labels`` command on a manifest good enough to reach its slides."""
+    if command == "ihc":
+        manifest = _ihc_manifest(box, world, "S1")
+        return ["labels", "ihc", manifest, "--markers", box.inputs / "markers.yaml"]
+    column = {"cells": "cells_path", "mif": "mif_path", "st": "st_path"}[command]
+    (box.inputs / "side.csv").write_text("x,y\n1,2\n")
+    cohort = _cohort(box, world, [("S1", "a")], extra=f"{column}|side.csv")
+    extra = {"cells": ["--feature", "density_lymphocyte"],
+             "mif": ["--panel", box.inputs / "side.csv"], "st": []}[command]  # fmt: skip
+    return ["labels", command, cohort, *extra]
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), LABEL_FLAGS)
+def test_labels_flags_are_checked_up_front_with_the_shared_ranges(world, box, capsys, command,
+                                                                  flag, value):  # fmt: skip
+    if command == "st":
+        pytest.importorskip("scanpy")
+    argv = [*_labels_argv(world, box, command), "--out", box.out, flag, value]
+    status, text = box.run(argv, capsys)
+    assert status == 2 and f"cscvision labels {command}: {flag} " in text, text
+    assert not box.out.exists()
+
+
+@pytest.mark.parametrize("command", ["ihc", "cells", "st"])
+def test_a_labels_run_into_an_out_another_labels_run_holds_is_refused(world, box, capsys,
+                                                                      command):  # fmt: skip
+    from cscvision.core.guard import run_lock
+
+    if command == "st":
+        pytest.importorskip("scanpy")
+    argv = [*_labels_argv(world, box, command), "--out", box.out]
+    with run_lock(box.out, "labels"):  # as a run that is choosing thresholds there
+        status, text = box.run(argv, capsys)
+    assert status == 2 and f"another cscvision labels {command} run is writing there" in text
+    assert [p.name for p in box.out.iterdir()] == [".cscvision-run.lock"]
 
 
 def test_labels_ihc_refuses_a_zero_fine_um_up_front(world, box, capsys):
@@ -894,6 +985,36 @@ def test_sigterm_during_labels_st_exits_143_and_the_rerun_matches(visium3, tmp_p
     assert _cli(args(out))[0] == 0
     whole = tmp_path / "c" / "d" / "whole"  # as deep as out: cohort.csv holds relative paths
     assert _cli(args(whole))[0] == 0
+    _same_tree(out, whole)
+
+
+@pytest.fixture(scope="module")
+def ihc2(tmp_path_factory) -> Path:
+    from cscvision.synth import write_cohort
+
+    out = tmp_path_factory.mktemp("ihc2")
+    write_cohort(out, n_slides=2, n_patients=2, size_px=768, seed=4, ihc_markers=("CD44",))
+    (out / "markers.yaml").write_text(MARKERS_YAML)
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_during_labels_ihc_exits_143_and_the_rerun_matches(ihc2, tmp_path):
+    def args(out: Path) -> list:  # affine only (--no-nonrigid): 3x faster
+        return ["labels", "ihc", ihc2 / "ihc_manifest.csv", "--markers", ihc2 / "markers.yaml",
+                "--out", out, "--no-nonrigid"]  # fmt: skip
+
+    out = tmp_path / "a" / "b" / "out"  # stopped while the first of two slides is measured
+    running = _Running(args(out), tmp_path)
+    status, err = running.term_when(lambda e: "0/2" in e and "SYN-P001-S01" in e)
+    _stopped_cleanly(status, err, "labels ihc")
+    tables = list(out.glob("*.labels.csv")) if out.exists() else []
+    if "every table written" not in err:  # a slow machine may let it reach the writing
+        assert "no table written" in err and not tables
+    assert _cli(args(out))[0] == 0
+    whole = tmp_path / "c" / "d" / "whole"
+    assert _cli(args(whole))[0] == 0
+    assert len(list(out.glob("*.labels.csv"))) == 2
     _same_tree(out, whole)
 
 

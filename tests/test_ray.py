@@ -213,3 +213,25 @@ def test_features_on_ray_resume_skips_complete_stores(feature_runs, tmp_path, ca
     assert feature_runs["features"](out, "--ray") == 1
     assert "1 done, 2 skipped (complete), 1 failed" in capsys.readouterr().out
     assert (out / "s0.h5").stat().st_mtime_ns == kept and (out / "s1.h5").exists()
+
+
+def _deleting_setup(*, device):
+    """A Ray worker's job whose slide file is deleted while it is read, and whose reader then
+    fails as OpenSlide does on a slide that went away."""
+    import openslide
+
+    def process(job: SlideJob) -> None:
+        Path(job.slide_path).unlink()
+        raise openslide.OpenSlideError("Passing closed slide object")
+
+    return process
+
+
+def test_a_slide_deleted_under_a_ray_worker_is_reported_as_gone(batch, tmp_path):
+    from cscvision.inference.distributed import JobWorker
+
+    victim = Path(shutil.copy(batch["slides"][0], tmp_path / "gone.tif"))
+    worker = JobWorker(_deleting_setup, device="cpu")
+    reason = worker.run(SlideJob(victim, "gone"))
+    assert reason.startswith(f"SlideError: {victim}: the slide file went away")
+    assert "Passing closed slide object" not in reason

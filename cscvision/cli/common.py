@@ -29,6 +29,7 @@ from cscvision.slides.batch import (
     shard_jobs,
 )
 from cscvision.slides.info import MPP_RANGE
+from cscvision.slides.settings import Fraction, MaskMpp, Mpp, TilePx
 from cscvision.slides.slide import load_mpp_overrides
 
 S = TypeVar("S")
@@ -292,6 +293,62 @@ def run_on_ray(
     finally:
         if owned:
             distributed.disconnect()
+
+
+class LabelFlags(Flags):
+    """The grid and slide flags of the ``labels`` commands, with the ranges ``tile``,
+    ``infer`` and ``features`` use (:mod:`cscvision.slides.settings`), checked before the
+    manifest is read or anything is written (:func:`check_label_flags`)."""
+
+    mpp: Mpp | None = None
+    tile_px: TilePx | None = None
+    min_tissue: Fraction | None = None
+    mask_mpp: MaskMpp | None = None
+    slide_mpp: Mpp | None = None
+    mif_mpp: Mpp | None = None
+    expand_um: float | None = Field(None, ge=0, le=100)
+    threshold: float | None = None  # any finite number
+
+
+def check_label_flags(args: argparse.Namespace) -> None:
+    """:class:`LabelFlags` of the flags ``args`` has; :class:`FlagError` naming the flag."""
+    names = LabelFlags.model_fields
+    check_flags(LabelFlags, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+def measure_then_write(
+    command: str,
+    measure: Callable[[], tuple[Any, int | None]],
+    write: Callable[[Any], int],
+    *,
+    unwritten: str,
+) -> int:
+    """The two phases of a ``labels`` command whose tables share cohort-wide thresholds or
+    quantiles: ``measure()`` (a :func:`~cscvision.core.batch.run_items` loop; what it found
+    and the signal that stopped it, or None), then ``write(found)``, which finishes once
+    begun (all tables, or none). SIGTERM/SIGINT at any point, between the phases too, ends
+    in one notice (``unwritten``, or that every table was written) and 128 + the signal."""
+    from cscvision.core.guard import (
+        Interrupted,
+        defer_signals,
+        interrupt_on_signals,
+        interrupted_notice,
+    )
+
+    written = False
+    try:
+        with interrupt_on_signals():
+            found, signum = measure()
+            if signum is not None:
+                raise Interrupted(signum)
+            with defer_signals():
+                written = True
+                status = write(found)
+    except Interrupted as e:
+        done = "every table written" if written else unwritten
+        print(interrupted_notice(command, e.signum, done), file=sys.stderr)
+        return 128 + e.signum
+    return status
 
 
 LABEL_COHORT_HEADER = ("slide_id", "patient_id", "slide_path", "label_path", "split")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cscvision.cli.common import (
     RayFlags,
     ThreadFlags,
+    add_hardening_args,
     add_ray_args,
     add_settings_args,
     add_slide_args,
@@ -61,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_slide_args(p)
+    add_hardening_args(p)
     p.add_argument("--encoder", required=True, help="encoder name (see cscvision encoders)")
     p.add_argument("--weights", type=Path, default=None, help="the encoder's weights file")
     add_weights_dir_arg(p)
@@ -124,7 +126,12 @@ def _settings(args: argparse.Namespace) -> ExtractSettings:
 
 def run(args: argparse.Namespace) -> int:
     from cscvision.core.io import check_free_space, check_writable
-    from cscvision.features.extract import extract_slide, extraction_setup, store_path
+    from cscvision.features.extract import (
+        extract_slide,
+        extraction_setup,
+        store_lock_path,
+        store_path,
+    )
     from cscvision.features.store import STORE_SUFFIX, store_matches
     from cscvision.slides.batch import (
         interrupted_line,
@@ -152,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
     def store_of(job: SlideJob) -> Path:
         return store_path(out, job.slide_id)
 
+    def lock_of(job: SlideJob) -> Path:  # two runs on one --out never write one store
+        return store_lock_path(out, job.slide_id)
+
     def complete(job: SlideJob) -> bool:
         digest = extractor.weights_sha256
         return store_matches(store_of(job), encoder=spec.name, weights_sha256=digest, grid=wanted)
@@ -166,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         where = f"on Ray ({args.ray}), --decode {args.decode}"
     else:
-        report = run_batch(jobs, process, complete, overwrite=args.overwrite, desc="features")
+        report = run_batch(jobs, process, complete, overwrite=args.overwrite, desc="features",
+                           lock_of=lock_of, wait=args.wait)  # fmt: skip
         where = f"on {extractor.device}, --decode {args.decode}"
     errors = write_errors(out, report, shard)
     suffix = shard_suffix(shard)

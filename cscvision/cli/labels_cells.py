@@ -13,7 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
+from cscvision.cli.common import (
+    check_label_flags,
+    label_cohort_row,
+    measure_then_write,
+    print_not_labelled,
+    write_label_cohort,
+)
 
 HELP = """\
 Turn a per-tile cell feature into training targets that `cscvision train` learns from H&E.
@@ -113,42 +119,44 @@ def label_slide(entry, cells_path: Path, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.core.guard import (
-        Interrupted,
-        defer_signals,
-        interrupt_on_signals,
-        interrupted_notice,
-    )
+    from cscvision.core.guard import run_lock
+    from cscvision.core.io import check_writable
     from cscvision.labels.table import table_path
-    from cscvision.slides.batch import went_away_reason
-    from cscvision.slides.slide import SlideError
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     t0 = time.perf_counter()
     jobs = _jobs(args.manifest)
     existing = [p for e, _ in jobs if (p := table_path(args.out, e.slide_id)).exists()]
     if existing and not args.overwrite:
         print(f"cscvision labels cells: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
-    labelled, errors = [], []
-    try:
-        with interrupt_on_signals():  # tables are kept in memory until every slide is done
-            for entry, cells_path in jobs:
-                try:
-                    labelled.append((entry, label_slide(entry, cells_path, args)))
-                except (ValueError, SlideError, OSError) as err:
-                    gone = went_away_reason(entry.slide_path)
-                    errors.append((entry.slide_id, gone or f"{type(err).__name__}: {err}"))
-    except Interrupted as e:
-        done = "no table written (tables are written once every slide is labelled)"
-        print(interrupted_notice("labels cells", e.signum, done), file=sys.stderr)
-        return 128 + e.signum
-    try:
-        with defer_signals():  # written all, or not at all
-            return _write_all(args, jobs, labelled, errors, t0)
-    except Interrupted as e:
-        print(interrupted_notice("labels cells", e.signum, "every table written"),
-              file=sys.stderr)  # fmt: skip
-        return 128 + e.signum
+    check_writable(args.out)
+    with run_lock(args.out, "labels cells"):  # one cohort.csv: one run at a time
+        return _run_locked(args, jobs, t0)
+
+
+def _run_locked(args: argparse.Namespace, jobs: list, t0: float) -> int:
+    from cscvision.core.batch import BatchItem, run_items
+    from cscvision.slides.slide import SlideError
+
+    def label(item: BatchItem):
+        entry, cells_path = item.data
+        return entry, label_slide(entry, cells_path, args)
+
+    items = [BatchItem(e.slide_id, e.slide_path, (e, p)) for e, p in jobs]
+
+    def measure() -> tuple[tuple[list, list], int | None]:
+        # tables are kept in memory until every slide is done
+        report = run_items(items, label, desc="labelling",
+                           record=(ValueError, SlideError, OSError))  # fmt: skip
+        errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
+        return (list(report.results.values()), errors), report.interrupted
+
+    def write(found: tuple[list, list]) -> int:
+        return _write_all(args, jobs, *found, t0)
+
+    unwritten = "no table written (tables are written once every slide is labelled)"
+    return measure_then_write("labels cells", measure, write, unwritten=unwritten)
 
 
 def _write_all(args: argparse.Namespace, jobs: list, labelled: list, errors: list, t0) -> int:

@@ -8,13 +8,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from cscvision.cli.common import check_label_flags, measure_then_write
 from cscvision.cli.register import add_registration_args, registration_params
-from cscvision.core.guard import (
-    Interrupted,
-    defer_signals,
-    interrupt_on_signals,
-    interrupted_notice,
-)
+from cscvision.core.guard import run_lock
 
 MANIFEST_COLUMNS = ("slide_id", "patient_id", "slide_path", "ihc_path", "marker")
 
@@ -115,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
     from cscvision.core.config_files import read_yaml
     from cscvision.core.io import check_writable
     from cscvision.labels.ihc import MarkerConfigError, marker_config
-    from cscvision.labels.table import table_path
     from cscvision.slides.grid import GridSpec
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     raw = read_yaml(args.markers) or {}
     if not isinstance(raw, dict):
         raise MarkerConfigError(f"{args.markers}: needs 'markers:' mapping marker names to targets")
@@ -126,49 +122,49 @@ def run(args: argparse.Namespace) -> int:
     params = registration_params(args)  # its flags checked before any slide is read
     check_writable(args.out)
     spec = GridSpec(mpp=args.mpp, tile_px=args.tile_px, min_tissue=args.min_tissue)
-    t0, errors = time.perf_counter(), []
+    with run_lock(args.out, "labels ihc"):  # the tables share thresholds: one run at a time
+        return _run_locked(args, slides, cfg, spec, params)
+
+
+def _run_locked(args: argparse.Namespace, slides: dict, cfg, spec, params) -> int:
+    from cscvision.labels.table import table_path
+
+    t0 = time.perf_counter()
     todo = {k: v for k, v in slides.items()
             if args.overwrite or not table_path(args.out, k).exists()}  # fmt: skip
-    try:
-        with interrupt_on_signals():
-            measures = _measure_all(args, todo, cfg, spec, params, errors)
-    except Interrupted as e:  # nothing written yet: thresholds need every slide measured
-        done = "no table written (the density thresholds are chosen from all slides together)"
-        print(interrupted_notice("labels ihc", e.signum, done), file=sys.stderr)
-        return 128 + e.signum
-    try:
-        with defer_signals():  # the tables share thresholds: written all, or not at all
-            counts, warned = _label_all(args, measures, cfg, spec, errors)
-            rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
-                     v.get("split", "")) for k, v in slides.items()
-                    if table_path(args.out, k).exists()]  # fmt: skip
-            status = _summary(args, slides, rows, errors, counts, warned, t0)
-    except Interrupted as e:
-        print(interrupted_notice("labels ihc", e.signum, "every table written"), file=sys.stderr)
-        return 128 + e.signum
-    return status
+
+    def measure() -> tuple[tuple[list, list], int | None]:
+        measures, errors, signum = _measure_all(args, todo, cfg, spec, params)
+        return (measures, errors), signum
+
+    def write(found: tuple[list, list]) -> int:
+        measures, errors = found
+        counts, warned = _label_all(args, measures, cfg, spec, errors)
+        rows = [(k, v["patient_id"], str(v["slide_path"]), table_path(args.out, k).name,
+                 v.get("split", "")) for k, v in slides.items()
+                if table_path(args.out, k).exists()]  # fmt: skip
+        return _summary(args, slides, rows, errors, counts, warned, t0)
+
+    unwritten = "no table written (the density thresholds are chosen from all slides together)"
+    return measure_then_write("labels ihc", measure, write, unwritten=unwritten)
 
 
-def _measure_all(args, todo: dict, cfg, spec, params, errors: list) -> list:
-    """Register and measure every slide to do; a failing slide is recorded and skipped."""
-    from tqdm import tqdm
-
+def _measure_all(args, todo: dict, cfg, spec, params) -> tuple[list, list, int | None]:
+    """Register and measure every slide to do (:func:`cscvision.core.batch.run_items`); a
+    failing slide is recorded and skipped. The measures, the failures and the signal that
+    stopped the loop, if one did."""
+    from cscvision.core.batch import BatchItem, run_items
     from cscvision.labels.ihc_labels import measure_slide
 
-    measures = []
-    for slide_id, entry in tqdm(todo.items(), desc="registering", unit="slide"):
-        try:
-            measures.append(measure_slide(slide_id, entry["slide_path"], entry["pairs"], cfg,
-                                          spec, params, slide_mpp=args.slide_mpp))  # fmt: skip
-        except Exception as e:  # one bad slide must not stop the batch
-            errors.append((slide_id, _reason(entry["slide_path"], e)))
-    return measures
+    def measure(item: BatchItem):
+        entry = item.data
+        return measure_slide(item.slide_id, item.slide_path, entry["pairs"], cfg, spec, params,
+                             slide_mpp=args.slide_mpp)  # fmt: skip
 
-
-def _reason(slide_path: Path, error: Exception) -> str:
-    from cscvision.slides.batch import went_away_reason
-
-    return went_away_reason(slide_path) or f"{type(error).__name__}: {error}"
+    items = [BatchItem(k, v["slide_path"], v) for k, v in todo.items()]
+    report = run_items(items, measure, desc="registering")
+    errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
+    return list(report.results.values()), errors, report.interrupted
 
 
 def _label_all(args, measures: list, cfg, spec, errors: list):

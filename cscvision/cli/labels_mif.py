@@ -13,7 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
+from cscvision.cli.common import (
+    check_label_flags,
+    label_cohort_row,
+    print_not_labelled,
+    write_label_cohort,
+)
 
 HELP = """\
 Turn multiplex immunofluorescence (mIF) images of the H&E sections into training targets.
@@ -70,7 +75,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-px", type=int, default=224, help="tile size in px (default 224)")
     p.add_argument("--min-tissue", type=float, default=0.5)
     p.add_argument("--mask-mpp", type=float, default=8.0)
-    p.add_argument("--overwrite", action="store_true", help="replace existing tables")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo slides whose table exists (default: keep them; a re-run resumes)",
+    )
     p.set_defaults(func=run)
 
 
@@ -148,36 +157,65 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
 
 def run(args: argparse.Namespace) -> int:
     from cscvision.cells.mif_panel import read_panel
-    from cscvision.cells.table import write_cell_table
-    from cscvision.core.io import write_json
-    from cscvision.labels.table import table_path, write_label_table
-    from cscvision.slides.slide import SlideError
+    from cscvision.core.guard import run_lock
+    from cscvision.core.io import check_writable
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     t0 = time.perf_counter()
     panel = read_panel(args.panel)
     jobs = _jobs(args.manifest, args.cells)
-    existing = [p for e, *_ in jobs if (p := table_path(args.out, e.slide_id)).exists()]
-    if existing and not args.overwrite:
-        print(f"cscvision labels mif: {existing[0]} exists; pass --overwrite", file=sys.stderr)
-        return 2
-    rows, errors, n_cells = [], [], 0
-    for entry, mif_path, cells_path in jobs:
-        try:
-            table, record, labels = label_slide(entry, mif_path, cells_path, panel, args)
-        except (ValueError, SlideError, OSError) as err:
-            errors.append((entry.slide_id, f"{type(err).__name__}: {err}"))
-            continue
-        write_cell_table(args.out / "cells" / f"{entry.slide_id}.cells.parquet", table)
-        write_json(args.out / "cells" / f"{entry.slide_id}_mif.json", record)
-        path = write_label_table(table_path(args.out, entry.slide_id), labels)
-        n_cells += len(table)
-        rows.append(label_cohort_row(entry, path, args.out))
+    check_writable(args.out)
+    with run_lock(args.out, "labels mif"):  # one cohort.csv: one run at a time
+        return _run_locked(args, panel, jobs, t0)
+
+
+def _run_locked(args: argparse.Namespace, panel, jobs: list, t0: float) -> int:
+    from cscvision.core.batch import BatchItem, run_items
+    from cscvision.core.guard import interrupted_notice
+    from cscvision.labels.table import table_path
+    from cscvision.slides.slide import SlideError
+
+    items = [BatchItem(e.slide_id, e.slide_path, (e, m, c)) for e, m, c in jobs]
+    report = run_items(
+        items,
+        lambda item: _label_and_write(item.data, panel, args),
+        is_complete=lambda item: table_path(args.out, item.slide_id).exists(),
+        overwrite=args.overwrite,
+        desc="labelling",
+        record=(ValueError, SlideError, OSError),
+    )
+    rows = [label_cohort_row(e, table_path(args.out, e.slide_id), args.out) for e, *_ in jobs
+            if e.slide_id in report.done or e.slide_id in report.skipped]  # fmt: skip
+    errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
     cohort, errors_path = write_label_cohort(args.out, rows, errors)
+    if report.interrupted is not None:
+        done = f"{len(rows)} slide(s) labelled and in {cohort.name}"
+        print(interrupted_notice("labels mif", report.interrupted, done), file=sys.stderr)
+        return 128 + report.interrupted
+    kept = f" ({len(report.skipped)} kept from an earlier run)" if report.skipped else ""
     print(
-        f"wrote {len(rows)} of {len(jobs)} tile-label tables ({n_cells} mIF cells on the H&E; "
+        f"wrote {len(report.done)} of {len(jobs)} tile-label tables{kept} "
+        f"({sum(report.results.values())} mIF cells on the H&E; "
         f"targets {', '.join(args.feature or ['density_treg'])}) to {args.out} in "
         f"{time.perf_counter() - t0:.1f} s\n  {cohort.name}  for cscvision train\n"
         f"  {errors_path.name}  {len(errors)} slide(s) not labelled"
     )
     print_not_labelled(errors)
     return 1 if errors else 0
+
+
+def _label_and_write(job: tuple, panel, args: argparse.Namespace) -> int:
+    """One slide's cell table, record and tile-label table written (the label table last:
+    its presence marks the slide done); the number of cells."""
+    from cscvision.cells.table import write_cell_table
+    from cscvision.core.io import write_json
+    from cscvision.core.names import child
+    from cscvision.labels.table import table_path, write_label_table
+
+    entry, mif_path, cells_path = job
+    table, record, labels = label_slide(entry, mif_path, cells_path, panel, args)
+    cells = args.out / "cells"
+    write_cell_table(child(cells, entry.slide_id, ".cells.parquet", what="slide_id"), table)
+    write_json(child(cells, entry.slide_id, "_mif.json", what="slide_id"), record)
+    write_label_table(table_path(args.out, entry.slide_id), labels)
+    return len(table)

@@ -8,7 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from cscvision.cli.common import label_cohort_row, print_not_labelled, write_label_cohort
+from cscvision.cli.common import (
+    check_label_flags,
+    label_cohort_row,
+    measure_then_write,
+    print_not_labelled,
+    write_label_cohort,
+)
 
 HELP = """\
 Score gene programmes per spatial-transcriptomics spot and write training targets.
@@ -102,67 +108,58 @@ def run(args: argparse.Namespace) -> int:
         hint = 'pip install "cscvision[st]"'
         print(f"cscvision labels st: needs anndata and scanpy: {hint}", file=sys.stderr)
         return 2
-    from cscvision.core.guard import (
-        Interrupted,
-        defer_signals,
-        interrupt_on_signals,
-        interrupted_notice,
-    )
+    from cscvision.core.guard import run_lock
     from cscvision.core.io import check_writable
     from cscvision.labels.programmes import load_programme_config
-    from cscvision.labels.table import table_path
 
+    check_label_flags(args)  # before anything is read or written (cli.run_command: exit 2)
     t0 = time.perf_counter()
     config = load_programme_config(str(args.panels) if args.panels else None)
     jobs = _jobs(args.manifest)
     check_writable(args.out)
+    with run_lock(args.out, "labels st"):  # quantiles over every sample: one run at a time
+        return _run_locked(args, config, jobs, t0)
+
+
+def _run_locked(args: argparse.Namespace, config, jobs: list[dict], t0: float) -> int:
+    from cscvision.labels.table import table_path
+
     existing = [table_path(args.out, j["entry"].slide_id) for j in jobs]
     existing = [p for p in existing if p.exists()]
     if existing and not args.overwrite:
         print(f"cscvision labels st: {existing[0]} exists; pass --overwrite", file=sys.stderr)
         return 2
-    try:
-        with interrupt_on_signals():
-            scored, errors = _score_all(jobs, config, args.slide_mpp)
-    except Interrupted as e:  # nothing written yet: binarising quantiles need every sample
-        done = "no table written (tables are written once every sample is scored)"
-        print(interrupted_notice("labels st", e.signum, done), file=sys.stderr)
-        return 128 + e.signum
-    try:
-        with defer_signals():  # written all, or not at all
-            return _write_all(args, config, jobs, scored, errors, t0)
-    except Interrupted as e:
-        print(interrupted_notice("labels st", e.signum, "every table written"), file=sys.stderr)
-        return 128 + e.signum
+
+    def measure() -> tuple[tuple[list, list], int | None]:
+        scored, errors, signum = _score_all(jobs, config, args.slide_mpp)
+        return (scored, errors), signum
+
+    def write(found: tuple[list, list]) -> int:
+        return _write_all(args, config, jobs, *found, t0)
+
+    unwritten = "no table written (tables are written once every sample is scored)"
+    return measure_then_write("labels st", measure, write, unwritten=unwritten)
 
 
-def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list, list]:
-    """Each sample's spot-score table; a failing sample is recorded and skipped."""
-    from tqdm.auto import tqdm
-
+def _score_all(jobs: list[dict], config, slide_mpp: float | None) -> tuple[list, list, int | None]:
+    """Each sample's spot-score table (:func:`cscvision.core.batch.run_items`); a failing
+    sample is recorded and skipped. The tables, the failures and the signal that stopped the
+    loop, if one did."""
+    from cscvision.core.batch import BatchItem, run_items
     from cscvision.labels.st_labels import st_label_table
-    from cscvision.slides.batch import went_away_reason
     from cscvision.slides.info import SlideError
 
-    scored, errors = [], []
-    for job in tqdm(jobs, desc="scoring spots", unit="slide"):
-        e = job["entry"]
-        try:
-            table = st_label_table(
-                e.slide_path,
-                job["st_path"],
-                config,
-                slide_id=e.slide_id,
-                mpp_override=slide_mpp,
-                scale=job["scale"],
-                offset_px=job["offset"],
-            )
-        except (ValueError, SlideError, OSError, KeyError) as err:  # one bad sample: go on
-            gone = went_away_reason(e.slide_path)
-            errors.append((e.slide_id, gone or f"{type(err).__name__}: {err}"))
-            continue
-        scored.append((job, table))
-    return scored, errors
+    def score(item: BatchItem):
+        job = item.data
+        return job, st_label_table(item.slide_path, job["st_path"], config,
+                                   slide_id=item.slide_id, mpp_override=slide_mpp,
+                                   scale=job["scale"], offset_px=job["offset"])  # fmt: skip
+
+    items = [BatchItem(j["entry"].slide_id, j["entry"].slide_path, j) for j in jobs]
+    record = (ValueError, SlideError, OSError, KeyError)  # one bad sample: go on
+    report = run_items(items, score, desc="scoring spots", record=record)
+    errors = [(slide_id, reason) for slide_id, _, reason in report.failed]
+    return list(report.results.values()), errors, report.interrupted
 
 
 def _write_all(args, config, jobs, scored, errors, t0) -> int:

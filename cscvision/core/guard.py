@@ -21,6 +21,7 @@ from cscvision.core.errors import CscvisionError
 
 LOCK_FILE = ".cscvision.lock"
 TABLES_LOCK_FILE = ".cscvision-tables.lock"
+RUN_LOCK_FILE = ".cscvision-run.lock"
 
 
 class SlideBusy(CscvisionError):
@@ -37,22 +38,61 @@ class Interrupted(BaseException):
 
 @contextlib.contextmanager
 def slide_lock(folder: str | Path, *, wait: bool = False) -> Iterator[Path]:
-    """Hold ``folder/.cscvision.lock`` (created with the folder) for the block.
-
-    Raises :class:`SlideBusy` at once when another process holds it, or waits for it with
-    ``wait``. The lock is an ``fcntl`` lock (``filelock``): the kernel drops it when the
-    process dies, so a killed run never leaves a slide locked. The lock file stays (deleting
-    it would let two runs lock two different files of one name).
-    """
+    """Hold ``folder/.cscvision.lock`` (created with the folder) for the block
+    (:func:`item_lock`)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / LOCK_FILE, timeout=-1 if wait else 0, thread_local=False)
+    with item_lock(folder / LOCK_FILE, wait=wait, busy=folder):
+        yield folder
+
+
+@contextlib.contextmanager
+def item_lock(
+    lock_file: str | Path, *, wait: bool = False, busy: str | Path | None = None
+) -> Iterator[Path]:
+    """Hold the lock file ``lock_file`` (its folder created) for the block.
+
+    Raises :class:`SlideBusy` (naming ``busy``, default the lock file) at once when another
+    process holds it, or waits for it with ``wait``. The lock is an ``fcntl`` lock
+    (``filelock``): the kernel drops it when the process dies, so a killed run never leaves
+    an item locked. The lock file stays (deleting it would let two runs lock two different
+    files of one name).
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file, timeout=-1 if wait else 0, thread_local=False)
     try:
         lock.acquire(poll_interval=0.2)
     except Timeout:
-        raise SlideBusy(f"{folder}: another run is processing this slide") from None
+        what = busy or lock_file
+        raise SlideBusy(f"{what}: another run is processing this slide") from None
     try:
-        yield folder
+        yield lock_file
+    finally:
+        lock.release()
+
+
+class OutBusy(CscvisionError):
+    """Another run of a command whose outputs are one whole holds the output folder."""
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path, command: str) -> Iterator[None]:
+    """Hold ``out/.cscvision-run.lock`` for a whole run of ``command``: for commands whose
+    outputs belong together (``labels``: thresholds and quantiles chosen from every slide,
+    one ``cohort.csv``), the run, not the slide, is what two runs must not share.
+    :class:`OutBusy` at once when another run holds it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK_FILE, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutBusy(
+            f"--out {out}: another cscvision {command} run is writing there; wait for it to "
+            "end, or give this run another --out"
+        ) from None
+    try:
+        yield
     finally:
         lock.release()
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cscvision.core.guard import item_lock
+from cscvision.core.names import child
 from cscvision.features.settings import ExtractSettings
 from cscvision.features.store import STORE_SUFFIX, FeatureStore, write_feature_store
 from cscvision.models.encoders import Encoder
@@ -165,8 +167,16 @@ def extract_slide(
 
 
 def store_path(out_dir: str | Path, slide_id: str) -> Path:
-    """Where ``cscvision features`` keeps a slide's store: ``OUT/<slide_id>.h5``."""
-    return Path(out_dir) / f"{slide_id}{STORE_SUFFIX}"
+    """Where ``cscvision features`` keeps a slide's store: ``OUT/<slide_id>.h5``; an id that
+    is not an allowed name (:mod:`cscvision.core.names`) raises ``UnsafeNameError``."""
+    return child(out_dir, slide_id, STORE_SUFFIX, what="slide_id")
+
+
+def store_lock_path(out_dir: str | Path, slide_id: str) -> Path:
+    """The lock file a run holds while it checks or writes a slide's store:
+    ``OUT/.<slide_id>.h5.lock`` (stays; :func:`cscvision.core.guard.item_lock`)."""
+    store = store_path(out_dir, slide_id)
+    return store.with_name(f".{store.name}.lock")
 
 
 def extraction_setup(
@@ -186,9 +196,10 @@ def extraction_setup(
     if settings.decode == "gpu" and extractor.device.type != "cuda":
         raise ValueError(f"--decode gpu needs a CUDA device; this worker has {device}")
 
-    def process(job: SlideJob) -> None:
+    def process(job: SlideJob) -> None:  # under the slide's lock, as the local path
         path = store_path(out_dir, job.slide_id)
-        extract_slide(job.slide_path, extractor, path, settings, slide_mpp=job.mpp,
-                      progress=False)  # fmt: skip
+        with item_lock(store_lock_path(out_dir, job.slide_id), wait=True):
+            extract_slide(job.slide_path, extractor, path, settings, slide_mpp=job.mpp,
+                          progress=False)  # fmt: skip
 
     return process

@@ -162,11 +162,17 @@ class JobWorker:
         return f"{socket.gethostname()} pid {os.getpid()} on {self.device}"
 
     def run(self, job: SlideJob) -> str | None:
-        """Process one slide; None when done, else the failure reason."""
+        """Process one slide; None when done, else the failure reason (as the local path's:
+        a slide file deleted or moved while it was read is said to have gone away)."""
+        import os
+
+        from cscvision.core.batch import went_away_reason
+
+        existed = os.path.lexists(job.slide_path)
         try:
             self.process(job)
         except Exception as e:  # one bad slide must not stop the worker or the batch
-            return failure_reason(e)
+            return went_away_reason(job.slide_path, existed) or failure_reason(e)
         return None
 
 

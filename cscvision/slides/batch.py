@@ -1,32 +1,30 @@
 """Batches of slides: input discovery, sharding, resume, error records and progress.
 
-Used by ``cscvision tile`` and ``cscvision infer``: one bad slide is recorded in
-``errors.csv`` and skipped; the others finish. Each slide is processed under a lock in its
-folder (another run's slide is skipped as busy, or waited for); SIGTERM and SIGINT end the
-batch with :attr:`BatchReport.interrupted` set, after the tables are written.
+Used by ``cscvision tile``, ``infer``, ``features`` and ``cells``, through the one per-item
+loop of :mod:`cscvision.core.batch`: one bad slide is recorded in ``errors.csv`` and skipped;
+the others finish. Each slide is processed under a lock (another run's slide is skipped as
+busy, or waited for); SIGTERM and SIGINT end the batch with
+:attr:`BatchReport.interrupted` set, after the tables are written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from cscvision.core.errors import CscvisionError
-from cscvision.core.guard import (
-    Interrupted,
-    SlideBusy,
-    interrupt_on_signals,
-    slide_lock,
-    table_lock,
+from cscvision.core.batch import (
+    BatchReport,
+    merge_table,
+    out_of_memory_reason,
+    run_items,
+    went_away_reason,
 )
-from cscvision.core.io import inside, read_csv, write_csv
+from cscvision.core.errors import CscvisionError
+from cscvision.core.guard import LOCK_FILE
+from cscvision.core.io import inside, read_csv
 from cscvision.slides.grid import path_digest, safe_slide_id, slide_id_of
 
 SLIDE_SUFFIXES = (
@@ -54,21 +52,6 @@ class SlideInput:
 
     path: Path
     slide_id: str | None = None
-
-
-@dataclass
-class BatchReport:
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str, str]] = field(default_factory=list)  # id, path, reason
-    busy: list[str] = field(default_factory=list)  # held by another run: not touched
-    seconds: float = 0.0
-    interrupted: int | None = None  # the signal that ended the batch early
-    in_progress: str | None = None  # the slide abandoned when it did
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
 
 
 DICOM_SUFFIX = ".dcm"
@@ -252,22 +235,6 @@ def errors_name(shard: tuple[int, int] | None) -> str:
     return f"errors{shard_suffix(shard)}.csv"
 
 
-def merge_table(
-    path: Path, header: Sequence[str], rows: Iterable[Sequence[object]], drop: Iterable[str] = ()
-) -> Path:
-    """Write ``rows`` (keyed by their first column, ``slide_id``) to ``path`` and keep the
-    rows of slides an earlier run wrote there that these rows and ``drop`` do not name: the
-    newest row of a slide wins. Under a lock beside ``path``, so concurrent runs never drop
-    each other's rows."""
-    new = [list(r) for r in rows]
-    with table_lock(path):
-        old = read_csv(path) if path.is_file() else []
-        gone = {str(r[0]) for r in new} | set(drop)
-        kept = [[r.get(c) or "" for c in header] for r in old if r.get(header[0]) not in gone]
-        write_csv(path, header, new + kept)
-    return path
-
-
 def write_errors(out_dir: Path, report: BatchReport, shard: tuple[int, int] | None = None) -> Path:
     """``errors.csv``: this run's failures, and earlier failures of slides this run did not
     settle (a slide done or skipped as complete leaves it)."""
@@ -285,82 +252,37 @@ def run_batch(
     desc: str = "slides",
     on_error: Callable[[SlideJob, BaseException], None] | None = None,
     folder_of: Callable[[SlideJob], Path] | None = None,
+    lock_of: Callable[[SlideJob], Path] | None = None,
     wait: bool = False,
 ) -> BatchReport:
-    """Run ``process`` on each job with a progress bar; record failures and go on.
-
-    A job whose outputs are complete is skipped unless ``overwrite``. With ``folder_of``,
-    each job runs under the lock of its folder: one another run holds is skipped as busy
-    (or, with ``wait``, waited for). SIGTERM or SIGINT stops the batch: the report says which
-    and the slide that was abandoned.
-    """
-    report = BatchReport()
-    start = time.perf_counter()
-    bar = tqdm(jobs, desc=desc, unit="slide", dynamic_ncols=True)
-    with interrupt_on_signals():
-        try:
-            for job in bar:
-                bar.set_postfix_str(job.slide_id)
-                report.in_progress = job.slide_id
-                _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, wait)
-            report.in_progress = None
-        except Interrupted as e:
-            report.interrupted = e.signum
-        finally:
-            bar.close()
-    report.seconds = time.perf_counter() - start
-    return report
+    """:func:`~cscvision.core.batch.run_items` over slides: a path that cannot be a slide is
+    failed before anything opens it; each job runs under the lock file ``lock_of`` names,
+    or with ``folder_of`` the lock of its folder (one another run holds is skipped as busy,
+    or, with ``wait``, waited for); an unexpected error's reason carries a short traceback."""
+    if folder_of is not None:
+        lock_of = lambda job: folder_of(job) / LOCK_FILE  # noqa: E731
+    return run_items(jobs, process, is_complete=is_complete, overwrite=overwrite, desc=desc,
+                     reason=_slide_reason, lock_of=lock_of, wait=wait, check=_check_input,
+                     on_error=on_error)  # fmt: skip
 
 
-def _run_one(job, process, is_complete, report, overwrite, on_error, folder_of, wait) -> None:
-    existed = os.path.lexists(job.slide_path)
-    try:
-        problem = input_problem(job.slide_path)
-        if problem is not None:
-            from cscvision.slides.slide import SlideError
+def _check_input(job: SlideJob) -> None:
+    problem = input_problem(job.slide_path)
+    if problem is not None:
+        from cscvision.slides.slide import SlideError
 
-            raise SlideError(problem)
-        folder = folder_of(job) if folder_of is not None else None
-        with slide_lock(folder, wait=wait) if folder is not None else contextlib.nullcontext():
-            if not overwrite and is_complete(job):
-                report.skipped.append(job.slide_id)
-                return
-            process(job)
-    except SlideBusy:
-        report.busy.append(job.slide_id)
-    except Exception as e:  # one bad slide must not stop the batch
-        reason = f"{type(e).__name__}: {e}"
-        if isinstance(e, MemoryError):  # the last resort: reads over budget are refused
-            reason = out_of_memory_reason(job.slide_path)
-        elif (gone := went_away_reason(job.slide_path, existed)) is not None:
-            reason = gone
-        elif not _is_expected(e):
-            reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
-        report.failed.append((job.slide_id, str(job.slide_path), reason))
-        if on_error is not None:
-            on_error(job, e)
-    else:
-        report.done.append(job.slide_id)
+        raise SlideError(problem)
 
 
-def went_away_reason(slide_path: str | Path, existed: bool = True) -> str | None:
-    """The ``errors.csv`` reason for a slide whose file was there when its job started and is
-    gone now (deleted or moved while the batch ran), whatever error the reader gave; None
-    when the file is still there."""
-    if not existed or os.path.lexists(slide_path):
-        return None
-    return (
-        f"SlideError: {slide_path}: the slide file went away while it was read (deleted or "
-        "moved during the run); put it back and re-run to resume"
-    )
-
-
-def out_of_memory_reason(slide_path: str | Path) -> str:
-    """The ``errors.csv`` reason for a slide that ran out of memory (no traceback)."""
-    return (
-        f"MemoryError: {slide_path}: ran out of memory on this slide; check its size and "
-        "µm/px, or lower --batch-size / --workers"
-    )
+def _slide_reason(job: SlideJob, error: BaseException, existed: bool) -> str:
+    reason = f"{type(error).__name__}: {error}"
+    if isinstance(error, MemoryError):  # the last resort: reads over budget are refused
+        return out_of_memory_reason(job.slide_path)
+    if (gone := went_away_reason(job.slide_path, existed)) is not None:
+        return gone
+    if not _is_expected(error):
+        reason += " | " + traceback.format_exc(limit=3).replace("\n", " ")
+    return reason
 
 
 def _is_expected(error: Exception) -> bool:
