@@ -60,7 +60,7 @@ def test_the_held_out_choice_of_smoothing_follows_the_true_warp(noise_um, length
 def test_match_field_reports_the_smoothing_it_used(iterations):
     src, dst, _, shape, f = _matches(4.0, 400.0, seed=2)
 
-    def matcher(fixed, moving, through, max_patches):
+    def matcher(fixed, moving, through, max_patches, search_um):
         return src, dst
 
     fixed = type("L", (), {"mpp": f, "image": np.zeros(shape)})()

@@ -53,7 +53,8 @@ class RegistrationParams:
     min_dice: float = 0.5  # tissue overlap once registered
     max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
     nonrigid: bool = True  # kept only where it lowers the held-out error
-    flow_smooth_um: float = 40.0
+    flow_smooth_um: float = 160.0  # Gaussian sigma of the field's smoothing
+    choose_smoothing: bool = False  # pick 1, 2, 4 or 8 x flow_smooth_um by held-out matches
     ransac_um: float = 8.0  # RANSAC residual floor, µm: the affine follows the whole section
     # under a warp, not the largest patch that fits within 1.5 px
 
@@ -443,21 +444,26 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
 def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src, dst,
                      seed: int) -> dict:  # fmt: skip
     """The held-out error of the affine, and of the affine + field when ``p.nonrigid``
-    (:mod:`cscvision.labels.registration_flow`); the field is kept when it lowers the
-    median. Without enough dense matches, the 5-fold error of the affine's own matches."""
+    (:mod:`cscvision.labels.registration_flow`), each less the matches' own scatter; the
+    field is kept when it lowers the held-out median. Without enough dense matches, the
+    5-fold error of the affine's own matches."""
     from cscvision.labels.registration_flow import (
         MIN_MATCHES,
         error_summary,
         flow_grid,
         held_out_lengths,
+        less_scatter,
         match_field,
+        matcher_scatter,
     )  # fmt: skip
+    from cscvision.labels.registration_match import template_matches
 
     f, shape = fixed.mpp, fixed.image.shape
-    rounds = 5 if p.nonrigid else 1
+    rounds = 3 if p.nonrigid else 1
     field, s, d, good, smooth, scores = match_field(
-        fixed, moving, m, p.flow_smooth_um, patch_matches, iterations=rounds, choose=p.nonrigid
-    )
+        fixed, moving, m, p.flow_smooth_um, template_matches, iterations=rounds,
+        choose=p.nonrigid and p.choose_smoothing,
+    )  # fmt: skip
     out = {"flow_um": None, "flow_step_um": 0.0}
     affine = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, False),
                            shape, f)  # fmt: skip
@@ -471,7 +477,8 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
         method = f"5-fold affine residuals of matches (dense matches: {affine['measured']})"
         out["error_detail"] = {"method": method, "affine": affine}
         return out
-    chosen, detail = affine, {"affine": {k: affine[k] for k in ("median", "p90")}}
+    scatter = matcher_scatter(s, d, m, field, good, f)
+    chosen, detail = affine, {"matcher_scatter_um": scatter}
     if p.nonrigid:
         flowed = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, True),
                                shape, f)  # fmt: skip
@@ -482,6 +489,8 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
             step_um = max(f, smooth / 4)
             chosen, out["flow_um"] = flowed, flow_grid(field, f, step_um)
             out["flow_step_um"] = step_um
+    detail["affine"] = {k: affine[k] for k in ("median", "p90")}
+    chosen = less_scatter(chosen, scatter)
     out["error_um"] = {"median": chosen["median"], "p90": chosen["p90"]}
     out["error_detail"] = {**chosen, **detail}
     return out
