@@ -31,6 +31,7 @@ from scipy import ndimage
 from skimage import color, filters, measure, transform
 
 from cscvision.core.errors import CscvisionError
+from cscvision.labels.registration_match import warp_to_fixed
 from cscvision.slides.slide import SlideReader
 from cscvision.slides.tissue import optical_density
 
@@ -354,17 +355,6 @@ def held_out_error(src: np.ndarray, dst: np.ndarray, folds: int = 5, seed: int =
         fit = transform.AffineTransform.from_estimate(src[fold != i], dst[fold != i])
         out[fold == i] = np.linalg.norm(fit(src[fold == i]) - dst[fold == i], axis=1)
     return out
-
-
-def warp_to_fixed(
-    moving: np.ndarray, moving_mpp: float, shape: tuple[int, int], fixed_mpp: float, fn
-) -> np.ndarray:
-    """Sample ``moving`` (a 2-D array) at every fixed pixel through ``fn`` (µm -> µm)."""
-    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
-    xy = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * fixed_mpp
-    m = fn(xy) / moving_mpp - 0.5
-    out = ndimage.map_coordinates(moving, [m[:, 1], m[:, 0]], order=1, mode="constant")
-    return out.reshape(shape)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

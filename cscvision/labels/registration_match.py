@@ -17,9 +17,21 @@ window), or under ``min_ncc``, gives no match.
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from skimage.feature import match_template
 
 STEP_PX = 16  # one patch every 16 px of the finest level (registration_flow's weights)
+
+
+def warp_to_fixed(
+    moving: np.ndarray, moving_mpp: float, shape: tuple[int, int], fixed_mpp: float, fn
+) -> np.ndarray:
+    """Sample ``moving`` (a 2-D array) at every fixed pixel through ``fn`` (µm -> µm)."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    xy = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * fixed_mpp
+    m = fn(xy) / moving_mpp - 0.5
+    out = ndimage.map_coordinates(moving, [m[:, 1], m[:, 0]], order=1, mode="constant")
+    return out.reshape(shape)
 
 
 def _parabola(m1: float, c0: float, p1: float) -> float:
@@ -53,8 +65,6 @@ def template_matches(
     cross-correlation ≥ ``min_ncc`` within ``search_um`` in the moving level warped by
     ``guess`` (fixed µm [N, 2] -> moving µm [N, 2]). ``tested[0]`` is increased by the
     number of patches tried."""
-    from cscvision.labels.registration import warp_to_fixed
-
     tested = [0] if tested is None else tested
     shape = fixed.image.shape
     warped = warp_to_fixed(moving.image, moving.mpp, shape, fixed.mpp, guess)
