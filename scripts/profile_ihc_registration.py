@@ -8,9 +8,9 @@ For every pair of ``C/ihc_manifest.csv`` with a point map beside its IHC slide (
 interior (> 100 µm from the edge of that tissue), edge (≤ 100 µm) and under a fold or
 bubble, the true error (median / p90, µm) of:
 
-- **matcher**: the finest level's patch matches made under the TRUE transform (what the
-  matcher alone adds: its noise and bias), with their median error vector and robust sd
-  per axis;
+- **matcher**: the finest level's field matches (template search) made under the TRUE
+  transform (what the matcher alone adds: its noise and bias), with their median error
+  vector and robust sd per axis;
 - **best affine**: the least-squares affine to the truth (what an affine can reach);
 - **affine** and **final** (affine + field) of ``register_slides`` with its defaults,
   beside the tool's own estimate (skipped with ``--no-register``).
@@ -33,6 +33,8 @@ from eval_ihc import pointmap_path
 
 from cscvision.cli.labels_ihc import read_manifest
 from cscvision.labels import registration as R
+from cscvision.labels.registration_flow import SEARCH_UM
+from cscvision.labels.registration_match import template_matches
 from cscvision.slides.slide import open_slide
 from cscvision.synth.ihc_truth import he_to_ihc_um, read_point_map
 
@@ -69,8 +71,8 @@ def profile_pair(he: Path, ihc: Path, register: bool) -> None:
     with open_slide(he) as fixed, open_slide(ihc) as moving:
         mpps = R.level_mpps(fixed, moving, params)
         finest_f, finest_m = R.level(fixed, mpps[-1]), R.level(moving, mpps[-1])
-        s, d = R.patch_matches(finest_f, finest_m, lambda xy: he_to_ihc_um(pm, xy),
-                               max_patches=4000)  # fmt: skip
+        s, d = template_matches(finest_f, finest_m, lambda xy: he_to_ihc_um(pm, xy),
+                                search_um=SEARCH_UM[-1])  # fmt: skip
         dv = d - he_to_ihc_um(pm, s)
         med = np.median(dv, 0)
         sd = 1.4826 * np.median(np.abs(dv - med), 0)

@@ -741,6 +741,14 @@ def test_a_labels_run_into_an_out_another_labels_run_holds_is_refused(world, box
     assert [p.name for p in box.out.iterdir()] == [".cscvision-run.lock"]
 
 
+def test_register_refuses_a_final_agreement_above_one(world, box, capsys):
+    slides = world["slides"]
+    args = ["register", slides["a"], slides["c"], "--out", box.out, "--min-final-agreement", "2"]
+    status, text = box.run(args, capsys)
+    assert status == 2 and "--min-final-agreement" in text
+    assert not box.out.exists()
+
+
 def test_labels_ihc_refuses_a_zero_fine_um_up_front(world, box, capsys):
     status, text = _ihc(box, _ihc_manifest(box, world, "S1"), capsys, "--fine-um", "0")
     assert status == 2 and "--fine-um" in text

@@ -60,12 +60,12 @@ def test_the_held_out_choice_of_smoothing_follows_the_true_warp(noise_um, length
 def test_match_field_reports_the_smoothing_it_used(iterations):
     src, dst, _, shape, f = _matches(4.0, 400.0, seed=2)
 
-    def matcher(fixed, moving, through, max_patches):
+    def matcher(fixed, moving, through, max_patches, search_um, tested):
         return src, dst
 
     fixed = type("L", (), {"mpp": f, "image": np.zeros(shape)})()
     out = flow.match_field(fixed, None, np.eye(3), 40.0, matcher, iterations, choose=True)
-    field, *_, smooth, scores = out
+    field, *_, smooth, scores, _tried = out
     assert field.shape == (2, *shape) and smooth in (40.0, 80.0, 160.0, 320.0)
     assert scores[f"{smooth:g}"] == min(scores.values())
     fixed_only = flow.match_field(fixed, None, np.eye(3), 40.0, matcher, iterations)

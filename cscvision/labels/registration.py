@@ -11,11 +11,12 @@ Coarse to fine, in level-0 µm of both slides:
 3. RANSAC affine on the matches, then again at a finer µm/px with matches gated to lie
    near where the coarse transform puts them;
 4. non-rigid refinement (on by default, kept where it lowers the held-out error): dense
-   patch matches, outliers dropped, smoothed over a scale chosen by held-out error, five
-   rounds, kept as a displacement grid (:mod:`cscvision.labels.registration_flow`
-   documents the grid);
+   template matches (:mod:`cscvision.labels.registration_match`), coarse to fine and
+   incremental, outliers dropped, smoothed over ``flow_smooth_um``, kept as a displacement
+   grid (:mod:`cscvision.labels.registration_flow` documents the grid);
 5. the error: patches on a lattice held out of every fit, measured after the full
-   transform (median, 90th percentile and per region, µm); failure when too few patches
+   transform, less the matches' own scatter (median, 90th percentile and per region, µm);
+   failure when too few patches
    agree on one transform, the error is above a limit, or the tissue masks do not overlap
    once registered.
 """
@@ -30,6 +31,7 @@ from scipy import ndimage
 from skimage import color, filters, measure, transform
 
 from cscvision.core.errors import CscvisionError
+from cscvision.labels.registration_match import warp_to_fixed
 from cscvision.slides.slide import SlideReader
 from cscvision.slides.tissue import optical_density
 
@@ -49,11 +51,15 @@ class RegistrationParams:
     min_inliers: int = 12
     min_inlier_ratio: float = 0.0  # of the finest level's patch matches (0: not checked)
     min_agreement: float = 0.15  # agreeing matches per patch tried, all levels
+    # ... or, when under it, patches of the last field round within ransac_um of the final
+    # transform per patch tried (a true pair under a warp no affine follows)
+    min_final_agreement: float = 0.08
     max_error_um: float = 50.0  # p90 of the held-out error above this fails
     min_dice: float = 0.5  # tissue overlap once registered
     max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
     nonrigid: bool = True  # kept only where it lowers the held-out error
-    flow_smooth_um: float = 40.0
+    flow_smooth_um: float = 160.0  # Gaussian sigma of the field's smoothing
+    choose_smoothing: bool = False  # pick 1, 2, 4 or 8 x flow_smooth_um by held-out matches
     ransac_um: float = 8.0  # RANSAC residual floor, µm: the affine follows the whole section
     # under a warp, not the largest patch that fits within 1.5 px
 
@@ -351,17 +357,6 @@ def held_out_error(src: np.ndarray, dst: np.ndarray, folds: int = 5, seed: int =
     return out
 
 
-def warp_to_fixed(
-    moving: np.ndarray, moving_mpp: float, shape: tuple[int, int], fixed_mpp: float, fn
-) -> np.ndarray:
-    """Sample ``moving`` (a 2-D array) at every fixed pixel through ``fn`` (µm -> µm)."""
-    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
-    xy = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * fixed_mpp
-    m = fn(xy) / moving_mpp - 0.5
-    out = ndimage.map_coordinates(moving, [m[:, 1], m[:, 0]], order=1, mode="constant")
-    return out.reshape(shape)
-
-
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return float(2 * (a & b).sum() / total) if total else 0.0
@@ -390,24 +385,33 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
     out = {"n_matches": n_matches, "flip": flip, "n_inliers": len(src), "matrix_um": m}
     out["agreement"] = round(agreement, 4)
     out["rotation_deg"] = float(np.degrees(np.arctan2(m[1, 0], m[0, 0])) * (-1 if flip else 1))
-    out.update(_errors_and_flow(fixed[-1], moving[-1], m, p, src, dst, seed))
+    coarse = (fixed[-2], moving[-2]) if len(fixed) > 1 and p.nonrigid else None
+    out.update(_errors_and_flow(fixed[-1], moving[-1], m, p, src, dst, seed, coarse))
     c0, m0 = fixed[0], moving[0]
     warped = warp_to_fixed(m0.mask.astype(np.float32), m0.mpp, c0.mask.shape, c0.mpp,
                            lambda xy: _apply(m, xy)) > 0.5  # fmt: skip
     out["tissue_dice"] = _dice(c0.mask, warped)
     out["ok"], out["reason"] = True, ""
     stretch = np.linalg.svd(m[:2, :2], compute_uv=False)
+    kept = out.get("flow_um") is not None  # the final transform has a field
+    final = out["error_detail"].get("final_agreement", 0.0) if kept else 0.0
     if len(src) < p.min_inliers:
         out["ok"], out["reason"] = (
             False,
             (f"too few matching features agree ({len(src)}, {p.min_inliers} needed)"),
         )
-    elif agreement < p.min_agreement:
+    elif agreement < p.min_agreement and final < p.min_final_agreement:
         out["ok"], out["reason"] = (
             False,
             (
                 f"only {agreement:.1%} of the patches tried agree on one transform "
-                f"(< {p.min_agreement:.0%}): probably not the same tissue"
+                f"(< {p.min_agreement:.0%}) and "
+                + (
+                    f"{final:.1%} on the final non-rigid one (< {p.min_final_agreement:.0%})"
+                    if kept
+                    else "no non-rigid field improved on it"
+                )
+                + ": probably not the same tissue"
             ),
         )
     elif len(src) < p.min_inlier_ratio * n_matches:
@@ -441,23 +445,29 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
 
 
 def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src, dst,
-                     seed: int) -> dict:  # fmt: skip
+                     seed: int, coarse=None) -> dict:  # fmt: skip
     """The held-out error of the affine, and of the affine + field when ``p.nonrigid``
-    (:mod:`cscvision.labels.registration_flow`); the field is kept when it lowers the
-    median. Without enough dense matches, the 5-fold error of the affine's own matches."""
+    (:mod:`cscvision.labels.registration_flow`), each less the matches' own scatter; the
+    field is kept when it lowers the held-out median. Without enough dense matches, the
+    5-fold error of the affine's own matches."""
     from cscvision.labels.registration_flow import (
         MIN_MATCHES,
+        _sample,
         error_summary,
         flow_grid,
         held_out_lengths,
+        less_scatter,
         match_field,
+        matcher_scatter,
     )  # fmt: skip
+    from cscvision.labels.registration_match import template_matches
 
     f, shape = fixed.mpp, fixed.image.shape
-    rounds = 5 if p.nonrigid else 1
-    field, s, d, good, smooth, scores = match_field(
-        fixed, moving, m, p.flow_smooth_um, patch_matches, iterations=rounds, choose=p.nonrigid
-    )
+    rounds = 3 if p.nonrigid else 1
+    field, s, d, good, smooth, scores, tried = match_field(
+        fixed, moving, m, p.flow_smooth_um, template_matches, iterations=rounds,
+        choose=p.nonrigid and p.choose_smoothing, coarse=coarse,
+    )  # fmt: skip
     out = {"flow_um": None, "flow_step_um": 0.0}
     affine = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, False),
                            shape, f)  # fmt: skip
@@ -471,7 +481,10 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
         method = f"5-fold affine residuals of matches (dense matches: {affine['measured']})"
         out["error_detail"] = {"method": method, "affine": affine}
         return out
-    chosen, detail = affine, {"affine": {k: affine[k] for k in ("median", "p90")}}
+    scatter = matcher_scatter(s, d, m, field, good, f)
+    chosen, detail = affine, {"matcher_scatter_um": scatter}
+    near = np.linalg.norm(d - (s @ m[:2, :2].T + m[:2, 2] + _sample(field, s, f)), axis=1)
+    detail["final_agreement"] = round(float((near < p.ransac_um).sum() / max(tried, 1)), 4)
     if p.nonrigid:
         flowed = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, True),
                                shape, f)  # fmt: skip
@@ -482,6 +495,8 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
             step_um = max(f, smooth / 4)
             chosen, out["flow_um"] = flowed, flow_grid(field, f, step_um)
             out["flow_step_um"] = step_um
+    detail["affine"] = {k: affine[k] for k in ("median", "p90")}
+    chosen = less_scatter(chosen, scatter)
     out["error_um"] = {"median": chosen["median"], "p90": chosen["p90"]}
     out["error_detail"] = {**chosen, **detail}
     return out
