@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
+from cscvision.models.mil_net import TRAINED
 from cscvision.training.mil import (
-    ARCHITECTURES,
     BagTargets,
     MILConfig,
     MILSystem,
@@ -70,14 +70,14 @@ def main() -> None:
     ap.add_argument("--bags", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-bag", type=int, default=4096, help="tiles sampled per training step")
-    ap.add_argument("--architecture", choices=(*ARCHITECTURES, "all"), default="all")
+    ap.add_argument("--architecture", choices=(*TRAINED, "all"), default="all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     bags = [torch.as_tensor(rng.normal(0, 1, (args.tiles, args.dim)).astype(np.float32))
             for _ in range(4)]  # fmt: skip
     print(f"bags of {args.tiles} tiles x {args.dim} features, {args.threads} thread(s)")
-    for arch in ARCHITECTURES if args.architecture == "all" else (args.architecture,):
+    for arch in TRAINED if args.architecture == "all" else (args.architecture,):
         bench(arch, bags, args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory {peak_mb:.0f} MB")

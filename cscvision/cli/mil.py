@@ -17,8 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "mil",
         help="attention MIL on slide-level labels (k-fold CV over patients)",
         description=(
-            "Cross-validate attention MIL (gated attention or CLAM-SB) on bags of stored tile "
-            "features (one feature store per slide, from cscvision features) against "
+            "Cross-validate MIL (instance-level linear, gated attention or CLAM-SB) on bags "
+            "of stored tile features (one feature store per slide, from cscvision features) "
+            "against "
             "slide-level labels, with patient-level k-fold cross-validation; for a model that "
             "cscvision infer runs on slides, use cscvision train with kind: mil. Writes "
             "OUT/cv_metrics.json (per fold and "
@@ -54,11 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of folds, sampling and weights")
     p.add_argument(
         "--architecture",
-        choices=("gated_attention", "clam_sb", "mean"),
-        default="gated_attention",
-        help="gated attention (Ilse et al. 2018, the default), CLAM-SB (its instance loss "
-        "needs a NAME:tercile or other classification target) or mean pooling (every tile "
-        "weighted 1/N: the slide is the mean of per-tile predictions)",
+        choices=("auto", "gated_attention", "clam_sb", "mean", "instance_linear"),
+        default="auto",
+        help="auto (the default): instance_linear when every target is a regression, "
+        "gated_attention when a class target is trained; instance_linear: a linear per-tile "
+        "head, the slide the mean of its tiles, fitted in closed form (ridge on mean-pooled "
+        "features with a per-tile read-out); gated attention (Ilse et al. 2018); CLAM-SB "
+        "(needs a NAME:tercile or other classification target); mean: mean pooling trained "
+        "by gradient descent",
     )
     p.set_defaults(func=run)
 

@@ -84,7 +84,7 @@ class MILRecord(TypedDict, total=False):
     """The card's ``mil`` part (kind mil; ``models.mil``): the network's shape and the slide
     targets (regression: name, mean, sd, units; classification: name, classes)."""
 
-    architecture: Required[Literal["gated_attention", "clam_sb"]]
+    architecture: Required[Literal["gated_attention", "clam_sb", "mean", "instance_linear"]]
     in_dim: Required[Annotated[int, Field(ge=1)]]
     hidden: Required[Annotated[int, Field(ge=1)]]
     attention: Required[Annotated[int, Field(ge=1)]]

@@ -28,7 +28,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from cscvision.models.mil_net import GatedAttentionMIL
+from cscvision.models.mil_net import GatedAttentionMIL, InstanceLinearMIL
 
 ATTENTION = "attention"
 MAP_UNIT = "within-slide percentile"  # short: colour-bar label
@@ -147,6 +147,12 @@ def slide_prediction_record(out: MILSlideOutput) -> dict[str, Any]:
 
 def mil_net_from_record(record: dict[str, Any]) -> GatedAttentionMIL:
     """An untrained net of the shape a card's ``mil`` record describes."""
+    if record.get("architecture") == "instance_linear":
+        return InstanceLinearMIL(
+            int(record["in_dim"]),
+            n_regression=len(record.get("regression", [])),
+            n_covariates=len(record.get("covariates", [])),
+        )
     return GatedAttentionMIL(
         int(record["in_dim"]),
         n_regression=len(record.get("regression", [])),

@@ -3,10 +3,11 @@ CLAM-SB's instance classifiers (Lu et al. 2021) when asked, or mean pooling.
 
 ``mean`` is the same network with every tile weighted ``1/N``: the slide's regression
 output is then the mean of per-tile predictions ``W h_i``, the form of a fraction label
-(the share of tissue that is stemness-rich). Measured on the synthetic 200-slide cohort
-(``scripts/eval_mil.py --architecture mean``) it does not beat ridge regression on
-mean-pooled features (pooled CV Pearson 0.849-0.868 against 0.907), no more than gated
-attention does, so gated attention stays the default.
+(the share of tissue that is stemness-rich). Trained by gradient descent it does not beat
+ridge regression on mean-pooled features (pooled CV Pearson 0.849-0.868 against 0.907 on
+the synthetic 200-slide cohort). ``instance_linear`` (:class:`InstanceLinearMIL`) is the
+linear per-tile head with mean pooling fitted in closed form (``training.mil_linear``):
+the default for regression-only (fraction) labels.
 
 The training system that holds it is :class:`cscvision.training.mil.MILSystem`; the
 per-tile split that inference runs is :mod:`cscvision.models.mil`.
@@ -19,7 +20,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-ARCHITECTURES = ("gated_attention", "clam_sb", "mean")
+TRAINED = ("gated_attention", "clam_sb", "mean")  # by gradient descent (training.mil.MILSystem)
+NETWORKS = (*TRAINED, "instance_linear")
+# ``auto``: instance_linear when every target is a regression (a fraction of the section),
+# gated attention when a class target is trained (training.mil.resolve_architecture)
+ARCHITECTURES = ("auto", *NETWORKS)
 CLAM_K = 8  # CLAM's k_sample: tiles pseudo-labelled at each end of the attention ranking
 
 
@@ -110,3 +115,21 @@ class GatedAttentionMIL(nn.Module):
         h, a = self.attend(x)
         width = h.shape[1]
         return a[:, None] * (h @ self.regression.weight[:, :width].T)
+
+
+class InstanceLinearMIL(GatedAttentionMIL):
+    """A linear per-tile head on the raw tile features, every tile weighted ``1/N``: the
+    slide's prediction is the mean of the tiles' predictions ``w · x_i + b``, which equals
+    a linear model on the mean-pooled features (fitted in closed form by
+    :func:`cscvision.training.mil_linear.fit_instance_linear`). Regression targets only;
+    the attention, pooling and contribution methods are :class:`GatedAttentionMIL`'s with
+    ``embed`` the identity and uniform attention."""
+
+    def __init__(self, in_dim: int, *, n_regression: int, n_covariates: int = 0):
+        nn.Module.__init__(self)
+        self.mean_pool = True
+        self.embed = nn.Identity()
+        self.regression = nn.Linear(in_dim + n_covariates, n_regression)
+        self.classifiers = nn.ModuleList()
+        self.instance = nn.ModuleList()
+        self.n_covariates = n_covariates

@@ -65,7 +65,7 @@ CALIBRATION = ("temperature", "isotonic", "none")
 LOSSES = ("mse", "pearson")
 TARGET_TYPES = ("classification", "regression")
 HEADS = ("linear", "mlp")
-MIL_ARCHITECTURES = ("gated_attention", "clam_sb", "mean")
+MIL_ARCHITECTURES = ("auto", "gated_attention", "clam_sb", "mean", "instance_linear")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true",
               "bf16-true", "64-true", "64", "transformer-engine")  # fmt: skip
@@ -252,7 +252,8 @@ class MILNetConfig:
     """The MIL network and its training schedule: one record, one set of defaults, for
     ``kind: mil`` (the ``mil`` section) and ``cscvision mil`` (``training.mil.MILConfig``)."""
 
-    architecture: Literal[MIL_ARCHITECTURES] = "gated_attention"  # type: ignore[valid-type]
+    # auto: instance_linear for regression-only labels, gated_attention with a class target
+    architecture: Literal[MIL_ARCHITECTURES] = "auto"  # type: ignore[valid-type]
     hidden: Annotated[int, Strict(), Field(ge=1, le=65536)] = 128
     attention: Annotated[int, Strict(), Field(ge=1, le=65536)] = 64
     dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.1

@@ -137,7 +137,9 @@ class MILSystem(L.LightningModule):
 def make_mil_net(cfg: MILConfig, in_dim: int, targets: BagTargets) -> GatedAttentionMIL:
     """An untrained net of ``cfg.architecture`` for ``targets``; ``MILError`` naming the
     setting when the two do not fit."""
-    architecture = check_architecture(cfg.architecture)
+    architecture = resolve_architecture(cfg.architecture, has_classes=bool(targets.n_classes))
+    if architecture == "instance_linear":
+        raise MILError("mil.architecture instance_linear is fitted in closed form: use fit_mil")
     clam = architecture == "clam_sb"
     if clam and not targets.n_classes:
         raise MILError(
@@ -166,8 +168,39 @@ def check_architecture(architecture: str) -> str:
     return architecture
 
 
-def fit_mil(bags: Sequence[Bag], targets: BagTargets, cfg: MILConfig) -> GatedAttentionMIL:
-    """Train a model on ``bags`` (regression targets already standardised)."""
+def resolve_architecture(architecture: str, *, has_classes: bool) -> str:
+    """The network ``architecture`` names. ``auto`` (the default): ``instance_linear`` when
+    every target is a regression (a fraction or score of the whole section: the mean of
+    per-tile predictions), ``gated_attention`` when any is a class (presence: a few tiles
+    may decide). ``instance_linear`` with a class target is a ``MILError``."""
+    architecture = check_architecture(architecture)
+    if architecture == "auto":
+        return "gated_attention" if has_classes else "instance_linear"
+    if architecture == "instance_linear" and has_classes:
+        raise MILError(
+            "mil.architecture instance_linear fits regression targets only; drop the class "
+            "target (NAME:tercile or a categorical label) or use gated_attention"
+        )
+    return architecture
+
+
+def fit_mil(
+    bags: Sequence[Bag],
+    targets: BagTargets,
+    cfg: MILConfig,
+    groups: Sequence[str] | None = None,
+) -> GatedAttentionMIL:
+    """Train a model on ``bags`` (regression targets already standardised); ``groups``
+    (each bag's patient) keep a patient's slides in one inner fold where a fit chooses its
+    penalty by cross-validation (``instance_linear``)."""
+    architecture = resolve_architecture(cfg.architecture, has_classes=bool(targets.n_classes))
+    if architecture == "instance_linear":
+        from cscvision.training.mil_linear import fit_instance_linear
+
+        return fit_instance_linear(
+            [b.features for b in bags], targets.regression, groups,
+            covariates=targets.covariates, seed=cfg.seed,
+        )  # fmt: skip
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     net = make_mil_net(cfg, bags[0].features.shape[1], targets)
     loader = DataLoader(

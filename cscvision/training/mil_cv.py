@@ -191,7 +191,8 @@ def cross_validate(
         train, test = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
         scaled, mean, sd = _standardise(targets, train)
         fold_cfg = replace(cfg, seed=cfg.seed + f)
-        net = fit_mil([bags[i] for i in train], _subset(scaled, train), fold_cfg)
+        groups = [labels.patient_ids[i] for i in train]
+        net = fit_mil([bags[i] for i in train], _subset(scaled, train), fold_cfg, groups)
         cov = targets.covariates[test] if targets.covariates.size else None
         for i, pred in zip(test, predict_bags(net, [bags[i] for i in test], cov), strict=True):
             held[i] = replace(

@@ -41,7 +41,7 @@ from cscvision.training.featuredata import (
     slide_features,
     with_encoder_grid,
 )
-from cscvision.training.mil import Bag, MILConfig, fit_mil
+from cscvision.training.mil import Bag, MILConfig, fit_mil, resolve_architecture
 from cscvision.training.mil_cv import (
     _standardise,
     cross_validate,
@@ -148,7 +148,7 @@ def train_mil(
         metrics = {"cv": {"folds": cfg.cv.folds, "pooled": result.pooled}}
     targets = targets_from_labels(labels, covariates)
     scaled, mean, sd = _standardise(targets, np.arange(len(bags)))
-    net = fit_mil(bags, scaled, settings)
+    net = fit_mil(bags, scaled, settings, labels.patient_ids)
     record = mil_record(cfg, labels, bags[0].features.shape[1], mean, sd)
     reference = encoder_reference(cfg, extractor, features_dir)
     counts = counts_of(bags, labels)
@@ -173,7 +173,10 @@ def mil_record(
     """The card's ``mil`` record: everything inference needs to rebuild and read the net."""
     reg = [s for s in labels.specs if s.target_type == "regression"]
     return {
-        "architecture": cfg.mil.architecture,
+        "architecture": resolve_architecture(
+            cfg.mil.architecture,
+            has_classes=any(s.target_type == "classification" for s in labels.specs),
+        ),
         "in_dim": int(in_dim),
         "hidden": cfg.mil.hidden,
         "attention": cfg.mil.attention,
