@@ -321,7 +321,7 @@ def report(result, truth, folds: int) -> None:
     if not contrib:
         print("held-out tiles: no slide has per-tile truth with both classes (no AUROC)")
         return
-    attention = f"{np.median(attn):.3f}" if attn else "n/a (mean pooling)"
+    attention = f"{np.median(attn):.3f}" if attn else "n/a (every tile weighs alike)"
     print(
         f"held-out tiles (soft stemness ≥ 0.5 positive), {len(contrib)} slides with both: "
         f"median AUROC per-tile contribution {np.median(contrib):.3f}, attention {attention}"

@@ -114,11 +114,14 @@ def test_viewer_shows_tiles_toggles_and_thresholds(browser, viewer_url):
     browser.get(url + "/")
     wait_for(
         lambda: browser.execute_script(
-            "return window.cscv && Object.values(window.cscv.layers).length === 2 && "
+            "return window.cscv && Object.values(window.cscv.layers).length === 3 && "
             "Object.values(window.cscv.layers).every(l => l.item)"
         ),
-        what="both heatmap layers",
+        what="both heatmap layers and the OOD layer",
     )
+    # the demo model keeps an OOD record: its map is a third layer, hidden until switched on
+    assert browser.execute_script("return window.cscv.layers['ood'].visible") is False
+    assert not browser.find_element("id", "toggle-ood").is_selected()
     wait_for(lambda: any(k == "slide" for k, *_ in list(app.state.requests)),
              what="Deep Zoom tiles of the slide")  # fmt: skip
     wait_for(lambda: any(k == "map" for k, *_ in list(app.state.requests)), what="map tiles")
