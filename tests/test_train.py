@@ -375,3 +375,30 @@ def test_confidence_thresholds_are_chosen_on_validation_and_kept_in_the_card(tra
         for t in ("stemness", "immunosuppressive"):
             chosen = block[method][t]
             assert chosen["tiles"] > 0 and (chosen["std"] is not None or chosen["reason"])
+
+
+def test_a_stain_reference_normalises_training_tiles_and_travels_with_the_card(
+    cohort_csv, tmp_path
+):
+    """``data.stain``: the system normalises every tile to the reference before anything
+    else (its input equals the reference transfer done by hand), and the exported card
+    keeps the reference, so inference applies it unasked."""
+    from cscvision.slides.stain import fit_stain, normalise_batch
+    from cscvision.training.augment import normalize
+
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal([180, 120, 170], 20, (4000, 3)), 0, 255)
+    ref = fit_stain(pixels, "reinhard", source="test pixels")
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(ref.to_dict()))
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    system = TileClassifier(backbone="small_cnn", stain=ref.to_dict(), augment="none",
+                            channels_last=False)  # fmt: skip
+    by_hand = normalize(normalise_batch(image, ref) / 255, system.mean, system.std)
+    torch.testing.assert_close(system.prepare_images(image, train=False), by_hand)
+    cfg = load_config(None, toy_overrides(cohort_csv, tmp_path, f"data.stain={path}"))
+    card = load_model(train(cfg, progress=False).model_dir).card
+    assert card.stain == ref.to_dict()
+    bad = load_config(None, toy_overrides(cohort_csv, tmp_path, "data.stain=nope.json"))
+    with pytest.raises(Exception, match="nope.json"):
+        train(bad, progress=False)

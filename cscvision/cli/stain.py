@@ -116,14 +116,9 @@ def _describe(ref) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cscvision.slides.stain import StainError, StainReference
+    from cscvision.slides.stain import read_stain_reference
 
     if args.action == "fit":
         return _fit(args)
-    try:
-        data = json.loads(args.reference.read_text(encoding="utf-8"))
-        ref = StainReference.from_dict(data)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StainError(f"{args.reference}: not a readable stain reference ({e})") from None
-    print(_describe(ref))
+    print(_describe(read_stain_reference(args.reference)))
     return 0

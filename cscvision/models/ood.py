@@ -291,6 +291,9 @@ def collect_features(
     from (:func:`feature_source`; ``encoder`` for stored features) of training batches: uint8
     tile images (``image``, normalised with the card's mean and std and run through
     ``net``) or stored encoder features (``features``, used as they are)."""
+    from cscvision.slides.stain import StainReference, normalise_batch
+
+    stain = StainReference.from_dict(card.stain) if card.stain else None
     mean = torch.tensor(card.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(card.std).view(1, 3, 1, 1) * 255
     feats, targets, slides = [], [], []
@@ -302,7 +305,8 @@ def collect_features(
                 feats.append(batch["features"].float().flatten(1).numpy())
                 where = "encoder"
             else:
-                net(((batch["image"].float() - mean) / std).to(device))
+                image = batch["image"] if stain is None else normalise_batch(batch["image"], stain)
+                net(((image.float() - mean) / std).to(device))
                 feats.append(seen.pop().cpu().numpy())
             targets.append(np.asarray(batch["target"], np.float32))
             slides.append(np.asarray(batch["slide_idx"]))

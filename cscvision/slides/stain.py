@@ -26,6 +26,7 @@ recomposed with the reference stains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,6 +99,26 @@ class StainReference:
             source=str(d.get("source", "")),
             details=dict(d.get("details") or {}),
         )
+
+
+def read_stain_reference(path: str | Path) -> StainReference:
+    """A reference written by ``cscvision stain fit`` (JSON); :class:`StainError` naming the
+    file when it cannot be read or is not a reference."""
+    import json
+
+    try:
+        return StainReference.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except OSError as e:
+        raise StainError(f"{path}: cannot read the stain reference ({e.strerror or e})") from None
+    except KeyError as e:
+        raise StainError(
+            f"{path}: not a readable stain reference (no {e} key); make one with cscvision "
+            "stain fit"
+        ) from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise StainError(
+            f"{path}: not a readable stain reference ({e}); make one with cscvision stain fit"
+        ) from None
 
 
 # --- fitting (numpy) ------------------------------------------------------------------------

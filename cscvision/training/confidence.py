@@ -32,6 +32,7 @@ from cscvision.core.io import write_json
 from cscvision.models.card import CARD_FILE, ModelCard
 from cscvision.models.kinds import get_kind
 from cscvision.models.uncertainty import dropout_layers, mc_passes, predictive_stats, tta_passes
+from cscvision.slides.stain import StainReference, normalise_batch
 
 QUANTILES = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
 ERROR_RATIO = 2.0
@@ -99,6 +100,7 @@ def fit_confidence(
     ``target``): ``tta`` always, ``mc`` where the network has dropout. Empty for models
     trained on stored features (no tiles to transform)."""
     kind = get_kind(card.kind)
+    stain = StainReference.from_dict(card.stain) if card.stain else None
     methods = ["tta"] + (["mc"] if dropout_layers(net) else [])
     mean = torch.tensor(card.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(card.std).view(1, 3, 1, 1) * 255
@@ -110,7 +112,8 @@ def fit_confidence(
         for batch in batches:
             if "image" not in batch:
                 return {}
-            x = ((batch["image"].float() - mean) / std).to(device)
+            image = batch["image"] if stain is None else normalise_batch(batch["image"], stain)
+            x = ((image.float() - mean) / std).to(device)
             for m in methods:
                 passes = tta_passes(net, x) if m == "tta" else mc_passes(net, x, MC_PASSES)
                 outputs = np.stack([kind.tile_outputs(card, p) for p in passes])

@@ -100,6 +100,9 @@ class DataConfig:
     eval_max_tiles_per_slide: Count | None = None  # same for validation and test
     balance: Literal[BALANCE] = "pos_weight"  # type: ignore[valid-type]
     augment: Literal[AUGMENTS] = "histo"  # type: ignore[valid-type]
+    # kind tile: a stain reference (cscvision stain fit) every tile is normalised to before
+    # augmentation; the card keeps it, so infer applies it unasked
+    stain: Text | None = None
     cache_dir: Text | None = None  # grids + targets cache; default <run_dir>/cache
 
 

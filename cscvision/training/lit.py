@@ -36,6 +36,7 @@ from torchmetrics.utilities import dim_zero_cat
 from cscvision.core.errors import CscvisionError
 from cscvision.models.backbones import get_model, load_pretrained
 from cscvision.models.card import IMAGENET_MEAN, IMAGENET_STD
+from cscvision.slides.stain import StainReference, normalise_batch
 from cscvision.training.augment import augment_batch, augment_preset, normalize, to_unit_float
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class TileClassifier(L.LightningModule):
         encoder_lr_scale: float = 1.0,
         inputs: str = "image",
         head_dropout: float = 0.0,
+        stain: dict[str, Any] | None = None,
     ):
         super().__init__()
         if scheduler not in SCHEDULERS:
@@ -241,6 +243,7 @@ class TileClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.target_names = tuple(targets)
         self.augment_params = augment_preset(augment)
+        self.stain = StainReference.from_dict(stain) if stain else None
         self.net = (
             net
             if net is not None
@@ -286,6 +289,8 @@ class TileClassifier(L.LightningModule):
     def prepare_images(self, image: torch.Tensor, *, train: bool) -> torch.Tensor:
         """uint8 batch → augmented (if ``train``) and normalised float batch."""
         with torch.autocast(device_type=image.device.type, enabled=False):
+            if self.stain is not None:  # float 0-255, as inference normalises tiles
+                image = normalise_batch(image, self.stain)
             x = to_unit_float(image)
             if train:
                 x = augment_batch(x, self.augment_params)

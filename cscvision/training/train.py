@@ -125,6 +125,12 @@ def train_tiles(
 ) -> TrainResult:
     """A model trained on tile targets (every kind but MIL): labels, patient split, the
     kind's data module and system (``kind.pieces``), fit, evaluate, export."""
+    if cfg.data.stain and kind.name != "tile":
+        raise TrainError(
+            f"data.stain: stain normalisation in training is for kind tile, not {kind.name}; "
+            "remove it (a foundation encoder's features come from tiles as read)"
+        )
+    _stain(cfg)  # an unreadable reference fails here, before tiling
     if cfg.model.encoder and not Path(cfg.model.weights or "").is_file():  # before tiling
         raise TrainError(
             f"model.weights: {cfg.model.weights} is not a file; name the local weights file "
@@ -284,6 +290,13 @@ def _module(cfg: TrainConfig, targets: Sequence[str], dm: TileDataModule) -> Til
     )
 
 
+def _stain(cfg: TrainConfig) -> dict[str, Any] | None:
+    """``data.stain``'s reference as the card keeps it, or None."""
+    from cscvision.slides.stain import read_stain_reference
+
+    return read_stain_reference(cfg.data.stain).to_dict() if cfg.data.stain else None
+
+
 def _system_kwargs(cfg: TrainConfig, targets: Sequence[str]) -> dict[str, Any]:
     """What every tile system takes from the config: backbone, optimiser, input, augment."""
     return {
@@ -299,6 +312,7 @@ def _system_kwargs(cfg: TrainConfig, targets: Sequence[str]) -> dict[str, Any]:
         "augment": cfg.data.augment,
         "channels_last": cfg.model.channels_last,
         "head_dropout": cfg.model.head_dropout,
+        "stain": _stain(cfg),
     }
 
 
@@ -467,6 +481,7 @@ def _export(
         output_scale=scale,
         backbone=module.hparams.backbone,
         head_dropout=float(module.hparams.get("head_dropout", 0.0)),
+        stain=dict(module.hparams.get("stain") or {}),
         targets=targets,
         colors=colors,
         thresholds=dict(thresholds),
