@@ -116,3 +116,23 @@ def test_config_copy_onto_a_folder_is_refused(tmp_path, capsys):
     assert err.startswith("cscvision config") and len(err.splitlines()) == 1
     assert "is a folder" in err and str(folder / "cpu_demo.yaml") in err
     assert list(folder.iterdir()) == []
+
+
+def test_a_signal_outside_a_batch_loop_still_gets_the_notice_and_143():
+    """SIGTERM after a batch's loop (while its tables are written) meets the wrapper's
+    handler, not Python's default: a notice and exit 143, never a silent -15."""
+    import subprocess
+    import sys
+
+    code = (
+        "import argparse, os, signal, sys\n"
+        "from cscvision.cli import run_command\n"
+        "def after_the_loop(args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return 0\n"
+        "sys.exit(run_command(argparse.Namespace(command='tile', func=after_the_loop)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert "stopped by" in done.stderr and "re-run to resume" in done.stderr

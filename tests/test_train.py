@@ -400,5 +400,5 @@ def test_a_stain_reference_normalises_training_tiles_and_travels_with_the_card(
     card = load_model(train(cfg, progress=False).model_dir).card
     assert card.stain == ref.to_dict()
     bad = load_config(None, toy_overrides(cohort_csv, tmp_path, "data.stain=nope.json"))
-    with pytest.raises(Exception, match="nope.json"):
+    with pytest.raises(Exception, match=r"nope\.json"):
         train(bad, progress=False)

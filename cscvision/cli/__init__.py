@@ -10,7 +10,10 @@ from collections.abc import Sequence
 
 from cscvision import __version__
 from cscvision.core.errors import CscvisionError
-from cscvision.core.guard import Interrupted
+from cscvision.core.guard import Interrupted, interrupt_on_signals
+
+# commands that install their own signal handling (Lightning's trainer, uvicorn's server)
+OWN_SIGNALS = frozenset({"train", "demo", "view"})
 
 # The exit statuses of every command (docs/reference/cli.md).
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -94,10 +97,15 @@ def run_command(args: argparse.Namespace) -> int:
     its own status (0, or 1 when some slides failed); 2 with one line on stderr for bad
     input (any :class:`~cscvision.core.errors.CscvisionError`: a flag, a file, a config,
     a model; an input file that cannot be opened); 128 + the signal's number when SIGTERM
-    or SIGINT stopped it (143, 130). Anything else is a bug and keeps its traceback."""
+    or SIGINT stopped it (143, 130), wherever in the command the signal lands (a batch's
+    loop, or the tables written after it). Anything else is a bug and keeps its traceback."""
+    import contextlib
+
     name = " ".join(str(p) for p in (args.command, getattr(args, "source", None)) if p)
+    signals = contextlib.nullcontext() if args.command in OWN_SIGNALS else interrupt_on_signals()
     try:
-        return int(args.func(args) or 0)
+        with signals:
+            return int(args.func(args) or 0)
     except Interrupted as e:
         print(f"cscvision {name}: stopped by {e}; completed work is kept, re-run to resume",
               file=sys.stderr)  # fmt: skip
