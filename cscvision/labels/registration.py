@@ -31,7 +31,7 @@ from scipy import ndimage
 from skimage import color, filters, measure, transform
 
 from cscvision.core.errors import CscvisionError
-from cscvision.labels.registration_match import warp_to_fixed
+from cscvision.labels.registration_match import patch_centres, warp_to_fixed
 from cscvision.slides.slide import SlideReader
 from cscvision.slides.tissue import optical_density
 
@@ -305,19 +305,9 @@ def patch_matches(
     tested = [0] if tested is None else tested
     from skimage.registration import phase_cross_correlation
 
-    shape = fixed.image.shape
     fn = guess if callable(guess) else (lambda xy: _apply(guess, xy))
-    warped = warp_to_fixed(moving.image, moving.mpp, shape, fixed.mpp, fn)
-    cover = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, shape, fixed.mpp, fn)
     half = patch_px // 2
-    ys, xs = np.mgrid[half : shape[0] - half : half, half : shape[1] - half : half]
-    ys, xs = ys.ravel(), xs.ravel()
-    keep = fixed.mask[ys, xs] & (cover[ys, xs] > 0.5)
-    ys, xs = ys[keep], xs[keep]
-    if len(ys) > max_patches:
-        pick = np.random.default_rng(0).choice(len(ys), max_patches, replace=False)
-        ys, xs = ys[pick], xs[pick]
-    tested[0] += len(ys)
+    warped, ys, xs = patch_centres(fixed, moving, fn, half, half, max_patches, tested)
     src, dst = [], []
     # without the mean and a window, the patch's edges and its mean tissue level pull the
     # correlation peak towards no shift: matches then confirm whatever the guess was

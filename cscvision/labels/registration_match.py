@@ -16,11 +16,36 @@ window), or under ``min_ncc``, gives no match.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 from skimage.feature import match_template
 
 STEP_PX = 16  # one patch every 16 px of the finest level (registration_flow's weights)
+
+
+def patch_centres(
+    fixed: Any, moving: Any, guess: Any, margin: int, step: int, max_patches: int,
+    tested: list[int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """``moving``'s image warped onto ``fixed``'s grid by ``guess`` (fixed µm → moving µm),
+    and the patch centres (rows, columns) every ``step`` px, ``margin`` px inside the edges,
+    on tissue in both; at most ``max_patches`` of them (a fixed random subset).
+    ``tested[0]``, when given, grows by their number."""
+    shape = fixed.image.shape
+    warped = warp_to_fixed(moving.image, moving.mpp, shape, fixed.mpp, guess)
+    cover = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, shape, fixed.mpp, guess)
+    ys, xs = np.mgrid[margin : shape[0] - margin : step, margin : shape[1] - margin : step]
+    ys, xs = ys.ravel(), xs.ravel()
+    keep = fixed.mask[ys, xs] & (cover[ys, xs] > 0.5)
+    ys, xs = ys[keep], xs[keep]
+    if len(ys) > max_patches:
+        pick = np.random.default_rng(0).choice(len(ys), max_patches, replace=False)
+        ys, xs = ys[pick], xs[pick]
+    if tested is not None:
+        tested[0] += len(ys)
+    return warped, ys, xs
 
 
 def warp_to_fixed(
@@ -65,20 +90,9 @@ def template_matches(
     cross-correlation ≥ ``min_ncc`` within ``search_um`` in the moving level warped by
     ``guess`` (fixed µm [N, 2] -> moving µm [N, 2]). ``tested[0]`` is increased by the
     number of patches tried."""
-    tested = [0] if tested is None else tested
-    shape = fixed.image.shape
-    warped = warp_to_fixed(moving.image, moving.mpp, shape, fixed.mpp, guess)
-    cover = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, shape, fixed.mpp, guess)
     half, r = patch_px // 2, max(2, round(search_um / fixed.mpp))
     lo = half + r
-    ys, xs = np.mgrid[lo : shape[0] - lo : STEP_PX, lo : shape[1] - lo : STEP_PX]
-    ys, xs = ys.ravel(), xs.ravel()
-    keep = fixed.mask[ys, xs] & (cover[ys, xs] > 0.5)
-    ys, xs = ys[keep], xs[keep]
-    if len(ys) > max_patches:
-        pick = np.random.default_rng(0).choice(len(ys), max_patches, replace=False)
-        ys, xs = ys[pick], xs[pick]
-    tested[0] += len(ys)
+    warped, ys, xs = patch_centres(fixed, moving, guess, lo, STEP_PX, max_patches, tested)
     src, dst = [], []
     for y, x in zip(ys.tolist(), xs.tolist(), strict=True):
         a = fixed.image[y - half : y + half, x - half : x + half]
