@@ -48,6 +48,7 @@ from cscvision.training.mil_cv import (
     targets_from_labels,
     write_cv_outputs,
 )
+from cscvision.training.mil_ood import export_mil_ood
 from cscvision.training.tilecache import SlideTiles
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def train_mil(
     card = mil_card(cfg, kind, record, reference, metrics, counts)
     write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
     out_dir = export_model(net, card, cfg.export_dir)
+    card = export_mil_ood(net, card, bags, labels.patient_ids, out_dir, seed=cfg.seed)
     write_model_readme(card, out_dir)
     return TrainResult(run_dir, out_dir, run_dir / "cv", metrics, {}, {"all": counts})
 
