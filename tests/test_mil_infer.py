@@ -381,6 +381,8 @@ def test_a_slide_far_from_the_mil_training_features_is_flagged(mil_run, tmp_path
     (row,) = csv.DictReader((out / "results.csv").open())
     assert row["ood_flag"] == "yes" and float(row["ood_share_beyond_p99"]) == 1.0
     assert (out / "SYN-P001-S01" / "SYN-P001-S01_likelihood_map_ood.tif").is_file()
+    assert main(["report", str(out)]) == 0
+    assert "Out of distribution for this model" in (out / "report" / "index.html").read_text()
 
 
 def test_a_mil_model_without_an_ood_record_says_so_and_carries_on(mil_run, tmp_path, capsys):

@@ -32,7 +32,7 @@ from cscvision.training.mil_cv import patient_folds
 MAX_FOLDS = 5
 CALIBRATED_ON = (
     "held-out folds of the training slides' tissue tiles: each patient fold scored against "
-    "the Gaussian fitted on the other folds' embeddings (k-fold over patients)"
+    "the Gaussian fitted on the other folds' embeddings, k-fold over patients"
 )
 
 
