@@ -405,3 +405,35 @@ def test_a_mil_model_without_an_ood_record_says_so_and_carries_on(mil_run, tmp_p
     summary = json.loads((out / "SYN-P001-S01" / "summary.json").read_text())
     assert "ood" not in summary and summary["slide_prediction"]["regression"]
     assert "ood" not in (out / "SYN-P001-S01" / "tiles.csv").read_text().splitlines()[0]
+
+
+def test_refit_gives_a_mil_model_exported_without_a_record_the_same_record(mil_run, tmp_path):
+    """refit_ood on a MIL model (the run's config, stored bags): the record export wrote
+    (up to float rounding: BLAS thread counts may differ); the weights untouched."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from cscvision.training.refit import refit_ood
+    from cscvision.training.train import load_config
+
+    model_dir = tmp_path / "old"
+    shutil.copytree(mil_run["root"] / "model", model_dir)
+    card = json.loads((model_dir / "model.json").read_text())
+    want = card.pop("ood")
+    (model_dir / "model.json").write_text(json.dumps(card))
+    (model_dir / "ood.safetensors").unlink()
+    weights = (model_dir / "model.safetensors").read_bytes()
+    cfg = load_config(str(mil_run["root"] / "mil.yaml"), [])
+    got = refit_ood(cfg, model_dir, progress=False).ood
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if key != "sha256":
+            assert got[key] == (
+                pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+            )
+    assert json.loads((model_dir / "model.json").read_text())["ood"] == got
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    new, old = (load_file(d / "ood.safetensors") for d in (model_dir, mil_run["root"] / "model"))
+    for name in ("means", "precision"):
+        np.testing.assert_allclose(new[name], old[name], rtol=1e-4, atol=1e-4)

@@ -26,6 +26,11 @@ def refit_ood(
     from cscvision.training.tables import cohort_targets
     from cscvision.training.train import _splits
 
+    kind = kind_of_config(cfg)
+    if kind.slide_level:  # MIL: the record on its tile embeddings, from the stored bags
+        from cscvision.training.mil_ood import refit_mil_ood
+
+        return refit_mil_ood(cfg, model_dir, progress=progress)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     class_map = ClassMap.from_dict(cfg.classes) if cfg.classes else DEFAULT_CLASS_MAP
@@ -37,7 +42,6 @@ def refit_ood(
         cache_dir=Path(cfg.data.cache_dir or run_dir / "cache"), progress=progress,
         targets=targets,
     )  # fmt: skip
-    kind = kind_of_config(cfg)
     dm, _, _ = resolve(kind.pieces)(cfg, targets, by_split, run_dir, progress)
     model = load_model(model_dir)
     note = _check_same_tiles(model.card, dm.summary(), model.path)
