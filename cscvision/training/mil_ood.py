@@ -86,28 +86,3 @@ def export_mil_ood(
     if len(set(patients)) < 2:
         block["note"] = "one patient: thresholds from its own tiles, not held out"
     return export_ood(model_dir, card, record, block)
-
-
-def refit_mil_ood(cfg, model_dir: str | Path, *, progress: bool = True) -> ModelCard:
-    """Add the record to a MIL model exported without one (its weights untouched), from the
-    run that trained it (``cfg``: its config; the stored feature stores are reused, missing
-    ones extracted again). Refused when the bags differ from the tiles its card records."""
-    from cscvision.models.export import load_model
-    from cscvision.training.featuredata import _extractor, with_encoder_grid
-    from cscvision.training.mil_train import labelled_slides, slide_bags
-
-    cfg = with_encoder_grid(cfg)
-    model = load_model(model_dir)
-    entries, labels = labelled_slides(cfg)
-    features_dir = Path(cfg.model.features_dir or Path(cfg.run_dir) / "features")
-    bags = slide_bags(cfg, entries, _extractor(cfg), features_dir, progress=progress)
-    recorded = model.card.training.get("cohort", {})
-    got = {"slides": len(bags), "tiles": sum(len(b.features) for b in bags)}
-    if {k: recorded.get(k) for k in got} != got:
-        raise ValueError(
-            f"{model_dir}: its card records {recorded.get('slides')} slides and "
-            f"{recorded.get('tiles')} tiles but the config's cohort gives {got['slides']} and "
-            f"{got['tiles']}; pass the config and cohort it was trained with"
-        )
-    return export_mil_ood(model.net.mil, model.card, bags, labels.patient_ids, model.path,
-                          seed=cfg.seed)  # fmt: skip
