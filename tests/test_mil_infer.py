@@ -262,3 +262,178 @@ def test_synthetic_slide_labels_are_the_truth_plus_noise_with_terciles(mil_run, 
     classes = [r["stemness_tercile"] for r in order]
     assert classes == sorted(classes, key=["low", "mid", "high"].index)  # monotone in value
     assert {c: classes.count(c) for c in set(classes)} == {"low": 3, "mid": 2, "high": 3}
+
+
+# --- the OOD record on the MIL model's tile embeddings (issue 29) --------------------------
+
+
+def _stores(root):
+    from cscvision.features.store import read_feature_store
+
+    return {p.stem: read_feature_store(p) for p in sorted((root / "run" / "features").glob("*.h5"))}
+
+
+def _embed_by_hand(state: dict, features: np.ndarray) -> np.ndarray:
+    """The gated-attention net's ``embed`` in numpy: LayerNorm (eps 1e-5), Linear, ReLU."""
+    x = np.asarray(features, np.float64)
+    x = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    x = x * state["embed.0.weight"] + state["embed.0.bias"]
+    return np.maximum(x @ state["embed.1.weight"].T + state["embed.1.bias"], 0.0)
+
+
+def _ratio_by_hand(record: dict, threshold: float, h: np.ndarray) -> np.ndarray:
+    d = h - record["means"][0]
+    return np.einsum("nd,de,ne->n", d, record["precision"], d) / threshold
+
+
+def test_mil_ood_record_is_fitted_on_the_tile_embeddings_and_infer_scores_them(mil_run):
+    """The record's mean is the mean of the training tiles' embeddings (not of the encoder
+    features), and each tile's ``ood`` in tiles.csv is its squared Mahalanobis distance to
+    it under the stored precision ÷ the card's tile threshold, computed here by hand."""
+    from safetensors.numpy import load_file
+
+    model = mil_run["root"] / "model"
+    card = json.loads((model / "model.json").read_text())
+    ood = card["ood"]
+    assert ood["features"] == "mil_embedding" and ood["dim"] == card["mil"]["hidden"]
+    state = {k: v.astype(np.float64) for k, v in load_file(model / "model.safetensors").items()}
+    record = {k: v.astype(np.float64) for k, v in load_file(model / ood["file"]).items()}
+    stores = _stores(mil_run["root"])
+    embeddings = {sid: _embed_by_hand(state, s.features) for sid, s in stores.items()}
+    assert ood["train_tiles"] == sum(len(e) for e in embeddings.values())
+    np.testing.assert_allclose(
+        record["means"][0], np.concatenate(list(embeddings.values())).mean(0), atol=1e-4
+    )
+    for slide_id in ("SYN-P001-S01", "SYN-P002-S01"):
+        tiles = list(csv.DictReader((mil_run["out"] / slide_id / "tiles.csv").open()))
+        got = {(int(t["x"]), int(t["y"])): float(t["ood"]) for t in tiles}
+        want = _ratio_by_hand(record, ood["tile_threshold"], embeddings[slide_id])
+        xy = [tuple(map(int, p)) for p in stores[slide_id].xy_l0]
+        assert set(got) == set(xy)  # the whole bag: features stored in float16, read in 32
+        np.testing.assert_allclose([got[p] for p in xy], want, rtol=0.02, atol=1e-3)
+
+
+def test_mil_ood_thresholds_are_the_held_out_folds_and_its_own_slides_are_not_flagged(mil_run):
+    """No slide is held out from the exported net, so the tile threshold is the 99th
+    percentile of the training slides' tiles scored against Gaussians fitted without their
+    patient; scored with the full record, its own slides are in distribution."""
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.models.export import load_model
+    from cscvision.training.mil import Bag as MILBag
+    from cscvision.training.mil_ood import held_out_scores, tile_embeddings
+
+    model = load_model(mil_run["root"] / "model")
+    patients = {
+        e.slide_id: e.patient_id for e in read_cohort(mil_run["root"] / "cohort" / "cohort.csv")
+    }
+    stores = _stores(mil_run["root"])
+    bags = [MILBag(sid, s.features.astype(np.float32), s.xy_l0) for sid, s in stores.items()]
+    scores = held_out_scores(
+        tile_embeddings(model.net.mil, bags), [patients[b.slide_id] for b in bags]
+    )
+    ood = model.card.ood
+    assert ood["tile_threshold"] == pytest.approx(
+        np.quantile(np.concatenate(scores), 0.99), rel=1e-5
+    )
+    assert ood["val_slides"] == 8 and ood["slide_share_threshold"] >= 0.10
+    for slide_id in ("SYN-P001-S01", "SYN-P002-S01"):
+        block = json.loads((mil_run["out"] / slide_id / "summary.json").read_text())["ood"]
+        assert block["out_of_distribution"] is False, (slide_id, block)
+    rows = list(csv.DictReader((mil_run["out"] / "results.csv").open()))
+    assert [r["ood_flag"] for r in rows] == ["no", "no"]
+
+
+def test_a_slide_far_from_the_mil_training_features_is_flagged(mil_run, tmp_path, capsys):
+    """A record fitted on the same bags shifted by a large known offset in feature space
+    (so the slide lies that far from every training tile): the slide is flagged with the
+    CLI warning line, the summary's ``ood`` block and results.csv's flag."""
+    import shutil
+
+    from cscvision.cli import main
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.models.export import load_model
+    from cscvision.training.mil import Bag as MILBag
+    from cscvision.training.mil_ood import export_mil_ood
+
+    model_dir = tmp_path / "shifted"
+    shutil.copytree(mil_run["root"] / "model", model_dir)
+    model = load_model(model_dir)
+    offset = np.random.default_rng(0).normal(0.0, 5.0, model.card.mil["in_dim"]).astype(np.float32)
+    patients = {
+        e.slide_id: e.patient_id for e in read_cohort(mil_run["root"] / "cohort" / "cohort.csv")
+    }
+    stores = _stores(mil_run["root"])
+    bags = [
+        MILBag(sid, s.features.astype(np.float32) + offset, s.xy_l0) for sid, s in stores.items()
+    ]
+    export_mil_ood(model.net.mil, model.card, bags, [patients[b.slide_id] for b in bags], model_dir)
+    slide = mil_run["slides"][0]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["infer", slide, "--model", str(model_dir), "--out", str(out),
+                 "--workers", "0", "--threads", "1"])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 slide(s) out of distribution for this model" in err
+    assert "SYN-P001-S01 100%" in err
+    block = json.loads((out / "SYN-P001-S01" / "summary.json").read_text())["ood"]
+    assert block["out_of_distribution"] is True and block["share_beyond_p99"] == 1.0
+    (row,) = csv.DictReader((out / "results.csv").open())
+    assert row["ood_flag"] == "yes" and float(row["ood_share_beyond_p99"]) == 1.0
+    assert (out / "SYN-P001-S01" / "SYN-P001-S01_likelihood_map_ood.tif").is_file()
+    assert main(["report", str(out)]) == 0
+    assert "Out of distribution for this model" in (out / "report" / "index.html").read_text()
+
+
+def test_a_mil_model_without_an_ood_record_says_so_and_carries_on(mil_run, tmp_path, capsys):
+    import shutil
+
+    from cscvision.cli import main
+
+    model_dir = tmp_path / "old"
+    shutil.copytree(mil_run["root"] / "model", model_dir)
+    card = json.loads((model_dir / "model.json").read_text())
+    del card["ood"]
+    (model_dir / "model.json").write_text(json.dumps(card))
+    (model_dir / "ood.safetensors").unlink()
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["infer", mil_run["slides"][0], "--model", str(model_dir), "--out", str(out),
+                 "--workers", "0", "--threads", "1"])  # fmt: skip
+    assert code == 0
+    assert "keeps no out-of-distribution record" in capsys.readouterr().err
+    summary = json.loads((out / "SYN-P001-S01" / "summary.json").read_text())
+    assert "ood" not in summary and summary["slide_prediction"]["regression"]
+    assert "ood" not in (out / "SYN-P001-S01" / "tiles.csv").read_text().splitlines()[0]
+
+
+def test_refit_gives_a_mil_model_exported_without_a_record_the_same_record(mil_run, tmp_path):
+    """refit_ood on a MIL model (the run's config, stored bags): the record export wrote
+    (up to float rounding: BLAS thread counts may differ); the weights untouched."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from cscvision.training.refit import refit_ood
+    from cscvision.training.train import load_config
+
+    model_dir = tmp_path / "old"
+    shutil.copytree(mil_run["root"] / "model", model_dir)
+    card = json.loads((model_dir / "model.json").read_text())
+    want = card.pop("ood")
+    (model_dir / "model.json").write_text(json.dumps(card))
+    (model_dir / "ood.safetensors").unlink()
+    weights = (model_dir / "model.safetensors").read_bytes()
+    cfg = load_config(str(mil_run["root"] / "mil.yaml"), [])
+    got = refit_ood(cfg, model_dir, progress=False).ood
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if key != "sha256":
+            assert got[key] == (
+                pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+            )
+    assert json.loads((model_dir / "model.json").read_text())["ood"] == got
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    new, old = (load_file(d / "ood.safetensors") for d in (model_dir, mil_run["root"] / "model"))
+    for name in ("means", "precision"):
+        np.testing.assert_allclose(new[name], old[name], rtol=1e-4, atol=1e-4)

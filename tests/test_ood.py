@@ -166,3 +166,49 @@ def test_demo_model_does_not_flag_held_out_synthetic_slides(demo_batch):
         block = json.loads((demo_batch["out"] / slide_id / "summary.json").read_text())["ood"]
         assert block["out_of_distribution"] is False, (slide_id, block)
         assert block["share_beyond_p99"] < block["slide_share_threshold"]
+
+
+# --- MIL models: their tile embeddings ----------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["gated_attention", "instance_linear"])
+def test_feature_tap_of_a_mil_model_reads_its_tile_embeddings(architecture):
+    """A MIL model's OOD features are its ``embed`` output: the gated-attention net's hidden
+    layer, or the encoder's features themselves for ``instance_linear``."""
+    from cscvision.models.mil import MILTileNet
+    from cscvision.models.mil_net import GatedAttentionMIL, InstanceLinearMIL
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 6))
+    if architecture == "instance_linear":
+        mil = InstanceLinearMIL(6, n_regression=1)
+    else:
+        mil = GatedAttentionMIL(6, n_regression=1, hidden=5, attention=3)
+    net = MILTileNet(encoder, mil.eval()).eval()
+    x = torch.randn(7, 3, 4, 4)
+    with torch.no_grad(), feature_tap(net) as seen:
+        net(x)
+        want = encoder(x) if architecture == "instance_linear" else mil.embed(encoder(x))
+    assert feature_source(net)[1] == "mil_embedding"
+    torch.testing.assert_close(seen[0], want)
+
+
+def test_mil_held_out_scores_leave_each_patient_fold_out():
+    """Each slide is scored against the Gaussian of the other patients' tiles only: a
+    patient far from the others scores as far as the closed form says, which a fit that
+    included its own tiles would not."""
+    from cscvision.training.mil_ood import held_out_scores
+
+    rng = np.random.default_rng(0)
+    slides = [rng.normal(0, 1, (60, 3)) for _ in range(4)]
+    slides[3] = slides[3] + np.array([8.0, 0.0, 0.0])  # patient "d" lies apart
+    patients = ["a", "b", "c", "d"]
+    scores = held_out_scores(slides, patients)
+    for i in range(4):  # 4 patients → 4 folds, each one patient
+        rest = np.concatenate([s for j, s in enumerate(slides) if j != i])
+        np.testing.assert_allclose(
+            scores[i], ood_scores_of(fit_gaussians(rest), slides[i]), rtol=1e-5
+        )
+    assert np.median(scores[3]) > 30 > 3 * np.median(scores[0])
+    pooled = ood_scores_of(fit_gaussians(np.concatenate(slides)), slides[3])
+    assert np.median(pooled) < np.median(scores[3]) / 3  # its own tiles pull the fit

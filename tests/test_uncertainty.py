@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_viewer_files import assert_trust_maps_open_like_score_maps
 from torch import nn
 
 from cscvision.models.uncertainty import (
@@ -124,6 +125,10 @@ def test_infer_with_uncertainty_writes_it_like_a_target(demo_batch, tmp_path):
     assert summary["settings"]["uncertainty"] == "tta" and "ood" in summary
     plain = list(csv.DictReader((demo_batch["out"] / sid / "tiles.csv").open()))
     assert [r["ood"] for r in rows] == [r["ood"] for r in plain]  # view 0 is the tile
+    trust = ["ood", *(f"{k}_{t}" for k in ("std", "mi") for t in ("stemness", "immunosuppressive"))]
+    with openslide.OpenSlide(slide) as o:
+        dimensions = o.dimensions
+    assert_trust_maps_open_like_score_maps(folder, sid, trust, "stemness", dimensions)
 
 
 def test_mc_on_a_network_without_dropout_is_refused(tmp_path, capsys):

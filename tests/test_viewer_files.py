@@ -105,3 +105,54 @@ def test_geojson_regions_carry_no_qupath_measurement_names(pred_written_asap):
     for f in features:
         assert not {"Area µm^2", "Perimeter µm", "Area px^2"} & set(f["properties"]["measurements"])
         assert "∩" not in json.dumps(f)
+
+
+# --- trust maps (issue 29): written as the score maps are ----------------------------------
+
+QUPATH_OWN = {"Area µm^2", "Perimeter µm", "Area px^2", "Perimeter px", "Num Detections"}
+
+
+def tiff_layout(path) -> list[tuple]:
+    """What ASAP, QuPath and OpenSlide read of a map TIFF, page by page: shape, dtype,
+    compression, tile size, subfile type, photometric and resolution tags."""
+    with tifffile.TiffFile(path) as tif:
+        return [
+            (p.shape, p.dtype.str, p.compression.value, p.is_tiled, (p.tilelength, p.tilewidth),
+             p.subfiletype, p.photometric.value, p.tags["XResolution"].value,
+             p.tags["YResolution"].value, p.tags["ResolutionUnit"].value)
+            for p in tif.pages
+        ]  # fmt: skip
+
+
+def assert_trust_maps_open_like_score_maps(folder, slide_id, trust, target, dimensions):
+    """Every trust map TIFF has the score map's layout (LZW, uint8, floor(W/16) ×
+    floor(H/16), the same tiled pyramid and resolution) and opens in OpenSlide with the same
+    levels; the QuPath GeoJSON's tile measurements carry each trust value under its
+    plain-ASCII name, equal to tiles.csv's."""
+    import csv
+
+    import openslide
+
+    ref_path = folder / f"{slide_id}_likelihood_map_{target}.tif"
+    ref = tiff_layout(ref_path)
+    assert ref[0][0] == (dimensions[1] // 16, dimensions[0] // 16)
+    assert ref[0][1] == "|u1" and ref[0][2] == 5 and ref[0][3]  # uint8, LZW, tiled
+    with openslide.OpenSlide(ref_path) as o:
+        ref_levels = o.level_dimensions
+    for name in trust:
+        path = folder / f"{slide_id}_likelihood_map_{name}.tif"
+        assert tiff_layout(path) == ref, name
+        with openslide.OpenSlide(path) as o:
+            assert o.level_dimensions == ref_levels, name
+    rows = {(int(r["x"]), int(r["y"])): r for r in csv.DictReader((folder / "tiles.csv").open())}
+    features = json.loads((folder / f"{slide_id}.geojson").read_text())["features"]
+    tiles = [f for f in features if f["properties"]["objectType"] == "tile"]
+    assert len(tiles) == len(rows)
+    for name in trust:
+        assert name.isascii() and name.isidentifier() and name not in QUPATH_OWN
+    for f in tiles:
+        x, y = f["geometry"]["coordinates"][0][0]
+        m = f["properties"]["measurements"]
+        for name in trust:
+            assert isinstance(m[name], float) and np.isfinite(m[name])
+            assert m[name] == pytest.approx(float(rows[(x, y)][name]), abs=6e-5), name

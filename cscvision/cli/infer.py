@@ -159,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
     check_uncertainty(model, settings.uncertainty)
     for warning in threshold_warnings(model.card):
         print(f"warning: model {model.card.name}: {warning}", file=sys.stderr)
+    if not model.card.ood:
+        print(f"note: model {model.card.name} keeps no out-of-distribution record (exported "
+              "before it existed): no ood scores or verdicts; add one with "
+              "cscvision.training.refit.refit_ood (docs: how-to/trust)",
+              file=sys.stderr)  # fmt: skip
     if settings.asap_target not in (None, *model.card.targets):
         raise FlagError(
             f"--asap-target {settings.asap_target!r}: the model's targets are "

@@ -31,12 +31,12 @@ def card_stain(card: ModelCard):
 
 def has_ood(model: LoadedModel) -> bool:
     """Whether inference scores ``model``'s tiles for OOD (see :func:`ood_scorer`)."""
-    return bool(model.card.ood) and not model.kind.slide_level
+    return bool(model.card.ood)
 
 
 def ood_scorer(model: LoadedModel) -> OODScorer | None:
-    """The model's OOD scorer, or None (no record in its card, or a MIL model: MIL's tile
-    embeddings are not read yet)."""
+    """The model's OOD scorer, or None (no record in its card). A MIL model's is read on
+    its tile embeddings (:data:`cscvision.models.ood.MIL_FEATURES`)."""
     if not has_ood(model):
         return None
     return load_ood(model.path, model.card)

@@ -7,7 +7,8 @@ deviation only; low-level colour and texture, which the head learns to ignore: o
 penultimate layer an unseen tissue type scored AUROC 0.2-0.6 against held-out tiles, as
 the network maps it onto its negatives), for a head on a foundation encoder the
 encoder's features, else the penultimate layer (the input of the last linear layer, one
-mean per group of training tiles: the pattern of targets ≥ 0.5); one shared covariance,
+mean per group of training tiles: the pattern of targets ≥ 0.5), for a MIL model its
+tile embeddings (:mod:`cscvision.training.mil_ood`); one shared covariance,
 shrunk towards a scaled identity (Ledoit-Wolf).
 A tile's OOD score is its squared Mahalanobis distance to the nearest group mean
 (Lee et al., NeurIPS 2018). The 99th percentile of the validation tiles' scores is the
@@ -45,6 +46,7 @@ OOD_FILE = "ood.safetensors"
 TILE_QUANTILE = 0.99  # validation tiles' score quantile that makes the tile threshold
 SLIDE_SHARE_FLOOR = 0.10  # a slide is flagged when more of its tiles lie beyond than this
 BLOCK_FEATURES = ("block_stats", "texture")  # read from the first block's feature maps
+MIL_FEATURES = "mil_embedding"  # a MIL model's tile embeddings (its ``embed`` output)
 MIN_GROUP_TILES = 20  # smaller target patterns join the pooled mean of all tiles
 SLIDE_RULE = (
     "a slide is out of distribution when the share of its tissue tiles whose OOD score "
@@ -133,7 +135,12 @@ def feature_source(net: nn.Module, features: str | None = None) -> tuple[nn.Modu
     CNNs: the most sensitive to an unseen tissue type, and to artefact tiles and stain
     outliers, which thresholds set on whole validation slides allow for); ``texture``, their
     standard deviation only; ``penultimate``, the input of its last
-    linear layer."""
+    linear layer; ``mil_embedding``, always for a MIL model, its tile embeddings (the
+    output of its ``embed``: the gated-attention net's hidden layer, or the encoder's
+    features themselves for ``instance_linear``, whose ``embed`` is the identity)."""
+    mil_embed = getattr(getattr(net, "mil", None), "embed", None)
+    if isinstance(mil_embed, nn.Module):  # a MIL model's tiles (models.mil.MILTileNet)
+        return mil_embed, MIL_FEATURES
     if isinstance(getattr(net, "encoder", None), nn.Module):
         return net.encoder, "encoder"
     block = early_block(net)
@@ -151,7 +158,7 @@ def _feature_value(where: str, inputs: tuple, output: torch.Tensor) -> torch.Ten
     if where == "block_stats":
         maps = output.detach().float()
         return torch.cat([maps.mean(dim=(2, 3)), maps.std(dim=(2, 3))], dim=1)
-    value = output if where == "encoder" else inputs[0]
+    value = output if where in ("encoder", MIL_FEATURES) else inputs[0]
     return value.detach().float().flatten(1)
 
 

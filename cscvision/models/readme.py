@@ -168,7 +168,9 @@ def _ood_lines(card: ModelCard) -> list[str]:
         f"Each tile's {ood.get('features')} features are compared with the training tiles' "
         f"({ood.get('method')}, {ood.get('groups')} group(s), {ood.get('dim')} dimensions); "
         f"the tile threshold is the {ood.get('tile_quantile'):.0%} quantile of "
-        f"{ood.get('val_tiles')} validation tiles' scores. Verdict: {ood.get('rule')}; here "
+        f"{ood.get('val_tiles')} validation tiles' scores"
+        f"{' (' + ood['calibrated_on'] + ')' if ood.get('calibrated_on') else ''}. "
+        f"Verdict: {ood.get('rule')}; here "
         f"{ood.get('slide_share_threshold'):.0%}. {ood.get('note', '')}".rstrip(),
         "",
     ]

@@ -48,6 +48,7 @@ from cscvision.training.mil_cv import (
     targets_from_labels,
     write_cv_outputs,
 )
+from cscvision.training.mil_ood import export_mil_ood
 from cscvision.training.tilecache import SlideTiles
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,29 @@ def _subset_labels(labels: SlideLabels, rows: Sequence[int]) -> SlideLabels:
     )
 
 
+def labelled_slides(cfg: TrainConfig) -> tuple[list[CohortEntry], SlideLabels]:
+    """The cohort's slides with at least one label, and their labels."""
+    entries = read_cohort(cfg.cohort.csv)
+    specs = parse_targets(cfg.mil.targets, "mil.targets")
+    labels = read_slide_labels(
+        cfg.mil.labels, specs, [(e.slide_id, e.patient_id) for e in entries],
+        list(cfg.mil.covariates or []),
+    )  # fmt: skip
+    rows = labelled(entries, labels)
+    return [entries[i] for i in rows], _subset_labels(labels, rows)
+
+
+def slide_bags(
+    cfg: TrainConfig, entries: Sequence[CohortEntry], extractor, features_dir: Path, *,
+    progress: bool = True,
+) -> list[Bag]:  # fmt: skip
+    """Each slide's bag (:func:`slide_bag`; stored features reused)."""
+    return [
+        slide_bag(e, cfg, extractor, features_dir)
+        for e in tqdm(entries, desc="features", unit="slide", disable=not progress)
+    ]
+
+
 def train_mil(
     cfg: TrainConfig, kind: ModelKind, *, resume: bool | None = None, progress: bool = True
 ) -> TrainResult:
@@ -122,21 +146,12 @@ def train_mil(
     ``resume`` is accepted for the trainer interface; MIL runs start afresh."""
     cfg = with_encoder_grid(cfg)
     run_dir = Path(cfg.run_dir)
-    entries = read_cohort(cfg.cohort.csv)
-    specs = parse_targets(cfg.mil.targets, "mil.targets")
-    covariates = list(cfg.mil.covariates or [])
-    labels = read_slide_labels(
-        cfg.mil.labels, specs, [(e.slide_id, e.patient_id) for e in entries], covariates
-    )
+    entries, labels = labelled_slides(cfg)
     write_json(run_dir / "config.json", config_to_dict(cfg))
-    rows = labelled(entries, labels)
-    entries, labels = [entries[i] for i in rows], _subset_labels(labels, rows)
+    covariates = list(cfg.mil.covariates or [])
     extractor = _extractor(cfg)
     features_dir = Path(cfg.model.features_dir or run_dir / "features")
-    bags = [
-        slide_bag(e, cfg, extractor, features_dir)
-        for e in tqdm(entries, desc="features", unit="slide", disable=not progress)
-    ]
+    bags = slide_bags(cfg, entries, extractor, features_dir, progress=progress)
     settings = mil_settings(cfg)
     metrics: dict[str, Any] = {}
     if cfg.cv.folds >= 2:
@@ -155,6 +170,7 @@ def train_mil(
     card = mil_card(cfg, kind, record, reference, metrics, counts)
     write_json(run_dir / "metrics.json", json.loads(json.dumps(metrics)))
     out_dir = export_model(net, card, cfg.export_dir)
+    card = export_mil_ood(net, card, bags, labels.patient_ids, out_dir, seed=cfg.seed)
     write_model_readme(card, out_dir)
     return TrainResult(run_dir, out_dir, run_dir / "cv", metrics, {}, {"all": counts})
 

@@ -26,6 +26,9 @@ def refit_ood(
     from cscvision.training.tables import cohort_targets
     from cscvision.training.train import _splits
 
+    kind = kind_of_config(cfg)
+    if kind.slide_level:  # MIL: the record on its tile embeddings, from the stored bags
+        return refit_mil_ood(cfg, model_dir, progress=progress)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     class_map = ClassMap.from_dict(cfg.classes) if cfg.classes else DEFAULT_CLASS_MAP
@@ -37,7 +40,6 @@ def refit_ood(
         cache_dir=Path(cfg.data.cache_dir or run_dir / "cache"), progress=progress,
         targets=targets,
     )  # fmt: skip
-    kind = kind_of_config(cfg)
     dm, _, _ = resolve(kind.pieces)(cfg, targets, by_split, run_dir, progress)
     model = load_model(model_dir)
     note = _check_same_tiles(model.card, dm.summary(), model.path)
@@ -81,3 +83,28 @@ def attach_stain(model_dir: str | Path, reference: Any) -> ModelCard:
     raw = json.loads(path.read_text())
     write_json(path, {**raw, "stain": reference.to_dict()})
     return read_card(model_dir)
+
+
+def refit_mil_ood(cfg, model_dir: str | Path, *, progress: bool = True) -> ModelCard:
+    """Add the record to a MIL model exported without one (its weights untouched), from the
+    run that trained it (``cfg``: its config; the stored feature stores are reused, missing
+    ones extracted again). Refused when the bags differ from the tiles its card records."""
+    from cscvision.training.featuredata import _extractor, with_encoder_grid
+    from cscvision.training.mil_ood import export_mil_ood
+    from cscvision.training.mil_train import labelled_slides, slide_bags
+
+    cfg = with_encoder_grid(cfg)
+    model = load_model(model_dir)
+    entries, labels = labelled_slides(cfg)
+    features_dir = Path(cfg.model.features_dir or Path(cfg.run_dir) / "features")
+    bags = slide_bags(cfg, entries, _extractor(cfg), features_dir, progress=progress)
+    recorded = model.card.training.get("cohort", {})
+    got = {"slides": len(bags), "tiles": sum(len(b.features) for b in bags)}
+    if {k: recorded.get(k) for k in got} != got:
+        raise ValueError(
+            f"{model_dir}: its card records {recorded.get('slides')} slides and "
+            f"{recorded.get('tiles')} tiles but the config's cohort gives {got['slides']} and "
+            f"{got['tiles']}; pass the config and cohort it was trained with"
+        )
+    return export_mil_ood(model.net.mil, model.card, bags, labels.patient_ids, model.path,
+                          seed=cfg.seed)  # fmt: skip
