@@ -52,12 +52,14 @@ def test_strength_scales_every_part():
         SiteShift.at(-1)
 
 
-def test_rotation_is_rigid_and_turns_haematoxylin_away_from_eosin():
+def test_rotation_turns_each_stain_towards_blue_absorption_by_the_angle():
     turned = rotate_stains(STAINS, 15)
-    assert angle_deg(turned[0], STAINS[0]) == pytest.approx(15, abs=1e-6)
-    assert angle_deg(turned[1], STAINS[1]) == pytest.approx(15, abs=1e-6)
-    assert angle_deg(*turned) == pytest.approx(angle_deg(*STAINS), abs=1e-6)
-    assert angle_deg(turned[0], STAINS[1]) == pytest.approx(angle_deg(*STAINS) + 15, abs=1e-6)
+    blue = np.array([0.0, 0.0, 1.0])
+    for before, after in zip(STAINS, turned, strict=True):
+        assert angle_deg(after, before) == pytest.approx(15, abs=1e-6)
+        assert angle_deg(after, blue) == pytest.approx(angle_deg(before, blue) - 15, abs=1e-6)
+        assert np.linalg.norm(after) == pytest.approx(1)
+    assert (turned > 0).all()  # still absorbing in every channel: a physical stain
 
 
 @pytest.mark.parametrize("degrees", [10.0, 20.0])
