@@ -3,14 +3,14 @@
 **Gating**, per marker and slide, on the log of the compartment means (the positive and
 negative cells are roughly log-normal, so the split is found where they are separable):
 
-- ``gmm`` (default): a two-component Gaussian mixture on the log intensities; the threshold
-  is where the higher component's posterior reaches 1/2 between the two means;
-- ``otsu``: Otsu's threshold of the log intensities;
+- ``otsu`` (default): Otsu's threshold of the log intensities;
+- ``gmm``: a two-component Gaussian mixture on the log intensities; the threshold is where
+  the higher component's posterior reaches 1/2 between the two means;
 - ``negative``: the negative population's gate alone: its mode plus ``NEG_K`` robust SDs
   (:func:`negative_threshold`), as flow cytometry gates a marker from its negative peak;
 - a ``threshold`` given in the panel (intensity units) wins over all.
 
-**Guard** (on by default for ``gmm`` and ``otsu``): both split a marker into two
+**Guard** (on by default for ``otsu`` and ``gmm``): both split a marker into two
 populations; when its positive cells are rare (macrophage markers: 1-2 % of cells) the
 split can fall inside the negative peak instead, calling a third to a half of the cells
 positive. The cells a split calls positive must then be mostly the negative peak's upper
@@ -48,8 +48,8 @@ from cscvision.cells.mif_panel import Panel, PhenotypeRule
 from cscvision.cells.table import CellTable, make_table
 from cscvision.core.errors import CscvisionError
 
-METHODS = ("gmm", "otsu", "negative")
-DEFAULT_METHOD = "gmm"
+METHODS = ("otsu", "gmm", "negative")
+DEFAULT_METHOD = "otsu"
 LOG_FLOOR = 1e-3
 NEG_K = 3.0  # the negative gate: mode + NEG_K robust SDs of the negative peak
 GUARD_SD = 2.0  # robust SDs: a positive class whose median is closer is the negatives'

@@ -28,8 +28,8 @@ MANIFEST.csv: slide_id, patient_id, slide_path (the H&E) and mif_path (an OME-TI
 cells_path (a QuPath measurement export of the mIF cells, read with --cells qupath).
 PANEL.yaml maps the image's channels to markers and compartments and gives the phenotype
 rules (docs/reference/mif-panel.md). Per slide: nuclei segmented on the nuclear marker
-(or the export read), each marker's compartment mean gated per slide (a Gaussian mixture
-or Otsu on log intensities, guarded for rare positives, or the panel's threshold),
+(or the export read), each marker's compartment mean gated per slide (Otsu or a Gaussian
+mixture on log intensities, guarded for rare positives, or the panel's threshold),
 phenotypes by the panel's rules, the mIF registered onto the H&E (nuclear stain against
 haematoxylin) and the cells carried into H&E level-0 px. Writes into --out:
 cells/<slide_id>.cells.parquet (+ .json; the cell table, `cscvision cells` reads it),
@@ -38,7 +38,7 @@ cells/<slide_id>_mif.json (thresholds, guarded markers, registration),
 """
 
 
-GATING = ("gmm", "otsu", "negative")  # cscvision.cells.mif_gating.METHODS, default first
+GATING = ("otsu", "gmm", "negative")  # cscvision.cells.mif_gating.METHODS, default first
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -63,16 +63,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--gating",
         choices=GATING,
         default=GATING[0],
-        help="per-marker threshold on the log intensities, per slide: gmm (default: where a "
-        "two-Gaussian mixture changes its mind), otsu, or negative (the negative peak's mode "
-        "+ 3 robust SDs); a panel threshold wins",
+        help="per-marker threshold on the log intensities, per slide: otsu (default), gmm "
+        "(where a two-Gaussian mixture changes its mind) or negative (the negative peak's "
+        "mode + 3 robust SDs); a panel threshold wins",
     )
     p.add_argument(
         "--gate-guard",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="replace a gmm/otsu split that falls inside the negative peak (under 1 robust SD "
-        "above its mode: rare positives) by the negative gate (default: on)",
+        help="replace an otsu/gmm split that cuts the negative peak (the cells it calls "
+        "positive have their median under 2 robust SDs above the negatives' mode: rare "
+        "positives) by the negative peak's mode + 3 robust SDs (default: on)",
     )
     p.add_argument(
         "--cells",
