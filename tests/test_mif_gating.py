@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cscvision.cells.mif_gating import GatingError, apply_rules, gate, phenotype_table
+from cscvision.cells.mif_gating import (
+    GatingError,
+    apply_rules,
+    auto_threshold,
+    gate,
+    otsu_threshold,
+    phenotype_table,
+)
 from cscvision.cells.mif_panel import PanelError, parse_panel
 
 PANEL = {
@@ -40,15 +47,68 @@ def mixture(n_pos: int, n_neg: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return values[order], truth[order]
 
 
+@pytest.mark.parametrize("guard", [True, False])
 @pytest.mark.parametrize("method", ["otsu", "gmm"])
 @pytest.mark.parametrize("share", [0.1, 0.5])
-def test_gating_splits_a_two_population_mixture_where_it_is(method, share):
+def test_gating_splits_a_two_population_mixture_where_it_is(method, share, guard):
     values, truth = mixture(int(4000 * share), int(4000 * (1 - share)))
-    threshold, pos = gate(values, method)
+    threshold, pos = gate(values, method, guard=guard)
     # the populations cross at exp(mean of the log means) ~ 949; each sits 3.3 sd away
     assert 500 < threshold < 1800
     assert pos.mean() == pytest.approx(share, abs=0.01)
     assert (pos == truth).mean() > 0.995
+
+
+def rare_mixture(share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """10 000 cells: negatives log-normal around 300 (sd 0.25 in log), positives 2 log units
+    higher (around 2217, sd 0.35): the macrophage markers' shape on synthetic mIF."""
+    rng = np.random.default_rng(seed)
+    n_pos = int(10_000 * share)
+    values = np.concatenate([rng.lognormal(np.log(300) + 2.0, 0.35, n_pos),
+                             rng.lognormal(np.log(300), 0.25, 10_000 - n_pos)])  # fmt: skip
+    return values, np.arange(10_000) < n_pos
+
+
+def f1(pos: np.ndarray, truth: np.ndarray) -> float:
+    return 2 * (pos & truth).sum() / (pos.sum() + truth.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("method", ["otsu", "gmm", "negative"])
+def test_a_rare_positive_population_is_gated_between_the_two(method, seed):
+    """1 % positives: Otsu's split falls inside the negative peak (a third of the cells called
+    positive); the guard sees that the split's positives are the peak's upper half and gates
+    from the negative peak instead, between the populations."""
+    values, truth = rare_mixture(0.01, seed)
+    threshold, pos = gate(values, method)
+    # 2 SD above the negatives' centre, 2 SD below the positives'
+    assert 300 * np.exp(2 * 0.25) < threshold < 2217 * np.exp(-2 * 0.35)
+    assert f1(pos, truth) > 0.85
+    assert pos.sum() < 2 * truth.sum()
+
+
+def test_otsu_alone_fails_the_rare_population_and_the_guard_says_so():
+    values, truth = rare_mixture(0.01, 0)
+    split = otsu_threshold(values)
+    assert split < 300 * np.exp(0.25)  # inside the negative peak: the old rule's failure
+    assert (values > split).mean() > 0.3 and f1(values > split, truth) < 0.1
+    assert gate(values, "otsu", guard=False)[0] == split
+    threshold, guarded = auto_threshold(values, "otsu")
+    assert guarded and threshold > 300 * np.exp(2 * 0.25)
+
+
+@pytest.mark.parametrize("method", ["otsu", "gmm"])
+def test_a_common_positive_population_keeps_its_split(method):
+    """40 % positives: the split is right and the guard leaves it alone (the negative gate
+    alone would do as well here, but not where positives outnumber negatives)."""
+    values, truth = rare_mixture(0.4, 0)
+    threshold, guarded = auto_threshold(values, method)
+    assert not guarded
+    assert 300 * np.exp(2 * 0.25) < threshold < 2217 * np.exp(-2 * 0.35)
+    assert f1(values > threshold, truth) > 0.98
+    values, truth = rare_mixture(0.7, 1)  # the peak is the positives': no negative gate
+    threshold, guarded = auto_threshold(values, method)
+    assert not guarded and f1(values > threshold, truth) > 0.98
 
 
 def test_a_panel_threshold_wins_and_nan_is_negative():
@@ -86,8 +146,9 @@ def test_phenotype_table_writes_the_cell_table_contract():
                  for m, p in truth.items()}  # fmt: skip
     intensity["CD8"] = np.where(truth["CD8"], 150.0, 60.0)  # the panel's threshold: 100
     intensity["DAPI"] = np.full(n, 1000.0)
-    table, thresholds = phenotype_table(rng.uniform(0, 100, n), rng.uniform(0, 100, n),
-                                        intensity, panel, mpp=0.5)  # fmt: skip
+    table, thresholds, guarded = phenotype_table(rng.uniform(0, 100, n), rng.uniform(0, 100, n),
+                                                 intensity, panel, mpp=0.5)  # fmt: skip
+    assert guarded == ()
     assert thresholds["CD8"] == 100.0 and set(thresholds) == {m.marker for m in panel.measured}
     for m, p in truth.items():
         assert (np.asarray(table.markers[f"{m}_pos"]) == p).all(), m
@@ -140,6 +201,34 @@ def test_spillover_is_estimated_and_removed():
     assert before < 0.95 < 0.99 < after
 
 
+def test_spillover_of_co_expressed_neighbours_is_estimated_on_the_first_gates_negatives():
+    """A (rare, bright: 1.5 % of cells) is only ever on B+ cells (as CD163 on CD68+ cells);
+    each spills 6 % into the other. From A's brightest cells the A → B estimate takes B's
+    own signal for spill (near the 0.2 cap) and compensation strips B from the A+ cells;
+    on cells a first gate calls A+ and B- there is none to take."""
+    from cscvision.cells.mif_gating import compensate
+
+    rng = np.random.default_rng(5)
+    n = 8000
+    a_pos = rng.uniform(size=n) < 0.015
+    b_pos = a_pos | (rng.uniform(size=n) < 0.2)
+    a_true = 200 + np.where(
+        a_pos, rng.lognormal(np.log(8000), 0.3, n), rng.lognormal(np.log(100), 0.3, n)
+    )
+    b_true = 200 + np.where(
+        b_pos, rng.lognormal(np.log(1500), 0.3, n), rng.lognormal(np.log(100), 0.3, n)
+    )
+    a, b = a_true + 0.06 * (b_true - 200), b_true + 0.06 * (a_true - 200)
+    old, coef_old = compensate({"A": a, "B": b}, ["A", "B"])
+    assert coef_old["A>B"] > 0.15
+    assert gate(old["B"])[1][a_pos].mean() < 0.75  # the old estimate strips B from A+ cells
+    first = {"A": gate(a)[1], "B": gate(b)[1]}
+    fixed, coef = compensate({"A": a, "B": b}, ["A", "B"], first=first)
+    assert coef["B>A"] == pytest.approx(0.06, abs=0.012) and coef["A>B"] < 0.02
+    assert (gate(fixed["B"])[1] == b_pos).mean() > 0.99 and gate(fixed["B"])[1][a_pos].all()
+    assert (gate(fixed["A"])[1] == a_pos).mean() > 0.99
+
+
 def test_lineage_markers_keep_the_strongest_call():
     from cscvision.cells.mif_gating import resolve_lineage
 
@@ -157,7 +246,14 @@ def test_lineage_markers_keep_the_strongest_call():
     intensity = {m.marker: np.full(n, 10.0) for m in panel.markers}
     intensity["CD8"] = np.array([2000.0, 9000.0, 10.0, 10.0]) * np.ones(n)
     intensity["panCK"] = np.array([9000.0, 2000.0, 10.0, 10.0])
-    table, _ = phenotype_table(np.zeros(n), np.zeros(n), intensity, panel)
+    table, _, _ = phenotype_table(np.zeros(n), np.zeros(n), intensity, panel)
     assert table.cell_type.tolist() == ["tumour", "cd8_t", "other", "other"]
     with pytest.raises(PanelError, match="lineage"):
         parse_panel({**PANEL, "lineage": ["CD3"]}, "panel.yaml")
+
+
+def test_the_cli_offers_the_gating_methods_with_the_same_default():
+    from cscvision.cells.mif_gating import DEFAULT_METHOD, METHODS
+    from cscvision.cli.labels_mif import GATING
+
+    assert GATING == METHODS and GATING[0] == DEFAULT_METHOD

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cscvision.cells.mif_gating import phenotype_table
+from cscvision.cells.mif_gating import DEFAULT_METHOD, phenotype_table
 from cscvision.cells.mif_panel import Panel, PanelError, channel_indices
 from cscvision.cells.mif_read import MifImage
 from cscvision.cells.mif_segment import MeasuredCells, SegmentParams, segment_and_measure
@@ -33,6 +33,7 @@ class MifResult:
     thresholds: dict[str, float]
     registration: object | None  # cscvision.labels.registration.Registration
     n_cells: int
+    guarded: tuple[str, ...] = ()  # markers whose split the guard replaced (mif_gating)
 
 
 def read_qupath_measurements(path: str | Path, image: MifImage, panel: Panel) -> MeasuredCells:
@@ -78,7 +79,8 @@ def mif_cell_table(
     *,
     he_slide=None,
     slide_id: str = "",
-    method: str = "otsu",
+    method: str = DEFAULT_METHOD,
+    guard: bool = True,
     segment: SegmentParams | None = None,
     measured: MeasuredCells | None = None,
     registration_params=None,
@@ -86,17 +88,18 @@ def mif_cell_table(
 ) -> MifResult:
     """Cells of ``image`` (segmented unless ``measured`` is given), gated and typed by the
     panel; with ``he_slide`` (an open slide) registered onto it and carried into its
-    level-0 px (cells that land off the slide are dropped). ``compensate``: remove the
-    spillover between neighbouring channels before gating (cscvision.cells.mif_gating)."""
+    level-0 px (cells that land off the slide are dropped). ``method``, ``guard``: the
+    gating (cscvision.cells.mif_gating); ``compensate``: remove the spillover between
+    neighbouring channels before gating."""
     cells = measured or segment_and_measure(image, panel, segment)
     index = channel_indices(panel, image.channels, str(image.path))
     order = sorted(index, key=index.get) if compensate else None
-    table, thresholds = phenotype_table(
-        cells.x, cells.y, cells.intensity, panel, method=method, mpp=image.mpp,
+    table, thresholds, guarded = phenotype_table(
+        cells.x, cells.y, cells.intensity, panel, method=method, guard=guard, mpp=image.mpp,
         slide_id=slide_id, source=f"cscvision mif ({image.kind})", spill_order=order,
     )  # fmt: skip
     if he_slide is None:
-        return MifResult(table, thresholds, None, len(table))
+        return MifResult(table, thresholds, None, len(table), guarded)
     from cscvision.cells.mif_register import VirtualBrightfield, mif_to_he_l0
     from cscvision.labels.registration import register_slides
 
@@ -113,4 +116,4 @@ def mif_cell_table(
         table, x=xy[on, 0], y=xy[on, 1], codes=table.codes[on], prob=table.prob[on],
         markers=keep, mpp=he_slide.info.mpp, cell_id=table.ids[on],
     )  # fmt: skip
-    return MifResult(moved, thresholds, reg, len(table))
+    return MifResult(moved, thresholds, reg, len(table), guarded)

@@ -29,12 +29,16 @@ cells_path (a QuPath measurement export of the mIF cells, read with --cells qupa
 PANEL.yaml maps the image's channels to markers and compartments and gives the phenotype
 rules (docs/reference/mif-panel.md). Per slide: nuclei segmented on the nuclear marker
 (or the export read), each marker's compartment mean gated per slide (Otsu or a Gaussian
-mixture on log intensities, or the panel's threshold), phenotypes by the panel's rules,
-the mIF registered onto the H&E (nuclear stain against haematoxylin) and the cells carried
-into H&E level-0 px. Writes into --out: cells/<slide_id>.cells.parquet (+ .json; the cell
-table, `cscvision cells` reads it), cells/<slide_id>_mif.json (thresholds, registration),
+mixture on log intensities, guarded for rare positives, or the panel's threshold),
+phenotypes by the panel's rules, the mIF registered onto the H&E (nuclear stain against
+haematoxylin) and the cells carried into H&E level-0 px. Writes into --out:
+cells/<slide_id>.cells.parquet (+ .json; the cell table, `cscvision cells` reads it),
+cells/<slide_id>_mif.json (thresholds, guarded markers, registration),
 <slide_id>.labels.csv + .json (one column per --feature) and cohort.csv for `cscvision train`.
 """
+
+
+GATING = ("otsu", "gmm", "negative")  # cscvision.cells.mif_gating.METHODS, default first
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +59,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "share_<type>, share_<marker>_pos, ... (as `labels cells`)",
     )
     p.add_argument("--threshold", type=float, default=None, help="0/1 targets: feature >= T")
-    p.add_argument("--gating", choices=("otsu", "gmm"), default="otsu")
+    p.add_argument(
+        "--gating",
+        choices=GATING,
+        default=GATING[0],
+        help="per-marker threshold on the log intensities, per slide: otsu (default), gmm "
+        "(where a two-Gaussian mixture changes its mind) or negative (the negative peak's "
+        "mode + 3 robust SDs); a panel threshold wins",
+    )
+    p.add_argument(
+        "--gate-guard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replace an otsu/gmm split that cuts the negative peak (the cells it calls "
+        "positive have their median under 2 robust SDs above the negatives' mode: rare "
+        "positives) by the negative peak's mode + 3 robust SDs (default: on)",
+    )
     p.add_argument(
         "--cells",
         choices=("segment", "qupath"),
@@ -65,8 +84,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compensate",
         action="store_true",
-        help="remove spillover between neighbouring channels (estimated per slide from the "
-        "cells brightest in each channel) before gating",
+        help="remove spillover between neighbouring channels before gating (estimated per "
+        "slide on the cells a first gate calls positive for the source channel and "
+        "negative for the target)",
     )
     p.add_argument("--expand-um", type=float, default=4.0,
                    help="nucleus → cell body growth, µm (default 4)")  # fmt: skip
@@ -121,8 +141,8 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
     with open_slide(entry.slide_path) as slide:
         result = mif_cell_table(
             image, panel, he_slide=slide, slide_id=entry.slide_id, method=args.gating,
-            segment=SegmentParams(expand_um=args.expand_um), measured=measured,
-            compensate=args.compensate,
+            guard=args.gate_guard, segment=SegmentParams(expand_um=args.expand_um),
+            measured=measured, compensate=args.compensate,
         )  # fmt: skip
         _, mask = detect_tissue(slide, spec.mask_mpp)
         grid = dataclasses.replace(make_grid(slide, spec, mask), slide_id=entry.slide_id)
@@ -147,6 +167,7 @@ def label_slide(entry, mif_path: Path, cells_path: Path | None, panel, args):
     record = {
         "slide_id": entry.slide_id, "mif_path": str(mif_path), "kind": image.kind,
         "channels": list(image.channels), "mif_mpp": image.mpp, "gating": args.gating,
+        "gate_guard": args.gate_guard, "guarded": list(result.guarded),
         "thresholds": result.thresholds, "compensated": args.compensate,
         "cells_found": result.n_cells,
         "cells_on_he": len(result.table), "type_counts": result.table.counts(),
