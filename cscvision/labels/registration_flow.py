@@ -86,8 +86,7 @@ def _field_from(src_um, resid_um, shape, f, smooth_um) -> np.ndarray:
     for k in (0, 1):
         np.add.at(total[k], (px[:, 1], px[:, 0]), resid_um[:, k])
     stride = 16.0  # patch_matches tries a patch every 16 px: weight ~1 per px where dense
-    mean = total / np.maximum(weight, 1)
-    return np.stack([_smooth(mean[k], weight * stride**2, smooth_um / f) for k in (0, 1)])
+    return _smooth(total / np.maximum(weight, 1), weight * stride**2, smooth_um / f)
 
 
 def _sample(field: np.ndarray, xy_um: np.ndarray, f: float) -> np.ndarray:
@@ -119,31 +118,37 @@ def held_out_lengths(src, dst, m, good, shape, f, smooth_um, nonrigid: bool,
     return out
 
 
-def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur; for a wide ``sigma`` (px) on a grid of block means of ~sigma / 4 px,
-    interpolated back (a full-resolution kernel hundreds of px wide takes minutes)."""
-    k = int(sigma // 4)
-    if k < 2:
-        return ndimage.gaussian_filter(a, sigma)
-    h, w = a.shape
-    padded = np.pad(a, ((0, -h % k), (0, -w % k)), mode="edge")
-    blocks = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).mean(axis=(1, 3))
-    small = ndimage.gaussian_filter(blocks, sigma / k)
-    rows, cols = np.mgrid[0:h, 0:w]
-    return ndimage.map_coordinates(small, [(rows + 0.5) / k - 0.5, (cols + 0.5) / k - 0.5],
-                                   order=1, mode="nearest")  # fmt: skip
+def _block_means(a: np.ndarray, k: int) -> np.ndarray:
+    h, w = a.shape[-2:]
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, -h % k), (0, -w % k)]
+    p = np.pad(a, pad, mode="edge")
+    return p.reshape(*p.shape[:-2], p.shape[-2] // k, k, p.shape[-1] // k, k).mean(axis=(-3, -1))
 
 
 def _smooth(field: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
-    """Normalised convolution with a fallback to 4x the scale, then to 0, where the local
-    weight is small (``weight`` about 1 per pixel where matches are dense)."""
-    near = _blur(weight, sigma)
-    far = _blur(weight, 4 * sigma)
-    fine = _blur(field * weight, sigma) / np.maximum(near, 1e-6)
-    wide = _blur(field * weight, 4 * sigma) / np.maximum(far, 1e-6)
+    """Normalised convolution of ``field`` [2, h, w] with a fallback to 4x the scale, then
+    to 0, where the local weight is small (``weight`` about 1 per pixel where matches are
+    dense). For a wide ``sigma`` (px), done on block means of ~sigma / 4 px and the result
+    interpolated back once (a full-resolution kernel hundreds of px wide takes minutes)."""
+    k = int(sigma // 4)
+    if k < 2:
+        near, far = (ndimage.gaussian_filter(weight, s) for s in (sigma, 4 * sigma))
+        fine = np.stack([ndimage.gaussian_filter(c * weight, sigma) for c in field])
+        wide = np.stack([ndimage.gaussian_filter(c * weight, 4 * sigma) for c in field])
+    else:
+        wb, fb = _block_means(weight, k), _block_means(field * weight, k)
+        near, far = (ndimage.gaussian_filter(wb, s / k) for s in (sigma, 4 * sigma))
+        fine = np.stack([ndimage.gaussian_filter(c, sigma / k) for c in fb])
+        wide = np.stack([ndimage.gaussian_filter(c, 4 * sigma / k) for c in fb])
     alpha = np.clip(near / 0.3, 0, 1)
     beta = np.clip(far / 0.05, 0, 1)
-    return alpha * fine + (1 - alpha) * beta * wide
+    out = alpha * fine / np.maximum(near, 1e-6) + (1 - alpha) * beta * wide / np.maximum(far, 1e-6)
+    if k < 2:
+        return out
+    h, w = weight.shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    g = [(rows + 0.5) / k - 0.5, (cols + 0.5) / k - 0.5]
+    return np.stack([ndimage.map_coordinates(c, g, order=1, mode="nearest") for c in out])
 
 
 def consistent(src_um: np.ndarray, resid_um: np.ndarray, radius_um: float) -> np.ndarray:
