@@ -3,14 +3,16 @@
 **Held-out error.** The finest level's last dense matches, made against the moving image
 under the full transform, are split into 5 folds by blocks of the slide (2 x
 ``flow_smooth_um`` squares); each fold is predicted by the transform fitted on the other
-four (the affine by least squares, the field by the same smoothing). Their residuals are
+four (the affine by least squares, the field in the rounds of :data:`ROUND_SMOOTHING`,
+as :func:`match_field` builds the real one). Their residuals are
 the transform's error plus the matches' own scatter, which is taken out in quadrature
 (:func:`less_scatter`): median, 90th percentile and per region of the slide, so a fold or
 a bubble shows up where it is.
 
 **Non-rigid field.** :func:`match_field`: template matches
 (:mod:`cscvision.labels.registration_match`) against the moving image under the transform
-so far, two rounds at twice the finest µm/px with a wide search, then three at the finest;
+so far, two rounds at twice the finest µm/px (``--fine-um``, 2) with a wide search, then
+three at the finest;
 each round adds what its consistent matches (:func:`consistent`: folds, bubbles, torn
 edges dropped) still say, smoothed by a normalised Gaussian convolution over
 ``flow_smooth_um`` (160 µm), which falls back to a four times wider smoothing and then to
