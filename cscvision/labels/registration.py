@@ -11,8 +11,8 @@ Coarse to fine, in level-0 µm of both slides:
 3. RANSAC affine on the matches, then again at a finer µm/px with matches gated to lie
    near where the coarse transform puts them;
 4. non-rigid refinement (on by default, kept where it lowers the held-out error): dense
-   template matches (:mod:`cscvision.labels.registration_match`), coarse to fine and
-   incremental, outliers dropped, smoothed over ``flow_smooth_um``, kept as a displacement
+   template matches (:mod:`cscvision.labels.registration_match`) on the field's own levels
+   (``fine_um`` and twice it, :func:`field_mpps`), coarse to fine and incremental, outliers dropped, smoothed over ``flow_smooth_um``, kept as a displacement
    grid (:mod:`cscvision.labels.registration_flow` documents the grid);
 5. the error: patches on a lattice held out of every fit, measured after the full
    transform, less the matches' own scatter (median, 90th percentile and per region, µm);
@@ -47,7 +47,7 @@ class RegistrationError(CscvisionError, ValueError):
 @dataclass(frozen=True)
 class RegistrationParams:
     coarse_um: float = 0.0  # µm/px of the coarse level; 0 = longest side ~256 px, ≥ 8
-    fine_um: float = 2.0  # levels halve down to this µm/px
+    fine_um: float = 2.0  # the field's µm/px (and twice it); the affine's levels halve to 1-2x it
     min_inliers: int = 12
     min_inlier_ratio: float = 0.0  # of the finest level's patch matches (0: not checked)
     min_agreement: float = 0.15  # agreeing matches per patch tried, all levels
