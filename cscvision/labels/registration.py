@@ -12,8 +12,9 @@ Coarse to fine, in level-0 µm of both slides:
    near where the coarse transform puts them;
 4. non-rigid refinement (on by default, kept where it lowers the held-out error): dense
    template matches (:mod:`cscvision.labels.registration_match`) on the field's own levels
-   (``fine_um`` and twice it, :func:`field_mpps`), coarse to fine and incremental, outliers dropped, smoothed over ``flow_smooth_um``, kept as a displacement
-   grid (:mod:`cscvision.labels.registration_flow` documents the grid);
+   (``fine_um`` and twice it, :func:`field_mpps`), coarse to fine and incremental,
+   outliers dropped, smoothed over ``flow_smooth_um``, kept as a displacement grid
+   (:mod:`cscvision.labels.registration_flow` documents the grid);
 5. the error: patches on a lattice held out of every fit, measured after the full
    transform, less the matches' own scatter (median, 90th percentile and per region, µm);
    failure when too few patches
