@@ -122,3 +122,29 @@ def test_the_held_out_estimate_tracks_the_true_error_of_a_field_fitted_in_rounds
                                  f, smooth, True)  # fmt: skip
     estimate = np.sqrt(max(np.median(held) ** 2 - scatter**2, 0.0))
     assert lo < estimate / true < hi, (estimate, true)
+
+
+@pytest.mark.parametrize(
+    "he_px,ihc_px,affine_finest,field",
+    [
+        ((6144, 0.5), (15949, 0.2527), 3.94, [4.0, 2.0]),  # the 2024 cohort's FOXP3 pair
+        ((4096, 0.5), (8192, 0.25), 2.0, [4.0, 2.0]),
+        ((40000, 0.5), (40000, 0.5), 19.53 / 4, [9.77, 4.88]),  # 20 mm: 4096 px a side
+    ],
+)
+def test_the_field_runs_at_fine_um_whatever_the_affines_finest_level(
+    he_px, ihc_px, affine_finest, field
+):
+    """Known answer: the affine's levels halve from the coarse one and stop anywhere in
+    1-2 x fine_um (3.94 µm/px on a 2024-cohort pair); the field's two levels are fine_um
+    and twice it, unless a 4096 px side needs coarser."""
+    from types import SimpleNamespace
+
+    from cscvision.labels.registration import RegistrationParams, field_mpps, level_mpps
+
+    def slide(px: int, mpp: float):
+        return SimpleNamespace(info=SimpleNamespace(dimensions=(px, px), mpp=mpp))
+
+    he, ihc, p = slide(*he_px), slide(*ihc_px), RegistrationParams()
+    assert level_mpps(he, ihc, p)[-1] == pytest.approx(affine_finest, abs=0.01)
+    assert field_mpps(he, ihc, p) == pytest.approx(field, abs=0.01)
