@@ -8,7 +8,7 @@ For every pair of ``C/ihc_manifest.csv`` with a point map beside its IHC slide (
 interior (> 100 µm from the edge of that tissue), edge (≤ 100 µm) and under a fold or
 bubble, the true error (median / p90, µm) of:
 
-- **matcher**: the finest level's field matches (template search) made under the TRUE
+- **matcher**: the field level's matches (template search, ``--fine-um``) made under the TRUE
   transform (what the matcher alone adds: its noise and bias), with their median error
   vector and robust sd per axis;
 - **best affine**: the least-squares affine to the truth (what an affine can reach);
@@ -69,7 +69,7 @@ def profile_pair(he: Path, ihc: Path, register: bool) -> None:
     edge, art = _where(pm, pts)
     params = R.RegistrationParams()
     with open_slide(he) as fixed, open_slide(ihc) as moving:
-        mpps = R.level_mpps(fixed, moving, params)
+        mpps = R.field_mpps(fixed, moving, params)  # the field's levels: its matches
         finest_f, finest_m = R.level(fixed, mpps[-1]), R.level(moving, mpps[-1])
         s, d = template_matches(finest_f, finest_m, lambda xy: he_to_ihc_um(pm, xy),
                                 search_um=SEARCH_UM[-1])  # fmt: skip
@@ -79,7 +79,7 @@ def profile_pair(he: Path, ihc: Path, register: bool) -> None:
         e_edge, e_art = _where(pm, s)
         bias, spread = ([round(float(v), 2) for v in a] for a in (med, sd))
         levels = [round(c, 2) for c in mpps]
-        print(f"  levels (µm/px) {levels}; matcher bias (x, y) {bias} µm, robust sd {spread} µm")
+        print(f"  field levels (µm/px) {levels}; matcher bias (x, y) {bias} µm, robust sd {spread} µm")
         print(_line("matcher", np.linalg.norm(dv, axis=1), e_edge, e_art))
         a = np.c_[pts, np.ones(len(pts))]
         best = a @ np.linalg.lstsq(a, truth, rcond=None)[0]

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from cscvision.labels import registration_flow as flow
 from cscvision.labels.registration import Level
-from cscvision.labels.registration_match import peak_shift, template_matches
+from cscvision.labels.registration_match import ncc_maps, peak_shift, template_matches
 
 MPP = 2.0  # µm/px of the test levels, as the finest registration level
 
@@ -47,6 +47,25 @@ def test_peak_shift_refines_a_parabolic_peak_to_a_fraction_of_a_pixel():
     dx, dy, peak = peak_shift(score, 5)
     assert (dx, dy) == pytest.approx((1.3, -2.6), abs=1e-6) and peak > 0.99
     assert peak_shift(1 - 0.02 * ((xx - 5) ** 2 + yy**2), 5) is None  # on the border
+
+
+def test_batched_score_maps_equal_match_template_patch_by_patch():
+    """Known answer: skimage's match_template, one call per patch, on textured, partly flat
+    and wholly flat windows; the peak sits where the template was cut out."""
+    from skimage.feature import match_template
+
+    g = np.random.default_rng(3)
+    windows = ndimage.gaussian_filter(g.normal(size=(40, 70, 70)), (0, 2, 2)).astype(np.float32)
+    windows[1, :40] = 0.5  # partly flat
+    windows[2] = 0.25  # flat: no correlation anywhere
+    templates = windows[:, 9:57, 13:61] + 0.2 * g.normal(size=(40, 48, 48)).astype(np.float32)
+    fast = ncc_maps(windows, templates)
+    slow = np.stack([match_template(w, t) for w, t in zip(windows, templates, strict=True)])
+    assert fast.shape == slow.shape == (40, 23, 23)
+    assert np.abs(fast - slow).max() < 1e-4
+    assert not fast[2].any()
+    peaks = [np.unravel_index(int(np.argmax(m)), m.shape) for m in fast[3:]]
+    assert all(p == (9, 13) for p in peaks)
 
 
 @pytest.mark.parametrize("shift_um", [(7.3, -4.6), (-15.0, 11.0)])

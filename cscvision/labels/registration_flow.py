@@ -3,14 +3,16 @@
 **Held-out error.** The finest level's last dense matches, made against the moving image
 under the full transform, are split into 5 folds by blocks of the slide (2 x
 ``flow_smooth_um`` squares); each fold is predicted by the transform fitted on the other
-four (the affine by least squares, the field by the same smoothing). Their residuals are
+four (the affine by least squares, the field in the rounds of :data:`ROUND_SMOOTHING`,
+as :func:`match_field` builds the real one). Their residuals are
 the transform's error plus the matches' own scatter, which is taken out in quadrature
 (:func:`less_scatter`): median, 90th percentile and per region of the slide, so a fold or
 a bubble shows up where it is.
 
 **Non-rigid field.** :func:`match_field`: template matches
 (:mod:`cscvision.labels.registration_match`) against the moving image under the transform
-so far, two rounds at twice the finest µm/px with a wide search, then three at the finest;
+so far, two rounds at twice the finest µm/px (``--fine-um``, 2) with a wide search, then
+three at the finest;
 each round adds what its consistent matches (:func:`consistent`: folds, bubbles, torn
 edges dropped) still say, smoothed by a normalised Gaussian convolution over
 ``flow_smooth_um`` (160 µm), which falls back to a four times wider smoothing and then to
@@ -42,6 +44,10 @@ SMOOTH_FACTORS = (1.0, 2.0, 4.0, 8.0)
 # the first round (the affine leaves up to ~40 µm under a 20-40 µm sd warp), then narrow
 SEARCH_UM = (48.0, 24.0, 16.0)  # per round at the finest level (the first skipped after coarse)
 COARSE_SEARCH_UM = (100.0, 40.0)  # the two rounds at twice the finest µm/px: a 3x warp
+# the held-out field is fitted in rounds as match_field's (two at twice the smoothing, then
+# three at it), each on what the previous left: one pass smoothed a 15-30 µm affine residual
+# into a field that missed its curvature, and the estimate read 1.4-3x the true error
+ROUND_SMOOTHING = (2.0, 2.0, 1.0, 1.0, 1.0)
 
 
 def error_summary(src_um: np.ndarray, lengths: np.ndarray, shape, mpp: float,
@@ -86,8 +92,7 @@ def _field_from(src_um, resid_um, shape, f, smooth_um) -> np.ndarray:
     for k in (0, 1):
         np.add.at(total[k], (px[:, 1], px[:, 0]), resid_um[:, k])
     stride = 16.0  # patch_matches tries a patch every 16 px: weight ~1 per px where dense
-    mean = total / np.maximum(weight, 1)
-    return np.stack([_smooth(mean[k], weight * stride**2, smooth_um / f) for k in (0, 1)])
+    return _smooth(total / np.maximum(weight, 1), weight * stride**2, smooth_um / f)
 
 
 def _sample(field: np.ndarray, xy_um: np.ndarray, f: float) -> np.ndarray:
@@ -100,7 +105,7 @@ def held_out_lengths(src, dst, m, good, shape, f, smooth_um, nonrigid: bool,
                      block_um: float | None = None) -> np.ndarray:  # fmt: skip
     """Residual (µm) of each match predicted by the transform fitted without its fold
     (blocks of ``block_um``, default 2 x ``smooth_um``): the affine refitted by least
-    squares, plus (``nonrigid``) the smoothed field."""
+    squares, plus (``nonrigid``) a field fitted in the rounds of :data:`ROUND_SMOOTHING`."""
     from skimage import transform
 
     folds = blocked_folds(src, block_um or 2 * smooth_um)
@@ -113,37 +118,46 @@ def held_out_lengths(src, dst, m, good, shape, f, smooth_um, nonrigid: bool,
         a = np.asarray(fit.params)
         pred = src[test] @ a[:2, :2].T + a[:2, 2]
         if nonrigid:
-            resid = dst[train] - (src[train] @ a[:2, :2].T + a[:2, 2])
-            pred = pred + _sample(_field_from(src[train], resid, shape, f, smooth_um), src[test], f)
+            fitted = src[train] @ a[:2, :2].T + a[:2, 2]
+            for scale in ROUND_SMOOTHING:
+                step = _field_from(src[train], dst[train] - fitted, shape, f, scale * smooth_um)
+                fitted = fitted + _sample(step, src[train], f)
+                pred = pred + _sample(step, src[test], f)
         out[test] = np.linalg.norm(pred - dst[test], axis=1)
     return out
 
 
-def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur; for a wide ``sigma`` (px) on a grid of block means of ~sigma / 4 px,
-    interpolated back (a full-resolution kernel hundreds of px wide takes minutes)."""
-    k = int(sigma // 4)
-    if k < 2:
-        return ndimage.gaussian_filter(a, sigma)
-    h, w = a.shape
-    padded = np.pad(a, ((0, -h % k), (0, -w % k)), mode="edge")
-    blocks = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).mean(axis=(1, 3))
-    small = ndimage.gaussian_filter(blocks, sigma / k)
-    rows, cols = np.mgrid[0:h, 0:w]
-    return ndimage.map_coordinates(small, [(rows + 0.5) / k - 0.5, (cols + 0.5) / k - 0.5],
-                                   order=1, mode="nearest")  # fmt: skip
+def _block_means(a: np.ndarray, k: int) -> np.ndarray:
+    h, w = a.shape[-2:]
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, -h % k), (0, -w % k)]
+    p = np.pad(a, pad, mode="edge")
+    return p.reshape(*p.shape[:-2], p.shape[-2] // k, k, p.shape[-1] // k, k).mean(axis=(-3, -1))
 
 
 def _smooth(field: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
-    """Normalised convolution with a fallback to 4x the scale, then to 0, where the local
-    weight is small (``weight`` about 1 per pixel where matches are dense)."""
-    near = _blur(weight, sigma)
-    far = _blur(weight, 4 * sigma)
-    fine = _blur(field * weight, sigma) / np.maximum(near, 1e-6)
-    wide = _blur(field * weight, 4 * sigma) / np.maximum(far, 1e-6)
+    """Normalised convolution of ``field`` [2, h, w] with a fallback to 4x the scale, then
+    to 0, where the local weight is small (``weight`` about 1 per pixel where matches are
+    dense). For a wide ``sigma`` (px), done on block means of ~sigma / 4 px and the result
+    interpolated back once (a full-resolution kernel hundreds of px wide takes minutes)."""
+    k = int(sigma // 4)
+    if k < 2:
+        near, far = (ndimage.gaussian_filter(weight, s) for s in (sigma, 4 * sigma))
+        fine = np.stack([ndimage.gaussian_filter(c * weight, sigma) for c in field])
+        wide = np.stack([ndimage.gaussian_filter(c * weight, 4 * sigma) for c in field])
+    else:
+        wb, fb = _block_means(weight, k), _block_means(field * weight, k)
+        near, far = (ndimage.gaussian_filter(wb, s / k) for s in (sigma, 4 * sigma))
+        fine = np.stack([ndimage.gaussian_filter(c, sigma / k) for c in fb])
+        wide = np.stack([ndimage.gaussian_filter(c, 4 * sigma / k) for c in fb])
     alpha = np.clip(near / 0.3, 0, 1)
     beta = np.clip(far / 0.05, 0, 1)
-    return alpha * fine + (1 - alpha) * beta * wide
+    out = alpha * fine / np.maximum(near, 1e-6) + (1 - alpha) * beta * wide / np.maximum(far, 1e-6)
+    if k < 2:
+        return out
+    h, w = weight.shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    g = [(rows + 0.5) / k - 0.5, (cols + 0.5) / k - 0.5]
+    return np.stack([ndimage.map_coordinates(c, g, order=1, mode="nearest") for c in out])
 
 
 def consistent(src_um: np.ndarray, resid_um: np.ndarray, radius_um: float) -> np.ndarray:
