@@ -46,6 +46,10 @@ def main() -> int:
     ap.add_argument("--test", type=int, default=2)
     ap.add_argument("--seed", type=int, default=606)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true",
+                    help="only print the figures of an earlier run in --out")  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further training override, e.g. optim.lr=0.001")  # fmt: skip
     args = ap.parse_args()
     t0 = time.perf_counter()
     cohort, labels, model = args.out / "cohort", args.out / "labels", args.out / "model"
@@ -59,12 +63,15 @@ def main() -> int:
            "--mpp", "1.0", "--tile-px", "112", "--overwrite")  # fmt: skip
     test = _split_cohort(labels / "cohort.csv", args.val, args.test)
     t1 = time.perf_counter()
+    if args.report_only:
+        _report(args, cohort, labels, test, [t0, t1, t1, t1])
+        return 0
     sh("train", "--config", "cpu_demo", f"cohort.csv={labels / 'cohort.csv'}",
        "task=regression", "name=eval_mif_train", f"run_dir={args.out / 'run'}",
        f"export_dir={model}", f"trainer.max_epochs={args.epochs}", "grid.mpp=1.0",
        "grid.tile_px=112", "regression.units=Tregs / mm² of tissue",
        "card.trained_on=synthetic slides with Treg-density labels from cscvision labels mif",
-       "--no-resume")  # fmt: skip
+       *args.set, "--no-resume")  # fmt: skip
     t2 = time.perf_counter()
     sh("infer", *(str(cohort / f"{s}.tiff") for s in test), "--model", str(model), "--out",
        str(args.out / "infer"), "--threads", "1", "--workers", "1", "--overwrite")  # fmt: skip
@@ -77,7 +84,7 @@ def _report(args, cohort: Path, labels: Path, test: list[str], times: list[float
 
     from cscvision.cells.table import read_cell_table
 
-    label, pred, true = [], [], []
+    label, pred, true, slide, parent, region = [], [], [], [], [], []
     for sid in test:
         lab = _tiles(labels / f"{sid}.labels.csv")
         out = _tiles(args.out / "infer" / sid / "tiles.csv")
@@ -85,12 +92,16 @@ def _report(args, cohort: Path, labels: Path, test: list[str], times: list[float
         xy = np.array([k for k in lab if k in out and lab[k]["density_treg"]])
         tile_l0 = 112 * 1.0 / 0.5
         t = tile_truth(cohort, sid, truth, "treg", xy, tile_l0)
+        parent += list(tile_truth(cohort, sid, truth, "t_cell", xy, tile_l0))
+        region += list(_region_share(cohort / f"{sid}_labels.png", xy, tile_l0))
+        slide += [sid] * len(xy)
         for (x, y), tv in zip(xy, t, strict=True):
             label.append(float(lab[(x, y)]["density_treg"]))
             pred.append(float(out[(x, y)]["prob_density_treg"]))
             true.append(tv)
     label, pred, true = np.array(label), np.array(pred), np.array(true)
     ok = np.isfinite(true)
+    _print_diagnosis(label, pred, true, np.array(parent), np.array(region), np.array(slide))
     t0, t1, t2, t3 = times
     print(
         f"\n{args.slides} synthetic slides of {args.size}² px (seed {args.seed}); test "
@@ -109,6 +120,38 @@ def _report(args, cohort: Path, labels: Path, test: list[str], times: list[float
         w = csv.writer(f)
         w.writerow(["label", "pred", "true"])
         w.writerows(zip(label, pred, true, strict=True))
+
+
+def _region_share(mask_png: Path, xy: np.ndarray, tile_l0: float) -> np.ndarray:
+    """Share of each tile under the generator's immunosuppressive region (label bit 16)."""
+    from PIL import Image
+
+    from cscvision.slides.slide import open_slide
+
+    mask = np.asarray(Image.open(mask_png)) & 16 > 0
+    with open_slide(mask_png.with_name(mask_png.name.replace("_labels.png", ".tiff"))) as s:
+        scale = mask.shape[1] / s.info.dimensions[0]
+    span = max(1, round(tile_l0 * scale))
+    return np.array([mask[round(y * scale) :][:span, round(x * scale) :][:, :span].mean()
+                     for x, y in xy])  # fmt: skip
+
+
+def _print_diagnosis(label, pred, true, parent, region, slide) -> None:
+    """What limits the figure: per test slide, Pearson and the mean label vs prediction (a
+    slide-level offset lowers the pooled r), and the ceiling of what H&E can show, the true
+    Treg density's Pearson with its least-squares fit on the true T-cell (parent) density,
+    the region share and their product (in sample: an optimistic bound)."""
+    for sid in dict.fromkeys(slide):
+        m = slide == sid
+        r = np.corrcoef(pred[m], label[m])[0, 1]
+        print(f"  {sid}: {m.sum()} tiles, Pearson vs labels {r:.3f}, mean label "
+              f"{label[m].mean():.0f}, mean prediction {pred[m].mean():.0f}")  # fmt: skip
+    ok = np.isfinite(true) & np.isfinite(parent)
+    x = np.c_[np.ones(ok.sum()), parent[ok], region[ok], parent[ok] * region[ok]]
+    fit = x @ np.linalg.lstsq(x, true[ok], rcond=None)[0]
+    print(f"  ceiling: true Treg density vs T-cell density alone r = "
+          f"{np.corrcoef(true[ok], parent[ok])[0, 1]:.3f}; vs a fit on T-cell density and the "
+          f"immunosuppressive region r = {np.corrcoef(true[ok], fit)[0, 1]:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
