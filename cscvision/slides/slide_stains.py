@@ -35,7 +35,17 @@ SAMPLE_PX = 256
 SAMPLE_MPP = 1.0
 SAMPLE_SEED = 0
 
-_CACHE: dict[tuple[str, float | None, str], StainReference] = {}
+_CACHE: dict[tuple, StainReference] = {}
+
+
+def _key(path: str | Path, method: str) -> tuple:
+    """The cache key of a slide file: its path, size and modification time (a file written
+    anew at the same path is fitted again), and the method."""
+    try:
+        stat = Path(path).stat()
+        return str(path), stat.st_size, stat.st_mtime_ns, method
+    except OSError:
+        return str(path), None, None, method
 
 
 def needs_source(reference: StainReference | None) -> bool:
@@ -50,7 +60,7 @@ def slide_stains(slide: Slide, reference: StainReference) -> StainReference | No
     tiles then keep the template's stains, as before per-slide fitting) and one warning."""
     if not needs_source(reference):
         return None
-    key = (str(slide.info.path), float(slide.info.mpp), reference.method)
+    key = _key(slide.info.path, reference.method)
     if key not in _CACHE:
         _CACHE[key] = _fit(slide, reference)
     return _CACHE[key]
@@ -80,9 +90,9 @@ def path_stains(
 
     if not needs_source(reference):
         return None
-    for key, value in _CACHE.items():
-        if key[0] == str(path) and key[2] == reference.method:
-            return value
+    cached = _CACHE.get(_key(path, reference.method))
+    if cached is not None:
+        return cached
     with open_slide(path, mpp=mpp) as slide:
         return slide_stains(slide, reference)
 
