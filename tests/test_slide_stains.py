@@ -164,10 +164,21 @@ def test_training_normalises_each_tile_with_its_own_slide_stains(tmp_path):
             tiles.append(s.read_region((60 + 40 * k, 80), 0, (TILE, TILE)))
     image = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
     got = system.prepare_images(image, train=False, slide_idx=slide_idx) * 255
+    by_hand = []
     for k, i in enumerate(slide_idx.tolist()):
         with open_slide(slides[i]) as s:
             own = slide_stains(s, template)
-        by_hand = normalise_batch(image[k : k + 1], template, source=own)[0]
-        torch.testing.assert_close(got[k], by_hand, atol=1e-3, rtol=1e-4)
+        by_hand.append(normalise_batch(image[k : k + 1], template, source=own)[0])
+        torch.testing.assert_close(got[k], by_hand[k], atol=1e-3, rtol=1e-4)
     swapped = system.prepare_images(image, train=False, slide_idx=1 - slide_idx) * 255
     assert (swapped - got).abs().mean() > 3
+    # the OOD record's features are read from the same per-slide normalised tiles
+    from cscvision.models.ood import collect_features
+
+    card = ModelCard(name="s", backbone="small_cnn", tile_px=TILE, mpp=1.0)
+    stained = ModelCard(name="s", backbone="small_cnn", tile_px=TILE, mpp=1.0,
+                        stain=template.to_dict())  # fmt: skip
+    batch = {"image": image, "target": torch.zeros(4, 2), "slide_idx": slide_idx}
+    ours = collect_features(system.net, [batch], stained, stain_sources=system.stain_sources)
+    hand = collect_features(system.net, [{**batch, "image": torch.stack(by_hand)}], card)
+    np.testing.assert_allclose(ours[0], hand[0], rtol=1e-4, atol=1e-4)
