@@ -22,7 +22,8 @@ Decided before the shifted slides were scored (a first run had scored the unshif
 one shifted row with a first shift whose rotation turned nuclei cyan-green; after it the
 rotation's direction changed, every strength scores the unshifted slides' tiles, the ``@card``
 rows were added and strength 0.5 was dropped for time; after the second run only the
-printed diagnostics changed):
+printed diagnostics changed; after ``infer`` learnt to unmix each slide with its own stains,
+only the ``@card`` rows were scored again):
 - strengths 0, 1, 2, 3, all printed; ``s = 1`` is the realistic site (10° is the
   upper part of the spread between sites' Macenko vectors), 2 the edge, 3 beyond it;
 - the cost of a shift is, per target, the un-normalised AUROC at ``s = 0`` minus that at
