@@ -22,7 +22,8 @@ Decided before the shifted slides were scored (a first run had scored the unshif
 one shifted row with a first shift whose rotation turned nuclei cyan-green; after it the
 rotation's direction changed, every strength scores the unshifted slides' tiles, the ``@card``
 rows were added and strength 0.5 was dropped for time; after the second run only the
-printed diagnostics changed):
+printed diagnostics changed; after ``infer`` learnt to unmix each slide with its own stains,
+only the ``@card`` rows were scored again):
 - strengths 0, 1, 2, 3, all printed; ``s = 1`` is the realistic site (10° is the
   upper part of the spread between sites' Macenko vectors), 2 the edge, 3 beyond it;
 - the cost of a shift is, per target, the un-normalised AUROC at ``s = 0`` minus that at
@@ -68,6 +69,7 @@ from cscvision.models.card import WEIGHTS_FILE
 from cscvision.models.export import LoadedModel, load_model
 from cscvision.outputs.trust import OOD
 from cscvision.slides.slide import open_slide
+from cscvision.slides.slide_stains import path_stains
 from cscvision.slides.stain import METHODS, fit_stain, normalise_batch, sample_tissue_tiles
 from cscvision.slides.tilebatches import TileBatches
 from cscvision.synth import write_cohort
@@ -200,8 +202,9 @@ def score_slide(model: LoadedModel, path: Path, *, uncertainty=None, norm=None, 
     ``grid_of``: score the tiles of that slide's grid (a shifted slide is scored on its
     unshifted original's tissue tiles, so every strength scores the same tiles). ``norm``
     ``macenko``/``vahadane`` unmix each slide with its own stains, fitted on 8 of its tiles;
-    ``macenko@card``/``vahadane@card`` as ``infer`` applies a card's template (the
-    reference's stains, per-tile amounts only)."""
+    ``macenko@card``/``vahadane@card`` as ``infer`` applies a card's template (each slide's
+    own stains fitted as infer fits them: :func:`~cscvision.slides.slide_stains.path_stains`;
+    before that fix, the reference's stains)."""
     prepared = prepare_slide(grid_of or path, model.card, InferSettings(batch_size=64))
     grid = prepared.grid
     tiles = TileBatches.of_tiles(str(path), grid.slide_mpp, grid.plan, grid.xy_l0, 64)
@@ -212,6 +215,8 @@ def score_slide(model: LoadedModel, path: Path, *, uncertainty=None, norm=None, 
         every = torch.cat(batches)
         pick = np.random.default_rng(0).permutation(len(every))[:8]
         source = fit_stain(every[pick].permute(0, 2, 3, 1).numpy(), norm)
+    elif norm in ("macenko@card", "vahadane@card"):
+        source = path_stains(path, ref)
     rows, t0 = [], time.perf_counter()
     for image in batches:
         if norm is not None:

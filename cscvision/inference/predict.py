@@ -52,7 +52,8 @@ from cscvision.outputs.prediction import SlidePrediction
 from cscvision.slides.grid import GridSpec, TileGrid, detect_tissue, make_grid
 from cscvision.slides.info import ON_CORRUPT_TILE
 from cscvision.slides.slide import Slide, SlideError, open_slide
-from cscvision.slides.stain import normalise_batch
+from cscvision.slides.slide_stains import needs_source, path_stains, slide_stains, stain_record
+from cscvision.slides.stain import StainReference, normalise_batch
 from cscvision.slides.tilebatches import (
     TileBatches,
     autocast,
@@ -113,6 +114,8 @@ class TileScorer:
         self.ood = self.ood.to(self.device) if self.ood is not None else None
         self.uncertainty = check_uncertainty(model, uncertainty)
         self.stain = card_stain(card)  # the template the model was trained with, or None
+        # the stains of the slide being scored (slides.slide_stains), set per slide
+        self.source: StainReference | None = None
         # appended after the outputs (inference.trust): the OOD ratio, std_<t>, mi_<t>
         self.trust = trust_columns(card, ood=self.ood is not None, uncertainty=uncertainty)
 
@@ -126,7 +129,7 @@ class TileScorer:
         with torch.inference_mode(), autocast(self.device, self.amp):
             x = image.to(self.device, non_blocking=True)
             if self.stain is not None:
-                x = normalise_batch(x, self.stain)
+                x = normalise_batch(x, self.stain, source=self.source)
             x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory)
             if isinstance(self.model, LoadedEnsemble):
                 return scored_ensemble(self, x)
@@ -152,6 +155,7 @@ def predict_tiles(
     decode: str = "cpu",
     on_corrupt_tile: str = "fail",
     uncertainty: str | None = None,
+    stain_source: StainReference | None = None,
 ) -> np.ndarray:
     """Sigmoid probabilities float32[N, T] for the tiles of ``grid``, in grid order, then
     the trust columns (:func:`cscvision.inference.trust.trust_columns`) if any.
@@ -164,12 +168,15 @@ def predict_tiles(
     ``decode``: ``gpu`` decodes stored JPEG tiles in batches on the model's device (on a
     CPU device, with torch's CPU decoder: the same path), ``auto`` does so on CUDA only,
     ``cpu`` never; slides the device path does not serve are read on the CPU.
+    ``stain_source``: the slide's own stains for a Macenko/Vahadane card template (fitted
+    on the slide here when not given: :func:`~cscvision.slides.slide_stains.slide_stains`).
     """
     if reader not in READERS:
         raise ValueError(f"reader {reader!r}: choose one of {READERS}")
     if on_corrupt_tile not in ON_CORRUPT_TILE:
         raise ValueError(f"on_corrupt_tile {on_corrupt_tile!r}: choose one of {ON_CORRUPT_TILE}")
     scorer = TileScorer(model, device=device, amp=amp, uncertainty=uncertainty)
+    scorer.source = stain_source or grid_stains(grid, scorer.stain)
     width = output_width(model) + len(scorer.trust)
     probs = np.full((len(grid), width), np.nan, np.float32)
     corrupt = np.zeros(len(grid), bool)
@@ -199,6 +206,13 @@ def predict_tiles(
     if np.isnan(probs[~corrupt]).any():
         raise RuntimeError(f"{grid.slide_path}: some tiles got no prediction (NaN)")
     return probs
+
+
+def grid_stains(grid: TileGrid, template: StainReference | None) -> StainReference | None:
+    """The stains of ``grid``'s slide for normalising to ``template`` (None: none needed)."""
+    if not needs_source(template):
+        return None
+    return path_stains(grid.slide_path, template, grid.slide_mpp)
 
 
 def output_width(model: LoadedModel) -> int:
@@ -275,15 +289,18 @@ def predict_grid(
     decode: str = "cpu",
     on_corrupt_tile: str = "fail",
     uncertainty: str | None = None,
+    stain_source: StainReference | None = None,
 ) -> SlidePrediction:
     """Score the tiles of ``grid`` and stitch them; ``mask`` is the tissue mask the grid
     came from (covering the whole slide), ``thumb`` its thumbnail. With
     ``on_corrupt_tile="skip"`` undecodable tiles are dropped from the grid and listed in
-    ``corrupt_xy_l0``."""
+    ``corrupt_xy_l0``. ``stain_source``: as :func:`predict_tiles`."""
     started = time.perf_counter() if started is None else started
     t0 = time.perf_counter()
+    template = card_stain(model.card)
+    stain_source = stain_source or grid_stains(grid, template)
     kw = dict(batch_size=batch_size, workers=workers, device=device, amp=amp, reader=reader)
-    kw.update(decode=decode, uncertainty=uncertainty)
+    kw.update(decode=decode, uncertainty=uncertainty, stain_source=stain_source)
     probs = predict_tiles(
         grid, model, progress=progress, dataset=batches, on_corrupt_tile=on_corrupt_tile, **kw
     )
@@ -305,7 +322,10 @@ def predict_grid(
         trust=trust,
     )
     seconds = time.perf_counter() - started
-    return dataclasses.replace(pred, seconds=seconds, corrupt_xy_l0=corrupt_xy, **extra)
+    stain = stain_record(stain_source, template) if template is not None else None
+    return dataclasses.replace(
+        pred, seconds=seconds, corrupt_xy_l0=corrupt_xy, stain=stain, **extra
+    )
 
 
 def drop_corrupt_tiles(
@@ -331,6 +351,7 @@ class PreparedSlide:
     mask: np.ndarray
     batches: TileBatches
     started: float  # perf_counter when its preparation began
+    stain_source: StainReference | None = None  # its own stains (Macenko/Vahadane card)
 
 
 # predict_slide's keywords before the settings record (0.2): still read, with a warning
@@ -375,13 +396,16 @@ def prepare_slide(
     settings = _settings(settings, legacy, "prepare_slide")
     spec = GridSpec(mpp=card.mpp, tile_px=card.tile_px, overlap=settings.overlap,
                     min_tissue=settings.min_tissue, mask_mpp=settings.mask_mpp)  # fmt: skip
+    template, source = card_stain(card), None
     if isinstance(slide, Slide):
         thumb, mask = detect_tissue(slide, spec.mask_mpp)
         grid = make_grid(slide, spec, mask=mask)
+        source = slide_stains(slide, template) if template is not None and len(grid) else None
     else:
         with open_slide(slide, mpp=slide_mpp) as opened:
             thumb, mask = detect_tissue(opened, spec.mask_mpp)
             grid = make_grid(opened, spec, mask=mask)
+            source = slide_stains(opened, template) if template is not None and len(grid) else None
     if len(grid) == 0:
         raise SlideError(
             f"{grid.slide_path}: no tile reaches --min-tissue {settings.min_tissue} (tissue "
@@ -392,7 +416,7 @@ def prepare_slide(
         batches.use_slide(slide)
     for index in range(min(read_ahead, len(batches))):
         batches.ready[index] = batches.read(index)
-    return PreparedSlide(grid, thumb, mask, batches, started)
+    return PreparedSlide(grid, thumb, mask, batches, started, source)
 
 
 def predict_slide(
@@ -464,4 +488,5 @@ def predict_slide(
         decode=settings.decode,
         on_corrupt_tile=settings.on_corrupt_tile,
         uncertainty=settings.uncertainty,
+        stain_source=prepared.stain_source,
     )

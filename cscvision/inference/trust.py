@@ -22,8 +22,9 @@ OOD_COLUMN = "ood"
 
 def card_stain(card: ModelCard):
     """The card's stain normalisation template (:class:`~cscvision.slides.stain.StainReference`),
-    or None. Macenko/Vahadane use the template's own stains as the tiles' (per-tile
-    concentration scaling); Reinhard matches each tile's L*a*b* statistics."""
+    or None. Macenko/Vahadane unmix each slide's tiles with that slide's own stains
+    (:mod:`cscvision.slides.slide_stains`, fitted once per slide) and recompose them with the
+    template's; Reinhard matches each tile's L*a*b* statistics."""
     from cscvision.slides.stain import StainReference
 
     return StainReference.from_dict(card.stain) if card.stain else None

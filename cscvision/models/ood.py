@@ -28,7 +28,7 @@ validation slides that are themselves unusual raise the slide threshold.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,11 +293,14 @@ def collect_features(
     *,
     device: str = "cpu",
     features: str | None = None,
+    stain_sources: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """OOD features [N, D], targets [N, T], slide indices [N] and where the features come
     from (:func:`feature_source`; ``encoder`` for stored features) of training batches: uint8
     tile images (``image``, normalised with the card's mean and std and run through
-    ``net``) or stored encoder features (``features``, used as they are)."""
+    ``net``) or stored encoder features (``features``, used as they are). ``stain_sources``:
+    each slide's own stains by ``slide_idx``, for a Macenko/Vahadane card template."""
+    from cscvision.slides.slide_stains import per_tile
     from cscvision.slides.stain import StainReference, normalise_batch
 
     stain = StainReference.from_dict(card.stain) if card.stain else None
@@ -312,7 +315,10 @@ def collect_features(
                 feats.append(batch["features"].float().flatten(1).numpy())
                 where = "encoder"
             else:
-                image = batch["image"] if stain is None else normalise_batch(batch["image"], stain)
+                image = batch["image"]
+                if stain is not None:
+                    source = per_tile(stain_sources, batch.get("slide_idx"))
+                    image = normalise_batch(image, stain, source=source)
                 net(((image.float() - mean) / std).to(device))
                 feats.append(seen.pop().cpu().numpy())
             targets.append(np.asarray(batch["target"], np.float32))
@@ -335,10 +341,11 @@ def fit_ood(
     val_batches: Iterable[dict],
     *,
     features: str | None = None,
+    stain_sources: Sequence[Any] | None = None,
 ) -> tuple[GaussianRecord, dict[str, Any]]:
     """Fit the OOD record on the training tiles' features (one Gaussian per target pattern
     for a thresholded model, else one) and score the validation tiles against it."""
-    kw = {"features": features}
+    kw = {"features": features, "stain_sources": stain_sources}
     train, targets, _, where = collect_features(net, train_batches, card, **kw)
     groups = target_groups(targets) if card.thresholded and where not in BLOCK_FEATURES else None
     record = fit_gaussians(train, groups)

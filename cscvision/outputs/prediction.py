@@ -38,6 +38,9 @@ class SlidePrediction:
     # name: ``ood`` (OOD score / validation 99th percentile), ``std_<t>``, ``mi_<t>``
     trust: dict[str, np.ndarray] = field(default_factory=dict)
     trust_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    # a card's stain template: its method, the slide's fitted stains and their angles to the
+    # template's (slides.slide_stains.stain_record); None without a template
+    stain: dict[str, Any] | None = None
 
     @property
     def slide_id(self) -> str:

@@ -158,6 +158,7 @@ def summarize(
         **corrupt_tile_fields(pred),
         **({"ood": ood} if (ood := ood_summary(pred, card)) else {}),
         **({"uncertainty": uncertainty} if uncertainty else {}),
+        **({"stain_normalisation": pred.stain} if pred.stain else {}),
         "outputs": outputs,
         "device": pred.device,
         "amp": pred.amp,

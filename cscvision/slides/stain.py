@@ -25,6 +25,7 @@ recomposed with the reference stains.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -308,19 +309,24 @@ def normalise_batch(
     batch: torch.Tensor,
     reference: StainReference,
     *,
-    source: StainReference | None = None,
+    source: StainReference | Sequence[StainReference] | None = None,
 ) -> torch.Tensor:
     """Stain-normalise tiles ``[B, 3, H, W]`` (0–255) to ``reference``; float32 0–255 out.
 
     Macenko/Vahadane: each tile's concentrations under ``source``'s stains (the slide's own,
-    fitted once per slide; default: the reference's stains) are scaled per tile so their 99th
-    percentile over its tissue (estimated on every 4th pixel) matches the reference's, then
-    recomposed with the reference stains. Reinhard: each tile's L*a*b* channels take the
-    reference's mean and sd.
+    fitted once per slide: :func:`cscvision.slides.slide_stains.slide_stains`; one for the
+    batch or one per tile; default: the reference's stains, which corrects amounts only) are
+    scaled per tile so their 99th percentile over its tissue (estimated on every 4th pixel)
+    matches the reference's, then recomposed with the reference stains. Reinhard: each
+    tile's L*a*b* channels take the reference's mean and sd.
     """
     if reference.method == "reinhard":
         return _reinhard(batch, reference)
-    return _recompose(batch, reference, source or reference)
+    if source is None or isinstance(source, StainReference):
+        source = [source or reference] * len(batch)
+    if len(source) != len(batch):
+        raise ValueError(f"{len(source)} source stains for a batch of {len(batch)} tiles")
+    return _recompose(batch, reference, source)
 
 
 def _reinhard(batch: torch.Tensor, ref: StainReference) -> torch.Tensor:
@@ -345,25 +351,41 @@ def _od_batch(batch: torch.Tensor) -> torch.Tensor:
     return -torch.log(batch.float().clamp(1.0, 255.0) / 255.0)
 
 
-def _recompose(batch: torch.Tensor, ref: StainReference, src: StainReference) -> torch.Tensor:
+def _recompose(
+    batch: torch.Tensor, ref: StainReference, src: Sequence[StainReference]
+) -> torch.Tensor:
     import torch
 
     b, _, h, w = batch.shape
     od = _od_batch(batch).reshape(b, 3, h * w)
-    src_m = torch.as_tensor(src.stain_matrix, dtype=od.dtype, device=od.device)  # [2, 3]
+    unmix, fallback = _unmixing(src, od)  # [B, 2, 3], [B, 2]
     ref_m = torch.as_tensor(ref.stain_matrix, dtype=od.dtype, device=od.device)
-    conc = torch.einsum("ij,bjn->bin", torch.linalg.pinv(src_m.T), od)  # [B, 2, HW]
+    conc = torch.einsum("bij,bjn->bin", unmix, od)  # [B, 2, HW]
     # the 99th percentile over a tile's tissue, on every 4th pixel (a quarter of the sort)
     sample_od, sample = od[:, :, ::4], conc[:, :, ::4]
     tissue = torch.linalg.vector_norm(sample_od, dim=1, keepdim=True) > OD_BETA
     masked = torch.where(tissue.expand_as(sample), sample, torch.full_like(sample, float("nan")))
     tile_max = torch.nanquantile(masked, MAX_CONC_PERCENTILE / 100, dim=2, keepdim=True)
     ref_max = torch.as_tensor(ref.max_concentration, dtype=od.dtype, device=od.device)
-    fallback = torch.as_tensor(src.max_concentration, dtype=od.dtype, device=od.device)
-    tile_max = torch.where(torch.isnan(tile_max), fallback[None, :, None], tile_max)
+    tile_max = torch.where(torch.isnan(tile_max), fallback[:, :, None], tile_max)
     conc = conc * (ref_max[None, :, None] / tile_max.clamp_min(1e-6))
     out = 255.0 * torch.exp(-torch.einsum("ji,bjn->bin", ref_m, conc))
     return out.clamp(0, 255).reshape(b, 3, h, w)
+
+
+def _unmixing(src: Sequence[StainReference], od: torch.Tensor):
+    """Per tile the pseudo-inverse of its source stains [B, 2, 3] (one per distinct source)
+    and the source's 99th-percentile concentrations [B, 2]."""
+    import torch
+
+    distinct = {id(s): s for s in src}
+    pinv = {
+        k: np.linalg.pinv(np.asarray(s.stain_matrix, np.float64).T) for k, s in distinct.items()
+    }
+    unmix = np.stack([pinv[id(s)] for s in src]) if src else np.zeros((0, 2, 3))
+    fallback = np.array([s.max_concentration for s in src]).reshape(-1, 2)
+    as_t = dict(dtype=od.dtype, device=od.device)
+    return torch.as_tensor(unmix, **as_t), torch.as_tensor(fallback, **as_t)
 
 
 # --- pixels to fit on ------------------------------------------------------------------------

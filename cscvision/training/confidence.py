@@ -21,7 +21,7 @@ errors (and the uncertainty's link to them) may differ.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from cscvision.core.io import write_json
 from cscvision.models.card import CARD_FILE, ModelCard
 from cscvision.models.kinds import get_kind
 from cscvision.models.uncertainty import dropout_layers, mc_passes, predictive_stats, tta_passes
+from cscvision.slides.slide_stains import per_tile
 from cscvision.slides.stain import StainReference, normalise_batch
 
 QUANTILES = (0.70, 0.75, 0.80, 0.85, 0.90, 0.95)
@@ -94,11 +95,17 @@ def tile_errors(mean: np.ndarray, target: np.ndarray, card: ModelCard) -> np.nda
 
 
 def fit_confidence(
-    net: torch.nn.Module, card: ModelCard, batches: Iterable[dict], *, max_tiles: int = MAX_TILES
+    net: torch.nn.Module,
+    card: ModelCard,
+    batches: Iterable[dict],
+    *,
+    max_tiles: int = MAX_TILES,
+    stain_sources: Sequence[StainReference] | None = None,
 ) -> dict[str, Any]:
     """The card's ``confidence`` block from validation ``batches`` (uint8 ``image`` and
     ``target``): ``tta`` always, ``mc`` where the network has dropout. Empty for models
-    trained on stored features (no tiles to transform)."""
+    trained on stored features (no tiles to transform). ``stain_sources``: each slide's own
+    stains by ``slide_idx``, for a Macenko/Vahadane card template."""
     kind = get_kind(card.kind)
     stain = StainReference.from_dict(card.stain) if card.stain else None
     methods = ["tta"] + (["mc"] if dropout_layers(net) else [])
@@ -112,7 +119,10 @@ def fit_confidence(
         for batch in batches:
             if "image" not in batch:
                 return {}
-            image = batch["image"] if stain is None else normalise_batch(batch["image"], stain)
+            image = batch["image"]
+            if stain is not None:
+                source = per_tile(stain_sources, batch.get("slide_idx"))
+                image = normalise_batch(image, stain, source=source)
             x = ((image.float() - mean) / std).to(device)
             for m in methods:
                 passes = tta_passes(net, x) if m == "tta" else mc_passes(net, x, MC_PASSES)
@@ -137,12 +147,17 @@ def fit_confidence(
 
 
 def export_confidence(
-    net: torch.nn.Module, card: ModelCard, batches: Iterable[dict], model_dir: str | Path
+    net: torch.nn.Module,
+    card: ModelCard,
+    batches: Iterable[dict],
+    model_dir: str | Path,
+    *,
+    stain_sources: Sequence[StainReference] | None = None,
 ) -> ModelCard:
     """Fit the ``confidence`` block and write it into the exported card."""
     import dataclasses
 
-    block = fit_confidence(net, card, batches)
+    block = fit_confidence(net, card, batches, stain_sources=stain_sources)
     if not block:
         return card
     path = Path(model_dir) / CARD_FILE

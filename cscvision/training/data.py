@@ -170,6 +170,12 @@ class TileBatchDataset(Dataset):
         return batch
 
 
+def stain_sources_of(dm: Any, stain: dict[str, Any] | None) -> list | None:
+    """:meth:`TileDataModule.stain_sources` of ``dm``; None for data modules of stored
+    features or slides (no tiles to normalise)."""
+    return dm.stain_sources(stain) if isinstance(dm, TileDataModule) else None
+
+
 def stacked_weights(slides: Sequence[SlideTiles]) -> np.ndarray | None:
     """The sample weights of the tiles of ``slides`` in order, or None when no slide's
     labels carry any (every tile counts once)."""
@@ -280,6 +286,19 @@ class TileDataModule(L.LightningDataModule):
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return split_summary(self.slides, self.datasets)
+
+    def slide_sources(self) -> list[tuple[str, float | None]]:
+        """Path and µm/px override of every slide, in ``slide_idx`` order."""
+        return [(s.slide_path, s.mpp_override) for split in SPLITS for s in self.slides[split]]
+
+    def stain_sources(self, stain: dict[str, Any] | None) -> list | None:
+        """Each slide's own stains (``slide_idx`` order) for a card's Macenko/Vahadane
+        ``stain`` template (:mod:`cscvision.slides.slide_stains`), or None."""
+        from cscvision.slides.slide_stains import cohort_stains
+        from cscvision.slides.stain import StainReference
+
+        template = StainReference.from_dict(stain) if stain else None
+        return cohort_stains(self.slide_sources(), template)
 
 
 def split_summary(

@@ -36,6 +36,7 @@ from torchmetrics.utilities import dim_zero_cat
 from cscvision.core.errors import CscvisionError
 from cscvision.models.backbones import get_model, load_pretrained
 from cscvision.models.card import IMAGENET_MEAN, IMAGENET_STD
+from cscvision.slides.slide_stains import cohort_stains, per_tile
 from cscvision.slides.stain import StainReference, normalise_batch
 from cscvision.training.augment import augment_batch, augment_preset, normalize, to_unit_float
 
@@ -244,6 +245,9 @@ class TileClassifier(L.LightningModule):
         self.target_names = tuple(targets)
         self.augment_params = augment_preset(augment)
         self.stain = StainReference.from_dict(stain) if stain else None
+        # Macenko/Vahadane: each slide's own stains by ``slide_idx`` (slides.slide_stains,
+        # set with the data: :meth:`use_slide_stains`); None unmixes with the reference's
+        self.stain_sources: list[StainReference] | None = None
         self.net = (
             net
             if net is not None
@@ -286,11 +290,20 @@ class TileClassifier(L.LightningModule):
         return net
 
     # --- forward -------------------------------------------------------------------------
-    def prepare_images(self, image: torch.Tensor, *, train: bool) -> torch.Tensor:
-        """uint8 batch → augmented (if ``train``) and normalised float batch."""
+    def use_slide_stains(self, slides: Sequence[tuple[str, float | None]]) -> None:
+        """Fit (or take from the cache) the stains of ``slides`` (path, µm/px override, in
+        ``slide_idx`` order) for a Macenko/Vahadane ``stain`` reference."""
+        self.stain_sources = cohort_stains(slides, self.stain)
+
+    def prepare_images(
+        self, image: torch.Tensor, *, train: bool, slide_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """uint8 batch → augmented (if ``train``) and normalised float batch; ``slide_idx``
+        picks each tile's slide stains (:meth:`use_slide_stains`)."""
         with torch.autocast(device_type=image.device.type, enabled=False):
             if self.stain is not None:  # float 0-255, as inference normalises tiles
-                image = normalise_batch(image, self.stain)
+                source = per_tile(self.stain_sources, slide_idx)
+                image = normalise_batch(image, self.stain, source=source)
             x = to_unit_float(image)
             if train:
                 x = augment_batch(x, self.augment_params)
@@ -320,7 +333,8 @@ class TileClassifier(L.LightningModule):
         features (``inputs="features"``)."""
         if self.hparams.inputs == "features":
             return self.net(batch["features"].float())
-        return self.net(self.prepare_images(batch["image"], train=train))
+        image, slide_idx = batch["image"], batch.get("slide_idx")
+        return self.net(self.prepare_images(image, train=train, slide_idx=slide_idx))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.batch_logits(batch, train=True)

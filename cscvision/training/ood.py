@@ -70,7 +70,11 @@ def export_run_ood(
     the exported weights and set its thresholds from the validation slides as inference
     reads them (models reading tiles; models trained on stored features keep the
     validation tiles' thresholds). Returns the card that keeps it."""
-    record, block = fit_ood(net, card, dm._loader("train"), dm._loader("val"), features=features)
+    from cscvision.training.data import stain_sources_of
+
+    sources = stain_sources_of(dm, card.stain)
+    loaders = dm._loader("train"), dm._loader("val")
+    record, block = fit_ood(net, card, *loaders, features=features, stain_sources=sources)
     if note:
         block["note"] = note
     card = export_ood(model_dir, card, record, block)
@@ -122,6 +126,7 @@ def _slide_scores(
     settings: ReadSettings | None,
 ) -> np.ndarray:
     """OOD scores of one slide's tissue tiles, read with inference's grid and normalisation."""
+    from cscvision.slides.slide_stains import slide_stains
     from cscvision.slides.stain import StainReference, normalise_batch
 
     settings = settings or ReadSettings()
@@ -141,12 +146,13 @@ def _slide_scores(
             return np.zeros(0, np.float32)
         batches = TileBatches(grid, settings.batch_size)
         batches.use_slide(slide)
+        source = slide_stains(slide, stain) if stain is not None else None
         with torch.inference_mode(), feature_tap(net.eval(), scorer.features) as seen:
             for i in range(len(batches)):
                 batch = batches.read(i)
                 x = batch["image"][~batch["corrupt"]].to(device)
                 if stain is not None:
-                    x = normalise_batch(x, stain)
+                    x = normalise_batch(x, stain, source=source)
                 net((x.float() - mean) / std)
                 scores.append(scorer(seen.pop()).cpu().numpy())
     net.train(was_training)

@@ -22,7 +22,7 @@ def refit_ood(
     from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
     from cscvision.labels.cohort import read_cohort
     from cscvision.models.kinds import kind_of_config, resolve
-    from cscvision.training.data import prepare_cohort
+    from cscvision.training.data import prepare_cohort, stain_sources_of
     from cscvision.training.tables import cohort_targets
     from cscvision.training.train import _splits
 
@@ -44,7 +44,8 @@ def refit_ood(
     model = load_model(model_dir)
     note = _check_same_tiles(model.card, dm.summary(), model.path)
     card = export_run_ood(model.net, model.card, dm, model.path, note=note, features=features)
-    return export_confidence(model.net, card, dm._loader("val"), model.path)
+    sources = stain_sources_of(dm, card.stain)
+    return export_confidence(model.net, card, dm._loader("val"), model.path, stain_sources=sources)
 
 
 def _check_same_tiles(card: ModelCard, summary: dict, model_dir: Path) -> str:

@@ -49,7 +49,13 @@ from cscvision.training.config import (
     load_config,
     with_absolute_paths,
 )
-from cscvision.training.data import TileDataModule, pos_weight, prepare_cohort, subsample
+from cscvision.training.data import (
+    TileDataModule,
+    pos_weight,
+    prepare_cohort,
+    stain_sources_of,
+    subsample,
+)
 from cscvision.training.export import TrainResult, run_card
 from cscvision.training.featuredata import with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
@@ -258,7 +264,10 @@ def tile_pieces(
 ) -> tuple[TileDataModule, TileClassifier, dict[str, Any]]:
     """Kind ``tile``: tile images and a system holding a backbone; no encoder."""
     dm = tile_datamodule(cfg, by_split)
-    return dm, _module(cfg, targets, dm), {}
+    module = _module(cfg, targets, dm)
+    if module.stain is not None:  # Macenko/Vahadane: unmix each slide with its own stains
+        module.use_slide_stains(dm.slide_sources())
+    return dm, module, {}
 
 
 def tile_datamodule(cfg: TrainConfig, by_split: Mapping[str, Sequence[Any]]) -> TileDataModule:
@@ -506,7 +515,8 @@ def _export(
     state = net.exported_state() if hasattr(net, "exported_state") else None
     export_model(net, card, out_dir, state=state)
     card = export_run_ood(net, card, dm, out_dir)  # the OOD record beside the weights
-    card = export_confidence(net, card, dm._loader("val"), out_dir)  # uncertainty thresholds
+    sources = stain_sources_of(dm, card.stain)  # each slide's own stains (Macenko/Vahadane)
+    card = export_confidence(net, card, dm._loader("val"), out_dir, stain_sources=sources)
     write_model_readme(card, out_dir)
     log.info("exported the model to %s", out_dir)
     return out_dir
