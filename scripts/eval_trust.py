@@ -209,6 +209,8 @@ def score_slide(model: LoadedModel, path: Path, *, uncertainty=None, norm=None, 
     grid = prepared.grid
     tiles = TileBatches.of_tiles(str(path), grid.slide_mpp, grid.plan, grid.xy_l0, 64)
     scorer = TileScorer(model, uncertainty=uncertainty)
+    if scorer.stain is not None:  # a card's template, as infer applies it: the slide's stains
+        scorer.source = path_stains(path, scorer.stain)
     batches = [tiles.read(i)["image"] for i in range(len(tiles))]
     source = None
     if norm in ("macenko", "vahadane"):
