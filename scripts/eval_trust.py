@@ -289,6 +289,8 @@ def stain_section(score: Scorer) -> dict[str, float]:
                 for t, name in enumerate(TARGETS)
             ]
             print(f"  s={s:<3g} {norm or 'none':13s} {len(r.rows):4d} tiles: {'; '.join(cells)}")
+    if not NORMS:  # --no-normalisers: the model as infer runs it, nothing to compare
+        return speed
     print("  summary (rule fixed beforehand: cost = AUROC none at s=0 minus at s; best = "
           "highest mean AUROC over targets; recovered = (best - none) / cost)")  # fmt: skip
     for s in STRENGTHS[1:]:
@@ -410,7 +412,15 @@ def main() -> None:
     p.add_argument("--model", default="demo", help="the model (default: the packaged demo)")
     p.add_argument("--only", choices=("stain", "selective", "ood"), help="print one part")
     p.add_argument("--fresh", action="store_true", help="score again, not from the cache")
+    p.add_argument(
+        "--no-normalisers",
+        action="store_true",
+        help="stain part: only the model as infer runs it (a model trained with data.stain)",
+    )
     args = p.parse_args()
+    if args.no_normalisers:
+        global NORMS
+        NORMS = ()
     torch.manual_seed(0)
     model = load_model(args.model)
     groups = build(args.work, args.slides, args.size)
