@@ -209,6 +209,8 @@ def score_slide(model: LoadedModel, path: Path, *, uncertainty=None, norm=None, 
     grid = prepared.grid
     tiles = TileBatches.of_tiles(str(path), grid.slide_mpp, grid.plan, grid.xy_l0, 64)
     scorer = TileScorer(model, uncertainty=uncertainty)
+    if scorer.stain is not None:  # a card's template, as infer applies it: the slide's stains
+        scorer.source = path_stains(path, scorer.stain)
     batches = [tiles.read(i)["image"] for i in range(len(tiles))]
     source = None
     if norm in ("macenko", "vahadane"):
@@ -287,6 +289,8 @@ def stain_section(score: Scorer) -> dict[str, float]:
                 for t, name in enumerate(TARGETS)
             ]
             print(f"  s={s:<3g} {norm or 'none':13s} {len(r.rows):4d} tiles: {'; '.join(cells)}")
+    if not NORMS:  # --no-normalisers: the model as infer runs it, nothing to compare
+        return speed
     print("  summary (rule fixed beforehand: cost = AUROC none at s=0 minus at s; best = "
           "highest mean AUROC over targets; recovered = (best - none) / cost)")  # fmt: skip
     for s in STRENGTHS[1:]:
@@ -408,7 +412,15 @@ def main() -> None:
     p.add_argument("--model", default="demo", help="the model (default: the packaged demo)")
     p.add_argument("--only", choices=("stain", "selective", "ood"), help="print one part")
     p.add_argument("--fresh", action="store_true", help="score again, not from the cache")
+    p.add_argument(
+        "--no-normalisers",
+        action="store_true",
+        help="stain part: only the model as infer runs it (a model trained with data.stain)",
+    )
     args = p.parse_args()
+    if args.no_normalisers:
+        global NORMS
+        NORMS = ()
     torch.manual_seed(0)
     model = load_model(args.model)
     groups = build(args.work, args.slides, args.size)

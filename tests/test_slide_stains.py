@@ -94,7 +94,7 @@ def infer_world(tmp_path_factory):
     settings = InferSettings(device="cpu", workers=0, batch_size=512, min_tissue=0.99)
     pred = predict_slide(path, model, settings, progress=False)
     tiles = torch.cat(seen).permute(0, 2, 3, 1).float().numpy()
-    return {"path": path, "conc": conc, "pred": pred, "tiles": tiles}
+    return {"path": path, "conc": conc, "pred": pred, "tiles": tiles, "card": model.card}
 
 
 def test_infer_unmixes_each_slide_with_its_own_stains(infer_world):
@@ -125,7 +125,10 @@ def test_infer_records_the_slide_stains_in_its_summary(infer_world):
     assert max(angle_deg(f, a) for f, a in zip(fitted, A, strict=True)) < 2.0
     truth = [angle_deg(a, b) for a, b in zip(A, B, strict=True)]
     np.testing.assert_allclose(record["angle_to_template_deg"], truth, atol=2.0)
-    assert json.loads(json.dumps(record)) == record  # plain numbers: summary.json keeps it
+    from cscvision.outputs.summary import summarize
+
+    summary = summarize(infer_world["pred"], infer_world["card"], {}, {}, [])
+    assert json.loads(json.dumps(summary))["stain_normalisation"] == record
 
 
 def test_a_slide_without_tissue_warns_once_and_keeps_the_template_stains(tmp_path):

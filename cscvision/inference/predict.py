@@ -85,7 +85,10 @@ class TileScorer:
     model kind's :meth:`~cscvision.models.kinds.ModelKind.tile_outputs`).
 
     Moves the net to ``device`` (eval mode, channels-last where that is faster), applies
-    ``(x / 255 - mean) / std`` and autocast with ``amp``.
+    ``(x / 255 - mean) / std`` and autocast with ``amp``. A card's Macenko/Vahadane stain
+    template needs the stains of the slide being scored in ``source``
+    (:func:`~cscvision.slides.slide_stains.slide_stains`; :func:`predict_tiles` sets it);
+    left None, tiles are unmixed with the template's own stains.
     """
 
     def __init__(
