@@ -79,6 +79,26 @@ def test_mixture_threshold_separates_stained_background_from_positive_regions():
     assert positive_share_warning("CD44", 0.15, 10000) is None
 
 
+def test_threshold_does_not_split_inside_a_bimodal_stained_background():
+    """ho77 SYN-P002 FOXP3: a low DAB threshold stains 10-20 % of the cells of cellular
+    tissue, so the background has two modes (sparse tissue ~0.02, cellular ~0.16) and one
+    split put 62 % of the tissue above it (D 2.48: it passed as "separated")."""
+    from cscvision.labels.ihc_threshold import two_component_split
+
+    rng = np.random.default_rng(0)
+    sparse = np.clip(rng.normal(0.02, 0.02, 4000), 0, 1)
+    cellular = np.clip(rng.normal(0.16, 0.035, 4500), 0, 1)
+    background = np.concatenate([sparse, cellular])
+    positive = np.clip(rng.normal(0.33, 0.08, 1500), 0, 1)
+    x = np.concatenate([background, positive])
+    once = two_component_split("FOXP3", x)  # the rule before: inside the background
+    assert once.separation > 2 and (background >= once.value).mean() > 0.5
+    thr = mixture_threshold("FOXP3", x)
+    assert 0.2 < thr.value < 0.3 and "split again" in thr.rule
+    assert (background >= thr.value).mean() < 0.01 and (positive >= thr.value).mean() > 0.75
+    assert (x >= thr.value).mean() <= 0.5
+
+
 def _measure(markers_ok: dict[str, bool]):
     from cscvision.labels.ihc_labels import MarkerResult, SlideMeasure
     from cscvision.labels.registration import Registration
