@@ -186,3 +186,26 @@ def test_labels_ihc_keeps_the_manifest_split(tmp_path):
         (tmp_path / "out" / f"{k}.labels.csv").write_text("x,y\n")
     _summary(args, slides, rows, [], {"valid": 0, "excluded": 0}, [], time.perf_counter())
     assert [e.split for e in read_cohort(tmp_path / "out" / "cohort.csv")] == ["train", "val"]
+
+
+def test_each_slide_keeps_its_own_split_when_stain_strength_shifts_its_densities():
+    """The case per-slide thresholds were made for: a strongly stained slide's background
+    lies above a weak slide's positives, so one cohort split labels it all positive."""
+    from cscvision.labels.ihc_labels import slide_thresholds, thresholds_for
+    from cscvision.labels.ihc_threshold import two_component_split
+
+    cfg = marker_config({"markers": {"FOXP3": "immunosuppressive"}})
+    spec = GridSpec(mpp=1.0, tile_px=80, mask_mpp=16.0)
+    rng = np.random.default_rng(3)
+    weak, strong = _measure({"FOXP3": True}), _measure({"FOXP3": True})
+    for m, (bg, pos) in ((weak, (0.01, 0.15)), (strong, (0.20, 0.55))):
+        density = rng.normal(bg, 0.02, (40, 40))
+        density[:, :8] = rng.normal(pos, 0.03, (40, 8))  # 20 % positive
+        m.markers[0].frame.update(density=np.clip(density, 0, 1).astype(np.float32))
+    x = [m.densities("FOXP3", spec, cfg.map_mpp) for m in (weak, strong)]
+    once = two_component_split("FOXP3", np.concatenate(x))
+    assert (x[1] >= once.value).mean() > 0.9  # the single cohort split: all positive
+    cohort = thresholds_for([weak, strong], cfg, spec)
+    for m, xs in zip((weak, strong), x, strict=True):
+        own = slide_thresholds(m, cohort, cfg, spec)["FOXP3"]
+        assert "this slide" in own.rule and abs((xs >= own.value).mean() - 0.2) < 0.02
