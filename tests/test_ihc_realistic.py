@@ -79,6 +79,26 @@ def test_mixture_threshold_separates_stained_background_from_positive_regions():
     assert positive_share_warning("CD44", 0.15, 10000) is None
 
 
+def test_threshold_does_not_split_inside_a_bimodal_stained_background():
+    """ho77 SYN-P002 FOXP3: a low DAB threshold stains 10-20 % of the cells of cellular
+    tissue, so the background has two modes (sparse tissue ~0.02, cellular ~0.16) and one
+    split put 62 % of the tissue above it (D 2.48: it passed as "separated")."""
+    from cscvision.labels.ihc_threshold import two_component_split
+
+    rng = np.random.default_rng(0)
+    sparse = np.clip(rng.normal(0.02, 0.02, 4000), 0, 1)
+    cellular = np.clip(rng.normal(0.16, 0.035, 4500), 0, 1)
+    background = np.concatenate([sparse, cellular])
+    positive = np.clip(rng.normal(0.33, 0.08, 1500), 0, 1)
+    x = np.concatenate([background, positive])
+    once = two_component_split("FOXP3", x)  # the rule before: inside the background
+    assert once.separation > 2 and (background >= once.value).mean() > 0.5
+    thr = mixture_threshold("FOXP3", x)
+    assert 0.2 < thr.value < 0.3 and "split again" in thr.rule
+    assert (background >= thr.value).mean() < 0.01 and (positive >= thr.value).mean() > 0.75
+    assert (x >= thr.value).mean() <= 0.5
+
+
 def _measure(markers_ok: dict[str, bool]):
     from cscvision.labels.ihc_labels import MarkerResult, SlideMeasure
     from cscvision.labels.registration import Registration
@@ -166,3 +186,26 @@ def test_labels_ihc_keeps_the_manifest_split(tmp_path):
         (tmp_path / "out" / f"{k}.labels.csv").write_text("x,y\n")
     _summary(args, slides, rows, [], {"valid": 0, "excluded": 0}, [], time.perf_counter())
     assert [e.split for e in read_cohort(tmp_path / "out" / "cohort.csv")] == ["train", "val"]
+
+
+def test_each_slide_keeps_its_own_split_when_stain_strength_shifts_its_densities():
+    """The case per-slide thresholds were made for: a strongly stained slide's background
+    lies above a weak slide's positives, so one cohort split labels it all positive."""
+    from cscvision.labels.ihc_labels import slide_thresholds, thresholds_for
+    from cscvision.labels.ihc_threshold import two_component_split
+
+    cfg = marker_config({"markers": {"FOXP3": "immunosuppressive"}})
+    spec = GridSpec(mpp=1.0, tile_px=80, mask_mpp=16.0)
+    rng = np.random.default_rng(3)
+    weak, strong = _measure({"FOXP3": True}), _measure({"FOXP3": True})
+    for m, (bg, pos) in ((weak, (0.01, 0.15)), (strong, (0.20, 0.55))):
+        density = rng.normal(bg, 0.02, (40, 40))
+        density[:, :8] = rng.normal(pos, 0.03, (40, 8))  # 20 % positive
+        m.markers[0].frame.update(density=np.clip(density, 0, 1).astype(np.float32))
+    x = [m.densities("FOXP3", spec, cfg.map_mpp) for m in (weak, strong)]
+    once = two_component_split("FOXP3", np.concatenate(x))
+    assert (x[1] >= once.value).mean() > 0.9  # the single cohort split: all positive
+    cohort = thresholds_for([weak, strong], cfg, spec)
+    for m, xs in zip((weak, strong), x, strict=True):
+        own = slide_thresholds(m, cohort, cfg, spec)["FOXP3"]
+        assert "this slide" in own.rule and abs((xs >= own.value).mean() - 0.2) < 0.02

@@ -22,6 +22,7 @@ from cscvision.labels.ihc import (
 )
 from cscvision.labels.ihc_threshold import (
     MIN_SEPARATION,
+    SPLIT_AGAIN,
     Threshold,
     mixture_threshold,
     pooled,
@@ -149,8 +150,9 @@ def slide_thresholds(
         except ValueError:
             continue
         if own.separation >= MIN_SEPARATION and own.weights[1] >= 0.02:
-            out[name] = dataclasses.replace(own, rule="two-component Gaussian mixture on this "
-                                            "slide's densities (they separate)")  # fmt: skip
+            rule = "two-component Gaussian mixture on this slide's densities (they separate)"
+            again = SPLIT_AGAIN if SPLIT_AGAIN in own.rule else ""
+            out[name] = dataclasses.replace(own, rule=rule + again)
     return out
 
 
