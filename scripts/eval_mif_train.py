@@ -2,7 +2,9 @@
 
 synth --mif (phenotype infiltration, seed 606: no test uses it) → ``cscvision labels mif
 --feature density_treg`` (the tool's own cells, gating, phenotypes and registration; tiles
-of 112 px at 1 µm/px) → ``cscvision train`` (the cpu_demo config as regression: small_cnn)
+of 112 px at 1 µm/px) → ``cscvision stain fit`` on the training slides (Macenko; ``--stain none`` skips it) →
+``cscvision train`` (the cpu_demo config as regression: small_cnn, lr 0.0005, tiles
+normalised to that template with each slide's own stains)
 → ``cscvision infer`` on the held-out test slides. Prints Pearson r over the test slides'
 tissue tiles between the model's predicted Treg density and (a) the mIF labels, (b) the
 TRUE Treg density of the tile (the generator's cells over the tile's true tissue area), and
@@ -14,7 +16,8 @@ before them validation. What could fool you: synthetic data only; Tregs live mos
 generator's immunosuppressive regions, whose H&E look differs, so the model may learn the
 region rather than the cells; few test tiles give a wide interval.
 
-    nice -n 5 .venv/bin/python scripts/eval_mif_train.py --slides 8 --size 2048 --epochs 12
+    nice -n 5 .venv/bin/python scripts/eval_mif_train.py --out W --slides 12 --size 4096 \
+        --val 2 --test 3 --epochs 40
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def main() -> int:
     ap.add_argument("--test", type=int, default=2)
     ap.add_argument("--seed", type=int, default=606)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--stain", choices=("macenko", "none"), default="macenko",
+                    help="normalise tiles to a reference fitted on training slides")  # fmt: skip
+    ap.add_argument("--lr", type=float, default=0.0005)
     ap.add_argument("--report-only", action="store_true",
                     help="only print the figures of an earlier run in --out")  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -66,12 +72,20 @@ def main() -> int:
     if args.report_only:
         _report(args, cohort, labels, test, [t0, t1, t1, t1])
         return 0
+    stain = []
+    if args.stain != "none":
+        train = [r["slide_path"] for r in csv.DictReader((labels / "cohort.csv").open())
+                 if r["split"] == "train"]  # fmt: skip
+        ref = args.out / "stain_reference.json"
+        sh("stain", "fit", *(str((labels / p).resolve()) for p in train), "--out", str(ref),
+           "--method", args.stain, "--overwrite")  # fmt: skip
+        stain = [f"data.stain={ref}"]
     sh("train", "--config", "cpu_demo", f"cohort.csv={labels / 'cohort.csv'}",
        "task=regression", "name=eval_mif_train", f"run_dir={args.out / 'run'}",
        f"export_dir={model}", f"trainer.max_epochs={args.epochs}", "grid.mpp=1.0",
        "grid.tile_px=112", "regression.units=Tregs / mm² of tissue",
        "card.trained_on=synthetic slides with Treg-density labels from cscvision labels mif",
-       *args.set, "--no-resume")  # fmt: skip
+       f"optim.lr={args.lr}", *stain, *args.set, "--no-resume")  # fmt: skip
     t2 = time.perf_counter()
     sh("infer", *(str(cohort / f"{s}.tiff") for s in test), "--model", str(model), "--out",
        str(args.out / "infer"), "--threads", "1", "--workers", "1", "--overwrite")  # fmt: skip
