@@ -2,10 +2,10 @@
 
 synth --mif (phenotype infiltration, seed 606: no test uses it) → ``cscvision labels mif
 --feature density_treg`` (the tool's own cells, gating, phenotypes and registration; tiles
-of 112 px at 1 µm/px) → ``cscvision stain fit`` on the training slides (Macenko; ``--stain none`` skips it) →
-``cscvision train`` (the cpu_demo config as regression: small_cnn, lr 0.0005, tiles
-normalised to that template with each slide's own stains)
-→ ``cscvision infer`` on the held-out test slides. Prints Pearson r over the test slides'
+of 112 px at 1 µm/px) → ``cscvision stain fit`` on the training slides (Macenko;
+``--stain none`` skips it) → ``cscvision train`` (the cpu_demo config as regression:
+small_cnn, lr 0.0005, tiles normalised to that template with each slide's own stains) →
+``cscvision infer`` on the held-out test slides. Prints Pearson r over the test slides'
 tissue tiles between the model's predicted Treg density and (a) the mIF labels, (b) the
 TRUE Treg density of the tile (the generator's cells over the tile's true tissue area), and
 beside them the negative control: the same labels remade with FOXP3 given at random within

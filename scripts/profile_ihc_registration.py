@@ -79,7 +79,8 @@ def profile_pair(he: Path, ihc: Path, register: bool) -> None:
         e_edge, e_art = _where(pm, s)
         bias, spread = ([round(float(v), 2) for v in a] for a in (med, sd))
         levels = [round(c, 2) for c in mpps]
-        print(f"  field levels (µm/px) {levels}; matcher bias (x, y) {bias} µm, robust sd {spread} µm")
+        print(f"  field levels (µm/px) {levels}; matcher bias (x, y) {bias} µm, "
+              f"robust sd {spread} µm")  # fmt: skip
         print(_line("matcher", np.linalg.norm(dv, axis=1), e_edge, e_art))
         a = np.c_[pts, np.ones(len(pts))]
         best = a @ np.linalg.lstsq(a, truth, rcond=None)[0]
