@@ -172,8 +172,8 @@ def spill_coefficient(
     """Share of ``source`` seen in ``target`` (module doc); 0 when too few cells. Without
     ``first``, from the ``TOP_SHARE`` cells brightest in ``source``, the
     ``RATIO_QUANTILE``-th percentile of the ratios; with ``first`` (bool[N] masks: positive
-    for the source, positive for the target, by a first gate), the median ratio of the cells
-    positive for the source and negative for the target."""
+    for the source, positive for the target, by a first gate), the same percentile over the
+    cells positive for the source and negative for the target."""
     a = np.nan_to_num(np.asarray(source, np.float64), nan=0.0)
     b = np.nan_to_num(np.asarray(target, np.float64), nan=0.0)
     if len(a) < 50:

@@ -403,12 +403,12 @@ def prepare_slide(
     if isinstance(slide, Slide):
         thumb, mask = detect_tissue(slide, spec.mask_mpp)
         grid = make_grid(slide, spec, mask=mask)
-        source = slide_stains(slide, template) if template is not None and len(grid) else None
+        source = slide_stains(slide, template) if len(grid) else None
     else:
         with open_slide(slide, mpp=slide_mpp) as opened:
             thumb, mask = detect_tissue(opened, spec.mask_mpp)
             grid = make_grid(opened, spec, mask=mask)
-            source = slide_stains(opened, template) if template is not None and len(grid) else None
+            source = slide_stains(opened, template) if len(grid) else None
     if len(grid) == 0:
         raise SlideError(
             f"{grid.slide_path}: no tile reaches --min-tissue {settings.min_tissue} (tissue "

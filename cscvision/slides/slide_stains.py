@@ -53,10 +53,10 @@ def needs_source(reference: StainReference | None) -> bool:
     return reference is not None and reference.method != "reinhard"
 
 
-def slide_stains(slide: Slide, reference: StainReference) -> StainReference | None:
+def slide_stains(slide: Slide, reference: StainReference | None) -> StainReference | None:
     """The stains of ``slide`` (an open slide) fitted by ``reference``'s method on a fixed
     sample of its tissue: the ``source`` for :func:`~cscvision.slides.stain.normalise_batch`.
-    None for Reinhard. A slide with too little tissue to fit gets ``reference`` itself (its
+    None for Reinhard or no reference. A slide with too little tissue to fit gets ``reference`` (its
     tiles then keep the template's stains, as before per-slide fitting) and one warning."""
     if not needs_source(reference):
         return None
