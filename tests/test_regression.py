@@ -16,6 +16,7 @@ from cscvision.training.regression import (
     regression_metrics,
     spearman,
     standardise_stats,
+    target_range,
 )
 from cscvision.training.tables import check_target_range
 from cscvision.training.tilecache import DataError
@@ -104,6 +105,26 @@ def test_card_units_and_value_range():
 
     text = model_readme(reg)
     assert "continuous score" in text and "test Pearson" in text and "sigmoid" not in text
+
+
+def test_target_range_and_floor_clip_a_count_density_at_zero():
+    # a density never below 0 in training; a z-score that was
+    low, high = target_range(np.array([[0.0, -1.5], [250.0, 0.5], [np.nan, 2.0]]))
+    assert low == [0.0, -1.5] and high == [250.0, 2.0]
+    scale = {"mean": [100.0, 0.0], "std": [80.0, 1.0], "min": low, "max": high}
+    card = ModelCard(name="m", backbone="small_cnn", targets=("density", "z"),
+                     target_type="regression", output_scale=scale)  # fmt: skip
+    assert card.floors() == (0.0, None)
+    assert card.value_range("density") == (0.0, 300.0) and card.value_range("z") == (-2.5, 2.5)
+    from cscvision.models.kinds import get_kind
+
+    logits = torch.tensor([[-2.0, -2.0], [0.5, 0.5]])  # standardised: 100 - 160 < 0
+    out = get_kind("tile").tile_outputs(card, logits)
+    np.testing.assert_allclose(out, [[0.0, -2.0], [140.0, 0.5]])
+    old = ModelCard.from_json({**card.to_json(), "output_scale": {"mean": [100.0, 0.0],
+                                                                    "std": [80.0, 1.0]}})
+    assert old.floors() == (None, None)  # a card from before the range: unchanged
+    np.testing.assert_allclose(get_kind("tile").tile_outputs(old, logits)[0], [-60.0, -2.0])
 
 
 def test_packaged_panel_config_is_the_default():

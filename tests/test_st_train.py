@@ -121,7 +121,7 @@ def test_a_regression_head_on_stored_features_learns_panel_scores(tmp_path):
     card = model.card
     assert card.target_type == "regression" and card.kind == "head"
     assert card.encoder["name"] == "demo-cnn"
-    assert set(card.output_scale) == {"mean", "std"} and result.thresholds == {}
+    assert set(card.output_scale) == {"mean", "std", "min", "max"} and result.thresholds == {}
     splits = dict(
         r.split(",")[::2] for r in (tmp_path / "run" / "splits.csv").read_text().split()[1:]
     )

@@ -123,7 +123,8 @@ class ModelCard:
     # per target; rank a within-slide rank percentile (the tile maps of a slide-level model)
     target_type: Literal["classification", "regression", "rank"] = "classification"
     units: dict[str, str] = Field(default_factory=dict)  # target → unit; see unit()
-    # regression: the net predicts standardised scores; score = output * std + mean
+    # regression: the net predicts standardised scores; score = output * std + mean; "min"
+    # and "max": the training tiles' range (a target never negative there is floored at 0)
     output_scale: dict[str, list[float]] = Field(default_factory=dict)
     colors: dict[str, tuple[Channel, Channel, Channel]] = Field(default_factory=dict)
     # probabilities (classification, 0-1) or scores in the target's units (regression)
@@ -207,12 +208,23 @@ class ModelCard:
 
     def value_range(self, target: str) -> tuple[float, float]:
         """The values colour maps and uint8 likelihood maps span: (0, 1) for probabilities;
-        for regression the training scores' mean ± 2.5 standard deviations."""
+        for regression the training scores' mean ± 2.5 standard deviations, from the
+        target's floor up where it has one."""
         if not self.is_regression or not self.output_scale:
             return 0.0, 1.0
         i = self.targets.index(target)
         mean, std = self.output_scale["mean"][i], self.output_scale["std"][i]
-        return float(mean - SCORE_SPAN_SD * std), float(mean + SCORE_SPAN_SD * std)
+        low, floor = float(mean - SCORE_SPAN_SD * std), self.floors()[i]
+        return (low if floor is None else max(low, floor)), float(mean + SCORE_SPAN_SD * std)
+
+    def floors(self) -> tuple[float | None, ...]:
+        """Per target, the least value a regression output may take: 0 for a target no
+        training tile had below 0 (a density, a fraction: a negative one means nothing),
+        else None (no floor; also for cards written before the range was recorded)."""
+        low = self.output_scale.get("min") if self.is_regression else None
+        if low is None:
+            return (None,) * len(self.targets)
+        return tuple(0.0 if v >= 0 else None for v in low)
 
     def unit(self, target: str) -> str:
         """What ``target``'s values measure: the card's unit, else its target type's default."""

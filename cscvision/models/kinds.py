@@ -80,7 +80,9 @@ class ModelKind:
 
     def tile_outputs(self, card: ModelCard, logits: torch.Tensor) -> np.ndarray:
         """A batch's network outputs [B, W] → per-tile outputs float32 [B, W]: calibrated
-        probabilities (classification) or scores in the card's units (regression)."""
+        probabilities (classification) or scores in the card's units (regression), floored
+        where the card says (:meth:`~cscvision.models.card.ModelCard.floors`)."""
+        import numpy as np
         import torch
 
         from cscvision.models.calibration import calibrate
@@ -89,7 +91,9 @@ class ModelKind:
             scale = card.output_scale
             mean = torch.tensor(scale.get("mean", [0.0]), device=logits.device)
             std = torch.tensor(scale.get("std", [1.0]), device=logits.device)
-            return (logits * std + mean).cpu().numpy()
+            scores = (logits * std + mean).cpu().numpy()
+            floors = np.array([np.nan if f is None else f for f in card.floors()])
+            return np.fmax(scores, floors).astype(np.float32)  # fmax: a NaN floor is none
         if not card.calibration:
             return torch.sigmoid(logits).cpu().numpy()
         return calibrate(logits.cpu().numpy(), card.targets, card.calibration)

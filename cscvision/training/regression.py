@@ -38,6 +38,18 @@ def standardise_stats(targets: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+def target_range(targets: np.ndarray) -> tuple[list[float], list[float]]:
+    """Least and greatest value per target over the training tiles that have it (0, 0 for
+    a target no tile has): recorded on the card, where a target never below 0 gets a floor
+    of 0 (:meth:`~cscvision.models.card.ModelCard.floors`)."""
+    t = np.asarray(targets, np.float64)
+    known = ~np.isnan(t)
+    low = np.where(known, t, np.inf).min(axis=0)
+    high = np.where(known, t, -np.inf).max(axis=0)
+    seen = known.any(axis=0)
+    return np.where(seen, low, 0).tolist(), np.where(seen, high, 0).tolist()
+
+
 def pearson_loss(
     pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -60,7 +60,7 @@ from cscvision.training.export import TrainResult, run_card
 from cscvision.training.featuredata import with_encoder_grid
 from cscvision.training.lit import TileClassifier, check_checkpoint
 from cscvision.training.ood import export_run_ood
-from cscvision.training.regression import TileRegressor, standardise_stats
+from cscvision.training.regression import TileRegressor, standardise_stats, target_range
 from cscvision.training.tables import check_target_range, cohort_targets
 from cscvision.training.tilecache import require_positives
 
@@ -480,7 +480,9 @@ def _export(
     colors = target_colors(targets, cfg.card.colors)
     scale = {}
     if isinstance(module, TileRegressor):
-        scale = {"mean": module.target_mean.tolist(), "std": module.target_std.tolist()}
+        low, high = target_range(dm.datasets["train"].targets)
+        scale = {"mean": module.target_mean.tolist(), "std": module.target_std.tolist(),
+                 "min": low, "max": high}  # fmt: skip
     regression = cfg.target_type == "regression"
     card = run_card(
         cfg,
