@@ -99,3 +99,20 @@ def test_training_run_section(demo_batch, tmp_path):
     assert "Training run" in html and "0.8" in html
     svg = (page.parent / "assets" / "learning_curves.svg").read_text()
     assert "<svg" in svg and "val_auroc_stemness" in svg
+
+
+def test_plots_show_maps_without_thresholds_by_their_own_value():
+    from cscvision.views.plots import distribution_svg, scatter_svg, slide_value
+
+    thresholded = {"targets": {"a": {"fraction_of_tissue": 0.25, "mean": 0.4}}}
+    regression = {"targets": {"a": {"unit": "cells/mm²", "mean": 812.5}}}
+    mil = {"targets": {"a": {"mean": 0.5}}, "slide_prediction": {"regression": {"a": 3.5}}}
+    assert slide_value(thresholded, "a") == (0.25, "fraction of tissue")
+    assert slide_value(regression, "a") == (812.5, "mean over tissue (cells/mm²)")
+    assert slide_value(mil, "a") == (3.5, "slide prediction")  # not the percentile map's 0.5
+    assert slide_value({"targets": {"a": {}}}, "a")[1] == ""
+    two = [{"targets": {t: {"unit": "u", "mean": m + i} for t in "ab"}} for i, m in
+           enumerate((100.0, 900.0, 400.0))]  # fmt: skip
+    svg = scatter_svg(two, ["a", "b"], ["P1", "P2", "P3"])
+    assert svg is not None and "mean over tissue (u)" in svg  # was an empty 0-1 plot
+    assert distribution_svg([{"targets": {"a": {}}}], ["a"]) is None  # nothing to draw

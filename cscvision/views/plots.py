@@ -26,10 +26,40 @@ def _svg(fig: Any) -> str:
     return buf.getvalue()
 
 
-def _fraction(summary: dict, target: str) -> float:
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def slide_value(summary: dict, target: str) -> tuple[float, str]:
+    """What a slide's point shows for ``target``, and its axis label: the share of tissue
+    above the threshold when the map has one; else a slide-level model's prediction; else
+    the tissue-weighted mean score in the map's unit (a regression map). NaN when none."""
     value = summary.get("targets", {}).get(target, {})
-    got = value.get("fraction_of_tissue") if isinstance(value, dict) else None
-    return float(got) if isinstance(got, (int, float)) else math.nan
+    value = value if isinstance(value, dict) else {}
+    if not math.isnan(_number(value.get("fraction_of_tissue"))):
+        return float(value["fraction_of_tissue"]), "fraction of tissue"
+    predicted = (summary.get("slide_prediction") or {}).get("regression", {})
+    if not math.isnan(_number(predicted.get(target))):
+        return float(predicted[target]), "slide prediction"
+    if not math.isnan(_number(value.get("mean"))):
+        return float(value["mean"]), f"mean over tissue ({value.get('unit') or 'score'})"
+    return math.nan, ""
+
+
+def _fraction(summary: dict, target: str) -> float:
+    return slide_value(summary, target)[0]
+
+
+def _label(summaries: Sequence[dict], target: str) -> str:
+    return next((lab for s in summaries if (lab := slide_value(s, target)[1])), "")
+
+
+def _axis_limits(values: Sequence[float], label: str) -> tuple[float, float] | None:
+    """0 to a little over the largest fraction; matplotlib's own limits for other values."""
+    finite = [v for v in values if not math.isnan(v)]
+    if label != "fraction of tissue" or not finite:
+        return None
+    return 0.0, min(1.0, max(finite) * 1.15 + 0.01)
 
 
 def _hex(rgb: Sequence[int]) -> str:
@@ -40,7 +70,7 @@ def scatter_svg(
     summaries: Sequence[dict], targets: Sequence[str], patients: Sequence[str | None]
 ) -> str | None:
     """Per-slide fraction of tissue of target 0 against target 1, one colour per patient."""
-    if len(targets) < 2 or not summaries:
+    if len(targets) < 2 or not summaries or not all(_label(summaries, t) for t in targets[:2]):
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4.2))
@@ -59,11 +89,12 @@ def scatter_svg(
             edgecolor="black",
             linewidth=0.4,
         )
-    top = max([v for v in xs + ys if not math.isnan(v)] or [1.0])
-    ax.set_xlim(0, min(1.0, top * 1.15 + 0.01))
-    ax.set_ylim(0, min(1.0, top * 1.15 + 0.01))
-    ax.set_xlabel(f"{targets[0]}: fraction of tissue")
-    ax.set_ylabel(f"{targets[1]}: fraction of tissue")
+    labels = _label(summaries, targets[0]), _label(summaries, targets[1])
+    for values, label, limit in ((xs, labels[0], ax.set_xlim), (ys, labels[1], ax.set_ylim)):
+        if (lims := _axis_limits(values, label)) is not None:
+            limit(*lims)
+    ax.set_xlabel(f"{targets[0]}: {labels[0]}")
+    ax.set_ylabel(f"{targets[1]}: {labels[1]}")
     ax.set_title("one point per slide")
     if groups != [None] and len(groups) <= 12:
         ax.legend(title="patient", fontsize=7, title_fontsize=8, loc="best")
@@ -71,6 +102,7 @@ def scatter_svg(
 
 
 def distribution_svg(summaries: Sequence[dict], targets: Sequence[str]) -> str | None:
+    targets = [t for t in targets if _label(summaries, t)]
     if not summaries or not targets:
         return None
     plt = _pyplot()
@@ -78,8 +110,10 @@ def distribution_svg(summaries: Sequence[dict], targets: Sequence[str]) -> str |
     fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.2), squeeze=False)
     for ax, t in zip(axes[0], targets, strict=True):
         values = [v for v in (_fraction(s, t) for s in summaries) if not math.isnan(v)]
-        ax.hist(values, bins=min(20, max(5, len(values))), range=(0, 1), color=_hex(colors[t]))
-        ax.set_xlabel(f"{t}: fraction of tissue")
+        label = _label(summaries, t)
+        span = (0, 1) if label == "fraction of tissue" else None
+        ax.hist(values, bins=min(20, max(5, len(values))), range=span, color=_hex(colors[t]))
+        ax.set_xlabel(f"{t}: {label}")
         ax.set_ylabel("slides")
     return _svg(fig)
 
@@ -131,6 +165,7 @@ def patient_svg(
     summaries: Sequence[dict], targets: Sequence[str], patients: Sequence[str | None]
 ) -> str | None:
     groups = sorted({p for p in patients if p})
+    targets = [t for t in targets if _label(summaries, t)]
     if not groups or not targets:
         return None
     plt = _pyplot()
@@ -154,7 +189,7 @@ def patient_svg(
         ha="right",
         fontsize=7,
     )
-    ax.set_ylabel("fraction of tissue")
+    ax.set_ylabel("; ".join(dict.fromkeys(_label(summaries, t) for t in targets)))
     ax.legend(fontsize=7)
     return _svg(fig)
 

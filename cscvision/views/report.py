@@ -299,13 +299,14 @@ def _plots_section(batch: Batch, assets: Path) -> str:
             assets,
             "scatter.svg",
             scatter_svg(summaries, batch.targets, patients),
-            "per-slide area fractions of the first two targets",
+            "one point per slide for the first two targets: the share of tissue above the "
+            "threshold, or for maps without one the slide prediction or the mean score",
         ),
         _figure(
             assets,
             "distributions.svg",
             distribution_svg(summaries, batch.targets),
-            "distribution of each target's fraction of tissue across slides",
+            "distribution across slides of each target's per-slide value (as above)",
         ),
         _figure(
             assets,
@@ -318,7 +319,7 @@ def _plots_section(batch: Batch, assets: Path) -> str:
             assets,
             "patients.svg",
             patient_svg(summaries, batch.targets, patients),
-            "target fractions per patient",
+            "per-slide values grouped by patient",
         ),
     ]
     return "<section id='plots'><h2>Plots</h2>" + "".join(f for f in figs if f) + "</section>"
