@@ -131,3 +131,13 @@ def test_view_command_refuses_a_folder_without_outputs(tmp_path, capsys):
 
     assert main(["view", str(tmp_path)]) == 2
     assert "no <slide_id>/summary.json" in capsys.readouterr().err
+
+
+def test_a_map_without_a_threshold_starts_without_an_outline(tmp_path):
+    from cscvision.views.server import SlideEntry
+
+    summary = {"targets": {"stemness": {"threshold": 0.37}, "density_treg": {"mean": 812.0}}}
+    entry = SlideEntry("s", tmp_path, tmp_path / "s.svs", summary)
+    assert entry.thresholded("stemness") and entry.threshold("stemness") == 0.37
+    # regression scores and MIL percentiles: no region is called, so no outline at 0.5
+    assert not entry.thresholded("density_treg") and entry.threshold("density_treg") == 1.0

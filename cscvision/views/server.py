@@ -51,8 +51,14 @@ class SlideEntry:
     def targets(self) -> tuple[str, ...]:
         return tuple(self.summary.get("targets", {}))
 
+    def thresholded(self, target: str) -> bool:
+        return self.summary["targets"][target].get("threshold") is not None
+
     def threshold(self, target: str) -> float:
-        return float(self.summary["targets"][target].get("threshold", 0.5))
+        """Where the outline starts: the summary's threshold; a map without one (regression
+        scores, MIL percentiles) starts with none (1.0, as a trust layer with no limit)."""
+        got = self.summary["targets"][target].get("threshold")
+        return 1.0 if got is None else float(got)
 
 
 class SlideMaps:
@@ -241,6 +247,7 @@ class Catalogue:
                 {
                     "name": name,
                     "threshold": entry.threshold(name),
+                    "thresholded": entry.thresholded(name),
                     "color": "#" + "".join(f"{c:02x}" for c in maps.colors[name]),
                     "values": _json_grid(maps.maps[name]),
                 }

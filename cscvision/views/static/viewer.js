@@ -72,7 +72,8 @@
     // a trust layer's slider runs over its display range (OOD 0-2 x p99 shown as 0-1)
     var name = t.trust ? t.name + " [" + t.unit + "; slider over its display range] " : t.name + " ";
     box.appendChild(el("label", { "for": toggle.id }, name));
-    box.appendChild(document.createTextNode("threshold "));
+    // a map without a threshold (regression, MIL percentiles) draws an outline only on asking
+    box.appendChild(document.createTextNode(t.thresholded === false ? "outline at " : "threshold "));
     box.appendChild(thr); box.appendChild(thrText);
     return box;
   }
