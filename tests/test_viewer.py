@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cscvision.views.app import create_app
-from cscvision.views.server import Catalogue, heatmap_image
+from cscvision.views.server import HEATMAP_ALPHA, Catalogue, heatmap_image
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,10 @@ def test_heatmap_image_known_answer():
     # the region (only the lower-left pixel) is outlined in black on its border, not inside
     assert tuple(img[24, 12]) == (0, 0, 0, 255) and tuple(img[47, 12]) == (0, 0, 0, 255)
     assert tuple(img[36, 12, :3]) == (200, 10, 10) and img[36, 12, 3] == int(0.9 * 200)
+    # "no outline" (1.0) draws none even where a value sits at the top of the range
+    top = np.asarray(heatmap_image(np.ones((2, 2), np.float32), np.ones((2, 2)), 1.0,
+                                   (200, 10, 10), scale=24))  # fmt: skip
+    assert (top[..., 3] == int(HEATMAP_ALPHA)).all()
 
 
 def test_view_command_refuses_a_folder_without_outputs(tmp_path, capsys):

@@ -176,7 +176,10 @@ def _map_statistics(
     grid = pred.grid
     if not card.thresholded:  # no threshold: no areas, niche or co-localisation figures
         units = [card.unit(t) for t in pred.targets]
-        return score_statistics(maps, tissue, targets=pred.targets, units=units)
+        stats = score_statistics(maps, tissue, targets=pred.targets, units=units)
+        for t in pred.targets:  # the span the overlay's colour bar and the viewer draw over
+            stats["targets"][t]["value_range"] = list(card.value_range(t))
+        return stats
     return region_statistics(
         maps,
         tissue,

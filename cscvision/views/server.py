@@ -141,11 +141,12 @@ def heatmap_image(
 ) -> Image.Image:
     """RGBA heatmap at ``scale`` image px per map px: the target's colour with opacity
     rising with probability, transparent where no tile was scored, and the outline of the
-    region at or above ``threshold`` (the summary's region definition) in black."""
+    region at or above ``threshold`` (the summary's region definition) in black; a
+    threshold of 1 or more draws none (a map or trust layer with no limit)."""
     scored = np.isfinite(prob) & (tissue > 0)
     p = np.where(scored, prob, 0.0)
     big = np.kron(p, np.ones((scale, scale), np.float32))
-    inside = np.kron(scored & (p >= threshold), np.ones((scale, scale), bool))
+    inside = np.kron(scored & (p >= threshold) & (threshold < 1), np.ones((scale, scale), bool))
     alpha = (np.clip(big, 0, 1) * HEATMAP_ALPHA).astype(np.uint8)
     out = np.zeros((*big.shape, 4), np.uint8)
     out[..., :3] = rgb
