@@ -145,3 +145,16 @@ def test_a_map_without_a_threshold_starts_without_an_outline(tmp_path):
     assert entry.thresholded("stemness") and entry.threshold("stemness") == 0.37
     # regression scores and MIL percentiles: no region is called, so no outline at 0.5
     assert not entry.thresholded("density_treg") and entry.threshold("density_treg") == 1.0
+
+
+def test_a_density_map_is_drawn_over_its_range_and_read_out_in_its_unit(tmp_path):
+    from cscvision.views.server import SlideEntry, SlideMaps
+
+    density = np.array([[0.0, 500.0], [1000.0, np.nan]], np.float32)
+    np.savez(tmp_path / "maps.npz", targets=np.array(["density_treg"]), density_treg=density,
+             tissue=np.ones((2, 2), np.float32), transform=np.array([0.0, 0.0, 64.0]))  # fmt: skip
+    unit = "Tregs / mm² of tissue"
+    summary = {"targets": {"density_treg": {"unit": unit, "value_range": [0.0, 2000.0]}}}
+    maps = SlideMaps(SlideEntry("s", tmp_path, tmp_path / "s.svs", summary))
+    np.testing.assert_allclose(maps.maps["density_treg"][:, 0], [0.0, 0.5])  # drawn 0-1
+    np.testing.assert_allclose(maps.raw["density_treg"][1, 0], 1000.0)  # read in cells/mm²

@@ -79,6 +79,7 @@ class SlideMaps:
         for t in self.targets:  # a map in other units (cells/mm²) is drawn over its range
             lo, hi = entry.summary.get("targets", {}).get(t, {}).get("value_range", (0.0, 1.0))
             if (lo, hi) != (0.0, 1.0) and hi > lo:
+                self.raw[t] = self.maps[t]  # the readout shows the map's own units
                 self.maps[t] = (self.maps[t] - np.float32(lo)) / np.float32(hi - lo)
         self.colors = target_colors(self.targets, entry.summary.get("colors") or {})
         self.colors.update({n: TRUST_RGB[n.split("_")[0]] for n in self.trust})
@@ -249,8 +250,9 @@ class Catalogue:
                     "name": name,
                     "threshold": entry.threshold(name),
                     "thresholded": entry.thresholded(name),
+                    "unit": entry.summary["targets"][name].get("unit", ""),
                     "color": "#" + "".join(f"{c:02x}" for c in maps.colors[name]),
-                    "values": _json_grid(maps.maps[name]),
+                    "values": _json_grid(maps.raw.get(name, maps.maps[name])),
                 }
                 for name in maps.targets
             ]

@@ -119,7 +119,10 @@
     if (col < 0 || row < 0 || col >= m.cols || row >= m.rows) { return null; }
     return state.info.targets.map(function (t) {
       var v = t.values[row][col];
-      return t.name + " " + (v === null ? "–" : v.toFixed(3));
+      if (v === null) { return t.name + " –"; }
+      // probabilities to 3 decimals; a density in its unit (cells/mm²) to the cell
+      var unit = (!t.trust && t.unit && t.unit !== "probability") ? " " + t.unit : "";
+      return t.name + " " + (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(3)) + unit;
     }).join("  ");
   }
 
