@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from cscvision.cli import main as cli
 from cscvision.cli.labels_ihc import read_manifest
 from cscvision.labels.registration import Registration, register_slides
-from cscvision.labels.table import read_label_table, table_path
+from cscvision.labels.table import read_label_table, read_sidecar, table_path
 from cscvision.slides.slide import open_slide
 from cscvision.synth.ihc_truth import read_point_map
 
@@ -43,11 +43,17 @@ def pointmap_path(ihc_path: Path) -> Path:
 
 def true_error_um(reg: Registration, pm: dict) -> np.ndarray:
     """|reg(p) - truth(p)| (IHC µm) over H&E tissue points that the IHC section holds."""
+    return true_error_map(reg, pm)[(pm["he_tissue"] > 0) & (pm["ihc_tissue"] > 0)]
+
+
+def true_error_map(reg: Registration, pm: dict) -> np.ndarray:
+    """The true error (µm) at every point of the point map; NaN off H&E or IHC tissue."""
     keep = (pm["he_tissue"] > 0) & (pm["ihc_tissue"] > 0)
     rr, cc = np.nonzero(keep)
     p = (np.stack([cc, rr], 1) + 0.5) * float(pm["step_um"])
-    truth = pm["ihc_xy_um"][:, rr, cc].T
-    return np.linalg.norm(reg.map_um(p) - truth, axis=1)
+    out = np.full(keep.shape, np.nan)
+    out[rr, cc] = np.linalg.norm(reg.map_um(p) - pm["ihc_xy_um"][:, rr, cc].T, axis=1)
+    return out
 
 
 def tile_points(pm: dict, xy_l0: np.ndarray, tile_um: float, he_mpp: float):
@@ -89,7 +95,8 @@ def score_pairs(manifest: dict, labels: Path) -> list[dict]:
                          "true_median": med, "true_p90": float(np.percentile(err, 90)),
                          "estimate": est, "estimate_p90": reg.error_um.get("p90"),
                          "ratio": (est / med) if est else float("nan"),
-                         "agreement": reg.agreement,
+                         "agreement": reg.agreement, "qc": reg.qc or "-",
+                         "deformation": reg.deformation_um,
                          "nonrigid": reg.flow_um is not None})  # fmt: skip
     return rows
 
@@ -128,6 +135,42 @@ def score_labels(manifest: dict, labels: Path, min_ihc: float) -> dict:
     return {"auroc": auroc, "excluded": excl}
 
 
+def score_qc(manifest: dict, labels: Path, bad_um: float = 10.0) -> dict:
+    """Tiles excluded for the registration (the sidecar's ``excluded_for_registration``)
+    against tiles whose TRUE local error (median over the tile's points, worst accepted
+    marker) exceeds ``bad_um``, among tiles valid or excluded for the registration only."""
+    out = {"tiles": 0, "bad": 0, "caught": 0, "lost": 0}
+    for slide_id, entry in manifest.items():
+        path = table_path(labels, slide_id)
+        if not path.exists():
+            continue
+        table = read_label_table(path)
+        record = read_sidecar(path)["provenance"].get("excluded_for_registration", {})
+        done = {tuple(xy) for xy in record.get("xy_l0", [])}
+        by_reg = np.array([tuple(xy) in done for xy in table.xy_l0.tolist()], bool)
+        worst = np.zeros(len(table))
+        for marker, ihc in entry["pairs"]:
+            reg_path = labels / "registration" / f"{slide_id}_{marker}.json"
+            reg = Registration.from_dict(json.loads(reg_path.read_text()))
+            if not reg.ok:
+                continue
+            pm = read_point_map(pointmap_path(ihc))
+            err = true_error_map(reg, pm)
+            tile_um = table.tile_px * table.mpp
+            for i, (rs, cs) in enumerate(tile_points(pm, table.xy_l0, tile_um,
+                                                     float(pm["he_mpp"]))):  # fmt: skip
+                cell = err[rs, cs]
+                if np.isfinite(cell).any():
+                    worst[i] = max(worst[i], float(np.nanmedian(cell)))
+        scored = table.valid | by_reg
+        bad = worst > bad_um
+        out["tiles"] += int(scored.sum())
+        out["bad"] += int((bad & scored).sum())
+        out["caught"] += int((bad & by_reg).sum())
+        out["lost"] += int((~bad & by_reg).sum())
+    return out
+
+
 def unrelated(manifest: dict) -> list[tuple[str, bool, float, str]]:
     """Each H&E slide with the next slide's IHC of the same marker."""
     ids = list(manifest)
@@ -155,11 +198,14 @@ def main() -> None:
          "--out", str(labels), "--overwrite", *args.labels_args])  # fmt: skip
     rows = score_pairs(manifest, labels)
     print("\npair | accepted | true error median / p90 (µm) | estimate median / p90 | "
-          "estimate / true median | patch agreement | non-rigid")  # fmt: skip
+          "estimate / true median | patch agreement | non-rigid | QC | deformation median / "
+          "p90 (µm; the field's size, not an error)")  # fmt: skip
     for r in rows:
+        bend = r["deformation"]
         print(f"{r['pair']} | {r['ok']} | {r['true_median']:.1f} / {r['true_p90']:.1f} | "
               f"{r['estimate']} / {r['estimate_p90']} | {r['ratio']:.2f} | {r['agreement']:.3f}"
-              f" | {r['nonrigid']}{'' if r['ok'] else ' | ' + r['reason']}")  # fmt: skip
+              f" | {r['nonrigid']} | {r['qc']} | {bend.get('median', '-')} / "
+              f"{bend.get('p90', '-')}{'' if r['ok'] else ' | ' + r['reason']}")  # fmt: skip
     ratios = np.array([r["ratio"] for r in rows], float)
     on_target = sum(r["true_median"] <= 5 and r["true_p90"] <= 10 for r in rows)
     within = int(((ratios >= 0.5) & (ratios <= 2)).sum())
@@ -177,6 +223,13 @@ def main() -> None:
     e = lab["excluded"]
     print(f"excluded tiles: tool {e['tool']}, truth {e['truth']}, both {e['both']} "
           f"(of {e['tiles']} tiles)")  # fmt: skip
+    q = score_qc(manifest, labels)
+    warned = [r["pair"] for r in rows if r["qc"] == "warn"]
+    print(
+        f"registration QC: {len(warned)} of {len(rows)} pairs warn ({', '.join(warned) or '-'})"
+        f"; tiles with a true local error > 10 µm: {q['bad']} of {q['tiles']}, excluded for "
+        f"the registration {q['caught']} of them; good tiles excluded for it: {q['lost']}"
+    )
     if not args.no_unrelated:
         found = unrelated(manifest)
         for name, ok, agreement, reason in found:

@@ -685,7 +685,10 @@ def test_two_features_runs_on_one_out_write_each_store_once(world, encoder, tmp_
     assert sorted(r["slide_id"] for r in read_csv(out / "results.csv")) == ["s0", "s1", "s2"]
 
 
-@pytest.mark.parametrize("flag", ["--fine-um", "--flow-smooth-um", "--max-error-um"])
+@pytest.mark.parametrize(
+    "flag",
+    ["--fine-um", "--flow-smooth-um", "--max-error-um", "--qc-p90-um", "--max-local-error-um"],
+)
 def test_register_refuses_a_zero_scale(world, box, capsys, flag):
     slides = world["slides"]
     status, text = box.run(["register", slides["a"], slides["c"], "--out", box.out, flag, "0"],

@@ -178,6 +178,7 @@ def _label_all(args, measures: list, cfg, spec, errors: list):
     counts, positive, tiles = defaultdict(int), defaultdict(float), defaultdict(int)
     slide_warnings = []
     for measure in measures:
+        slide_warnings += _qc_warnings(args.out, measure)
         own = slide_thresholds(measure, thresholds, cfg, spec)
         result = label_slide(measure, cfg, spec, own)
         written = _write_slide(args.out, measure.slide_id, result)
@@ -200,6 +201,22 @@ def _label_all(args, measures: list, cfg, spec, errors: list):
     return counts, warned
 
 
+def _qc_warnings(out: Path, measure) -> list[str]:
+    """One line per accepted pair whose registration QC warns (never refused for it)."""
+    lines = []
+    for m in measure.accepted:
+        reg = m.registration
+        if reg.qc == "warn":
+            bound = reg.params.get("max_local_error_um")
+            lines.append(
+                f"{measure.slide_id} {m.marker}: registration QC warn ({reg.qc_reason}); labels "
+                f"kept, tiles with a local error > {bound} µm or none measured excluded; check "
+                f"{out}/registration/{measure.slide_id}_{m.marker}_qc.png near tissue edges, "
+                "folds and tears"
+            )  # fmt: skip
+    return lines
+
+
 def _summary(args, slides, rows, errors, counts, warned, t0) -> int:
     from cscvision.core.io import write_csv
 
@@ -211,7 +228,8 @@ def _summary(args, slides, rows, errors, counts, warned, t0) -> int:
     thresholds = ", ".join(f"{k} {v}" for k, v in counts.get("thresholds", {}).items())
     print(
         f"labelled {len(rows)} of {len(slides)} slides in {time.perf_counter() - t0:.0f} s "
-        f"(tiles: {counts['valid']} valid, {counts['excluded']} excluded as uncertain)\n"
+        f"(tiles: {counts['valid']} valid, {counts['excluded']} excluded as uncertain, "
+        f"{counts.get('excluded_registration', 0)} of them where the registration is unsure)\n"
         f"  density thresholds  {thresholds or '-'}  (QC: {args.out}/qc/<marker>_density.png)\n"
         f"  tables    {args.out}/<slide_id>.labels.csv (+ .labels.json)\n"
         f"  QuPath    {args.out}/<slide_id>.ihc.geojson\n"

@@ -42,6 +42,13 @@ def add_registration_args(parser: argparse.ArgumentParser) -> None:
         default=50.0,
         help="fail when the held-out error's p90 is above this (default 50)",
     )
+    parser.add_argument("--qc-p90-um", type=float, default=10.0,
+                        help="an accepted pair whose estimated error p90 is above this gets "
+                        "QC 'warn' (kept, never refused for it; default 10)")  # fmt: skip
+    parser.add_argument("--max-local-error-um", type=float, default=20.0,
+                        help="labels ihc: tiles where the local held-out registration error "
+                        "is above this get valid = 0, and on a warned pair the tiles with "
+                        "no local measure too (default 20)")  # fmt: skip
     parser.add_argument(
         "--min-inliers", type=int, default=12, help="fail with fewer agreeing matches (default 12)"
     )
@@ -97,6 +104,8 @@ class RegistrationFlags(Flags):
 
     fine_um: float = Field(2.0, gt=0, le=1000)
     max_error_um: float = Field(50.0, gt=0)
+    qc_p90_um: float = Field(10.0, gt=0)
+    max_local_error_um: float = Field(20.0, gt=0)
     flow_smooth_um: float = Field(160.0, gt=0)
     max_stretch: float = Field(1.25, ge=1)
     min_inliers: int = Field(0, ge=0)
@@ -116,6 +125,8 @@ def registration_params(args: argparse.Namespace):
     )
     return RegistrationParams(
         max_error_um=args.max_error_um,
+        qc_p90_um=args.qc_p90_um,
+        max_local_error_um=args.max_local_error_um,
         min_inliers=args.min_inliers,
         fine_um=args.fine_um,
         nonrigid=args.nonrigid,
@@ -146,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     e = reg.error_um
     print(
         f"{'registered' if reg.ok else 'FAILED'}: {args.ihc.name} onto {args.he.name}"
-        f"{'' if reg.ok else ' (' + reg.reason + ')'}\n"
+        f"{'' if reg.ok else ' (' + reg.reason + ')'}"
+        f"{', QC ' + reg.qc + (': ' + reg.qc_reason if reg.qc_reason else '') if reg.ok else ''}\n"
         f"  mirrored {reg.flip}, rotation {reg.rotation_deg:.1f}°, {reg.n_inliers} of "
         f"{reg.n_matches} matches agree ({reg.agreement:.0%} of the patches tried), "
         f"non-rigid {'kept' if reg.flow_um is not None else 'not kept'}, held-out error "

@@ -28,6 +28,7 @@ from cscvision.labels.ihc_threshold import (
     pooled,
 )
 from cscvision.labels.registration import Registration, RegistrationParams, register_slides
+from cscvision.labels.registration_qc import registration_exclusions
 from cscvision.labels.table import LabelTable
 from cscvision.slides.grid import GridSpec
 from cscvision.slides.slide import open_slide
@@ -173,7 +174,10 @@ def label_slide(
         frames[m.marker] = frame
         values[m.marker] = tile_values(frame, measure.mask, spec.mask_mpp, grid.xy_l0,
                                        grid.plan.tile_l0, he_mpp, cfg.map_mpp)  # fmt: skip
-    table, counts = _table(measure.slide_id, grid, values, cfg, spec, measure.markers, thresholds)
+    centres = (grid.xy_l0 + grid.plan.tile_l0 / 2) * he_mpp
+    by_reg = {m.marker: registration_exclusions(m.registration, centres) for m in measure.accepted}
+    table, counts = _table(measure.slide_id, grid, values, cfg, spec, measure.markers, thresholds,
+                           by_reg)  # fmt: skip
     for name, v in values.items():
         ok = table.valid & np.isfinite(v["fraction"])
         share[name] = float((v["fraction"][ok] >= 0.5).mean()) if ok.any() else float("nan")
@@ -237,7 +241,24 @@ def ihc_labels(
     return label_slide(measure, cfg, spec, slide_thresholds(measure, cohort, cfg, spec))
 
 
-def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, thresholds):
+def _registration_columns(by_reg: dict, valid: np.ndarray, xy_l0: np.ndarray):
+    """Tiles excluded for the registration (any marker; see
+    :mod:`cscvision.labels.registration_qc`) among those otherwise valid, and per marker
+    how many for each reason."""
+    excluded = np.zeros(len(valid), bool)
+    per = {}
+    for name, (over, unmeasured) in by_reg.items():
+        excluded |= over | unmeasured
+        per[name] = {"local_error_over_bound": int((over & valid).sum()),
+                     "unmeasured_on_warned_pair": int((unmeasured & valid).sum())}  # fmt: skip
+    excluded &= valid
+    record = {"tiles": int(excluded.sum()), "per_marker": per,
+              "xy_l0": xy_l0[excluded].astype(int).tolist()}  # fmt: skip
+    return excluded, record
+
+
+def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, thresholds,
+           by_reg: dict | None = None):  # fmt: skip
     n = len(grid.xy_l0)
     valid = np.ones(n, bool)
     for v in values.values():
@@ -254,7 +275,10 @@ def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, t
     data = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((n, 0))
     known = [j for j, t in enumerate(cfg.targets) if not np.isnan(data[:, j]).all()]
     valid &= ~np.isnan(data[:, known]).any(axis=1)
-    counts = {"tiles": n, "valid": int(valid.sum()), "excluded": int((~valid).sum())}
+    by_registration, reg_record = _registration_columns(by_reg or {}, valid, grid.xy_l0)
+    valid &= ~by_registration
+    counts = {"tiles": n, "valid": int(valid.sum()), "excluded": int((~valid).sum()),
+              "excluded_registration": reg_record["tiles"]}  # fmt: skip
     provenance = {
         "he_slide": str(grid.slide_path),
         "label_targets": list(cfg.targets),
@@ -267,6 +291,9 @@ def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, t
                 "marker_mpp": cfg.markers[r.marker].mpp,
                 "threshold": thresholds[r.marker].as_dict() if r.marker in thresholds else None,
                 "registration_error_um": r.registration.error_um,
+                "registration_qc": r.registration.qc,
+                "registration_qc_reason": r.registration.qc_reason,
+                "deformation_um": r.registration.deformation_um,
                 "stain": r.stain,
             }
             for r in results
@@ -274,7 +301,13 @@ def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, t
         "combine": cfg.combine,
         "map_mpp": cfg.map_mpp,
         "min_ihc_tissue": cfg.min_ihc_tissue,
-        "excluded": "tiles whose H&E tissue lies on IHC tissue for less than min_ihc_tissue",
+        "excluded": "tiles whose H&E tissue lies on IHC tissue for less than min_ihc_tissue, "
+        "and tiles where the registration is unsure (excluded_for_registration)",
+        "excluded_for_registration": {
+            **reg_record,
+            "rule": "local held-out registration error above max_local_error_um, or no "
+            "local measure on a pair whose QC warns (cscvision.labels.registration_qc)",
+        },
     }
     table = LabelTable(
         slide_id=slide_id,

@@ -33,6 +33,7 @@ from skimage import color, filters, measure, transform
 
 from cscvision.core.errors import CscvisionError
 from cscvision.labels.registration_match import patch_centres, warp_to_fixed
+from cscvision.labels.registration_qc import deformation, local_error_grid, local_to_json, verdict
 from cscvision.slides.slide import SlideReader
 from cscvision.slides.tissue import optical_density
 
@@ -56,6 +57,8 @@ class RegistrationParams:
     # transform per patch tried (a true pair under a warp no affine follows)
     min_final_agreement: float = 0.08
     max_error_um: float = 50.0  # p90 of the held-out error above this fails
+    qc_p90_um: float = 10.0  # an accepted pair whose estimated p90 is above this warns
+    max_local_error_um: float = 20.0  # tiles where the local error is above it: valid = 0
     min_dice: float = 0.5  # tissue overlap once registered
     max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
     nonrigid: bool = True  # kept only where it lowers the held-out error
@@ -87,6 +90,9 @@ class Registration:
     flow_step_um: float = 0.0  # grid spacing of flow_um in fixed µm
     params: dict = field(default_factory=dict)
     error_detail: dict = field(default_factory=dict)  # sites, per-region errors, affine's
+    qc: str = ""  # "pass" | "warn" for an accepted pair (registration_qc); "" when refused
+    qc_reason: str = ""
+    deformation_um: dict = field(default_factory=dict)  # the field's own size, not an error
 
     def map_um(self, xy_um: np.ndarray) -> np.ndarray:
         """Fixed level-0 µm [N, 2] -> moving level-0 µm [N, 2]."""
@@ -117,6 +123,9 @@ class Registration:
             "agreement": self.agreement,
             "ok": self.ok,
             "reason": self.reason,
+            "qc": self.qc,
+            "qc_reason": self.qc_reason,
+            "deformation_um": self.deformation_um,
             "params": self.params,
         }
         record["error_detail"] = self.error_detail
@@ -152,6 +161,9 @@ class Registration:
             flow_step_um=0.0 if not rigid else float(rigid["step_um"]),
             params=dict(d.get("params", {})),
             error_detail=dict(d.get("error_detail", {})),
+            qc=str(d.get("qc", "")),
+            qc_reason=str(d.get("qc_reason", "")),
+            deformation_um=dict(d.get("deformation_um", {})),
         )
 
 
@@ -437,6 +449,8 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
         )
     if not out["ok"]:
         out["flow_um"], out["flow_step_um"] = None, 0.0
+    else:
+        out["qc"], out["qc_reason"] = verdict(out["error_um"]["p90"], p.qc_p90_um)
     return out
 
 
@@ -465,8 +479,8 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
         choose=p.nonrigid and p.choose_smoothing, coarse=coarse,
     )  # fmt: skip
     out = {"flow_um": None, "flow_step_um": 0.0}
-    affine = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, False),
-                           shape, f)  # fmt: skip
+    lengths = held_out_lengths(s, d, m, good, shape, f, smooth, False)
+    affine = error_summary(s, lengths, shape, f)
     if affine["measured"] < MIN_MATCHES:
         errors = held_out_error(src, dst, seed=seed)
         finite = np.isfinite(errors).all()
@@ -482,17 +496,21 @@ def _errors_and_flow(fixed: Level, moving: Level, m, p: RegistrationParams, src,
     near = np.linalg.norm(d - (s @ m[:2, :2].T + m[:2, 2] + _sample(field, s, f)), axis=1)
     detail["final_agreement"] = round(float((near < p.ransac_um).sum() / max(tried, 1)), 4)
     if p.nonrigid:
-        flowed = error_summary(s, held_out_lengths(s, d, m, good, shape, f, smooth, True),
-                               shape, f)  # fmt: skip
+        flowed_lengths = held_out_lengths(s, d, m, good, shape, f, smooth, True)
+        flowed = error_summary(s, flowed_lengths, shape, f)
         detail["nonrigid"] = {k: flowed[k] for k in ("median", "p90", "measured")}
         detail["consistent_matches"] = int(good.sum())
         detail["flow_smooth_um"] = {"chosen": smooth, "held_out_median_by_smoothing": scores}
         if flowed["median"] is not None and flowed["median"] < affine["median"]:
             step_um = max(f, smooth / 4)
             chosen, out["flow_um"] = flowed, flow_grid(field, f, step_um)
-            out["flow_step_um"] = step_um
+            out["flow_step_um"], lengths = step_um, flowed_lengths
+            out["deformation_um"] = deformation(field, s[good], f)
     detail["affine"] = {k: affine[k] for k in ("median", "p90")}
     chosen = less_scatter(chosen, scatter)
+    extent = (shape[1] * f, shape[0] * f)
+    detail["local"] = local_to_json(local_error_grid(s, lengths, extent, scatter["median"],
+                                                     smooth))  # fmt: skip
     out["error_um"] = {"median": chosen["median"], "p90": chosen["p90"]}
     out["error_detail"] = {**chosen, **detail}
     return out

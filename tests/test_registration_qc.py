@@ -1,0 +1,163 @@
+"""Registration QC: a verdict per pair and tiles excluded where the registration is unsure."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from cscvision.labels import registration_match
+from cscvision.labels.ihc import marker_config
+from cscvision.labels.registration import Registration, RegistrationParams, _errors_and_flow
+from cscvision.labels.registration_qc import local_error_at, registration_exclusions
+from cscvision.slides.grid import GridSpec
+
+F, SIDE = 2.0, 320  # a 640 µm square section at 2 µm/px
+CORNER_UM = 380.0  # the bottom-right corner beyond this (x and y) is bent
+SMOOTH_UM = 80.0  # the field's smoothing (160 µm by default: a bigger section, slower)
+
+
+def _pair_matches(bend_um: float, seed: int = 0):
+    """Matches every 16 µm of the section under a smooth 15 µm warp (which an 80 µm field
+    follows) plus 1 µm of noise per axis; beyond ``CORNER_UM`` in x and y, a ``bend_um``
+    displacement that turns over every 40 µm, which no 80 µm field follows."""
+    g = np.random.default_rng(seed)
+    ys, xs = np.mgrid[4:SIDE:8, 4:SIDE:8]
+    src = (np.stack([xs.ravel(), ys.ravel()], 1) + 0.5) * F
+    x, y = src.T
+    smooth = 15.0 * np.stack([np.sin(x / 200.0), np.cos(y / 200.0)], 1)
+    corner = ((x > CORNER_UM) & (y > CORNER_UM))[:, None]
+    bend = bend_um * np.stack([np.sin(2 * np.pi * y / 80.0), np.cos(2 * np.pi * x / 80.0)], 1)
+    dst = src + smooth + corner * bend + g.normal(0, 1.0, src.shape)
+    return src, dst
+
+
+def _register(bend_um: float) -> Registration:
+    """The registration's error, field and QC from these matches (the real code from the
+    matches on: held-out folds, field rounds, local error grid, verdict)."""
+    from cscvision.labels.registration_qc import verdict
+
+    src, dst = _pair_matches(bend_um)
+
+    def matcher(fixed, moving, through, max_patches, search_um, tested=None):
+        if tested is not None:
+            tested[0] += len(src)
+        return src, dst
+
+    level = SimpleNamespace(mpp=F, image=np.zeros((SIDE, SIDE), np.float32))
+    p = RegistrationParams(flow_smooth_um=SMOOTH_UM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registration_match, "template_matches", matcher)
+        out = _errors_and_flow(level, level, np.eye(3), p, src, dst, 0)
+    qc, why = verdict(out["error_um"]["p90"], p.qc_p90_um)
+    return Registration("he", "ihc", 0.5, 0.5, np.eye(3), False, 0.0, len(src), len(src),
+                        out["error_um"], 0.9, True, 0.5, "", out["flow_um"],
+                        out["flow_step_um"], {"max_local_error_um": p.max_local_error_um},
+                        out["error_detail"], qc, why, out.get("deformation_um", {}))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bent() -> Registration:
+    return _register(30.0)
+
+
+def _tile_centres(tile_um: float = 56.0) -> np.ndarray:
+    c = np.arange(tile_um / 2, SIDE * F, tile_um)
+    xx, yy = np.meshgrid(c, c)
+    return np.stack([xx.ravel(), yy.ravel()], 1)
+
+
+def test_a_bent_corner_warns_and_only_its_tiles_are_excluded(bent):
+    """Known answer: a 30 µm bend over 40 µm in one corner (16 % of the section) is beyond
+    an 80 µm field: the pair warns, the tiles well inside the corner are excluded and no
+    tile away from it is; an unbent pair passes and loses no tile, and its field's
+    displacement (deformation) reads the smooth warp it follows."""
+    reg = bent
+    assert reg.qc == "warn" and reg.error_um["p90"] > 10 and "--qc-p90-um" in reg.qc_reason
+    centres = _tile_centres()
+    over, unmeasured = registration_exclusions(reg, centres)
+    excluded = over | unmeasured
+    inside = (centres > CORNER_UM + SMOOTH_UM / 2).all(axis=1)
+    away = (centres < CORNER_UM - 2 * SMOOTH_UM).any(axis=1)
+    assert excluded[inside].all(), local_error_at(reg.error_detail["local"], centres[inside])
+    assert not excluded[away].any()
+    plain = _register(0.0)
+    assert plain.qc == "pass" and plain.error_um["p90"] < 5
+    assert not np.any(registration_exclusions(plain, centres))
+    assert plain.deformation_um["median"] > 5  # the smooth 15 µm warp: the field follows it
+
+
+def test_unmeasured_tiles_are_excluded_only_on_a_warned_pair():
+    """Known answer on a hand-made grid: a tile over a node above the bound is excluded on
+    any pair; a tile over an unmeasured node only when the pair warns; a refused pair
+    excludes nothing (its marker is dropped anyway)."""
+    local = {"step_um": 100.0, "median_um": [[3.0, 25.0, None]]}
+    centres = np.array([[0.0, 0.0], [100.0, 0.0], [200.0, 0.0]])
+
+    def reg(qc: str, ok: bool = True):
+        return SimpleNamespace(ok=ok, qc=qc, params={"max_local_error_um": 20.0},
+                               error_detail={"local": local})  # fmt: skip
+
+    over, unmeasured = registration_exclusions(reg("pass"), centres)
+    assert over.tolist() == [False, True, False] and not unmeasured.any()
+    over, unmeasured = registration_exclusions(reg("warn"), centres)
+    assert over.tolist() == [False, True, False] and unmeasured.tolist() == [False, False, True]
+    assert not np.any(registration_exclusions(reg("", ok=False), centres))
+
+
+@pytest.mark.parametrize("qc", ["pass", "warn"])
+def test_label_tables_record_the_tiles_excluded_for_the_registration(qc, tmp_path):
+    """A tile whose local error is over the bound gets valid = 0 in the table, with the
+    reason and its position in the sidecar; the warned pair's verdict is recorded, its
+    labels kept, and the CLI prints one line naming slide, marker and estimate."""
+    from cscvision.cli.labels_ihc import _qc_warnings
+    from cscvision.labels.ihc_labels import MarkerResult, SlideMeasure, label_slide
+
+    n = 40  # H&E of 40 x 40 map cells of 4 µm; tiles of 80 µm at (0|80, 0|80) µm
+    density = np.zeros((n, n), np.float32)
+    density[:, :20] = 0.5
+    frame = {"tissue": np.ones((n, n), np.float32), "positive": density, "density": density}
+    local = {"step_um": 40.0, "median_um": [[2.0, 2.0, 2.0, 2.0]] * 2 + [[2.0, 2.0, 2.0, 30.0]] * 2}
+    p90 = 14.0 if qc == "warn" else 6.0
+    reg = Registration("he", "CD44", 0.5, 0.5, np.eye(3), False, 0.0, 20, 20,
+                       {"median": 3.0, "p90": p90}, 0.9, True, 0.5, "", None, 0.0,
+                       {"max_local_error_um": 20.0}, {"local": local}, qc,
+                       "estimated error p90 14.0 µm > 10 µm (--qc-p90-um)" if qc == "warn" else "",
+                       {"median": 40.0, "p90": 80.0})  # fmt: skip
+    marker = MarkerResult("CD44", "CD44.tiff", reg, np.zeros((2, 2, 3), np.uint8), frame=frame)
+    grid = SimpleNamespace(xy_l0=np.array([[0, 0], [160, 0], [0, 160], [160, 160]]),
+                           plan=SimpleNamespace(tile_l0=160.0), slide_path="he.tiff")  # fmt: skip
+    measure = SlideMeasure("S", grid, np.ones((10, 10), bool), 0.5, (0, 0, 320, 320), (marker,))
+    cfg = marker_config({"markers": {"CD44": "stemness"}})
+    spec = GridSpec(mpp=1.0, tile_px=80, mask_mpp=16.0)
+    thresholds = {"CD44": SimpleNamespace(value=0.25, as_dict=lambda: {"value": 0.25})}
+    result = label_slide(measure, cfg, spec, thresholds)
+    table = result.table
+    assert table.valid.tolist() == [True, True, True, False]  # the bottom-right tile
+    np.testing.assert_allclose(table.values[:, 0], [1, 0, 1, 0])  # labels kept
+    record = table.provenance["excluded_for_registration"]
+    assert record["tiles"] == 1 and record["xy_l0"] == [[160, 160]]
+    assert record["per_marker"]["CD44"]["local_error_over_bound"] == 1
+    assert result.counts["excluded_registration"] == 1
+    side = table.provenance["markers"]["CD44"]
+    assert side["registration_qc"] == qc and side["deformation_um"]["median"] == 40.0
+    lines = _qc_warnings(tmp_path, measure)
+    if qc == "pass":
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith("S CD44: registration QC warn")
+        assert "p90 14.0 µm" in lines[0] and "S_CD44_qc.png" in lines[0]
+
+
+def test_the_verdict_and_local_grid_survive_the_json_round_trip(bent):
+    import json
+
+    reg = bent
+    back = Registration.from_dict(json.loads(json.dumps(reg.to_dict())))
+    assert back.qc == "warn" and back.qc_reason == reg.qc_reason
+    assert back.deformation_um == reg.deformation_um
+    centres = _tile_centres()
+    for a, b in zip(registration_exclusions(reg, centres), registration_exclusions(back, centres),
+                    strict=True):  # fmt: skip
+        assert a.tolist() == b.tolist()
