@@ -121,8 +121,9 @@ def test_target_range_and_floor_clip_a_count_density_at_zero():
     logits = torch.tensor([[-2.0, -2.0], [0.5, 0.5]])  # standardised: 100 - 160 < 0
     out = get_kind("tile").tile_outputs(card, logits)
     np.testing.assert_allclose(out, [[0.0, -2.0], [140.0, 0.5]])
-    old = ModelCard.from_json({**card.to_json(), "output_scale": {"mean": [100.0, 0.0],
-                                                                    "std": [80.0, 1.0]}})
+    old = ModelCard.from_json(
+        {**card.to_json(), "output_scale": {"mean": [100.0, 0.0], "std": [80.0, 1.0]}}
+    )
     assert old.floors() == (None, None)  # a card from before the range: unchanged
     np.testing.assert_allclose(get_kind("tile").tile_outputs(old, logits)[0], [-60.0, -2.0])
 

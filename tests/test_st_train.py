@@ -78,9 +78,7 @@ def test_regression_learns_panel_scores_and_writes_continuous_outputs(tmp_path):
     assert summary["targets"]["stemness"]["unit"] == "score"
     assert "no threshold" in summary["thresholded_statistics"]
     # the viewer draws the map over the card's span, not 0-1 (else all of it is saturated)
-    assert summary["targets"]["stemness"]["value_range"] == list(
-        model.card.value_range("stemness")
-    )
+    assert summary["targets"]["stemness"]["value_range"] == list(model.card.value_range("stemness"))
     assert (folder / "overlay_stemness.png").exists()
     assert (folder / f"{slide_id}_likelihood_map_immunosuppressive.tif").exists()
     kinds = {
