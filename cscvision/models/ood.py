@@ -22,7 +22,11 @@ card's ``ood`` block (dimension, thresholds, rule, digest of the file). Never pi
 
 How it can fool you: a slide from another domain whose features happen to fall near the
 training means is not flagged (the score sees only the features the network learnt), and
-validation slides that are themselves unusual raise the slide threshold.
+validation slides that are themselves unusual raise the slide threshold. A new patient
+whose stain lies beyond the validation patients' is flagged although the network scores it
+well: the thresholds measure the validation patients' spread, not the spread between
+patients (a cross-fitted reference, :func:`cscvision.training.ood.export_run_ood`, measures
+that, and on the demo cohort stopped flagging unseen tissue too: docs/how-to/trust.md).
 """
 
 from __future__ import annotations
