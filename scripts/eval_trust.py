@@ -235,8 +235,12 @@ class Scorer:
         self.model, self.groups, self.refs, self.cache = model, groups, refs, cache
         cache.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, group: str, norm: str | None = None, unc: str | None = None) -> Scored:
+    def __call__(
+        self, group: str, norm: str | None = None, unc: str | None = None, key: str = ""
+    ) -> Scored:
+        """``key``: appended to the cache file's name (the OOD thresholds the rows hold)."""
         tag = f"{group}-{(norm or 'none').replace('@', '_')}-{(unc or 'plain').replace(':', '')}"
+        tag += key
         file = self.cache / f"{tag}.npz"
         if file.exists():
             z = np.load(file)
@@ -373,9 +377,11 @@ def ood_section(score: Scorer) -> None:
     print(f"(c) OOD ({model.card.ood['features']} features): unseen tissue vs in-distribution "
           "tiles, and the slides flagged")  # fmt: skip
     limit = float(model.card.ood["slide_share_threshold"])
+    ood_key = json.dumps(model.card.ood, sort_keys=True).encode()
+    key = "-ood" + hashlib.sha256(ood_key).hexdigest()[:8]  # rows hold ratios to its threshold
     ratios = {}
     for group in ("id", group_name(PRIMARY), "unseen"):
-        r = score(group)
+        r = score(group, key=key)
         ratios[group] = ratio = r.column(OOD)
         for i, (sid, _, _) in enumerate(score.groups[group]):
             share = float((ratio[r.slide == i] > 1).mean())

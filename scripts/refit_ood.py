@@ -39,6 +39,13 @@ def main() -> None:
         default=None,
         help="OOD features (default: block_stats for tile CNNs)",
     )
+    p.add_argument(
+        "--reference",
+        choices=("validation", "cross-fitted"),
+        default="validation",
+        help="OOD thresholds from the validation slides (default), or also from the training "
+        "slides scored out of fold by patient",
+    )
     args = p.parse_args()
     work = args.work.resolve()
     cohort = _cohort(work, args.slides, args.patients, args.size, args.seed)
@@ -48,7 +55,7 @@ def main() -> None:
         args.config,
         [f"cohort.csv={cohort}", f"run_dir={work / 'run_ood'}", f"seed={args.seed}"],
     )
-    card = refit_ood(cfg, args.model, features=args.features)
+    card = refit_ood(cfg, args.model, features=args.features, reference=args.reference)
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == before, "weights changed"
     print(json.dumps(card.ood, indent=1))
     print(f"weights unchanged: sha256 {before[:16]}")

@@ -212,3 +212,51 @@ def test_mil_held_out_scores_leave_each_patient_fold_out():
     assert np.median(scores[3]) > 30 > 3 * np.median(scores[0])
     pooled = ood_scores_of(fit_gaussians(np.concatenate(slides)), slides[3])
     assert np.median(pooled) < np.median(scores[3]) / 3  # its own tiles pull the fit
+
+
+def test_out_of_fold_reference_admits_a_new_patient_and_flags_a_shifted_one():
+    """Each synthetic patient has its own mean (spread 2 SD between patients, 1 within):
+    thresholds from one validation patient measure within-patient spread and flag about a
+    third of new patients from the same population; pooled with the three training patients
+    scored out of fold (each against the Gaussian fitted without it) they admit nearly
+    every new patient and still flag nearly every patient shifted 5 between-patient SD."""
+    from cscvision.models.ood import reference_thresholds
+    from cscvision.training.ood import held_out_scores
+
+    def patient(rng, shift=0.0):
+        return rng.normal(0, 2.0, 2) + np.array([shift, 0.0]) + rng.normal(0, 1, (200, 2))
+
+    def flagged(scores, rule):
+        threshold, share, _ = rule
+        return np.mean(scores > threshold) > share
+
+    counts = {"old new": 0, "new new": 0, "new shifted": 0}
+    draws = 40
+    for seed in range(draws):
+        rng = np.random.default_rng(seed)
+        train, val = [patient(rng) for _ in range(3)], patient(rng)
+        record = fit_gaussians(np.concatenate(train))
+        val_scores = ood_scores_of(record, val)
+        old = reference_thresholds([val_scores])
+        new = reference_thresholds([val_scores, *held_out_scores(train, ["a", "b", "c"])])
+        fresh, shifted = (ood_scores_of(record, patient(rng, s)) for s in (0.0, 10.0))
+        counts["old new"] += flagged(fresh, old)
+        counts["new new"] += flagged(fresh, new)
+        counts["new shifted"] += flagged(shifted, new)
+    assert counts["old new"] >= 0.25 * draws, counts  # the false alarm this rule removes
+    assert counts["new new"] <= 0.1 * draws, counts
+    assert counts["new shifted"] >= 0.85 * draws, counts
+
+
+def test_out_of_fold_scores_fit_on_one_set_and_score_another():
+    """``score``: the fold's Gaussian is fitted on the training loader's tiles of the other
+    patients and scores the held-out patient's other tiles (its slides read whole)."""
+    from cscvision.training.ood import held_out_scores
+
+    rng = np.random.default_rng(1)
+    fit = [rng.normal(i, 1, (50, 3)) for i in range(3)]
+    tissue = [rng.normal(i, 1, (30, 3)) for i in range(3)]
+    got = held_out_scores(fit, ["a", "b", "c"], score=tissue)
+    for i in range(3):
+        rest = np.concatenate([f for j, f in enumerate(fit) if j != i])
+        np.testing.assert_allclose(got[i], ood_scores_of(fit_gaussians(rest), tissue[i]), rtol=1e-5)

@@ -363,6 +363,41 @@ def test_ood_thresholds_come_from_validation_slides_read_as_inference_reads_them
         assert share < block["slide_share_threshold"], (sid, split, share)
 
 
+def test_cross_fitted_ood_reference_adds_the_training_slides_out_of_fold(trained, tmp_path):
+    """``refit_ood(reference="cross-fitted")`` on a copy of the run's model: the thresholds
+    also come from every tissue tile of the training slides as ``predict_slide`` reads them
+    (the tile counts match), the validation part is the export's, the record and the
+    weights are untouched; and no slide of the run is flagged."""
+    import shutil
+
+    from cscvision.inference.predict import predict_slide
+    from cscvision.labels.cohort import read_cohort
+    from cscvision.training.ood import CALIBRATED_ON_CROSS_FITTED
+    from cscvision.training.refit import refit_ood
+
+    result, run = trained
+    folder = shutil.copytree(result.model_dir, tmp_path / "model")
+    before = load_model(folder).card.ood
+    cfg = load_config(run / "run" / "config.yaml")
+    block = refit_ood(cfg, folder, progress=False, reference="cross-fitted").ood
+    assert block["calibrated_on"] == CALIBRATED_ON_CROSS_FITTED
+    assert block["sha256"] == before["sha256"] and block["val_tiles"] == before["val_tiles"]
+    assert (folder / "model.safetensors").read_bytes() == (
+        result.model_dir / "model.safetensors"
+    ).read_bytes()
+    rows = [r.split(",") for r in (run / "run" / "splits.csv").read_text().splitlines()[1:]]
+    paths = {e.slide_id: Path(cfg.cohort.csv).parent / e.slide_path
+             for e in read_cohort(cfg.cohort.csv)}  # fmt: skip
+    model = load_model(folder)
+    preds = {sid: predict_slide(paths[sid], model, progress=False) for sid, *_ in rows}
+    train_ids = [sid for sid, _, split in rows if split == "train"]
+    assert block["train_slides_out_of_fold"] == len(train_ids)
+    assert sum(len(preds[s].trust["ood"]) for s in train_ids) == block["train_tiles_out_of_fold"]
+    for sid, _, split in rows:
+        share = float(np.mean(preds[sid].trust["ood"] > 1))
+        assert share < block["slide_share_threshold"], (sid, split, share)
+
+
 def test_confidence_thresholds_are_chosen_on_validation_and_kept_in_the_card(trained):
     """The exported card keeps a confidence block for tta and, the small CNN having
     dropout, mc; each target has a threshold or the reason it has none."""

@@ -22,7 +22,11 @@ card's ``ood`` block (dimension, thresholds, rule, digest of the file). Never pi
 
 How it can fool you: a slide from another domain whose features happen to fall near the
 training means is not flagged (the score sees only the features the network learnt), and
-validation slides that are themselves unusual raise the slide threshold.
+validation slides that are themselves unusual raise the slide threshold. A new patient
+whose stain lies beyond the validation patients' is flagged although the network scores it
+well: the thresholds measure the validation patients' spread, not the spread between
+patients (a cross-fitted reference, :func:`cscvision.training.ood.export_run_ood`, measures
+that, and on the demo cohort stopped flagging unseen tissue too: docs/how-to/trust.md).
 """
 
 from __future__ import annotations
@@ -218,6 +222,15 @@ def slide_shares(scores: np.ndarray, slide_idx: np.ndarray, threshold: float) ->
     return np.array([np.mean(scores[slide_idx == s] > threshold) for s in np.unique(slide_idx)])
 
 
+def reference_thresholds(per_slide: Sequence[np.ndarray]) -> tuple[float, float, np.ndarray]:
+    """The tile threshold (the :data:`TILE_QUANTILE` of every reference tile's score), the
+    slide share threshold (the larger of :data:`SLIDE_SHARE_FLOOR` and twice the highest
+    share of a reference slide beyond it) and each reference slide's share."""
+    threshold = float(np.quantile(np.concatenate(per_slide), TILE_QUANTILE))
+    shares = np.array([np.mean(s > threshold) for s in per_slide])
+    return threshold, max(SLIDE_SHARE_FLOOR, 2 * float(shares.max())), shares
+
+
 def ood_block(
     record: GaussianRecord,
     *,
@@ -228,9 +241,8 @@ def ood_block(
 ) -> dict[str, Any]:
     """The card's ``ood`` block (without the file digest) from a fitted record and the
     validation tiles' scores."""
-    threshold = float(np.quantile(val_scores, TILE_QUANTILE))
-    shares = slide_shares(val_scores, val_slide_idx, threshold)
-    share_threshold = max(SLIDE_SHARE_FLOOR, 2 * float(shares.max()))
+    per_slide = [val_scores[val_slide_idx == s] for s in np.unique(val_slide_idx)]
+    threshold, share_threshold, shares = reference_thresholds(per_slide)
     return {
         "method": "mahalanobis",
         "file": OOD_FILE,
@@ -334,6 +346,18 @@ def target_groups(targets: np.ndarray) -> np.ndarray:
     return (bits * (1 << np.arange(bits.shape[1]))).sum(1)
 
 
+@dataclass(frozen=True)
+class OODFit:
+    """A fitted record, its card block, and the training tiles' features it was fitted on
+    (with their slide indices and Gaussian groups, None for one Gaussian)."""
+
+    record: GaussianRecord
+    block: dict[str, Any]
+    train: np.ndarray
+    train_slide_idx: np.ndarray
+    groups: np.ndarray | None
+
+
 def fit_ood(
     net: nn.Module,
     card: ModelCard,
@@ -342,11 +366,11 @@ def fit_ood(
     *,
     features: str | None = None,
     stain_sources: Sequence[Any] | None = None,
-) -> tuple[GaussianRecord, dict[str, Any]]:
+) -> OODFit:
     """Fit the OOD record on the training tiles' features (one Gaussian per target pattern
     for a thresholded model, else one) and score the validation tiles against it."""
     kw = {"features": features, "stain_sources": stain_sources}
-    train, targets, _, where = collect_features(net, train_batches, card, **kw)
+    train, targets, train_slides, where = collect_features(net, train_batches, card, **kw)
     groups = target_groups(targets) if card.thresholded and where not in BLOCK_FEATURES else None
     record = fit_gaussians(train, groups)
     val_features, _, val_slides, _ = collect_features(net, val_batches, card, **kw)
@@ -357,7 +381,7 @@ def fit_ood(
         val_scores=ood_scores_of(record, val_features),
         val_slide_idx=val_slides,
     )
-    return record, block
+    return OODFit(record, block, train, train_slides, groups)
 
 
 def export_ood(model_dir: str | Path, card: ModelCard, record: GaussianRecord, block: dict):

@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from cscvision.models.card import ModelCard
-from cscvision.models.ood import MIL_FEATURES, export_ood, fit_gaussians, ood_block, ood_scores_of
+from cscvision.models.ood import MIL_FEATURES, export_ood, fit_gaussians, ood_block
 from cscvision.training.mil import Bag
-from cscvision.training.mil_cv import patient_folds
+from cscvision.training.ood import held_out_scores
 
-MAX_FOLDS = 5
 CALIBRATED_ON = (
     "held-out folds of the training slides' tissue tiles: each patient fold scored against "
     "the Gaussian fitted on the other folds' embeddings, k-fold over patients"
@@ -42,22 +41,6 @@ def tile_embeddings(net: torch.nn.Module, bags: Sequence[Bag]) -> list[np.ndarra
     net.eval()
     with torch.inference_mode():
         return [net.embed(torch.as_tensor(b.features)).float().numpy() for b in bags]
-
-
-def held_out_scores(
-    embeddings: Sequence[np.ndarray], patients: Sequence[str], *, seed: int = 0
-) -> list[np.ndarray]:
-    """Each slide's tile scores against a Gaussian fitted without its patient fold
-    (``min(5, patients)`` folds; one patient: against the Gaussian of every slide)."""
-    k = min(MAX_FOLDS, len(set(patients)))
-    folds = patient_folds(patients, k, seed) if k >= 2 else np.zeros(len(patients), int)
-    scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(embeddings)
-    for f in np.unique(folds):
-        rest = [e for e, g in zip(embeddings, folds, strict=True) if g != f or k < 2]
-        record = fit_gaussians(np.concatenate(rest))
-        for i in np.flatnonzero(folds == f):
-            scores[i] = ood_scores_of(record, embeddings[i])
-    return scores
 
 
 def export_mil_ood(

@@ -30,12 +30,14 @@ from cscvision.models.card import CARD_FILE, ModelCard
 from cscvision.models.ood import (
     BLOCK_FEATURES,
     SLIDE_SHARE_FLOOR,
-    TILE_QUANTILE,
-    OODScorer,
+    GaussianRecord,
     export_ood,
     feature_tap,
+    fit_gaussians,
     fit_ood,
     load_ood,
+    ood_scores_of,
+    reference_thresholds,
 )
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.slides.settings import ReadSettings
@@ -45,6 +47,18 @@ from cscvision.slides.tilebatches import TileBatches
 log = logging.getLogger(__name__)
 
 CALIBRATED_ON = "validation slides' tissue tiles as inference reads them"
+CALIBRATED_ON_CROSS_FITTED = (
+    "tissue tiles read as inference reads them of the validation slides and of the training "
+    "slides, each training patient fold scored against the Gaussian fitted without its tiles"
+)
+RULE_CROSS_FITTED = (
+    "a slide is out of distribution when the share of its tissue tiles whose OOD score "
+    "exceeds the 99th percentile of the reference tiles (validation slides, and training "
+    "slides scored out of fold) is above slide_share_threshold (the larger of {floor:g} and "
+    "twice the highest share of a reference slide)"
+)
+REFERENCES = ("validation", "cross-fitted")  # the slides the thresholds are set on
+MAX_FOLDS = 5  # patient folds of the out-of-fold scores (fewer patients: one fold each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +70,45 @@ class SlideRef:
     mpp: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSlides:
+    """The training slides, to be scored out of fold: each slide, its patient, the features
+    the record was fitted on (the training loader's tiles of that slide) and their Gaussian
+    groups (None: one Gaussian)."""
+
+    refs: Sequence[SlideRef]
+    patients: Sequence[str]
+    features: Sequence[np.ndarray]
+    groups: Sequence[np.ndarray] | None = None
+
+
+def held_out_scores(
+    features: Sequence[np.ndarray],
+    patients: Sequence[str],
+    *,
+    score: Sequence[np.ndarray] | None = None,
+    groups: Sequence[np.ndarray] | None = None,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Each slide's scores against Gaussians fitted on the other patient folds' ``features``
+    alone (``min(5, patients)`` folds; one patient: against the Gaussian of every slide).
+    ``score``: each slide's features to score (default: ``features`` themselves);
+    ``groups``: each slide's Gaussian groups (:func:`~cscvision.models.ood.fit_gaussians`)."""
+    from cscvision.training.mil_cv import patient_folds
+
+    score = features if score is None else score
+    k = min(MAX_FOLDS, len(set(patients)))
+    folds = patient_folds(patients, k, seed) if k >= 2 else np.zeros(len(patients), int)
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(features)
+    for f in np.unique(folds):
+        rest = [i for i, g in enumerate(folds) if g != f or k < 2]
+        fold_groups = None if groups is None else np.concatenate([groups[i] for i in rest])
+        record = fit_gaussians(np.concatenate([features[i] for i in rest]), fold_groups)
+        for i in np.flatnonzero(folds == f):
+            out[i] = ood_scores_of(record, score[i]) if len(score[i]) else out[i]
+    return out
+
+
 def export_run_ood(
     net: Any,
     card: ModelCard,
@@ -65,23 +118,38 @@ def export_run_ood(
     note: str = "",
     features: str | None = None,
     calibrate: bool = True,
+    reference: str = "validation",
 ) -> ModelCard:
     """Fit the record on ``dm``'s training tiles (in order, unaugmented), write it beside
-    the exported weights and set its thresholds from the validation slides as inference
-    reads them (models reading tiles; models trained on stored features keep the
-    validation tiles' thresholds). Returns the card that keeps it."""
+    the exported weights and set its thresholds from the validation slides read as
+    inference reads them (models reading tiles; models trained on stored features keep the
+    validation tiles' thresholds); ``reference="cross-fitted"`` adds the training slides,
+    each patient fold scored against the Gaussian fitted without it (on the demo cohort it
+    stopped flagging new synthetic patients and stopped flagging unseen tissue too:
+    docs/how-to/trust.md). Returns the card that keeps it."""
+    if reference not in REFERENCES:
+        raise ValueError(f"OOD reference {reference!r}: choose one of {REFERENCES}")
     from cscvision.training.data import stain_sources_of
 
     sources = stain_sources_of(dm, card.stain)
     loaders = dm._loader("train"), dm._loader("val")
-    record, block = fit_ood(net, card, *loaders, features=features, stain_sources=sources)
-    if note:
-        block["note"] = note
-    card = export_ood(model_dir, card, record, block)
+    fit = fit_ood(net, card, *loaders, features=features, stain_sources=sources)
+    block = {**fit.block, "note": note} if note else fit.block
+    card = export_ood(model_dir, card, fit.record, block)
     slides = [SlideRef(s.slide_path, s.mpp_override) for s in dm.slides.get("val", ())]
-    if calibrate and slides and block["features"] in (*BLOCK_FEATURES, "penultimate"):
-        card = calibrate_on_slides(net, card, model_dir, slides)
-    return card
+    if not (calibrate and slides and block["features"] in (*BLOCK_FEATURES, "penultimate")):
+        return card
+    training = None
+    if reference == "cross-fitted":
+        train = dm.slides.get("train", ())
+        mine = [fit.train_slide_idx == i for i in range(len(train))]  # train slides come first
+        training = TrainingSlides(
+            [SlideRef(s.slide_path, s.mpp_override) for s in train],
+            [s.patient_id for s in train],
+            [fit.train[m] for m in mine],
+            None if fit.groups is None else [fit.groups[m] for m in mine],
+        )
+    return calibrate_on_slides(net, card, model_dir, slides, training=training)
 
 
 def calibrate_on_slides(
@@ -90,42 +158,63 @@ def calibrate_on_slides(
     model_dir: str | Path,
     slides: Sequence[SlideRef],
     settings: ReadSettings | None = None,
+    *,
+    training: TrainingSlides | None = None,
 ) -> ModelCard:
-    """Set the card's OOD tile and slide thresholds from every tissue tile of ``slides``
-    read as inference reads them (``settings``: the default ``infer`` flags), keeping the
-    fitted record. Returns the new card; the weights and the record file are untouched."""
+    """Set the card's OOD tile and slide thresholds from every tissue tile, read as
+    inference reads them (``settings``: the default ``infer`` flags), of the validation
+    ``slides`` (scored against the fitted record) and, when given, of the ``training``
+    slides of two or more patients (each patient fold scored against the Gaussian fitted
+    without it, as a new patient would be), keeping the fitted record. Returns the new
+    card; the weights and the record file are untouched."""
     scorer = load_ood(model_dir, card)
     if scorer is None:
         raise ValueError(f"{model_dir}: its card keeps no OOD record to calibrate")
-    scored = (_slide_scores(net, card, scorer, ref, settings) for ref in slides)
-    per_slide = [s for s in scored if len(s)]
-    if not per_slide:
-        log.warning("OOD calibration: no validation slide has tissue tiles; thresholds kept")
+    record = GaussianRecord(scorer.means.numpy(), scorer.precision.numpy(), 0.0)
+    feats = (_slide_features(net, card, scorer.features, ref, settings) for ref in slides)
+    val = [ood_scores_of(record, f) for f in feats if len(f)]
+    oof: list[np.ndarray] = []
+    if training is not None and len(set(training.patients)) >= 2:
+        tissue = [_slide_features(net, card, scorer.features, r, settings) for r in training.refs]
+        scored = held_out_scores(
+            training.features, training.patients, score=tissue, groups=training.groups
+        )
+        oof = [s for s in scored if len(s)]
+    if not val + oof:
+        log.warning("OOD calibration: no reference slide has tissue tiles; thresholds kept")
         return card
-    threshold = float(np.quantile(np.concatenate(per_slide), TILE_QUANTILE))
-    shares = np.array([np.mean(s > threshold) for s in per_slide])
+    threshold, share_threshold, shares = reference_thresholds(val + oof)
     block = {
         **card.ood,
         "tile_threshold": threshold,
-        "slide_share_threshold": round(max(SLIDE_SHARE_FLOOR, 2 * float(shares.max())), 4),
-        "val_tiles": int(sum(map(len, per_slide))),
-        "val_slides": len(per_slide),
-        "val_slide_shares_max": round(float(shares.max()), 4),
+        "slide_share_threshold": round(share_threshold, 4),
+        "val_tiles": int(sum(map(len, val))),
+        "val_slides": len(val),
+        "val_slide_shares_max": round(float(shares[: len(val)].max(initial=0.0)), 4),
         "calibrated_on": CALIBRATED_ON,
     }
+    if oof:
+        block.update({
+            "rule": RULE_CROSS_FITTED.format(floor=SLIDE_SHARE_FLOOR),
+            "train_slides_out_of_fold": len(oof),
+            "train_tiles_out_of_fold": int(sum(map(len, oof))),
+            "train_slide_shares_out_of_fold": [round(float(x), 4) for x in shares[len(val):]],
+            "calibrated_on": CALIBRATED_ON_CROSS_FITTED,
+        })  # fmt: skip
     path = Path(model_dir) / CARD_FILE
     write_json(path, {**json.loads(path.read_text()), "ood": block})
     return dataclasses.replace(card, ood=block)
 
 
-def _slide_scores(
+def _slide_features(
     net: nn.Module,
     card: ModelCard,
-    scorer: OODScorer,
+    features: str,
     ref: SlideRef,
     settings: ReadSettings | None,
 ) -> np.ndarray:
-    """OOD scores of one slide's tissue tiles, read with inference's grid and normalisation."""
+    """OOD features [N, D] of one slide's tissue tiles, read with inference's grid and
+    normalisation."""
     from cscvision.slides.slide_stains import slide_stains
     from cscvision.slides.stain import StainReference, normalise_batch
 
@@ -136,24 +225,23 @@ def _slide_scores(
     device = next(net.parameters()).device
     mean = torch.tensor(card.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(card.std, device=device).view(1, 3, 1, 1) * 255
-    scorer = scorer.to(device)
-    scores = []
+    out = []
     was_training = net.training
     with open_slide(ref.path, mpp=ref.mpp) as slide:
         _, mask = detect_tissue(slide, spec.mask_mpp)
         grid = make_grid(slide, spec, mask=mask)
         if len(grid) == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros((0, 0), np.float32)
         batches = TileBatches(grid, settings.batch_size)
         batches.use_slide(slide)
         source = slide_stains(slide, stain) if stain is not None else None
-        with torch.inference_mode(), feature_tap(net.eval(), scorer.features) as seen:
+        with torch.inference_mode(), feature_tap(net.eval(), features) as seen:
             for i in range(len(batches)):
                 batch = batches.read(i)
                 x = batch["image"][~batch["corrupt"]].to(device)
                 if stain is not None:
                     x = normalise_batch(x, stain, source=source)
                 net((x.float() - mean) / std)
-                scores.append(scorer(seen.pop()).cpu().numpy())
+                out.append(seen.pop().cpu().numpy())
     net.train(was_training)
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -13,12 +13,18 @@ from cscvision.training.ood import export_run_ood
 
 
 def refit_ood(
-    cfg: Any, model_dir: str | Path, *, progress: bool = True, features: str | None = None
+    cfg: Any,
+    model_dir: str | Path,
+    *,
+    progress: bool = True,
+    features: str | None = None,
+    reference: str = "validation",
 ) -> ModelCard:
     """Add an OOD record and confidence thresholds to the model ``model_dir`` that ``cfg``
     trained, as ``train`` now does at export: the run's tiles are made again as training
     made them (same cohort, split, grid, subsampling and seed), the weights file is left
-    as it is."""
+    as it is. ``reference``: the slides the OOD thresholds come from
+    (:func:`~cscvision.training.ood.export_run_ood`)."""
     from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
     from cscvision.labels.cohort import read_cohort
     from cscvision.models.kinds import kind_of_config, resolve
@@ -43,7 +49,9 @@ def refit_ood(
     dm, _, _ = resolve(kind.pieces)(cfg, targets, by_split, run_dir, progress)
     model = load_model(model_dir)
     note = _check_same_tiles(model.card, dm.summary(), model.path)
-    card = export_run_ood(model.net, model.card, dm, model.path, note=note, features=features)
+    card = export_run_ood(
+        model.net, model.card, dm, model.path, note=note, features=features, reference=reference
+    )
     sources = stain_sources_of(dm, card.stain)
     return export_confidence(model.net, card, dm._loader("val"), model.path, stain_sources=sources)
 
