@@ -54,6 +54,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -398,7 +399,27 @@ def speed_section(args, model: LoadedModel, groups: dict, speed: dict[str, float
         print(f"  {label:9s} {speed[name]:7.1f} tiles/s")
 
 
+def cache_of(work: Path, model: LoadedModel) -> Path:
+    digest = hashlib.sha256((model.path / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    return work / f"scores-{digest}"
+
+
+def parts_main(args, score: Scorer) -> None:
+    """``--parts``: the shift's stain and optics parts beside it (trust_shift_eval.py)."""
+    import trust_shift_eval as tse  # beside this script
+
+    tse.build_parts(args.work, score.groups, STRENGTHS[1:])
+    template = None
+    if args.template_model:
+        other = load_model(args.template_model)
+        template = Scorer(other, score.groups, score.refs, cache_of(args.work, other))
+    tse.part_section(sys.modules[__name__], score, template)
+    if args.angles:
+        tse.angle_section(sys.modules[__name__], score, args.work)
+
+
 def main() -> None:
+    global NORMS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("trust_eval"))
     p.add_argument("--slides", type=int, default=4)
@@ -417,15 +438,27 @@ def main() -> None:
         action="store_true",
         help="stain part: only the model as infer runs it (a model trained with data.stain)",
     )
+    p.add_argument("--parts", action="store_true",
+                   help="stain part only, taken apart: stain and optics parts alone "
+                   "(scripts/trust_shift_eval.py)")  # fmt: skip
+    p.add_argument("--template-model", help="with --parts: a model trained with a stain "
+                   "template, scored beside --model (its twin trained without one)")  # fmt: skip
+    p.add_argument(
+        "--angles",
+        action="store_true",
+        help="with --parts: Macenko fits against the true shifted stains",
+    )
+    p.add_argument("--norms", help="only these normalisers, comma-separated (for time; "
+                   f"default all: {','.join(NORMS)})")  # fmt: skip
     args = p.parse_args()
     if args.no_normalisers:
-        global NORMS
         NORMS = ()
+    elif args.norms:
+        NORMS = tuple(n for n in NORMS if n in args.norms.split(","))
     torch.manual_seed(0)
     model = load_model(args.model)
     groups = build(args.work, args.slides, args.size)
-    digest = hashlib.sha256((model.path / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
-    cache = args.work / f"scores-{digest}"
+    cache = cache_of(args.work, model)
     if args.fresh:
         for f in cache.glob("*.npz"):
             f.unlink()
@@ -436,6 +469,8 @@ def main() -> None:
     refs = {m: fit_stain(np.concatenate(pixels), m, source="demo training tiles") for m in METHODS}
     refs.update({f"{m}@card": refs[m] for m in ("macenko", "vahadane")})
     score = Scorer(model, groups, refs, cache)
+    if args.parts:
+        return parts_main(args, score)
     if args.only == "ood":
         return ood_section(score)
     speed = stain_section(score) if args.only in (None, "stain") else {}
