@@ -71,7 +71,13 @@ from cscvision.models.export import LoadedModel, load_model
 from cscvision.outputs.trust import OOD
 from cscvision.slides.slide import open_slide
 from cscvision.slides.slide_stains import path_stains
-from cscvision.slides.stain import METHODS, fit_stain, normalise_batch, sample_tissue_tiles
+from cscvision.slides.stain import (
+    METHODS,
+    StainError,
+    fit_stain,
+    normalise_batch,
+    sample_tissue_tiles,
+)
 from cscvision.slides.tilebatches import TileBatches
 from cscvision.synth import write_cohort
 from cscvision.synth.stain_shift import SiteShift, apply_site_shift
@@ -217,7 +223,11 @@ def score_slide(model: LoadedModel, path: Path, *, uncertainty=None, norm=None, 
     if norm in ("macenko", "vahadane"):
         every = torch.cat(batches)
         pick = np.random.default_rng(0).permutation(len(every))[:8]
-        source = fit_stain(every[pick].permute(0, 2, 3, 1).numpy(), norm)
+        try:
+            source = fit_stain(every[pick].permute(0, 2, 3, 1).numpy(), norm)
+        except StainError as e:  # as infer does (slide_stains): the reference's own stains
+            print(f"  ({path.name}: {norm} fit on 8 tiles failed, {e}; reference stains used)")
+            source = ref
     elif norm in ("macenko@card", "vahadane@card"):
         source = path_stains(path, ref)
     rows, t0 = [], time.perf_counter()
