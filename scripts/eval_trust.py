@@ -84,6 +84,9 @@ from cscvision.synth.stain_shift import SiteShift, apply_site_shift
 from cscvision.synth.unseen import adipose_rgb
 from cscvision.testing import write_pyramid
 
+sys.path.insert(0, str(Path(__file__).parent))
+import trust_shift_eval as tse  # beside this script
+
 TARGETS = ("stemness", "immunosuppressive")
 BITS = {"stemness": 8, "immunosuppressive": 16}
 STRENGTHS = (0.0, 1.0, 2.0, 3.0)
@@ -414,20 +417,6 @@ def cache_of(work: Path, model: LoadedModel) -> Path:
     return work / f"scores-{digest}"
 
 
-def parts_main(args, score: Scorer) -> None:
-    """``--parts``: the shift's stain and optics parts beside it (trust_shift_eval.py)."""
-    import trust_shift_eval as tse  # beside this script
-
-    tse.build_parts(args.work, score.groups, STRENGTHS[1:])
-    template = None
-    if args.template_model:
-        other = load_model(args.template_model)
-        template = Scorer(other, score.groups, score.refs, cache_of(args.work, other))
-    tse.part_section(sys.modules[__name__], score, template)
-    if args.angles:
-        tse.angle_section(sys.modules[__name__], score, args.work)
-
-
 def main() -> None:
     global NORMS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -448,16 +437,7 @@ def main() -> None:
         action="store_true",
         help="stain part: only the model as infer runs it (a model trained with data.stain)",
     )
-    p.add_argument("--parts", action="store_true",
-                   help="stain part only, taken apart: stain and optics parts alone "
-                   "(scripts/trust_shift_eval.py)")  # fmt: skip
-    p.add_argument("--template-model", help="with --parts: a model trained with a stain "
-                   "template, scored beside --model (its twin trained without one)")  # fmt: skip
-    p.add_argument(
-        "--angles",
-        action="store_true",
-        help="with --parts: Macenko fits against the true shifted stains",
-    )
+    tse.add_arguments(p)
     p.add_argument("--norms", help="only these normalisers, comma-separated (for time; "
                    f"default all: {','.join(NORMS)})")  # fmt: skip
     args = p.parse_args()
@@ -480,7 +460,7 @@ def main() -> None:
     refs.update({f"{m}@card": refs[m] for m in ("macenko", "vahadane")})
     score = Scorer(model, groups, refs, cache)
     if args.parts:
-        return parts_main(args, score)
+        return tse.parts_main(sys.modules[__name__], args, score)
     if args.only == "ood":
         return ood_section(score)
     speed = stain_section(score) if args.only in (None, "stain") else {}

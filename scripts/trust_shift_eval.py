@@ -36,6 +36,29 @@ PARTS = ("all", "stain", "optics")
 TEMPLATE = "trained@template"
 
 
+def add_arguments(p) -> None:
+    """eval_trust's options for this part."""
+    p.add_argument("--parts", action="store_true",
+                   help="stain part only, taken apart: stain and optics parts alone "
+                   "(scripts/trust_shift_eval.py)")  # fmt: skip
+    p.add_argument("--template-model", help="with --parts: a model trained with a stain "
+                   "template, scored beside --model (its twin trained without one)")  # fmt: skip
+    p.add_argument("--angles", action="store_true",
+                   help="with --parts: Macenko fits against the true shifted stains")  # fmt: skip
+
+
+def parts_main(et, args, score) -> None:
+    """``--parts``: the shift's stain and optics parts beside it (``et``: eval_trust)."""
+    build_parts(args.work, score.groups, et.STRENGTHS[1:])
+    template = None
+    if args.template_model:
+        other = et.load_model(args.template_model)
+        template = et.Scorer(other, score.groups, score.refs, et.cache_of(args.work, other))
+    part_section(et, score, template)
+    if args.angles:
+        angle_section(et, score, args.work)
+
+
 def part_group(strength: float, part: str) -> str:
     """The group of the shift of ``strength`` restricted to ``part`` (``all``: eval_trust's)."""
     if strength == 0:
