@@ -174,7 +174,8 @@ def eight_tile_fit(et, model, path: Path, grid_of: Path) -> np.ndarray:
 
 def angle_section(et, score, work: Path) -> None:
     """Per slide, strength and part: angles (H, E) of the two Macenko fits to the true
-    shifted stains (the generator's and the shift's own basis, each rotated)."""
+    shifted stains (the generator's and the shift's own basis, each rotated), and the
+    99th-percentile amounts of infer's fit (what the template rescales to its own)."""
     ref = score.refs["macenko"]
     print("(a'') Macenko fits against the true shifted stains, degrees H / E: 8-tile fit "
           "(eval_trust's macenko rows) and infer's 16-tile fit, each to the generator's "
@@ -188,11 +189,14 @@ def angle_section(et, score, work: Path) -> None:
             for i, (_, path, _) in enumerate(score.groups[part_group(s, part)]):
                 sid, original = score.groups["id"][i][0], score.groups["id"][i][1]
                 gen, own = (rotate_stains(b, deg) for b in basis[sid])
+                own_fit = path_stains(path, ref)
                 fits = {"8-tile": eight_tile_fit(et, score.model, path, original),
-                        "infer": np.asarray(path_stains(path, ref).stain_matrix)}  # fmt: skip
+                        "infer": np.asarray(own_fit.stain_matrix)}  # fmt: skip
                 cells = []
                 for label, fit in fits.items():
                     g = [angle_deg(f, v) for f, v in zip(fit, gen, strict=True)]
                     o = [angle_deg(f, v) for f, v in zip(fit, own, strict=True)]
                     cells.append(f"{label} {g[0]:5.1f} / {g[1]:5.1f} [{o[0]:4.1f} / {o[1]:4.1f}]")
-                print(f"  {part:6s} s={s:<3g} {sid:14s} rot {deg:4.1f}: {'; '.join(cells)}")
+                amounts = "/".join(f"{c:.2f}" for c in own_fit.max_concentration)
+                print(f"  {part:6s} s={s:<3g} {sid:14s} rot {deg:4.1f}: {'; '.join(cells)}; "
+                      f"infer's max H/E amounts {amounts}")  # fmt: skip
