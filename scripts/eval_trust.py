@@ -54,6 +54,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -70,12 +71,21 @@ from cscvision.models.export import LoadedModel, load_model
 from cscvision.outputs.trust import OOD
 from cscvision.slides.slide import open_slide
 from cscvision.slides.slide_stains import path_stains
-from cscvision.slides.stain import METHODS, fit_stain, normalise_batch, sample_tissue_tiles
+from cscvision.slides.stain import (
+    METHODS,
+    StainError,
+    fit_stain,
+    normalise_batch,
+    sample_tissue_tiles,
+)
 from cscvision.slides.tilebatches import TileBatches
 from cscvision.synth import write_cohort
 from cscvision.synth.stain_shift import SiteShift, apply_site_shift
 from cscvision.synth.unseen import adipose_rgb
 from cscvision.testing import write_pyramid
+
+sys.path.insert(0, str(Path(__file__).parent))
+import trust_shift_eval as tse  # beside this script
 
 TARGETS = ("stemness", "immunosuppressive")
 BITS = {"stemness": 8, "immunosuppressive": 16}
@@ -216,7 +226,11 @@ def score_slide(model: LoadedModel, path: Path, *, uncertainty=None, norm=None, 
     if norm in ("macenko", "vahadane"):
         every = torch.cat(batches)
         pick = np.random.default_rng(0).permutation(len(every))[:8]
-        source = fit_stain(every[pick].permute(0, 2, 3, 1).numpy(), norm)
+        try:
+            source = fit_stain(every[pick].permute(0, 2, 3, 1).numpy(), norm)
+        except StainError as e:  # as infer does (slide_stains): the reference's own stains
+            print(f"  ({path.name}: {norm} fit on 8 tiles failed, {e}; reference stains used)")
+            source = ref
     elif norm in ("macenko@card", "vahadane@card"):
         source = path_stains(path, ref)
     rows, t0 = [], time.perf_counter()
@@ -404,7 +418,13 @@ def speed_section(args, model: LoadedModel, groups: dict, speed: dict[str, float
         print(f"  {label:9s} {speed[name]:7.1f} tiles/s")
 
 
+def cache_of(work: Path, model: LoadedModel) -> Path:
+    digest = hashlib.sha256((model.path / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    return work / f"scores-{digest}"
+
+
 def main() -> None:
+    global NORMS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("trust_eval"))
     p.add_argument("--slides", type=int, default=4)
@@ -423,15 +443,18 @@ def main() -> None:
         action="store_true",
         help="stain part: only the model as infer runs it (a model trained with data.stain)",
     )
+    tse.add_arguments(p)
+    p.add_argument("--norms", help="only these normalisers, comma-separated (for time; "
+                   f"default all: {','.join(NORMS)})")  # fmt: skip
     args = p.parse_args()
     if args.no_normalisers:
-        global NORMS
         NORMS = ()
+    elif args.norms:
+        NORMS = tuple(n for n in NORMS if n in args.norms.split(","))
     torch.manual_seed(0)
     model = load_model(args.model)
     groups = build(args.work, args.slides, args.size)
-    digest = hashlib.sha256((model.path / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
-    cache = args.work / f"scores-{digest}"
+    cache = cache_of(args.work, model)
     if args.fresh:
         for f in cache.glob("*.npz"):
             f.unlink()
@@ -442,6 +465,8 @@ def main() -> None:
     refs = {m: fit_stain(np.concatenate(pixels), m, source="demo training tiles") for m in METHODS}
     refs.update({f"{m}@card": refs[m] for m in ("macenko", "vahadane")})
     score = Scorer(model, groups, refs, cache)
+    if args.parts:
+        return tse.parts_main(sys.modules[__name__], args, score)
     if args.only == "ood":
         return ood_section(score)
     speed = stain_section(score) if args.only in (None, "stain") else {}

@@ -80,3 +80,55 @@ def test_concentration_factors_scale_the_fitted_stain_amounts():
     after = fit_stain(apply_site_shift(rgb, SiteShift(h_scale=1.5, e_scale=0.6)), "macenko")
     ratio = np.asarray(after.max_concentration) / np.asarray(before)
     np.testing.assert_allclose(ratio, [1.5, 0.6], rtol=0.05)
+
+
+def test_parts_split_the_family_at_the_same_strength():
+    full, stain, optics = (SiteShift.at(3, parts) for parts in ("all", "stain", "optics"))
+    assert (stain.rotation_deg, stain.h_scale, stain.e_scale) == (
+        full.rotation_deg,
+        full.h_scale,
+        full.e_scale,
+    )
+    assert (stain.gamma, stain.blur_px, stain.jpeg_quality) == (1.0, 0.0, 85)
+    assert (optics.gamma, optics.blur_px, optics.jpeg_quality) == (
+        full.gamma,
+        full.blur_px,
+        full.jpeg_quality,
+    )
+    assert (optics.rotation_deg, optics.h_scale, optics.e_scale) == (0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="parts 'hue'"):
+        SiteShift.at(1, "hue")
+
+
+def _edge_width(rgb: np.ndarray) -> float:
+    """Mean over channels and rows of the pixels strictly between 10 % and 90 % of the step
+    across the vertical edge in the middle of ``rgb`` (0: a sharp step)."""
+    profile = rgb[:, 8:-8].astype(float)  # away from the image's own borders
+    lo, hi = profile[:, :1], profile[:, -1:]
+    span = np.where(hi == lo, np.nan, hi - lo)
+    frac = (profile - lo) / span
+    return float(np.nanmean(((frac > 0.1) & (frac < 0.9)).sum(axis=1)))
+
+
+def test_the_stain_part_leaves_a_grey_blur_free_step_as_sharp():
+    grey = np.full((32, 64, 3), 200, np.uint8)
+    grey[:, 32:] = 90  # a sharp step from light to dark grey
+    assert _edge_width(grey) == 0
+    stained = apply_site_shift(grey, SiteShift.at(3, "stain"), stains=STAINS)
+    assert not np.array_equal(stained, grey)  # the colours moved
+    assert _edge_width(stained) == 0  # ... the step did not
+    assert len(np.unique(stained.reshape(-1, 3), axis=0)) == 2
+    blurred = apply_site_shift(grey, SiteShift.at(3, "all"), stains=STAINS)
+    assert _edge_width(blurred) >= 4  # σ 2.25 px: about 2.56 σ between 10 and 90 %
+
+
+@pytest.mark.parametrize("strength", [1.0, 2.0, 3.0])
+def test_the_optics_part_leaves_the_macenko_vectors_where_they_were(strength):
+    """Tone curve and blur (JPEG is the writer's; eval_trust measures it on the slides)."""
+    blocks = np.kron(_he_image(side=16), np.ones((16, 16, 1), np.uint8))  # tissue-like patches
+    before = np.asarray(fit_stain(blocks, "macenko").stain_matrix)
+    for parts, moved in (("optics", False), ("all", True)):
+        out = apply_site_shift(blocks, SiteShift.at(strength, parts))
+        after = np.asarray(fit_stain(out, "macenko").stain_matrix)
+        angles = [angle_deg(a, b) for a, b in zip(after, before, strict=True)]
+        assert (min(angles) > 8 * strength) if moved else (max(angles) < 2.0), (parts, angles)

@@ -23,6 +23,10 @@ The stains are unmixed with vectors fitted on the image itself (Macenko, via
 noise) is kept unchanged, so a pure rotation of a two-stain image moves its Macenko-fitted
 vectors by exactly the rotation.
 
+``parts`` splits the family in two at the same strength: ``"stain"`` (rotation and amounts:
+what a colour normaliser is meant to undo) and ``"optics"`` (tone curve, blur, JPEG: what no
+colour normaliser can undo); ``"all"`` is both.
+
 The rotation's direction was first haematoxylin away from eosin within their plane: that
 turned haematoxylin cyan-green (more red absorbed), which no H&E protocol does, so the blue
 axis replaced it (a first run had scored only the unshifted slides and one shifted row).
@@ -43,6 +47,7 @@ E_SCALE_PER_STRENGTH = 0.75
 GAMMA_PER_STRENGTH = 0.9
 BLUR_PX_PER_STRENGTH = 0.75
 SOURCE_JPEG_QUALITY = 85  # the synthetic slides' own (cscvision.synth.writer)
+PARTS = ("all", "stain", "optics")
 
 
 @dataclass(frozen=True)
@@ -58,18 +63,23 @@ class SiteShift:
     jpeg_quality: int = SOURCE_JPEG_QUALITY
 
     @classmethod
-    def at(cls, strength: float) -> SiteShift:
-        """The family's member of strength ``strength`` (≥ 0; 0 is the identity)."""
+    def at(cls, strength: float, parts: str = "all") -> SiteShift:
+        """The family's member of strength ``strength`` (≥ 0; 0 is the identity); ``parts``
+        ``"stain"`` keeps only the rotation and amounts, ``"optics"`` only the tone curve,
+        blur and JPEG (the other part at strength 0)."""
         if not strength >= 0:
             raise ValueError(f"site shift strength {strength}: give a number >= 0")
+        if parts not in PARTS:
+            raise ValueError(f"site shift parts {parts!r}: give one of {', '.join(PARTS)}")
         s = float(strength)
+        stain, optics = (s, 0.0) if parts == "stain" else (0.0, s) if parts == "optics" else (s, s)
         return cls(
-            rotation_deg=DEG_PER_STRENGTH * s,
-            h_scale=H_SCALE_PER_STRENGTH**s,
-            e_scale=E_SCALE_PER_STRENGTH**s,
-            gamma=GAMMA_PER_STRENGTH**s,
-            blur_px=BLUR_PX_PER_STRENGTH * s,
-            jpeg_quality=round(min(SOURCE_JPEG_QUALITY, 90 - 10 * s)),
+            rotation_deg=DEG_PER_STRENGTH * stain,
+            h_scale=H_SCALE_PER_STRENGTH**stain,
+            e_scale=E_SCALE_PER_STRENGTH**stain,
+            gamma=GAMMA_PER_STRENGTH**optics,
+            blur_px=BLUR_PX_PER_STRENGTH * optics,
+            jpeg_quality=round(min(SOURCE_JPEG_QUALITY, 90 - 10 * optics)),
         )
 
     @property
