@@ -34,7 +34,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, help="NAME=DIR, first scores")
     p.add_argument("--group", action="append", required=True, help="NAME=SLIDE[,SLIDE...]")
-    p.add_argument("--id-group", default=None, help="group the AUROCs are taken against")
+    p.add_argument(
+        "--id-group",
+        action="append",
+        default=[],
+        help="group the AUROCs are taken against (repeat for several)",
+    )
     args = p.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     loaded = {name: load_model(path) for name, path in models.items()}
@@ -61,14 +66,14 @@ def main() -> None:
                 verdict = "FLAGGED" if share > limit else "not flagged"
                 print(f"  {group:8s} {sid:26s} {len(score):5d} tiles, {share:6.1%} beyond "
                       f"-> {verdict}")  # fmt: skip
-    if args.id_group:
-        ref = np.concatenate([s for _, s in raw[args.id_group]])
+    for id_group in args.id_group:
+        ref = np.concatenate([s for _, s in raw[id_group]])
         for group, slides in raw.items():
-            if group != args.id_group:
+            if group != id_group:
                 other = np.concatenate([s for _, s in slides])
                 y = np.r_[np.zeros(len(ref)), np.ones(len(other))]
                 auc = roc_auc_score(y, np.r_[ref, other])
-                print(f"tile AUROC of the OOD score, {group} vs {args.id_group}: {auc:.3f}")
+                print(f"tile AUROC of the OOD score, {group} vs {id_group}: {auc:.3f}")
 
 
 if __name__ == "__main__":
