@@ -6,6 +6,8 @@ import importlib
 import inspect
 import pkgutil
 
+import pytest
+
 import cscvision
 from cscvision.core.errors import CscvisionError
 from cscvision.core.guard import Interrupted
@@ -52,3 +54,26 @@ def test_old_builtin_bases_still_catch() -> None:
 
     assert issubclass(LabelTableError, ValueError)
     assert issubclass(TrainError, RuntimeError)
+
+
+def test_a_signal_whose_exception_a_finalizer_swallowed_still_interrupts() -> None:
+    # SIGTERM landing inside a finalizer: Python prints "Exception ignored" and goes on, so
+    # the batch ran to its end and exited 0 (seen once in CI on `labels st`)
+    import gc
+    import os
+    import signal
+
+    from cscvision.core.guard import interrupt_on_signals
+
+    class Dying:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs at a bytecode boundary here, inside __del__
+
+    went_on = False
+    with pytest.raises(Interrupted) as stop, interrupt_on_signals():
+        obj = Dying()
+        del obj
+        gc.collect()
+        went_on = True
+    assert went_on and stop.value.signum == signal.SIGTERM

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -108,20 +110,33 @@ def table_lock(path: str | Path) -> Iterator[None]:
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Interrupted` and SIGINT raises it too
-    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op."""
+    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op. A signal
+    whose exception was lost (raised inside a finalizer or a weakref callback, where Python
+    prints "Exception ignored" and goes on) raises it again when the block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    lost: list[int] = []
+    previous_hook = sys.unraisablehook
 
     def handler(signum: int, _frame: object) -> None:
         raise Interrupted(signum)
 
+    def unraisable(info: Any) -> None:
+        if isinstance(info.exc_value, Interrupted):
+            lost.append(info.exc_value.signum)
+        previous_hook(info)
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in old.items():
             signal.signal(s, h)
+    if lost:  # reached only when the block ended without an exception
+        raise Interrupted(lost[0])
 
 
 @contextlib.contextmanager
