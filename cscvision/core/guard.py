@@ -9,6 +9,7 @@ are removed) and the batch writes its tables for what finished.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
 import sys
@@ -24,6 +25,7 @@ from cscvision.core.errors import CscvisionError
 LOCK_FILE = ".cscvision.lock"
 TABLES_LOCK_FILE = ".cscvision-tables.lock"
 RUN_LOCK_FILE = ".cscvision-run.lock"
+REDELIVER_S = 0.01  # a lost signal is delivered again after this (seconds)
 
 
 class SlideBusy(CscvisionError):
@@ -110,31 +112,43 @@ def table_lock(path: str | Path) -> Iterator[None]:
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Interrupted` and SIGINT raises it too
-    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op. A signal
-    whose exception was lost (raised inside a finalizer or a weakref callback, where Python
-    prints "Exception ignored" and goes on) raises it again when the block ends."""
+    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op.
+
+    A signal whose exception was lost (raised inside a finalizer or a weakref callback,
+    where Python prints "Exception ignored" and goes on) is delivered again a moment later
+    from a timer thread, so the run stops where it is rather than at its end; if the block
+    ends first, :class:`Interrupted` is raised as it ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     lost: list[int] = []
+    timers: list[threading.Timer] = []
     previous_hook = sys.unraisablehook
 
     def handler(signum: int, _frame: object) -> None:
+        lost.clear()  # delivered; if this raise is lost too, the hook notes it again
         raise Interrupted(signum)
 
     def unraisable(info: Any) -> None:
-        if isinstance(info.exc_value, Interrupted):
-            lost.append(info.exc_value.signum)
-        previous_hook(info)
+        if not isinstance(info.exc_value, Interrupted):
+            previous_hook(info)
+            return
+        lost.append(info.exc_value.signum)
+        # not from here: a handler run inside this hook would be lost the same way
+        timer = threading.Timer(REDELIVER_S, _thread.interrupt_main, (lost[-1],))
+        timers.append(timer)
+        timer.start()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     sys.unraisablehook = unraisable
     try:
         yield
     finally:
-        sys.unraisablehook = previous_hook
         for s, h in old.items():
             signal.signal(s, h)
+        sys.unraisablehook = previous_hook
+        for timer in timers:
+            timer.cancel()
     if lost:  # reached only when the block ended without an exception
         raise Interrupted(lost[0])
 
