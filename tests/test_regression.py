@@ -121,6 +121,12 @@ def test_target_range_and_floor_clip_a_count_density_at_zero():
     logits = torch.tensor([[-2.0, -2.0], [0.5, 0.5]])  # standardised: 100 - 160 < 0
     out = get_kind("tile").tile_outputs(card, logits)
     np.testing.assert_allclose(out, [[0.0, -2.0], [140.0, 0.5]])
+    nan = get_kind("tile").tile_outputs(card, torch.tensor([[float("nan"), 0.0]]))
+    assert np.isnan(nan[0, 0])  # an overflowed output stays NaN, not a plausible 0
+    from cscvision.models.ensemble import _ensemble_card
+
+    pair = _ensemble_card([card, card])
+    assert pair.value_range("density") == card.value_range("density")  # not (0, 1)
     old = ModelCard.from_json(
         {**card.to_json(), "output_scale": {"mean": [100.0, 0.0], "std": [80.0, 1.0]}}
     )

@@ -105,6 +105,20 @@ def ensemble_of(members: Sequence[LoadedModel]) -> LoadedEnsemble:
     return LoadedEnsemble(net=net, card=card, path=first.path, members=tuple(members))
 
 
+def _ensemble_scale(cards: Sequence[ModelCard]) -> dict[str, list[float]]:
+    """The members' regression scales pooled for the ensemble card's colour range and floor
+    (mean of means and of SDs, least min, greatest max). Only drawn from: each member's
+    outputs are rescaled by its own card (:meth:`LoadedEnsemble.member_outputs`)."""
+    scales = [c.output_scale for c in cards]
+    if not all(scales):
+        return {}
+    out = {k: np.mean([s[k] for s in scales], axis=0).tolist() for k in ("mean", "std")}
+    if all("min" in s and "max" in s for s in scales):
+        out["min"] = np.min([s["min"] for s in scales], axis=0).tolist()
+        out["max"] = np.max([s["max"] for s in scales], axis=0).tolist()
+    return out
+
+
 def _ensemble_card(cards: Sequence[ModelCard]) -> ModelCard:
     first = cards[0]
     thresholds = {}
@@ -118,7 +132,7 @@ def _ensemble_card(cards: Sequence[ModelCard]) -> ModelCard:
         name=f"ensemble-{hashlib.sha256(names.encode()).hexdigest()[:8]}",
         thresholds=thresholds,
         calibration={},
-        output_scale={},
+        output_scale=_ensemble_scale(cards),
         trained_on=f"ensemble of {len(cards)} models: {', '.join(c.name for c in cards)}",
         training={
             **first.training,

@@ -93,7 +93,8 @@ class ModelKind:
             std = torch.tensor(scale.get("std", [1.0]), device=logits.device)
             scores = (logits * std + mean).cpu().numpy()
             floors = np.array([np.nan if f is None else f for f in card.floors()])
-            return np.fmax(scores, floors).astype(np.float32)  # fmax: a NaN floor is none
+            clipped = np.where(np.isnan(floors), scores, np.maximum(scores, floors))
+            return clipped.astype(np.float32)  # a NaN score stays NaN (np.fmax made it 0)
         if not card.calibration:
             return torch.sigmoid(logits).cpu().numpy()
         return calibrate(logits.cpu().numpy(), card.targets, card.calibration)
