@@ -104,6 +104,12 @@ def test_unmeasured_tiles_are_excluded_only_on_a_warned_pair():
     over, unmeasured = registration_exclusions(reg("warn"), centres)
     assert over.tolist() == [False, True, False] and unmeasured.tolist() == [False, False, True]
     assert not np.any(registration_exclusions(reg("", ok=False), centres))
+    # no grid at all (too few dense matches): unmeasured everywhere, so a warned pair loses
+    # every tile and a passing one none (review: a warned pair without a grid lost none)
+    bare = SimpleNamespace(ok=True, qc="warn", params={}, error_detail={})
+    assert registration_exclusions(bare, centres)[1].all()
+    bare.qc = "pass"
+    assert not np.any(registration_exclusions(bare, centres))
 
 
 @pytest.mark.parametrize("qc", ["pass", "warn"])

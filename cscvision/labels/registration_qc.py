@@ -9,7 +9,8 @@ what to look at.
 
 **Local error** (:func:`local_error_grid`). On a grid of :data:`LOCAL_STEP_UM` in fixed
 (H&E) level-0 µm, each node gets the median held-out residual of the matches within
-``radius_um`` (``flow_smooth_um``, 160 µm: the scale the field follows) less the matches'
+``radius_um`` (the field's smoothing: ``flow_smooth_um``, 160 µm, or the wider one its
+fallback chose) less the matches'
 own scatter in quadrature, where at least :data:`MIN_LOCAL_MATCHES` held-out matches lie
 there; elsewhere the node is *unmeasured* (NaN): no match says how well the field fits,
 it extrapolates from further away.
@@ -107,12 +108,16 @@ def deformation(field_um: np.ndarray, at_um: np.ndarray, f: float) -> dict:
 def registration_exclusions(reg, centres_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per tile (its centre in fixed level-0 µm): excluded because the local error exceeds
     ``max_local_error_um``, and excluded as unmeasured on a warned pair (module docstring).
-    Two bool arrays; nothing excluded for a refused registration or one without a grid."""
+    Two bool arrays; nothing excluded for a refused registration. A pair without a grid
+    (too few dense matches for one: its error is the affine's 5-fold figure) is unmeasured
+    everywhere, so a warned one excludes every tile."""
     n = len(centres_um)
     none = np.zeros(n, bool)
-    local = reg.error_detail.get("local") if reg.ok else None
-    if not local:
+    if not reg.ok:
         return none, none
+    local = reg.error_detail.get("local")
+    if not local:
+        return none, np.full(n, reg.qc == "warn")
     bound = float(reg.params.get("max_local_error_um", 20.0))
     err = local_error_at(local, centres_um)
     over = np.nan_to_num(err, nan=0.0) > bound
