@@ -10,9 +10,8 @@ what to look at.
 **Local error** (:func:`local_error_grid`). On a grid of :data:`LOCAL_STEP_UM` in fixed
 (H&E) level-0 µm, each node gets the median held-out residual of the matches within
 ``radius_um`` (the field's smoothing: ``flow_smooth_um``, 160 µm, or the wider one its
-fallback chose) less the matches'
-own scatter in quadrature, where at least :data:`MIN_LOCAL_MATCHES` held-out matches lie
-there; elsewhere the node is *unmeasured* (NaN): no match says how well the field fits,
+fallback chose) less the matches' own scatter in quadrature, where at least
+:data:`MIN_LOCAL_MATCHES` held-out matches lie there; elsewhere the node is *unmeasured* (NaN): no match says how well the field fits,
 it extrapolates from further away.
 
 **Local exclusion** (:func:`registration_exclusions`), per accepted pair, on the tiles of

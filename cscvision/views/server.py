@@ -251,6 +251,8 @@ class Catalogue:
                     "threshold": entry.threshold(name),
                     "thresholded": entry.thresholded(name),
                     "unit": entry.summary["targets"][name].get("unit", ""),
+                    # the span the map is drawn over; its slider runs over it as 0-1
+                    "value_range": entry.summary["targets"][name].get("value_range"),
                     "color": "#" + "".join(f"{c:02x}" for c in maps.colors[name]),
                     "values": _json_grid(maps.raw.get(name, maps.maps[name])),
                 }

@@ -71,6 +71,11 @@
     box.appendChild(sw); box.appendChild(toggle);
     // a trust layer's slider runs over its display range (OOD 0-2 x p99 shown as 0-1)
     var name = t.trust ? t.name + " [" + t.unit + "; slider over its display range] " : t.name + " ";
+    if (!t.trust && t.value_range && (t.value_range[0] !== 0 || t.value_range[1] !== 1)) {
+      // a density or score map: its slider runs over the drawn span, shown in its unit
+      name = t.name + " [" + t.value_range[0].toFixed(0) + "–" + t.value_range[1].toFixed(0) +
+        " " + (t.unit || "") + "; slider over this span] ";
+    }
     box.appendChild(el("label", { "for": toggle.id }, name));
     // a map without a threshold (regression, MIL percentiles) draws an outline only on asking
     box.appendChild(document.createTextNode(t.thresholded === false ? "outline at " : "threshold "));
