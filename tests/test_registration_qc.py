@@ -104,6 +104,17 @@ def test_unmeasured_tiles_are_excluded_only_on_a_warned_pair():
     over, unmeasured = registration_exclusions(reg("warn"), centres)
     assert over.tolist() == [False, True, False] and unmeasured.tolist() == [False, False, True]
     assert not np.any(registration_exclusions(reg("", ok=False), centres))
+    # the JSON form keeps only the measured nodes' box, and reads back the same
+    from cscvision.labels.registration_qc import local_to_json
+
+    full = np.full((6, 8), np.nan)
+    full[2, 3], full[3, 5] = 4.0, 30.0
+    saved = local_to_json({"step_um": 100.0, "median_um": full})
+    assert saved["origin"] == [2, 3] and np.shape(saved["median_um"]) == (2, 3)
+    pts = np.array([[300.0, 200.0], [500.0, 300.0], [0.0, 0.0], [9e9, 9e9]])
+    np.testing.assert_array_equal(local_error_at(saved, pts), [4.0, 30.0, np.nan, np.nan])
+    empty = local_to_json({"step_um": 100.0, "median_um": np.full((3, 3), np.nan)})
+    assert np.isnan(local_error_at(empty, pts)).all()
     # no grid at all (too few dense matches): unmeasured everywhere, so a warned pair loses
     # every tile and a passing one none (review: a warned pair without a grid lost none)
     bare = SimpleNamespace(ok=True, qc="warn", params={}, error_detail={})

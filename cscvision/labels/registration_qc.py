@@ -11,8 +11,8 @@ what to look at.
 (H&E) level-0 µm, each node gets the median held-out residual of the matches within
 ``radius_um`` (the field's smoothing: ``flow_smooth_um``, 160 µm, or the wider one its
 fallback chose) less the matches' own scatter in quadrature, where at least
-:data:`MIN_LOCAL_MATCHES` held-out matches lie there; elsewhere the node is *unmeasured* (NaN): no match says how well the field fits,
-it extrapolates from further away.
+:data:`MIN_LOCAL_MATCHES` held-out matches lie there; elsewhere the node is *unmeasured*
+(NaN): no match says how well the field fits, it extrapolates from further away.
 
 **Local exclusion** (:func:`registration_exclusions`), per accepted pair, on the tiles of
 the H&E grid: a tile (at its centre) is excluded (``valid = 0``, reason recorded) when
@@ -61,10 +61,15 @@ def local_error_grid(src_um: np.ndarray, lengths: np.ndarray, extent_um: tuple[f
 
 
 def local_to_json(local: dict) -> dict:
-    """A local error grid with its array as nested lists (None where unmeasured)."""
-    g = np.round(local["median_um"].astype(np.float64), 2)
-    values = [[None if not np.isfinite(v) else float(v) for v in row] for row in g]
-    return {**local, "median_um": values}
+    """A local error grid with its array as nested lists (None where unmeasured), cropped to
+    the measured nodes: ``origin`` (row, col) of the crop in the full grid of ``shape``
+    (a whole scan's grid is mostly glass: uncropped, 3-14 MB of nulls per pair)."""
+    g = np.round(np.asarray(local["median_um"], np.float64), 2)
+    rows, cols = np.flatnonzero(np.isfinite(g).any(1)), np.flatnonzero(np.isfinite(g).any(0))
+    r0, c0 = (int(rows[0]), int(cols[0])) if len(rows) else (0, 0)
+    crop = g[r0 : rows[-1] + 1, c0 : cols[-1] + 1] if len(rows) else g[:0, :0]
+    values = [[None if not np.isfinite(v) else float(v) for v in row] for row in crop]
+    return {**local, "median_um": values, "origin": [r0, c0], "shape": list(g.shape)}
 
 
 def local_error_at(local: dict | None, xy_um: np.ndarray) -> np.ndarray:
@@ -74,10 +79,16 @@ def local_error_at(local: dict | None, xy_um: np.ndarray) -> np.ndarray:
     if not local or local.get("median_um") is None:
         return np.full(len(xy), np.nan)
     g = np.asarray(local["median_um"], np.float64)  # None (JSON) -> NaN
+    g = g if g.ndim == 2 else np.zeros((0, 0))  # nothing measured: an empty crop
+    rows, cols = local.get("shape", g.shape)
+    r0, c0 = local.get("origin", (0, 0))
     step = float(local["step_um"])
-    c = np.clip(np.round(xy[:, 0] / step).astype(int), 0, g.shape[1] - 1)
-    r = np.clip(np.round(xy[:, 1] / step).astype(int), 0, g.shape[0] - 1)
-    return g[r, c]
+    r = np.clip(np.round(xy[:, 1] / step).astype(int), 0, rows - 1) - r0
+    c = np.clip(np.round(xy[:, 0] / step).astype(int), 0, cols - 1) - c0
+    inside = (r >= 0) & (r < g.shape[0]) & (c >= 0) & (c < g.shape[1])
+    out = np.full(len(xy), np.nan)
+    out[inside] = g[r[inside], c[inside]]
+    return out
 
 
 def verdict(p90_um: float | None, bound_um: float) -> tuple[str, str]:
