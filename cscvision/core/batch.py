@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from cscvision.core.guard import Interrupted, SlideBusy, interrupt_on_signals, item_lock, table_lock
+from cscvision.core.guard import (
+    Interrupted,
+    SlideBusy,
+    interrupt_on_signals,
+    item_lock,
+    raise_lost_signal,
+    table_lock,
+)
 from cscvision.core.io import read_csv, write_csv
 from cscvision.core.names import check_distinct, check_name
 
@@ -113,6 +120,7 @@ def run_items(
     with interrupt_on_signals():
         try:
             for item in bar:
+                raise_lost_signal()  # a signal a finalizer swallowed stops the batch here
                 bar.set_postfix_str(item.slide_id)
                 report.in_progress = item.slide_id
                 existed = os.path.lexists(item.slide_path)
@@ -123,6 +131,7 @@ def run_items(
                                           reason(item, e, existed)))  # fmt: skip
                     if on_error is not None:
                         on_error(item, e)
+            raise_lost_signal()
             report.in_progress = None
         except Interrupted as e:
             report.interrupted = e.signum

@@ -9,7 +9,6 @@ are removed) and the batch writes its tables for what finished.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import signal
 import sys
@@ -25,7 +24,6 @@ from cscvision.core.errors import CscvisionError
 LOCK_FILE = ".cscvision.lock"
 TABLES_LOCK_FILE = ".cscvision-tables.lock"
 RUN_LOCK_FILE = ".cscvision-run.lock"
-REDELIVER_S = 0.01  # a lost signal is delivered again after this (seconds)
 
 
 class SlideBusy(CscvisionError):
@@ -109,35 +107,41 @@ def table_lock(path: str | Path) -> Iterator[None]:
         yield
 
 
+_LOST: list[int] = []  # signals whose Interrupted a finalizer swallowed, not yet raised
+
+
+def raise_lost_signal() -> None:
+    """Raise :class:`Interrupted` for a signal whose exception was lost (raised inside a
+    finalizer or a weakref callback, where Python prints "Exception ignored" and goes on).
+    Batch loops call it between items (:func:`cscvision.core.batch.run_items`); blocks of
+    :func:`interrupt_on_signals` call it as they end. Not from a thread, a timer or the
+    hook itself: a handler run there would be lost the same way, and a thread started
+    from a finalizer can deadlock on the lock the collected code held."""
+    if _LOST:
+        signum = _LOST[0]
+        _LOST.clear()
+        raise Interrupted(signum)
+
+
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Interrupted` and SIGINT raises it too
-    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op.
-
-    A signal whose exception was lost (raised inside a finalizer or a weakref callback,
-    where Python prints "Exception ignored" and goes on) is delivered again a moment later
-    from a timer thread, so the run stops where it is rather than at its end; if the block
-    ends first, :class:`Interrupted` is raised as it ends."""
+    (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op. A signal whose
+    exception was lost is noted and raised at the next item of a batch or when the block
+    ends (:func:`raise_lost_signal`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    lost: list[int] = []
-    timers: list[threading.Timer] = []
     previous_hook = sys.unraisablehook
 
     def handler(signum: int, _frame: object) -> None:
-        lost.clear()  # delivered; if this raise is lost too, the hook notes it again
         raise Interrupted(signum)
 
     def unraisable(info: Any) -> None:
-        if not isinstance(info.exc_value, Interrupted):
+        if isinstance(info.exc_value, Interrupted):
+            _LOST.append(info.exc_value.signum)
+        else:
             previous_hook(info)
-            return
-        lost.append(info.exc_value.signum)
-        # not from here: a handler run inside this hook would be lost the same way
-        timer = threading.Timer(REDELIVER_S, _thread.interrupt_main, (lost[-1],))
-        timers.append(timer)
-        timer.start()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     sys.unraisablehook = unraisable
@@ -147,10 +151,7 @@ def interrupt_on_signals() -> Iterator[None]:
         for s, h in old.items():
             signal.signal(s, h)
         sys.unraisablehook = previous_hook
-        for timer in timers:
-            timer.cancel()
-    if lost:  # reached only when the block ended without an exception
-        raise Interrupted(lost[0])
+    raise_lost_signal()  # reached only when the block ended without an exception
 
 
 @contextlib.contextmanager
