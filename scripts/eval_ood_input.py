@@ -22,16 +22,20 @@ slides per group make each verdict an anecdote.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from cscvision.cli.demo_pipeline import DEMO_CONFIG, _cohort
 from cscvision.labels.annotations import DEFAULT_CLASS_MAP, ClassMap
 from cscvision.labels.cohort import read_cohort
 from cscvision.models.export import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_ood_rule import print_aurocs
+
 from cscvision.models.kinds import kind_of_config, resolve
 from cscvision.models.ood import (
     collect_features,
@@ -114,14 +118,7 @@ def main() -> None:
                 share = float(np.mean(score > tile))
                 verdict = "FLAGGED" if share > limit else "not flagged"
                 print(f"  {name:8s} {sid:26s} {len(score):5d} tiles, {share:6.1%} -> {verdict}")
-    for id_group in args.id_group:
-        ref = np.concatenate([s for _, s in groups[id_group]])
-        for name, slides in groups.items():
-            if name != id_group:
-                other = np.concatenate([s for _, s in slides])
-                y = np.r_[np.zeros(len(ref)), np.ones(len(other))]
-                auc = roc_auc_score(y, np.r_[ref, other])
-                print(f"tile AUROC of the OOD score, {name} vs {id_group}: {auc:.3f}")
+    print_aurocs(groups, args.id_group)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,14 @@ def main() -> None:
                 verdict = "FLAGGED" if share > limit else "not flagged"
                 print(f"  {group:8s} {sid:26s} {len(score):5d} tiles, {share:6.1%} beyond "
                       f"-> {verdict}")  # fmt: skip
-    for id_group in args.id_group:
-        ref = np.concatenate([s for _, s in raw[id_group]])
-        for group, slides in raw.items():
+    print_aurocs(raw, args.id_group)
+
+
+def print_aurocs(groups: dict, id_groups: list[str]) -> None:
+    """Tile AUROC of the OOD score of every group against each of ``id_groups``."""
+    for id_group in id_groups:
+        ref = np.concatenate([s for _, s in groups[id_group]])
+        for group, slides in groups.items():
             if group != id_group:
                 other = np.concatenate([s for _, s in slides])
                 y = np.r_[np.zeros(len(ref)), np.ones(len(other))]
