@@ -101,15 +101,20 @@ def score_pairs(manifest: dict, labels: Path) -> list[dict]:
     return rows
 
 
+def labelled_slides(manifest: dict, labels: Path):
+    """(slide id, manifest entry, label table path, table) of every slide ``labels`` holds a
+    table of."""
+    for slide_id, entry in manifest.items():
+        path = table_path(labels, slide_id)
+        if path.exists():
+            yield slide_id, entry, path, read_label_table(path)
+
+
 def score_labels(manifest: dict, labels: Path, min_ihc: float) -> dict:
     ys = {t: [] for t in BITS}
     ss = {t: [] for t in BITS}
     excl = {"tool": 0, "truth": 0, "both": 0, "tiles": 0}
-    for slide_id, entry in manifest.items():
-        path = table_path(labels, slide_id)
-        if not path.exists():
-            continue
-        table = read_label_table(path)
+    for _, entry, _, table in labelled_slides(manifest, labels):
         pm = read_point_map(pointmap_path(entry["pairs"][0][1]))
         truth = tile_truth(pm, table, min_ihc)
         for _, ihc in entry["pairs"][1:]:  # a tile is excluded when any marker misses it
@@ -140,11 +145,7 @@ def score_qc(manifest: dict, labels: Path, bad_um: float = 10.0) -> dict:
     against tiles whose TRUE local error (median over the tile's points, worst accepted
     marker) exceeds ``bad_um``, among tiles valid or excluded for the registration only."""
     out = {"tiles": 0, "bad": 0, "caught": 0, "lost": 0}
-    for slide_id, entry in manifest.items():
-        path = table_path(labels, slide_id)
-        if not path.exists():
-            continue
-        table = read_label_table(path)
+    for slide_id, entry, path, table in labelled_slides(manifest, labels):
         record = read_sidecar(path)["provenance"].get("excluded_for_registration", {})
         done = {tuple(xy) for xy in record.get("xy_l0", [])}
         by_reg = np.array([tuple(xy) in done for xy in table.xy_l0.tolist()], bool)
