@@ -160,13 +160,14 @@ def test_head_learns_separable_features():
 
 @pytest.mark.slow
 def test_linear_head_on_demo_cnn_features_reaches_auroc_09_on_held_out_patients(tmp_path):
-    """The issue's figure: the demo cohort, ``cscvision features`` with the demo-cnn test
-    encoder, then a linear head (``configs/cpu_head_demo.yaml``): held-out tile AUROC ≥ 0.9
-    on both targets (scripts/proof_heads.py prints the same run)."""
+    """The issue's road at a third of the demo's size: ``cscvision features`` with the
+    demo-cnn test encoder, then a linear head (``configs/cpu_head_demo.yaml``), held-out tile
+    AUROC ≥ 0.9 on both targets (0.99 on seeds 1-3). Seed 1: every slide is new to the
+    encoder too. scripts/proof_heads.py prints the demo-sized run (16 slides, 4096 px)."""
     from cscvision.synth import write_cohort
 
     root = Path(__file__).resolve().parents[1]
-    cohort = write_cohort(tmp_path / "cohort", n_slides=16, n_patients=8, size_px=4096, seed=0)
+    cohort = write_cohort(tmp_path / "cohort", n_slides=8, n_patients=8, size_px=3072, seed=1)
     weights = root / "models" / "demo-synthetic" / "model.safetensors"
     flags = ["--encoder", "demo-cnn", "--weights", str(weights), "--threads", "1"]
     assert main(["features", str(cohort), *flags, "--out", str(tmp_path / "features")]) == 0
