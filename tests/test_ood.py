@@ -260,3 +260,45 @@ def test_out_of_fold_scores_fit_on_one_set_and_score_another():
     for i in range(3):
         rest = np.concatenate([f for j, f in enumerate(fit) if j != i])
         np.testing.assert_allclose(got[i], ood_scores_of(fit_gaussians(rest), tissue[i]), rtol=1e-5)
+
+
+def test_out_of_fold_scores_stream_one_slide_at_a_time():
+    """The fold Gaussians are fitted first, then the slides to score are read one at a time:
+    the generator finds every slide it made before dropped (a dead weak reference) when it
+    makes the next, and the scores equal a direct computation: each slide against the
+    Gaussian (with its groups) fitted on the other patients' fit features only, both
+    slides of patient "b" left out together (5 patients → 5 folds, one patient each)."""
+    import weakref
+
+    from cscvision.training.ood import held_out_scores
+
+    rng = np.random.default_rng(7)
+    patients = ["a", "b", "b", "c", "d", "e", "a"]
+    fit = [rng.normal(i % 3, 1 + i / 4, (40, 3)) for i in range(7)]
+    groups = [np.repeat([0, 1], 20) for _ in range(7)]
+    tissue = [rng.normal(i % 2, 2, (30 + i, 3)).astype(np.float32) for i in range(7)]
+    tissue[4] = np.zeros((0, 3), np.float32)  # a slide with no tissue tiles scores empty
+    made: list[weakref.ref] = []
+    alive_when_reading: list[int] = []
+
+    def read():
+        for x in tissue:
+            alive_when_reading.append(sum(r() is not None for r in made))
+            copy = x.copy()  # the test's list keeps the original, the scorer gets a copy
+            made.append(weakref.ref(copy))
+            yield copy
+            del copy
+
+    got = held_out_scores(fit, patients, score=read(), groups=groups)
+    assert alive_when_reading == [0] * 7
+    assert all(r() is None for r in made)
+    for i, p in enumerate(patients):
+        rest = [j for j, q in enumerate(patients) if q != p]
+        record = fit_gaussians(
+            np.concatenate([fit[j] for j in rest]), np.concatenate([groups[j] for j in rest])
+        )
+        assert record.means.shape[0] == 2
+        want = ood_scores_of(record, tissue[i]) if len(tissue[i]) else np.zeros(0, np.float32)
+        np.testing.assert_array_equal(got[i], want)
+    with pytest.raises(ValueError, match="6 slides to score, 7 fitted"):
+        held_out_scores(fit, patients, score=iter(tissue[:6]))

@@ -210,11 +210,12 @@ class OODScorer:
 
 
 def ood_scores_of(record: GaussianRecord, features: np.ndarray) -> np.ndarray:
-    return mahalanobis(
-        torch.as_tensor(np.asarray(features, np.float32)),
-        torch.as_tensor(record.means),
-        torch.as_tensor(record.precision),
-    ).numpy()
+    """Each row's score [N] against ``record``, in an array of its own: a kept view of
+    torch's buffer fragments the heap, and slides scored one after another then grow the
+    process by about a slide's features each (``scripts/ood_stream_memory.py``)."""
+    x = torch.as_tensor(np.asarray(features, np.float32))
+    scores = mahalanobis(x, torch.as_tensor(record.means), torch.as_tensor(record.precision))
+    return scores.numpy().copy()
 
 
 def slide_shares(scores: np.ndarray, slide_idx: np.ndarray, threshold: float) -> np.ndarray:

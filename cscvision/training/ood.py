@@ -15,9 +15,10 @@ like their own.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,30 +83,62 @@ class TrainingSlides:
     groups: Sequence[np.ndarray] | None = None
 
 
+def fold_gaussians(
+    features: Sequence[np.ndarray],
+    patients: Sequence[str],
+    *,
+    groups: Sequence[np.ndarray] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict[int, GaussianRecord]]:
+    """Each slide's patient fold (``min(5, patients)`` folds, a patient's slides in one) and
+    each fold's Gaussian, fitted on the other folds' ``features`` alone (one patient: one
+    fold, fitted on every slide); ``groups``: each slide's Gaussian groups
+    (:func:`~cscvision.models.ood.fit_gaussians`)."""
+    from cscvision.training.mil_cv import patient_folds
+
+    k = min(MAX_FOLDS, len(set(patients)))
+    folds = patient_folds(patients, k, seed) if k >= 2 else np.zeros(len(patients), int)
+    records: dict[int, GaussianRecord] = {}
+    for f in np.unique(folds).tolist():
+        rest = [i for i, g in enumerate(folds) if g != f or k < 2]
+        fold_groups = None if groups is None else np.concatenate([groups[i] for i in rest])
+        records[f] = fit_gaussians(np.concatenate([features[i] for i in rest]), fold_groups)
+    return folds, records
+
+
 def held_out_scores(
     features: Sequence[np.ndarray],
     patients: Sequence[str],
     *,
-    score: Sequence[np.ndarray] | None = None,
+    score: Iterable[np.ndarray] | None = None,
     groups: Sequence[np.ndarray] | None = None,
     seed: int = 0,
 ) -> list[np.ndarray]:
-    """Each slide's scores against Gaussians fitted on the other patient folds' ``features``
-    alone (``min(5, patients)`` folds; one patient: against the Gaussian of every slide).
-    ``score``: each slide's features to score (default: ``features`` themselves);
-    ``groups``: each slide's Gaussian groups (:func:`~cscvision.models.ood.fit_gaussians`)."""
-    from cscvision.training.mil_cv import patient_folds
+    """Each slide's scores against its fold's Gaussian (:func:`fold_gaussians`: fitted on
+    the other patient folds' ``features`` alone). ``score``: each slide's features to score,
+    in slide order (default: ``features`` themselves); the Gaussians are fitted first, then
+    ``score`` is read one slide at a time, each slide dropped once scored, so a generator
+    that reads the slides keeps one slide's features alive at a time."""
+    folds, records = fold_gaussians(features, patients, groups=groups, seed=seed)
+    out = scores_one_at_a_time(features if score is None else score, (records[f] for f in folds))
+    if len(out) != len(folds):
+        raise ValueError(f"held-out OOD scores: {len(out)} slides to score, {len(folds)} fitted")
+    return out
 
-    score = features if score is None else score
-    k = min(MAX_FOLDS, len(set(patients)))
-    folds = patient_folds(patients, k, seed) if k >= 2 else np.zeros(len(patients), int)
-    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(features)
-    for f in np.unique(folds):
-        rest = [i for i, g in enumerate(folds) if g != f or k < 2]
-        fold_groups = None if groups is None else np.concatenate([groups[i] for i in rest])
-        record = fit_gaussians(np.concatenate([features[i] for i in rest]), fold_groups)
-        for i in np.flatnonzero(folds == f):
-            out[i] = ood_scores_of(record, score[i]) if len(score[i]) else out[i]
+
+def scores_one_at_a_time(
+    slides: Iterable[np.ndarray], records: Iterable[GaussianRecord]
+) -> list[np.ndarray]:
+    """Each slide's features [N, D] scored against its record, in order (an empty slide
+    scores empty); a slide's features are dropped before the next slide's are read."""
+    records = iter(records)
+    out: list[np.ndarray] = []
+    for x in slides:
+        record = next(records, None)
+        if record is None:
+            raise ValueError(f"OOD scores: more slides than the {len(out)} records")
+        out.append(ood_scores_of(record, x) if len(x) else np.zeros(0, np.float32))
+        del x  # else the loop variable holds it while the next slide is read
     return out
 
 
@@ -165,19 +198,20 @@ def calibrate_on_slides(
     inference reads them (``settings``: the default ``infer`` flags), of the validation
     ``slides`` (scored against the fitted record) and, when given, of the ``training``
     slides of two or more patients (each patient fold scored against the Gaussian fitted
-    without it, as a new patient would be), keeping the fitted record. Returns the new
-    card; the weights and the record file are untouched."""
+    without it, as a new patient would be), keeping the fitted record. Slides are read one
+    at a time and only their scores kept. Returns the new card; the weights and the record
+    file are untouched."""
     scorer = load_ood(model_dir, card)
     if scorer is None:
         raise ValueError(f"{model_dir}: its card keeps no OOD record to calibrate")
     record = GaussianRecord(scorer.means.numpy(), scorer.precision.numpy(), 0.0)
-    feats = (_slide_features(net, card, scorer.features, ref, settings) for ref in slides)
-    val = [ood_scores_of(record, f) for f in feats if len(f)]
+    read = _slides_features(net, card, scorer.features, slides, settings)
+    val = [s for s in scores_one_at_a_time(read, itertools.repeat(record)) if len(s)]
     oof: list[np.ndarray] = []
     if training is not None and len(set(training.patients)) >= 2:
-        tissue = [_slide_features(net, card, scorer.features, r, settings) for r in training.refs]
+        read = _slides_features(net, card, scorer.features, training.refs, settings)
         scored = held_out_scores(
-            training.features, training.patients, score=tissue, groups=training.groups
+            training.features, training.patients, score=read, groups=training.groups
         )
         oof = [s for s in scored if len(s)]
     if not val + oof:
@@ -204,6 +238,18 @@ def calibrate_on_slides(
     path = Path(model_dir) / CARD_FILE
     write_json(path, {**json.loads(path.read_text()), "ood": block})
     return dataclasses.replace(card, ood=block)
+
+
+def _slides_features(
+    net: nn.Module,
+    card: ModelCard,
+    features: str,
+    refs: Sequence[SlideRef],
+    settings: ReadSettings | None,
+) -> Iterator[np.ndarray]:
+    """Each slide's OOD features in turn (:func:`_slide_features`), read when asked for."""
+    for ref in refs:
+        yield _slide_features(net, card, features, ref, settings)
 
 
 def _slide_features(
