@@ -73,14 +73,18 @@ def build_parts(work: Path, groups: dict, strengths) -> None:
             shift, name = SiteShift.at(s, part), part_group(s, part)
             groups[name] = []
             for sid, path, labels in groups["id"]:
-                out = work / name / f"{sid}-{name}.tiff"
-                if not out.exists():
-                    with open_slide(path) as sl:
-                        rgb = sl.read_region((0, 0), 0, sl.info.dimensions)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    write_pyramid(out, apply_site_shift(rgb, shift), mpp=0.5,
-                                  quality=shift.jpeg_quality)  # fmt: skip
+                out = write_shifted(path, work / name / f"{sid}-{name}.tiff", shift)
                 groups[name].append((out.stem, out, labels))
+
+
+def write_shifted(path: Path, out: Path, shift: SiteShift) -> Path:
+    """``out``: the slide ``path`` after ``shift``, written unless it exists (a cache)."""
+    if not out.exists():
+        with open_slide(path) as sl:
+            rgb = sl.read_region((0, 0), 0, sl.info.dimensions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_pyramid(out, apply_site_shift(rgb, shift), mpp=0.5, quality=shift.jpeg_quality)
+    return out
 
 
 def part_aurocs(et, score, template, strengths, norms) -> dict:
