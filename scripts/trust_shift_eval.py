@@ -45,10 +45,15 @@ def add_arguments(p) -> None:
                    "template, scored beside --model (its twin trained without one)")  # fmt: skip
     p.add_argument("--angles", action="store_true",
                    help="with --parts: Macenko fits against the true shifted stains")  # fmt: skip
+    p.add_argument("--part-list", default=",".join(PARTS),
+                   help=f"with --parts: only these parts, comma-separated (for time; default "
+                   f"{','.join(PARTS)})")  # fmt: skip
 
 
 def parts_main(et, args, score) -> None:
     """``--parts``: the shift's stain and optics parts beside it (``et``: eval_trust)."""
+    global PARTS
+    PARTS = tuple(p for p in PARTS if p in args.part_list.split(","))
     build_parts(args.work, score.groups, et.STRENGTHS[1:])
     template = None
     if args.template_model:
