@@ -80,7 +80,7 @@ from cscvision.slides.stain import (
 )
 from cscvision.slides.tilebatches import TileBatches
 from cscvision.synth import write_cohort
-from cscvision.synth.stain_shift import SiteShift, apply_site_shift
+from cscvision.synth.stain_shift import SiteShift
 from cscvision.synth.unseen import adipose_rgb
 from cscvision.testing import write_pyramid
 
@@ -111,13 +111,7 @@ def build(work: Path, n: int, size: int) -> dict[str, list[tuple[str, Path, Path
         shift, name = SiteShift.at(s), group_name(s)
         groups[name] = []
         for p in ids:
-            out = work / name / f"{p.stem}-{name}.tiff"
-            if not out.exists():
-                with open_slide(p) as sl:
-                    rgb = sl.read_region((0, 0), 0, sl.info.dimensions)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_pyramid(out, apply_site_shift(rgb, shift), mpp=0.5,
-                              quality=shift.jpeg_quality)  # fmt: skip
+            out = tse.write_shifted(p, work / name / f"{p.stem}-{name}.tiff", shift)
             groups[name].append((out.stem, out, work / "id" / f"{p.stem}_labels.png"))
     groups["unseen"] = []
     for i in range(2):

@@ -45,10 +45,15 @@ def add_arguments(p) -> None:
                    "template, scored beside --model (its twin trained without one)")  # fmt: skip
     p.add_argument("--angles", action="store_true",
                    help="with --parts: Macenko fits against the true shifted stains")  # fmt: skip
+    p.add_argument("--part-list", default=",".join(PARTS),
+                   help=f"with --parts: only these parts, comma-separated (for time; default "
+                   f"{','.join(PARTS)})")  # fmt: skip
 
 
 def parts_main(et, args, score) -> None:
     """``--parts``: the shift's stain and optics parts beside it (``et``: eval_trust)."""
+    global PARTS
+    PARTS = tuple(p for p in PARTS if p in args.part_list.split(","))
     build_parts(args.work, score.groups, et.STRENGTHS[1:])
     template = None
     if args.template_model:
@@ -73,14 +78,18 @@ def build_parts(work: Path, groups: dict, strengths) -> None:
             shift, name = SiteShift.at(s, part), part_group(s, part)
             groups[name] = []
             for sid, path, labels in groups["id"]:
-                out = work / name / f"{sid}-{name}.tiff"
-                if not out.exists():
-                    with open_slide(path) as sl:
-                        rgb = sl.read_region((0, 0), 0, sl.info.dimensions)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    write_pyramid(out, apply_site_shift(rgb, shift), mpp=0.5,
-                                  quality=shift.jpeg_quality)  # fmt: skip
+                out = write_shifted(path, work / name / f"{sid}-{name}.tiff", shift)
                 groups[name].append((out.stem, out, labels))
+
+
+def write_shifted(path: Path, out: Path, shift: SiteShift) -> Path:
+    """``out``: the slide ``path`` after ``shift``, written unless it exists (a cache)."""
+    if not out.exists():
+        with open_slide(path) as sl:
+            rgb = sl.read_region((0, 0), 0, sl.info.dimensions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_pyramid(out, apply_site_shift(rgb, shift), mpp=0.5, quality=shift.jpeg_quality)
+    return out
 
 
 def part_aurocs(et, score, template, strengths, norms) -> dict:

@@ -44,6 +44,11 @@ METHODS = ("macenko", "vahadane", "reinhard")
 # channel above beta" as Macenko's reference code: eosin absorbs little red, so that rule drops
 # pure-eosin pixels and biases the eosin vector towards haematoxylin (7° in tests/test_stain.py)
 OD_BETA = 0.15
+# stain vectors are fitted on stained pixels whose every channel's OD is at most this (8-bit
+# value >= 35): darker channels are clipped or a few 8-bit levels above 0, where one level (or
+# a JPEG error) moves the OD by 3-30 %; with haematoxylin x 2.2 those nuclei set the Macenko
+# plane (scripts/stain_fit_ablation.py: eosin 38.6 degrees off on one slide, 7.8 without them)
+OD_FIT_MAX = 2.0
 MAX_CONC_PERCENTILE = 99.0
 # Macenko's published reference (rows H, E) and its 99th-percentile concentrations
 # Ruifrok & Johnston 2001's standard H&E OD vectors (rows H, E), for comparison only
@@ -149,10 +154,23 @@ def order_he(vectors: np.ndarray) -> np.ndarray:
     return v if v[0, 0] >= v[1, 0] else v[::-1].copy()
 
 
+def fitting_od(od: np.ndarray, min_pixels: int = 100) -> np.ndarray:
+    """The tissue ODs [N, 3] stain vectors are fitted on: those no channel of which is above
+    :data:`OD_FIT_MAX` (all of them when fewer than ``min_pixels`` are)."""
+    keep = od.max(axis=1) <= OD_FIT_MAX
+    return od[keep] if keep.sum() >= min_pixels else od
+
+
 def macenko_stains(od: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     """The two stains (rows, unit length, not ordered) of tissue ODs [N, 3] by Macenko's
-    method: extreme angles in the plane of the two main principal directions."""
-    _, vecs = np.linalg.eigh(np.cov(od.T))
+    method: extreme angles in the plane of the two main singular directions of the ODs.
+
+    The plane is the SVD of the ODs themselves, as in Macenko et al. 2009 and HistomicsTK (a
+    plane through the origin, which Beer-Lambert puts every pixel on), not of their covariance
+    (the reference Matlab code and its ports): centred, a faint eosin's variance lies near the
+    noise floor and the plane's second direction was noise (``scripts/stain_fit_ablation.py``:
+    eosin 26.2 degrees off on one shifted slide, 7.5 through the origin)."""
+    _, vecs = np.linalg.eigh(od.T @ od)
     plane = vecs[:, 1:3]
     proj = od @ plane
     angle = np.arctan2(proj[:, 1], proj[:, 0])
@@ -230,8 +248,8 @@ def fit_stain(
     fit = {"macenko": macenko_stains, "vahadane": vahadane_stains}.get(method)
     if fit is None:
         raise StainError(f"stain method {method!r}: choose one of {', '.join(METHODS)}")
-    stains = order_he(fit(od, **kwargs))
-    conc = concentrations(od, stains)
+    stains = order_he(fit(fitting_od(od), **kwargs))
+    conc = concentrations(od, stains)  # every tissue pixel, as normalise_batch scales a tile
     return StainReference(
         method=method,
         stain_matrix=tuple(map(tuple, stains.tolist())),
