@@ -27,6 +27,7 @@ from cscvision.core.names import check_name
 from cscvision.labels.registration import Registration, glass_white
 from cscvision.slides.grid import GridSpec, detect_tissue, make_grid
 from cscvision.slides.slide import Slide, plan_read
+from cscvision.slides.stain import fitting_od, macenko_stains
 
 COMBINE = ("max", "mean", "min")  # any marker, the average, all markers
 OD_TISSUE = 0.05  # summed optical density over the slide's own glass under which an IHC pixel
@@ -128,24 +129,16 @@ def od(rgb: np.ndarray, white: Sequence[float] | None = None) -> np.ndarray:
 def macenko_vectors(
     rgb_pixels: np.ndarray, beta: float = 0.15, alpha: float = 1.0, white=None
 ) -> np.ndarray:
-    """Haematoxylin and DAB OD vectors (rows, unit length) by Macenko's method: the plane of
-    the two largest principal directions of the tissue ODs, and its robust extreme angles.
-    The vector with the larger blue share is DAB. Raises ValueError when too few pixels."""
+    """Haematoxylin and DAB OD vectors (rows, unit length) by Macenko's method on the pixels
+    every channel of which is above ``beta``: H&E's fit (:func:`~cscvision.slides.stain.
+    macenko_stains`, one copy for both stains). The vector with the larger blue share is
+    DAB. Raises ValueError when too few pixels or the two vectors are not distinct."""
     x = od(rgb_pixels.reshape(-1, 3), white)
     x = x[(x > beta).all(axis=1)]
     if len(x) < 100:
         raise ValueError("too few stained pixels for Macenko stain vectors")
-    _, vecs = np.linalg.eigh(np.cov(x.T))
-    plane = vecs[:, 1:3]
-    proj = x @ plane
-    angle = np.arctan2(proj[:, 1], proj[:, 0])
-    lo, hi = np.percentile(angle, (alpha, 100 - alpha))
-    v = [plane @ np.array([np.cos(a), np.sin(a)]) for a in (lo, hi)]
-    v = [u if u.sum() > 0 else -u for u in v]
-    v = [u / np.linalg.norm(u) for u in v]
+    v = macenko_stains(fitting_od(x), alpha)  # StainError is a ValueError
     h, dab = sorted(v, key=lambda u: u[2] / (u[0] + 1e-6))
-    if np.dot(h, dab) > 0.98:
-        raise ValueError("Macenko stain vectors are not distinct")
     return np.stack([h, dab])
 
 
