@@ -32,8 +32,9 @@ field's gradient (Frobenius norm of d displacement / d position, µm per µm) an
 (affine only) has no bend and no extrapolated error. The share of that tissue with an
 extrapolated error over ``qc_p90_um`` warns above ``qc_unmeasured_share``: on the
 development cohorts (seeds 77, 31, 2024 at the 1x warp; seeds 11 and 555 at 3x) the 1x
-pairs had 0-1.1 % of their tissue there, the 3x pairs with a true p90 over 10 µm
-5.8-16.3 %; 3 % lies between. Seed 556 (1x and 3x) is held out.
+pairs had 0-1.2 % of their tissue there, the 3x pairs with a true p90 over 10 µm
+6.0-16.5 % and the other 3x pairs 0.5-2.7 %; 3 % lies between (first measured on the
+point maps' tissue, 0-1.1 % against 5.8-16.3 %). Seed 556 (1x and 3x) is held out.
 
 **Local exclusion** (:func:`registration_exclusions`), per accepted pair, on the tiles of
 the H&E grid: a tile (at its centre) is excluded (``valid = 0``, reason recorded) when
