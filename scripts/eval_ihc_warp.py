@@ -7,7 +7,8 @@
 
 Reads the registrations that ``eval_ihc.py`` wrote under ``E*/labels`` (nothing re-runs) and
 prints per pair the true error and the tool's estimate (median / p90, µm) at both warps,
-estimate(3x) / estimate(1x) for the median and the p90, and both QC verdicts. The clause
+estimate(3x) / estimate(1x) for the median and the p90, the true p90's ratio beside them
+(whether the error itself grew), and both QC verdicts. The clause
 holds for a pair when the 3x estimate is >= 2x the 1x one (median or p90) or the 3x pair
 warns. Synthetic data only: the two cohorts share the seed, so the same tissue, stains and
 section cuts differ only by the warp's amplitude.
@@ -40,7 +41,8 @@ def main() -> None:
     c1, e1, c3, e3 = map(Path, sys.argv[1:])
     one, three = rows_of(c1, e1), rows_of(c3, e3)
     print("pair | 1x true median / p90 | 1x estimate | 1x QC | 3x true median / p90 | "
-          "3x estimate | 3x QC | est 3x/1x median | est 3x/1x p90 | clause")  # fmt: skip
+          "3x estimate | 3x QC | est 3x/1x median | est 3x/1x p90 | true 3x/1x p90 | "
+          "clause")  # fmt: skip
     held = 0
     for pair in sorted(one.keys() & three.keys()):
         a, b = one[pair], three[pair]
@@ -50,6 +52,7 @@ def main() -> None:
         print(f"{pair} | {a['true_median']:.1f} / {a['true_p90']:.1f} | {a['estimate']} / "
               f"{a['estimate_p90']} | {a['qc']} | {b['true_median']:.1f} / {b['true_p90']:.1f}"
               f" | {b['estimate']} / {b['estimate_p90']} | {b['qc']} | {rm:.2f} | {rp:.2f} | "
+              f"{b['true_p90'] / a['true_p90']:.2f} | "
               f"{'met' if ok else 'NOT met'}")  # fmt: skip
     print(f"clause (3x estimate >= 2x the 1x one, or 3x warns) met on {held} of "
           f"{len(one.keys() & three.keys())} pairs")  # fmt: skip
