@@ -701,7 +701,8 @@ LABEL_FLAGS = [
     ("cells", "--mpp", "0"), ("cells", "--tile-px", "4"), ("cells", "--min-tissue", "1.5"),
     ("cells", "--mask-mpp", "0"), ("cells", "--slide-mpp", "-1"), ("cells", "--threshold", "nan"),
     ("ihc", "--mpp", "0"), ("ihc", "--tile-px", "4"), ("ihc", "--slide-mpp", "0"),
-    ("ihc", "--min-tissue", "-0.5"), ("mif", "--mif-mpp", "0"), ("mif", "--expand-um", "-1"),
+    ("ihc", "--min-tissue", "-0.5"), ("ihc", "--qc-unmeasured-share", "1.5"),
+    ("mif", "--mif-mpp", "0"), ("mif", "--expand-um", "-1"),
     ("mif", "--mask-mpp", "1e9"), ("st", "--slide-mpp", "inf"),
 ]  # fmt: skip
 

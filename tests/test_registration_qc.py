@@ -178,3 +178,90 @@ def test_the_verdict_and_local_grid_survive_the_json_round_trip(bent):
     for a, b in zip(registration_exclusions(reg, centres), registration_exclusions(back, centres),
                     strict=True):  # fmt: skip
         assert a.tolist() == b.tolist()
+
+
+def _half_matched(amp_um: float):
+    """A 640 µm section under a smooth warp of ``amp_um`` * sin(x / 200 µm) in x (which an
+    80 µm field follows), with matches (1 µm noise) only where x < 400 µm: the rest is
+    tissue no match measures. Returns the real held-out error, field and local grid, the
+    tissue points and the true error there."""
+    from cscvision.labels.registration import Level, shared_tissue_um
+
+    g = np.random.default_rng(1)
+    ys, xs = np.mgrid[4:SIDE:8, 4:200:8]
+    src = (np.stack([xs.ravel(), ys.ravel()], 1) + 0.5) * F
+    warp = lambda xy: np.stack([amp_um * np.sin(xy[:, 0] / 200.0), 0 * xy[:, 0]], 1)  # noqa: E731
+    dst = src + warp(src) + g.normal(0, 1.0, src.shape)
+
+    def matcher(fixed, moving, through, max_patches, search_um, tested=None):
+        if tested is not None:
+            tested[0] += len(src)
+        return src, dst
+
+    whole = np.ones((SIDE, SIDE), bool)
+    lv = Level(np.zeros((SIDE, SIDE), np.float32), whole, np.zeros((SIDE, SIDE, 3), np.uint8), F)
+    p = RegistrationParams(flow_smooth_um=SMOOTH_UM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registration_match, "template_matches", matcher)
+        out = _errors_and_flow(lv, lv, np.eye(3), p, src, dst, 0)
+    local = out["error_detail"]["local"]
+    tissue = shared_tissue_um(lv, lv, np.eye(3), out["flow_um"], out["flow_step_um"], 32.0)
+    reg = Registration("he", "ihc", 0.5, 0.5, np.eye(3), False, 0.0, len(src), len(src), {},
+                       0.9, True, 0.5, "", out["flow_um"], out["flow_step_um"])  # fmt: skip
+    true = np.linalg.norm(reg.map_um(tissue) - (tissue + warp(tissue)), axis=1)
+    return out, local, tissue, true
+
+
+@pytest.mark.parametrize("amp_um", [4.0, 40.0])
+def test_unmeasured_tissue_far_off_warns_though_the_held_out_p90_passes(amp_um):
+    """Known answer: the field carries its last measured values flat into the unmatched
+    third; under a 40 µm warp the true error there exceeds 10 µm on > 3 % of the tissue,
+    under a 4 µm one nowhere. The held-out p90 (matches only) passes both: the old rule."""
+    from cscvision.labels.registration_qc import extrapolated_error, verdict
+
+    out, local, tissue, true = _half_matched(amp_um)
+    assert out["error_um"]["p90"] < 10.0  # the matched part is followed
+    assert verdict(out["error_um"]["p90"], 10.0)[0] == "pass"  # the rule before
+    far = extrapolated_error(local, out["flow_um"], out["flow_step_um"], tissue, 10.0)
+    truly_far = float((true > 10.0).mean())
+    assert 0.2 < far["unmeasured_share"] < 0.3  # x 480-640 µm: matches to 400, radius 80
+    qc, why = verdict(out["error_um"]["p90"], 10.0, far, 0.03)
+    if amp_um > 10:
+        assert truly_far > 0.03 and far["over_share"] > 0.03, (truly_far, far)
+        assert qc == "warn" and "--qc-unmeasured-share" in why
+    else:
+        assert truly_far == 0.0 and far["over_share"] == 0.0
+        assert qc == "pass"
+
+
+def test_extrapolated_error_is_bend_times_distance():
+    """Hand-computed: a field bending 0.1 µm/µm, nodes measured in columns 0-20 of 41
+    (32 µm apart): unmeasured column c lies (c - 20) * 32 µm off, extrapolated 3.2 (c - 20)
+    µm, over 10 µm from c = 24: 17 of 41 columns."""
+    from cscvision.labels.registration_qc import extrapolated_error
+
+    grid = np.full((21, 41), np.nan)
+    grid[:, :21] = 3.0
+    local = {"step_um": 32.0, "median_um": grid}
+    rr, cc = np.mgrid[0:33, 0:41]  # the field every 40 µm over 1600 x 1280 µm
+    flow = np.stack([0.1 * cc * 40.0, 0 * rr]).astype(np.float32)
+    r, c = np.mgrid[0:21, 0:41]
+    nodes = np.stack([c.ravel(), r.ravel()], 1) * 32.0
+    far = extrapolated_error(local, flow, 40.0, nodes, 10.0)
+    assert far["bend_p90"] == pytest.approx(0.1, abs=1e-4)
+    assert far["unmeasured_share"] == pytest.approx(20 / 41, abs=1e-3)
+    assert far["over_share"] == pytest.approx(17 / 41, abs=1e-3)
+    assert extrapolated_error(local, None, 0.0, nodes, 10.0)["over_share"] == 0.0
+
+
+def test_shared_tissue_drops_a_missing_piece_but_not_a_pale_edge():
+    from cscvision.labels.registration import Level, shared_tissue_um
+
+    fixed = np.ones((SIDE, SIDE), bool)
+    moving = fixed.copy()
+    moving[:, 200:] = False  # IHC tissue stops at x = 400 µm
+    blank = np.zeros((SIDE, SIDE), np.float32)
+    lv = [Level(blank, k, np.zeros((SIDE, SIDE, 3), np.uint8), F) for k in (fixed, moving)]
+    xs = np.unique(shared_tissue_um(lv[0], lv[1], np.eye(3), None, 0.0, 16.0)[:, 0])
+    # the last tissue pixel is centred at 399 µm: 416 lies within two 16 µm steps, 432 not
+    assert xs.max() == pytest.approx(416.0)

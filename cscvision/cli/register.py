@@ -45,6 +45,10 @@ def add_registration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qc-p90-um", type=float, default=10.0,
                         help="an accepted pair whose estimated error p90 is above this gets "
                         "QC 'warn' (kept, never refused for it; default 10)")  # fmt: skip
+    parser.add_argument("--qc-unmeasured-share", type=float, default=0.03,
+                        help="... or when more than this share of the tissue has no held-out "
+                        "match near it and an error extrapolated from the field's bend over "
+                        "--qc-p90-um (default 0.03)")  # fmt: skip
     parser.add_argument("--max-local-error-um", type=float, default=20.0,
                         help="labels ihc: tiles where the local held-out registration error "
                         "is above this get valid = 0, and on a warned pair the tiles with "
@@ -105,6 +109,7 @@ class RegistrationFlags(Flags):
     fine_um: float = Field(2.0, gt=0, le=1000)
     max_error_um: float = Field(50.0, gt=0)
     qc_p90_um: float = Field(10.0, gt=0)
+    qc_unmeasured_share: float = Field(0.03, ge=0, le=1)
     max_local_error_um: float = Field(20.0, gt=0)
     flow_smooth_um: float = Field(160.0, gt=0)
     max_stretch: float = Field(1.25, ge=1)
@@ -126,6 +131,7 @@ def registration_params(args: argparse.Namespace):
     return RegistrationParams(
         max_error_um=args.max_error_um,
         qc_p90_um=args.qc_p90_um,
+        qc_unmeasured_share=args.qc_unmeasured_share,
         max_local_error_um=args.max_local_error_um,
         min_inliers=args.min_inliers,
         fine_um=args.fine_um,

@@ -33,7 +33,14 @@ from skimage import color, filters, measure, transform
 
 from cscvision.core.errors import CscvisionError
 from cscvision.labels.registration_match import patch_centres, warp_to_fixed
-from cscvision.labels.registration_qc import deformation, local_error_grid, local_to_json, verdict
+from cscvision.labels.registration_qc import (
+    LOCAL_STEP_UM,
+    deformation,
+    extrapolated_error,
+    local_error_grid,
+    local_to_json,
+    verdict,
+)
 from cscvision.slides.slide import SlideReader
 from cscvision.slides.tissue import optical_density
 
@@ -58,6 +65,7 @@ class RegistrationParams:
     min_final_agreement: float = 0.08
     max_error_um: float = 50.0  # p90 of the held-out error above this fails
     qc_p90_um: float = 10.0  # an accepted pair whose estimated p90 is above this warns
+    qc_unmeasured_share: float = 0.03  # ... or whose tissue is this far extrapolated beyond it
     max_local_error_um: float = 20.0  # tiles where the local error is above it: valid = 0
     min_dice: float = 0.5  # tissue overlap once registered
     max_stretch: float = 1.25  # the affine may scale or shear by at most this factor
@@ -450,7 +458,42 @@ def register_levels(fixed: list[Level], moving: list[Level], p: RegistrationPara
     if not out["ok"]:
         out["flow_um"], out["flow_step_um"] = None, 0.0
     else:
-        out["qc"], out["qc_reason"] = verdict(out["error_um"]["p90"], p.qc_p90_um)
+        local = out["error_detail"].get("local")
+        tissue = shared_tissue_um(ff, mf, m, out["flow_um"], out["flow_step_um"],
+                                  float(local["step_um"]) if local else LOCAL_STEP_UM)  # fmt: skip
+        far = extrapolated_error(local, out["flow_um"], out["flow_step_um"], tissue, p.qc_p90_um)
+        out["error_detail"]["extrapolated"] = far
+        out["qc"], out["qc_reason"] = verdict(out["error_um"]["p90"], p.qc_p90_um, far,
+                                              p.qc_unmeasured_share)  # fmt: skip
+    return out
+
+
+def shared_tissue_um(fixed: Level, moving: Level, m: np.ndarray, flow_um: np.ndarray | None,
+                     flow_step_um: float, step_um: float) -> np.ndarray:  # fmt: skip
+    """Fixed level-0 µm points on a ``step_um`` grid over tissue of ``fixed`` that the
+    transform (affine ``m`` in µm, plus the field) puts on or within two grid steps of
+    tissue of ``moving`` (a section's pale edge, which its mask misses and a warp the field
+    does not follow moves by tens of µm, still counts; a missing piece does not)."""
+    h, w = fixed.mask.shape
+    rr, cc = np.mgrid[0 : int(h * fixed.mpp / step_um) + 1, 0 : int(w * fixed.mpp / step_um) + 1]
+    xy = np.stack([cc.ravel(), rr.ravel()], 1) * step_um
+    xy = xy[_on(fixed, xy)]
+    moved = _apply(m, xy)
+    if flow_um is not None:
+        g = (xy / flow_step_um).T[::-1]
+        moved += np.stack([ndimage.map_coordinates(flow_um[k], g, order=1, mode="nearest")
+                           for k in (0, 1)], 1)  # fmt: skip
+    near = ndimage.distance_transform_edt(~moving.mask) * moving.mpp <= 2 * step_um
+    return xy[_on(dataclasses.replace(moving, mask=near), moved)]
+
+
+def _on(lv: Level, xy_um: np.ndarray) -> np.ndarray:
+    """Whether each level-0 µm point lies on the level's tissue mask."""
+    idx = np.round(xy_um / lv.mpp - 0.5).astype(int)
+    h, w = lv.mask.shape
+    inside = (idx[:, 0] >= 0) & (idx[:, 0] < w) & (idx[:, 1] >= 0) & (idx[:, 1] < h)
+    out = np.zeros(len(xy_um), bool)
+    out[inside] = lv.mask[idx[inside, 1], idx[inside, 0]]
     return out
 
 
