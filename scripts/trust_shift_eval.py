@@ -32,7 +32,8 @@ from cscvision.slides.stain import angle_deg, fit_stain
 from cscvision.synth.stain_shift import SiteShift, apply_site_shift, rotate_stains
 from cscvision.testing import write_pyramid
 
-PARTS = ("all", "stain", "optics")
+ALL_PARTS = ("all", "stain", "optics")
+PARTS = ALL_PARTS  # the parts scored: --part-list
 TEMPLATE = "trained@template"
 
 
@@ -45,15 +46,15 @@ def add_arguments(p) -> None:
                    "template, scored beside --model (its twin trained without one)")  # fmt: skip
     p.add_argument("--angles", action="store_true",
                    help="with --parts: Macenko fits against the true shifted stains")  # fmt: skip
-    p.add_argument("--part-list", default=",".join(PARTS),
+    p.add_argument("--part-list", default=",".join(ALL_PARTS),
                    help=f"with --parts: only these parts, comma-separated (for time; default "
-                   f"{','.join(PARTS)})")  # fmt: skip
+                   f"{','.join(ALL_PARTS)})")  # fmt: skip
 
 
 def parts_main(et, args, score) -> None:
     """``--parts``: the shift's stain and optics parts beside it (``et``: eval_trust)."""
     global PARTS
-    PARTS = tuple(p for p in PARTS if p in args.part_list.split(","))
+    PARTS = chosen_parts(args.part_list)
     build_parts(args.work, score.groups, et.STRENGTHS[1:])
     template = None
     if args.template_model:
@@ -62,6 +63,16 @@ def parts_main(et, args, score) -> None:
     part_section(et, score, template)
     if args.angles:
         angle_section(et, score, args.work)
+
+
+def chosen_parts(part_list: str) -> tuple[str, ...]:
+    """The parts named in ``--part-list`` (comma-separated), in :data:`ALL_PARTS` order."""
+    wanted = part_list.split(",")
+    unknown = [p for p in wanted if p not in ALL_PARTS]
+    if unknown:
+        raise SystemExit(f"--part-list {part_list!r}: no part {', '.join(unknown)}; "
+                         f"choose among {','.join(ALL_PARTS)}")  # fmt: skip
+    return tuple(p for p in ALL_PARTS if p in wanted)
 
 
 def part_group(strength: float, part: str) -> str:
@@ -74,7 +85,7 @@ def part_group(strength: float, part: str) -> str:
 def build_parts(work: Path, groups: dict, strengths) -> None:
     """Adds the ``stain`` and ``optics`` groups to ``groups`` (slides written under ``work``)."""
     for s in strengths:
-        for part in PARTS[1:]:
+        for part in (p for p in PARTS if p != "all"):  # "all" is eval_trust's own groups
             shift, name = SiteShift.at(s, part), part_group(s, part)
             groups[name] = []
             for sid, path, labels in groups["id"]:

@@ -132,3 +132,27 @@ def test_the_optics_part_leaves_the_macenko_vectors_where_they_were(strength):
         after = np.asarray(fit_stain(out, "macenko").stain_matrix)
         angles = [angle_deg(a, b) for a, b in zip(after, before, strict=True)]
         assert (min(angles) > 8 * strength) if moved else (max(angles) < 2.0), (parts, angles)
+
+
+def test_trust_shift_eval_writes_the_slides_of_each_listed_part(tmp_path, monkeypatch):
+    """``--part-list stain`` (without ``all``) writes the stain-only slides: build_parts once
+    skipped the first listed part, taking it for ``all``, and the scoring then found no
+    ``s=1-stain`` group. A part that does not exist is refused by name."""
+    import importlib
+    from pathlib import Path
+
+    from cscvision.testing import write_pyramid
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    tse = importlib.import_module("trust_shift_eval")
+    monkeypatch.setattr(tse, "PARTS", tse.chosen_parts("stain"))
+    source = tmp_path / "id" / "P1.tiff"
+    source.parent.mkdir()
+    write_pyramid(source, np.kron(_he_image(side=16), np.ones((16, 16, 1), np.uint8)), levels=1)
+    groups = {"id": [("P1", source, tmp_path / "P1_labels.png")]}
+    tse.build_parts(tmp_path, groups, [1.0])
+    assert list(groups) == ["id", "s=1-stain"]
+    assert groups["s=1-stain"][0][1].is_file()
+    assert tse.chosen_parts("optics,all") == ("all", "optics")
+    with pytest.raises(SystemExit, match="no part stian"):
+        tse.chosen_parts("stian")
