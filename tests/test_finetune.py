@@ -94,7 +94,7 @@ def test_config_checks_name_the_key():
 def finetuned(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
     csv = write_toy_cohort(root / "toy", n_slides=4, n_patients=4, size_px=1280, seed=2)
-    extra = ("model.finetune_blocks=1", "trainer.max_epochs=1", "data.augment=flips",
+    extra = ("model.finetune_blocks=1", "trainer.max_epochs=2", "data.augment=flips",
              "model.finetune_lr_scale=0.5")  # fmt: skip
     cfg = load_config(None, head_overrides(csv, root / "a", tiny, *extra))
     return csv, root, train(cfg, progress=False)
