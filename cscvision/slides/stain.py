@@ -11,8 +11,10 @@ Stain matrices hold one unit OD vector per row, haematoxylin first: ``[[Hr, Hg, 
 Eb]]``; haematoxylin absorbs more red than eosin, which orders them (as Macenko's reference
 code does).
 
-- Macenko et al. 2009 (ISBI): the plane of the two main principal directions of the tissue
-  ODs; the stains are its robust extreme angles (percentiles ``alpha`` and ``100 - alpha``).
+- Macenko et al. 2009 (ISBI): the plane through the origin of the two main singular
+  directions of the tissue ODs; the stains are its robust extreme angles (percentiles
+  ``alpha`` and ``100 - alpha``). Stain vectors are fitted on pixels no channel of which is
+  darker than OD :data:`OD_FIT_MAX`; the amounts on every stained pixel.
 - Vahadane et al. 2016 (IEEE TMI): sparse non-negative factorisation of the tissue ODs into
   two unit stains with L1-sparse concentrations (``lam``).
 - Reinhard et al. 2001: each channel of CIE L*a*b* shifted and scaled to the reference's mean
@@ -46,8 +48,9 @@ METHODS = ("macenko", "vahadane", "reinhard")
 OD_BETA = 0.15
 # stain vectors are fitted on stained pixels whose every channel's OD is at most this (8-bit
 # value >= 35): darker channels are clipped or a few 8-bit levels above 0, where one level (or
-# a JPEG error) moves the OD by 3-30 %; with haematoxylin x 2.2 those nuclei set the Macenko
-# plane (scripts/stain_fit_ablation.py: eosin 38.6 degrees off on one slide, 7.8 without them)
+# a JPEG error) moves the OD by 0.03-0.3 (1/value); with haematoxylin x 2.2 those nuclei set
+# the Macenko plane (scripts/stain_fit_ablation.py: eosin 38.6 degrees off on one slide, 7.8
+# without them)
 OD_FIT_MAX = 2.0
 MAX_CONC_PERCENTILE = 99.0
 # Macenko's published reference (rows H, E) and its 99th-percentile concentrations
