@@ -123,6 +123,24 @@ def test_unmeasured_tiles_are_excluded_only_on_a_warned_pair():
     assert not np.any(registration_exclusions(bare, centres))
 
 
+def test_a_warned_pair_keeps_unmeasured_tiles_its_extrapolation_trusts():
+    """Known answer: nodes 100 µm apart, measured at x = 0 only; a field bending 0.05 µm/µm
+    extrapolates 5, 10, 15, 20, 25, 30 µm at x = 100...600, so with the 20 µm bound only the
+    tiles at 500 and 600 µm are excluded; no recorded bend: every unmeasured tile is."""
+    local = {"step_um": 100.0, "median_um": [[3.0] + [None] * 6]}
+    centres = np.array([[100.0 * i, 0.0] for i in range(7)])
+    detail = {"local": local, "extrapolated": {"bend_p90": 0.05}}
+    reg = SimpleNamespace(ok=True, qc="warn", params={"max_local_error_um": 20.0},
+                          error_detail=detail)  # fmt: skip
+    over, unmeasured = registration_exclusions(reg, centres)
+    assert not over.any()
+    assert unmeasured.tolist() == [False] * 5 + [True, True]
+    reg.error_detail["extrapolated"] = {"bend_p90": 0.0}
+    assert registration_exclusions(reg, centres)[1].tolist() == [False] + [True] * 6
+    reg.qc = "pass"
+    assert not np.any(registration_exclusions(reg, centres))
+
+
 @pytest.mark.parametrize("qc", ["pass", "warn"])
 def test_label_tables_record_the_tiles_excluded_for_the_registration(qc, tmp_path):
     """A tile whose local error is over the bound gets valid = 0 in the table, with the

@@ -153,11 +153,19 @@ def extrapolated_error(local: dict | None, flow_um: np.ndarray | None, flow_step
     bend = np.sqrt(sum(d * d for gk in grads for d in gk))
     at = ndimage.map_coordinates(bend, (xy[measured] / flow_step_um).T[::-1], order=1,
                                  mode="nearest")  # fmt: skip
-    distance = ndimage.distance_transform_edt(~np.isfinite(g)) * float(local["step_um"])
+    distance = distance_to_measured(g, float(local["step_um"]))
     out["bend_p90"] = round(float(np.percentile(at, 90)), 4)
     far = out["bend_p90"] * distance[idx][~measured]
     out["over_share"] = round(float((far > bound_um).sum() / len(xy)), 4)
     return out
+
+
+def distance_to_measured(grid: np.ndarray, step_um: float) -> np.ndarray:
+    """Per node of a local error grid (NaN where unmeasured), the distance (µm) to the
+    nearest measured node (0 on a measured one)."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(~np.isfinite(grid)) * step_um
 
 
 def verdict(p90_um: float | None, bound_um: float, extrapolated: dict | None = None,
@@ -197,7 +205,8 @@ def registration_exclusions(reg, centres_um: np.ndarray) -> tuple[np.ndarray, np
     ``max_local_error_um``, and excluded as unmeasured on a warned pair (module docstring).
     Two bool arrays; nothing excluded for a refused registration. A pair without a grid
     (too few dense matches for one: its error is the affine's 5-fold figure) is unmeasured
-    everywhere, so a warned one excludes every tile."""
+    everywhere, so a warned one excludes every tile; so does a warned pair whose field's
+    bend is unknown (no extrapolation recorded)."""
     n = len(centres_um)
     none = np.zeros(n, bool)
     if not reg.ok:
@@ -209,4 +218,9 @@ def registration_exclusions(reg, centres_um: np.ndarray) -> tuple[np.ndarray, np
     err = local_error_at(local, centres_um)
     over = np.nan_to_num(err, nan=0.0) > bound
     unmeasured = np.isnan(err) & (reg.qc == "warn")
+    bend = (reg.error_detail.get("extrapolated") or {}).get("bend_p90") or 0.0
+    if unmeasured.any() and bend > 0:
+        g = full_grid(local)
+        far = bend * distance_to_measured(g, float(local["step_um"]))
+        unmeasured &= far[node_index(local, np.asarray(centres_um, np.float64), g.shape)] > bound
     return over, unmeasured & ~over
