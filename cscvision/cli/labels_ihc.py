@@ -210,9 +210,9 @@ def _qc_warnings(out: Path, measure) -> list[str]:
             bound = reg.params.get("max_local_error_um")
             lines.append(
                 f"{measure.slide_id} {m.marker}: registration QC warn ({reg.qc_reason}); labels "
-                f"kept, tiles with a local error > {bound} µm or none measured excluded; check "
-                f"{out}/registration/{measure.slide_id}_{m.marker}_qc.png near tissue edges, "
-                "folds and tears"
+                f"kept, tiles with a local error (measured or extrapolated) > {bound} µm "
+                f"excluded; check {out}/registration/{measure.slide_id}_{m.marker}_qc.png "
+                "near tissue edges, folds and tears"
             )  # fmt: skip
     return lines
 

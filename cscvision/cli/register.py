@@ -52,7 +52,8 @@ def add_registration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-local-error-um", type=float, default=20.0,
                         help="labels ihc: tiles where the local held-out registration error "
                         "is above this get valid = 0, and on a warned pair the tiles with "
-                        "no local measure too (default 20)")  # fmt: skip
+                        "no local measure whose extrapolated error is above it "
+                        "(default 20)")  # fmt: skip
     parser.add_argument(
         "--min-inliers", type=int, default=12, help="fail with fewer agreeing matches (default 12)"
     )

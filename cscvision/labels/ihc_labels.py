@@ -305,8 +305,9 @@ def _table(slide_id, grid, values, cfg: MarkerConfig, spec: GridSpec, results, t
         "and tiles where the registration is unsure (excluded_for_registration)",
         "excluded_for_registration": {
             **reg_record,
-            "rule": "local held-out registration error above max_local_error_um, or no "
-            "local measure on a pair whose QC warns (cscvision.labels.registration_qc)",
+            "rule": "local held-out registration error above max_local_error_um, or, on a "
+            "pair whose QC warns, no local measure and an error extrapolated from the field's "
+            "bend above it (cscvision.labels.registration_qc)",
         },
     }
     table = LabelTable(
