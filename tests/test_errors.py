@@ -94,3 +94,37 @@ def test_a_signal_whose_exception_a_finalizer_swallowed_still_interrupts(tmp_pat
     assert seen == ["a"] and report.interrupted == signal.SIGTERM
     with interrupt_on_signals():  # nothing is left noted for the next block
         pass
+
+
+def test_a_half_built_objects_finalizer_is_not_printed_as_a_crash_after_a_stop(monkeypatch):
+    # SIGTERM cut a progress bar's __init__; its __del__ then raised AttributeError as the
+    # interrupted frames were freed, and "Exception ignored ... Traceback" reached stderr
+    import gc
+    import os
+    import signal
+    import sys
+
+    from cscvision.core.guard import interrupt_on_signals
+
+    class HalfBuilt:
+        def __init__(self, stop: bool) -> None:
+            if stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))  # the handler raises here, before `ready` is set
+            self.ready = True
+
+        def __del__(self) -> None:
+            self.ready  # noqa: B018  (AttributeError on a half-built one)
+
+    printed: list = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    with pytest.raises(Interrupted), interrupt_on_signals():
+        HalfBuilt(stop=True)
+    gc.collect()
+    assert printed == []
+    with interrupt_on_signals():  # a new block: such a finalizer error is printed again
+        obj = HalfBuilt(stop=False)
+        del obj.ready
+        del obj
+        gc.collect()
+    assert [type(i.exc_value) for i in printed] == [AttributeError]

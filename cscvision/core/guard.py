@@ -108,6 +108,7 @@ def table_lock(path: str | Path) -> Iterator[None]:
 
 
 _LOST: list[int] = []  # signals whose Interrupted a finalizer swallowed, not yet raised
+_STOPPING: list[int] = []  # signals raised as Interrupted by the current block
 
 
 def raise_lost_signal() -> None:
@@ -128,20 +129,27 @@ def interrupt_on_signals() -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Interrupted` and SIGINT raises it too
     (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op. A signal whose
     exception was lost is noted and raised at the next item of a batch or when the block
-    ends (:func:`raise_lost_signal`)."""
+    ends (:func:`raise_lost_signal`). Once a signal has stopped the block, an AttributeError
+    in a finalizer is not printed (an object the signal left half-built), there and after
+    the block, until the next block begins."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous_hook = sys.unraisablehook
+    _STOPPING.clear()
 
     def handler(signum: int, _frame: object) -> None:
+        _STOPPING.append(signum)
         raise Interrupted(signum)
 
     def unraisable(info: Any) -> None:
         if isinstance(info.exc_value, Interrupted):
             _LOST.append(info.exc_value.signum)
-        else:
+        elif not (_STOPPING and isinstance(info.exc_value, AttributeError)):
             previous_hook(info)
+        # else the echo of the stop: the finalizer of an object the signal left half-built
+        # (tqdm's __del__ on a bar whose __init__ it cut), run as the interrupted frames are
+        # freed; printed, its traceback read as a crash (a fresh-clone run, 2026-12-07)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     sys.unraisablehook = unraisable
@@ -150,7 +158,8 @@ def interrupt_on_signals() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        sys.unraisablehook = previous_hook
+        if not _STOPPING:  # else the frames are freed by the caller, after this block
+            sys.unraisablehook = previous_hook
     raise_lost_signal()  # reached only when the block ended without an exception
 
 
