@@ -129,9 +129,9 @@ def interrupt_on_signals() -> Iterator[None]:
     """Within the block SIGTERM raises :class:`Interrupted` and SIGINT raises it too
     (instead of ``KeyboardInterrupt``), in the main thread; elsewhere a no-op. A signal whose
     exception was lost is noted and raised at the next item of a batch or when the block
-    ends (:func:`raise_lost_signal`). Once a signal has stopped the block, an AttributeError
-    in a finalizer is not printed (an object the signal left half-built), there and after
-    the block, until the next block begins."""
+    ends (:func:`raise_lost_signal`). Once a signal has stopped the block, an error in a
+    finalizer is not printed (an object the signal left half-built), there and after the
+    block, until the next block begins."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -145,11 +145,11 @@ def interrupt_on_signals() -> Iterator[None]:
     def unraisable(info: Any) -> None:
         if isinstance(info.exc_value, Interrupted):
             _LOST.append(info.exc_value.signum)
-        elif not (_STOPPING and isinstance(info.exc_value, AttributeError)):
+        elif not _STOPPING:
             previous_hook(info)
-        # else the echo of the stop: the finalizer of an object the signal left half-built
-        # (tqdm's __del__ on a bar whose __init__ it cut), run as the interrupted frames are
-        # freed; printed, its traceback read as a crash (a fresh-clone run, 2026-12-07)
+        # else the echo of the stop: the finalizer of an object the signal left half-built or
+        # half-updated (seen: tqdm's __del__), run as the interrupted frames are freed;
+        # printed, its traceback read as a crash (a fresh-clone run, 2026-12-07)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     sys.unraisablehook = unraisable
