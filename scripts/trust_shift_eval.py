@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cscvision.core.io import atomic_path
 from cscvision.slides.slide import open_slide
 from cscvision.slides.slide_stains import path_stains
 from cscvision.slides.stain import angle_deg, fit_stain
@@ -94,12 +95,14 @@ def build_parts(work: Path, groups: dict, strengths) -> None:
 
 
 def write_shifted(path: Path, out: Path, shift: SiteShift) -> Path:
-    """``out``: the slide ``path`` after ``shift``, written unless it exists (a cache)."""
+    """``out``: the slide ``path`` after ``shift``, written unless it exists (a cache; written
+    atomically, so a stopped run leaves no truncated slide for the next one to reuse)."""
     if not out.exists():
         with open_slide(path) as sl:
             rgb = sl.read_region((0, 0), 0, sl.info.dimensions)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_pyramid(out, apply_site_shift(rgb, shift), mpp=0.5, quality=shift.jpeg_quality)
+        shifted = apply_site_shift(rgb, shift)
+        with atomic_path(out) as tmp:
+            write_pyramid(tmp, shifted, mpp=0.5, quality=shift.jpeg_quality)
     return out
 
 
