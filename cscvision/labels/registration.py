@@ -104,13 +104,7 @@ class Registration:
 
     def map_um(self, xy_um: np.ndarray) -> np.ndarray:
         """Fixed level-0 µm [N, 2] -> moving level-0 µm [N, 2]."""
-        xy = np.asarray(xy_um, np.float64).reshape(-1, 2)
-        out = xy @ self.matrix_um[:2, :2].T + self.matrix_um[:2, 2]
-        if self.flow_um is not None:
-            g = (xy / self.flow_step_um).T[::-1]  # (row, col): node (r, c) at (c, r) * step
-            for k in range(2):
-                out[:, k] += ndimage.map_coordinates(self.flow_um[k], g, order=1, mode="nearest")
-        return out
+        return map_points_um(self.matrix_um, self.flow_um, self.flow_step_um, xy_um)
 
     def map_l0(self, xy_l0: np.ndarray) -> np.ndarray:
         """Fixed level-0 px -> moving level-0 px (continuous coordinates)."""
@@ -230,6 +224,19 @@ def level(slide: SlideReader, mpp: float) -> Level:
 
 def _apply(m: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ m[:2, :2].T + m[:2, 2]
+
+
+def map_points_um(m: np.ndarray, flow_um: np.ndarray | None, flow_step_um: float,
+                  xy_um: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Fixed level-0 µm [N, 2] -> moving level-0 µm [N, 2] by the affine ``m`` (µm) plus the
+    field ``flow_um`` (documented grid, ``flow_step_um`` apart), when there is one."""
+    xy = np.asarray(xy_um, np.float64).reshape(-1, 2)
+    out = _apply(m, xy)
+    if flow_um is not None:
+        g = (xy / flow_step_um).T[::-1]  # (row, col): node (r, c) at (c, r) * step
+        for k in range(2):
+            out[:, k] += ndimage.map_coordinates(flow_um[k], g, order=1, mode="nearest")
+    return out
 
 
 def _ransac(src, dst, model, threshold: float, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
@@ -478,11 +485,7 @@ def shared_tissue_um(fixed: Level, moving: Level, m: np.ndarray, flow_um: np.nda
     rr, cc = np.mgrid[0 : int(h * fixed.mpp / step_um) + 1, 0 : int(w * fixed.mpp / step_um) + 1]
     xy = np.stack([cc.ravel(), rr.ravel()], 1) * step_um
     xy = xy[_on(fixed, xy)]
-    moved = _apply(m, xy)
-    if flow_um is not None:
-        g = (xy / flow_step_um).T[::-1]
-        moved += np.stack([ndimage.map_coordinates(flow_um[k], g, order=1, mode="nearest")
-                           for k in (0, 1)], 1)  # fmt: skip
+    moved = map_points_um(m, flow_um, flow_step_um, xy)
     near = ndimage.distance_transform_edt(~moving.mask) * moving.mpp <= 2 * step_um
     return xy[_on(dataclasses.replace(moving, mask=near), moved)]
 

@@ -153,19 +153,20 @@ def extrapolated_error(local: dict | None, flow_um: np.ndarray | None, flow_step
     bend = np.sqrt(sum(d * d for gk in grads for d in gk))
     at = ndimage.map_coordinates(bend, (xy[measured] / flow_step_um).T[::-1], order=1,
                                  mode="nearest")  # fmt: skip
-    distance = distance_to_measured(g, float(local["step_um"]))
     out["bend_p90"] = round(float(np.percentile(at, 90)), 4)
-    far = out["bend_p90"] * distance[idx][~measured]
+    far = extrapolated_at(local, g, out["bend_p90"], xy[~measured])
     out["over_share"] = round(float((far > bound_um).sum() / len(xy)), 4)
     return out
 
 
-def distance_to_measured(grid: np.ndarray, step_um: float) -> np.ndarray:
-    """Per node of a local error grid (NaN where unmeasured), the distance (µm) to the
-    nearest measured node (0 on a measured one)."""
+def extrapolated_at(local: dict, grid: np.ndarray, bend: float, xy_um: np.ndarray) -> np.ndarray:
+    """The extrapolated error (µm) at fixed level-0 µm points [N, 2]: ``bend`` times the
+    distance from their node of the local ``grid`` (NaN where unmeasured) to the nearest
+    measured node (0 on a measured one)."""
     from scipy import ndimage
 
-    return ndimage.distance_transform_edt(~np.isfinite(grid)) * step_um
+    distance = ndimage.distance_transform_edt(~np.isfinite(grid)) * float(local["step_um"])
+    return bend * distance[node_index(local, xy_um, grid.shape)]
 
 
 def verdict(p90_um: float | None, bound_um: float, extrapolated: dict | None = None,
@@ -220,7 +221,6 @@ def registration_exclusions(reg, centres_um: np.ndarray) -> tuple[np.ndarray, np
     unmeasured = np.isnan(err) & (reg.qc == "warn")
     bend = (reg.error_detail.get("extrapolated") or {}).get("bend_p90") or 0.0
     if unmeasured.any() and bend > 0:
-        g = full_grid(local)
-        far = bend * distance_to_measured(g, float(local["step_um"]))
-        unmeasured &= far[node_index(local, np.asarray(centres_um, np.float64), g.shape)] > bound
+        centres = np.asarray(centres_um, np.float64)
+        unmeasured &= extrapolated_at(local, full_grid(local), bend, centres) > bound
     return over, unmeasured & ~over
