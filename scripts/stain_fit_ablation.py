@@ -31,8 +31,9 @@ from cscvision.slides.slide import open_slide
 from cscvision.slides.slide_stains import SAMPLE_MPP, SAMPLE_PX, SAMPLE_SEED, SAMPLE_TILES
 from cscvision.slides.stain import (
     OD_BETA,
-    OD_FIT_MAX,
     angle_deg,
+    fitting_od,
+    macenko_stains,
     optical_density,
     order_he,
     sample_tissue_tiles,
@@ -41,8 +42,11 @@ from cscvision.synth.stain_shift import PARTS, SiteShift, rotate_stains
 
 
 def macenko(od: np.ndarray, centred: bool, alpha: float = 1.0) -> np.ndarray:
-    """Macenko's two stains (rows H, E) with the plane of the covariance or of the ODs."""
-    _, vecs = np.linalg.eigh(np.cov(od.T) if centred else od.T @ od)
+    """Macenko's two stains (rows H, E): the package's fit (the plane of the ODs) or,
+    ``centred``, the plane of their covariance that it replaced."""
+    if not centred:
+        return order_he(macenko_stains(od, alpha))
+    _, vecs = np.linalg.eigh(np.cov(od.T))
     plane = vecs[:, 1:3]
     proj = od @ plane
     angle = np.arctan2(proj[:, 1], proj[:, 0])
@@ -70,7 +74,7 @@ def one_slide(work: Path, group: str, sid: str) -> str:
         )
     od = optical_density(tiles.reshape(-1, 3))
     stained = od[np.linalg.norm(od, axis=1) > OD_BETA]
-    capped = stained[stained.max(1) <= OD_FIT_MAX]
+    capped = fitting_od(stained)
     eig, vecs = np.linalg.eigh(np.cov(stained.T))
     plane = vecs[:, 1:3]
     off = angle_deg(truth[1], plane @ (plane.T @ truth[1]))
