@@ -46,9 +46,10 @@ def add_registration_args(parser: argparse.ArgumentParser) -> None:
                         help="an accepted pair whose estimated error p90 is above this gets "
                         "QC 'warn' (kept, never refused for it; default 10)")  # fmt: skip
     parser.add_argument("--qc-unmeasured-share", type=float, default=0.03,
-                        help="... or when more than this share of the tissue has no held-out "
-                        "match near it and an error extrapolated from the field's bend over "
-                        "--qc-p90-um (default 0.03)")  # fmt: skip
+                        help="an accepted pair also gets QC 'warn' when more than this "
+                        "share of its tissue has no held-out match near it and an error, "
+                        "extrapolated from the field's bend, above --qc-p90-um "
+                        "(default 0.03)")  # fmt: skip
     parser.add_argument("--max-local-error-um", type=float, default=20.0,
                         help="labels ihc: tiles where the local held-out registration error "
                         "is above this get valid = 0, and on a warned pair the tiles with "
