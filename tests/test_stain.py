@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -132,6 +133,19 @@ def test_a_reference_round_trips_through_json():
         StainReference.from_dict({"method": "vahadane"})
 
 
+def test_the_human_model_card_names_the_template_it_carries():
+    from cscvision.models.card import ModelCard
+    from cscvision.models.readme import model_readme
+
+    ref = fit_stain(_he_image(H, E, seed=6)[0], "macenko", source="tile A")
+    h = ", ".join(f"{c:.3f}" for c in ref.stain_matrix[0])
+    card = ModelCard(name="m", backbone="small_cnn", tile_px=64, stain=ref.to_dict())
+    line = next(x for x in model_readme(card).splitlines() if "stain normalisation" in x)
+    assert "macenko, fitted on tile A" in line and f"H OD ({h})" in line
+    assert "fit version 2 (" in line
+    assert "stain normalisation: none" in model_readme(dataclasses.replace(card, stain={}))
+
+
 # --- cscvision stain on the real H&E slide ---------------------------------------------------
 
 SVS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmu_small_region.svs"
@@ -154,8 +168,15 @@ def test_stain_fit_on_a_real_slide_agrees_between_methods(tmp_path, capsys):
     for h, e in ((h1, e1), (h2, e2)):
         assert angle_deg(h, RUIFROK_HE[0]) < angle_deg(h, RUIFROK_HE[1])
         assert angle_deg(e, RUIFROK_HE[1]) < angle_deg(e, RUIFROK_HE[0])
+    assert refs["macenko"].details["fit"] == refs["vahadane"].details["fit"] == 2
     assert main(["stain", "show", str(tmp_path / "macenko.json")]) == 0
-    assert "from Ruifrok's" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "from Ruifrok's" in shown and "fit: version 2 (" in shown
+    old = json.loads((tmp_path / "macenko.json").read_text())
+    del old["details"]["fit"]  # a reference fitted before the version was kept
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["stain", "show", str(tmp_path / "old.json")]) == 0
+    assert "fit: version 1 (covariance plane" in capsys.readouterr().out
 
 
 def test_stain_cli_refuses_bad_input_with_a_message(tmp_path, capsys):

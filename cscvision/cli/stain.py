@@ -98,10 +98,14 @@ def _fit(args: argparse.Namespace) -> int:
 def _describe(ref) -> str:
     import numpy as np
 
-    from cscvision.slides.stain import RUIFROK_HE, angle_deg
+    from cscvision.slides.stain import FIT_VERSION, FIT_VERSIONS, RUIFROK_HE, angle_deg
 
     lines = [f"method: {ref.method}", f"fitted on: {ref.source or '-'}"]
     if ref.stain_matrix is not None:
+        fit = int(ref.details.get("fit", 1))
+        lines.append(f"fit: version {fit} ({FIT_VERSIONS.get(fit, 'unknown')})" + (
+            f"; cscvision stain fit now makes version {FIT_VERSION}" if fit != FIT_VERSION
+            else ""))  # fmt: skip
         for name, v, std, m in zip(("H", "E"), ref.stain_matrix, RUIFROK_HE, ref.max_concentration,
                                    strict=True):  # fmt: skip
             rgb = ", ".join(f"{c:.3f}" for c in v)

@@ -123,6 +123,7 @@ def model_readme(card: ModelCard) -> str:
         f"- input: RGB uint8 → `(x / 255 − mean) / std`, mean {list(card.mean)}, "
         f"std {list(card.std)}",
         f"- cscvision {card.cscvision_version}; load with `cscvision.load_model(DIR)`",
+        _stain_line(card),
         "",
         "## Training data",
         card.trained_on or "(not described)",
@@ -157,6 +158,28 @@ def model_readme(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _stain_line(card: ModelCard) -> str:
+    from cscvision.slides.stain import FIT_VERSIONS, StainReference
+
+    if not card.stain:
+        return "- stain normalisation: none (tiles are read as scanned)"
+    ref = StainReference.from_dict(card.stain)
+    text = (
+        f"- stain normalisation: {ref.method}, fitted on {ref.source or 'an unnamed source'}; "
+        "`infer` applies it to every tile without being asked (`model.json` → `stain`)"
+    )
+    if ref.stain_matrix is not None:
+        fit = int(ref.details.get("fit", 1))
+        rows = zip("HE", ref.stain_matrix, ref.max_concentration, strict=True)
+        vectors = "; ".join(
+            f"{n} OD ({', '.join(f'{c:.3f}' for c in v)}), 99th-percentile concentration {m:.3f}"
+            for n, v, m in rows
+        )
+        return f"{text}. {vectors}; fit version {fit} ({FIT_VERSIONS.get(fit, 'unknown')})"
+    lab = ", ".join(f"{m:.2f} ± {s:.2f}" for m, s in zip(ref.lab_mean, ref.lab_std, strict=True))
+    return f"{text}. L*a*b* mean ± sd {lab}"
 
 
 def _ood_lines(card: ModelCard) -> list[str]:

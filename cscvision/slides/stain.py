@@ -53,6 +53,15 @@ OD_BETA = 0.15
 # without them)
 OD_FIT_MAX = 2.0
 MAX_CONC_PERCENTILE = 99.0
+# which fit made a Macenko or Vahadane reference, kept in its details as "fit": 2 = stain
+# vectors on ODs <= OD_FIT_MAX, Macenko's plane through the origin (2026-12-07). References
+# without it were fitted before (covariance plane, every OD) and can sit 1-2° apart
+# on clean slides, more on faint or clipped ones (docs/explanation/trust-measured.md)
+FIT_VERSION = 2
+FIT_VERSIONS = {
+    1: "covariance plane, every stained OD; fitted before 2026-12-07",
+    2: f"Macenko plane through the origin, ODs <= {OD_FIT_MAX:g}",
+}
 # Macenko's published reference (rows H, E) and its 99th-percentile concentrations
 # Ruifrok & Johnston 2001's standard H&E OD vectors (rows H, E), for comparison only
 RUIFROK_HE = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
@@ -258,7 +267,11 @@ def fit_stain(
         stain_matrix=tuple(map(tuple, stains.tolist())),
         max_concentration=tuple(np.percentile(conc, MAX_CONC_PERCENTILE, axis=0).tolist()),
         source=source,
-        details={"pixels": len(od), **{k: v for k, v in kwargs.items() if np.isscalar(v)}},
+        details={
+            "pixels": len(od),
+            "fit": FIT_VERSION,
+            **{k: v for k, v in kwargs.items() if np.isscalar(v)},
+        },
     )
 
 
