@@ -31,13 +31,12 @@ from cscvision.labels.ihc import (
     FIXED_HD,
     Marker,
     MarkerConfig,
-    _tiles,
     dab_channel,
     deconvolution_matrix,
     od,
+    stain_sample,
     stain_setup,
 )
-from cscvision.slides.grid import detect_tissue
 from cscvision.slides.slide import open_slide
 from cscvision.slides.stain import angle_deg, fitting_od
 
@@ -45,19 +44,6 @@ from cscvision.slides.stain import angle_deg, fitting_od
 def unit(v) -> np.ndarray:
     v = np.asarray(v, np.float64)
     return v / np.linalg.norm(v)
-
-
-def sampled_rgb(slide) -> np.ndarray:
-    """stain_setup's sample of the slide's tissue pixels (RGB [N, 1, 3])."""
-    _, mask = detect_tissue(slide, 8.0)
-    tiles = list(_tiles(slide, 1.0))
-    scale = mask.shape[1] / slide.info.dimensions[0]
-    on = [t for t in tiles if mask[min(int(t[0][1] * scale), mask.shape[0] - 1),
-                                   min(int(t[0][0] * scale), mask.shape[1] - 1)]]  # fmt: skip
-    pool = on or tiles
-    rng = np.random.default_rng(0)
-    sample = [pool[i] for i in rng.choice(len(pool), min(24, len(pool)), replace=False)]
-    return np.concatenate([slide.read_tile(xy, plan).reshape(-1, 1, 3) for xy, plan in sample])
 
 
 def positive_share(rgb: np.ndarray, h: np.ndarray, dab: np.ndarray, setup: dict) -> str:
@@ -98,7 +84,7 @@ def main() -> None:
             marker = Marker(name=truth["marker"], target="t")
             with open_slide(folder / f"{truth['slide_id']}.tiff") as slide:
                 setup = stain_setup(slide, MarkerConfig(markers={marker.name: marker}), marker)
-                rgb = sampled_rgb(slide)
+                rgb = stain_sample(slide, marker)[0].reshape(-1, 1, 3)
             x = od(rgb.reshape(-1, 3), setup["white"])
             x = fitting_od(x[(x > 0.15).all(axis=1)])  # the pixels macenko_vectors fits on
             h, dab = (unit(v) for v in setup["vectors"])
