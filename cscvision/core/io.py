@@ -184,9 +184,12 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def write_png(path: str | Path, rgb: np.ndarray) -> Path:
+def write_png(path: str | Path, rgb: np.ndarray, colours: int = 0) -> Path:
+    """``rgb`` as a PNG; with ``colours`` (2-256), a palette of that many (a figure:
+    about 2.5x smaller)."""
     from PIL import Image
 
+    image = Image.fromarray(rgb)
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        (image.quantize(colours) if colours else image).save(tmp, format="PNG")
     return Path(path)
