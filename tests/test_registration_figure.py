@@ -152,3 +152,23 @@ def test_exclusion_drawn_is_the_rule_labels_ihc_applies():
     red = (panel == OVER_RGB).all(-1) | (panel == _blend(OVER_RGB)).all(-1)
     assert not (red & ~(over | far)).any()
     assert (over == (panel == _blend(OVER_RGB)).all(-1)).all()
+
+
+def test_colour_bar_survives_the_palette_png(tmp_path):
+    """Written as a 256-colour PNG over a busy thumbnail, the colour bar still reads the
+    scale: each of its pixels within 16 levels (median cut: 91) of the colour of its µm value."""
+    from PIL import Image
+
+    from cscvision.core.io import write_png
+
+    rng = np.random.default_rng(0)
+    t = rng.random((ROWS, COLS, 1))  # pink to purple, as H&E
+    rgb = np.array([235, 190, 225]) * (1 - t) + np.array([90, 40, 140]) * t
+    rgb = (rgb + rng.normal(0, 8, rgb.shape)).clip(0, 255).astype(np.uint8)
+    busy = Level(np.zeros((ROWS, COLS), np.float32), np.ones((ROWS, COLS), bool), rgb, MPP)
+    reg = _reg("warn")
+    path = write_png(tmp_path / "qc.png", qc_figure(busy, busy, reg, "S1  CD44"), colours=256)
+    fig = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    _, top, right, shape = layout(len(header_lines(reg, "S1  CD44", 900)), (ROWS, COLS))
+    bar = fig[top + shape[0] + 17, right : right + 300]
+    assert np.abs(bar - error_colours(np.linspace(0, 20.0, 300), 20.0)).max() <= 16
