@@ -172,3 +172,29 @@ def test_colour_bar_survives_the_palette_png(tmp_path):
     _, top, right, shape = layout(len(header_lines(reg, "S1  CD44", 900)), (ROWS, COLS))
     bar = fig[top + shape[0] + 17, right : right + 300]
     assert np.abs(bar - error_colours(np.linspace(0, 20.0, 300), 20.0)).max() <= 16
+
+
+def test_truth_script_pools_the_true_error_onto_the_right_nodes():
+    """``scripts/eval_qc_figure.py`` (the picture's check against the truth): a point map
+    whose truth is the identity plus x / 10 µm along x (true error x / 10 where the
+    registration is the identity, 0 on the IHC-less top rows) pools onto node (r, c) as
+    about 3.2 c, NaN above; a transposed pooling would grow with r."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    truth_script = importlib.import_module("eval_qc_figure")
+    step, rows, cols = 8.0, 32, 48  # 384 x 256 µm of points
+    rr, cc = np.mgrid[0:rows, 0:cols]
+    x, y = (cc + 0.5) * step, (rr + 0.5) * step
+    ihc = np.ones((rows, cols), np.uint8)
+    ihc[:8] = 0  # the top 64 µm: no IHC tissue, no truth
+    pm = {"step_um": step, "he_tissue": np.ones((rows, cols), np.uint8), "ihc_tissue": ihc,
+          "ihc_xy_um": np.stack([x + x / 10, y]).astype(np.float32)}  # fmt: skip
+    reg = _reg("pass")
+    truth = truth_script.true_node_grid(reg, pm, (9, 13))
+    assert np.isnan(truth[:2]).all() and np.isfinite(truth[3:, :12]).all()
+    c = np.arange(1, 12)
+    np.testing.assert_allclose(truth[4, 1:12], 3.2 * c, atol=0.5)
+    np.testing.assert_allclose(truth[3:, 5], truth[3, 5], atol=1e-6)
