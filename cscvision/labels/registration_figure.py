@@ -15,12 +15,15 @@ Three parts, top to bottom:
   (*unmeasured*) is hatched grey, and hatched red where ``labels ihc`` excludes it
   (:func:`~cscvision.labels.registration_qc.registration_exclusions`: the same rule,
   at each pixel instead of a tile centre).
+
+``fixed`` and ``moving`` are registration levels (``Level``: ``rgb``, ``mask``, ``mpp``) and
+``reg`` a ``Registration`` of :mod:`cscvision.labels.registration`, which imports this
+module (so they go untyped here, as in :mod:`~cscvision.labels.registration_qc`).
 """
 
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -28,9 +31,6 @@ from scipy import ndimage
 
 from cscvision.labels.registration_match import warp_to_fixed
 from cscvision.labels.registration_qc import local_error_at, registration_exclusions
-
-if TYPE_CHECKING:
-    from cscvision.labels.registration import Level, Registration
 
 PANEL_PX = 460  # longest side of each panel
 GAP_PX = 16
@@ -86,7 +86,7 @@ def _hatch(shape: tuple[int, int]) -> np.ndarray:
     return (xx + yy) % HATCH_PX < 2
 
 
-def error_panel(fixed: Level, reg: Registration, shape: tuple[int, int]) -> np.ndarray:
+def error_panel(fixed, reg, shape: tuple[int, int]) -> np.ndarray:
     """uint8 RGB [rows, cols, 3]: the H&E thumbnail (``fixed``: a registration level) in
     grey, its tissue coloured by the local error of ``reg`` (:func:`error_colours`),
     unmeasured tissue hatched (red where excluded), glass white."""
@@ -108,7 +108,7 @@ def error_panel(fixed: Level, reg: Registration, shape: tuple[int, int]) -> np.n
     return np.round(out).astype(np.uint8)
 
 
-def checkerboard(fixed: Level, moving: Level, reg: Registration, shape: tuple[int, int],
+def checkerboard(fixed, moving, reg, shape: tuple[int, int],
                  squares: int = 8) -> np.ndarray:  # fmt: skip
     """uint8 RGB [rows, cols, 3]: H&E and the registered IHC in alternating squares, the
     registered IHC tissue edge in green (``fixed``, ``moving``: registration levels)."""
@@ -160,12 +160,12 @@ def wrap(s: str, width_px: int, size: int = 14) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def verdict_of(reg: Registration) -> str:
+def verdict_of(reg) -> str:
     """``"pass"``, ``"warn"`` or ``"refused"``."""
     return "refused" if not reg.ok else (reg.qc or "pass")
 
 
-def header_lines(reg: Registration, title: str, width_px: int) -> list[tuple[str, int]]:
+def header_lines(reg, title: str, width_px: int) -> list[tuple[str, int]]:
     """(line, font size) of the header: title and verdict, the reason, the estimate."""
     state = verdict_of(reg)
     lines = [(f"{title}   {state.upper()}", 18)]
@@ -186,7 +186,7 @@ def header_lines(reg: Registration, title: str, width_px: int) -> list[tuple[str
     return lines
 
 
-def _legend(canvas: Image.Image, x: int, y: int, reg: Registration) -> None:
+def _legend(canvas: Image.Image, x: int, y: int, reg) -> None:
     draw = ImageDraw.Draw(canvas)
     bound = float(reg.params.get("max_local_error_um", 20.0))
     bar_w, bar_h = 300, 14
@@ -219,7 +219,7 @@ def layout(n_lines: int, fixed_shape: tuple[int, int]) -> tuple[int, int, int, t
     return head, head + GAP_PX + 20, 2 * GAP_PX + PANEL_PX, panel_shape(fixed_shape)
 
 
-def qc_figure(fixed: Level, moving: Level, reg: Registration, title: str = "") -> np.ndarray:
+def qc_figure(fixed, moving, reg, title: str = "") -> np.ndarray:
     """The QC picture (module docstring) of ``reg``, drawn from the registration levels
     ``fixed`` (H&E) and ``moving`` (IHC); ``title`` names the pair (default: the files)."""
     from pathlib import Path
