@@ -14,7 +14,8 @@ Spearman rank correlation of estimate and truth over measured nodes, and their m
 ratio; the true p90 on measured vs unmeasured nodes; and, for the nodes the picture draws
 red (estimate or extrapolation above ``--max-local-error-um``), how many truly are above
 10 µm, against the truly-above-10 µm nodes it leaves uncoloured by red, and how many of
-those it hatches (unmeasured).
+those it hatches (unmeasured); and the true p90 under orange hatching (extrapolated
+above ``--qc-p90-um``) against grey hatching.
 ``--png-out`` writes, per pair, the same panel drawn from the true node errors beside the
 tool's picture, to compare by eye. Synthetic data only.
 """
@@ -36,6 +37,7 @@ from eval_ihc import pointmap_path, true_error_map
 
 from cscvision.cli.labels_ihc import read_manifest
 from cscvision.labels.registration import Registration
+from cscvision.labels.registration_figure import extrapolated
 from cscvision.labels.registration_qc import full_grid, node_index, registration_exclusions
 from cscvision.synth.ihc_truth import read_point_map
 
@@ -74,8 +76,12 @@ def score_pair(reg: Registration, pm: dict) -> dict:
     bad = on & (truth > BAD_UM)
     rho = spearmanr(est[measured], truth[measured]).statistic if measured.sum() > 2 else np.nan
     ratio = np.median(est[measured] / np.maximum(truth[measured], 0.1)) if measured.any() else 0
-    p90 = {k: float(np.percentile(truth[m], 90)) if m.any() else float("nan")
-           for k, m in (("measured", measured), ("unmeasured", unmeasured))}  # fmt: skip
+    orange = np.zeros(est.shape, bool)  # hatched orange: extrapolated above --qc-p90-um
+    orange[rr, cc] = extrapolated(reg, np.stack([cc, rr], 1) * step) > reg.params["qc_p90_um"]
+    orange &= unmeasured
+    parts = (("measured", measured), ("unmeasured", unmeasured), ("orange", orange),
+             ("grey", unmeasured & ~orange & ~red))  # fmt: skip
+    p90 = {k: float(np.percentile(truth[m], 90)) if m.any() else float("nan") for k, m in parts}
     return {"nodes": int(on.sum()), "measured": float(measured.sum() / max(on.sum(), 1)),
             "rho": float(rho), "ratio": float(ratio), "p90": p90, "red": int(red.sum()),
             "red_bad": int((red & bad).sum()), "bad": int(bad.sum()),
@@ -111,7 +117,8 @@ def main() -> None:
     print(
         "pair | nodes | measured | Spearman est~true (measured) | est/true median | "
         f"true p90 measured / unmeasured (µm) | red nodes truly > {BAD_UM:g} µm | "
-        f"nodes truly > {BAD_UM:g} µm not red"
+        f"nodes truly > {BAD_UM:g} µm not red | of all those, hatched | "
+        "true p90 under orange / grey hatching (µm)"
     )
     for slide_id, entry in manifest.items():
         for marker, ihc in entry["pairs"]:
@@ -121,11 +128,12 @@ def main() -> None:
                 print(f"{slide_id} {marker} | refused or no grid: not scored")
                 continue
             s = score_pair(reg, read_point_map(pointmap_path(ihc)))
+            p90 = s["p90"]
             print(f"{slide_id} {marker} ({reg.qc}) | {s['nodes']} | {s['measured']:.0%} | "
-                  f"{s['rho']:.2f} | {s['ratio']:.2f} | {s['p90']['measured']:.1f} / "
-                  f"{s['p90']['unmeasured']:.1f} | {s['red_bad']} of {s['red']} | "
-                  f"{s['bad'] - s['red_bad']} of {s['bad']} | "
-                  f"{s['bad_hatched']}")  # fmt: skip
+                  f"{s['rho']:.2f} | {s['ratio']:.2f} | {p90['measured']:.1f} / "
+                  f"{p90['unmeasured']:.1f} | {s['red_bad']} of {s['red']} | "
+                  f"{s['bad'] - s['red_bad']} of {s['bad']} | {s['bad_hatched']} | "
+                  f"{p90['orange']:.1f} / {p90['grey']:.1f}")  # fmt: skip
             if args.png_out:
                 out = args.png_out / f"{slide_id}_{marker}_true_error.png"
                 truth_png(reg, s["truth"], Path(entry["slide_path"]), out)

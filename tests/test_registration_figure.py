@@ -198,3 +198,26 @@ def test_truth_script_pools_the_true_error_onto_the_right_nodes():
     c = np.arange(1, 12)
     np.testing.assert_allclose(truth[4, 1:12], 3.2 * c, atol=0.5)
     np.testing.assert_allclose(truth[3:, 5], truth[3, 5], atol=1e-6)
+
+
+@pytest.mark.parametrize(("qc", "bend"), [("pass", 0.2), ("warn", 0.4)])
+def test_unmeasured_hatching_follows_the_extrapolated_error(qc, bend):
+    """Known answer: the unmeasured corner's nodes lie 1, 2 or 3 steps (32 µm) from a
+    measured one: row 2 one step, rows 0-1 of columns 10-12 two or three. Extrapolated
+    (bend x distance): at bend 0.2 on a passed pair, 6.4 µm (grey) and 12.8-19.2 µm
+    (orange: above --qc-p90-um 10, under the exclusion bound 20); at bend 0.4 on a warned
+    pair, 12.8 µm (orange) and 25.6-38.4 µm (red: excluded)."""
+    from cscvision.labels.registration_figure import FAR_RGB
+
+    reg = _reg(qc)
+    reg.error_detail["extrapolated"] = {"bend_p90": bend}
+    reg.params["qc_p90_um"] = 10.0
+    shape = (2 * ROWS, 2 * COLS)
+    panel = error_panel(_level(), reg, shape)
+    one = _region(shape, (9 * STEP - 12, COLS * MPP), (2 * STEP - 12, 2 * STEP + 12))
+    two = _region(shape, (10 * STEP - 12, COLS * MPP), (0, STEP + 12))
+    near, far = (UNMEASURED_RGB, FAR_RGB) if qc == "pass" else (FAR_RGB, OVER_RGB)
+    for where, rgb in ((one, near), (two, far)):
+        hatched = ~(panel[where] == 234).all(-1)
+        assert 0.15 < hatched.mean() < 0.5
+        assert (panel[where][hatched] == rgb).all()

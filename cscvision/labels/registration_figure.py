@@ -12,7 +12,8 @@ Three parts, top to bottom:
   local_error_grid`, the node nearest each pixel) over the greyed H&E tissue: a colour
   ramp from 0 to ``--max-local-error-um`` (its colour bar below, in µm), red above it
   (those tiles get ``valid = 0``); tissue without a held-out match near it
-  (*unmeasured*) is hatched grey, and hatched red where ``labels ihc`` excludes it
+  (*unmeasured*) is hatched grey, orange where its extrapolated error (the QC's second
+  rule) is above ``--qc-p90-um``, and red where ``labels ihc`` excludes it
   (:func:`~cscvision.labels.registration_qc.registration_exclusions`: the same rule,
   at each pixel instead of a tile centre).
 
@@ -30,7 +31,12 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from cscvision.labels.registration_match import warp_to_fixed
-from cscvision.labels.registration_qc import local_error_at, registration_exclusions
+from cscvision.labels.registration_qc import (
+    extrapolated_at,
+    full_grid,
+    local_error_at,
+    registration_exclusions,
+)
 
 PANEL_PX = 460  # longest side of each panel
 GAP_PX = 16
@@ -39,6 +45,7 @@ LINE_PX = 22  # header line height
 VERDICT_RGB = {"pass": (200, 235, 200), "warn": (255, 204, 128), "refused": (245, 160, 160)}
 OVER_RGB = (215, 25, 28)  # local error above --max-local-error-um: excluded
 UNMEASURED_RGB = (110, 110, 110)
+FAR_RGB = (235, 130, 0)  # unmeasured, extrapolated above --qc-p90-um: what the warning counts
 EDGE_RGB = (0, 200, 0)
 # viridis at 0, 1/4, 1/2, 3/4, 1: 0 µm (dark) to --max-local-error-um (yellow)
 RAMP = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)])
@@ -104,12 +111,24 @@ def error_panel(fixed, reg, shape: tuple[int, int]) -> np.ndarray:
     out[measured] = ALPHA * colours[measured] + (1 - ALPHA) * out[measured]
     hatch = tissue & ~np.isfinite(err) & _hatch(shape)
     out[hatch] = UNMEASURED_RGB
+    qc_um = float(reg.params.get("qc_p90_um", 10.0))
+    out[hatch & (extrapolated(reg, xy).reshape(shape) > qc_um)] = FAR_RGB
     out[hatch & (far | over)] = OVER_RGB
     return np.round(out).astype(np.uint8)
 
 
-def checkerboard(fixed, moving, reg, shape: tuple[int, int],
-                 squares: int = 8) -> np.ndarray:  # fmt: skip
+def extrapolated(reg, xy_um: np.ndarray) -> np.ndarray:
+    """The extrapolated error (µm) at fixed level-0 µm points [N, 2], as the QC's second
+    rule reads it (the field's bend p90 times the distance to the nearest measured node);
+    0 where measured, without a grid or without a bend."""
+    local = reg.error_detail.get("local")
+    bend = (reg.error_detail.get("extrapolated") or {}).get("bend_p90") or 0.0
+    if not local or not bend:
+        return np.zeros(len(xy_um))
+    return extrapolated_at(local, full_grid(local), float(bend), xy_um)
+
+
+def checkerboard(fixed, moving, reg, shape: tuple[int, int], squares: int = 8) -> np.ndarray:
     """uint8 RGB [rows, cols, 3]: H&E and the registered IHC in alternating squares, the
     registered IHC tissue edge in green (``fixed``, ``moving``: registration levels)."""
     h, w = fixed.mask.shape
@@ -186,9 +205,7 @@ def header_lines(reg, title: str, width_px: int) -> list[tuple[str, int]]:
     return lines
 
 
-def _legend(canvas: Image.Image, x: int, y: int, reg) -> None:
-    draw = ImageDraw.Draw(canvas)
-    bound = float(reg.params.get("max_local_error_um", 20.0))
+def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, bound: float) -> None:
     bar_w, bar_h = 300, 14
     ramp = error_colours(np.linspace(0, bound, bar_w), bound)
     for i, rgb in enumerate(ramp):
@@ -201,15 +218,24 @@ def _legend(canvas: Image.Image, x: int, y: int, reg) -> None:
     text(draw, (x + bar_w + 40, y), f"> {bound:g} µm: excluded", 12)
     text(draw, (x, y + bar_h + 20), "estimated local error, µm (--max-local-error-um "
          f"{bound:g}: the bar's end)", 12)  # fmt: skip
+
+
+def _hatch_legend(canvas: Image.Image, x: int, y: int, reg) -> None:
+    draw = ImageDraw.Draw(canvas)
+    bound = float(reg.params.get("max_local_error_um", 20.0))
+    qc_um = float(reg.params.get("qc_p90_um", 10.0))
     radius = (reg.error_detail.get("local") or {}).get("radius_um")
     near = f"within {radius:g} µm" if radius else "near it"
-    for i, (rgb, label) in enumerate([(UNMEASURED_RGB, f"unmeasured: no held-out match {near}"),
-                                      (OVER_RGB, "unmeasured and excluded")]):  # fmt: skip
-        sy = y + bar_h + 40 + 20 * i
+    entries = [
+        (UNMEASURED_RGB, f"unmeasured tissue: no held-out match {near}"),
+        (FAR_RGB, f"... extrapolated error > {qc_um:g} µm (--qc-p90-um; the QC warning counts it)"),
+        (OVER_RGB, f"... excluded (extrapolated > {bound:g} µm on a warned pair)"),
+    ]
+    for i, (rgb, label) in enumerate(entries):
         swatch = np.full((14, 30, 3), 255, np.uint8)
         swatch[_hatch((14, 30))] = rgb
-        canvas.paste(Image.fromarray(swatch), (x, sy))
-        text(draw, (x + 36, sy), label, 12)
+        canvas.paste(Image.fromarray(swatch), (x, y + 20 * i))
+        text(draw, (x + 36, y + 20 * i), label, 12)
 
 
 def layout(n_lines: int, fixed_shape: tuple[int, int]) -> tuple[int, int, int, tuple[int, int]]:
@@ -227,7 +253,7 @@ def qc_figure(fixed, moving, reg, title: str = "") -> np.ndarray:
     title = title or f"{Path(reg.moving_path).name} onto {Path(reg.fixed_path).name}"
     lines = header_lines(reg, title, WIDTH_PX - 2 * GAP_PX)
     head, top, right, shape = layout(len(lines), fixed.mask.shape)
-    canvas = Image.new("RGB", (WIDTH_PX, top + shape[0] + 120), (255, 255, 255))
+    canvas = Image.new("RGB", (WIDTH_PX, top + shape[0] + 75), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle([0, 0, WIDTH_PX, head], fill=VERDICT_RGB[verdict_of(reg)])
     for i, (line, size) in enumerate(lines):
@@ -236,5 +262,6 @@ def qc_figure(fixed, moving, reg, title: str = "") -> np.ndarray:
     text(draw, (right, top - 20), "estimated local error on the H&E tissue", 13)
     canvas.paste(Image.fromarray(checkerboard(fixed, moving, reg, shape)), (GAP_PX, top))
     canvas.paste(Image.fromarray(error_panel(fixed, reg, shape)), (right, top))
-    _legend(canvas, right, top + shape[0] + 10, reg)
+    _colour_bar(draw, right, top + shape[0] + 10, float(reg.params.get("max_local_error_um", 20.0)))
+    _hatch_legend(canvas, GAP_PX, top + shape[0] + 10, reg)
     return np.asarray(canvas)
