@@ -191,7 +191,16 @@ def _labels_end_to_end(pair, tmp_path):
                 assert roc_auc_score(gt[table.valid], table.values[table.valid, j]) > 0.9
         geo = json.loads((out / f"{e.slide_id}.ihc.geojson").read_text())
         assert geo["features"][0]["properties"]["objectType"] == "annotation"
-    assert (out / "registration" / "SYN-P001-S01_CD44_qc.png").exists()
+    # the QC pictures' header band (its right end) is the verdict's colour
+    from cscvision.labels.registration_figure import VERDICT_RGB
+
+    def band(stem: str) -> np.ndarray:
+        rgb = np.asarray(Image.open(out / "registration" / f"{stem}_qc.png").convert("RGB"))
+        return rgb[4, -4].astype(int)
+
+    assert np.abs(band("SYN-P001-S01-bad_CD44") - VERDICT_RGB["refused"]).max() <= 8
+    verdict = json.loads((out / "registration" / "SYN-P001-S01_CD44.json").read_text())["qc"]
+    assert np.abs(band("SYN-P001-S01_CD44") - VERDICT_RGB[verdict]).max() <= 8
 
 
 def test_registration_json_round_trip_and_units():

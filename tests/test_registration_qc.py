@@ -62,13 +62,18 @@ def bent() -> Registration:
     return _register(30.0)
 
 
+@pytest.fixture(scope="module")
+def plain() -> Registration:
+    return _register(0.0)
+
+
 def _tile_centres(tile_um: float = 56.0) -> np.ndarray:
     c = np.arange(tile_um / 2, SIDE * F, tile_um)
     xx, yy = np.meshgrid(c, c)
     return np.stack([xx.ravel(), yy.ravel()], 1)
 
 
-def test_a_bent_corner_warns_and_only_its_tiles_are_excluded(bent):
+def test_a_bent_corner_warns_and_only_its_tiles_are_excluded(bent, plain):
     """Known answer: a 30 µm bend over 40 µm in one corner (16 % of the section) is beyond
     an 80 µm field: the pair warns, the tiles well inside the corner are excluded and no
     tile away from it is; an unbent pair passes and loses no tile, and its field's
@@ -82,7 +87,6 @@ def test_a_bent_corner_warns_and_only_its_tiles_are_excluded(bent):
     away = (centres < CORNER_UM - 2 * SMOOTH_UM).any(axis=1)
     assert excluded[inside].all(), local_error_at(reg.error_detail["local"], centres[inside])
     assert not excluded[away].any()
-    plain = _register(0.0)
     assert plain.qc == "pass" and plain.error_um["p90"] < 5
     assert not np.any(registration_exclusions(plain, centres))
     assert plain.deformation_um["median"] > 5  # the smooth 15 µm warp: the field follows it
@@ -183,6 +187,42 @@ def test_label_tables_record_the_tiles_excluded_for_the_registration(qc, tmp_pat
     else:
         assert len(lines) == 1 and lines[0].startswith("S CD44: registration QC warn")
         assert "p90 14.0 µm" in lines[0] and "S_CD44_qc.png" in lines[0]
+
+
+def test_qc_picture_shows_the_warned_pair_and_its_bent_corner(bent, plain, tmp_path):
+    """The PNG as written (a 256-colour palette): a warned pair's header is amber and its
+    bent bottom-right corner red (local error over --max-local-error-um) or hatched red;
+    the passed pair's header is green and its panel has no red at all."""
+    from PIL import Image
+
+    from cscvision.core.io import write_png
+    from cscvision.labels.registration import Level
+    from cscvision.labels.registration_figure import (
+        OVER_RGB,
+        VERDICT_RGB,
+        header_lines,
+        layout,
+        qc_figure,
+    )
+
+    rgb = np.full((SIDE, SIDE, 3), (230, 180, 220), np.uint8)
+    lv = Level(np.zeros((SIDE, SIDE), np.float32), np.ones((SIDE, SIDE), bool), rgb, F)
+    for reg, state in ((bent, "warn"), (plain, "pass")):
+        path = write_png(tmp_path / f"{state}.png", qc_figure(lv, lv, reg, "S  CD44"), colours=256)
+        fig = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        head, top, right, shape = layout(len(header_lines(reg, "S  CD44", 900)), (SIDE, SIDE))
+        assert np.abs(fig[:head, -8:] - VERDICT_RGB[state]).max() <= 8
+        panel = fig[top : top + shape[0], right : right + shape[1]]
+        red = (np.abs(panel - OVER_RGB).max(-1) <= 40) | (
+            (panel[..., 0] > 200) & (panel[..., 1] < 110) & (panel[..., 2] < 110)
+        )
+        um = np.mgrid[0 : shape[0], 0 : shape[1]] * (SIDE * F / shape[0])  # (y, x) µm
+        corner = (um > CORNER_UM + SMOOTH_UM / 2).all(0)
+        away = (um < CORNER_UM - 2 * SMOOTH_UM).any(0)
+        if state == "warn":
+            assert red[corner].mean() > 0.3 and not red[away].any()
+        else:
+            assert not red.any()
 
 
 def test_the_verdict_and_local_grid_survive_the_json_round_trip(bent):

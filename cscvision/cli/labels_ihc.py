@@ -85,7 +85,7 @@ def _write_slide(out: Path, slide_id: str, result) -> Path | None:
     for m in result.markers:
         stem = out / "registration" / f"{slide_id}_{m.marker}"
         write_json(stem.with_suffix(".json"), m.registration.to_dict())
-        write_png(stem.with_name(stem.name + "_qc.png"), m.qc)
+        write_png(stem.with_name(stem.name + "_qc.png"), m.qc, colours=256)
     if result.table is None:
         return None
     write_json(out / f"{slide_id}.ihc.geojson", result.geojson)

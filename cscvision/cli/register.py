@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         with open_slide(args.he, mpp=mpp) as he, open_slide(args.ihc, mpp=mpp) as ihc:
             reg, qc = register_slides(he, ihc, params)
     json_path = write_json(args.out / "registration.json", reg.to_dict())
-    qc_path = write_png(args.out / "qc.png", qc)
+    qc_path = write_png(args.out / "qc.png", qc, colours=256)
     e = reg.error_um
     print(
         f"{'registered' if reg.ok else 'FAILED'}: {args.ihc.name} onto {args.he.name}"

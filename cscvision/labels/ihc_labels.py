@@ -106,7 +106,7 @@ def measure_slide(
                 raise ValueError(f"marker {name!r} ({ihc_path}) is not in the marker config")
             marker = cfg.markers[name]
             with open_slide(ihc_path, mpp=slide_mpp) as ihc:
-                reg, qc = register_slides(he, ihc, reg_params)
+                reg, qc = register_slides(he, ihc, reg_params, title=f"{slide_id}  {name}")
                 if not reg.ok:
                     results.append(MarkerResult(name, str(ihc_path), reg, qc))
                     continue

@@ -32,6 +32,7 @@ from scipy import ndimage
 from skimage import color, filters, measure, transform
 
 from cscvision.core.errors import CscvisionError
+from cscvision.labels.registration_figure import qc_figure
 from cscvision.labels.registration_match import patch_centres, warp_to_fixed
 from cscvision.labels.registration_qc import (
     LOCAL_STEP_UM,
@@ -589,7 +590,11 @@ def field_mpps(fixed: SlideReader, moving: SlideReader, p: RegistrationParams) -
 
 
 def register_slides(
-    fixed: SlideReader, moving: SlideReader, params: RegistrationParams | None = None, seed: int = 0
+    fixed: SlideReader,
+    moving: SlideReader,
+    params: RegistrationParams | None = None,
+    seed: int = 0,
+    title: str = "",
 ) -> tuple[Registration, np.ndarray]:
     """Register an IHC slide (``moving``) onto its H&E slide (``fixed``).
 
@@ -605,12 +610,16 @@ def register_slides(
         Registration settings; the defaults when not given.
     seed
         Seed of the random parts (RANSAC, the held-out folds).
+    title
+        The pair's name in the QC picture's header (default: the two file names).
 
     Returns
     -------
     tuple[Registration, numpy.ndarray]
         The result (transform ``matrix_um`` H&E µm → IHC µm, mirroring, rotation, matches,
-        held-out error, tissue Dice, ``ok`` and ``reason``) and a QC picture (uint8 RGB).
+        held-out error, tissue Dice, ``ok`` and ``reason``, the QC verdict) and its QC
+        picture (uint8 RGB, :mod:`cscvision.labels.registration_figure`): verdict, checkerboard,
+        local error per region.
 
     Notes
     -----
@@ -644,24 +653,4 @@ def register_slides(
         **fields,
     )
     qc = min(len(mpps) - 1, 1)
-    return reg, qc_image(levels_f[qc], levels_m[qc], reg)
-
-
-def qc_image(fixed: Level, moving: Level, reg: Registration, squares: int = 8) -> np.ndarray:
-    """Checkerboard of the fixed thumbnail and the registered moving one, with the moving
-    tissue edge drawn in green over the fixed half."""
-    h, w = fixed.mask.shape
-    warped = np.stack(
-        [warp_to_fixed(moving.rgb[..., i].astype(np.float32), moving.mpp, (h, w), fixed.mpp,
-                       reg.map_um) for i in range(3)], axis=-1)  # fmt: skip
-    outside = warp_to_fixed(np.ones(moving.mask.shape, np.float32), moving.mpp, (h, w),
-                            fixed.mpp, reg.map_um) < 0.5  # fmt: skip
-    warped[outside] = 255
-    rows, cols = np.mgrid[0:h, 0:w]
-    side = max(8, max(h, w) // squares)
-    board = ((rows // side + cols // side) % 2).astype(bool)
-    out = np.where(board[..., None], warped, fixed.rgb.astype(np.float32))
-    mask = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, (h, w), fixed.mpp, reg.map_um)
-    edge = (mask > 0.5) ^ ndimage.binary_erosion(mask > 0.5, iterations=2)
-    out[edge] = (0, 200, 0)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return reg, qc_figure(levels_f[qc], levels_m[qc], reg, title)
