@@ -62,7 +62,7 @@ def train_and_score(cohort: Path, args, name: str, held: dict) -> tuple[dict, di
         f"cohort.csv={cohort}", "cohort.split_fractions=[0.75, 0.25, 0.0]",
         f"run_dir={args.out / name / 'run'}", f"export_dir={args.out / name / 'model'}",
         f"trainer.max_epochs={args.epochs}", f"name={name}",
-        "card.trained_on=synthetic slides (labels: " + name.replace("_", " ") + ")",
+        f"card.trained_on=synthetic slides labelled from {name.replace('_', ' ')}",
     ])  # fmt: skip
     model = load_model(train(cfg).model_dir)
     ys: dict = {t: [] for t in BITS}
