@@ -130,6 +130,20 @@ def test_figure_header_carries_the_verdict(qc, ok):
     np.testing.assert_array_equal(panel, error_panel(fixed, reg, shape))
 
 
+@pytest.mark.parametrize("title", ["SYN-P001-S01\nCD44", "TCGA-" + "0123456789" * 12 + "  CD44"])
+def test_header_keeps_a_long_or_multi_line_title_in_its_band(title):
+    """A slide id is the user's string: a newline in it or one too long for the picture
+    must neither spill over the reason line nor push the verdict off the right edge."""
+    from cscvision.labels.registration_figure import WIDTH_PX, _font
+
+    reg = _reg("", ok=False)
+    lines = header_lines(reg, title, 900)
+    assert all(line.isprintable() and _font(size).getlength(line) <= 900 for line, size in lines)
+    assert "REFUSED" in " ".join(line for line, _ in lines)
+    fig = qc_figure(_level(), _level(), reg, title)
+    assert fig.shape[1] == WIDTH_PX
+
+
 def test_figure_without_a_local_grid_hatches_all_tissue():
     """A pair too poor in dense matches for a grid: every tissue pixel is unmeasured."""
     reg = _reg("warn")

@@ -175,6 +175,11 @@ def wrap(s: str, width_px: int, size: int = 14) -> list[str]:
         if line and font.getlength(trial) > width_px:
             lines.append(line)
             trial = word
+        while len(trial) > 1 and font.getlength(trial) > width_px:  # a word wider than a line
+            cut = next(k for k in range(len(trial) - 1, 0, -1)
+                       if k == 1 or font.getlength(trial[:k]) <= width_px)  # fmt: skip
+            lines.append(trial[:cut])
+            trial = trial[cut:]
         line = trial
     return lines + ([line] if line else [])
 
@@ -187,7 +192,9 @@ def verdict_of(reg) -> str:
 def header_lines(reg, title: str, width_px: int) -> list[tuple[str, int]]:
     """(line, font size) of the header: title and verdict, the reason, the estimate."""
     state = verdict_of(reg)
-    lines = [(f"{title}   {state.upper()}", 18)]
+    head = "".join(c if c.isprintable() else " " for c in f"{title}   {state.upper()}")
+    fits = _font(18).getlength(head) <= width_px  # else wrapped: the verdict stays in view
+    lines = [(line, 18) for line in ([head] if fits else wrap(head, width_px, 18))]
     why = reg.reason if state == "refused" else reg.qc_reason
     lines += [(line, 14) for line in wrap(why, width_px)]
     e = reg.error_um
