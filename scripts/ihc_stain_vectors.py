@@ -87,6 +87,10 @@ def main() -> None:
                 rgb = stain_sample(slide, marker)[0].reshape(-1, 1, 3)
             x = od(rgb.reshape(-1, 3), setup["white"])
             x = fitting_od(x[(x > 0.15).all(axis=1)])  # the pixels macenko_vectors fits on
+            if setup["vectors"] is None:  # Macenko refused: stain_setup fell back
+                print(f"{folder.name} {truth['he_slide_id']} {truth['marker']} | "
+                      f"{setup['vectors_from']}")  # fmt: skip
+                continue
             h, dab = (unit(v) for v in setup["vectors"])
             print(
                 f"{folder.name} {truth['he_slide_id']} {truth['marker']} | "

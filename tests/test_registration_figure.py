@@ -235,3 +235,43 @@ def test_unmeasured_hatching_follows_the_extrapolated_error(qc, bend):
         hatched = ~(panel[where] == 234).all(-1)
         assert 0.15 < hatched.mean() < 0.5
         assert (panel[where][hatched] == rgb).all()
+
+
+def test_checkerboard_shows_the_registered_ihc_where_the_transform_puts_it():
+    """A known translation (fixed µm + (40, 20) = moving µm) of an IHC level that is blue
+    with a red block at moving x 200-280, y 100-180 µm: the IHC squares show red exactly
+    over fixed x 160-240, y 80-160 µm and blue elsewhere on the section, the H&E squares
+    stay grey, and both kinds of square are there (an unwarped IHC, or H&E in every
+    square, fails)."""
+    import dataclasses
+
+    from cscvision.labels.registration_figure import checkerboard
+
+    fixed = _level()
+    rgb = np.zeros((ROWS, COLS, 3), np.uint8)
+    rgb[...] = (40, 40, 200)
+    rgb[25:45, 50:70] = (220, 0, 0)  # rows y 100-180 µm, cols x 200-280 µm at 4 µm/px
+    moving = Level(np.zeros((ROWS, COLS), np.float32), np.ones((ROWS, COLS), bool), rgb, MPP)
+    m = np.array([[1.0, 0.0, 40.0], [0.0, 1.0, 20.0], [0.0, 0.0, 1.0]])
+    reg = dataclasses.replace(_reg(), matrix_um=m, flow_um=None)
+    shape = (2 * ROWS, 2 * COLS)
+    board = checkerboard(fixed, moving, reg, shape).astype(int)
+    red = (board[..., 0] > 150) & (board[..., 2] < 80)
+    blue = (board[..., 2] > 150) & (board[..., 0] < 100)
+    grey = (np.abs(board - GREY) <= 2).all(-1)
+    inner = _region(shape, (164, 236), (84, 156))  # 2 µm inside the block's image
+    outer = ~_region(shape, (156, 244), (76, 164))
+    assert red[inner].mean() > 0.3 and (red | grey)[inner].mean() > 0.97
+    assert not red[outer].any()
+    on_ihc = _region(shape, (8, COLS * MPP - 48), (8, ROWS * MPP - 28)) & outer
+    assert blue[on_ihc].mean() > 0.3 and (blue | grey)[on_ihc].mean() > 0.9
+
+
+def test_a_refused_pair_draws_no_red_exclusion():
+    """A refused pair gives no labels, so its error panel has no "excluded" red: the 30 µm
+    corner that is red on an accepted pair is grey there."""
+    shape = (2 * ROWS, 2 * COLS)
+    refused = error_panel(_level(), _reg("", ok=False), shape)
+    assert not (refused == _blend(OVER_RGB)).all(-1).any()
+    corner = refused[_region(shape, (0, 3 * STEP), (6 * STEP + 16, ROWS * MPP))].astype(int)
+    assert (corner.max(-1) - corner.min(-1) <= 1).all()  # grey, not a colour

@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Rotation/mirror search, patch matches and RANSAC affine on thumbnails, coarse to "
             "fine, then a non-rigid displacement grid; writes OUT/registration.json (level-0 "
-            "µm of both slides), OUT/qc.png (checkerboard) and prints the held-out error. "
+            "µm of both slides), OUT/qc.png (verdict, checkerboard, local error per region) and "
+            "prints the held-out error. "
             "Exit status 1 when it failed."
         ),
     )

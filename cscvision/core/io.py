@@ -187,7 +187,7 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
 def write_png(path: str | Path, rgb: np.ndarray, colours: int = 0) -> Path:
     """``rgb`` as a PNG; with ``colours`` (2-256), a palette of that many (a figure: about
     3x smaller; maximum coverage then k-means, so that flat colours such as a colour bar's
-    stay within a few levels, where median cut moved them by up to 85)."""
+    stay within a few levels, where median cut moved them by up to 91)."""
     from PIL import Image
 
     image = Image.fromarray(rgb)

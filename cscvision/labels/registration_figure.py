@@ -108,6 +108,8 @@ def error_panel(fixed, reg, shape: tuple[int, int]) -> np.ndarray:
     out = np.where(tissue[..., None], base, 255.0)
     measured = tissue & np.isfinite(err)
     colours = error_colours(err, bound).astype(np.float64)
+    if not reg.ok:  # a refused pair gives no labels: no colour says "excluded" on it
+        colours[:] = colours.mean(-1, keepdims=True)
     out[measured] = ALPHA * colours[measured] + (1 - ALPHA) * out[measured]
     hatch = tissue & ~np.isfinite(err) & _hatch(shape)
     out[hatch] = UNMEASURED_RGB
@@ -266,7 +268,10 @@ def qc_figure(fixed, moving, reg, title: str = "") -> np.ndarray:
     for i, (line, size) in enumerate(lines):
         text(draw, (GAP_PX, 8 + i * LINE_PX), line, size)
     text(draw, (GAP_PX, top - 20), "H&E | registered IHC, alternating; green: IHC tissue edge", 13)
-    text(draw, (right, top - 20), "estimated local error on the H&E tissue", 13)
+    caption = "estimated local error on the H&E tissue" + (
+        "" if reg.ok else " (refused: grey, no labels)"
+    )
+    text(draw, (right, top - 20), caption, 13)
     canvas.paste(Image.fromarray(checkerboard(fixed, moving, reg, shape)), (GAP_PX, top))
     canvas.paste(Image.fromarray(error_panel(fixed, reg, shape)), (right, top))
     _colour_bar(draw, right, top + shape[0] + 10, float(reg.params.get("max_local_error_um", 20.0)))

@@ -55,11 +55,12 @@ OD_FIT_MAX = 2.0
 MAX_CONC_PERCENTILE = 99.0
 # which fit made a Macenko or Vahadane reference, kept in its details as "fit": 2 = stain
 # vectors on ODs <= OD_FIT_MAX, Macenko's plane through the origin (2026-12-07). References
-# without it were fitted before (covariance plane, every OD) and can sit 1-2° apart
-# on clean slides, more on faint or clipped ones (docs/explanation/trust-measured.md)
+# without it were fitted before versions were kept, mostly by version 1 (covariance plane,
+# every OD; a few hours of 2026-12-07 fitted version 2 unrecorded); the two can sit 1-2°
+# apart on clean slides, more on faint or clipped ones (docs/explanation/trust-measured.md)
 FIT_VERSION = 2
 FIT_VERSIONS = {
-    1: "covariance plane, every stained OD; fitted before 2026-12-07",
+    1: "covariance plane, every stained OD; or unrecorded: fitted before versions were kept",
     2: f"Macenko plane through the origin, ODs <= {OD_FIT_MAX:g}",
 }
 # Macenko's published reference (rows H, E) and its 99th-percentile concentrations
