@@ -143,6 +143,9 @@ def test_the_human_model_card_names_the_template_it_carries():
     line = next(x for x in model_readme(card).splitlines() if "stain normalisation" in x)
     assert "macenko, fitted on tile A" in line and f"H OD ({h})" in line
     assert "fit version 2 (" in line
+    old = {**ref.to_dict(), "details": {}}  # a card trained before versions were kept
+    text = model_readme(dataclasses.replace(card, stain=old))
+    assert "fit version 1 (covariance plane" in text
     assert "stain normalisation: none" in model_readme(dataclasses.replace(card, stain={}))
 
 
