@@ -37,8 +37,12 @@ from eval_ihc import pointmap_path, true_error_map
 
 from cscvision.cli.labels_ihc import read_manifest
 from cscvision.labels.registration import Registration
-from cscvision.labels.registration_figure import extrapolated
-from cscvision.labels.registration_qc import full_grid, node_index, registration_exclusions
+from cscvision.labels.registration_qc import (
+    extrapolated_of,
+    full_grid,
+    node_index,
+    registration_exclusions,
+)
 from cscvision.synth.ihc_truth import read_point_map
 
 BAD_UM = 10.0
@@ -77,7 +81,7 @@ def score_pair(reg: Registration, pm: dict) -> dict:
     rho = spearmanr(est[measured], truth[measured]).statistic if measured.sum() > 2 else np.nan
     ratio = np.median(est[measured] / np.maximum(truth[measured], 0.1)) if measured.any() else 0
     orange = np.zeros(est.shape, bool)  # hatched orange: extrapolated above --qc-p90-um
-    orange[rr, cc] = extrapolated(reg, np.stack([cc, rr], 1) * step) > reg.params["qc_p90_um"]
+    orange[rr, cc] = extrapolated_of(reg, np.stack([cc, rr], 1) * step) > reg.params["qc_p90_um"]
     orange &= unmeasured
     parts = (("measured", measured), ("unmeasured", unmeasured), ("orange", orange),
              ("grey", unmeasured & ~orange & ~red))  # fmt: skip

@@ -33,12 +33,12 @@ from cscvision.labels.ihc import (
     MarkerConfig,
     dab_channel,
     deconvolution_matrix,
-    od,
+    macenko_pixels,
     stain_sample,
     stain_setup,
 )
 from cscvision.slides.slide import open_slide
-from cscvision.slides.stain import angle_deg, fitting_od
+from cscvision.slides.stain import angle_deg
 
 
 def unit(v) -> np.ndarray:
@@ -85,8 +85,7 @@ def main() -> None:
             with open_slide(folder / f"{truth['slide_id']}.tiff") as slide:
                 setup = stain_setup(slide, MarkerConfig(markers={marker.name: marker}), marker)
                 rgb = stain_sample(slide, marker)[0].reshape(-1, 1, 3)
-            x = od(rgb.reshape(-1, 3), setup["white"])
-            x = fitting_od(x[(x > 0.15).all(axis=1)])  # the pixels macenko_vectors fits on
+            x = macenko_pixels(rgb, setup["white"])
             if setup["vectors"] is None:  # Macenko refused: stain_setup fell back
                 print(f"{folder.name} {truth['he_slide_id']} {truth['marker']} | "
                       f"{setup['vectors_from']}")  # fmt: skip

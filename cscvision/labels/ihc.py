@@ -133,13 +133,19 @@ def macenko_vectors(
     every channel of which is above ``beta``: H&E's fit (:func:`~cscvision.slides.stain.
     macenko_stains`, one copy for both stains). The vector with the larger blue share is
     DAB. Raises ValueError when too few pixels or the two vectors are not distinct."""
-    x = od(rgb_pixels.reshape(-1, 3), white)
-    x = x[(x > beta).all(axis=1)]
+    x = macenko_pixels(rgb_pixels, white, beta)
     if len(x) < 100:
         raise ValueError("too few stained pixels for Macenko stain vectors")
-    v = macenko_stains(fitting_od(x), alpha)  # StainError is a ValueError
+    v = macenko_stains(x, alpha)  # StainError is a ValueError
     h, dab = sorted(v, key=lambda u: u[2] / (u[0] + 1e-6))
     return np.stack([h, dab])
+
+
+def macenko_pixels(rgb_pixels: np.ndarray, white=None, beta: float = 0.15) -> np.ndarray:
+    """The ODs [N, 3] an IHC slide's stain vectors are fitted on: pixels every channel of
+    which is above ``beta`` against ``white``, then :func:`~cscvision.slides.stain.fitting_od`."""
+    x = od(rgb_pixels.reshape(-1, 3), white)
+    return fitting_od(x[(x > beta).all(axis=1)])
 
 
 def deconvolution_matrix(vectors: np.ndarray | None) -> np.ndarray:

@@ -30,10 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from cscvision.labels.registration_match import warp_to_fixed
+from cscvision.labels.registration_match import warp_all_to_fixed
 from cscvision.labels.registration_qc import (
-    extrapolated_at,
-    full_grid,
+    extrapolated_of,
     local_error_at,
     registration_exclusions,
 )
@@ -114,34 +113,21 @@ def error_panel(fixed, reg, shape: tuple[int, int]) -> np.ndarray:
     hatch = tissue & ~np.isfinite(err) & _hatch(shape)
     out[hatch] = UNMEASURED_RGB
     qc_um = float(reg.params.get("qc_p90_um", 10.0))
-    out[hatch & (extrapolated(reg, xy).reshape(shape) > qc_um)] = FAR_RGB
+    out[hatch & (extrapolated_of(reg, xy).reshape(shape) > qc_um)] = FAR_RGB
     out[hatch & (far | over)] = OVER_RGB
     return np.round(out).astype(np.uint8)
-
-
-def extrapolated(reg, xy_um: np.ndarray) -> np.ndarray:
-    """The extrapolated error (µm) at fixed level-0 µm points [N, 2], as the QC's second
-    rule reads it (the field's bend p90 times the distance to the nearest measured node);
-    0 where measured, without a grid or without a bend."""
-    local = reg.error_detail.get("local")
-    bend = (reg.error_detail.get("extrapolated") or {}).get("bend_p90") or 0.0
-    if not local or not bend:
-        return np.zeros(len(xy_um))
-    return extrapolated_at(local, full_grid(local), float(bend), xy_um)
 
 
 def checkerboard(fixed, moving, reg, shape: tuple[int, int], squares: int = 8) -> np.ndarray:
     """uint8 RGB [rows, cols, 3]: H&E and the registered IHC in alternating squares, the
     registered IHC tissue edge in green (``fixed``, ``moving``: registration levels)."""
-    h, w = fixed.mask.shape
-    warped = np.stack(
-        [warp_to_fixed(moving.rgb[..., i].astype(np.float32), moving.mpp, (h, w), fixed.mpp,
-                       reg.map_um) for i in range(3)], axis=-1)  # fmt: skip
-    inside = warp_to_fixed(np.ones(moving.mask.shape, np.float32), moving.mpp, (h, w),
-                           fixed.mpp, reg.map_um) >= 0.5  # fmt: skip
-    warped[~inside] = 255
-    mask = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, (h, w), fixed.mpp,
-                         reg.map_um) > 0.5  # fmt: skip
+    channels = [moving.rgb[..., i].astype(np.float32) for i in range(3)]
+    ones, mask = np.ones(moving.mask.shape, np.float32), moving.mask.astype(np.float32)
+    *rgb, inside, mask = warp_all_to_fixed([*channels, ones, mask], moving.mpp,
+                                           fixed.mask.shape, fixed.mpp, reg.map_um)  # fmt: skip
+    warped = np.stack(rgb, axis=-1)
+    warped[inside < 0.5] = 255
+    mask = mask > 0.5
     he = _resize(fixed.rgb.astype(np.uint8), shape)
     ihc = _resize(np.clip(warped, 0, 255).astype(np.uint8), shape)
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]

@@ -36,8 +36,9 @@ def patch_centres(
     on tissue in both; at most ``max_patches`` of them (a fixed random subset).
     ``tested[0]``, when given, grows by their number."""
     shape = fixed.image.shape
-    warped = warp_to_fixed(moving.image, moving.mpp, shape, fixed.mpp, guess)
-    cover = warp_to_fixed(moving.mask.astype(np.float32), moving.mpp, shape, fixed.mpp, guess)
+    warped, cover = warp_all_to_fixed(
+        [moving.image, moving.mask.astype(np.float32)], moving.mpp, shape, fixed.mpp, guess
+    )
     ys, xs = np.mgrid[margin : shape[0] - margin : step, margin : shape[1] - margin : step]
     ys, xs = ys.ravel(), xs.ravel()
     keep = fixed.mask[ys, xs] & (cover[ys, xs] > 0.5)
@@ -54,11 +55,20 @@ def warp_to_fixed(
     moving: np.ndarray, moving_mpp: float, shape: tuple[int, int], fixed_mpp: float, fn
 ) -> np.ndarray:
     """Sample ``moving`` (a 2-D array) at every fixed pixel through ``fn`` (µm -> µm)."""
+    return warp_all_to_fixed([moving], moving_mpp, shape, fixed_mpp, fn)[0]
+
+
+def warp_all_to_fixed(
+    images: list[np.ndarray], moving_mpp: float, shape: tuple[int, int], fixed_mpp: float, fn
+) -> list[np.ndarray]:
+    """:func:`warp_to_fixed` of several 2-D arrays of one moving level, ``fn`` evaluated
+    once (through a non-rigid field it costs as much as the sampling)."""
     rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
     xy = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * fixed_mpp
     m = fn(xy) / moving_mpp - 0.5
-    out = ndimage.map_coordinates(moving, [m[:, 1], m[:, 0]], order=1, mode="constant")
-    return out.reshape(shape)
+    at = [m[:, 1], m[:, 0]]
+    return [ndimage.map_coordinates(a, at, order=1, mode="constant").reshape(shape)
+            for a in images]  # fmt: skip
 
 
 def _parabola(m1: float, c0: float, p1: float) -> float:

@@ -221,8 +221,20 @@ def registration_exclusions(reg, centres_um: np.ndarray) -> tuple[np.ndarray, np
     err = local_error_at(local, centres_um)
     over = np.nan_to_num(err, nan=0.0) > bound
     unmeasured = np.isnan(err) & (reg.qc == "warn")
-    bend = (reg.error_detail.get("extrapolated") or {}).get("bend_p90") or 0.0
-    if unmeasured.any() and bend > 0:
-        centres = np.asarray(centres_um, np.float64)
-        unmeasured &= extrapolated_at(local, full_grid(local), bend, centres) > bound
+    if unmeasured.any() and _bend(reg) > 0:
+        unmeasured &= extrapolated_of(reg, np.asarray(centres_um, np.float64)) > bound
     return over, unmeasured & ~over
+
+
+def _bend(reg) -> float:
+    return float((reg.error_detail.get("extrapolated") or {}).get("bend_p90") or 0.0)
+
+
+def extrapolated_of(reg, xy_um: np.ndarray) -> np.ndarray:
+    """A registration's extrapolated error (µm) at fixed level-0 µm points [N, 2], as the
+    second QC rule reads it (:func:`extrapolated_at` with the field's recorded bend p90);
+    0 where measured, without a local grid or without a bend."""
+    local = reg.error_detail.get("local")
+    if not local or not _bend(reg):
+        return np.zeros(len(xy_um))
+    return extrapolated_at(local, full_grid(local), _bend(reg), xy_um)
